@@ -1,0 +1,621 @@
+/* prerestore native layer: thin wrappers over ptrace, syscall injection, PAGEMAP_SCAN,
+ * userfaultfd and cross-process copies. Every function returns >= 0 on success and -errno on
+ * failure; see prerestore.h for the contract. Loops that touch every page live here so that
+ * Python issues one call per batch, never one per page. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <elf.h>
+#include <sched.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/mman.h>
+#include <sys/ptrace.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#include <linux/sched.h>
+#include <linux/userfaultfd.h>
+
+#include "prerestore.h"
+
+/* ---- UAPI the installed headers are too old to have (linux/fs.h, 6.7+; userfaultfd.h 6.7+) */
+struct pr_pm_scan_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages, category_inverted,
+        category_mask, category_anyof_mask, return_mask;
+};
+#define PR_PAGEMAP_SCAN _IOWR('f', 16, struct pr_pm_scan_arg)
+const uint64_t PR_PAGE_IS_WPALLOWED = 1 << 0, PR_PAGE_IS_WRITTEN = 1 << 1, PR_PAGE_IS_FILE = 1 << 2,
+               PR_PAGE_IS_PRESENT = 1 << 3, PR_PAGE_IS_SWAPPED = 1 << 4,
+               PR_PAGE_IS_PFNZERO = 1 << 5, PR_PAGE_IS_HUGE = 1 << 6;
+const uint64_t PR_PM_SCAN_WP_MATCHING = 1 << 0, PR_PM_SCAN_CHECK_WPASYNC = 1 << 1;
+const uint64_t PR_UFFD_FEATURE_WP_UNPOPULATED = 1 << 13, PR_UFFD_FEATURE_WP_ASYNC = 1 << 15;
+const uint64_t PR_UFFD_USER_MODE_ONLY = 1;
+
+#ifndef PTRACE_GET_RSEQ_CONFIGURATION
+#define PTRACE_GET_RSEQ_CONFIGURATION 0x420f
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
+
+/* kernel-internal restart codes, visible to a tracer in rax of a task stopped in a syscall */
+#define ERESTARTSYS 512
+#define ERESTARTNOINTR 513
+#define ERESTARTNOHAND 514
+#define ERESTART_RESTARTBLOCK 516
+
+#define ERR (-errno)
+#define PAGE 4096UL
+#define IOV_BATCH 1024
+#define COPY_CHUNK (8UL << 20)
+
+_Static_assert(sizeof(struct pr_regs) == sizeof(struct user_regs_struct), "regs layout");
+_Static_assert(sizeof(struct pr_call) == 64, "batch table entry is 64 bytes");
+
+/* ---- ptrace ---------------------------------------------------------------------------- */
+
+int pr_seize(int pid, uint64_t options)
+{
+    return ptrace(PTRACE_SEIZE, pid, 0, (void *)options) ? ERR : 0;
+}
+
+int pr_interrupt(int pid)
+{
+    return ptrace(PTRACE_INTERRUPT, pid, 0, 0) ? ERR : 0;
+}
+
+/* Wait until the tracee sits in a ptrace stop we can work in (PTRACE_EVENT_STOP or a trap).
+ *
+ * Why the loop: PTRACE_INTERRUPT races with signals. If a signal is being delivered when we
+ * interrupt, the tracee reports a signal-delivery-stop first. Suppressing it would lose the
+ * signal, so we let it be delivered exactly as if we had not been there (the handler runs) and
+ * interrupt again. *status gets the raw wait status of the stop we return in. */
+int pr_wait_stop(int pid, int *status)
+{
+    for (;;) {
+        int st;
+        if (waitpid(pid, &st, __WALL) < 0)
+            return ERR;
+        if (!WIFSTOPPED(st)) {
+            *status = st;
+            return -ESRCH;
+        }
+        int sig = WSTOPSIG(st), event = st >> 16;
+        if (event == PTRACE_EVENT_STOP || sig == SIGTRAP) {
+            *status = st;
+            return 0;
+        }
+        if (ptrace(PTRACE_CONT, pid, 0, (void *)(long)sig) || ptrace(PTRACE_INTERRUPT, pid, 0, 0))
+            return ERR;
+    }
+}
+
+int pr_detach(int pid, int sig)
+{
+    return ptrace(PTRACE_DETACH, pid, 0, (void *)(long)sig) ? ERR : 0;
+}
+
+int pr_get_regs(int pid, struct pr_regs *regs)
+{
+    return ptrace(PTRACE_GETREGS, pid, 0, regs) ? ERR : 0;
+}
+
+int pr_set_regs(int pid, const struct pr_regs *regs)
+{
+    return ptrace(PTRACE_SETREGS, pid, 0, regs) ? ERR : 0;
+}
+
+long pr_get_xstate(int pid, void *buf, size_t len)
+{
+    struct iovec iov = {buf, len};
+    return ptrace(PTRACE_GETREGSET, pid, NT_X86_XSTATE, &iov) ? ERR : (long)iov.iov_len;
+}
+
+int pr_set_xstate(int pid, const void *buf, size_t len)
+{
+    struct iovec iov = {(void *)buf, len};
+    return ptrace(PTRACE_SETREGSET, pid, NT_X86_XSTATE, &iov) ? ERR : 0;
+}
+
+int pr_get_sigmask(int pid, uint64_t *mask)
+{
+    return ptrace(PTRACE_GETSIGMASK, pid, sizeof *mask, mask) ? ERR : 0;
+}
+
+int pr_set_sigmask(int pid, uint64_t mask)
+{
+    return ptrace(PTRACE_SETSIGMASK, pid, sizeof mask, &mask) ? ERR : 0;
+}
+
+/* PTRACE_GET_RSEQ_CONFIGURATION returns the number of bytes written, not 0. */
+int pr_get_rseq(int pid, struct pr_rseq_conf *conf)
+{
+    long r = ptrace(PTRACE_GET_RSEQ_CONFIGURATION, pid, sizeof *conf, conf);
+    return r < 0 ? ERR : 0;
+}
+
+int pr_get_robust_list(int pid, uint64_t *head, uint64_t *len)
+{
+    size_t l = 0;
+    void *h = NULL;
+    if (syscall(SYS_get_robust_list, pid, &h, &l))
+        return ERR;
+    *head = (uint64_t)(uintptr_t)h;
+    *len = l;
+    return 0;
+}
+
+/* Copy up to `max` queued siginfos (128 bytes each) of the thread's private or the process'
+ * shared queue, without dequeuing them. Returns how many. */
+long pr_peek_siginfo(int pid, int shared, void *buf, long max)
+{
+    struct {
+        uint64_t off;
+        uint32_t flags;
+        int32_t nr;
+    } arg = {0, shared ? 1 : 0, (int32_t)max};
+    long r = ptrace(0x4209 /* PTRACE_PEEKSIGINFO */, pid, &arg, buf);
+    return r < 0 ? ERR : r;
+}
+
+/* ---- syscall injection ------------------------------------------------------------------- */
+
+/* Find a `mov $imm32,%eax; syscall` sequence in [start, end) of the tracee (its vdso) and return
+ * the address of the syscall instruction: a syscall we can run without writing code. */
+long pr_find_syscall_insn(int pid, uint64_t start, uint64_t end, uint64_t *addr)
+{
+    size_t len = end - start;
+    unsigned char *b = malloc(len);
+    if (!b)
+        return -ENOMEM;
+    long r = pr_read_mem(pid, start, b, len);
+    if (r == (long)len) {
+        r = -ENOENT;
+        for (size_t k = 5; k + 1 < len; k++)
+            if (b[k] == 0x0f && b[k + 1] == 0x05 && b[k - 5] == 0xb8) {
+                *addr = start + k;
+                r = 0;
+                break;
+            }
+    } else if (r >= 0)
+        r = -EIO;
+    free(b);
+    return r;
+}
+
+/* Run one system call in a ptrace-stopped tracee by single-stepping over `insn`.
+ * orig_rax = -1 keeps the kernel from applying syscall-restart logic to our call.
+ * The caller saves and restores the tracee's registers around a series of calls. */
+int pr_inject_syscall(int pid, uint64_t insn, int64_t nr, const uint64_t *args, int64_t *ret)
+{
+    struct user_regs_struct r;
+    int st;
+    if (ptrace(PTRACE_GETREGS, pid, 0, &r))
+        return ERR;
+    r.rax = nr;
+    r.orig_rax = -1;
+    r.rdi = args[0], r.rsi = args[1], r.rdx = args[2], r.r10 = args[3], r.r8 = args[4],
+    r.r9 = args[5];
+    r.rip = insn;
+    if (ptrace(PTRACE_SETREGS, pid, 0, &r) || ptrace(PTRACE_SINGLESTEP, pid, 0, 0))
+        return ERR;
+    if (waitpid(pid, &st, __WALL) < 0)
+        return ERR;
+    if (!WIFSTOPPED(st) || WSTOPSIG(st) != SIGTRAP)
+        return -ECHILD;
+    if (ptrace(PTRACE_GETREGS, pid, 0, &r))
+        return ERR;
+    *ret = (int64_t)r.rax;
+    return 0;
+}
+
+/* The batch runner: position-independent code copied into a scratch page of the tracee.
+ * It walks a table of struct pr_call (rbx = table, r12 = count), runs each system call, stores
+ * the result, and stops at the end or at the first error with int3. One ptrace round trip runs
+ * the whole batch, instead of one (16-80 us) per call. */
+__asm__(".pushsection .rodata\n"
+        ".globl pr_runner_start\n"
+        "pr_runner_start:\n"
+        "1: test %r12, %r12\n"
+        "   jz 2f\n"
+        "   mov 0(%rbx), %rax\n"
+        "   mov 8(%rbx), %rdi\n"
+        "   mov 16(%rbx), %rsi\n"
+        "   mov 24(%rbx), %rdx\n"
+        "   mov 32(%rbx), %r10\n"
+        "   mov 40(%rbx), %r8\n"
+        "   mov 48(%rbx), %r9\n"
+        "   syscall\n"
+        "   mov %rax, 56(%rbx)\n"
+        "   cmp $-4095, %rax\n"
+        "   jae 2f\n"
+        "   add $64, %rbx\n"
+        "   dec %r12\n"
+        "   jmp 1b\n"
+        "2: int3\n"
+        ".globl pr_runner_end\n"
+        "pr_runner_end:\n"
+        ".popsection\n");
+extern const char pr_runner_start[], pr_runner_end[];
+
+size_t pr_batch_runner(const void **code)
+{
+    *code = pr_runner_start;
+    return pr_runner_end - pr_runner_start;
+}
+
+/* Run `n` calls in the tracee with the runner already copied to `runner`. `data` (call
+ * arguments that are buffers) is written to `data_addr` and the table to `table` in the same
+ * process_vm_writev. Results come back in calls[i].ret; *done is the number of calls run
+ * (the last one failed if *done <= n and its ret is an error). Registers are the caller's. */
+int pr_run_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
+                 const void *data, size_t data_len, uint64_t data_addr, long *done)
+{
+    struct iovec l[2], r[2];
+    int k = 0, st;
+    struct user_regs_struct regs;
+    for (long i = 0; i < n; i++)
+        calls[i].ret = -ENOEXEC;
+    l[k] = (struct iovec){calls, n * sizeof *calls};
+    r[k++] = (struct iovec){(void *)table, n * sizeof *calls};
+    if (data_len) {
+        l[k] = (struct iovec){(void *)data, data_len};
+        r[k++] = (struct iovec){(void *)data_addr, data_len};
+    }
+    ssize_t want = n * sizeof *calls + data_len;
+    if (process_vm_writev(pid, l, k, r, k, 0) != want)
+        return errno ? ERR : -EIO;
+    if (ptrace(PTRACE_GETREGS, pid, 0, &regs))
+        return ERR;
+    regs.rip = runner;
+    regs.rbx = table;
+    regs.r12 = n;
+    regs.orig_rax = -1;
+    if (ptrace(PTRACE_SETREGS, pid, 0, &regs) || ptrace(PTRACE_CONT, pid, 0, 0))
+        return ERR;
+    if (waitpid(pid, &st, __WALL) < 0)
+        return ERR;
+    if (!WIFSTOPPED(st) || WSTOPSIG(st) != SIGTRAP)
+        return -ECHILD;
+    if (ptrace(PTRACE_GETREGS, pid, 0, &regs))
+        return ERR;
+    l[0] = (struct iovec){calls, n * sizeof *calls};
+    r[0] = (struct iovec){(void *)table, n * sizeof *calls};
+    if (process_vm_readv(pid, l, 1, r, 1, 0) != (ssize_t)(n * sizeof *calls))
+        return errno ? ERR : -EIO;
+    *done = n - (long)regs.r12 + (regs.r12 ? 1 : 0);
+    return 0;
+}
+
+/* ---- memory -------------------------------------------------------------------------------- */
+
+long pr_read_mem(int pid, uint64_t addr, void *buf, size_t len)
+{
+    struct iovec l = {buf, len}, r = {(void *)addr, len};
+    ssize_t n = process_vm_readv(pid, &l, 1, &r, 1, 0);
+    return n < 0 ? ERR : n;
+}
+
+long pr_write_mem(int pid, uint64_t addr, const void *buf, size_t len)
+{
+    struct iovec l = {(void *)buf, len}, r = {(void *)addr, len};
+    ssize_t n = process_vm_writev(pid, &l, 1, &r, 1, 0);
+    return n < 0 ? ERR : n;
+}
+
+static int write_all(int fd, const char *p, size_t len)
+{
+    while (len) {
+        ssize_t w = write(fd, p, len);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return ERR;
+        }
+        p += w, len -= w;
+    }
+    return 0;
+}
+
+/* Move k iovecs between us and the tracee with process_vm_readv/writev; where the kernel stops
+ * short (a page the tracee may not read or write: RELRO, text, PROT_NONE), finish that iovec
+ * through /proc/PID/mem, which uses FOLL_FORCE, and go on with the next ones. *forced (if not
+ * NULL) counts the bytes that needed /proc/PID/mem. */
+static long vm_transfer(int pid, int mem_fd, struct iovec *l, struct iovec *r, int k, int write,
+                        uint64_t *forced)
+{
+    int m = 0;
+    while (m < k) {
+        ssize_t done = write ? process_vm_writev(pid, l + m, k - m, r + m, k - m, 0)
+                             : process_vm_readv(pid, l + m, k - m, r + m, k - m, 0);
+        if (done < 0) {
+            if (errno != EFAULT && errno != EPERM)
+                return ERR;
+            done = 0;
+        }
+        while (m < k && (size_t)done >= l[m].iov_len)   /* skip the iovecs fully moved */
+            done -= l[m++].iov_len;
+        if (m == k)
+            break;
+        size_t len = l[m].iov_len - done;                /* the one it stopped in */
+        char *lp = (char *)l[m].iov_base + done;
+        off_t rp = (off_t)((uint64_t)r[m].iov_base + done);
+        ssize_t x = write ? pwrite(mem_fd, lp, len, rp) : pread(mem_fd, lp, len, rp);
+        if (x != (ssize_t)len)
+            return x < 0 ? ERR : -EIO;
+        if (forced)
+            *forced += len;
+        m++;
+    }
+    return 0;
+}
+
+/* The copy buffer, kept (and its pages faulted in) across calls: faulting 8 MiB of fresh pages
+ * for every round would cost more than the copy of a small final round. */
+static char *bounce_buffer(void)
+{
+    static char *buf;
+    if (!buf) {
+        buf = mmap(NULL, COPY_CHUNK, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+        if (buf == MAP_FAILED)
+            buf = NULL;
+    }
+    return buf;
+}
+
+/* Read ranges of the tracee's memory and append them, in order, to out_fd.
+ * process_vm_readv does the bulk; a range it cannot read (a PROT_NONE or otherwise unreadable
+ * page) is read through /proc/PID/mem, which uses FOLL_FORCE. Returns 0 or -errno. */
+long pr_dump_pages(int pid, int mem_fd, const struct pr_range *ranges, long n, int out_fd,
+                   uint64_t *bytes)
+{
+    char *buf = bounce_buffer();
+    if (!buf)
+        return -ENOMEM;
+    long ret = 0, i = 0;
+    uint64_t off = 0; /* offset inside ranges[i] */
+    *bytes = 0;
+    while (i < n) {
+        struct iovec l[IOV_BATCH], r[IOV_BATCH];
+        int k = 0;
+        size_t fill = 0;
+        long j = i;
+        uint64_t o = off;
+        while (j < n && k < IOV_BATCH && fill < COPY_CHUNK) {
+            uint64_t len = ranges[j].end - ranges[j].start - o;
+            if (len > COPY_CHUNK - fill)
+                len = COPY_CHUNK - fill;
+            l[k] = (struct iovec){buf + fill, len};
+            r[k++] = (struct iovec){(void *)(ranges[j].start + o), len};
+            fill += len;
+            o += len;
+            if (o == ranges[j].end - ranges[j].start)
+                j++, o = 0;
+        }
+        if ((ret = vm_transfer(pid, mem_fd, l, r, k, 0, NULL)) < 0)
+            goto out;
+        if ((ret = write_all(out_fd, buf, fill)) < 0)
+            goto out;
+        *bytes += fill;
+        i = j, off = o;
+    }
+out:
+    return ret;
+}
+
+/* Write ranges into the tracee, taking their contents in order from in_fd at in_offset.
+ * Writable pages go through process_vm_writev; pages the tracee cannot write (RELRO, text)
+ * make process_vm_writev stop short with EFAULT, and are written through /proc/PID/mem
+ * (FOLL_FORCE), counted in *forced. */
+long pr_load_pages(int pid, int mem_fd, int in_fd, uint64_t in_offset,
+                   const struct pr_range *ranges, long n, uint64_t *bytes, uint64_t *forced)
+{
+    uint64_t total = 0;
+    for (long i = 0; i < n; i++)
+        total += ranges[i].end - ranges[i].start;
+    *bytes = 0, *forced = 0;
+    if (!total)
+        return 0;
+    uint64_t map_off = in_offset & ~(PAGE - 1), skew = in_offset - map_off;
+    char *src = mmap(NULL, total + skew, PROT_READ, MAP_SHARED | MAP_POPULATE, in_fd, map_off);
+    if (src == MAP_FAILED)
+        return ERR;
+    char *p = src + skew;
+    long ret = 0, i = 0;
+    while (i < n) {
+        struct iovec l[IOV_BATCH], r[IOV_BATCH];
+        int k = 0;
+        char *q = p;
+        for (long j = i; j < n && k < IOV_BATCH; j++, k++) {
+            size_t len = ranges[j].end - ranges[j].start;
+            l[k] = (struct iovec){q, len};
+            r[k] = (struct iovec){(void *)ranges[j].start, len};
+            q += len;
+        }
+        if ((ret = vm_transfer(pid, mem_fd, l, r, k, 1, forced)) < 0)
+            goto out;
+        size_t pos = 0;
+        for (int m = 0; m < k; m++)
+            pos += l[m].iov_len;
+        *bytes += pos;
+        p = q;
+        i += k;
+    }
+out:
+    munmap(src, total + skew);
+    return ret;
+}
+
+/* ---- PAGEMAP_SCAN / userfaultfd -------------------------------------------------------------- */
+
+/* One PAGEMAP_SCAN walk of [start, end) into out (cap regions). Returns regions written;
+ * *walk_end tells where the kernel stopped (end when the walk is complete). */
+long pr_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t flags,
+                     uint64_t inverted, uint64_t mask, uint64_t anyof, uint64_t return_mask,
+                     struct pr_page_region *out, long cap, uint64_t *walk_end)
+{
+    struct pr_pm_scan_arg a = {.size = sizeof a, .flags = flags, .start = start, .end = end,
+                               .vec = (uint64_t)(uintptr_t)out, .vec_len = (uint64_t)cap,
+                               .category_inverted = inverted, .category_mask = mask,
+                               .category_anyof_mask = anyof, .return_mask = return_mask};
+    long r = ioctl(pagemap_fd, PR_PAGEMAP_SCAN, &a);
+    if (r < 0)
+        return ERR;
+    *walk_end = a.walk_end;
+    return r;
+}
+
+/* Scan several areas (sorted, e.g. one per VMA) into one output vector, continuing each walk
+ * until it is complete. Returns the number of regions, -ENOSPC when out is too small, or the
+ * error of the area whose index is stored in *failed_area. */
+long pr_scan_ranges(int pagemap_fd, const struct pr_range *areas, long n_areas, uint64_t flags,
+                    uint64_t inverted, uint64_t mask, uint64_t anyof, uint64_t return_mask,
+                    struct pr_page_region *out, long cap, long *failed_area)
+{
+    long got = 0;
+    *failed_area = -1;
+    for (long i = 0; i < n_areas; i++) {
+        uint64_t s = areas[i].start, walk_end = 0;
+        long first = got;
+        while (s < areas[i].end) {
+            if (got == cap)
+                return -ENOSPC;
+            long r = pr_pagemap_scan(pagemap_fd, s, areas[i].end, flags, inverted, mask, anyof,
+                                     return_mask, out + got, cap - got, &walk_end);
+            if (r < 0) {
+                *failed_area = i;
+                return r;
+            }
+            /* the kernel merges adjacent regions within one call, we merge the calls of one
+             * area; never across areas: an area is one VMA, and a range that spans two VMAs of
+             * different protection would make the whole copy take the slow /proc/PID/mem path */
+            if (r && got > first && out[got - 1].end == out[got].start &&
+                out[got - 1].categories == out[got].categories) {
+                out[got - 1].end = out[got].end;
+                memmove(out + got, out + got + 1, (r - 1) * sizeof *out);
+                r--;
+            }
+            got += r;
+            if (walk_end <= s)
+                break;
+            s = walk_end;
+        }
+    }
+    return got;
+}
+
+int pr_uffd_api(int uffd, uint64_t features, uint64_t *got)
+{
+    struct uffdio_api api = {.api = UFFD_API, .features = features};
+    if (ioctl(uffd, UFFDIO_API, &api))
+        return ERR;
+    *got = api.features;
+    return 0;
+}
+
+/* Register [start, start+len) for write-protect tracking and write-protect it now. */
+int pr_uffd_wp_range(int uffd, uint64_t start, uint64_t len)
+{
+    struct uffdio_register reg = {.range = {start, len}, .mode = UFFDIO_REGISTER_MODE_WP};
+    if (ioctl(uffd, UFFDIO_REGISTER, &reg))
+        return ERR;
+    struct uffdio_writeprotect wp = {.range = {start, len}, .mode = UFFDIO_WRITEPROTECT_MODE_WP};
+    return ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) ? ERR : 0;
+}
+
+/* ---- processes ----------------------------------------------------------------------------- */
+
+int pr_pidfd_open(int pid)
+{
+    long r = syscall(SYS_pidfd_open, pid, 0);
+    return r < 0 ? ERR : (int)r;
+}
+
+int pr_pidfd_getfd(int pidfd, int fd)
+{
+    long r = syscall(SYS_pidfd_getfd, pidfd, fd, 0);
+    return r < 0 ? ERR : (int)r;
+}
+
+/* clone3 + execve, with chosen pids (set_tid, innermost namespace first) and optionally a new
+ * pid namespace. keep_fd (if >= 0) becomes fd 3 of the child; the child's environment is empty.
+ * Between clone3 and execve the child makes raw system calls only (it is a copy of a possibly
+ * multi-threaded Python process). Returns the child's pid in our namespace. */
+int pr_spawn(const char *path, char *const *argv, const int *set_tid, long set_tid_size,
+             int new_pidns, int keep_fd)
+{
+    struct clone_args args;
+    pid_t tids[32];
+    if (set_tid_size > 32)
+        return -EINVAL;
+    for (long i = 0; i < set_tid_size; i++)
+        tids[i] = set_tid[i];
+    memset(&args, 0, sizeof args);
+    args.flags = new_pidns ? CLONE_NEWPID : 0;
+    args.exit_signal = SIGCHLD;
+    args.set_tid = set_tid_size ? (uint64_t)(uintptr_t)tids : 0;
+    args.set_tid_size = set_tid_size;
+    long pid = syscall(SYS_clone3, &args, sizeof args);
+    if (pid < 0)
+        return ERR;
+    if (pid == 0) {
+        static char *const envp[] = {NULL};
+        if (keep_fd >= 0 && keep_fd != 3)
+            syscall(SYS_dup2, keep_fd, 3);
+        syscall(SYS_execve, path, argv, envp);
+        syscall(SYS_exit_group, 127);
+    }
+    return (int)pid;
+}
+
+int pr_prlimit(int pid, int resource, const uint64_t *new_lim, uint64_t *old_lim)
+{
+    return syscall(SYS_prlimit64, pid, resource, new_lim, old_lim) ? ERR : 0;
+}
+
+/* Copy ranges from one process straight into another (same addresses), through the bounce
+ * buffer: for a destination on the same host, pages never go through a file. */
+long pr_copy_pages(int src_pid, int src_mem_fd, int dst_pid, int dst_mem_fd,
+                   const struct pr_range *ranges, long n, uint64_t *bytes, uint64_t *forced)
+{
+    char *buf = bounce_buffer();
+    if (!buf)
+        return -ENOMEM;
+    long ret = 0, i = 0;
+    uint64_t off = 0;
+    *bytes = 0, *forced = 0;
+    while (i < n) {
+        struct iovec l[IOV_BATCH], r[IOV_BATCH];
+        int k = 0;
+        size_t fill = 0;
+        while (i < n && k < IOV_BATCH && fill < COPY_CHUNK) {
+            uint64_t len = ranges[i].end - ranges[i].start - off;
+            if (len > COPY_CHUNK - fill)
+                len = COPY_CHUNK - fill;
+            l[k] = (struct iovec){buf + fill, len};
+            r[k++] = (struct iovec){(void *)(ranges[i].start + off), len};
+            fill += len;
+            off += len;
+            if (off == ranges[i].end - ranges[i].start)
+                i++, off = 0;
+        }
+        if ((ret = vm_transfer(src_pid, src_mem_fd, l, r, k, 0, NULL)) < 0)
+            return ret;
+        if ((ret = vm_transfer(dst_pid, dst_mem_fd, l, r, k, 1, forced)) < 0)
+            return ret;
+        *bytes += fill;
+    }
+    return 0;
+}

@@ -1,0 +1,163 @@
+"""The one image schema: a round directory holds `round.img` (metadata) and `pages.img` (the
+bytes of every page range listed in the metadata, back to back).
+
+round.img = MAGIC (8 bytes) | version u32 | body length u64 | crc32(body) u32 | body
+body      = msgpack map, described field by field by the encode_*/decode_* pairs below.
+
+Readers refuse another magic ("not a prerestore image"), another version (naming both), a
+short file ("truncated"), a bad checksum ("corrupt") and a pages file shorter than the ranges
+the metadata lists. New fields are added as optional map keys within a version; a change that
+old readers would misread bumps VERSION."""
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+import msgpack
+
+from ..errors import ImageError
+from ..model import (AddressSpaceRound, FileDescriptor, MmFields, ProcessState, Round,
+                     SigAction, ThreadState, Vma, ranges_bytes)
+
+MAGIC = b"PRRSTIMG"
+VERSION = 1
+HEADER = struct.Struct("=8sIQI")
+ROUND_FILE = "round.img"
+PAGES_FILE = "pages.img"
+
+
+# ---- model <-> plain maps ------------------------------------------------------------------
+
+def _vma(v: Vma) -> list:
+    return [v.start, v.end, v.prot, v.shared, v.offset, v.path, v.inode, v.dev]
+
+
+def _task(t: AddressSpaceRound) -> dict:
+    return {"pid": t.pid, "layout": [_vma(v) for v in t.layout], "fresh": t.fresh,
+            "pages": t.pages, "zap": t.zap, "pages_offset": t.pages_offset}
+
+
+def _thread(t: ThreadState) -> dict:
+    return {"tid": t.tid, "regs": t.regs, "xstate": t.xstate, "sigmask": t.sigmask,
+            "rseq": list(t.rseq) if t.rseq else None, "robust_list": list(t.robust_list),
+            "clear_child_tid": t.clear_child_tid, "sigaltstack": list(t.sigaltstack),
+            "pending": t.pending}
+
+
+def _state(s: ProcessState) -> dict:
+    return {"pid": s.pid, "comm": s.comm, "exe": s.exe, "cwd": s.cwd, "umask": s.umask,
+            "mm": vars(s.mm), "auxv": s.auxv,
+            "rlimits": {r: list(v) for r, v in s.rlimits.items()},
+            "sigactions": {n: [a.handler, a.flags, a.restorer, a.mask]
+                           for n, a in s.sigactions.items()},
+            "fds": [[f.fd, f.kind, f.path, f.flags, f.offset, list(f.dev_inode)] for f in s.fds],
+            "threads": [_thread(t) for t in s.threads], "shared_pending": s.shared_pending}
+
+
+def encode_round(r: Round) -> dict:
+    return {"id": r.id, "index": r.index, "parent_id": r.parent_id, "parent_path": r.parent_path,
+            "kind": r.kind, "source": r.source, "tasks": [_task(t) for t in r.tasks],
+            "state": _state(r.state) if r.state else None, "stats": r.stats}
+
+
+def decode_round(m: dict) -> Round:
+    try:
+        tasks = [AddressSpaceRound(t["pid"], [Vma(*v) for v in t["layout"]], t["fresh"],
+                                   t["pages"], t["zap"], t["pages_offset"]) for t in m["tasks"]]
+        state = None
+        if m["state"] is not None:
+            s = m["state"]
+            state = ProcessState(
+                pid=s["pid"], comm=s["comm"], exe=s["exe"], cwd=s["cwd"], umask=s["umask"],
+                mm=MmFields(**s["mm"]), auxv=s["auxv"],
+                rlimits={int(r): tuple(v) for r, v in s["rlimits"].items()},
+                sigactions={int(n): SigAction(*a) for n, a in s["sigactions"].items()},
+                fds=[FileDescriptor(f[0], f[1], f[2], f[3], f[4], tuple(f[5])) for f in s["fds"]],
+                threads=[ThreadState(t["tid"], t["regs"], t["xstate"], t["sigmask"],
+                                     tuple(t["rseq"]) if t["rseq"] else None,
+                                     tuple(t["robust_list"]), t["clear_child_tid"],
+                                     tuple(t["sigaltstack"]), t["pending"])
+                         for t in s["threads"]],
+                shared_pending=s["shared_pending"])
+        return Round(m["id"], m["index"], m["parent_id"], m["parent_path"], m["kind"],
+                     m["source"], tasks, state, m.get("stats", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ImageError(f"image metadata is malformed: {type(e).__name__}: {e}") from None
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+def write_round(directory: str, r: Round) -> None:
+    body = msgpack.packb(encode_round(r), use_bin_type=True)
+    header = HEADER.pack(MAGIC, VERSION, len(body), zlib.crc32(body))
+    tmp = os.path.join(directory, ROUND_FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header + body)
+    os.rename(tmp, os.path.join(directory, ROUND_FILE))   # a round exists only once complete
+
+
+def read_round(directory: str) -> Round:
+    path = os.path.join(directory, ROUND_FILE)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError(f"{directory}: no {ROUND_FILE}: not an image directory "
+                         "(or the round was never completed)") from None
+    if len(data) < HEADER.size:
+        raise ImageError(f"{path}: truncated ({len(data)} bytes, header alone is {HEADER.size})")
+    magic, version, length, crc = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ImageError(f"{path}: not a prerestore image (magic {magic!r})")
+    if version != VERSION:
+        raise ImageError(f"{path}: image format version {version}; this prerestore reads "
+                         f"version {VERSION}")
+    body = data[HEADER.size:]
+    if len(body) < length:
+        raise ImageError(f"{path}: truncated (metadata is {len(body)} of {length} bytes)")
+    body = body[:length]
+    if zlib.crc32(body) != crc:
+        raise ImageError(f"{path}: corrupt (metadata checksum mismatch)")
+    try:
+        m = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several types for garbage
+        raise ImageError(f"{path}: corrupt metadata ({e})") from None
+    r = decode_round(m)
+    check_pages_file(directory, r)
+    return r
+
+
+def pages_size(r: Round) -> int:
+    return sum(ranges_bytes(t.pages) for t in r.tasks)
+
+
+def check_pages_file(directory: str, r: Round) -> None:
+    want = max((t.pages_offset + ranges_bytes(t.pages) for t in r.tasks), default=0)
+    path = os.path.join(directory, PAGES_FILE)
+    have = os.path.getsize(path) if os.path.exists(path) else -1
+    if have < want:
+        raise ImageError(f"{path}: truncated or missing: {max(have, 0)} bytes, the metadata "
+                         f"lists {want} bytes of pages")
+
+
+def parent_dir(directory: str, r: Round) -> str | None:
+    if not r.parent_path:
+        return None
+    return os.path.normpath(os.path.join(directory, r.parent_path))
+
+
+def read_chain(directory: str) -> list[tuple[str, Round]]:
+    """The round in `directory` and its ancestors, oldest first; checks the links."""
+    chain = []
+    d: str | None = directory
+    while d is not None:
+        r = read_round(d)
+        if chain and chain[-1][1].parent_id != r.id:
+            raise ImageError(f"{chain[-1][0]}: parent image {d} has id {r.id}, expected "
+                             f"{chain[-1][1].parent_id} (mismatched parent)")
+        chain.append((d, r))
+        d = parent_dir(d, r)
+        if len(chain) > 10000:
+            raise ImageError(f"{directory}: parent chain loops")
+    return chain[::-1]

@@ -1,0 +1,260 @@
+"""1:1 typed wrappers over the cffi module. The only place that touches ffi/lib.
+
+Every wrapper turns a negative return into KernelCallError (ProcessGone for ESRCH) naming the
+call and the pid; callers above never see raw errnos, cdata or the ffi object."""
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass
+
+from .. import _native
+from ..errors import KernelCallError, ProcessGone
+
+ffi, lib = _native.ffi, _native.lib
+
+PAGE_SIZE = 4096
+PAGE_IS_WRITTEN = lib.PR_PAGE_IS_WRITTEN
+PAGE_IS_FILE = lib.PR_PAGE_IS_FILE
+PAGE_IS_PRESENT = lib.PR_PAGE_IS_PRESENT
+PAGE_IS_PFNZERO = lib.PR_PAGE_IS_PFNZERO
+PM_SCAN_WP_MATCHING = lib.PR_PM_SCAN_WP_MATCHING
+PM_SCAN_CHECK_WPASYNC = lib.PR_PM_SCAN_CHECK_WPASYNC
+UFFD_FEATURE_WP_ASYNC = lib.PR_UFFD_FEATURE_WP_ASYNC
+UFFD_FEATURE_WP_UNPOPULATED = lib.PR_UFFD_FEATURE_WP_UNPOPULATED
+UFFD_USER_MODE_ONLY = lib.PR_UFFD_USER_MODE_ONLY
+
+REG_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
+             "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base",
+             "gs_base", "ds", "es", "fs", "gs")
+RANGE = struct.Struct("=QQ")   # struct pr_range, the packed form ranges travel in
+
+
+def check(ret: int, call: str, pid: int | None = None, detail: str = "") -> int:
+    if ret < 0:
+        cls = ProcessGone if -ret == errno.ESRCH else KernelCallError
+        raise cls(-ret, call, pid, detail)
+    return ret
+
+
+# ---- ptrace -----------------------------------------------------------------------------------
+
+def seize(pid: int, options: int = 0) -> None:
+    check(lib.pr_seize(pid, options), "ptrace(SEIZE)", pid)
+
+
+def interrupt(pid: int) -> None:
+    check(lib.pr_interrupt(pid), "ptrace(INTERRUPT)", pid)
+
+
+def wait_stop(pid: int) -> int:
+    status = ffi.new("int *")
+    check(lib.pr_wait_stop(pid, status), "waitpid(ptrace stop)", pid, f"status {status[0]:#x}")
+    return status[0]
+
+
+def detach(pid: int, sig: int = 0) -> None:
+    check(lib.pr_detach(pid, sig), "ptrace(DETACH)", pid)
+
+
+def get_regs(pid: int) -> dict[str, int]:
+    regs = ffi.new("struct pr_regs *")
+    check(lib.pr_get_regs(pid, regs), "ptrace(GETREGS)", pid)
+    return {name: getattr(regs, name) for name in REG_NAMES}
+
+
+def set_regs(pid: int, values: dict[str, int]) -> None:
+    regs = ffi.new("struct pr_regs *")
+    for name in REG_NAMES:
+        setattr(regs, name, values[name] & 0xFFFFFFFFFFFFFFFF)
+    check(lib.pr_set_regs(pid, regs), "ptrace(SETREGS)", pid)
+
+
+def get_xstate(pid: int) -> bytes:
+    buf = ffi.new("char[]", 16384)
+    n = check(lib.pr_get_xstate(pid, buf, 16384), "ptrace(GETREGSET, NT_X86_XSTATE)", pid)
+    return ffi.buffer(buf, n)[:]
+
+
+def set_xstate(pid: int, data: bytes) -> None:
+    check(lib.pr_set_xstate(pid, data, len(data)), "ptrace(SETREGSET, NT_X86_XSTATE)", pid)
+
+
+def get_sigmask(pid: int) -> int:
+    mask = ffi.new("uint64_t *")
+    check(lib.pr_get_sigmask(pid, mask), "ptrace(GETSIGMASK)", pid)
+    return mask[0]
+
+
+def set_sigmask(pid: int, mask: int) -> None:
+    check(lib.pr_set_sigmask(pid, mask), "ptrace(SETSIGMASK)", pid)
+
+
+def get_rseq(pid: int) -> tuple[int, int, int, int]:
+    conf = ffi.new("struct pr_rseq_conf *")
+    check(lib.pr_get_rseq(pid, conf), "ptrace(GET_RSEQ_CONFIGURATION)", pid)
+    return conf.rseq_abi_pointer, conf.rseq_abi_size, conf.signature, conf.flags
+
+
+def get_robust_list(pid: int) -> tuple[int, int]:
+    head, length = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    check(lib.pr_get_robust_list(pid, head, length), "get_robust_list", pid)
+    return head[0], length[0]
+
+
+def peek_siginfo(pid: int, shared: bool) -> list[bytes]:
+    """Queued siginfo records (128 bytes each), not dequeued."""
+    buf = ffi.new("char[]", 128 * 256)
+    n = check(lib.pr_peek_siginfo(pid, int(shared), buf, 256), "ptrace(PEEKSIGINFO)", pid)
+    raw = ffi.buffer(buf, 128 * n)[:]
+    return [raw[i * 128:(i + 1) * 128] for i in range(n)]
+
+
+# ---- injection --------------------------------------------------------------------------------
+
+def find_syscall_insn(pid: int, start: int, end: int) -> int:
+    addr = ffi.new("uint64_t *")
+    check(lib.pr_find_syscall_insn(pid, start, end, addr), "find syscall instruction in [vdso]", pid)
+    return addr[0]
+
+
+def inject_syscall(pid: int, insn: int, nr: int, *args: int) -> int:
+    argv = ffi.new("uint64_t[6]", [a & 0xFFFFFFFFFFFFFFFF for a in (list(args) + [0] * 6)[:6]])
+    ret = ffi.new("int64_t *")
+    check(lib.pr_inject_syscall(pid, insn, nr, argv, ret), f"inject syscall {nr}", pid)
+    return ret[0]
+
+
+def batch_runner_code() -> bytes:
+    code = ffi.new("void **")
+    n = lib.pr_batch_runner(code)
+    return ffi.buffer(code[0], n)[:]
+
+
+def run_batch(pid: int, runner: int, table: int, calls: list[tuple[int, tuple[int, ...]]],
+              data: bytes, data_addr: int) -> tuple[list[int], int]:
+    """Run calls [(nr, args)] through the runner; returns (results, how many ran)."""
+    n = len(calls)
+    table_c = ffi.new("struct pr_call[]", n)
+    for i, (nr, args) in enumerate(calls):
+        table_c[i].nr = nr
+        for k, a in enumerate(args):
+            table_c[i].args[k] = a & 0xFFFFFFFFFFFFFFFF
+    done = ffi.new("long *")
+    check(lib.pr_run_batch(pid, runner, table, table_c, n, data, len(data), data_addr, done),
+          "run injected batch", pid)
+    return [table_c[i].ret for i in range(n)], done[0]
+
+
+# ---- memory -----------------------------------------------------------------------------------
+
+def read_mem(pid: int, addr: int, length: int) -> bytes:
+    buf = ffi.new("char[]", length)
+    n = check(lib.pr_read_mem(pid, addr, buf, length), "process_vm_readv", pid, hex(addr))
+    return ffi.buffer(buf, n)[:]
+
+
+def write_mem(pid: int, addr: int, data: bytes) -> None:
+    n = check(lib.pr_write_mem(pid, addr, data, len(data)), "process_vm_writev", pid, hex(addr))
+    if n != len(data):
+        raise KernelCallError(errno.EFAULT, "process_vm_writev", pid, f"short write at {addr:#x}")
+
+
+def dump_pages(pid: int, mem_fd: int, ranges: bytes, out_fd: int) -> int:
+    """Append the bytes of packed ranges to out_fd; returns the byte count."""
+    nbytes = ffi.new("uint64_t *")
+    rng = ffi.from_buffer("struct pr_range[]", ranges)
+    check(lib.pr_dump_pages(pid, mem_fd, rng, len(ranges) // 16, out_fd, nbytes),
+          "read pages (process_vm_readv)", pid)
+    return nbytes[0]
+
+
+def load_pages(pid: int, mem_fd: int, in_fd: int, offset: int, ranges: bytes) -> tuple[int, int]:
+    """Write packed ranges into pid from in_fd at offset; returns (bytes, bytes forced via mem)."""
+    nbytes, forced = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    rng = ffi.from_buffer("struct pr_range[]", ranges)
+    check(lib.pr_load_pages(pid, mem_fd, in_fd, offset, rng, len(ranges) // 16, nbytes, forced),
+          "write pages (process_vm_writev)", pid)
+    return nbytes[0], forced[0]
+
+
+def copy_pages(src_pid: int, src_mem_fd: int, dst_pid: int, dst_mem_fd: int,
+               ranges: bytes) -> tuple[int, int]:
+    """Copy packed ranges from src_pid into dst_pid; returns (bytes, bytes forced via mem)."""
+    nbytes, forced = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    rng = ffi.from_buffer("struct pr_range[]", ranges)
+    check(lib.pr_copy_pages(src_pid, src_mem_fd, dst_pid, dst_mem_fd, rng, len(ranges) // 16,
+                            nbytes, forced), "copy pages between processes", dst_pid)
+    return nbytes[0], forced[0]
+
+
+# ---- PAGEMAP_SCAN / userfaultfd ---------------------------------------------------------------
+
+@dataclass
+class ScanResult:
+    """Regions as packed (start, end, categories) triples."""
+    raw: bytes
+
+    def __len__(self) -> int:
+        return len(self.raw) // 24
+
+    def triples(self):
+        return struct.iter_unpack("=QQQ", self.raw)
+
+
+def scan_ranges(pagemap_fd: int, areas: bytes, *, flags: int = 0, inverted: int = 0,
+                mask: int = 0, anyof: int = 0, return_mask: int = 0, pid: int | None = None
+                ) -> tuple[ScanResult | None, int]:
+    """PAGEMAP_SCAN over packed areas. Returns (result, -1), or (None, index of the area that
+    failed with EPERM: not registered for WP tracking)."""
+    cap = 1 << 16
+    areas_c = ffi.from_buffer("struct pr_range[]", areas)
+    failed = ffi.new("long *")
+    while True:
+        out = ffi.new("struct pr_page_region[]", cap)
+        n = lib.pr_scan_ranges(pagemap_fd, areas_c, len(areas) // 16, flags, inverted, mask, anyof,
+                               return_mask, out, cap, failed)
+        if n == -errno.ENOSPC:
+            cap *= 4
+            continue
+        if n == -errno.EPERM and failed[0] >= 0:
+            return None, failed[0]
+        check(n, "ioctl(PAGEMAP_SCAN)", pid)
+        return ScanResult(ffi.buffer(out, 24 * n)[:]), -1
+
+
+def uffd_api(uffd: int, features: int) -> int:
+    got = ffi.new("uint64_t *")
+    check(lib.pr_uffd_api(uffd, features, got), "ioctl(UFFDIO_API)")
+    return got[0]
+
+
+def uffd_wp_range(uffd: int, start: int, length: int) -> None:
+    check(lib.pr_uffd_wp_range(uffd, start, length), "ioctl(UFFDIO_REGISTER/WRITEPROTECT)",
+          detail=f"{start:#x}+{length:#x}")
+
+
+# ---- processes --------------------------------------------------------------------------------
+
+def pidfd_open(pid: int) -> int:
+    return check(lib.pr_pidfd_open(pid), "pidfd_open", pid)
+
+
+def pidfd_getfd(pidfd: int, fd: int, pid: int | None = None) -> int:
+    return check(lib.pr_pidfd_getfd(pidfd, fd), "pidfd_getfd", pid)
+
+
+def spawn(path: str, argv: list[str], set_tid: list[int], new_pidns: bool, keep_fd: int) -> int:
+    args = [ffi.new("char[]", a.encode()) for a in argv]
+    argv_c = ffi.new("char *[]", args + [ffi.NULL])
+    tids = ffi.new("int[]", set_tid or [0])
+    what = f"clone3(set_tid={set_tid}{', CLONE_NEWPID' if new_pidns else ''})"
+    return check(lib.pr_spawn(path.encode(), argv_c, tids, len(set_tid), int(new_pidns), keep_fd),
+                 what)
+
+
+def prlimit(pid: int, resource: int, limits: tuple[int, int] | None) -> tuple[int, int]:
+    new = ffi.new("uint64_t[2]", list(limits)) if limits else ffi.NULL
+    old = ffi.new("uint64_t[2]")
+    check(lib.pr_prlimit(pid, resource, new, old), f"prlimit({resource})", pid)
+    return old[0], old[1]

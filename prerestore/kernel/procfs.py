@@ -1,0 +1,139 @@
+"""Parsers for /proc/PID files. They work on bytes, tolerate odd names (a comm with ') ' in it,
+paths with spaces) and raise ProcessGone when the process has vanished."""
+from __future__ import annotations
+
+import errno
+import os
+import stat as stat_mod
+
+from ..errors import ProcessGone
+from ..model import FileDescriptor, MmFields, Vma, PROT_READ, PROT_WRITE, PROT_EXEC
+
+
+def _read(pid: int, name: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ProcessGone(errno.ESRCH, f"read /proc/{pid}/{name}", pid) from None
+
+
+def parse_maps(data: bytes) -> list[Vma]:
+    out = []
+    for line in data.splitlines():
+        # "start-end perms offset dev inode      path" — the path may contain spaces
+        parts = line.split(None, 5)
+        start, end = (int(x, 16) for x in parts[0].split(b"-"))
+        perms = parts[1]
+        prot = (PROT_READ if perms[0:1] == b"r" else 0) | (PROT_WRITE if perms[1:2] == b"w" else 0) \
+            | (PROT_EXEC if perms[2:3] == b"x" else 0)
+        path = parts[5].decode(errors="surrogateescape") if len(parts) > 5 else ""
+        out.append(Vma(start, end, prot, perms[3:4] == b"s", int(parts[2], 16), path,
+                       int(parts[4]), parts[3].decode()))
+    return out
+
+
+def maps(pid: int) -> list[Vma]:
+    return parse_maps(_read(pid, "maps"))
+
+
+def status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in _read(pid, "status").decode(errors="replace").splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat numbered as in proc(5): [1] is pid, [2] comm, [3] state..."""
+    data = _read(pid, "stat")
+    lpar, rpar = data.index(b"("), data.rindex(b")")
+    rest = data[rpar + 2:].split()
+    return ["", data[:lpar].strip().decode(), data[lpar + 1:rpar].decode(errors="replace")] + \
+        [x.decode() for x in rest]
+
+
+def mm_fields(fields: list[str], brk: int) -> MmFields:
+    f = [int(x) if x.isdigit() else 0 for x in fields[:53]] + [0] * 4
+    return MmFields(start_code=f[26], end_code=f[27], start_data=f[45], end_data=f[46],
+                    start_brk=f[47], brk=brk, start_stack=f[28], arg_start=f[48], arg_end=f[49],
+                    env_start=f[50], env_end=f[51])
+
+
+def threads(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        raise ProcessGone(errno.ESRCH, f"list /proc/{pid}/task", pid) from None
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for tid in threads(pid):
+        try:
+            out += [int(x) for x in _read(pid, f"task/{tid}/children").split()]
+        except ProcessGone:
+            pass
+    return out
+
+
+def auxv(pid: int) -> bytes:
+    return _read(pid, "auxv")
+
+
+def comm(pid: int) -> str:
+    return _read(pid, "comm").decode(errors="replace").rstrip("\n")
+
+
+def readlink(pid: int, name: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/{name}")
+    except FileNotFoundError:
+        raise ProcessGone(errno.ESRCH, f"readlink /proc/{pid}/{name}", pid) from None
+
+
+def fdinfo(pid: int, fd: int) -> dict[str, str]:
+    out = {}
+    for line in _read(pid, f"fdinfo/{fd}").decode(errors="replace").splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def fd_numbers(pid: int) -> list[int]:
+    try:
+        return sorted(int(x) for x in os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        raise ProcessGone(errno.ESRCH, f"list /proc/{pid}/fd", pid) from None
+
+
+def describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None]:
+    """(what it is, the FileDescriptor if it is a supported kind, else None)."""
+    target = readlink(pid, f"fd/{fd}")
+    info = fdinfo(pid, fd)
+    flags = int(info.get("flags", "0"), 8)
+    offset = int(info.get("pos", "0"))
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except FileNotFoundError:
+        return target, None
+    if target.endswith(" (deleted)"):
+        return f"deleted file {target[:-10]}", None
+    if stat_mod.S_ISREG(st.st_mode) and target.startswith("/"):
+        return target, FileDescriptor(fd, "file", target, flags, offset, (st.st_dev, st.st_ino))
+    if stat_mod.S_ISCHR(st.st_mode) and target in ("/dev/null", "/dev/zero", "/dev/urandom",
+                                                    "/dev/random", "/dev/full"):
+        return target, FileDescriptor(fd, "chr", target, flags, offset, (st.st_dev, st.st_ino))
+    if stat_mod.S_ISDIR(st.st_mode):
+        return f"directory {target}", None
+    return target, None
+
+
+def umask(pid: int) -> int:
+    return int(status(pid).get("Umask", "0022"), 8)
+
+
+def rlimits(pid: int) -> dict[int, tuple[int, int]]:
+    from . import native
+    return {res: native.prlimit(pid, res, None) for res in range(16)}

@@ -1,0 +1,197 @@
+"""Typed ptrace control of one task, and system calls run inside it.
+
+SEIZE + INTERRUPT rather than ATTACH: ATTACH sends a SIGSTOP that the task (and its parent)
+can observe and that would stay queued; SEIZE stops it silently and lets us resume it with its
+signal state untouched."""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ..errors import KernelCallError
+from . import native
+from .native import lib
+
+SYSCALL_NAMES = {getattr(lib, n): n[4:] for n in dir(lib) if n.startswith("SYS_")}
+ALL_SIGNALS = (1 << 64) - 1
+
+
+class Tracee:
+    """A task under our ptrace, stopped while we hold it (use as a context manager or call
+    detach). `exitkill` makes the kernel kill the task if we die: used for husks."""
+
+    def __init__(self, pid: int, *, exitkill: bool = False):
+        self.pid = pid
+        native.seize(pid, lib.PTRACE_O_EXITKILL if exitkill else 0)
+        self.attached = True
+        self.stopped = False
+
+    def stop(self) -> None:
+        if not self.stopped:
+            native.interrupt(self.pid)
+            native.wait_stop(self.pid)
+            self.stopped = True
+
+    def detach(self, sig: int = 0) -> None:
+        if self.attached:
+            native.detach(self.pid, sig)
+            self.attached = self.stopped = False
+
+    def regs(self) -> dict[str, int]:
+        return native.get_regs(self.pid)
+
+    def set_regs(self, regs: dict[str, int]) -> None:
+        native.set_regs(self.pid, regs)
+
+    def xstate(self) -> bytes:
+        return native.get_xstate(self.pid)
+
+    def set_xstate(self, data: bytes) -> None:
+        native.set_xstate(self.pid, data)
+
+    def sigmask(self) -> int:
+        return native.get_sigmask(self.pid)
+
+    def set_sigmask(self, mask: int) -> None:
+        native.set_sigmask(self.pid, mask)
+
+    def __enter__(self):
+        self.stop()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.detach()
+        except KernelCallError:
+            pass
+
+
+@dataclass
+class Batch:
+    """System calls to run in one go, with the buffers they point to.
+
+    `put(data)` places bytes in the scratch data area and returns their remote address;
+    `call(nr, *args)` appends a call. Calls run in order and stop at the first error."""
+    scratch: "Scratch"
+    calls: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    data: bytearray = field(default_factory=bytearray)
+
+    def put(self, data: bytes, align: int = 8) -> int:
+        pad = -len(self.data) % align
+        self.data += b"\0" * pad
+        addr = self.scratch.data_addr + len(self.data)
+        self.data += data
+        if len(self.data) > self.scratch.data_size:
+            raise ValueError("batch data does not fit in the scratch area")
+        return addr
+
+    def put_str(self, text: str) -> int:
+        return self.put(text.encode(errors="surrogateescape") + b"\0")
+
+    def call(self, nr: int, *args: int, label: str = "") -> int:
+        self.calls.append((nr, args))
+        self.labels.append(label or SYSCALL_NAMES.get(nr, str(nr)))
+        return len(self.calls) - 1
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+
+@dataclass
+class Scratch:
+    """A private RWX area in the tracee: the batch runner, the call table, then data."""
+    addr: int
+    size: int
+    TABLE_OFFSET = 256
+    TABLE_SIZE = 128 * 1024
+
+    @property
+    def table_addr(self) -> int:
+        return self.addr + self.TABLE_OFFSET
+
+    @property
+    def data_addr(self) -> int:
+        return self.addr + self.TABLE_OFFSET + self.TABLE_SIZE
+
+    @property
+    def data_size(self) -> int:
+        return self.size - self.TABLE_OFFSET - self.TABLE_SIZE
+
+    @property
+    def max_calls(self) -> int:
+        return self.TABLE_SIZE // 64
+
+
+class RemoteSyscalls:
+    """Runs system calls inside a stopped tracee.
+
+    Single calls single-step over a `syscall` instruction found in the tracee's [vdso] (no code
+    is written). Batches run through a small runner copied into a scratch mapping: one ptrace
+    round trip for the whole batch. The caller saves and restores registers around its work."""
+
+    SCRATCH_SIZE = 512 * 1024
+
+    def __init__(self, tracee: Tracee, vdso: tuple[int, int]):
+        self.tracee = tracee
+        self.insn = native.find_syscall_insn(tracee.pid, *vdso)
+        self.scratch: Scratch | None = None
+
+    def rebase(self, old_vdso: int, new_vdso: int) -> None:
+        """The [vdso] moved (mremap), and our syscall instruction with it."""
+        self.insn += new_vdso - old_vdso
+
+    def call(self, nr: int, *args: int, check: bool = True) -> int:
+        ret = native.inject_syscall(self.tracee.pid, self.insn, nr, *args)
+        if check and -4096 < ret < 0:
+            raise KernelCallError(-ret, f"injected {SYSCALL_NAMES.get(nr, nr)}", self.tracee.pid,
+                                  "args " + ", ".join(hex(a) for a in args))
+        return ret
+
+    def map_scratch(self, addr: int) -> Scratch:
+        prot = 7  # rwx: the runner executes from it
+        flags = lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_FIXED
+        got = self.call(lib.SYS_mmap, addr, self.SCRATCH_SIZE, prot, flags, -1, 0)
+        if got != addr:
+            raise KernelCallError(14, "injected mmap(scratch)", self.tracee.pid, hex(got))
+        native.write_mem(self.tracee.pid, addr, native.batch_runner_code())
+        self.scratch = Scratch(addr, self.SCRATCH_SIZE)
+        return self.scratch
+
+    def unmap_scratch(self) -> None:
+        if self.scratch:
+            self.call(lib.SYS_munmap, self.scratch.addr, self.scratch.size)
+            self.scratch = None
+
+    def batch(self) -> Batch:
+        assert self.scratch is not None, "map_scratch first"
+        return Batch(self.scratch)
+
+    def run(self, batch: Batch, *, check: bool = True) -> list[int]:
+        """Run the batch; raise naming the first failing call (results of the calls that ran
+        are kept on the exception as .results)."""
+        sc = self.scratch
+        results: list[int] = []
+        for first in range(0, len(batch.calls), sc.max_calls):
+            chunk = batch.calls[first:first + sc.max_calls]
+            data = bytes(batch.data) if first == 0 else b""
+            res, done = native.run_batch(self.tracee.pid, sc.addr, sc.table_addr, chunk, data,
+                                         sc.data_addr)
+            results += res[:done]
+            if done < len(chunk) or (done and -4096 < res[done - 1] < 0):
+                i = first + done - 1
+                err = KernelCallError(-res[done - 1], f"injected {batch.labels[i]}",
+                                      self.tracee.pid,
+                                      "args " + ", ".join(hex(a) for a in batch.calls[i][1]))
+                err.results = results
+                if check:
+                    raise err
+                return results
+        return results
+
+    def read(self, addr: int, length: int) -> bytes:
+        return native.read_mem(self.tracee.pid, addr, length)
+
+
+def unpack_u64(data: bytes, index: int = 0) -> int:
+    return struct.unpack_from("=Q", data, index * 8)[0]

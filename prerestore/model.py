@@ -1,0 +1,213 @@
+"""The model of a checkpoint: plain dataclasses, no I/O.
+
+A round describes one task's address space (its layout and the pages that changed); the final
+round adds the CPU and kernel state needed to resume it. Addresses are ints; page ranges travel
+as packed little-endian (start, end) u64 pairs (bytes), so per-page data never becomes Python
+objects."""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+SPECIAL_VMAS = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]")
+RANGE = struct.Struct("=QQ")
+
+
+@dataclass(frozen=True)
+class Vma:
+    """One line of /proc/PID/maps."""
+    start: int
+    end: int
+    prot: int
+    shared: bool
+    offset: int
+    path: str          # "" for anonymous memory, "[heap]", "[stack]", "[vdso]"... or a file path
+    inode: int = 0
+    dev: str = "00:00"
+
+    @property
+    def is_file(self) -> bool:
+        return self.inode != 0 and self.path.startswith("/")
+
+    @property
+    def is_special(self) -> bool:
+        return self.path in SPECIAL_VMAS
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def backing(self) -> tuple:
+        """What the memory is, independent of protection and of where the range is cut:
+        two pieces with equal backing at the same address hold the same mapping."""
+        if self.is_file:
+            return ("file", self.shared, self.path, self.inode, self.offset - self.start)
+        return ("anon", self.shared, self.path if self.path == "[stack]" else "")
+
+    def piece(self, start: int, end: int) -> "Vma":
+        off = self.offset + (start - self.start) if self.is_file else self.offset
+        return Vma(start, end, self.prot, self.shared, off, self.path, self.inode, self.dev)
+
+    def perms(self) -> str:
+        return ("r" if self.prot & PROT_READ else "-") + ("w" if self.prot & PROT_WRITE else "-") \
+            + ("x" if self.prot & PROT_EXEC else "-") + ("s" if self.shared else "p")
+
+
+@dataclass
+class LayoutDiff:
+    """How to turn one layout into another. Fresh pieces are mapped anew (their old content, if
+    any, is gone); reprotected pieces keep their content and change protection only."""
+    unmap: list[tuple[int, int]] = field(default_factory=list)
+    fresh: list[Vma] = field(default_factory=list)
+    reprotect: list[Vma] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.unmap or self.fresh or self.reprotect)
+
+
+def diff_layout(old: list[Vma], new: list[Vma]) -> LayoutDiff:
+    """Compare two sorted, non-overlapping layouts (special VMAs excluded) piece by piece."""
+    d = LayoutDiff()
+    # unmap: parts of old not covered by new
+    for o in old:
+        for s, e in _subtract((o.start, o.end), [(n.start, n.end) for n in new]):
+            d.unmap.append((s, e))
+    for n in new:
+        covered = []
+        for o in old:
+            s, e = max(o.start, n.start), min(o.end, n.end)
+            if s >= e:
+                continue
+            if o.backing() == n.backing():
+                covered.append((s, e))
+                if o.prot != n.prot:
+                    d.reprotect.append(n.piece(s, e))
+        for s, e in _subtract((n.start, n.end), covered):
+            d.fresh.append(n.piece(s, e))
+    return d
+
+
+def _subtract(span: tuple[int, int], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out, cur = [], span[0]
+    for s, e in sorted(holes):
+        if e <= cur or s >= span[1]:
+            continue
+        if s > cur:
+            out.append((cur, s))
+        cur = max(cur, e)
+    if cur < span[1]:
+        out.append((cur, span[1]))
+    return out
+
+
+def pack_ranges(ranges) -> bytes:
+    return b"".join(RANGE.pack(s, e) for s, e in ranges)
+
+
+def unpack_ranges(raw: bytes) -> list[tuple[int, int]]:
+    return list(RANGE.iter_unpack(raw))
+
+
+def ranges_bytes(raw: bytes) -> int:
+    return sum(e - s for s, e in RANGE.iter_unpack(raw))
+
+
+@dataclass
+class FileDescriptor:
+    """An open fd of a supported kind: a regular file or a character device like /dev/null."""
+    fd: int
+    kind: str          # "file" | "chr"
+    path: str
+    flags: int         # open flags as in fdinfo (O_ACCMODE, O_APPEND, O_CLOEXEC, ...)
+    offset: int
+    dev_inode: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class MmFields:
+    """The mm_struct fields PR_SET_MM_MAP restores (see /proc/PID/stat 26-28, 45-51)."""
+    start_code: int
+    end_code: int
+    start_data: int
+    end_data: int
+    start_brk: int
+    brk: int
+    start_stack: int
+    arg_start: int
+    arg_end: int
+    env_start: int
+    env_end: int
+
+
+@dataclass
+class SigAction:
+    handler: int
+    flags: int
+    restorer: int
+    mask: int
+
+
+@dataclass
+class ThreadState:
+    tid: int
+    regs: dict[str, int]
+    xstate: bytes
+    sigmask: int
+    rseq: tuple[int, int, int] | None          # (pointer, size, signature)
+    robust_list: tuple[int, int]               # (head, length)
+    clear_child_tid: int
+    sigaltstack: tuple[int, int, int]           # (sp, flags, size)
+    pending: list[bytes] = field(default_factory=list)    # siginfo records, thread queue
+
+
+@dataclass
+class ProcessState:
+    """Everything besides memory that the final round carries."""
+    pid: int
+    comm: str
+    exe: str
+    cwd: str
+    umask: int
+    mm: MmFields
+    auxv: bytes
+    rlimits: dict[int, tuple[int, int]]
+    sigactions: dict[int, SigAction]
+    fds: list[FileDescriptor]
+    threads: list[ThreadState]
+    shared_pending: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class AddressSpaceRound:
+    """One task's memory in one round.
+
+    layout: every VMA (special ones included) as the source had it;
+    fresh:  packed ranges that must be mapped anew before pages are written (new VMAs, or
+            areas whose tracking was lost) — everything present in them is in `pages`;
+    pages:  packed ranges whose bytes follow one another in the round's page file;
+    zap:    packed ranges written but no longer present (MADV_DONTNEED): drop them."""
+    pid: int
+    layout: list[Vma]
+    fresh: bytes = b""
+    pages: bytes = b""
+    zap: bytes = b""
+    pages_offset: int = 0
+
+
+@dataclass
+class Round:
+    """One image directory: a pre-copy round, or the final dump when `state` is set."""
+    id: str
+    index: int
+    parent_id: str | None
+    parent_path: str | None
+    kind: str                       # "predump" | "dump"
+    source: dict                    # host, kernel, pid, time: where it came from
+    tasks: list[AddressSpaceRound]
+    state: ProcessState | None = None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def is_final(self) -> bool:
+        return self.state is not None

@@ -1,0 +1,386 @@
+"""A husk: a frozen process that becomes the restored one.
+
+Lifecycle: spawn() starts the husk program with the source's pid (directly, or inside a fresh pid
+namespace) and seizes it; prepare() clears its own mappings and moves its [vvar]/[vdso] to the
+source's addresses; apply_round() makes its address space follow each round; apply_state() and
+resume() finish it. kill() at any point removes it (and its pid namespace) without a trace.
+
+The husk executes nothing of the target until resume(): every change is made through system calls
+injected in batches (see kernel.tracee.RemoteSyscalls) and page writes from outside."""
+from __future__ import annotations
+
+import errno
+import os
+import select
+import struct
+import time
+from importlib import resources
+
+from ..errors import KernelCallError, PidTaken, RestoreError
+from ..image import schema
+from ..kernel import native, procfs
+from ..kernel.native import lib
+from ..kernel.tracee import RemoteSyscalls, Tracee
+from ..model import (AddressSpaceRound, ProcessState, Vma, diff_layout, pack_ranges,
+                     unpack_ranges, PROT_WRITE)
+from ..source.session import KSIGACTION, STACK_T, free_area, memory_vmas
+
+SPECIAL_ORDER = ("[vvar]", "[vvar_vclock]", "[vdso]")
+PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
+OPEN_DROP = lib.O_CREAT | lib.O_TRUNC | lib.O_EXCL | lib.O_NOCTTY
+SIGKILL, SIGSTOP = 9, 19
+
+
+def husk_program() -> str:
+    return str(resources.files("prerestore") / "prerestore-husk")
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+class Husk:
+    def __init__(self, host_pid: int, pid: int, init_pid: int | None):
+        self.host_pid = host_pid          # pid in our namespace (ptrace, /proc)
+        self.pid = pid                    # pid the restored process sees (the source's)
+        self.init_pid = init_pid          # host pid of the pid namespace's init, if any
+        self.tracee: Tracee | None = None
+        self.remote: RemoteSyscalls | None = None
+        self.mem_fd = -1
+        self.layout: list[Vma] = []       # memory VMAs as applied so far (no special ones)
+        self.fds: set[int] = set()        # fds open in the husk (to predict openat results)
+        self.prepared = False
+        self.resumed = False
+
+    # ---- birth ------------------------------------------------------------------------------
+
+    @classmethod
+    def spawn(cls, pid: int, *, pidns: bool) -> "Husk":
+        """A husk that will have `pid`: in our pid namespace (the pid must be free), or as that
+        pid inside a new pid namespace whose init is a second husk program."""
+        if not pidns and os.path.exists(f"/proc/{pid}"):
+            raise PidTaken(f"pid {pid} is in use on this host: cannot restore with the same pid "
+                           "(use --pidns to restore inside a new pid namespace)")
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        try:
+            prog = husk_program()
+            if pidns:
+                init = native.spawn(prog, [prog, "init", str(pid)], [], True, wfd)
+                host_pid = None
+            else:
+                try:
+                    host_pid = native.spawn(prog, [prog], [pid], False, wfd)
+                except KernelCallError as e:
+                    if e.errno == errno.EEXIST:
+                        raise PidTaken(f"pid {pid} is in use on this host") from None
+                    raise
+                init = None
+            os.close(wfd)
+            wfd = -1
+            ready, _, _ = select.select([rfd], [], [], 10)
+            if not ready or os.read(rfd, 1) != b"R":
+                cls._reap(init or host_pid)
+                raise RestoreError(f"husk for pid {pid} did not start (exit status "
+                                   f"{cls._reap(init or host_pid)})")
+        finally:
+            os.close(rfd)
+            if wfd >= 0:
+                os.close(wfd)
+        if pidns:
+            kids = procfs.children(init)
+            if len(kids) != 1:
+                cls._reap(init)
+                raise RestoreError(f"pid namespace init {init} has no husk child")
+            host_pid = kids[0]
+        husk = cls(host_pid, pid, init)
+        try:
+            husk.tracee = Tracee(host_pid, exitkill=True)
+            husk.tracee.stop()
+            husk.mem_fd = os.open(f"/proc/{host_pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            husk.kill()
+            raise
+        return husk
+
+    @staticmethod
+    def _reap(pid: int | None) -> int | None:
+        if not pid:
+            return None
+        try:
+            os.kill(pid, SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            return os.waitpid(pid, 0)[1]
+        except ChildProcessError:
+            return None
+
+    # ---- the empty shell --------------------------------------------------------------------
+
+    def prepare(self, source_layout: list[Vma]) -> None:
+        """Unmap the husk's own program and stack and put [vvar]/[vvar_vclock]/[vdso] exactly
+        where the source has them (glibc caches vdso pointers)."""
+        own = procfs.maps(self.host_pid)
+        specials = {v.path: v for v in own if v.path in SPECIAL_ORDER}
+        wanted = {v.path: v for v in source_layout if v.path in SPECIAL_ORDER}
+        if set(specials) != set(wanted) or any(
+                specials[n].size != wanted[n].size for n in wanted):
+            raise RestoreError("the source's [vvar]/[vdso] layout differs from this host's "
+                               f"(source {sorted((n, v.size) for n, v in wanted.items())}, here "
+                               f"{sorted((n, v.size) for n, v in specials.items())}): a "
+                               "different kernel?")
+        vdso = specials["[vdso]"]
+        self.remote = RemoteSyscalls(self.tracee, (vdso.start, vdso.end))
+        self.remote.map_scratch(free_area([own, source_layout], RemoteSyscalls.SCRATCH_SIZE))
+        b = self.remote.batch()
+        for v in own:
+            if not v.is_special:
+                b.call(lib.SYS_munmap, v.start, v.size)
+        names = [n for n in SPECIAL_ORDER if n in wanted]
+        lo, hi = min(specials[n].start for n in names), max(specials[n].end for n in names)
+        tlo = min(wanted[n].start for n in names)
+        thi = max(wanted[n].end for n in names)
+        if any(wanted[n].start - tlo != specials[n].start - lo for n in names):
+            raise RestoreError("the source's [vvar]/[vdso] are not laid out like this host's")
+        hops = []
+        if lo < thi and tlo < hi and lo != tlo:     # overlapping moves go through a free area
+            hops.append(free_area([own, source_layout,
+                                   [Vma(self.remote.scratch.addr, self.remote.scratch.addr +
+                                        self.remote.scratch.size, 0, False, 0, "")]], hi - lo))
+        hops.append(tlo)
+        cur = lo
+        for dest in hops:
+            if dest == cur:
+                continue
+            for n in names:
+                s = specials[n]
+                b.call(lib.SYS_mremap, cur + s.start - lo, s.size, s.size,
+                       lib.MREMAP_MAYMOVE | lib.MREMAP_FIXED, dest + s.start - lo)
+            cur = dest
+        self.remote.run(b)
+        self.remote.rebase(lo, cur)
+        self.layout = []
+        self.prepared = True
+
+    def _ensure_scratch_clear_of(self, layout: list[Vma]) -> None:
+        sc = self.remote.scratch
+        if any(v.start < sc.addr + sc.size and sc.addr < v.end for v in layout):
+            new = free_area([layout, self.layout], sc.size)
+            self.remote.call(lib.SYS_mremap, sc.addr, sc.size, sc.size,
+                             lib.MREMAP_MAYMOVE | lib.MREMAP_FIXED, new)
+            sc.addr = new
+
+    # ---- rounds -----------------------------------------------------------------------------
+
+    def apply_round(self, task: AddressSpaceRound, round_dir: str) -> dict:
+        """Make the husk's memory equal to the source's at this round."""
+        t0 = time.perf_counter()
+        self._ensure_scratch_clear_of(task.layout)
+        new = memory_vmas(task.layout)
+        d = diff_layout(self.layout, new)
+        fresh_ranges = _merge([(v.start, v.end) for v in d.fresh] + unpack_ranges(task.fresh))
+        pieces = []
+        for v in new:
+            for s, e in fresh_ranges:
+                s, e = max(s, v.start), min(e, v.end)
+                if s < e:
+                    pieces.append(v.piece(s, e))
+        b = self.remote.batch()
+        for s, e in d.unmap:
+            b.call(lib.SYS_munmap, s, e - s)
+        fd = self._lowest_free_fd()
+        for v in pieces:
+            b.call(*self._mmap_call(b, v, fd))
+            if v.is_file:
+                b.call(lib.SYS_close, fd)
+        for v in d.reprotect:
+            b.call(lib.SYS_mprotect, v.start, v.size, v.prot)
+        if len(b):
+            results = self.remote.run(b)
+            self._check_mmaps(b, results)
+        t_layout = time.perf_counter()
+        nbytes = forced = 0
+        if task.pages:
+            with open(os.path.join(round_dir, schema.PAGES_FILE), "rb") as f:
+                nbytes, forced = native.load_pages(self.host_pid, self.mem_fd, f.fileno(),
+                                                   task.pages_offset, task.pages)
+        t_pages = time.perf_counter()
+        if task.zap:
+            b = self.remote.batch()
+            for s, e in unpack_ranges(task.zap):
+                b.call(lib.SYS_madvise, s, e - s, lib.MADV_DONTNEED)
+            self.remote.run(b)
+        self.layout = new
+        return {"vma_ops": len(d.unmap) + len(pieces) + len(d.reprotect),
+                "pages": nbytes // 4096, "bytes": nbytes, "forced_bytes": forced,
+                "layout_ms": (t_layout - t0) * 1e3, "pages_ms": (t_pages - t_layout) * 1e3,
+                "apply_ms": (time.perf_counter() - t0) * 1e3}
+
+    def _lowest_free_fd(self) -> int:
+        fd = 0
+        while fd in self.fds:
+            fd += 1
+        return fd
+
+    def _mmap_call(self, b, v: Vma, fd: int):
+        flags = lib.MAP_FIXED | (lib.MAP_SHARED if v.shared else lib.MAP_PRIVATE)
+        if v.is_file:
+            mode = os.O_RDWR if v.shared and v.prot & PROT_WRITE else os.O_RDONLY
+            b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(v.path), mode | lib.O_CLOEXEC,
+                   label=f"openat {v.path}")
+            return (lib.SYS_mmap, v.start, v.size, v.prot, flags, fd, v.offset)
+        flags |= lib.MAP_ANONYMOUS | (lib.MAP_GROWSDOWN if v.path == "[stack]" else 0)
+        return (lib.SYS_mmap, v.start, v.size, v.prot, flags, -1, 0)
+
+    def _check_mmaps(self, b, results) -> None:
+        for (nr, args), label, res in zip(b.calls, b.labels, results):
+            if nr == lib.SYS_mmap and res != args[0]:
+                raise RestoreError(f"husk mmap at {args[0]:#x} landed at {res:#x}")
+            if nr == lib.SYS_openat and res != self._lowest_free_fd():
+                raise RestoreError(f"husk {label} returned fd {res}, expected "
+                                   f"{self._lowest_free_fd()}")
+
+    # ---- the final state ----------------------------------------------------------------------
+
+    def apply_state(self, state: ProcessState) -> dict:
+        """Everything but the registers: fds, mm fields, signals, rseq... in one batch."""
+        t0 = time.perf_counter()
+        b = self.remote.batch()
+        opened = set(self.fds)
+        expected = []
+
+        def lowest():
+            fd = 0
+            while fd in opened:
+                fd += 1
+            return fd
+
+        for f in sorted(state.fds, key=lambda f: f.fd):
+            tmp = lowest()
+            flags = (f.flags & ~OPEN_DROP & ~lib.O_CLOEXEC)
+            b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(f.path), flags,
+                   label=f"openat {f.path} for fd {f.fd}")
+            expected.append((len(b) - 1, tmp))
+            cloexec = lib.O_CLOEXEC if f.flags & lib.O_CLOEXEC else 0
+            if tmp != f.fd:
+                b.call(lib.SYS_dup3, tmp, f.fd, cloexec)
+                b.call(lib.SYS_close, tmp)
+            elif cloexec:
+                b.call(lib.SYS_fcntl, f.fd, 2, 1)      # F_SETFD, FD_CLOEXEC
+            opened.add(f.fd)
+            if f.kind == "file":
+                b.call(lib.SYS_lseek, f.fd, f.offset, 0)
+        exe_fd = lowest()
+        b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(state.exe), os.O_RDONLY | lib.O_CLOEXEC,
+               label=f"openat exe {state.exe}")
+        expected.append((len(b) - 1, exe_fd))
+        mm = state.mm
+        auxv_addr = b.put(state.auxv)
+        mm_map = PRCTL_MM_MAP.pack(mm.start_code, mm.end_code, mm.start_data, mm.end_data,
+                                   mm.start_brk, mm.brk, mm.start_stack, mm.arg_start, mm.arg_end,
+                                   mm.env_start, mm.env_end, auxv_addr, len(state.auxv), exe_fd)
+        b.call(lib.SYS_prctl, lib.PR_SET_MM, lib.PR_SET_MM_MAP, b.put(mm_map), len(mm_map),
+               label="prctl(PR_SET_MM_MAP)")
+        b.call(lib.SYS_close, exe_fd)
+        th = state.threads[0]
+        b.call(lib.SYS_set_tid_address, th.clear_child_tid)
+        if th.robust_list[0]:
+            b.call(lib.SYS_set_robust_list, *th.robust_list)
+        if th.rseq:
+            ptr, size, sig = th.rseq
+            b.call(lib.SYS_rseq, ptr, size, 0, sig)
+        sp, flags, size = th.sigaltstack
+        if not flags & 2:          # SS_DISABLE: nothing to install
+            b.call(lib.SYS_sigaltstack, b.put(STACK_T.pack(sp, flags & ~1, 0, size)), 0)
+        for sig, a in sorted(state.sigactions.items()):
+            if sig in (SIGKILL, SIGSTOP):
+                continue
+            act = b.put(KSIGACTION.pack(a.handler, a.flags, a.restorer, a.mask))
+            b.call(lib.SYS_rt_sigaction, sig, act, 0, 8, label=f"rt_sigaction({sig})")
+        comm = state.comm.encode()[:15]
+        b.call(lib.SYS_prctl, lib.PR_SET_NAME, b.put(comm + b"\0"), label="prctl(PR_SET_NAME)")
+        b.call(lib.SYS_umask, state.umask)
+        b.call(lib.SYS_chdir, b.put_str(state.cwd), label=f"chdir {state.cwd}")
+        for info in state.shared_pending:
+            sig = struct.unpack_from("=i", info)[0]
+            b.call(lib.SYS_rt_sigqueueinfo, self.pid, sig, b.put(info))
+        for info in th.pending:
+            sig = struct.unpack_from("=i", info)[0]
+            b.call(lib.SYS_rt_tgsigqueueinfo, self.pid, self.pid, sig, b.put(info))
+        b.call(lib.SYS_prctl, lib.PR_SET_PDEATHSIG, 0)
+        results = self.remote.run(b)
+        for i, fd in expected:
+            if results[i] != fd:
+                raise RestoreError(f"husk {b.labels[i]} returned fd {results[i]}, expected {fd}")
+        self.fds = {f.fd for f in state.fds}
+        t_batch = time.perf_counter()
+        self.remote.unmap_scratch()
+        for res, (soft, hard) in state.rlimits.items():
+            try:
+                native.prlimit(self.host_pid, res, (soft, hard))
+            except KernelCallError as e:
+                raise RestoreError(f"cannot restore rlimit {res} = ({soft}, {hard}): {e}") from None
+        return {"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),
+                "state_ms": (time.perf_counter() - t0) * 1e3}
+
+    def resume(self, state: ProcessState) -> None:
+        """Registers last, then let it run."""
+        th = state.threads[0]
+        regs = dict(th.regs)
+        if regs["orig_rax"] < 2 ** 63:               # stopped inside a system call
+            rv = regs["rax"] - 2 ** 64 if regs["rax"] >= 2 ** 63 else regs["rax"]
+            if rv in (-lib.ERESTARTSYS, -lib.ERESTARTNOINTR, -lib.ERESTARTNOHAND):
+                regs["rax"], regs["rip"] = regs["orig_rax"], regs["rip"] - 2   # run it again
+            elif rv == -lib.ERESTART_RESTARTBLOCK:
+                # its restart block stayed in the source kernel: report an interruption, which
+                # callers of such calls (nanosleep, poll with timeout...) handle by retrying
+                regs["rax"] = -errno.EINTR & 0xFFFFFFFFFFFFFFFF
+            regs["orig_rax"] = 0xFFFFFFFFFFFFFFFF
+        t = self.tracee
+        t.set_sigmask(th.sigmask)
+        t.set_regs(regs)
+        t.set_xstate(th.xstate)
+        t.detach()
+        self.resumed = True
+
+    def release_namespace(self) -> None:
+        """After resume: the namespace's init must no longer die with us."""
+        if self.init_pid:
+            with Tracee(self.init_pid) as t:
+                saved = t.regs()
+                vdso = next(v for v in procfs.maps(self.init_pid) if v.path == "[vdso]")
+                RemoteSyscalls(t, (vdso.start, vdso.end)).call(lib.SYS_prctl,
+                                                               lib.PR_SET_PDEATHSIG, 0)
+                t.set_regs(saved)
+
+    # ---- death ------------------------------------------------------------------------------
+
+    def kill(self) -> None:
+        """Remove the husk (and its namespace) now; safe to call at any point."""
+        for pid in (self.host_pid, self.init_pid):
+            if pid:
+                try:
+                    os.kill(pid, SIGKILL)
+                except ProcessLookupError:
+                    pass
+        # We trace the husk: its exit is ours to collect first, and a namespace init waits for
+        # its children to be collected before it can die.
+        if self.tracee and self.tracee.attached:
+            try:
+                os.waitpid(self.host_pid, os.__WALL if hasattr(os, "__WALL") else 0x40000000)
+            except ChildProcessError:
+                pass
+            self.tracee.attached = False
+        self._reap(self.init_pid or self.host_pid)
+        self.close()
+
+    def close(self) -> None:
+        if self.mem_fd >= 0:
+            os.close(self.mem_fd)
+            self.mem_fd = -1

@@ -1,0 +1,282 @@
+"""The source side of a migration: rounds of memory while the process runs, then the final
+image with the process frozen.
+
+A SourceSession lives as long as the migration: it owns the dirty tracker, remembers the layout
+it last sent, and, once frozen, holds the process stopped under ptrace until told to kill it
+(the destination runs) or to resume it (rollback)."""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import struct
+import time
+import uuid
+
+from ..errors import KernelCallError, UnsupportedState
+from ..image import schema
+from ..kernel import native, procfs
+from ..kernel.native import lib
+from ..kernel.tracee import ALL_SIGNALS, RemoteSyscalls, Tracee
+from ..kernel.tracker import DirtyTracker, scan_present
+from ..model import (AddressSpaceRound, MmFields, ProcessState, Round, SigAction, ThreadState,
+                     Vma, diff_layout, pack_ranges)
+
+KSIGACTION = struct.Struct("=QQQQ")      # handler, flags, restorer, mask (kernel layout)
+STACK_T = struct.Struct("=QiiQ")         # ss_sp, ss_flags, pad, ss_size
+
+
+def memory_vmas(layout: list[Vma]) -> list[Vma]:
+    """The VMAs whose pages we carry: private, not the kernel-provided special ones."""
+    return [v for v in layout if not v.is_special and not v.shared]
+
+
+def find_unsupported(pid: int) -> list[str]:
+    """Everything about the process this version cannot migrate, in words."""
+    problems = []
+    st = procfs.status(pid)
+    if st.get("State", "").startswith(("Z", "X")):
+        problems.append(f"process {pid} is a zombie")
+    threads = procfs.threads(pid)
+    if len(threads) > 1:
+        problems.append(f"{len(threads)} threads (multi-threaded processes are not supported yet)")
+    kids = procfs.children(pid)
+    if kids:
+        problems.append(f"child processes {kids} (process trees are not supported yet)")
+    for fd in procfs.fd_numbers(pid):
+        what, desc = procfs.describe_fd(pid, fd)
+        if desc is None:
+            problems.append(f"fd {fd}: {what} (unsupported file kind)")
+    for v in procfs.maps(pid):
+        if v.shared and not v.is_file:
+            problems.append(f"shared memory mapping {v.start:#x}-{v.end:#x} {v.path or '(anon)'}")
+        elif v.path.startswith("/") and v.path.endswith(" (deleted)"):
+            problems.append(f"mapping of a deleted file {v.path}")
+    return problems
+
+
+def check_supported(pid: int) -> None:
+    problems = find_unsupported(pid)
+    if problems:
+        raise UnsupportedState(f"cannot migrate pid {pid}: " + "; ".join(problems))
+
+
+def free_area(layouts: list[list[Vma]], size: int) -> int:
+    """An address range of `size` free in every given layout, far from where things grow."""
+    for base in range(0x100000000000, 0x700000000000, 0x10000000000):
+        if all(not (v.start < base + size and base < v.end) for lay in layouts for v in lay):
+            return base
+    raise UnsupportedState("no free address range for a scratch area")
+
+
+class SourceSession:
+    """Produces the rounds of one process (pid)."""
+
+    def __init__(self, pid: int, *, track: bool = True):
+        check_supported(pid)
+        self.pid = pid
+        self.tracker: DirtyTracker | None = DirtyTracker(pid) if track else None
+        self.pagemap_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        self.last_layout: list[Vma] | None = None
+        self.last_round: tuple[str, Round] | None = None
+        self.frozen: Tracee | None = None
+
+    # ---- rounds -----------------------------------------------------------------------------
+
+    def predump(self, directory: str) -> Round:
+        """One pre-copy round while the process runs."""
+        check_supported(self.pid)
+        return self._write_round(directory, "predump", state=None)
+
+    def dump(self, directory: str) -> Round:
+        """Freeze the process and write the final image. It stays frozen (self.frozen) until
+        kill_frozen() or resume()."""
+        t0 = time.perf_counter()
+        check_supported(self.pid)
+        self.frozen = Tracee(self.pid)
+        try:
+            self.frozen.stop()
+            t_frozen = time.perf_counter()
+            state = self._collect_state(self.frozen)
+            t_state = time.perf_counter()
+            r = self._write_round(directory, "dump", state=state, write=False)
+            t_pages = time.perf_counter()
+            r.stats["phases_ms"] = {"freeze": (t_frozen - t0) * 1e3,
+                                    "collect_state": (t_state - t_frozen) * 1e3,
+                                    "last_pages": (t_pages - t_state) * 1e3}
+            schema.write_round(directory, r)
+            r.stats["phases_ms"]["write_image"] = (time.perf_counter() - t_pages) * 1e3
+            r.stats["frozen_at"] = t0
+            return r
+        except BaseException:
+            self.resume()
+            raise
+
+    def _write_round(self, directory: str, kind: str, state, write: bool = True) -> Round:
+        t0 = time.perf_counter()
+        os.makedirs(directory, exist_ok=True)
+        layout = procfs.maps(self.pid)
+        mem = memory_vmas(layout)
+        prev = self.last_layout
+        if prev is None:
+            fresh = [(v.start, v.end) for v in mem]
+            kept = []
+        else:
+            d = diff_layout(memory_vmas(prev), mem)
+            fresh = [(v.start, v.end) for v in d.fresh]
+            kept = _subtract_all([(v.start, v.end) for v in mem], fresh)
+        copy, zap, lost = [], [], 0
+        if self.tracker and kept:
+            areas = pack_ranges(kept)
+            while True:
+                res, failed = self.tracker.scan_written(areas)
+                if res is not None:
+                    break
+                # this area's tracking is gone (unmapped and mapped again alike): resend it whole
+                bad = struct.unpack_from("=QQ", areas, failed * 16)
+                fresh.append(bad)
+                lost += 1
+                areas = areas[:failed * 16] + areas[(failed + 1) * 16:]
+            for s, e, cat in res.triples():
+                if cat & native.PAGE_IS_PRESENT and not cat & native.PAGE_IS_PFNZERO:
+                    copy.append((s, e))
+                else:
+                    zap.append((s, e))
+        fresh.sort()
+        if self.tracker and fresh:
+            self.tracker.protect(fresh)
+        t_scan0 = time.perf_counter()
+        if fresh:
+            present = scan_present(self.pagemap_fd, pack_ranges(fresh), self.pid)
+            copy += [(s, e) for s, e, _ in present.triples()]
+        copy.sort()
+        packed = pack_ranges(copy)
+        t_scan = time.perf_counter()
+        with open(os.path.join(directory, schema.PAGES_FILE), "wb") as f:
+            nbytes = native.dump_pages(self.pid, self.mem_fd, packed, f.fileno())
+        t_copy = time.perf_counter()
+        parent = self.last_round
+        r = Round(
+            id=uuid.uuid4().hex, index=parent[1].index + 1 if parent else 0,
+            parent_id=parent[1].id if parent else None,
+            parent_path=os.path.relpath(parent[0], directory) if parent else None,
+            kind=kind,
+            source={"host": socket.gethostname(), "kernel": platform.release(), "pid": self.pid,
+                    "time": time.time(), "tracking": self.tracker.mode if self.tracker else None},
+            tasks=[AddressSpaceRound(self.pid, layout, pack_ranges(fresh), packed,
+                                     pack_ranges(zap), 0)],
+            state=state,
+            stats={"pages": nbytes // 4096, "bytes": nbytes, "fresh_ranges": len(fresh),
+                   "zap_ranges": len(zap), "lost_tracking": lost,
+                   "scan_ms": (t_scan - t0) * 1e3, "copy_ms": (t_copy - t_scan) * 1e3,
+                   "present_scan_ms": (t_scan - t_scan0) * 1e3})
+        if write:
+            schema.write_round(directory, r)
+        self.last_layout = layout
+        self.last_round = (os.path.abspath(directory), r)
+        return r
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def _collect_state(self, t: Tracee) -> ProcessState:
+        pid = self.pid
+        layout = procfs.maps(pid)
+        vdso = next(v for v in layout if v.path == "[vdso]")
+        saved_regs, saved_mask = t.regs(), t.sigmask()
+        t.set_sigmask(ALL_SIGNALS)     # nothing gets delivered while we run calls in it
+        remote = RemoteSyscalls(t, (vdso.start, vdso.end))
+        remote.map_scratch(free_area([layout], RemoteSyscalls.SCRATCH_SIZE))
+        try:
+            b = remote.batch()
+            tid_addr = b.put(b"\0" * 8)
+            ss_addr = b.put(b"\0" * STACK_T.size)
+            sa_addr = b.put(b"\0" * KSIGACTION.size * 65)
+            b.call(lib.SYS_brk, 0)
+            b.call(lib.SYS_prctl, lib.PR_GET_TID_ADDRESS, tid_addr)
+            b.call(lib.SYS_sigaltstack, 0, ss_addr)
+            for sig in range(1, 65):
+                b.call(lib.SYS_rt_sigaction, sig, 0, sa_addr + KSIGACTION.size * sig, 8)
+            results = remote.run(b)
+            data_addr = remote.scratch.data_addr
+            data = remote.read(data_addr, len(b.data))
+        finally:
+            remote.unmap_scratch()
+            t.set_sigmask(saved_mask)
+            t.set_regs(saved_regs)
+        rel = lambda addr: addr - data_addr  # noqa: E731  (offsets in the data we read back)
+        clear_child_tid = struct.unpack_from("=Q", data, rel(tid_addr))[0]
+        ss_sp, ss_flags, _, ss_size = STACK_T.unpack_from(data, rel(ss_addr))
+        sigactions = {}
+        for sig in range(1, 65):
+            h, fl, rest, mask = KSIGACTION.unpack_from(data, rel(sa_addr + KSIGACTION.size * sig))
+            if h or fl or mask:
+                sigactions[sig] = SigAction(h, fl, rest, mask)
+        brk = results[0]
+        rseq = None
+        try:
+            ptr, size, sig, _ = native.get_rseq(pid)
+            rseq = (ptr, size, sig) if ptr else None
+        except KernelCallError:
+            pass
+        thread = ThreadState(
+            tid=pid, regs=saved_regs, xstate=t.xstate(), sigmask=saved_mask, rseq=rseq,
+            robust_list=native.get_robust_list(pid), clear_child_tid=clear_child_tid,
+            sigaltstack=(ss_sp, ss_flags, ss_size),
+            pending=native.peek_siginfo(pid, shared=False))
+        fds = []
+        for fd in procfs.fd_numbers(pid):
+            what, desc = procfs.describe_fd(pid, fd)
+            if desc is None:
+                raise UnsupportedState(f"fd {fd}: {what} (unsupported file kind)")
+            fds.append(desc)
+        return ProcessState(
+            pid=pid, comm=procfs.comm(pid), exe=procfs.readlink(pid, "exe"),
+            cwd=procfs.readlink(pid, "cwd"), umask=procfs.umask(pid),
+            mm=procfs.mm_fields(procfs.stat_fields(pid), brk), auxv=procfs.auxv(pid),
+            rlimits=procfs.rlimits(pid), sigactions=sigactions, fds=fds, threads=[thread],
+            shared_pending=native.peek_siginfo(pid, shared=True))
+
+    # ---- the end of the source --------------------------------------------------------------
+
+    def kill_frozen(self) -> None:
+        """The destination runs: the source goes away (still frozen, so it never runs again)."""
+        os.kill(self.pid, 9)
+        if self.frozen:
+            self.frozen.attached = False
+        self.frozen = None
+        self.close()
+
+    def resume(self) -> None:
+        """Roll back: the source continues as if nothing happened."""
+        if self.frozen:
+            try:
+                self.frozen.detach()
+            except KernelCallError:
+                pass
+            self.frozen = None
+
+    def leave_stopped(self) -> None:
+        """Detach but keep the process stopped (SIGSTOP), for `dump --leave-stopped`."""
+        if self.frozen:
+            self.frozen.detach(19)
+            self.frozen = None
+
+    def close(self) -> None:
+        if self.tracker:
+            self.tracker.close()
+            self.tracker = None
+        for fd in (self.pagemap_fd, self.mem_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.pagemap_fd = self.mem_fd = -1
+
+
+def _subtract_all(spans: list[tuple[int, int]], holes: list[tuple[int, int]]):
+    from ..model import _subtract
+    out = []
+    for s in spans:
+        out += _subtract(s, holes)
+    return out
