@@ -4,8 +4,8 @@
  * daemon has unmapped its code and rebuilt the source's address space around the [vdso]. It
  * owns no resources the target could collide with: it closes every fd and blocks every signal.
  *
- *   prerestore-husk          dies with its parent, blocks signals, writes "R" to fd 3, closes
- *                            all fds and waits in pause() until the daemon takes it over;
+ *   prerestore-husk          dies with its parent, blocks signals, closes its fds, writes "R" to
+ *                            fd 3, closes it and waits in pause() until the daemon takes it over;
  *   prerestore-husk init PID pid 1 of a fresh pid namespace: starts the husk as PID inside it and
  *                            reaps children until the husk exits (a namespace dies with its init).
  */
@@ -23,6 +23,7 @@
 #define SYS_clone3 435
 #define SYS_close_range 436
 #define PR_SET_PDEATHSIG 1
+#define PR_SET_NAME 15
 #define SIGKILL 9
 #define SIGCHLD 17
 #define ECHILD 10
@@ -63,8 +64,12 @@ static void husk(void)
 {
     uint64_t all = ~0ULL;
     sys6(SYS_rt_sigprocmask, 0 /* SIG_BLOCK */, (long)&all, 0, 8, 0, 0);
+    /* close everything but the readiness pipe, say ready, close that too: the daemon waits
+     * for the pipe's EOF, so when it takes over, the fd table is empty and stays so */
+    sys(SYS_close_range, 0, 2, 0);
+    sys(SYS_close_range, 4, ~0U, 0);
     sys(SYS_write, 3, "R", 1);
-    sys(SYS_close_range, 0, ~0U, 0);
+    sys(SYS_close, 3, 0, 0);
     for (;;)
         sys(SYS_pause, 0, 0, 0);
 }
@@ -72,6 +77,7 @@ static void husk(void)
 static void init(char *self, long want)
 {
     int tid = (int)want, status;
+    sys(SYS_prctl, PR_SET_NAME, "prerestore-init", 0);   /* it outlives the husk stage */
     struct clone_args a = {0};
     a.exit_signal = SIGCHLD;
     a.set_tid = (uint64_t)(uintptr_t)&tid;

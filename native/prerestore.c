@@ -477,25 +477,29 @@ long pr_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t flag
     return r;
 }
 
-/* Scan several areas (sorted, e.g. one per VMA) into one output vector, continuing each walk
- * until it is complete. Returns the number of regions, -ENOSPC when out is too small, or the
- * error of the area whose index is stored in *failed_area. */
+/* Scan several areas (sorted, one per VMA) into one output vector, resuming at area *area and
+ * address *addr (0: the area's start) and updating both to where it stopped: *area == n_areas
+ * once everything is walked. Stopping when `out` is full loses nothing, which matters with
+ * PM_SCAN_WP_MATCHING: a walk that re-protected pages must never be redone. Returns the number
+ * of regions written, or -errno (the failing area is then *area). */
 long pr_scan_ranges(int pagemap_fd, const struct pr_range *areas, long n_areas, uint64_t flags,
                     uint64_t inverted, uint64_t mask, uint64_t anyof, uint64_t return_mask,
-                    struct pr_page_region *out, long cap, long *failed_area)
+                    struct pr_page_region *out, long cap, long *area, uint64_t *addr)
 {
     long got = 0;
-    *failed_area = -1;
-    for (long i = 0; i < n_areas; i++) {
-        uint64_t s = areas[i].start, walk_end = 0;
+    for (long i = *area; i < n_areas; i++) {
+        uint64_t s = *addr > areas[i].start ? *addr : areas[i].start, walk_end = 0;
         long first = got;
+        *area = i;
         while (s < areas[i].end) {
-            if (got == cap)
-                return -ENOSPC;
+            if (got == cap) {
+                *addr = s;
+                return got;
+            }
             long r = pr_pagemap_scan(pagemap_fd, s, areas[i].end, flags, inverted, mask, anyof,
                                      return_mask, out + got, cap - got, &walk_end);
             if (r < 0) {
-                *failed_area = i;
+                *addr = s;
                 return r;
             }
             /* the kernel merges adjacent regions within one call, we merge the calls of one
@@ -512,7 +516,9 @@ long pr_scan_ranges(int pagemap_fd, const struct pr_range *areas, long n_areas, 
                 break;
             s = walk_end;
         }
+        *addr = 0;
     }
+    *area = n_areas;
     return got;
 }
 
@@ -588,14 +594,15 @@ int pr_prlimit(int pid, int resource, const uint64_t *new_lim, uint64_t *old_lim
 /* Copy ranges from one process straight into another (same addresses), through the bounce
  * buffer: for a destination on the same host, pages never go through a file. */
 long pr_copy_pages(int src_pid, int src_mem_fd, int dst_pid, int dst_mem_fd,
-                   const struct pr_range *ranges, long n, uint64_t *bytes, uint64_t *forced)
+                   const struct pr_range *ranges, long n, uint64_t *bytes, uint64_t *forced,
+                   uint64_t *skipped)
 {
     char *buf = bounce_buffer();
     if (!buf)
         return -ENOMEM;
     long ret = 0, i = 0;
     uint64_t off = 0;
-    *bytes = 0, *forced = 0;
+    *bytes = 0, *forced = 0, *skipped = 0;
     while (i < n) {
         struct iovec l[IOV_BATCH], r[IOV_BATCH];
         int k = 0;
@@ -611,11 +618,31 @@ long pr_copy_pages(int src_pid, int src_mem_fd, int dst_pid, int dst_mem_fd,
             if (off == ranges[i].end - ranges[i].start)
                 i++, off = 0;
         }
-        if ((ret = vm_transfer(src_pid, src_mem_fd, l, r, k, 0, NULL)) < 0)
-            return ret;
+        if (vm_transfer(src_pid, src_mem_fd, l, r, k, 0, NULL) < 0) {
+            /* slow path: some range is gone from the (running) source; keep the others */
+            int kept = 0;
+            for (int m = 0; m < k; m++) {
+                if (vm_transfer(src_pid, src_mem_fd, l + m, r + m, 1, 0, NULL) < 0) {
+                    *skipped += l[m].iov_len;
+                    fill -= l[m].iov_len;
+                    continue;
+                }
+                l[kept] = l[m], r[kept++] = r[m];
+            }
+            k = kept;
+        }
         if ((ret = vm_transfer(dst_pid, dst_mem_fd, l, r, k, 1, forced)) < 0)
             return ret;
         *bytes += fill;
     }
     return 0;
+}
+
+/* Make the kernel send `sig` to us when our parent exits; fails with -ESRCH if it already has
+ * (our parent is no longer `parent`). */
+int pr_set_pdeathsig(int sig, int parent)
+{
+    if (prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0))
+        return ERR;
+    return getppid() == parent ? 0 : -ESRCH;
 }

@@ -68,7 +68,8 @@ long pr_dump_pages(int pid, int mem_fd, const struct pr_range *ranges, long n, i
 long pr_load_pages(int pid, int mem_fd, int in_fd, uint64_t in_offset,
                    const struct pr_range *ranges, long n, uint64_t *bytes, uint64_t *forced);
 long pr_copy_pages(int src_pid, int src_mem_fd, int dst_pid, int dst_mem_fd,
-                   const struct pr_range *ranges, long n, uint64_t *bytes, uint64_t *forced);
+                   const struct pr_range *ranges, long n, uint64_t *bytes, uint64_t *forced,
+                   uint64_t *skipped);
 
 /* ---- page tables: PAGEMAP_SCAN and userfaultfd WP_ASYNC ------------------------------------ */
 long pr_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t flags,
@@ -76,7 +77,7 @@ long pr_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t flag
                      struct pr_page_region *out, long cap, uint64_t *walk_end);
 long pr_scan_ranges(int pagemap_fd, const struct pr_range *areas, long n_areas, uint64_t flags,
                     uint64_t inverted, uint64_t mask, uint64_t anyof, uint64_t return_mask,
-                    struct pr_page_region *out, long cap, long *failed_area);
+                    struct pr_page_region *out, long cap, long *area, uint64_t *addr);
 int pr_uffd_api(int uffd, uint64_t features, uint64_t *got);
 int pr_uffd_wp_range(int uffd, uint64_t start, uint64_t len);
 
@@ -85,6 +86,7 @@ int pr_pidfd_open(int pid);
 int pr_pidfd_getfd(int pidfd, int fd);
 int pr_spawn(const char *path, char *const *argv, const int *set_tid, long set_tid_size,
              int new_pidns, int keep_fd);
+int pr_set_pdeathsig(int sig, int parent);
 int pr_prlimit(int pid, int resource, const uint64_t *new_lim, uint64_t *old_lim);
 
 /* UAPI numbers the system headers may not have yet, read from C so Python never copies them. */

@@ -186,13 +186,16 @@ class AddressSpaceRound:
     fresh:  packed ranges that must be mapped anew before pages are written (new VMAs, or
             areas whose tracking was lost) — everything present in them is in `pages`;
     pages:  packed ranges whose bytes follow one another in the round's page file;
-    zap:    packed ranges written but no longer present (MADV_DONTNEED): drop them."""
+    zap:    packed ranges written but no longer present (MADV_DONTNEED): drop them;
+    pages_from: "file" (pages.img at pages_offset) or "pid": read them from the live source
+            process itself, for a destination on the same host (no copy through a file)."""
     pid: int
     layout: list[Vma]
     fresh: bytes = b""
     pages: bytes = b""
     zap: bytes = b""
     pages_offset: int = 0
+    pages_from: str = "file"
 
 
 @dataclass

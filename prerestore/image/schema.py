@@ -35,7 +35,8 @@ def _vma(v: Vma) -> list:
 
 def _task(t: AddressSpaceRound) -> dict:
     return {"pid": t.pid, "layout": [_vma(v) for v in t.layout], "fresh": t.fresh,
-            "pages": t.pages, "zap": t.zap, "pages_offset": t.pages_offset}
+            "pages": t.pages, "zap": t.zap, "pages_offset": t.pages_offset,
+            "pages_from": t.pages_from}
 
 
 def _thread(t: ThreadState) -> dict:
@@ -64,7 +65,8 @@ def encode_round(r: Round) -> dict:
 def decode_round(m: dict) -> Round:
     try:
         tasks = [AddressSpaceRound(t["pid"], [Vma(*v) for v in t["layout"]], t["fresh"],
-                                   t["pages"], t["zap"], t["pages_offset"]) for t in m["tasks"]]
+                                   t["pages"], t["zap"], t["pages_offset"],
+                                   t.get("pages_from", "file")) for t in m["tasks"]]
         state = None
         if m["state"] is not None:
             s = m["state"]
@@ -133,10 +135,14 @@ def pages_size(r: Round) -> int:
 
 
 def check_pages_file(directory: str, r: Round) -> None:
-    want = max((t.pages_offset + ranges_bytes(t.pages) for t in r.tasks), default=0)
+    for t in r.tasks:
+        if t.pages_from not in ("file", "pid"):
+            raise ImageError(f"{directory}: unknown page source {t.pages_from!r}")
+    want = max((t.pages_offset + ranges_bytes(t.pages) for t in r.tasks
+                if t.pages_from == "file"), default=0)
     path = os.path.join(directory, PAGES_FILE)
     have = os.path.getsize(path) if os.path.exists(path) else -1
-    if have < want:
+    if want and have < want:
         raise ImageError(f"{path}: truncated or missing: {max(have, 0)} bytes, the metadata "
                          f"lists {want} bytes of pages")
 

@@ -179,13 +179,14 @@ def load_pages(pid: int, mem_fd: int, in_fd: int, offset: int, ranges: bytes) ->
 
 
 def copy_pages(src_pid: int, src_mem_fd: int, dst_pid: int, dst_mem_fd: int,
-               ranges: bytes) -> tuple[int, int]:
-    """Copy packed ranges from src_pid into dst_pid; returns (bytes, bytes forced via mem)."""
-    nbytes, forced = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+               ranges: bytes) -> tuple[int, int, int]:
+    """Copy packed ranges from src_pid into dst_pid, skipping ranges src_pid no longer maps;
+    returns (bytes copied, bytes forced via /proc/PID/mem, bytes skipped)."""
+    nbytes, forced, skipped = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
     rng = ffi.from_buffer("struct pr_range[]", ranges)
     check(lib.pr_copy_pages(src_pid, src_mem_fd, dst_pid, dst_mem_fd, rng, len(ranges) // 16,
-                            nbytes, forced), "copy pages between processes", dst_pid)
-    return nbytes[0], forced[0]
+                            nbytes, forced, skipped), "copy pages between processes", dst_pid)
+    return nbytes[0], forced[0], skipped[0]
 
 
 # ---- PAGEMAP_SCAN / userfaultfd ---------------------------------------------------------------
@@ -204,23 +205,30 @@ class ScanResult:
 
 def scan_ranges(pagemap_fd: int, areas: bytes, *, flags: int = 0, inverted: int = 0,
                 mask: int = 0, anyof: int = 0, return_mask: int = 0, pid: int | None = None
-                ) -> tuple[ScanResult | None, int]:
-    """PAGEMAP_SCAN over packed areas. Returns (result, -1), or (None, index of the area that
-    failed with EPERM: not registered for WP tracking)."""
-    cap = 1 << 16
+                ) -> tuple[ScanResult, list[int]]:
+    """PAGEMAP_SCAN over packed areas. Returns (result, indexes of the areas that failed with
+    EPERM: with PM_SCAN_CHECK_WPASYNC, areas not registered for WP tracking). The walk goes on
+    past such an area: a scan that re-protects pages is never repeated, so nothing is lost."""
+    n_areas = len(areas) // 16
     areas_c = ffi.from_buffer("struct pr_range[]", areas)
-    failed = ffi.new("long *")
-    while True:
-        out = ffi.new("struct pr_page_region[]", cap)
-        n = lib.pr_scan_ranges(pagemap_fd, areas_c, len(areas) // 16, flags, inverted, mask, anyof,
-                               return_mask, out, cap, failed)
-        if n == -errno.ENOSPC:
-            cap *= 4
+    area, addr = ffi.new("long *"), ffi.new("uint64_t *")
+    cap = 4096
+    out = ffi.new("struct pr_page_region[]", cap)
+    chunks, untracked = [], []
+    while area[0] < n_areas:
+        n = lib.pr_scan_ranges(pagemap_fd, areas_c, n_areas, flags, inverted, mask, anyof,
+                               return_mask, out, cap, area, addr)
+        if n == -errno.EPERM:
+            untracked.append(area[0])
+            area[0] += 1
+            addr[0] = 0
             continue
-        if n == -errno.EPERM and failed[0] >= 0:
-            return None, failed[0]
         check(n, "ioctl(PAGEMAP_SCAN)", pid)
-        return ScanResult(ffi.buffer(out, 24 * n)[:]), -1
+        chunks.append(ffi.buffer(out, 24 * n)[:])
+        if area[0] < n_areas and cap < (1 << 20):
+            cap *= 4
+            out = ffi.new("struct pr_page_region[]", cap)
+    return ScanResult(b"".join(chunks)), untracked
 
 
 def uffd_api(uffd: int, features: int) -> int:
@@ -258,3 +266,8 @@ def prlimit(pid: int, resource: int, limits: tuple[int, int] | None) -> tuple[in
     old = ffi.new("uint64_t[2]")
     check(lib.pr_prlimit(pid, resource, new, old), f"prlimit({resource})", pid)
     return old[0], old[1]
+
+
+def set_pdeathsig(sig: int, parent: int) -> None:
+    """Die (by sig) with our parent; raises ProcessGone if the parent is already gone."""
+    check(lib.pr_set_pdeathsig(sig, parent), "prctl(PR_SET_PDEATHSIG)", parent)

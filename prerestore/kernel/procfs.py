@@ -137,3 +137,12 @@ def umask(pid: int) -> int:
 def rlimits(pid: int) -> dict[int, tuple[int, int]]:
     from . import native
     return {res: native.prlimit(pid, res, None) for res in range(16)}
+
+
+def boot_id() -> str:
+    """Identifies this boot: monotonic timestamps compare only within one."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""

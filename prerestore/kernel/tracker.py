@@ -69,11 +69,21 @@ class DirtyTracker:
 
     def scan_written(self, areas: bytes):
         """Pages written since the last scan in the packed areas, re-protected atomically.
-        Returns (ScanResult, index of an area that is not tracked, or -1)."""
+        Returns (ScanResult, indexes of the areas that are not tracked).
+
+        Asking for PAGE_IS_WRITTEN alone matters: it is the kernel's fast path, which only
+        looks at PTE bits (about 1 ms per GiB). Asking for more categories makes it look up
+        every page (about 16 ms per GiB); classify the few written ranges afterwards instead."""
         return native.scan_ranges(self.pagemap_fd, areas, flags=DIRTY_FLAGS,
                                   mask=native.PAGE_IS_WRITTEN,
-                                  return_mask=native.PAGE_IS_WRITTEN | PAGE_CATEGORIES,
-                                  pid=self.pid)
+                                  return_mask=native.PAGE_IS_WRITTEN, pid=self.pid)
+
+    def classify(self, ranges: bytes):
+        """Split ranges into regions by PRESENT and PFNZERO (no write-protection change)."""
+        res, _ = native.scan_ranges(self.pagemap_fd, ranges,
+                                    return_mask=native.PAGE_IS_PRESENT | native.PAGE_IS_PFNZERO,
+                                    pid=self.pid)
+        return res
 
     def close(self) -> None:
         for fd in (self.uffd, self.pagemap_fd):

@@ -53,6 +53,8 @@ class Husk:
         self.tracee: Tracee | None = None
         self.remote: RemoteSyscalls | None = None
         self.mem_fd = -1
+        self.source_mem_fd = -1           # /proc/PID/mem of a same-host source (direct pages)
+        self.skipped = 0                  # bytes the running source unmapped before we read them
         self.layout: list[Vma] = []       # memory VMAs as applied so far (no special ones)
         self.fds: set[int] = set()        # fds open in the husk (to predict openat results)
         self.prepared = False
@@ -83,9 +85,7 @@ class Husk:
                 init = None
             os.close(wfd)
             wfd = -1
-            ready, _, _ = select.select([rfd], [], [], 10)
-            if not ready or os.read(rfd, 1) != b"R":
-                cls._reap(init or host_pid)
+            if not cls._wait_ready(rfd, 10.0):
                 raise RestoreError(f"husk for pid {pid} did not start (exit status "
                                    f"{cls._reap(init or host_pid)})")
         finally:
@@ -107,6 +107,22 @@ class Husk:
             husk.kill()
             raise
         return husk
+
+    @staticmethod
+    def _wait_ready(rfd: int, timeout: float) -> bool:
+        """The husk writes "R" and then closes the pipe once its fd table is empty: wait for
+        both, so that it holds no fd of its own when we take over."""
+        deadline = time.monotonic() + timeout
+        got = b""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([rfd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            chunk = os.read(rfd, 16)
+            if not chunk:
+                return got == b"R"
+            got += chunk
+        return False
 
     @staticmethod
     def _reap(pid: int | None) -> int | None:
@@ -206,7 +222,9 @@ class Husk:
             self._check_mmaps(b, results)
         t_layout = time.perf_counter()
         nbytes = forced = 0
-        if task.pages:
+        if task.pages and task.pages_from == "pid":
+            nbytes, forced = self._copy_from_source(task)
+        elif task.pages:
             with open(os.path.join(round_dir, schema.PAGES_FILE), "rb") as f:
                 nbytes, forced = native.load_pages(self.host_pid, self.mem_fd, f.fileno(),
                                                    task.pages_offset, task.pages)
@@ -221,6 +239,15 @@ class Husk:
                 "pages": nbytes // 4096, "bytes": nbytes, "forced_bytes": forced,
                 "layout_ms": (t_layout - t0) * 1e3, "pages_ms": (t_pages - t_layout) * 1e3,
                 "apply_ms": (time.perf_counter() - t0) * 1e3}
+
+    def _copy_from_source(self, task: AddressSpaceRound) -> tuple[int, int]:
+        """Pages straight from the live source process (same host). A range the source
+        unmapped since its round was scanned is skipped: the next round's layout drops it."""
+        if self.source_mem_fd < 0:
+            self.source_mem_fd = os.open(f"/proc/{task.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        nbytes, forced, self.skipped = native.copy_pages(task.pid, self.source_mem_fd,
+                                                         self.host_pid, self.mem_fd, task.pages)
+        return nbytes, forced
 
     def _lowest_free_fd(self) -> int:
         fd = 0
@@ -381,6 +408,7 @@ class Husk:
         self.close()
 
     def close(self) -> None:
-        if self.mem_fd >= 0:
-            os.close(self.mem_fd)
-            self.mem_fd = -1
+        for fd in (self.mem_fd, self.source_mem_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.mem_fd = self.source_mem_fd = -1

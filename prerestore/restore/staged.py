@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import time
 
-from ..errors import ImageError, PrerestoreError, RestoreError
+from ..errors import ImageError, PrerestoreError, ProcessGone
 from ..image import schema
+from ..kernel import procfs
 from ..model import Round
 from .husk import Husk
 
@@ -39,6 +40,15 @@ class StagedProcess:
         if len(r.tasks) != 1:
             raise ImageError(f"{directory}: {len(r.tasks)} tasks; this version restores one")
         task = r.tasks[0]
+        if task.pages_from == "pid":
+            try:
+                same = r.source.get("boot_id") == procfs.boot_id() and \
+                    procfs.stat_fields(task.pid)[22] == str(r.source.get("starttime"))
+            except ProcessGone:
+                same = False
+            if not same:
+                raise ImageError(f"{directory}: this round reads its pages from the live source "
+                                 f"process {task.pid}, which is not on this host (or is gone)")
         if self.husk is None:
             self.husk = Husk.spawn(task.pid, pidns=self.pidns)
             self.husk.prepare(task.layout)

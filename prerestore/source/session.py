@@ -20,7 +20,7 @@ from ..kernel.native import lib
 from ..kernel.tracee import ALL_SIGNALS, RemoteSyscalls, Tracee
 from ..kernel.tracker import DirtyTracker, scan_present
 from ..model import (AddressSpaceRound, MmFields, ProcessState, Round, SigAction, ThreadState,
-                     Vma, diff_layout, pack_ranges)
+                     Vma, diff_layout, pack_ranges, ranges_bytes)
 
 KSIGACTION = struct.Struct("=QQQQ")      # handler, flags, restorer, mask (kernel layout)
 STACK_T = struct.Struct("=QiiQ")         # ss_sp, ss_flags, pad, ss_size
@@ -72,9 +72,10 @@ def free_area(layouts: list[list[Vma]], size: int) -> int:
 class SourceSession:
     """Produces the rounds of one process (pid)."""
 
-    def __init__(self, pid: int, *, track: bool = True):
+    def __init__(self, pid: int, *, track: bool = True, direct: bool = False):
         check_supported(pid)
         self.pid = pid
+        self.direct = direct      # rounds name the pages; the destination reads them from us
         self.tracker: DirtyTracker | None = DirtyTracker(pid) if track else None
         self.pagemap_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
@@ -128,17 +129,12 @@ class SourceSession:
             kept = _subtract_all([(v.start, v.end) for v in mem], fresh)
         copy, zap, lost = [], [], 0
         if self.tracker and kept:
-            areas = pack_ranges(kept)
-            while True:
-                res, failed = self.tracker.scan_written(areas)
-                if res is not None:
-                    break
-                # this area's tracking is gone (unmapped and mapped again alike): resend it whole
-                bad = struct.unpack_from("=QQ", areas, failed * 16)
-                fresh.append(bad)
-                lost += 1
-                areas = areas[:failed * 16] + areas[(failed + 1) * 16:]
-            for s, e, cat in res.triples():
+            res, untracked = self.tracker.scan_written(pack_ranges(kept))
+            # an area whose tracking is gone (unmapped and mapped again alike): resend it whole
+            fresh += [kept[i] for i in untracked]
+            lost = len(untracked)
+            written = res.raw and pack_ranges((s, e) for s, e, _ in res.triples())
+            for s, e, cat in (self.tracker.classify(written).triples() if written else ()):
                 if cat & native.PAGE_IS_PRESENT and not cat & native.PAGE_IS_PFNZERO:
                     copy.append((s, e))
                 else:
@@ -153,8 +149,11 @@ class SourceSession:
         copy.sort()
         packed = pack_ranges(copy)
         t_scan = time.perf_counter()
-        with open(os.path.join(directory, schema.PAGES_FILE), "wb") as f:
-            nbytes = native.dump_pages(self.pid, self.mem_fd, packed, f.fileno())
+        if self.direct:
+            nbytes = ranges_bytes(packed)
+        else:
+            with open(os.path.join(directory, schema.PAGES_FILE), "wb") as f:
+                nbytes = native.dump_pages(self.pid, self.mem_fd, packed, f.fileno())
         t_copy = time.perf_counter()
         parent = self.last_round
         r = Round(
@@ -163,9 +162,10 @@ class SourceSession:
             parent_path=os.path.relpath(parent[0], directory) if parent else None,
             kind=kind,
             source={"host": socket.gethostname(), "kernel": platform.release(), "pid": self.pid,
-                    "time": time.time(), "tracking": self.tracker.mode if self.tracker else None},
+                    "time": time.time(), "boot_id": procfs.boot_id(),
+                    "starttime": int(procfs.stat_fields(self.pid)[22]), "tracking": self.tracker.mode if self.tracker else None},
             tasks=[AddressSpaceRound(self.pid, layout, pack_ranges(fresh), packed,
-                                     pack_ranges(zap), 0)],
+                                     pack_ranges(zap), 0, "pid" if self.direct else "file")],
             state=state,
             stats={"pages": nbytes // 4096, "bytes": nbytes, "fresh_ranges": len(fresh),
                    "zap_ranges": len(zap), "lost_tracking": lost,

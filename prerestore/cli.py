@@ -1,0 +1,276 @@
+"""The prerestore command line, shaped like CRIU's.
+
+Source side:       predump, dump          Destination side:  stage, finalize, restore
+Both in one:       migrate                Looking at images: inspect
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import PrerestoreError
+from .image import schema
+from .kernel import procfs
+from .model import ranges_bytes, unpack_ranges
+
+
+def _print_json(path: str | None, report: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+
+
+# ---- source side --------------------------------------------------------------------------------
+
+def cmd_predump(args) -> int:
+    from .source.session import check_supported
+    from .source.trackerd import tracker_socket
+    from .transport import control
+    path = tracker_socket(args.tree)
+    client = control.ControlClient(path)
+    if args.prev_images_dir:
+        if not client.alive():
+            raise PrerestoreError(f"no tracker is following pid {args.tree}: the first predump "
+                                  "(without --prev-images-dir) starts it")
+        stats = client.request("predump", dir=os.path.abspath(args.images_dir),
+                               prev=os.path.abspath(args.prev_images_dir))["stats"]
+    else:
+        check_supported(args.tree)
+        if client.alive():                 # a new chain: the old tracker goes
+            client.request("close")
+        os.makedirs(args.images_dir, exist_ok=True)
+        log = os.path.join(args.images_dir, "tracker.log")
+        proc = control.spawn_daemon("prerestore.source.trackerd",
+                                    ["--pid", str(args.tree), "--socket", path,
+                                     "--first-round", os.path.abspath(args.images_dir)],
+                                    log, False)
+        try:
+            client.wait_ready(proc, timeout=600)
+        except PrerestoreError:
+            with open(log) as f:
+                tail = f.read().strip().splitlines()[-1:]
+            raise PrerestoreError(f"predump failed: {tail[0] if tail else 'see ' + log}") from None
+        stats = schema.read_round(args.images_dir).stats
+    print(f"predump: {stats['pages']} pages ({stats['bytes'] / 2**20:.1f} MiB) -> "
+          f"{args.images_dir}")
+    return 0
+
+
+def cmd_dump(args) -> int:
+    from .source.session import SourceSession
+    from .source.trackerd import finish_dump, tracker_socket
+    from .transport import control
+    leave = "stopped" if args.leave_stopped else "running" if args.leave_running else "kill"
+    if args.prev_images_dir:
+        client = control.ControlClient(tracker_socket(args.tree))
+        if not client.alive():
+            raise PrerestoreError(f"no tracker is following pid {args.tree}: was "
+                                  f"{args.prev_images_dir} written by `prerestore predump`?")
+        stats = client.request("dump", dir=os.path.abspath(args.images_dir),
+                               prev=os.path.abspath(args.prev_images_dir), leave=leave)["stats"]
+    else:
+        session = SourceSession(args.tree, track=False)
+        try:
+            stats = session.dump(args.images_dir).stats
+            finish_dump(session, leave)
+        finally:
+            session.close()
+    phases = ", ".join(f"{k} {v:.2f} ms" for k, v in stats["phases_ms"].items())
+    print(f"dump: {stats['pages']} pages ({stats['bytes'] / 2**20:.1f} MiB) -> {args.images_dir}"
+          f"; source {'killed' if leave == 'kill' else 'left ' + leave}; {phases}")
+    return 0
+
+
+# ---- destination side ---------------------------------------------------------------------------
+
+def _stage_client(images_dir: str, socket: str | None):
+    from .transport import control
+    root = schema.read_chain(images_dir)[0][0]
+    return control.ControlClient(socket or control.socket_path("stage", os.path.realpath(root)))
+
+
+def cmd_stage(args) -> int:
+    from .transport import control
+    client = _stage_client(args.images_dir, args.socket)
+    if args.abort:
+        client.request("abort")
+        print("staged process dropped")
+        return 0
+    if not client.alive():
+        log = os.path.join(os.path.dirname(os.path.abspath(args.images_dir)), "stage-daemon.log")
+        argv = ["--socket", client.path] + (["--pidns"] if args.pidns else [])
+        client.wait_ready(control.spawn_daemon("prerestore.restore.daemon", argv, log, False))
+    stats = client.request("stage", dir=os.path.abspath(args.images_dir))["stats"]
+    print(f"stage: rounds {stats['rounds']}: {stats['pages']} pages, {stats['vma_ops']} VMA "
+          f"changes, {stats['apply_ms']:.1f} ms")
+    return 0
+
+
+def _downtime_report(images_dir: str, fin: dict) -> dict:
+    final = schema.read_round(images_dir)
+    report = {"finalize": fin, "source_phases_ms": final.stats.get("phases_ms", {})}
+    if final.source.get("boot_id") == procfs.boot_id() and "frozen_at" in final.stats:
+        report["downtime_ms"] = (fin["resumed_at"] - final.stats["frozen_at"]) * 1e3
+    return report
+
+
+def _print_finalize(report: dict, what: str) -> None:
+    fin = report["finalize"]
+    print(f"{what}: pid {fin['pid']} running (host pid {fin['host_pid']})")
+    for k, v in report["source_phases_ms"].items():
+        print(f"  source  {k:<16} {v:8.2f} ms")
+    for k in ("apply_memory_ms", "apply_state_ms", "resume_ms", "finalize_ms"):
+        print(f"  restore {k[:-3]:<16} {fin[k]:8.2f} ms")
+    if "downtime_ms" in report:
+        print(f"  downtime (source frozen -> process running): {report['downtime_ms']:.2f} ms")
+
+
+def cmd_finalize(args) -> int:
+    client = _stage_client(args.images_dir, args.socket)
+    if not client.alive():
+        raise PrerestoreError("no staged process for this image chain: run `prerestore stage` "
+                              "first (or `prerestore restore` for a cold restore)")
+    fin = client.request("finalize", dir=os.path.abspath(args.images_dir))["stats"]
+    report = _downtime_report(args.images_dir, fin)
+    _print_finalize(report, "finalize")
+    _print_json(args.json or os.path.join(args.images_dir, "finalize.json"), report)
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from .restore.staged import cold_restore
+    fin = cold_restore(args.images_dir, pidns=args.pidns)
+    report = _downtime_report(args.images_dir, fin)
+    _print_finalize(report, "restore")
+    _print_json(args.json, report)
+    return 0
+
+
+# ---- both ---------------------------------------------------------------------------------------
+
+def cmd_migrate(args) -> int:
+    from .migrate import migrate
+    from .policy import ConvergencePolicy
+    policy = ConvergencePolicy(max_rounds=args.max_rounds, min_rounds=args.min_rounds,
+                               target_pages=args.target_pages)
+    report = migrate(args.tree, pidns=not args.no_pidns, cold=args.cold,
+                     direct=not args.via_files, work_dir=args.work_dir,
+                     policy=policy, round_interval=args.round_interval / 1e3,
+                     keep_images=args.keep_images,
+                     progress=lambda m: print(m, flush=True) if not args.quiet else None)
+    print(f"migrated pid {args.tree} ({report['mode']}): downtime {report['downtime_ms']:.2f} ms, "
+          f"total {report['total_ms']:.0f} ms, {len(report['rounds'])} pre-copy rounds; "
+          f"running as host pid {report['restored_host_pid']}")
+    _print_json(args.json, report)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    chain = schema.read_chain(args.images_dir)
+    for d, r in chain:
+        print(f"{d}: round {r.index} ({r.kind}), id {r.id[:12]}, parent "
+              f"{r.parent_id[:12] if r.parent_id else '-'}, source pid {r.source.get('pid')} on "
+              f"{r.source.get('host')} ({r.source.get('kernel')}), tracking "
+              f"{r.source.get('tracking')}")
+        for t in r.tasks:
+            fresh = unpack_ranges(t.fresh)
+            print(f"  task {t.pid}: {len(t.layout)} VMAs, {ranges_bytes(t.pages) // 4096} pages "
+                  f"in {len(t.pages) // 16} ranges, {len(fresh)} fresh areas, "
+                  f"{len(t.zap) // 16} zapped ranges")
+            if args.verbose:
+                for v in t.layout:
+                    print(f"    {v.start:012x}-{v.end:012x} {v.perms()} {v.offset:08x} {v.path}")
+        if r.state:
+            s = r.state
+            th = s.threads[0]
+            print(f"  state: comm {s.comm!r} exe {s.exe} cwd {s.cwd} umask {s.umask:o}, "
+                  f"{len(s.fds)} fds, {len(s.sigactions)} signal actions, rip {th.regs['rip']:#x}, "
+                  f"xstate {len(th.xstate)} bytes, rseq {'yes' if th.rseq else 'no'}")
+            if args.verbose:
+                for f in s.fds:
+                    print(f"    fd {f.fd}: {f.kind} {f.path} flags {f.flags:o} offset {f.offset}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="prerestore", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predump", help="one pre-copy round while the process keeps running")
+    p.add_argument("-t", "--tree", type=int, required=True, help="pid of the process")
+    p.add_argument("-D", "--images-dir", required=True)
+    p.add_argument("--prev-images-dir", help="the previous round (omit for round 0)")
+    p.set_defaults(func=cmd_predump)
+
+    p = sub.add_parser("dump", help="freeze the process and write the final image")
+    p.add_argument("-t", "--tree", type=int, required=True)
+    p.add_argument("-D", "--images-dir", required=True)
+    p.add_argument("--prev-images-dir")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--leave-stopped", action="store_true",
+                   help="keep the source stopped (SIGSTOP) instead of killing it")
+    g.add_argument("--leave-running", action="store_true", help="let the source run on")
+    p.set_defaults(func=cmd_dump)
+
+    for name, func, text in (("stage", cmd_stage, "create or update the pre-restored process"),
+                             ("finalize", cmd_finalize, "apply the final image and resume")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("-D", "--images-dir", required=True)
+        p.add_argument("--socket", help="stage daemon control socket (default: per image chain)")
+        if name == "stage":
+            p.add_argument("--pidns", action="store_true",
+                           help="restore inside a new pid namespace (the pid is free there)")
+            p.add_argument("--abort", action="store_true", help="drop the staged process")
+        else:
+            p.add_argument("--json", help="write the downtime report here "
+                                          "(default: IMAGES_DIR/finalize.json)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("restore", help="cold restore from a full image chain")
+    p.add_argument("-D", "--images-dir", required=True)
+    p.add_argument("--pidns", action="store_true")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("migrate", help="live-migrate a process on this host")
+    p.add_argument("-t", "--tree", type=int, required=True)
+    p.add_argument("--cold", action="store_true", help="no pre-copy: dump and cold restore")
+    p.add_argument("--no-pidns", action="store_true",
+                   help="restore in this pid namespace (needs the pid free: not for local moves)")
+    p.add_argument("--via-files", action="store_true",
+                   help="carry pages in image files (as between hosts) instead of reading them "
+                        "straight from the source")
+    p.add_argument("--max-rounds", type=int, default=8)
+    p.add_argument("--min-rounds", type=int, default=2)
+    p.add_argument("--target-pages", type=int, default=256)
+    p.add_argument("--round-interval", type=float, default=0.0, help="ms between rounds")
+    p.add_argument("--work-dir", help="where round images go (default: a temp dir in /dev/shm)")
+    p.add_argument("--keep-images", action="store_true")
+    p.add_argument("--json", help="write the migration report here")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("inspect", help="summarize an image and its parents")
+    p.add_argument("-D", "--images-dir", required=True)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PrerestoreError as e:
+        print(f"prerestore {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Live migration on one host: pre-copy rounds staged into a husk, then the final switch.
+
+The source is frozen only for the final image. Until the destination reports that the restored
+process runs, the source stays frozen and intact: any error resumes it and kills the husk."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+
+from .errors import PrerestoreError
+from .policy import ConvergencePolicy, is_last_round
+from .source.session import SourceSession, check_supported
+from .transport import control
+
+
+def _work_dir(base: str | None) -> str:
+    if base:
+        os.makedirs(base, exist_ok=True)
+        return tempfile.mkdtemp(prefix="prerestore-", dir=base)
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    return tempfile.mkdtemp(prefix="prerestore-", dir=shm)
+
+
+class StageDaemonClient(control.ControlClient):
+    """A stage daemon of our own, started for this migration and dying with us."""
+
+    def __init__(self, work_dir: str, pidns: bool):
+        super().__init__(control.socket_path("stage", work_dir))
+        args = ["--socket", self.path] + (["--pidns"] if pidns else [])
+        self.proc = control.spawn_daemon("prerestore.restore.daemon", args,
+                                         os.path.join(work_dir, "stage-daemon.log"), True)
+        try:
+            self.wait_ready(self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.request("abort")
+            except PrerestoreError:
+                pass
+        try:
+            self.proc.wait(5)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = True,
+            work_dir: str | None = None,
+            policy: ConvergencePolicy = ConvergencePolicy(), round_interval: float = 0.0,
+            keep_images: bool = False, progress=lambda msg: None) -> dict:
+    """Migrate pid; returns the report (rounds, downtime and its phases, totals)."""
+    check_supported(pid)               # refuse before touching anything
+    t_start = time.monotonic()
+    wd = _work_dir(work_dir)
+    daemon = session = None
+    report: dict = {"pid": pid, "mode": "cold" if cold else "prerestore",
+                    "pages_via": "direct" if direct else "files", "rounds": [],
+                    "policy": asdict(policy), "work_dir": wd}
+    try:
+        daemon = StageDaemonClient(wd, pidns)
+        session = SourceSession(pid, track=not cold, direct=direct)
+        pages: list[int] = []
+        while not cold:
+            k = len(pages)
+            t0 = time.monotonic()
+            r = session.predump(os.path.join(wd, f"round-{k}"))
+            t1 = time.monotonic()
+            staged = daemon.request("stage", dir=os.path.join(wd, f"round-{k}"))["stats"]
+            t2 = time.monotonic()
+            pages.append(r.stats["pages"])
+            entry = {"round": k, "pages": r.stats["pages"], "bytes": r.stats["bytes"],
+                     "dump_ms": (t1 - t0) * 1e3, "stage_ms": (t2 - t1) * 1e3,
+                     "source": r.stats, "stage": staged}
+            report["rounds"].append(entry)
+            progress(f"round {k}: {r.stats['pages']} pages ({r.stats['bytes'] / 2**20:.1f} MiB), "
+                     f"dump {entry['dump_ms']:.1f} ms, stage {entry['stage_ms']:.1f} ms")
+            last, why = is_last_round(policy, pages)
+            if last:
+                report["stop_reason"] = why
+                break
+            if round_interval:
+                time.sleep(round_interval)
+        final_dir = os.path.join(wd, "final")
+        r = session.dump(final_dir)
+        t_dumped = time.monotonic()
+        try:
+            fin = daemon.request("finalize", dir=final_dir)["stats"]
+        except BaseException:
+            session.resume()
+            raise
+        session.kill_frozen()
+        frozen_at = r.stats["frozen_at"]
+        phases = dict(r.stats["phases_ms"])
+        phases["handoff"] = (fin["started_at"] - t_dumped) * 1e3
+        phases["apply_memory"] = fin["apply_memory_ms"]
+        phases["apply_state"] = fin["apply_state_ms"]
+        phases["resume"] = fin["resume_ms"]
+        report.update({
+            "final": {"pages": r.stats["pages"], "bytes": r.stats["bytes"], "source": r.stats,
+                      "finalize": fin},
+            "downtime_ms": (fin["resumed_at"] - frozen_at) * 1e3,
+            "downtime_phases_ms": phases,
+            "total_ms": (fin["resumed_at"] - t_start) * 1e3,
+            "restored_pid": fin["pid"], "restored_host_pid": fin["host_pid"],
+            "namespace_init_pid": fin["init_pid"],
+        })
+        progress(f"final: {r.stats['pages']} pages; downtime {report['downtime_ms']:.2f} ms "
+                 f"(" + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + ")")
+        return report
+    except BaseException:
+        if session is not None:
+            session.resume()
+        raise
+    finally:
+        if session is not None:
+            session.close()
+        if daemon is not None:
+            daemon.stop()
+        if not keep_images:
+            shutil.rmtree(wd, ignore_errors=True)

@@ -1,0 +1,87 @@
+"""The stage daemon: holds one pre-restored process between `stage` calls and finalizes it.
+
+It is the husk's tracer and parent, so the husk cannot outlive it (PTRACE_O_EXITKILL, and the
+husk's parent-death signal). One daemon serves one image chain, on a control socket named after
+the chain's first round. It exits after finalize, abort, or a long idle period (killing the husk).
+
+    python -m prerestore.restore.daemon --socket PATH [--pidns] [--parent PID] [--idle-timeout S]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+
+from ..errors import PrerestoreError, ProtocolError
+from ..kernel import native
+from ..transport import control
+from .staged import StagedProcess
+
+OPS = ("stage", "finalize", "abort", "status")
+
+
+class StageService:
+    def __init__(self, pidns: bool):
+        self.staged = StagedProcess(pidns=pidns)
+
+    def dispatch(self, msg: dict) -> tuple[dict, bool]:
+        op = msg.get("op")
+        if op not in OPS:
+            raise ProtocolError(f"unknown operation {op!r}")
+        if op == "status":
+            return {"ok": True, "rounds": [d for d, _ in self.staged.applied],
+                    "husk": self.staged.husk.host_pid if self.staged.husk else None}, False
+        if op == "abort":
+            self.staged.abort()
+            return {"ok": True}, True
+        directory = msg.get("dir")
+        if not isinstance(directory, str):
+            raise ProtocolError("request lacks an image directory")
+        try:
+            if op == "stage":
+                return {"ok": True, "stats": self.staged.stage(directory)}, False
+            return {"ok": True, "stats": self.staged.finalize(directory)}, True
+        except PrerestoreError as e:
+            return control.error_reply(e), op == "finalize"
+        except Exception as e:           # a bug: say so, leave nothing half-restored behind
+            traceback.print_exc()
+            self.staged.abort()
+            return control.error_reply(PrerestoreError(f"internal error: {e!r}")), True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="prerestore-stage-daemon")
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--pidns", action="store_true")
+    ap.add_argument("--parent", type=int, help="die when this process (our parent) exits")
+    ap.add_argument("--idle-timeout", type=float, default=3600.0)
+    args = ap.parse_args(argv)
+    if args.parent:
+        native.set_pdeathsig(signal.SIGKILL, args.parent)
+    service = StageService(args.pidns)
+
+    def terminate(signum, frame):
+        service.staged.abort()
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
+    sock = control.listen(args.socket)
+    try:
+        how = control.serve(sock, service.dispatch, args.idle_timeout)
+        if how == "idle":
+            print(f"idle for {args.idle_timeout:.0f} s: dropping the staged process", flush=True)
+    finally:
+        service.staged.abort()
+        sock.close()
+        try:
+            os.unlink(args.socket)
+        except FileNotFoundError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The tracker daemon: keeps a process's dirty tracking alive between `predump` invocations.
+
+The userfaultfd that records written pages lives as long as some process holds it; the CLI's
+predump calls are separate processes, so the first one starts this daemon, which holds the
+SourceSession (tracker and last layout) and writes each round itself. `dump` with a parent image
+goes through it too, and it exits after the dump (or on `close`, or after an idle period).
+
+    python -m prerestore.source.trackerd --pid PID --socket PATH [--idle-timeout S]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from ..errors import PrerestoreError, ProtocolError
+from ..transport import control
+from .session import SourceSession
+
+OPS = ("predump", "dump", "close", "status")
+LEAVE = ("kill", "stopped", "running")
+
+
+def tracker_socket(pid: int) -> str:
+    return control.socket_path("track", str(pid))
+
+
+def finish_dump(session: SourceSession, leave: str) -> None:
+    """What happens to the source after its final image: killed (default, like CRIU), left
+    stopped (SIGSTOP, for a migration that may still roll back) or resumed."""
+    if leave == "kill":
+        session.kill_frozen()
+    elif leave == "stopped":
+        session.leave_stopped()
+    else:
+        session.resume()
+    session.close()
+
+
+class TrackerService:
+    def __init__(self, pid: int):
+        self.session = SourceSession(pid)
+
+    def _check_parent(self, prev: str | None) -> None:
+        last = self.session.last_round
+        if prev is None or last is None or os.path.abspath(prev) != last[0]:
+            raise PrerestoreError(
+                f"--prev-images-dir {prev} is not the last round this tracker wrote "
+                f"({last[0] if last else 'none'}): rounds must follow one another")
+
+    def dispatch(self, msg: dict) -> tuple[dict, bool]:
+        op = msg.get("op")
+        if op not in OPS:
+            raise ProtocolError(f"unknown operation {op!r}")
+        if op == "status":
+            last = self.session.last_round
+            return {"ok": True, "last": last[0] if last else None}, False
+        if op == "close":
+            self.session.close()
+            return {"ok": True}, True
+        directory, prev = msg.get("dir"), msg.get("prev")
+        if not isinstance(directory, str):
+            raise ProtocolError("request lacks an image directory")
+        try:
+            self._check_parent(prev)
+            if op == "predump":
+                return {"ok": True, "stats": self.session.predump(directory).stats}, False
+            leave = msg.get("leave", "kill")
+            if leave not in LEAVE:
+                raise ProtocolError(f"unknown leave mode {leave!r}")
+            stats = self.session.dump(directory).stats
+            finish_dump(self.session, leave)
+            return {"ok": True, "stats": stats}, True
+        except PrerestoreError as e:
+            return control.error_reply(e), False
+        except Exception as e:
+            traceback.print_exc()
+            self.session.resume()
+            return control.error_reply(PrerestoreError(f"internal error: {e!r}")), True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="prerestore-tracker-daemon")
+    ap.add_argument("--pid", type=int, required=True)
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--first-round", required=True, help="write round 0 here before serving")
+    ap.add_argument("--idle-timeout", type=float, default=3600.0)
+    args = ap.parse_args(argv)
+    sock = control.listen(args.socket + ".starting")
+    try:
+        service = TrackerService(args.pid)
+        stats = service.session.predump(args.first_round).stats
+        print(f"round 0 of pid {args.pid}: {stats}", flush=True)
+    except PrerestoreError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sock.close()
+        os.unlink(args.socket + ".starting")
+        return 2
+    os.rename(args.socket + ".starting", args.socket)
+    try:
+        control.serve(sock, service.dispatch, args.idle_timeout)
+    finally:
+        service.session.resume()
+        service.session.close()
+        sock.close()
+        try:
+            os.unlink(args.socket)
+        except FileNotFoundError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
