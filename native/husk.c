@@ -3,8 +3,9 @@
  * Built freestanding (no libc, static, no PIE) so that nothing of it needs to survive once the
  * daemon has unmapped its code and rebuilt the source's address space around the [vdso]. It
  * owns no resources the target could collide with: it closes every fd and blocks every signal.
+ * PID in its arguments is the pid it stands for, so that `ps` says which process a husk will be.
  *
- *   prerestore-husk          dies with its parent, blocks signals, closes its fds, writes "R" to
+ *   prerestore-husk husk PID dies with its parent, blocks signals, closes its fds, writes "R" to
  *                            fd 3, closes it and waits in pause() until the daemon takes it over;
  *   prerestore-husk init PID pid 1 of a fresh pid namespace: starts the husk as PID inside it and
  *                            reaps children until the husk exits (a namespace dies with its init).
@@ -74,7 +75,7 @@ static void husk(void)
         sys(SYS_pause, 0, 0, 0);
 }
 
-static void init(char *self, long want)
+static void init(char *self, char *pid_arg, long want)
 {
     int tid = (int)want, status;
     sys(SYS_prctl, PR_SET_NAME, "prerestore-init", 0);   /* it outlives the husk stage */
@@ -86,7 +87,7 @@ static void init(char *self, long want)
     if (child < 0)
         sys(SYS_exit_group, 100, 0, 0);
     if (child == 0) {
-        char *argv[] = {self, 0};
+        char *argv[] = {self, "husk", pid_arg, 0};
         char *envp[] = {0};
         sys(SYS_execve, self, argv, envp);
         sys(SYS_exit_group, 127, 0, 0);
@@ -105,7 +106,7 @@ __attribute__((used)) static void husk_main(long *sp)
     char **argv = (char **)(sp + 1);
     sys(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0);
     if (argc >= 3 && streq(argv[1], "init"))
-        init(argv[0], parse_long(argv[2]));
+        init(argv[0], argv[2], parse_long(argv[2]));
     husk();
 }
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 MAX_ROUNDS = 8            # pre-copy rounds, round 0 included, before we dump regardless
 MIN_ROUNDS = 2            # round 0 copies everything; one dirty round tells us the dirty rate
 TARGET_PAGES = 256        # a final round of 1 MiB or less applies in well under a millisecond
-MIN_SHRINK = 0.9          # a round that keeps more than 90 % of the previous one is not converging
+MIN_SHRINK = 0.9          # a round that keeps 90 % or more of the previous one is not converging
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ def decode_round(m: dict) -> Round:
 # ---- files ------------------------------------------------------------------------------------
 
 def write_round(directory: str, r: Round) -> None:
-    body = msgpack.packb(encode_round(r), use_bin_type=True)
+    # paths are kept byte-exact: non-UTF-8 names travel as surrogate escapes
+    body = msgpack.packb(encode_round(r), use_bin_type=True, unicode_errors="surrogateescape")
     header = HEADER.pack(MAGIC, VERSION, len(body), zlib.crc32(body))
     tmp = os.path.join(directory, ROUND_FILE + ".tmp")
     with open(tmp, "wb") as f:
@@ -122,7 +123,8 @@ def read_round(directory: str) -> Round:
     if zlib.crc32(body) != crc:
         raise ImageError(f"{path}: corrupt (metadata checksum mismatch)")
     try:
-        m = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        m = msgpack.unpackb(body, raw=False, strict_map_key=False,
+                            unicode_errors="surrogateescape")
     except Exception as e:  # msgpack raises several types for garbage
         raise ImageError(f"{path}: corrupt metadata ({e})") from None
     r = decode_round(m)
@@ -138,6 +140,10 @@ def check_pages_file(directory: str, r: Round) -> None:
     for t in r.tasks:
         if t.pages_from not in ("file", "pid"):
             raise ImageError(f"{directory}: unknown page source {t.pages_from!r}")
+        for name in ("pages", "fresh", "zap"):
+            if len(getattr(t, name)) % 16:
+                raise ImageError(f"{directory}: corrupt {name} ranges of task {t.pid} "
+                                 f"({len(getattr(t, name))} bytes is not whole ranges)")
     want = max((t.pages_offset + ranges_bytes(t.pages) for t in r.tasks
                 if t.pages_from == "file"), default=0)
     path = os.path.join(directory, PAGES_FILE)

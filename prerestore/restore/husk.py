@@ -17,6 +17,7 @@ import time
 from importlib import resources
 
 from ..errors import KernelCallError, PidTaken, RestoreError
+from ..faults import maybe_fail
 from ..image import schema
 from ..kernel import native, procfs
 from ..kernel.native import lib
@@ -77,7 +78,7 @@ class Husk:
                 host_pid = None
             else:
                 try:
-                    host_pid = native.spawn(prog, [prog], [pid], False, wfd)
+                    host_pid = native.spawn(prog, [prog, "husk", str(pid)], [pid], False, wfd)
                 except KernelCallError as e:
                     if e.errno == errno.EEXIST:
                         raise PidTaken(f"pid {pid} is in use on this host") from None
@@ -197,6 +198,7 @@ class Husk:
     def apply_round(self, task: AddressSpaceRound, round_dir: str) -> dict:
         """Make the husk's memory equal to the source's at this round."""
         t0 = time.perf_counter()
+        maybe_fail("stage")
         self._ensure_scratch_clear_of(task.layout)
         new = memory_vmas(task.layout)
         d = diff_layout(self.layout, new)
@@ -278,6 +280,7 @@ class Husk:
     def apply_state(self, state: ProcessState) -> dict:
         """Everything but the registers: fds, mm fields, signals, rseq... in one batch."""
         t0 = time.perf_counter()
+        maybe_fail("apply_state")
         b = self.remote.batch()
         opened = set(self.fds)
         expected = []
@@ -370,6 +373,7 @@ class Husk:
                 regs["rax"] = -errno.EINTR & 0xFFFFFFFFFFFFFFFF
             regs["orig_rax"] = 0xFFFFFFFFFFFFFFFF
         t = self.tracee
+        maybe_fail("resume")
         t.set_sigmask(th.sigmask)
         t.set_regs(regs)
         t.set_xstate(th.xstate)

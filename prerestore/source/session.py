@@ -93,22 +93,22 @@ class SourceSession:
     def dump(self, directory: str) -> Round:
         """Freeze the process and write the final image. It stays frozen (self.frozen) until
         kill_frozen() or resume()."""
-        t0 = time.perf_counter()
+        t0 = time.monotonic()      # the clock the destination reports resumption in
         check_supported(self.pid)
         self.frozen = Tracee(self.pid)
         try:
             self.frozen.stop()
-            t_frozen = time.perf_counter()
+            t_frozen = time.monotonic()
             state = self._collect_state(self.frozen)
-            t_state = time.perf_counter()
+            t_state = time.monotonic()
             r = self._write_round(directory, "dump", state=state, write=False)
-            t_pages = time.perf_counter()
+            t_pages = time.monotonic()
             r.stats["phases_ms"] = {"freeze": (t_frozen - t0) * 1e3,
                                     "collect_state": (t_state - t_frozen) * 1e3,
                                     "last_pages": (t_pages - t_state) * 1e3}
+            r.stats["frozen_at"] = t0          # CLOCK_MONOTONIC: comparable on this boot only
             schema.write_round(directory, r)
-            r.stats["phases_ms"]["write_image"] = (time.perf_counter() - t_pages) * 1e3
-            r.stats["frozen_at"] = t0
+            r.stats["phases_ms"]["write_image"] = (time.monotonic() - t_pages) * 1e3
             return r
         except BaseException:
             self.resume()

@@ -38,7 +38,7 @@ def recv_msg(sock: socket.socket) -> dict:
         raise ProtocolError(f"peer announced a {length}-byte message (limit {MAX_MESSAGE})")
     try:
         obj = msgpack.unpackb(_recv_exact(sock, length), raw=False, strict_map_key=False)
-    except (ValueError, msgpack.UnpackException) as e:
+    except Exception as e:   # msgpack raises ValueError, TypeError (unhashable keys), ...
         raise ProtocolError(f"malformed message: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"expected a map, got {type(obj).__name__}")

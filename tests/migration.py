@@ -1,0 +1,93 @@
+"""Helpers for the tests that migrate real processes (root only)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from workloads import kill_pid
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, pid namespaces)")
+
+HELPER_COMMS = ("prerestore-husk", "prerestore-init")
+
+
+def helper_processes(source_pid: int) -> set[int]:
+    """Live husks and namespace inits standing for source_pid (their argv names it)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    comm = f.read().strip()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if comm in HELPER_COMMS and str(source_pid).encode() in args[1:] \
+                    and alive(int(entry)):
+                out.add(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def ns_pids(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return [int(x) for x in line.split()[1:]]
+    return []
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def wait_for_line(log_path, text: str, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log_path, errors="replace") as f:
+            if text in f.read():
+                return True
+        time.sleep(0.02)
+    return False
+
+
+def prerestore(*args, check: bool = True, env=None, timeout: float = 120):
+    """Run the CLI as a user would; returns the CompletedProcess."""
+    res = subprocess.run([sys.executable, "-m", "prerestore.cli", *map(str, args)],
+                         capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
+    if check and res.returncode != 0:
+        raise AssertionError(f"prerestore {' '.join(map(str, args))} failed "
+                             f"({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+class Cleanup:
+    """Pids a test must kill at the end (restored processes, namespace inits)."""
+
+    def __init__(self):
+        self.pids: list[int] = []
+        self.sources: list[int] = []     # source pids whose helpers must all be gone
+
+    def add(self, *pids):
+        self.pids += [p for p in pids if p]
+
+    def run(self):
+        for pid in reversed(self.pids):
+            kill_pid(pid)

@@ -1,0 +1,92 @@
+"""The CRIU-shaped command line, step by step, as an operator would drive it:
+predump rounds (a tracker daemon keeps the dirty tracking), stage each round (a stage daemon
+holds the husk), dump --leave-stopped, finalize, then kill the source."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from migration import Cleanup, alive, helper_processes, needs_root, ns_pids, prerestore
+from workloads import (compare_with_reference, last_iteration, start_workload,
+                       wait_for_iteration, workload_argv)
+
+pytestmark = needs_root
+ENV = {"MB": "32"}
+
+
+@pytest.fixture
+def cleanup():
+    c = Cleanup()
+    yield c
+    c.run()
+    for src in c.sources:
+        assert not helper_processes(src), f"a husk or namespace init of {src} was left behind"
+
+
+def stage_socket(tmp_path):
+    return str(tmp_path / "stage.sock")
+
+
+@pytest.mark.parametrize("mode", ["sleep", "busy"])
+def test_predump_stage_dump_finalize(workload_bins, tmp_path, cleanup, mode):
+    argv = workload_argv(workload_bins, "counters", mode)
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log, env=ENV)
+    cleanup.sources.append(src.pid)
+    wait_for_iteration(log, 200, pid=src.pid)
+    sock = stage_socket(tmp_path)
+    prev = None
+    for k in range(3):
+        d = tmp_path / f"r{k}"
+        args = ["predump", "-t", src.pid, "-D", d] + (["--prev-images-dir", prev] if prev else [])
+        assert "predump:" in prerestore(*args).stdout
+        out = prerestore("stage", "-D", d, "--pidns", "--socket", sock).stdout
+        assert f"rounds [{k}]" in out
+        prev = d
+    final = tmp_path / "final"
+    out = prerestore("dump", "-t", src.pid, "-D", final, "--prev-images-dir", prev,
+                     "--leave-stopped").stdout
+    assert "left stopped" in out
+    it_frozen = last_iteration(log)
+    out = prerestore("finalize", "-D", final, "--socket", sock).stdout
+    assert "downtime (source frozen -> process running)" in out
+    report = json.loads((final / "finalize.json").read_text())
+    host_pid = report["finalize"]["host_pid"]
+    cleanup.add(report["finalize"]["init_pid"], host_pid)
+    # the operator kills the stopped source once the destination runs
+    src.kill()
+    src.wait(10)
+    assert ns_pids(host_pid)[-1] == src.pid
+    wait_for_iteration(log, it_frozen + 300, timeout=60, pid=host_pid)
+    assert compare_with_reference(log, argv, env=ENV) >= 5
+
+    out = prerestore("inspect", "-D", final, "-v").stdout
+    assert "round 3 (dump)" in out and "round 0 (predump)" in out
+    assert "state: comm 'counters'" in out and "/tmp" not in out.split("state:")[0][:0]
+
+
+def test_stage_abort_and_resume_stopped_source(workload_bins, tmp_path, cleanup):
+    """Roll back by hand: drop the staged process, continue the source left stopped."""
+    argv = workload_argv(workload_bins, "counters", "sleep")
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log, env=ENV)
+    cleanup.sources.append(src.pid)
+    wait_for_iteration(log, 200, pid=src.pid)
+    sock = stage_socket(tmp_path)
+    prerestore("predump", "-t", src.pid, "-D", tmp_path / "r0")
+    prerestore("stage", "-D", tmp_path / "r0", "--pidns", "--socket", sock)
+    assert helper_processes(src.pid)
+    prerestore("dump", "-t", src.pid, "-D", tmp_path / "final", "--prev-images-dir",
+               tmp_path / "r0", "--leave-stopped")
+    prerestore("stage", "-D", tmp_path / "r0", "--abort", "--socket", sock)
+    assert not helper_processes(src.pid)
+    it = last_iteration(log)
+    os.kill(src.pid, signal.SIGCONT)
+    wait_for_iteration(log, it + 200, timeout=30, pid=src.pid)
+    assert alive(src.pid)
+    assert compare_with_reference(log, argv, env=ENV) >= 4
+    src.kill()
+    src.wait(10)

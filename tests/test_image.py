@@ -1,0 +1,384 @@
+"""Unit tests for prerestore.image.schema: the versioned image format."""
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+import msgpack
+import pytest
+
+from prerestore.errors import ImageError
+from prerestore.image.schema import (HEADER, MAGIC, PAGES_FILE, ROUND_FILE, VERSION,
+                                     decode_round, encode_round, pages_size, read_chain,
+                                     read_round, write_round)
+from prerestore.kernel.native import REG_NAMES
+from prerestore.kernel.procfs import parse_maps
+from prerestore.model import (AddressSpaceRound, FileDescriptor, MmFields, ProcessState, Round,
+                              SigAction, ThreadState, Vma, pack_ranges)
+
+P = 4096
+U64_MAX = 2**64 - 1
+
+
+def make_layout() -> list[Vma]:
+    return [
+        Vma(0x400000, 0x401000, 1, False, 0, "/usr/bin/app", 131074, "fd:01"),
+        Vma(0x401000, 0x405000, 5, False, 0x1000, "/usr/bin/app", 131074, "fd:01"),
+        Vma(0x600000, 0x621000, 3, False, 0, "[heap]"),
+        Vma(0x7f0000000000, 0x7f0000010000, 3, True, 0, "/dev/shm/a file (deleted)", 99, "00:1a"),
+        Vma(0x7ffc00000000, 0x7ffc00021000, 3, False, 0, "[stack]"),
+        Vma(0x7ffc00100000, 0x7ffc00102000, 5, False, 0, "[vdso]"),
+    ]
+
+
+def make_state(pid=4242) -> ProcessState:
+    regs = {name: (i * 0x1111_1111_1111) & U64_MAX for i, name in enumerate(REG_NAMES)}
+    regs["rip"] = 0x401234
+    regs["rsp"] = 0x7ffc00020f00
+    regs["eflags"] = 0x246
+    regs["rax"] = U64_MAX             # -1 as the kernel stores it
+    t1 = ThreadState(tid=pid, regs=regs, xstate=bytes(range(256)) * 4, sigmask=1 << 9,
+                     rseq=(0x7f0000001000, 32, 0x53053053), robust_list=(0x7f0000002000, 24),
+                     clear_child_tid=0x7f0000003000, sigaltstack=(0, 2, 0),
+                     pending=[b"\x0a" + b"\0" * 127])
+    t2 = ThreadState(tid=pid + 1, regs=dict(regs, rip=0x402000), xstate=b"\x01" * 832,
+                     sigmask=0, rseq=None, robust_list=(0, 0), clear_child_tid=0,
+                     sigaltstack=(0x7f0000005000, 0, 8192))
+    return ProcessState(
+        pid=pid, comm="app) (x y", exe="/usr/bin/app", cwd="/home/u/dir with space", umask=0o022,
+        mm=MmFields(start_code=0x400000, end_code=0x405000, start_data=0x600000,
+                    end_data=0x600100, start_brk=0x600000, brk=0x621000,
+                    start_stack=0x7ffc00020ff0, arg_start=0x7ffc00021000 - 300,
+                    arg_end=0x7ffc00021000 - 200, env_start=0x7ffc00021000 - 200,
+                    env_end=0x7ffc00021000 - 16),
+        auxv=struct.pack("=4Q", 6, 4096, 0, 0),
+        rlimits={0: (U64_MAX, U64_MAX), 3: (8 << 20, U64_MAX), 7: (1024, 4096)},
+        sigactions={1: SigAction(0x401500, 0x04000000, 0x401600, 0),
+                    10: SigAction(1, 0x10000000, 0, 1 << 11),
+                    15: SigAction(0x401700, 0x04000004, 0x401600, U64_MAX)},
+        fds=[FileDescriptor(0, "chr", "/dev/null", 0o100000, 0, (5, 4)),
+             FileDescriptor(3, "file", "/tmp/log file.txt", 0o2102001, 123456, (2049, 777))],
+        threads=[t1, t2],
+        shared_pending=[b"\x0f" + b"\0" * 127],
+    )
+
+
+def make_round(index=0, parent_id=None, parent_path=None, final=False, pages=None,
+               pages_from="file", rid=None) -> Round:
+    layout = make_layout()
+    if pages is None:
+        pages = [(0x600000, 0x602000), (0x7ffc00020000, 0x7ffc00021000)]
+    task = AddressSpaceRound(
+        pid=4242, layout=layout,
+        fresh=pack_ranges([(0x600000, 0x621000)]) if index == 0 else b"",
+        pages=pack_ranges(pages),
+        zap=pack_ranges([(0x610000, 0x611000)]),
+        pages_offset=0, pages_from=pages_from)
+    return Round(id=rid or f"round-{index}-id", index=index, parent_id=parent_id,
+                 parent_path=parent_path, kind="dump" if final else "predump",
+                 source={"host": "src", "kernel": "6.8.0", "pid": 4242, "time": 1712345678.25},
+                 tasks=[task], state=make_state() if final else None,
+                 stats={"pages": len(pages), "seconds": 0.5})
+
+
+def save(directory, r: Round, pages_len: int | None = None):
+    os.makedirs(directory, exist_ok=True)
+    write_round(str(directory), r)
+    n = pages_size(r) if pages_len is None else pages_len
+    with open(os.path.join(directory, PAGES_FILE), "wb") as f:
+        f.write(b"\xab" * n)
+    return str(directory)
+
+
+def round_bytes(directory) -> bytes:
+    with open(os.path.join(directory, ROUND_FILE), "rb") as f:
+        return f.read()
+
+
+def put_round_bytes(directory, data: bytes):
+    with open(os.path.join(directory, ROUND_FILE), "wb") as f:
+        f.write(data)
+
+
+def raw_image(body: bytes, magic=MAGIC, version=VERSION, length=None, crc=None) -> bytes:
+    return HEADER.pack(magic, version, len(body) if length is None else length,
+                       zlib.crc32(body) if crc is None else crc) + body
+
+
+# ---- round trips ------------------------------------------------------------------------------
+
+def test_round_trip_final_round(tmp_path):
+    r = make_round(index=3, parent_id="round-2-id", parent_path="../r2", final=True)
+    d = save(tmp_path / "r3", r)
+    assert sorted(os.listdir(d)) == [PAGES_FILE, ROUND_FILE]     # no temporary left behind
+    got = read_round(d)
+    assert got == r
+    assert got.is_final
+    assert got.state == r.state
+    assert got.state.threads[0].regs == r.state.threads[0].regs
+    assert set(got.state.threads[0].regs) == set(REG_NAMES)
+    assert isinstance(got.state.threads[0].rseq, tuple)
+    assert got.state.threads[1].rseq is None
+    assert got.state.rlimits[0] == (U64_MAX, U64_MAX)
+    assert all(isinstance(k, int) for k in got.state.sigactions)
+    assert got.state.fds[1].dev_inode == (2049, 777)
+    assert got.tasks[0].layout == make_layout()
+    assert isinstance(got.tasks[0].pages, bytes)
+
+
+def test_round_trip_predump(tmp_path):
+    r = make_round(index=0)
+    got = read_round(save(tmp_path / "r0", r))
+    assert got == r
+    assert not got.is_final and got.state is None
+
+
+def test_encode_decode_in_memory():
+    r = make_round(index=1, parent_id="p", parent_path="../p", final=True)
+    m = msgpack.unpackb(msgpack.packb(encode_round(r), use_bin_type=True), raw=False,
+                        strict_map_key=False)
+    assert decode_round(m) == r
+
+
+def test_missing_optional_fields_take_defaults():
+    m = encode_round(make_round())
+    del m["stats"]
+    del m["tasks"][0]["pages_from"]
+    r = decode_round(m)
+    assert r.stats == {} and r.tasks[0].pages_from == "file"
+
+
+def test_pages_from_pid_needs_no_pages_file(tmp_path):
+    r = make_round(pages_from="pid")
+    d = tmp_path / "r0"
+    d.mkdir()
+    write_round(str(d), r)
+    assert read_round(str(d)) == r
+
+
+def test_no_pages_needs_no_pages_file(tmp_path):
+    r = make_round(pages=[])
+    d = tmp_path / "r0"
+    d.mkdir()
+    write_round(str(d), r)
+    assert read_round(str(d)) == r
+
+
+def test_pages_file_may_be_longer(tmp_path):
+    r = make_round()
+    assert read_round(save(tmp_path / "r0", r, pages_len=pages_size(r) + 100)) == r
+
+
+def test_pages_offset_counts(tmp_path):
+    r = make_round()
+    r.tasks.append(AddressSpaceRound(4243, [], pages=pack_ranges([(0, P)]),
+                                     pages_offset=pages_size(make_round())))
+    assert pages_size(r) == 4 * P
+    d = save(tmp_path / "r0", r)
+    assert read_round(d) == r
+    with open(os.path.join(d, PAGES_FILE), "r+b") as f:
+        f.truncate(4 * P - 1)
+    with pytest.raises(ImageError, match="truncated"):
+        read_round(d)
+
+
+def test_rewrite_replaces_round(tmp_path):
+    d = save(tmp_path / "r0", make_round())
+    r2 = make_round(rid="other")
+    write_round(d, r2)
+    assert read_round(d).id == "other"
+
+
+# ---- chains -----------------------------------------------------------------------------------
+
+def make_chain(tmp_path, n=3):
+    dirs = []
+    for i in range(n):
+        parent = (f"round-{i - 1}-id", f"../r{i - 1}") if i else (None, None)
+        dirs.append(save(tmp_path / f"r{i}", make_round(i, *parent, final=(i == n - 1))))
+    return dirs
+
+
+def test_read_chain_oldest_first(tmp_path):
+    dirs = make_chain(tmp_path)
+    chain = read_chain(dirs[-1])
+    assert [os.path.normpath(d) for d, _ in chain] == [os.path.normpath(d) for d in dirs]
+    assert [r.index for _, r in chain] == [0, 1, 2]
+    assert [r.id for _, r in chain] == ["round-0-id", "round-1-id", "round-2-id"]
+    assert chain[0][1].parent_id is None
+    assert chain[-1][1].is_final and not chain[0][1].is_final
+
+
+def test_read_chain_single(tmp_path):
+    d = save(tmp_path / "r0", make_round())
+    chain = read_chain(d)
+    assert len(chain) == 1 and chain[0][0] == d and chain[0][1] == make_round()
+
+
+def test_read_chain_from_the_middle(tmp_path):
+    dirs = make_chain(tmp_path)
+    assert [r.index for _, r in read_chain(dirs[1])] == [0, 1]
+
+
+def test_read_chain_mismatched_parent(tmp_path):
+    dirs = make_chain(tmp_path)
+    save(tmp_path / "r1", make_round(1, "round-0-id", "../r0", rid="impostor"))
+    with pytest.raises(ImageError, match="mismatched parent") as ei:
+        read_chain(dirs[2])
+    assert "impostor" in str(ei.value) and "round-1-id" in str(ei.value)
+
+
+def test_read_chain_missing_parent(tmp_path):
+    d = save(tmp_path / "r1", make_round(1, "round-0-id", "../r0"))
+    with pytest.raises(ImageError, match="no round.img"):
+        read_chain(d)
+
+
+def test_read_chain_broken_parent(tmp_path):
+    dirs = make_chain(tmp_path)
+    put_round_bytes(dirs[0], b"garbage!" * 10)
+    with pytest.raises(ImageError, match="not a prerestore image"):
+        read_chain(dirs[2])
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+def test_missing_round_img(tmp_path):
+    with pytest.raises(ImageError) as ei:
+        read_round(str(tmp_path))
+    assert "no round.img" in str(ei.value) and str(tmp_path) in str(ei.value)
+
+
+def test_wrong_magic(tmp_path):
+    d = save(tmp_path / "r0", make_round())
+    data = round_bytes(d)
+    put_round_bytes(d, b"CRIUIMG!" + data[8:])
+    with pytest.raises(ImageError, match="not a prerestore image"):
+        read_round(d)
+
+
+def test_other_version(tmp_path):
+    d = save(tmp_path / "r0", make_round())
+    data = round_bytes(d)
+    magic, version, length, crc = HEADER.unpack_from(data)
+    put_round_bytes(d, HEADER.pack(magic, VERSION + 1, length, crc) + data[HEADER.size:])
+    with pytest.raises(ImageError) as ei:
+        read_round(d)
+    msg = str(ei.value)
+    assert f"version {VERSION + 1}" in msg and f"version {VERSION}" in msg
+
+
+@pytest.mark.parametrize("n", [0, 1, 8, HEADER.size - 1])
+def test_truncated_header(tmp_path, n):
+    d = save(tmp_path / "r0", make_round())
+    put_round_bytes(d, round_bytes(d)[:n])
+    with pytest.raises(ImageError, match="truncated"):
+        read_round(d)
+
+
+def test_truncated_body(tmp_path):
+    d = save(tmp_path / "r0", make_round(final=True))
+    data = round_bytes(d)
+    for cut in (HEADER.size, HEADER.size + 1, len(data) - 1):
+        put_round_bytes(d, data[:cut])
+        with pytest.raises(ImageError, match="truncated"):
+            read_round(d)
+
+
+def test_flipped_byte_is_corrupt(tmp_path):
+    d = save(tmp_path / "r0", make_round(final=True))
+    data = round_bytes(d)
+    for pos in (HEADER.size, HEADER.size + (len(data) - HEADER.size) // 2, len(data) - 1):
+        bad = bytearray(data)
+        bad[pos] ^= 0x40
+        put_round_bytes(d, bytes(bad))
+        with pytest.raises(ImageError, match="corrupt"):
+            read_round(d)
+    # the checksum field itself
+    bad = bytearray(data)
+    bad[HEADER.size - 1] ^= 0x01
+    put_round_bytes(d, bytes(bad))
+    with pytest.raises(ImageError, match="corrupt"):
+        read_round(d)
+
+
+def test_pages_file_shorter_than_listed(tmp_path):
+    r = make_round()
+    d = save(tmp_path / "r0", r, pages_len=pages_size(r) - 1)
+    with pytest.raises(ImageError, match="truncated") as ei:
+        read_round(d)
+    assert str(pages_size(r)) in str(ei.value) and PAGES_FILE in str(ei.value)
+
+
+def test_pages_file_missing(tmp_path):
+    d = save(tmp_path / "r0", make_round())
+    os.unlink(os.path.join(d, PAGES_FILE))
+    with pytest.raises(ImageError, match="truncated or missing"):
+        read_round(d)
+
+
+def test_unknown_pages_from(tmp_path):
+    d = save(tmp_path / "r0", make_round(pages_from="carrier-pigeon"))
+    with pytest.raises(ImageError, match="unknown page source 'carrier-pigeon'"):
+        read_round(d)
+
+
+def test_valid_checksum_garbage_body(tmp_path):
+    d = tmp_path / "r0"
+    d.mkdir()
+    put_round_bytes(d, raw_image(b"\xc1\xc1\xc1"))
+    with pytest.raises(ImageError, match="corrupt metadata"):
+        read_round(str(d))
+
+
+@pytest.mark.parametrize("obj", [
+    [1, 2, 3],
+    {"id": "x"},
+    {"id": "x", "index": 0, "parent_id": None, "parent_path": None, "kind": "predump",
+     "source": {}, "tasks": [{"pid": 1}], "state": None},
+    {"id": "x", "index": 0, "parent_id": None, "parent_path": None, "kind": "predump",
+     "source": {}, "tasks": [{"pid": 1, "layout": [[1, 2]], "fresh": b"", "pages": b"",
+                              "zap": b"", "pages_offset": 0}], "state": None},
+])
+def test_malformed_metadata(tmp_path, obj):
+    d = tmp_path / "r0"
+    d.mkdir()
+    put_round_bytes(d, raw_image(msgpack.packb(obj, use_bin_type=True)))
+    with pytest.raises(ImageError, match="malformed"):
+        read_round(str(d))
+
+
+def test_trailing_bytes_after_body_ignored(tmp_path):
+    # the header's length is authoritative
+    d = save(tmp_path / "r0", make_round())
+    put_round_bytes(d, round_bytes(d) + b"junk")
+    assert read_round(d) == make_round()
+
+
+def test_header_layout():
+    assert HEADER.size == 8 + 4 + 8 + 4
+    assert len(MAGIC) == 8
+
+
+# ---- once bugs -------------------------------------------------------------------------------
+
+def test_non_utf8_path_round_trips(tmp_path):
+    (v,) = parse_maps(b"7f0000000000-7f0000001000 r--p 00000000 fd:01 42 /tmp/caf\xe9.so\n")
+    assert v.path == "/tmp/caf\udce9.so"
+    r = make_round()
+    r.tasks[0].layout.append(v)
+    d = save(tmp_path / "r0", r)
+    got = read_round(str(d))
+    assert got.tasks[0].layout[-1] == v
+    assert os.fsencode(got.tasks[0].layout[-1].path) == b"/tmp/caf\xe9.so"
+
+
+def test_ragged_page_ranges_are_image_error(tmp_path):
+    m = encode_round(make_round())
+    m["tasks"][0]["pages"] = m["tasks"][0]["pages"][:-1]
+    d = tmp_path / "r0"
+    d.mkdir()
+    put_round_bytes(d, raw_image(msgpack.packb(m, use_bin_type=True)))
+    with pytest.raises(ImageError):
+        read_round(str(d))
