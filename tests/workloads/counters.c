@@ -5,6 +5,7 @@
  * Usage: counters sleep|busy
  * Env:   MB     buffer size in MiB (default 64)
  *        ITERS  exit 0 after that many iterations (default: run forever)
+ *        UPDATES  random buffer writes per iteration, i.e. the dirty rate (default 2000)
  *
  * Every 100 iterations it prints one line
  *   it=<N> sum=<hex16> rng=<hex16> win=<idx> acc=<%.17g> tls=<u> str=<s> brk=ok|FAIL ro=ok|BAD vdso=ok|BAD OK|MISMATCH
@@ -108,7 +109,7 @@ static int brk_ok(void *base)
 int main(int argc, char **argv)
 {
 	if (argc != 2 || (strcmp(argv[1], "sleep") && strcmp(argv[1], "busy"))) {
-		fprintf(stderr, "usage: %s sleep|busy  (env MB, ITERS)\n", argv[0]);
+		fprintf(stderr, "usage: %s sleep|busy  (env MB, ITERS, UPDATES)\n", argv[0]);
 		return 2;
 	}
 	int do_sleep = !strcmp(argv[1], "sleep");
@@ -118,6 +119,9 @@ int main(int argc, char **argv)
 		mb = strtoul(s, NULL, 10);
 	if (mb == 0)
 		mb = 1;
+	unsigned long updates = UPDATES_PER_ITER; /* UPDATES: buffer writes per iteration (dirty rate) */
+	if ((s = getenv("UPDATES")) && *s)
+		updates = strtoul(s, NULL, 10);
 	uint64_t iters = 0; /* 0 = forever */
 	if ((s = getenv("ITERS")) && *s)
 		iters = strtoull(s, NULL, 10);
@@ -190,7 +194,7 @@ int main(int argc, char **argv)
 		size_t wstart = ((it - 1) / WINDOW_MOVE_EVERY % nwin) * wlen;
 		uint64_t *win = buf + wstart;
 		/* hot loop: integer PRNG updates + AVX accumulator live in ymm regs */
-		for (int k = 0; k < UPDATES_PER_ITER; k++) {
+		for (unsigned long k = 0; k < updates; k++) {
 			uint64_t r = xorshift64(&rng);
 			uint64_t delta = r >> 40;
 			win[r % wlen] += delta;
