@@ -428,8 +428,9 @@ def plot(result: dict, path: Path) -> str | None:
     modes = [m for m in list(MODES) + CRIU_MODES if any(a["mode"] == m for a in summary)]
     rates = sorted({a["rate"] for a in summary})
     pmodes = [m for m in modes if m in MODES]
-    fig = plt.figure(figsize=(5.5 + 4.0 * max(1, len(pmodes)), 9.5), layout="constrained")
-    gs = fig.add_gridspec(2, max(1, len(pmodes)))
+    ncol = max(1, len(pmodes))
+    fig = plt.figure(figsize=(5.5 + 4.0 * ncol, 5.5 + 3.5 * len(rates)), layout="constrained")
+    gs = fig.add_gridspec(1 + len(rates), ncol, height_ratios=[1.6] + [1.0] * len(rates))
     ax = fig.add_subplot(gs[0, :])
     styles = ["-", "--", ":", "-."]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -457,23 +458,25 @@ def plot(result: dict, path: Path) -> str | None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
 
-    for i, mode in enumerate(pmodes):
-        axp = fig.add_subplot(gs[1, i])
-        rows = sorted((a for a in summary if a["mode"] == mode),
-                      key=lambda a: (a["rate"], a["size_mib"]))
-        labels = [f"{a['size_mib']}M\n{a['rate']}/ms" for a in rows]
-        bottom = [0.0] * len(rows)
-        for k, name in enumerate(PHASES):
-            vals = [a["downtime_phases_ms"].get(name) or 0.0 for a in rows]
-            axp.bar(range(len(rows)), vals, bottom=bottom, label=name,
-                    color=colors[k % len(colors)])
-            bottom = [b + v for b, v in zip(bottom, vals)]
-        axp.set_xticks(range(len(rows)), labels, fontsize=8)
-        axp.set_title(f"{mode}: downtime phases (median)")
-        axp.set_ylabel("ms")
-        axp.grid(True, axis="y", alpha=0.3)
-        if i == len(pmodes) - 1:
-            axp.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    # one row per dirty rate, one column per mode, each panel with its own linear scale
+    for r, rate in enumerate(rates):
+        for i, mode in enumerate(pmodes):
+            axp = fig.add_subplot(gs[1 + r, i])
+            rows = sorted((a for a in summary if a["mode"] == mode and a["rate"] == rate),
+                          key=lambda a: a["size_mib"])
+            bottom = [0.0] * len(rows)
+            for k, name in enumerate(PHASES):
+                vals = [a["downtime_phases_ms"].get(name) or 0.0 for a in rows]
+                axp.bar(range(len(rows)), vals, bottom=bottom, label=name,
+                        color=colors[k % len(colors)])
+                bottom = [b + v for b, v in zip(bottom, vals)]
+            axp.set_xticks(range(len(rows)), [f"{a['size_mib']} MiB" for a in rows],
+                           fontsize=8)
+            axp.set_title(f"{mode}, {rate} pages/ms: phases (median)", fontsize=10)
+            axp.set_ylabel("ms")
+            axp.grid(True, axis="y", alpha=0.3)
+            if r == 0 and i == ncol - 1:
+                axp.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
