@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict
 
 from .errors import PrerestoreError
+from .image import schema
 from .policy import ConvergencePolicy, is_last_round
 from .source.session import SourceSession, check_supported
 from .transport import control
@@ -88,14 +89,20 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
             if round_interval:
                 time.sleep(round_interval)
         final_dir = os.path.join(wd, "final")
-        r = session.dump(final_dir)
+        cpu = session.last_cpu()
+        daemon.request("pin", cpu=cpu)       # the final step runs on the source's CPU
+        r = session.dump(final_dir, write=False, cpu=cpu)
+        image = schema.encode_image(r)          # handed over in-band, written afterwards
         t_dumped = time.monotonic()
         try:
-            fin = daemon.request("finalize", dir=final_dir)["stats"]
+            fin = daemon.request("finalize", dir=final_dir, image=image)["stats"]
         except BaseException:
             session.resume()
             raise
         session.kill_frozen()
+        r.stats["phases_ms"]["encode_image"] = (t_dumped - r.stats["frozen_at"]) * 1e3 - \
+            sum(r.stats["phases_ms"].values())
+        schema.write_round(final_dir, r)
         frozen_at = r.stats["frozen_at"]
         phases = dict(r.stats["phases_ms"])
         phases["handoff"] = (fin["started_at"] - t_dumped) * 1e3

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 SPECIAL_VMAS = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]")
 RANGE = struct.Struct("=QQ")
 
 
-@dataclass(frozen=True)
-class Vma:
-    """One line of /proc/PID/maps."""
+class Vma(NamedTuple):
+    """One line of /proc/PID/maps. A NamedTuple: parsing maps is on the downtime path, and
+    building a frozen dataclass costs several times more per line."""
     start: int
     end: int
     prot: int
@@ -69,6 +70,8 @@ class LayoutDiff:
 def diff_layout(old: list[Vma], new: list[Vma]) -> LayoutDiff:
     """Compare two sorted, non-overlapping layouts (special VMAs excluded) piece by piece."""
     d = LayoutDiff()
+    if old == new:            # the common case, and the one on the downtime path
+        return d
     # unmap: parts of old not covered by new
     for o in old:
         for s, e in _subtract((o.start, o.end), [(n.start, n.end) for n in new]):
@@ -176,6 +179,7 @@ class ProcessState:
     fds: list[FileDescriptor]
     threads: list[ThreadState]
     shared_pending: list[bytes] = field(default_factory=list)
+    cpus: list[int] = field(default_factory=list)      # CPU affinity; empty: leave as is
 
 
 @dataclass

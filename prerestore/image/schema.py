@@ -53,7 +53,8 @@ def _state(s: ProcessState) -> dict:
             "sigactions": {n: [a.handler, a.flags, a.restorer, a.mask]
                            for n, a in s.sigactions.items()},
             "fds": [[f.fd, f.kind, f.path, f.flags, f.offset, list(f.dev_inode)] for f in s.fds],
-            "threads": [_thread(t) for t in s.threads], "shared_pending": s.shared_pending}
+            "threads": [_thread(t) for t in s.threads], "shared_pending": s.shared_pending,
+            "cpus": s.cpus}
 
 
 def encode_round(r: Round) -> dict:
@@ -81,7 +82,7 @@ def decode_round(m: dict) -> Round:
                                      tuple(t["robust_list"]), t["clear_child_tid"],
                                      tuple(t["sigaltstack"]), t["pending"])
                          for t in s["threads"]],
-                shared_pending=s["shared_pending"])
+                shared_pending=s["shared_pending"], cpus=list(s.get("cpus", [])))
         return Round(m["id"], m["index"], m["parent_id"], m["parent_path"], m["kind"],
                      m["source"], tasks, state, m.get("stats", {}))
     except (KeyError, TypeError, ValueError) as e:
@@ -90,13 +91,43 @@ def decode_round(m: dict) -> Round:
 
 # ---- files ------------------------------------------------------------------------------------
 
-def write_round(directory: str, r: Round) -> None:
+def encode_image(r: Round) -> bytes:
+    """The bytes of round.img for r."""
     # paths are kept byte-exact: non-UTF-8 names travel as surrogate escapes
     body = msgpack.packb(encode_round(r), use_bin_type=True, unicode_errors="surrogateescape")
-    header = HEADER.pack(MAGIC, VERSION, len(body), zlib.crc32(body))
+    return HEADER.pack(MAGIC, VERSION, len(body), zlib.crc32(body)) + body
+
+
+def decode_image(data: bytes, where: str) -> Round:
+    """Check and decode the bytes of a round.img; `where` names it in errors."""
+    if len(data) < HEADER.size:
+        raise ImageError(f"{where}: truncated ({len(data)} bytes, header alone is {HEADER.size})")
+    magic, version, length, crc = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ImageError(f"{where}: not a prerestore image (magic {magic!r})")
+    if version != VERSION:
+        raise ImageError(f"{where}: image format version {version}; this prerestore reads "
+                         f"version {VERSION}")
+    body = data[HEADER.size:]
+    if len(body) < length:
+        raise ImageError(f"{where}: truncated (metadata is {len(body)} of {length} bytes)")
+    body = body[:length]
+    if zlib.crc32(body) != crc:
+        raise ImageError(f"{where}: corrupt (metadata checksum mismatch)")
+    try:
+        m = msgpack.unpackb(body, raw=False, strict_map_key=False,
+                            unicode_errors="surrogateescape")
+    except Exception as e:  # msgpack raises several types for garbage
+        raise ImageError(f"{where}: corrupt metadata ({e})") from None
+    if not isinstance(m, dict):
+        raise ImageError(f"{where}: corrupt metadata (not a map)")
+    return decode_round(m)
+
+
+def write_round(directory: str, r: Round) -> None:
     tmp = os.path.join(directory, ROUND_FILE + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(header + body)
+        f.write(encode_image(r))
     os.rename(tmp, os.path.join(directory, ROUND_FILE))   # a round exists only once complete
 
 
@@ -108,26 +139,7 @@ def read_round(directory: str) -> Round:
     except FileNotFoundError:
         raise ImageError(f"{directory}: no {ROUND_FILE}: not an image directory "
                          "(or the round was never completed)") from None
-    if len(data) < HEADER.size:
-        raise ImageError(f"{path}: truncated ({len(data)} bytes, header alone is {HEADER.size})")
-    magic, version, length, crc = HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise ImageError(f"{path}: not a prerestore image (magic {magic!r})")
-    if version != VERSION:
-        raise ImageError(f"{path}: image format version {version}; this prerestore reads "
-                         f"version {VERSION}")
-    body = data[HEADER.size:]
-    if len(body) < length:
-        raise ImageError(f"{path}: truncated (metadata is {len(body)} of {length} bytes)")
-    body = body[:length]
-    if zlib.crc32(body) != crc:
-        raise ImageError(f"{path}: corrupt (metadata checksum mismatch)")
-    try:
-        m = msgpack.unpackb(body, raw=False, strict_map_key=False,
-                            unicode_errors="surrogateescape")
-    except Exception as e:  # msgpack raises several types for garbage
-        raise ImageError(f"{path}: corrupt metadata ({e})") from None
-    r = decode_round(m)
+    r = decode_image(data, path)
     check_pages_file(directory, r)
     return r
 

@@ -18,23 +18,36 @@ def _read(pid: int, name: str) -> bytes:
         raise ProcessGone(errno.ESRCH, f"read /proc/{pid}/{name}", pid) from None
 
 
+_PERMS = {}
+for _r in "r-":
+    for _w in "w-":
+        for _x in "x-":
+            for _s in "sp":
+                _PERMS[f"{_r}{_w}{_x}{_s}".encode()] = (
+                    (PROT_READ if _r == "r" else 0) | (PROT_WRITE if _w == "w" else 0)
+                    | (PROT_EXEC if _x == "x" else 0), _s == "s")
+
+
 def parse_maps(data: bytes) -> list[Vma]:
+    """Lines of "start-end perms offset dev inode      path"; the path may contain spaces.
+    Kept lean: it runs on the downtime path."""
     out = []
     for line in data.splitlines():
-        # "start-end perms offset dev inode      path" — the path may contain spaces
         parts = line.split(None, 5)
-        start, end = (int(x, 16) for x in parts[0].split(b"-"))
-        perms = parts[1]
-        prot = (PROT_READ if perms[0:1] == b"r" else 0) | (PROT_WRITE if perms[1:2] == b"w" else 0) \
-            | (PROT_EXEC if perms[2:3] == b"x" else 0)
-        path = parts[5].decode(errors="surrogateescape") if len(parts) > 5 else ""
-        out.append(Vma(start, end, prot, perms[3:4] == b"s", int(parts[2], 16), path,
+        start, _, end = parts[0].partition(b"-")
+        prot, shared = _PERMS[parts[1]]
+        out.append(Vma(int(start, 16), int(end, 16), prot, shared, int(parts[2], 16),
+                       parts[5].decode(errors="surrogateescape") if len(parts) > 5 else "",
                        int(parts[4]), parts[3].decode()))
     return out
 
 
 def maps(pid: int) -> list[Vma]:
     return parse_maps(_read(pid, "maps"))
+
+
+def maps_raw(pid: int) -> bytes:
+    return _read(pid, "maps")
 
 
 def status(pid: int) -> dict[str, str]:
@@ -136,7 +149,7 @@ def umask(pid: int) -> int:
 
 def rlimits(pid: int) -> dict[int, tuple[int, int]]:
     from . import native
-    return {res: native.prlimit(pid, res, None) for res in range(16)}
+    return native.get_rlimits(pid, 16)
 
 
 def boot_id() -> str:

@@ -19,7 +19,7 @@ from ..kernel import native
 from ..transport import control
 from .staged import StagedProcess
 
-OPS = ("stage", "finalize", "abort", "status")
+OPS = ("stage", "finalize", "abort", "status", "pin")
 
 
 class StageService:
@@ -33,6 +33,12 @@ class StageService:
         if op == "status":
             return {"ok": True, "rounds": [d for d, _ in self.staged.applied],
                     "husk": self.staged.husk.host_pid if self.staged.husk else None}, False
+        if op == "pin":
+            cpu = msg.get("cpu")
+            if not isinstance(cpu, int) or cpu not in os.sched_getaffinity(0):
+                raise ProtocolError(f"cannot pin to cpu {cpu!r}")
+            self.staged.pin(cpu)
+            return {"ok": True}, False
         if op == "abort":
             self.staged.abort()
             return {"ok": True}, True
@@ -42,7 +48,10 @@ class StageService:
         try:
             if op == "stage":
                 return {"ok": True, "stats": self.staged.stage(directory)}, False
-            return {"ok": True, "stats": self.staged.finalize(directory)}, True
+            image = msg.get("image")
+            if image is not None and not isinstance(image, bytes):
+                raise ProtocolError("in-band image must be bytes")
+            return {"ok": True, "stats": self.staged.finalize(directory, image)}, True
         except PrerestoreError as e:
             return control.error_reply(e), op == "finalize"
         except Exception as e:           # a bug: say so, leave nothing half-restored behind

@@ -251,6 +251,10 @@ class Husk:
                                                          self.host_pid, self.mem_fd, task.pages)
         return nbytes, forced
 
+    def pin(self, cpu: int) -> None:
+        """Run on `cpu` from now on, like its tracer: see SourceSession.dump."""
+        os.sched_setaffinity(self.host_pid, {cpu})
+
     def _lowest_free_fd(self) -> int:
         fd = 0
         while fd in self.fds:
@@ -374,6 +378,8 @@ class Husk:
             regs["orig_rax"] = 0xFFFFFFFFFFFFFFFF
         t = self.tracee
         maybe_fail("resume")
+        if state.cpus:
+            os.sched_setaffinity(self.host_pid, state.cpus)
         t.set_sigmask(th.sigmask)
         t.set_regs(regs)
         t.set_xstate(th.xstate)

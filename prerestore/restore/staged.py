@@ -25,9 +25,21 @@ class StagedProcess:
     def last_id(self) -> str | None:
         return self.applied[-1][1].id if self.applied else None
 
-    def _pending_rounds(self, directory: str) -> list[tuple[str, Round]]:
-        """The rounds of `directory`'s chain that are not applied yet, checked for order."""
-        chain = schema.read_chain(directory)
+    def _pending_rounds(self, directory: str, r: Round | None = None
+                        ) -> list[tuple[str, Round]]:
+        """The rounds of `directory`'s chain (ending with r if given) that are not applied
+        yet, checked for order. The usual next round is read alone, not its whole chain."""
+        if r is None:
+            r = schema.read_round(directory)
+        if self.applied and r.parent_id == self.last_id:
+            return [(directory, r)]
+        chain = []
+        if r.parent_id:
+            chain = schema.read_chain(schema.parent_dir(directory, r))
+            if chain[-1][1].id != r.parent_id:
+                raise ImageError(f"{directory}: parent image {chain[-1][0]} has id "
+                                 f"{chain[-1][1].id}, expected {r.parent_id} (mismatched parent)")
+        chain.append((directory, r))
         if not self.applied:
             return chain
         ids = [r.id for _, r in chain]
@@ -70,11 +82,16 @@ class StagedProcess:
             self.abort()
             raise
 
-    def finalize(self, directory: str) -> dict:
-        """Apply the final image and resume. Returns timings (monotonic clock)."""
+    def finalize(self, directory: str, image: bytes | None = None) -> dict:
+        """Apply the final image (read from directory, or handed over in-band as the bytes
+        of its round.img) and resume. Returns timings (monotonic clock)."""
         t0 = time.monotonic()
         try:
-            pending = self._pending_rounds(directory)
+            final = None
+            if image is not None:
+                final = schema.decode_image(image, f"final image for {directory}")
+                schema.check_pages_file(directory, final)
+            pending = self._pending_rounds(directory, final)
             if not pending or not pending[-1][1].is_final:
                 raise ImageError(f"{directory}: not a final image (made by `dump`)")
             mem = [self._apply(d, r) for d, r in pending]
@@ -98,6 +115,12 @@ class StagedProcess:
                 "memory": _sum_stats(mem), "state": state_stats,
                 "pid": self.husk.pid, "host_pid": self.husk.host_pid,
                 "init_pid": self.husk.init_pid}
+
+    def pin(self, cpu: int) -> None:
+        """Put us and the husk on one CPU for the final step (see SourceSession.dump)."""
+        os.sched_setaffinity(0, {cpu})
+        if self.husk is not None:
+            self.husk.pin(cpu)
 
     def abort(self) -> None:
         if self.husk is not None and not self.husk.resumed:

@@ -82,6 +82,7 @@ class SourceSession:
         self.last_layout: list[Vma] | None = None
         self.last_round: tuple[str, Round] | None = None
         self.frozen: Tracee | None = None
+        self._maps_raw, self._maps_parsed = b"", []
 
     # ---- rounds -----------------------------------------------------------------------------
 
@@ -90,34 +91,65 @@ class SourceSession:
         check_supported(self.pid)
         return self._write_round(directory, "predump", state=None)
 
-    def dump(self, directory: str) -> Round:
-        """Freeze the process and write the final image. It stays frozen (self.frozen) until
-        kill_frozen() or resume()."""
-        t0 = time.monotonic()      # the clock the destination reports resumption in
-        check_supported(self.pid)
+    def last_cpu(self) -> int:
+        """The CPU the process last ran on."""
+        return int(procfs.stat_fields(self.pid)[39])
+
+    def dump(self, directory: str, *, write: bool = True, cpu: int | None = None) -> Round:
+        """Freeze the process and make the final image (written to directory unless
+        write=False: the caller hands it over in-band and writes it after the switch).
+        The process stays frozen (self.frozen) until kill_frozen() or resume().
+
+        cpu: run on that CPU meanwhile. Every injected batch is a round trip to the
+        process; waking a task on another CPU costs an IPI, which in a VM can take longer
+        than the work itself, so the whole final step runs on one CPU."""
+        check_supported(self.pid)      # refuse before freezing
+        if cpu is not None:
+            mask = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {cpu})
+            try:
+                return self.dump(directory, write=write)
+            finally:
+                os.sched_setaffinity(0, mask)
+        t0 = time.monotonic()          # the clock the destination reports resumption in
         self.frozen = Tracee(self.pid)
         try:
             self.frozen.stop()
             t_frozen = time.monotonic()
-            state = self._collect_state(self.frozen)
+            status = procfs.status(self.pid)          # it may have changed since the check
+            if status.get("Threads") != "1" or procfs.children(self.pid):
+                raise UnsupportedState(f"pid {self.pid} started a thread or a child process "
+                                       "while being frozen")
+            layout = self._layout()
+            state = self._collect_state(self.frozen, layout, status)
             t_state = time.monotonic()
-            r = self._write_round(directory, "dump", state=state, write=False)
+            r = self._write_round(directory, "dump", state=state, write=False, layout=layout)
             t_pages = time.monotonic()
             r.stats["phases_ms"] = {"freeze": (t_frozen - t0) * 1e3,
                                     "collect_state": (t_state - t_frozen) * 1e3,
                                     "last_pages": (t_pages - t_state) * 1e3}
             r.stats["frozen_at"] = t0          # CLOCK_MONOTONIC: comparable on this boot only
-            schema.write_round(directory, r)
-            r.stats["phases_ms"]["write_image"] = (time.monotonic() - t_pages) * 1e3
+            if write:
+                schema.write_round(directory, r)
+                r.stats["phases_ms"]["write_image"] = (time.monotonic() - t_pages) * 1e3
             return r
         except BaseException:
             self.resume()
             raise
 
-    def _write_round(self, directory: str, kind: str, state, write: bool = True) -> Round:
+    def _layout(self) -> list[Vma]:
+        """The current maps; parsed only when they changed since the last look (parsing is
+        the expensive part, and on the downtime path the maps rarely changed)."""
+        raw = procfs.maps_raw(self.pid)
+        if raw != self._maps_raw:
+            self._maps_raw, self._maps_parsed = raw, procfs.parse_maps(raw)
+        return self._maps_parsed
+
+    def _write_round(self, directory: str, kind: str, state, write: bool = True,
+                     layout: list[Vma] | None = None) -> Round:
         t0 = time.perf_counter()
         os.makedirs(directory, exist_ok=True)
-        layout = procfs.maps(self.pid)
+        layout = layout if layout is not None else self._layout()
         mem = memory_vmas(layout)
         prev = self.last_layout
         if prev is None:
@@ -179,9 +211,14 @@ class SourceSession:
 
     # ---- state ------------------------------------------------------------------------------
 
-    def _collect_state(self, t: Tracee) -> ProcessState:
+    def _collect_state(self, t: Tracee, layout: list[Vma], status: dict[str, str]
+                       ) -> ProcessState:
+        """All but memory, with the process frozen: one injected batch for what only the
+        process can tell (brk, clear_child_tid, sigaltstack, the actions of the signals it
+        catches or ignores), ptrace and /proc for the rest."""
         pid = self.pid
-        layout = procfs.maps(pid)
+        handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
+        signals = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1]
         vdso = next(v for v in layout if v.path == "[vdso]")
         saved_regs, saved_mask = t.regs(), t.sigmask()
         t.set_sigmask(ALL_SIGNALS)     # nothing gets delivered while we run calls in it
@@ -195,7 +232,7 @@ class SourceSession:
             b.call(lib.SYS_brk, 0)
             b.call(lib.SYS_prctl, lib.PR_GET_TID_ADDRESS, tid_addr)
             b.call(lib.SYS_sigaltstack, 0, ss_addr)
-            for sig in range(1, 65):
+            for sig in signals:
                 b.call(lib.SYS_rt_sigaction, sig, 0, sa_addr + KSIGACTION.size * sig, 8)
             results = remote.run(b)
             data_addr = remote.scratch.data_addr
@@ -208,10 +245,9 @@ class SourceSession:
         clear_child_tid = struct.unpack_from("=Q", data, rel(tid_addr))[0]
         ss_sp, ss_flags, _, ss_size = STACK_T.unpack_from(data, rel(ss_addr))
         sigactions = {}
-        for sig in range(1, 65):
+        for sig in signals:
             h, fl, rest, mask = KSIGACTION.unpack_from(data, rel(sa_addr + KSIGACTION.size * sig))
-            if h or fl or mask:
-                sigactions[sig] = SigAction(h, fl, rest, mask)
+            sigactions[sig] = SigAction(h, fl, rest, mask)
         brk = results[0]
         rseq = None
         try:
@@ -232,10 +268,11 @@ class SourceSession:
             fds.append(desc)
         return ProcessState(
             pid=pid, comm=procfs.comm(pid), exe=procfs.readlink(pid, "exe"),
-            cwd=procfs.readlink(pid, "cwd"), umask=procfs.umask(pid),
+            cwd=procfs.readlink(pid, "cwd"), umask=int(status.get("Umask", "0022"), 8),
             mm=procfs.mm_fields(procfs.stat_fields(pid), brk), auxv=procfs.auxv(pid),
             rlimits=procfs.rlimits(pid), sigactions=sigactions, fds=fds, threads=[thread],
-            shared_pending=native.peek_siginfo(pid, shared=True))
+            shared_pending=native.peek_siginfo(pid, shared=True),
+            cpus=sorted(os.sched_getaffinity(pid)))
 
     # ---- the end of the source --------------------------------------------------------------
 

@@ -1,0 +1,81 @@
+"""Kernel state that the counters workload does not exercise: comm, cwd, umask, rlimits,
+sigaltstack, blocked and pending signals with their siginfo, signal action flags and masks,
+fd offsets and flags, rseq. kstate prints it on SIGUSR1; after migration it must print exactly
+what it would have printed without one."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+
+import pytest
+
+from migration import Cleanup, helper_processes, needs_root, prerestore, wait_for_line
+from workloads import start_workload
+
+from prerestore.kernel import native
+from prerestore.kernel.tracee import Tracee
+from prerestore.migrate import migrate
+from prerestore.policy import ConvergencePolicy
+
+pytestmark = needs_root
+SOURCE = os.path.join(os.path.dirname(__file__), "workloads", "kstate.c")
+
+EXPECTED = {
+    "comm": "kstate-test", "umask": "027", "nofile": "777/4096", "altstack": "same/65536",
+    "mask_usr2": "1", "usr2_flags": hex(0x4 | 0x08000000 | 0x10000000), "usr2_mask_term": "1",
+    "append_off": "6", "append_flag": "1", "plain_off": "3", "plain_cloexec": "1",
+    "heap": "heap-is-intact", "ro": "read-only-page", "pending_value": "4242",
+    "on_altstack": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def kstate_bin(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kstate") / "kstate"
+    subprocess.run(["cc", "-O2", "-o", str(out), SOURCE], check=True)
+    return out
+
+
+def report(log, host_pid: int) -> dict:
+    """Ask for the state line and parse it."""
+    os.kill(host_pid, signal.SIGUSR1)
+    assert wait_for_line(log, "pending_value=", 10), open(log).read()
+    line = next(l for l in open(log).read().splitlines() if l.startswith("state "))
+    return dict(re.findall(r"(\w+)=(\S+)", line))
+
+
+def rseq_of(pid: int):
+    with Tracee(pid):
+        return native.get_rseq(pid)
+
+
+@pytest.mark.parametrize("how", ["prerestore", "cold"])
+def test_kernel_state_survives(kstate_bin, tmp_path, how):
+    work = tmp_path / "workdir"
+    work.mkdir()
+    log = tmp_path / "out.log"
+    src = start_workload([kstate_bin, work], log)
+    cleanup = Cleanup()
+    try:
+        rseq_before = rseq_of(src.pid)
+        assert rseq_before[0] != 0, "glibc registered no rseq area"
+        report_dir = str(tmp_path / "images")
+        r = migrate(src.pid, cold=(how == "cold"), work_dir=report_dir,
+                    policy=ConvergencePolicy(min_rounds=3, max_rounds=3))
+        cleanup.add(r["namespace_init_pid"], r["restored_host_pid"])
+        src.wait(10)
+        host = r["restored_host_pid"]
+        state = report(log, host)
+        assert {k: state.get(k) for k in EXPECTED} == EXPECTED
+        assert state["cwd"] == "workdir"
+        ptr, size, sig, _ = rseq_of(host)
+        assert (ptr, size, sig) == rseq_before[:3]
+        # the fds are the same open files: the report appended to the same log
+        assert (work / "append.log").read_text() == "first\nreport\n"
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)
+        assert not helper_processes(src.pid)
