@@ -655,3 +655,110 @@ int pr_set_pdeathsig(int sig, int parent)
         return ERR;
     return getppid() == parent ? 0 : -ESRCH;
 }
+
+/* ---- the fallback without userfaultfd WP_ASYNC / PAGEMAP_SCAN (Linux < 6.7) ----------------- */
+
+#define PM_PRESENT (1ULL << 63)
+#define PM_FILE (1ULL << 61)
+#define PM_BATCH 4096 /* pagemap entries per pread */
+
+/* A 64-bit hash of one page: two multiply-xorshift lanes over its 512 words. Changes that
+ * collide in both lanes are what this fallback can miss; it says so when it is in use. */
+static uint64_t page_hash(const uint64_t *w)
+{
+    uint64_t a = 0x243F6A8885A308D3ULL, b = 0x13198A2E03707344ULL;
+    for (int i = 0; i < 512; i += 2) {
+        a = (a ^ w[i]) * 0x9E3779B97F4A7C15ULL;
+        a ^= a >> 29;
+        b = (b ^ w[i + 1]) * 0xC2B2AE3D27D4EB4FULL;
+        b ^= b >> 31;
+    }
+    uint64_t h = a ^ (b * 0x165667B19E3779F9ULL);
+    return h ? h : 1; /* 0 means "not present" */
+}
+
+/* Walk pages [start, end) with /proc/PID/pagemap. For each page compute 0 if it is not
+ * present (or is a page-cache page of a file mapping: its content is the file's), else the
+ * hash of its content; compare with hashes[i] (when `compare`), store the new value, and append
+ * the pages that differ to `out` as regions (categories: PR_PAGE_IS_PRESENT if present now).
+ * Returns the number of regions, or -ENOSPC if `out` is too small (hashes then are partly
+ * updated: callers size `out` for the worst case, one region per two pages). */
+long pr_hash_scan(int pid, int mem_fd, int pagemap_fd, uint64_t start, uint64_t end,
+                  uint64_t *hashes, int compare, struct pr_page_region *out, long cap)
+{
+    static uint64_t pm[PM_BATCH];
+    char *buf = bounce_buffer();
+    if (!buf)
+        return -ENOMEM;
+    long got = 0;
+    for (uint64_t base = start; base < end;) {
+        uint64_t n = (end - base) / PAGE;
+        if (n > PM_BATCH)
+            n = PM_BATCH;
+        ssize_t r = pread(pagemap_fd, pm, n * 8, (off_t)(base / PAGE * 8));
+        if (r != (ssize_t)(n * 8))
+            return r < 0 ? ERR : -EIO;
+        /* read the present private pages of this batch in runs */
+        for (uint64_t i = 0; i < n;) {
+            int present = (pm[i] & PM_PRESENT) && !(pm[i] & PM_FILE);
+            uint64_t j = i + 1;
+            while (j < n && j - i < COPY_CHUNK / PAGE &&
+                   (((pm[j] & PM_PRESENT) && !(pm[j] & PM_FILE)) == present))
+                j++;
+            if (present) {
+                struct iovec l = {buf, (j - i) * PAGE}, rv = {(void *)(base + i * PAGE), (j - i) * PAGE};
+                if (vm_transfer(pid, mem_fd, &l, &rv, 1, 0, NULL) < 0)
+                    memset(buf, 0, (j - i) * PAGE);   /* gone meanwhile: differs, is resent */
+            }
+            for (uint64_t k = i; k < j; k++) {
+                uint64_t idx = (base - start) / PAGE + k;
+                uint64_t h = present ? page_hash((uint64_t *)(buf + (k - i) * PAGE)) : 0;
+                if (compare && h != hashes[idx]) {
+                    uint64_t a = base + k * PAGE, cat = present ? PR_PAGE_IS_PRESENT : 0;
+                    if (got && out[got - 1].end == a && out[got - 1].categories == cat)
+                        out[got - 1].end += PAGE;
+                    else {
+                        if (got == cap)
+                            return -ENOSPC;
+                        out[got++] = (struct pr_page_region){a, a + PAGE, cat};
+                    }
+                }
+                hashes[idx] = h;
+            }
+            i = j;
+        }
+        base += n * PAGE;
+    }
+    return got;
+}
+
+/* Present private pages of [start, end) from /proc/PID/pagemap, as regions (PAGEMAP_SCAN's
+ * PRESENT && !FILE, for kernels without PAGEMAP_SCAN). Returns the count or -ENOSPC. */
+long pr_pagemap_present(int pagemap_fd, uint64_t start, uint64_t end,
+                        struct pr_page_region *out, long cap)
+{
+    static uint64_t pm[PM_BATCH];
+    long got = 0;
+    for (uint64_t base = start; base < end;) {
+        uint64_t n = (end - base) / PAGE;
+        if (n > PM_BATCH)
+            n = PM_BATCH;
+        ssize_t r = pread(pagemap_fd, pm, n * 8, (off_t)(base / PAGE * 8));
+        if (r != (ssize_t)(n * 8))
+            return r < 0 ? ERR : -EIO;
+        for (uint64_t k = 0; k < n; k++) {
+            if (!(pm[k] & PM_PRESENT) || (pm[k] & PM_FILE))
+                continue;
+            uint64_t a = base + k * PAGE;
+            if (got && out[got - 1].end == a)
+                out[got - 1].end += PAGE;
+            else {
+                if (got == cap)
+                    return -ENOSPC;
+                out[got++] = (struct pr_page_region){a, a + PAGE, PR_PAGE_IS_PRESENT};
+            }
+        }
+        base += n * PAGE;
+    }
+    return got;
+}

@@ -45,7 +45,8 @@ def cmd_predump(args) -> int:
         log = os.path.join(args.images_dir, "tracker.log")
         proc = control.spawn_daemon("prerestore.source.trackerd",
                                     ["--pid", str(args.tree), "--socket", path,
-                                     "--first-round", os.path.abspath(args.images_dir)],
+                                     "--first-round", os.path.abspath(args.images_dir),
+                                     "--tracking", args.tracking],
                                     log, False)
         try:
             client.wait_ready(proc, timeout=600)
@@ -53,7 +54,11 @@ def cmd_predump(args) -> int:
             with open(log) as f:
                 tail = f.read().strip().splitlines()[-1:]
             raise PrerestoreError(f"predump failed: {tail[0] if tail else 'see ' + log}") from None
-        stats = schema.read_round(args.images_dir).stats
+        r0 = schema.read_round(args.images_dir)
+        stats = r0.stats
+        if r0.source.get("tracking") == "page-hash":
+            print("warning: dirty tracking by page hashes (no userfaultfd WP_ASYNC here): "
+                  "every round reads all memory", file=sys.stderr)
     print(f"predump: {stats['pages']} pages ({stats['bytes'] / 2**20:.1f} MiB) -> "
           f"{args.images_dir}")
     return 0
@@ -157,7 +162,7 @@ def cmd_migrate(args) -> int:
     policy = ConvergencePolicy(max_rounds=args.max_rounds, min_rounds=args.min_rounds,
                                target_pages=args.target_pages)
     report = migrate(args.tree, pidns=not args.no_pidns, cold=args.cold,
-                     direct=not args.via_files, work_dir=args.work_dir,
+                     direct=not args.via_files, tracking=args.tracking, work_dir=args.work_dir,
                      policy=policy, round_interval=args.round_interval / 1e3,
                      keep_images=args.keep_images,
                      progress=lambda m: print(m, flush=True) if not args.quiet else None)
@@ -204,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--tree", type=int, required=True, help="pid of the process")
     p.add_argument("-D", "--images-dir", required=True)
     p.add_argument("--prev-images-dir", help="the previous round (omit for round 0)")
+    p.add_argument("--tracking", choices=("auto", "uffd-wp", "page-hash"), default="auto",
+                   help="dirty-page tracking for this chain (with round 0)")
     p.set_defaults(func=cmd_predump)
 
     p = sub.add_parser("dump", help="freeze the process and write the final image")
@@ -244,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--via-files", action="store_true",
                    help="carry pages in image files (as between hosts) instead of reading them "
                         "straight from the source")
+    p.add_argument("--tracking", choices=("auto", "uffd-wp", "page-hash"), default="auto",
+                   help="dirty-page tracking (auto: uffd-wp where the kernel has it)")
     p.add_argument("--max-rounds", type=int, default=8)
     p.add_argument("--min-rounds", type=int, default=2)
     p.add_argument("--target-pages", type=int, default=256)

@@ -53,7 +53,7 @@ class StageDaemonClient(control.ControlClient):
 
 
 def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = True,
-            work_dir: str | None = None,
+            tracking: str = "auto", work_dir: str | None = None,
             policy: ConvergencePolicy = ConvergencePolicy(), round_interval: float = 0.0,
             keep_images: bool = False, progress=lambda msg: None) -> dict:
     """Migrate pid; returns the report (rounds, downtime and its phases, totals)."""
@@ -66,7 +66,12 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
                     "policy": asdict(policy), "work_dir": wd}
     try:
         daemon = StageDaemonClient(wd, pidns)
-        session = SourceSession(pid, track=not cold, direct=direct)
+        session = SourceSession(pid, track=not cold, direct=direct, tracking=tracking)
+        if session.tracker is not None:
+            report["tracking"] = session.tracker.mode
+            if hasattr(session.tracker, "warning"):
+                report["tracking_warning"] = session.tracker.warning
+                progress("warning: " + session.tracker.warning)
         pages: list[int] = []
         while not cold:
             k = len(pages)

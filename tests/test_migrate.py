@@ -116,3 +116,20 @@ def test_cold_migrate_in_pidns(workload_bins, tmp_path, cleanup):
     assert report["rounds"] == [] and report["mode"] == "cold"
     assert report["final"]["pages"] > 32 * 256       # the whole 32 MiB buffer at the end
     check_restored(log, argv, src.pid, report["restored_host_pid"])
+
+
+@pytest.mark.parametrize("mode", ["sleep", "busy"])
+def test_page_hash_tracking_fallback(workload_bins, tmp_path, cleanup, mode):
+    """Without userfaultfd WP_ASYNC (forced here) rounds compare page hashes instead."""
+    argv = workload_argv(workload_bins, "counters", mode)
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log, env=ENV)
+    cleanup.sources.append(src.pid)
+    wait_for_iteration(log, 200, pid=src.pid)
+    report = migrate(src.pid, policy=POLICY, tracking="page-hash",
+                     work_dir=str(tmp_path / "images"))
+    cleanup.add(report["namespace_init_pid"], report["restored_host_pid"])
+    src.wait(10)
+    assert report["tracking"] == "page-hash" and "page hashes" in report["tracking_warning"]
+    assert 0 < report["rounds"][1]["pages"] < report["rounds"][0]["pages"]
+    check_restored(log, argv, src.pid, report["restored_host_pid"])

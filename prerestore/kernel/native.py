@@ -231,6 +231,32 @@ def scan_ranges(pagemap_fd: int, areas: bytes, *, flags: int = 0, inverted: int 
     return ScanResult(b"".join(chunks)), untracked
 
 
+def hash_scan(pid: int, mem_fd: int, pagemap_fd: int, start: int, end: int,
+              hashes: bytearray, compare: bool) -> ScanResult:
+    """Hash every page of [start, end) into `hashes` (u64 per page); with compare, return
+    the pages whose hash changed (categories: PAGE_IS_PRESENT if present now)."""
+    npages = (end - start) // PAGE_SIZE
+    assert len(hashes) == 8 * npages
+    cap = npages // 2 + 2 if compare else 1
+    out = ffi.new("struct pr_page_region[]", cap)
+    n = check(lib.pr_hash_scan(pid, mem_fd, pagemap_fd, start, end,
+                               ffi.from_buffer("uint64_t[]", hashes), int(compare), out, cap),
+              "hash pages (/proc/PID/pagemap, process_vm_readv)", pid)
+    return ScanResult(ffi.buffer(out, 24 * n)[:])
+
+
+def pagemap_present(pagemap_fd: int, areas: bytes, pid: int | None = None) -> ScanResult:
+    """Present private pages of the packed areas, read from /proc/PID/pagemap."""
+    chunks = []
+    for start, end in RANGE.iter_unpack(areas):
+        cap = (end - start) // PAGE_SIZE // 2 + 2
+        out = ffi.new("struct pr_page_region[]", cap)
+        n = check(lib.pr_pagemap_present(pagemap_fd, start, end, out, cap),
+                  "read /proc/PID/pagemap", pid)
+        chunks.append(ffi.buffer(out, 24 * n)[:])
+    return ScanResult(b"".join(chunks))
+
+
 def uffd_api(uffd: int, features: int) -> int:
     got = ffi.new("uint64_t *")
     check(lib.pr_uffd_api(uffd, features, got), "ioctl(UFFDIO_API)")

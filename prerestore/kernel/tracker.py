@@ -11,6 +11,7 @@ lives in whatever process drives the rounds: the migrate command, or a tracker d
 separate `predump` invocations."""
 from __future__ import annotations
 
+import errno
 import os
 
 from ..errors import KernelCallError, UnsupportedState
@@ -97,8 +98,101 @@ class DirtyTracker:
 
 def scan_present(pagemap_fd: int, areas: bytes, pid: int):
     """Pages worth copying in the packed areas: present, private (not the page cache's own
-    page) and not the shared zero page. uffd-wp markers read as SWAPPED: never ask for it."""
-    res, _ = native.scan_ranges(pagemap_fd, areas, mask=PAGE_CATEGORIES,
-                                inverted=native.PAGE_IS_FILE | native.PAGE_IS_PFNZERO,
-                                return_mask=native.PAGE_IS_PRESENT, pid=pid)
-    return res
+    page) and not the shared zero page. uffd-wp markers read as SWAPPED: never ask for it.
+    Kernels without PAGEMAP_SCAN (< 6.7) are answered from /proc/PID/pagemap."""
+    try:
+        res, _ = native.scan_ranges(pagemap_fd, areas, mask=PAGE_CATEGORIES,
+                                    inverted=native.PAGE_IS_FILE | native.PAGE_IS_PFNZERO,
+                                    return_mask=native.PAGE_IS_PRESENT, pid=pid)
+        return res
+    except KernelCallError as e:
+        if e.errno not in (errno.ENOTTY, errno.EINVAL):
+            raise
+        return native.pagemap_present(pagemap_fd, areas, pid)
+
+
+class HashTracker:
+    """The fallback where userfaultfd WP_ASYNC or PAGEMAP_SCAN is missing: every round reads
+    every tracked page and compares a 64-bit hash of it with the last round's. It needs no
+    help from the kernel, but each round (the final one included) reads all of the memory,
+    and a change that leaves both hash lanes equal goes unseen: it is reported as such."""
+
+    mode = "page-hash"
+    warning = ("dirty tracking by page hashes: this kernel lacks userfaultfd WP_ASYNC / "
+               "PAGEMAP_SCAN (Linux >= 6.7); every round reads all memory")
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.pagemap_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        self.segments: list[tuple[int, int, bytearray]] = []   # sorted, hashes per page
+
+    def _covering(self, start: int, end: int) -> bytearray | None:
+        """The hashes of [start, end) if all of it is tracked."""
+        parts, cur = [], start
+        for s, e, h in self.segments:
+            if e <= cur or s >= end:
+                continue
+            if s > cur:
+                return None
+            lo, hi = (cur - s) // 4096, (min(e, end) - s) // 4096
+            parts.append(h[8 * lo:8 * hi])
+            cur = min(e, end)
+        return bytearray(b"".join(parts)) if cur >= end else None
+
+    def _store(self, start: int, end: int, hashes: bytearray) -> None:
+        keep = []
+        for s, e, h in self.segments:
+            if e <= start or s >= end:
+                keep.append((s, e, h))
+                continue
+            if s < start:
+                keep.append((s, start, h[:8 * ((start - s) // 4096)]))
+            if e > end:
+                keep.append((end, e, h[8 * ((end - s) // 4096):]))
+        keep.append((start, end, hashes))
+        self.segments = sorted(keep, key=lambda x: x[0])
+
+    def protect(self, ranges: list[tuple[int, int]]) -> None:
+        for start, end in ranges:
+            h = bytearray(8 * ((end - start) // 4096))
+            native.hash_scan(self.pid, self.mem_fd, self.pagemap_fd, start, end, h, False)
+            self._store(start, end, h)
+
+    def scan_written(self, areas: bytes):
+        chunks, untracked = [], []
+        for i, (start, end) in enumerate(native.RANGE.iter_unpack(areas)):
+            h = self._covering(start, end)
+            if h is None:
+                untracked.append(i)
+                continue
+            chunks.append(native.hash_scan(self.pid, self.mem_fd, self.pagemap_fd, start, end,
+                                           h, True).raw)
+            self._store(start, end, h)
+        return native.ScanResult(b"".join(chunks)), untracked
+
+    def classify(self, ranges: bytes):
+        return native.pagemap_present(self.pagemap_fd, ranges, self.pid)
+
+    def close(self) -> None:
+        for fd in (self.pagemap_fd, self.mem_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.pagemap_fd = self.mem_fd = -1
+
+
+def make_tracker(pid: int, mode: str = "auto"):
+    """A tracker for pid: "uffd-wp" (exact, fast), "page-hash" (fallback), or "auto": the
+    first where the kernel supports it."""
+    if mode == "page-hash":
+        return HashTracker(pid)
+    try:
+        return DirtyTracker(pid)
+    except (UnsupportedState, KernelCallError) as e:
+        if mode == "uffd-wp" or (isinstance(e, KernelCallError) and e.errno not in (
+                errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTTY)):
+            raise
+        return HashTracker(pid)

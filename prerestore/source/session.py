@@ -18,7 +18,7 @@ from ..image import schema
 from ..kernel import native, procfs
 from ..kernel.native import lib
 from ..kernel.tracee import ALL_SIGNALS, RemoteSyscalls, Tracee
-from ..kernel.tracker import DirtyTracker, scan_present
+from ..kernel.tracker import make_tracker, scan_present
 from ..model import (AddressSpaceRound, MmFields, ProcessState, Round, SigAction, ThreadState,
                      Vma, diff_layout, pack_ranges, ranges_bytes)
 
@@ -72,11 +72,12 @@ def free_area(layouts: list[list[Vma]], size: int) -> int:
 class SourceSession:
     """Produces the rounds of one process (pid)."""
 
-    def __init__(self, pid: int, *, track: bool = True, direct: bool = False):
+    def __init__(self, pid: int, *, track: bool = True, direct: bool = False,
+                 tracking: str = "auto"):
         check_supported(pid)
         self.pid = pid
         self.direct = direct      # rounds name the pages; the destination reads them from us
-        self.tracker: DirtyTracker | None = DirtyTracker(pid) if track else None
+        self.tracker = make_tracker(pid, tracking) if track else None
         self.pagemap_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         self.last_layout: list[Vma] | None = None

@@ -39,8 +39,8 @@ def finish_dump(session: SourceSession, leave: str) -> None:
 
 
 class TrackerService:
-    def __init__(self, pid: int):
-        self.session = SourceSession(pid)
+    def __init__(self, pid: int, tracking: str = "auto"):
+        self.session = SourceSession(pid, tracking=tracking)
 
     def _check_parent(self, prev: str | None) -> None:
         last = self.session.last_round
@@ -86,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", required=True)
     ap.add_argument("--first-round", required=True, help="write round 0 here before serving")
     ap.add_argument("--idle-timeout", type=float, default=3600.0)
+    ap.add_argument("--tracking", choices=("auto", "uffd-wp", "page-hash"), default="auto")
     args = ap.parse_args(argv)
     sock = control.listen(args.socket + ".starting")
     try:
-        service = TrackerService(args.pid)
+        service = TrackerService(args.pid, args.tracking)
         stats = service.session.predump(args.first_round).stats
         print(f"round 0 of pid {args.pid}: {stats}", flush=True)
     except PrerestoreError as e:
