@@ -10,7 +10,7 @@ import tempfile
 import time
 from dataclasses import asdict
 
-from .errors import PrerestoreError
+from .errors import PrerestoreError, ProtocolError
 from .image import schema
 from .policy import ConvergencePolicy, is_last_round
 from .source.session import SourceSession, check_supported
@@ -50,6 +50,35 @@ class StageDaemonClient(control.ControlClient):
         except Exception:
             self.proc.kill()
             self.proc.wait()
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "\n".join(f.read().strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _settle_unknown_outcome(husk_pid: int | None) -> bool:
+    """After losing the daemon during finalize: True if the restored process runs (it is no
+    longer traced and no longer a husk), else make sure the husk is gone and return False."""
+    if not husk_pid:
+        return False
+    try:
+        with open(f"/proc/{husk_pid}/status") as f:
+            status = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+    except OSError:
+        return False
+    running = status.get("TracerPid", "0").strip() == "0" and \
+        status.get("Name", "").strip() != "prerestore-husk" and \
+        not status.get("State", "").startswith(("Z", "X"))
+    if not running:
+        try:
+            os.kill(husk_pid, 9)
+        except ProcessLookupError:
+            pass
+    return running
 
 
 def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = True,
@@ -96,11 +125,20 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
         final_dir = os.path.join(wd, "final")
         cpu = session.last_cpu()
         daemon.request("pin", cpu=cpu)       # the final step runs on the source's CPU
+        husk_pid = daemon.request("status").get("husk")
         r = session.dump(final_dir, write=False, cpu=cpu)
         image = schema.encode_image(r)          # handed over in-band, written afterwards
         t_dumped = time.monotonic()
         try:
             fin = daemon.request("finalize", dir=final_dir, image=image)["stats"]
+        except ProtocolError:
+            # the daemon went away mid-finalize: did the process start on the destination?
+            if not _settle_unknown_outcome(husk_pid):
+                session.resume()
+                raise
+            session.kill_frozen()               # it did: the source must never run again
+            raise PrerestoreError(f"the stage daemon died after resuming pid {pid} as host pid "
+                                  f"{husk_pid}; the source was killed, no report") from None
         except BaseException:
             session.resume()
             raise
@@ -126,9 +164,12 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
         progress(f"final: {r.stats['pages']} pages; downtime {report['downtime_ms']:.2f} ms "
                  f"(" + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + ")")
         return report
-    except BaseException:
+    except BaseException as e:
         if session is not None:
             session.resume()
+        log = _tail(os.path.join(wd, "stage-daemon.log"))
+        if log and isinstance(e, PrerestoreError):
+            e.add_note("stage daemon log:\n" + log)
         raise
     finally:
         if session is not None:

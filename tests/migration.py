@@ -86,8 +86,11 @@ class Cleanup:
         self.sources: list[int] = []     # source pids whose helpers must all be gone
 
     def add(self, *pids):
+        """pids (or Popen objects) to kill at the end, if they still run."""
         self.pids += [p for p in pids if p]
 
     def run(self):
         for pid in reversed(self.pids):
+            if isinstance(pid, int) and not alive(pid):
+                continue
             kill_pid(pid)

@@ -36,6 +36,7 @@ def test_predump_stage_dump_finalize(workload_bins, tmp_path, cleanup, mode):
     log = tmp_path / "out.log"
     src = start_workload(argv, log, env=ENV)
     cleanup.sources.append(src.pid)
+    cleanup.add(src)
     wait_for_iteration(log, 200, pid=src.pid)
     sock = stage_socket(tmp_path)
     prev = None
@@ -74,6 +75,7 @@ def test_stage_abort_and_resume_stopped_source(workload_bins, tmp_path, cleanup)
     log = tmp_path / "out.log"
     src = start_workload(argv, log, env=ENV)
     cleanup.sources.append(src.pid)
+    cleanup.add(src)
     wait_for_iteration(log, 200, pid=src.pid)
     sock = stage_socket(tmp_path)
     prerestore("predump", "-t", src.pid, "-D", tmp_path / "r0")

@@ -53,6 +53,7 @@ def test_prerestore_migration(workload_bins, tmp_path, cleanup, name, mode):
     log = tmp_path / "out.log"
     src = start_workload(argv, log, env=ENV)
     cleanup.sources.append(src.pid)
+    cleanup.add(src)
     wait_for_iteration(log, 200, pid=src.pid)
     rss_before = rss_kib(src.pid)
     report = migrate(src.pid, policy=POLICY, work_dir=str(tmp_path / "images"))
@@ -74,6 +75,7 @@ def test_prerestore_via_image_files(workload_bins, tmp_path, cleanup, mode):
     log = tmp_path / "out.log"
     src = start_workload(argv, log, env=ENV)
     cleanup.sources.append(src.pid)
+    cleanup.add(src)
     wait_for_iteration(log, 200, pid=src.pid)
     report = migrate(src.pid, policy=POLICY, direct=False, work_dir=str(tmp_path / "images"))
     cleanup.add(report["namespace_init_pid"], report["restored_host_pid"])
@@ -91,6 +93,7 @@ def test_cold_restore_same_pid(workload_bins, tmp_path, cleanup, name, mode):
     log = tmp_path / "out.log"
     src = start_workload(argv, log, env=ENV)
     cleanup.sources.append(src.pid)
+    cleanup.add(src)
     wait_for_iteration(log, 200, pid=src.pid)
     images = tmp_path / "full"
     out = prerestore("dump", "-t", src.pid, "-D", images)
@@ -109,6 +112,7 @@ def test_cold_migrate_in_pidns(workload_bins, tmp_path, cleanup):
     log = tmp_path / "out.log"
     src = start_workload(argv, log, env=ENV)
     cleanup.sources.append(src.pid)
+    cleanup.add(src)
     wait_for_iteration(log, 200, pid=src.pid)
     report = migrate(src.pid, cold=True, work_dir=str(tmp_path / "images"))
     cleanup.add(report["namespace_init_pid"], report["restored_host_pid"])
@@ -125,6 +129,7 @@ def test_page_hash_tracking_fallback(workload_bins, tmp_path, cleanup, mode):
     log = tmp_path / "out.log"
     src = start_workload(argv, log, env=ENV)
     cleanup.sources.append(src.pid)
+    cleanup.add(src)
     wait_for_iteration(log, 200, pid=src.pid)
     report = migrate(src.pid, policy=POLICY, tracking="page-hash",
                      work_dir=str(tmp_path / "images"))

@@ -174,8 +174,9 @@ def kill_pid(pid, timeout: float = 5.0) -> None:
         return
     pid = int(pid)
     proc = _children.get(pid)
-    if proc is not None:
+    if proc is not None and proc.returncode is None:
         return kill_pid(proc, timeout)
+    # (a reaped child's pid may belong to its restored self by now: kill that by pid)
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:

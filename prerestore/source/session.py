@@ -11,7 +11,9 @@ import platform
 import socket
 import struct
 import time
+import threading
 import uuid
+from dataclasses import dataclass
 
 from ..errors import KernelCallError, UnsupportedState
 from ..image import schema
@@ -24,6 +26,17 @@ from ..model import (AddressSpaceRound, MmFields, ProcessState, Round, SigAction
 
 KSIGACTION = struct.Struct("=QQQQ")      # handler, flags, restorer, mask (kernel layout)
 STACK_T = struct.Struct("=QiiQ")         # ss_sp, ss_flags, pad, ss_size
+
+
+@dataclass
+class MemoryScan:
+    """What one round carries, as packed ranges."""
+    fresh: bytes
+    copy: bytes
+    zap: bytes
+    lost: int
+    scan_ms: float
+    present_scan_ms: float
 
 
 def memory_vmas(layout: list[Vma]) -> list[Vma]:
@@ -84,6 +97,10 @@ class SourceSession:
         self.last_round: tuple[str, Round] | None = None
         self.frozen: Tracee | None = None
         self._maps_raw, self._maps_parsed = b"", []
+        self.source_info = {
+            "host": socket.gethostname(), "kernel": platform.release(), "pid": pid,
+            "boot_id": procfs.boot_id(), "starttime": int(procfs.stat_fields(pid)[22]),
+            "tracking": self.tracker.mode if self.tracker else None}
 
     # ---- rounds -----------------------------------------------------------------------------
 
@@ -122,13 +139,32 @@ class SourceSession:
                 raise UnsupportedState(f"pid {self.pid} started a thread or a child process "
                                        "while being frozen")
             layout = self._layout()
-            state = self._collect_state(self.frozen, layout, status)
+            # The last dirty scan is kernel time in one native call (no GIL held, no ptrace):
+            # it runs in a thread on another CPU while this one, the tracer, collects the
+            # state. The thread does nothing but that call, so it never holds the GIL for long.
+            inside = self._query_inside(self.frozen, layout, status)
+            scanned: dict = {}
+            worker = None
+            _, kept = self._split_layout(layout)
+            if self.tracker and kept:
+                worker = threading.Thread(target=self._scan_in_thread,
+                                          args=(pack_ranges(kept), scanned))
+                worker.start()
+            state = self._collect_state(self.frozen, layout, status, inside)
             t_state = time.monotonic()
-            r = self._write_round(directory, "dump", state=state, write=False, layout=layout)
+            if worker:
+                worker.join()
+                if "error" in scanned:
+                    raise scanned["error"]
+            t_scanned = time.monotonic()
+            scan = self._scan_memory(layout, final=True, written=scanned.get("result"))
+            r = self._write_round(directory, "dump", state=state, write=False, layout=layout,
+                                  scan=scan)
             t_pages = time.monotonic()
             r.stats["phases_ms"] = {"freeze": (t_frozen - t0) * 1e3,
                                     "collect_state": (t_state - t_frozen) * 1e3,
                                     "last_pages": (t_pages - t_state) * 1e3}
+            r.stats["scan_wait_ms"] = (t_scanned - t_state) * 1e3
             r.stats["frozen_at"] = t0          # CLOCK_MONOTONIC: comparable on this boot only
             if write:
                 schema.write_round(directory, r)
@@ -138,6 +174,16 @@ class SourceSession:
             self.resume()
             raise
 
+    def _scan_in_thread(self, areas: bytes, out: dict) -> None:
+        try:
+            mine = os.sched_getaffinity(0)
+            others = set(range(os.cpu_count() or 1)) - mine
+            if len(mine) == 1 and others:
+                os.sched_setaffinity(0, others)     # this thread only: off the tracer's CPU
+            out["result"] = self.tracker.scan_written(areas)
+        except BaseException as e:
+            out["error"] = e
+
     def _layout(self) -> list[Vma]:
         """The current maps; parsed only when they changed since the last look (parsing is
         the expensive part, and on the downtime path the maps rarely changed)."""
@@ -146,64 +192,72 @@ class SourceSession:
             self._maps_raw, self._maps_parsed = raw, procfs.parse_maps(raw)
         return self._maps_parsed
 
-    def _write_round(self, directory: str, kind: str, state, write: bool = True,
-                     layout: list[Vma] | None = None) -> Round:
-        t0 = time.perf_counter()
-        os.makedirs(directory, exist_ok=True)
-        layout = layout if layout is not None else self._layout()
+    def _split_layout(self, layout: list[Vma]) -> tuple[list, list]:
+        """(fresh, kept): areas new since the last round, to be sent whole, and the areas
+        whose written pages are enough."""
         mem = memory_vmas(layout)
-        prev = self.last_layout
-        if prev is None:
-            fresh = [(v.start, v.end) for v in mem]
-            kept = []
-        else:
-            d = diff_layout(memory_vmas(prev), mem)
-            fresh = [(v.start, v.end) for v in d.fresh]
-            kept = _subtract_all([(v.start, v.end) for v in mem], fresh)
+        if self.last_layout is None:
+            return [(v.start, v.end) for v in mem], []
+        d = diff_layout(memory_vmas(self.last_layout), mem)
+        fresh = [(v.start, v.end) for v in d.fresh]
+        return fresh, _subtract_all([(v.start, v.end) for v in mem], fresh)
+
+    def _scan_memory(self, layout: list[Vma], final: bool = False, written=None) -> MemoryScan:
+        """Which ranges this round carries: areas new since the last round (or whose
+        tracking was lost) whole, elsewhere the pages written since the last scan.
+        `written`: the result of scan_written on the kept areas, if already done."""
+        t0 = time.perf_counter()
+        fresh, kept = self._split_layout(layout)
         copy, zap, lost = [], [], 0
         if self.tracker and kept:
-            res, untracked = self.tracker.scan_written(pack_ranges(kept))
+            res, untracked = written or self.tracker.scan_written(pack_ranges(kept))
             # an area whose tracking is gone (unmapped and mapped again alike): resend it whole
             fresh += [kept[i] for i in untracked]
             lost = len(untracked)
-            written = res.raw and pack_ranges((s, e) for s, e, _ in res.triples())
-            for s, e, cat in (self.tracker.classify(written).triples() if written else ()):
+            pages = res.raw and pack_ranges((s, e) for s, e, _ in res.triples())
+            for s, e, cat in (self.tracker.classify(pages).triples() if pages else ()):
                 if cat & native.PAGE_IS_PRESENT and not cat & native.PAGE_IS_PFNZERO:
                     copy.append((s, e))
                 else:
                     zap.append((s, e))
         fresh.sort()
-        if self.tracker and fresh:
+        if self.tracker and fresh and not final:     # after the final round nothing is tracked
             self.tracker.protect(fresh)
-        t_scan0 = time.perf_counter()
+        t1 = time.perf_counter()
         if fresh:
-            present = scan_present(self.pagemap_fd, pack_ranges(fresh), self.pid)
-            copy += [(s, e) for s, e, _ in present.triples()]
+            copy += [(s, e) for s, e, _ in
+                     scan_present(self.pagemap_fd, pack_ranges(fresh), self.pid).triples()]
         copy.sort()
-        packed = pack_ranges(copy)
-        t_scan = time.perf_counter()
+        t2 = time.perf_counter()
+        return MemoryScan(pack_ranges(fresh), pack_ranges(copy), pack_ranges(zap), lost,
+                          (t2 - t0) * 1e3, (t2 - t1) * 1e3)
+
+    def _write_round(self, directory: str, kind: str, state, write: bool = True,
+                     layout: list[Vma] | None = None, scan: MemoryScan | None = None) -> Round:
+        os.makedirs(directory, exist_ok=True)
+        layout = layout if layout is not None else self._layout()
+        if scan is None:
+            scan = self._scan_memory(layout)
+        t0 = time.perf_counter()
         if self.direct:
-            nbytes = ranges_bytes(packed)
+            nbytes = ranges_bytes(scan.copy)
         else:
             with open(os.path.join(directory, schema.PAGES_FILE), "wb") as f:
-                nbytes = native.dump_pages(self.pid, self.mem_fd, packed, f.fileno())
+                nbytes = native.dump_pages(self.pid, self.mem_fd, scan.copy, f.fileno())
         t_copy = time.perf_counter()
         parent = self.last_round
         r = Round(
             id=uuid.uuid4().hex, index=parent[1].index + 1 if parent else 0,
             parent_id=parent[1].id if parent else None,
             parent_path=os.path.relpath(parent[0], directory) if parent else None,
-            kind=kind,
-            source={"host": socket.gethostname(), "kernel": platform.release(), "pid": self.pid,
-                    "time": time.time(), "boot_id": procfs.boot_id(),
-                    "starttime": int(procfs.stat_fields(self.pid)[22]), "tracking": self.tracker.mode if self.tracker else None},
-            tasks=[AddressSpaceRound(self.pid, layout, pack_ranges(fresh), packed,
-                                     pack_ranges(zap), 0, "pid" if self.direct else "file")],
+            kind=kind, source=dict(self.source_info, time=time.time()),
+            tasks=[AddressSpaceRound(self.pid, layout, scan.fresh, scan.copy, scan.zap, 0,
+                                     "pid" if self.direct else "file")],
             state=state,
-            stats={"pages": nbytes // 4096, "bytes": nbytes, "fresh_ranges": len(fresh),
-                   "zap_ranges": len(zap), "lost_tracking": lost,
-                   "scan_ms": (t_scan - t0) * 1e3, "copy_ms": (t_copy - t_scan) * 1e3,
-                   "present_scan_ms": (t_scan - t_scan0) * 1e3})
+            stats={"pages": nbytes // 4096, "bytes": nbytes, "fresh_ranges": len(scan.fresh) // 16,
+                   "zap_ranges": len(scan.zap) // 16, "lost_tracking": scan.lost,
+                   "scan_ms": scan.scan_ms, "present_scan_ms": scan.present_scan_ms,
+                   "copy_ms": (t_copy - t0) * 1e3})
         if write:
             schema.write_round(directory, r)
         self.last_layout = layout
@@ -212,12 +266,10 @@ class SourceSession:
 
     # ---- state ------------------------------------------------------------------------------
 
-    def _collect_state(self, t: Tracee, layout: list[Vma], status: dict[str, str]
-                       ) -> ProcessState:
-        """All but memory, with the process frozen: one injected batch for what only the
-        process can tell (brk, clear_child_tid, sigaltstack, the actions of the signals it
-        catches or ignores), ptrace and /proc for the rest."""
-        pid = self.pid
+    def _query_inside(self, t: Tracee, layout: list[Vma], status: dict[str, str]) -> dict:
+        """What only the process can tell, in one injected batch: brk, clear_child_tid,
+        sigaltstack and the actions of the signals it catches or ignores. (It maps and unmaps
+        a scratch area: mmap_lock writers, so it runs before the last dirty scan starts.)"""
         handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
         signals = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1]
         vdso = next(v for v in layout if v.path == "[vdso]")
@@ -243,13 +295,21 @@ class SourceSession:
             t.set_sigmask(saved_mask)
             t.set_regs(saved_regs)
         rel = lambda addr: addr - data_addr  # noqa: E731  (offsets in the data we read back)
-        clear_child_tid = struct.unpack_from("=Q", data, rel(tid_addr))[0]
-        ss_sp, ss_flags, _, ss_size = STACK_T.unpack_from(data, rel(ss_addr))
         sigactions = {}
         for sig in signals:
             h, fl, rest, mask = KSIGACTION.unpack_from(data, rel(sa_addr + KSIGACTION.size * sig))
             sigactions[sig] = SigAction(h, fl, rest, mask)
-        brk = results[0]
+        return {"brk": results[0], "sigactions": sigactions, "regs": saved_regs,
+                "sigmask": saved_mask,
+                "clear_child_tid": struct.unpack_from("=Q", data, rel(tid_addr))[0],
+                "sigaltstack": STACK_T.unpack_from(data, rel(ss_addr))}
+
+    def _collect_state(self, t: Tracee, layout: list[Vma], status: dict[str, str],
+                       inside: dict) -> ProcessState:
+        """All but memory, with the process frozen: what _query_inside found, ptrace and
+        /proc for the rest."""
+        pid = self.pid
+        ss_sp, ss_flags, _, ss_size = inside["sigaltstack"]
         rseq = None
         try:
             ptr, size, sig, _ = native.get_rseq(pid)
@@ -257,8 +317,9 @@ class SourceSession:
         except KernelCallError:
             pass
         thread = ThreadState(
-            tid=pid, regs=saved_regs, xstate=t.xstate(), sigmask=saved_mask, rseq=rseq,
-            robust_list=native.get_robust_list(pid), clear_child_tid=clear_child_tid,
+            tid=pid, regs=inside["regs"], xstate=t.xstate(), sigmask=inside["sigmask"],
+            rseq=rseq, robust_list=native.get_robust_list(pid),
+            clear_child_tid=inside["clear_child_tid"],
             sigaltstack=(ss_sp, ss_flags, ss_size),
             pending=native.peek_siginfo(pid, shared=False))
         fds = []
@@ -270,8 +331,9 @@ class SourceSession:
         return ProcessState(
             pid=pid, comm=procfs.comm(pid), exe=procfs.readlink(pid, "exe"),
             cwd=procfs.readlink(pid, "cwd"), umask=int(status.get("Umask", "0022"), 8),
-            mm=procfs.mm_fields(procfs.stat_fields(pid), brk), auxv=procfs.auxv(pid),
-            rlimits=procfs.rlimits(pid), sigactions=sigactions, fds=fds, threads=[thread],
+            mm=procfs.mm_fields(procfs.stat_fields(pid), inside["brk"]), auxv=procfs.auxv(pid),
+            rlimits=procfs.rlimits(pid), sigactions=inside["sigactions"], fds=fds,
+            threads=[thread],
             shared_pending=native.peek_siginfo(pid, shared=True),
             cpus=sorted(os.sched_getaffinity(pid)))
 
