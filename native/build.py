@@ -12,7 +12,8 @@ ffibuilder.set_source(
     "prerestore._native",
     '#include "prerestore.c"',
     include_dirs=[str(HERE)],
-    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function", "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <elf.h>
+#include <pthread.h>
 #include <sched.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
@@ -47,6 +48,10 @@ const uint64_t PR_UFFD_USER_MODE_ONLY = 1;
 #endif
 #ifndef SYS_pidfd_getfd
 #define SYS_pidfd_getfd 438
+#endif
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
 #endif
 
 /* kernel-internal restart codes, visible to a tracer in rax of a task stopped in a syscall */
@@ -255,15 +260,15 @@ size_t pr_batch_runner(const void **code)
     return pr_runner_end - pr_runner_start;
 }
 
-/* Run `n` calls in the tracee with the runner already copied to `runner`. `data` (call
- * arguments that are buffers) is written to `data_addr` and the table to `table` in the same
- * process_vm_writev. Results come back in calls[i].ret; *done is the number of calls run
- * (the last one failed if *done <= n and its ret is an error). Registers are the caller's. */
-int pr_run_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
-                 const void *data, size_t data_len, uint64_t data_addr, long *done)
+/* Start `n` calls in the tracee with the runner already copied to `runner`, and return at
+ * once: the tracee runs them while we do other work; pr_finish_batch waits for the end.
+ * `data` (call arguments that are buffers) is written to `data_addr` and the table to `table`
+ * in the same process_vm_writev. Registers are the caller's to save and restore. */
+int pr_start_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
+                   const void *data, size_t data_len, uint64_t data_addr)
 {
     struct iovec l[2], r[2];
-    int k = 0, st;
+    int k = 0;
     struct user_regs_struct regs;
     for (long i = 0; i < n; i++)
         calls[i].ret = -ENOEXEC;
@@ -284,18 +289,34 @@ int pr_run_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls
     regs.orig_rax = -1;
     if (ptrace(PTRACE_SETREGS, pid, 0, &regs) || ptrace(PTRACE_CONT, pid, 0, 0))
         return ERR;
+    return 0;
+}
+
+/* Wait for a batch started by pr_start_batch. Results come back in calls[i].ret; *done is the
+ * number of calls run (the last one failed if its ret is an error). */
+int pr_finish_batch(int pid, uint64_t table, struct pr_call *calls, long n, long *done)
+{
+    int st;
+    struct user_regs_struct regs;
     if (waitpid(pid, &st, __WALL) < 0)
         return ERR;
     if (!WIFSTOPPED(st) || WSTOPSIG(st) != SIGTRAP)
         return -ECHILD;
     if (ptrace(PTRACE_GETREGS, pid, 0, &regs))
         return ERR;
-    l[0] = (struct iovec){calls, n * sizeof *calls};
-    r[0] = (struct iovec){(void *)table, n * sizeof *calls};
-    if (process_vm_readv(pid, l, 1, r, 1, 0) != (ssize_t)(n * sizeof *calls))
+    struct iovec l = {calls, n * sizeof *calls}, r = {(void *)table, n * sizeof *calls};
+    if (process_vm_readv(pid, &l, 1, &r, 1, 0) != (ssize_t)(n * sizeof *calls))
         return errno ? ERR : -EIO;
     *done = n - (long)regs.r12 + (regs.r12 ? 1 : 0);
     return 0;
+}
+
+/* Both at once: one ptrace round trip for the whole batch. */
+int pr_run_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
+                 const void *data, size_t data_len, uint64_t data_addr, long *done)
+{
+    int r = pr_start_batch(pid, runner, table, calls, n, data, data_len, data_addr);
+    return r < 0 ? r : pr_finish_batch(pid, table, calls, n, done);
 }
 
 /* ---- memory -------------------------------------------------------------------------------- */
@@ -600,51 +621,157 @@ int pr_prlimit(int pid, int resource, const uint64_t *new_lim, uint64_t *old_lim
     return syscall(SYS_prlimit64, pid, resource, new_lim, old_lim) ? ERR : 0;
 }
 
-/* Copy ranges from one process straight into another (same addresses), through the bounce
- * buffer: for a destination on the same host, pages never go through a file. */
+/* Copy ranges from one process straight into another (same addresses), through bounce
+ * buffers: for a destination on the same host, pages never go through a file.
+ *
+ * Large copies (round 0) are pipelined over two buffers: this thread reads chunk k+1 from the
+ * source while a second thread writes chunk k into the destination, whose first-touch page
+ * faults make writing the slow half. Small copies (the final round) stay on this thread. */
+struct copy_chunk {
+    struct iovec l[IOV_BATCH], r[IOV_BATCH];
+    int k;
+    size_t fill;
+    int full;
+};
+
+struct copy_pipe {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct copy_chunk chunk[2];
+    int dst_pid, dst_mem_fd, done;
+    long err;
+    uint64_t forced;
+};
+
+static void *copy_writer(void *arg)
+{
+    struct copy_pipe *p = arg;
+    for (int i = 0;; i ^= 1) {
+        pthread_mutex_lock(&p->mu);
+        while (!p->chunk[i].full && !p->done)
+            pthread_cond_wait(&p->cv, &p->mu);
+        if (!p->chunk[i].full) {
+            pthread_mutex_unlock(&p->mu);
+            return NULL;
+        }
+        pthread_mutex_unlock(&p->mu);
+        uint64_t forced = 0;
+        long r = vm_transfer(p->dst_pid, p->dst_mem_fd, p->chunk[i].l, p->chunk[i].r,
+                             p->chunk[i].k, 1, &forced);
+        pthread_mutex_lock(&p->mu);
+        p->forced += forced;
+        if (r < 0 && !p->err)
+            p->err = r;
+        p->chunk[i].full = 0;
+        pthread_cond_broadcast(&p->cv);
+        pthread_mutex_unlock(&p->mu);
+    }
+}
+
+static char *second_buffer(void)
+{
+    static char *buf;
+    if (!buf) {
+        buf = mmap(NULL, COPY_CHUNK, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+        if (buf == MAP_FAILED)
+            buf = NULL;
+    }
+    return buf;
+}
+
+/* Fill `c` with the next chunk of ranges (from ranges[*i] at *off) read from the source into
+ * buf. Ranges the running source no longer maps are left out, counted in *skipped. */
+static long read_chunk(int src_pid, int src_mem_fd, const struct pr_range *ranges, long n,
+                       long *i, uint64_t *off, char *buf, struct copy_chunk *c,
+                       uint64_t *skipped)
+{
+    c->k = 0;
+    c->fill = 0;
+    while (*i < n && c->k < IOV_BATCH && c->fill < COPY_CHUNK) {
+        uint64_t len = ranges[*i].end - ranges[*i].start - *off;
+        if (len > COPY_CHUNK - c->fill)
+            len = COPY_CHUNK - c->fill;
+        c->l[c->k] = (struct iovec){buf + c->fill, len};
+        c->r[c->k++] = (struct iovec){(void *)(ranges[*i].start + *off), len};
+        c->fill += len;
+        *off += len;
+        if (*off == ranges[*i].end - ranges[*i].start)
+            (*i)++, *off = 0;
+    }
+    if (vm_transfer(src_pid, src_mem_fd, c->l, c->r, c->k, 0, NULL) < 0) {
+        /* slow path: some range is gone from the (running) source; keep the others */
+        int kept = 0;
+        for (int m = 0; m < c->k; m++) {
+            if (vm_transfer(src_pid, src_mem_fd, c->l + m, c->r + m, 1, 0, NULL) < 0) {
+                *skipped += c->l[m].iov_len;
+                c->fill -= c->l[m].iov_len;
+                continue;
+            }
+            c->l[kept] = c->l[m], c->r[kept++] = c->r[m];
+        }
+        c->k = kept;
+    }
+    return 0;
+}
+
 long pr_copy_pages(int src_pid, int src_mem_fd, int dst_pid, int dst_mem_fd,
                    const struct pr_range *ranges, long n, uint64_t *bytes, uint64_t *forced,
                    uint64_t *skipped)
 {
-    char *buf = bounce_buffer();
-    if (!buf)
-        return -ENOMEM;
-    long ret = 0, i = 0;
-    uint64_t off = 0;
+    static struct copy_pipe p; /* large (iovec arrays): not on the stack */
+    char *bufs[2] = {bounce_buffer(), NULL};
+    uint64_t total = 0, off = 0;
+    long i = 0;
     *bytes = 0, *forced = 0, *skipped = 0;
-    while (i < n) {
-        struct iovec l[IOV_BATCH], r[IOV_BATCH];
-        int k = 0;
-        size_t fill = 0;
-        while (i < n && k < IOV_BATCH && fill < COPY_CHUNK) {
-            uint64_t len = ranges[i].end - ranges[i].start - off;
-            if (len > COPY_CHUNK - fill)
-                len = COPY_CHUNK - fill;
-            l[k] = (struct iovec){buf + fill, len};
-            r[k++] = (struct iovec){(void *)(ranges[i].start + off), len};
-            fill += len;
-            off += len;
-            if (off == ranges[i].end - ranges[i].start)
-                i++, off = 0;
+    if (!bufs[0])
+        return -ENOMEM;
+    for (long j = 0; j < n; j++)
+        total += ranges[j].end - ranges[j].start;
+
+    if (total <= 2 * COPY_CHUNK || !(bufs[1] = second_buffer())) {
+        while (i < n) {
+            read_chunk(src_pid, src_mem_fd, ranges, n, &i, &off, bufs[0], &p.chunk[0], skipped);
+            long r = vm_transfer(dst_pid, dst_mem_fd, p.chunk[0].l, p.chunk[0].r, p.chunk[0].k,
+                                 1, forced);
+            if (r < 0)
+                return r;
+            *bytes += p.chunk[0].fill;
         }
-        if (vm_transfer(src_pid, src_mem_fd, l, r, k, 0, NULL) < 0) {
-            /* slow path: some range is gone from the (running) source; keep the others */
-            int kept = 0;
-            for (int m = 0; m < k; m++) {
-                if (vm_transfer(src_pid, src_mem_fd, l + m, r + m, 1, 0, NULL) < 0) {
-                    *skipped += l[m].iov_len;
-                    fill -= l[m].iov_len;
-                    continue;
-                }
-                l[kept] = l[m], r[kept++] = r[m];
-            }
-            k = kept;
-        }
-        if ((ret = vm_transfer(dst_pid, dst_mem_fd, l, r, k, 1, forced)) < 0)
-            return ret;
-        *bytes += fill;
+        return 0;
     }
-    return 0;
+
+    pthread_t writer;
+    memset(&p, 0, sizeof p);
+    pthread_mutex_init(&p.mu, NULL);
+    pthread_cond_init(&p.cv, NULL);
+    p.dst_pid = dst_pid, p.dst_mem_fd = dst_mem_fd;
+    if (pthread_create(&writer, NULL, copy_writer, &p))
+        return -EAGAIN;
+    for (int b = 0; i < n; b ^= 1) {
+        pthread_mutex_lock(&p.mu);
+        while (p.chunk[b].full && !p.err)
+            pthread_cond_wait(&p.cv, &p.mu);
+        long err = p.err;
+        pthread_mutex_unlock(&p.mu);
+        if (err)
+            break;
+        read_chunk(src_pid, src_mem_fd, ranges, n, &i, &off, bufs[b], &p.chunk[b], skipped);
+        *bytes += p.chunk[b].fill;
+        pthread_mutex_lock(&p.mu);
+        p.chunk[b].full = 1;
+        pthread_cond_broadcast(&p.cv);
+        pthread_mutex_unlock(&p.mu);
+    }
+    pthread_mutex_lock(&p.mu);
+    p.done = 1;
+    pthread_cond_broadcast(&p.cv);
+    pthread_mutex_unlock(&p.mu);
+    pthread_join(writer, NULL);
+    pthread_mutex_destroy(&p.mu);
+    pthread_cond_destroy(&p.cv);
+    *forced = p.forced;
+    return p.err;
 }
 
 /* Make the kernel send `sig` to us when our parent exits; fails with -ESRCH if it already has

@@ -131,19 +131,39 @@ def batch_runner_code() -> bytes:
     return ffi.buffer(code[0], n)[:]
 
 
-def run_batch(pid: int, runner: int, table: int, calls: list[tuple[int, tuple[int, ...]]],
-              data: bytes, data_addr: int) -> tuple[list[int], int]:
-    """Run calls [(nr, args)] through the runner; returns (results, how many ran)."""
-    n = len(calls)
-    table_c = ffi.new("struct pr_call[]", n)
+def _call_table(calls):
+    table_c = ffi.new("struct pr_call[]", len(calls))
     for i, (nr, args) in enumerate(calls):
         table_c[i].nr = nr
         for k, a in enumerate(args):
             table_c[i].args[k] = a & 0xFFFFFFFFFFFFFFFF
+    return table_c
+
+
+def run_batch(pid: int, runner: int, table: int, calls: list[tuple[int, tuple[int, ...]]],
+              data: bytes, data_addr: int) -> tuple[list[int], int]:
+    """Run calls [(nr, args)] through the runner; returns (results, how many ran)."""
+    table_c = _call_table(calls)
     done = ffi.new("long *")
-    check(lib.pr_run_batch(pid, runner, table, table_c, n, data, len(data), data_addr, done),
-          "run injected batch", pid)
-    return [table_c[i].ret for i in range(n)], done[0]
+    check(lib.pr_run_batch(pid, runner, table, table_c, len(calls), data, len(data), data_addr,
+                           done), "run injected batch", pid)
+    return [table_c[i].ret for i in range(len(calls))], done[0]
+
+
+class StartedBatch:
+    """A batch running in the tracee while we do something else; finish() waits for it."""
+
+    def __init__(self, pid: int, runner: int, table: int, calls, data: bytes, data_addr: int):
+        self.pid, self.table, self.n = pid, table, len(calls)
+        self.table_c = _call_table(calls)
+        check(lib.pr_start_batch(pid, runner, table, self.table_c, self.n, data, len(data),
+                                 data_addr), "start injected batch", pid)
+
+    def finish(self) -> tuple[list[int], int]:
+        done = ffi.new("long *")
+        check(lib.pr_finish_batch(self.pid, self.table, self.table_c, self.n, done),
+              "wait for injected batch", self.pid)
+        return [self.table_c[i].ret for i in range(self.n)], done[0]
 
 
 # ---- memory -----------------------------------------------------------------------------------

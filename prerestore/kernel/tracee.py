@@ -189,6 +189,14 @@ class RemoteSyscalls:
                 return results
         return results
 
+    def start(self, batch: Batch) -> native.StartedBatch:
+        """Let the tracee run a batch (of at most max_calls) while we do other work."""
+        sc = self.scratch
+        if len(batch.calls) > sc.max_calls:
+            raise ValueError("a started batch must fit in one call table")
+        return native.StartedBatch(self.tracee.pid, sc.addr, sc.table_addr, batch.calls,
+                                   bytes(batch.data), sc.data_addr)
+
     def read(self, addr: int, length: int) -> bytes:
         return native.read_mem(self.tracee.pid, addr, length)
 
