@@ -382,58 +382,85 @@ static long vm_transfer(int pid, int mem_fd, struct iovec *l, struct iovec *r, i
     return 0;
 }
 
-/* The copy buffer, kept (and its pages faulted in) across calls: faulting 8 MiB of fresh pages
- * for every round would cost more than the copy of a small final round. */
-static char *bounce_buffer(void)
+/* The copy buffers (two, for pipelined copies), kept with their pages faulted in across
+ * calls: faulting 8 MiB of fresh pages each round would cost more than a small final round. */
+static char *copy_buffer(int which)
 {
-    static char *buf;
-    if (!buf) {
-        buf = mmap(NULL, COPY_CHUNK, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-        if (buf == MAP_FAILED)
-            buf = NULL;
+    static char *bufs[2];
+    if (!bufs[which]) {
+        char *b = mmap(NULL, COPY_CHUNK, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+        bufs[which] = b == MAP_FAILED ? NULL : b;
     }
-    return buf;
+    return bufs[which];
+}
+
+struct copy_chunk {
+    struct iovec l[IOV_BATCH], r[IOV_BATCH];
+    int k;
+    size_t fill;
+    int full;
+};
+
+/* Fill `c` with the next chunk of ranges (from ranges[*i] at *off), read from the tracee into
+ * buf. Ranges a running tracee no longer maps are zero-filled (zero_fill: the chunk keeps its
+ * layout, as a page file must) or left out; both are counted in *skipped. */
+static void read_chunk(int pid, int mem_fd, const struct pr_range *ranges, long n, long *i,
+                       uint64_t *off, char *buf, struct copy_chunk *c, int zero_fill,
+                       uint64_t *skipped)
+{
+    c->k = 0;
+    c->fill = 0;
+    while (*i < n && c->k < IOV_BATCH && c->fill < COPY_CHUNK) {
+        uint64_t len = ranges[*i].end - ranges[*i].start - *off;
+        if (len > COPY_CHUNK - c->fill)
+            len = COPY_CHUNK - c->fill;
+        c->l[c->k] = (struct iovec){buf + c->fill, len};
+        c->r[c->k++] = (struct iovec){(void *)(ranges[*i].start + *off), len};
+        c->fill += len;
+        *off += len;
+        if (*off == ranges[*i].end - ranges[*i].start)
+            (*i)++, *off = 0;
+    }
+    if (vm_transfer(pid, mem_fd, c->l, c->r, c->k, 0, NULL) >= 0)
+        return;
+    /* slow path: some range is gone from the (running) tracee; keep the others */
+    int kept = 0;
+    for (int m = 0; m < c->k; m++) {
+        if (vm_transfer(pid, mem_fd, c->l + m, c->r + m, 1, 0, NULL) < 0) {
+            *skipped += c->l[m].iov_len;
+            if (!zero_fill) {
+                c->fill -= c->l[m].iov_len;
+                continue;
+            }
+            memset(c->l[m].iov_base, 0, c->l[m].iov_len);
+        }
+        c->l[kept] = c->l[m], c->r[kept++] = c->r[m];
+    }
+    c->k = kept;
 }
 
 /* Read ranges of the tracee's memory and append them, in order, to out_fd.
  * process_vm_readv does the bulk; a range it cannot read (a PROT_NONE or otherwise unreadable
- * page) is read through /proc/PID/mem, which uses FOLL_FORCE. Returns 0 or -errno. */
+ * page) is read through /proc/PID/mem, which uses FOLL_FORCE; a range a running tracee
+ * unmapped meanwhile is written as zeros (the next round's layout drops it). */
 long pr_dump_pages(int pid, int mem_fd, const struct pr_range *ranges, long n, int out_fd,
                    uint64_t *bytes)
 {
-    char *buf = bounce_buffer();
+    static struct copy_chunk c;
+    char *buf = copy_buffer(0);
+    uint64_t off = 0, skipped = 0;
+    long i = 0, ret;
     if (!buf)
         return -ENOMEM;
-    long ret = 0, i = 0;
-    uint64_t off = 0; /* offset inside ranges[i] */
     *bytes = 0;
     while (i < n) {
-        struct iovec l[IOV_BATCH], r[IOV_BATCH];
-        int k = 0;
-        size_t fill = 0;
-        long j = i;
-        uint64_t o = off;
-        while (j < n && k < IOV_BATCH && fill < COPY_CHUNK) {
-            uint64_t len = ranges[j].end - ranges[j].start - o;
-            if (len > COPY_CHUNK - fill)
-                len = COPY_CHUNK - fill;
-            l[k] = (struct iovec){buf + fill, len};
-            r[k++] = (struct iovec){(void *)(ranges[j].start + o), len};
-            fill += len;
-            o += len;
-            if (o == ranges[j].end - ranges[j].start)
-                j++, o = 0;
-        }
-        if ((ret = vm_transfer(pid, mem_fd, l, r, k, 0, NULL)) < 0)
-            goto out;
-        if ((ret = write_all(out_fd, buf, fill)) < 0)
-            goto out;
-        *bytes += fill;
-        i = j, off = o;
+        read_chunk(pid, mem_fd, ranges, n, &i, &off, buf, &c, 1, &skipped);
+        if ((ret = write_all(out_fd, buf, c.fill)) < 0)
+            return ret;
+        *bytes += c.fill;
     }
-out:
-    return ret;
+    return 0;
 }
 
 /* Write ranges into the tracee, taking their contents in order from in_fd at in_offset.
@@ -627,13 +654,6 @@ int pr_prlimit(int pid, int resource, const uint64_t *new_lim, uint64_t *old_lim
  * Large copies (round 0) are pipelined over two buffers: this thread reads chunk k+1 from the
  * source while a second thread writes chunk k into the destination, whose first-touch page
  * faults make writing the slow half. Small copies (the final round) stay on this thread. */
-struct copy_chunk {
-    struct iovec l[IOV_BATCH], r[IOV_BATCH];
-    int k;
-    size_t fill;
-    int full;
-};
-
 struct copy_pipe {
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -668,59 +688,12 @@ static void *copy_writer(void *arg)
     }
 }
 
-static char *second_buffer(void)
-{
-    static char *buf;
-    if (!buf) {
-        buf = mmap(NULL, COPY_CHUNK, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-        if (buf == MAP_FAILED)
-            buf = NULL;
-    }
-    return buf;
-}
-
-/* Fill `c` with the next chunk of ranges (from ranges[*i] at *off) read from the source into
- * buf. Ranges the running source no longer maps are left out, counted in *skipped. */
-static long read_chunk(int src_pid, int src_mem_fd, const struct pr_range *ranges, long n,
-                       long *i, uint64_t *off, char *buf, struct copy_chunk *c,
-                       uint64_t *skipped)
-{
-    c->k = 0;
-    c->fill = 0;
-    while (*i < n && c->k < IOV_BATCH && c->fill < COPY_CHUNK) {
-        uint64_t len = ranges[*i].end - ranges[*i].start - *off;
-        if (len > COPY_CHUNK - c->fill)
-            len = COPY_CHUNK - c->fill;
-        c->l[c->k] = (struct iovec){buf + c->fill, len};
-        c->r[c->k++] = (struct iovec){(void *)(ranges[*i].start + *off), len};
-        c->fill += len;
-        *off += len;
-        if (*off == ranges[*i].end - ranges[*i].start)
-            (*i)++, *off = 0;
-    }
-    if (vm_transfer(src_pid, src_mem_fd, c->l, c->r, c->k, 0, NULL) < 0) {
-        /* slow path: some range is gone from the (running) source; keep the others */
-        int kept = 0;
-        for (int m = 0; m < c->k; m++) {
-            if (vm_transfer(src_pid, src_mem_fd, c->l + m, c->r + m, 1, 0, NULL) < 0) {
-                *skipped += c->l[m].iov_len;
-                c->fill -= c->l[m].iov_len;
-                continue;
-            }
-            c->l[kept] = c->l[m], c->r[kept++] = c->r[m];
-        }
-        c->k = kept;
-    }
-    return 0;
-}
-
 long pr_copy_pages(int src_pid, int src_mem_fd, int dst_pid, int dst_mem_fd,
                    const struct pr_range *ranges, long n, uint64_t *bytes, uint64_t *forced,
                    uint64_t *skipped)
 {
     static struct copy_pipe p; /* large (iovec arrays): not on the stack */
-    char *bufs[2] = {bounce_buffer(), NULL};
+    char *bufs[2] = {copy_buffer(0), NULL};
     uint64_t total = 0, off = 0;
     long i = 0;
     *bytes = 0, *forced = 0, *skipped = 0;
@@ -729,9 +702,10 @@ long pr_copy_pages(int src_pid, int src_mem_fd, int dst_pid, int dst_mem_fd,
     for (long j = 0; j < n; j++)
         total += ranges[j].end - ranges[j].start;
 
-    if (total <= 2 * COPY_CHUNK || !(bufs[1] = second_buffer())) {
+    if (total <= 2 * COPY_CHUNK || !(bufs[1] = copy_buffer(1))) {
         while (i < n) {
-            read_chunk(src_pid, src_mem_fd, ranges, n, &i, &off, bufs[0], &p.chunk[0], skipped);
+            read_chunk(src_pid, src_mem_fd, ranges, n, &i, &off, bufs[0], &p.chunk[0], 0,
+                       skipped);
             long r = vm_transfer(dst_pid, dst_mem_fd, p.chunk[0].l, p.chunk[0].r, p.chunk[0].k,
                                  1, forced);
             if (r < 0)
@@ -756,7 +730,7 @@ long pr_copy_pages(int src_pid, int src_mem_fd, int dst_pid, int dst_mem_fd,
         pthread_mutex_unlock(&p.mu);
         if (err)
             break;
-        read_chunk(src_pid, src_mem_fd, ranges, n, &i, &off, bufs[b], &p.chunk[b], skipped);
+        read_chunk(src_pid, src_mem_fd, ranges, n, &i, &off, bufs[b], &p.chunk[b], 0, skipped);
         *bytes += p.chunk[b].fill;
         pthread_mutex_lock(&p.mu);
         p.chunk[b].full = 1;
@@ -814,7 +788,7 @@ long pr_hash_scan(int pid, int mem_fd, int pagemap_fd, uint64_t start, uint64_t 
                   uint64_t *hashes, int compare, struct pr_page_region *out, long cap)
 {
     static uint64_t pm[PM_BATCH];
-    char *buf = bounce_buffer();
+    char *buf = copy_buffer(0);
     if (!buf)
         return -ENOMEM;
     long got = 0;

@@ -154,6 +154,7 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
         phases["resume"] = fin["resume_ms"]
         report.update({
             "final": {"pages": r.stats["pages"], "bytes": r.stats["bytes"], "source": r.stats,
+                      "stopped_in": r.stats["stopped_in"],
                       "finalize": fin},
             "downtime_ms": (fin["resumed_at"] - frozen_at) * 1e3,
             "downtime_phases_ms": phases,

@@ -27,8 +27,10 @@ def helper_processes(source_pid: int) -> set[int]:
                     args = f.read().split(b"\0")
             except OSError:
                 continue
-            if comm in HELPER_COMMS and str(source_pid).encode() in args[1:] \
-                    and alive(int(entry)):
+            # an init names the pid in its argv; a staged husk has lost its argv with its
+            # old stack, but already has the pid it stands for (innermost NSpid)
+            if comm in HELPER_COMMS and alive(int(entry)) and (
+                    str(source_pid).encode() in args[1:] or ns_pids(int(entry))[-1:] == [source_pid]):
                 out.add(int(entry))
     return out
 
@@ -82,6 +84,7 @@ class Cleanup:
     """Pids a test must kill at the end (restored processes, namespace inits)."""
 
     def __init__(self):
+        self.sockets: list[str] = []     # stage daemons to drop, even if the test failed
         self.pids: list[int] = []
         self.sources: list[int] = []     # source pids whose helpers must all be gone
 
@@ -90,6 +93,15 @@ class Cleanup:
         self.pids += [p for p in pids if p]
 
     def run(self):
+        from prerestore.errors import PrerestoreError
+        from prerestore.transport.control import ControlClient
+        for path in self.sockets:
+            client = ControlClient(path)
+            if client.alive():
+                try:
+                    client.request("abort")
+                except PrerestoreError:
+                    pass
         for pid in reversed(self.pids):
             if isinstance(pid, int) and not alive(pid):
                 continue

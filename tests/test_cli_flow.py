@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -26,8 +27,10 @@ def cleanup():
         assert not helper_processes(src), f"a husk or namespace init of {src} was left behind"
 
 
-def stage_socket(tmp_path):
-    return str(tmp_path / "stage.sock")
+def stage_socket(tmp_path, cleanup):
+    path = str(tmp_path / "stage.sock")
+    cleanup.sockets.append(path)
+    return path
 
 
 @pytest.mark.parametrize("mode", ["sleep", "busy"])
@@ -38,7 +41,7 @@ def test_predump_stage_dump_finalize(workload_bins, tmp_path, cleanup, mode):
     cleanup.sources.append(src.pid)
     cleanup.add(src)
     wait_for_iteration(log, 200, pid=src.pid)
-    sock = stage_socket(tmp_path)
+    sock = stage_socket(tmp_path, cleanup)
     prev = None
     for k in range(3):
         d = tmp_path / f"r{k}"
@@ -77,7 +80,7 @@ def test_stage_abort_and_resume_stopped_source(workload_bins, tmp_path, cleanup)
     cleanup.sources.append(src.pid)
     cleanup.add(src)
     wait_for_iteration(log, 200, pid=src.pid)
-    sock = stage_socket(tmp_path)
+    sock = stage_socket(tmp_path, cleanup)
     prerestore("predump", "-t", src.pid, "-D", tmp_path / "r0")
     prerestore("stage", "-D", tmp_path / "r0", "--pidns", "--socket", sock)
     assert helper_processes(src.pid)
@@ -92,3 +95,63 @@ def test_stage_abort_and_resume_stopped_source(workload_bins, tmp_path, cleanup)
     assert compare_with_reference(log, argv, env=ENV) >= 4
     src.kill()
     src.wait(10)
+
+
+def test_husk_dies_with_its_daemon(workload_bins, tmp_path, cleanup):
+    """The staged process is held by the stage daemon: if the daemon dies, so does the husk
+    (no orphaned half-restored process), and the source is unaffected."""
+    argv = workload_argv(workload_bins, "counters", "sleep")
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log, env=ENV)
+    cleanup.sources.append(src.pid)
+    cleanup.add(src)
+    wait_for_iteration(log, 200, pid=src.pid)
+    sock = stage_socket(tmp_path, cleanup)
+    prerestore("predump", "-t", src.pid, "-D", tmp_path / "r0")
+    prerestore("stage", "-D", tmp_path / "r0", "--pidns", "--socket", sock)
+    helpers = helper_processes(src.pid)
+    assert len(helpers) == 2                     # the husk and its namespace's init
+    daemons = {int(open(f"/proc/{h}/status").read().split("PPid:\t")[1].split()[0])
+               for h in helpers} - helpers
+    assert len(daemons) == 1
+    daemon = daemons.pop()
+    assert b"prerestore.restore.daemon" in open(f"/proc/{daemon}/cmdline", "rb").read()
+    os.kill(daemon, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while helper_processes(src.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not helper_processes(src.pid)
+    prerestore("dump", "-t", src.pid, "-D", tmp_path / "x", "--prev-images-dir", tmp_path / "r0",
+               "--leave-running")       # ends the tracker; the source runs on
+    it = last_iteration(log)
+    wait_for_iteration(log, it + 200, timeout=30, pid=src.pid)
+    assert compare_with_reference(log, argv, env=ENV) >= 4
+
+
+def test_refused_round_keeps_the_staged_process(workload_bins, tmp_path, cleanup):
+    """Staging a round twice, or out of order, is refused by name; what was staged stays."""
+    argv = workload_argv(workload_bins, "counters", "sleep")
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log, env=ENV)
+    cleanup.sources.append(src.pid)
+    cleanup.add(src)
+    wait_for_iteration(log, 200, pid=src.pid)
+    sock = stage_socket(tmp_path, cleanup)
+    prerestore("predump", "-t", src.pid, "-D", tmp_path / "r0")
+    prerestore("predump", "-t", src.pid, "-D", tmp_path / "r1", "--prev-images-dir", tmp_path / "r0")
+    prerestore("stage", "-D", tmp_path / "r0", "--pidns", "--socket", sock)
+    res = prerestore("stage", "-D", tmp_path / "r0", "--socket", sock, check=False)
+    assert res.returncode == 1 and "already staged" in res.stderr
+    assert len(helper_processes(src.pid)) == 2
+    prerestore("stage", "-D", tmp_path / "r1", "--socket", sock)
+    prerestore("dump", "-t", src.pid, "-D", tmp_path / "final", "--prev-images-dir",
+               tmp_path / "r1", "--leave-stopped")
+    out = prerestore("finalize", "-D", tmp_path / "final", "--socket", sock).stdout
+    report = json.loads((tmp_path / "final" / "finalize.json").read_text())
+    cleanup.add(report["finalize"]["init_pid"], report["finalize"]["host_pid"])
+    assert "downtime" in out
+    src.kill()
+    src.wait(10)
+    wait_for_iteration(log, last_iteration(log) + 200, timeout=30,
+                       pid=report["finalize"]["host_pid"])
+    assert compare_with_reference(log, argv, env=ENV) >= 4

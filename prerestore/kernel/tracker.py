@@ -63,10 +63,22 @@ class DirtyTracker:
             finally:
                 t.set_regs(saved)
 
-    def protect(self, ranges: list[tuple[int, int]]) -> None:
-        """Start tracking these ranges: register them and write-protect every page."""
+    def protect(self, ranges: list[tuple[int, int]]) -> int:
+        """Start tracking these ranges: register them and write-protect every page.
+
+        The process runs meanwhile: a range it unmapped (or shrank, like a heap given back
+        with brk) since its maps were read cannot be registered. That is not an error: if the
+        range comes back, the next scan finds it untracked and it is sent whole again.
+        Returns how many ranges were skipped so."""
+        skipped = 0
         for start, end in ranges:
-            native.uffd_wp_range(self.uffd, start, end - start)
+            try:
+                native.uffd_wp_range(self.uffd, start, end - start)
+            except KernelCallError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOMEM, errno.ENOENT):
+                    raise
+                skipped += 1
+        return skipped
 
     def scan_written(self, areas: bytes):
         """Pages written since the last scan in the packed areas, re-protected atomically.

@@ -2,7 +2,8 @@
 
 It is the husk's tracer and parent, so the husk cannot outlive it (PTRACE_O_EXITKILL, and the
 husk's parent-death signal). One daemon serves one image chain, on a control socket named after
-the chain's first round. It exits after finalize, abort, or a long idle period (killing the husk).
+the chain's first round. It exits after finalize, abort, an error that cost the husk, or a
+long idle period (killing the husk).
 
     python -m prerestore.restore.daemon --socket PATH [--pidns] [--parent PID] [--idle-timeout S]
 """
@@ -53,7 +54,8 @@ class StageService:
                 raise ProtocolError("in-band image must be bytes")
             return {"ok": True, "stats": self.staged.finalize(directory, image)}, True
         except PrerestoreError as e:
-            return control.error_reply(e), op == "finalize"
+            # a refused round leaves the staged process as it was; if it is gone, so are we
+            return control.error_reply(e), op == "finalize" or self.staged.husk is None
         except Exception as e:           # a bug: say so, leave nothing half-restored behind
             traceback.print_exc()
             self.staged.abort()
@@ -78,17 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, terminate)
     sock = control.listen(args.socket)
-    try:
-        how = control.serve(sock, service.dispatch, args.idle_timeout)
-        if how == "idle":
-            print(f"idle for {args.idle_timeout:.0f} s: dropping the staged process", flush=True)
-    finally:
-        service.staged.abort()
-        sock.close()
-        try:
-            os.unlink(args.socket)
-        except FileNotFoundError:
-            pass
+    how = control.serve_and_remove(sock, args.socket, service.dispatch, args.idle_timeout,
+                                   service.staged.abort)
+    if how == "idle":
+        print(f"idle for {args.idle_timeout:.0f} s: dropped the staged process", flush=True)
     return 0
 
 

@@ -69,13 +69,15 @@ class StagedProcess:
         return stats
 
     def stage(self, directory: str) -> dict:
-        """Apply every round up to `directory` that is not applied yet (not a final image)."""
+        """Apply every round up to `directory` that is not applied yet (not a final image).
+        A round that is refused (unreadable, out of order) leaves the staged process as it
+        was; an error while applying one kills it."""
+        pending = self._pending_rounds(directory)
+        if not pending:
+            raise ImageError(f"{directory}: this round is already staged")
+        if any(r.is_final for _, r in pending):
+            raise ImageError(f"{directory}: is a final image; use finalize")
         try:
-            pending = self._pending_rounds(directory)
-            if not pending:
-                raise ImageError(f"{directory}: this round is already staged")
-            if any(r.is_final for _, r in pending):
-                raise ImageError(f"{directory}: is a final image; use finalize")
             stats = [self._apply(d, r) for d, r in pending]
             return _sum_stats(stats) | {"rounds": [r.index for _, r in pending]}
         except BaseException:

@@ -165,6 +165,8 @@ class SourceSession:
                                     "collect_state": (t_state - t_frozen) * 1e3,
                                     "last_pages": (t_pages - t_state) * 1e3}
             r.stats["scan_wait_ms"] = (t_scanned - t_state) * 1e3
+            orig_rax = state.threads[0].regs["orig_rax"]
+            r.stats["stopped_in"] = f"syscall {orig_rax}" if orig_rax < 2 ** 63 else "user code"
             r.stats["frozen_at"] = t0          # CLOCK_MONOTONIC: comparable on this boot only
             if write:
                 schema.write_round(directory, r)

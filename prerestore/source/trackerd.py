@@ -99,16 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         os.unlink(args.socket + ".starting")
         return 2
     os.rename(args.socket + ".starting", args.socket)
-    try:
-        control.serve(sock, service.dispatch, args.idle_timeout)
-    finally:
+
+    def cleanup():
         service.session.resume()
         service.session.close()
-        sock.close()
-        try:
-            os.unlink(args.socket)
-        except FileNotFoundError:
-            pass
+
+    control.serve_and_remove(sock, args.socket, service.dispatch, args.idle_timeout, cleanup)
     return 0
 
 

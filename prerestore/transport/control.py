@@ -112,6 +112,20 @@ def spawn_daemon(module: str, args: list[str], log_path: str | None,
             log.close()
 
 
+def serve_and_remove(sock: socket.socket, path: str, dispatch, idle_timeout: float | None,
+                     cleanup) -> str:
+    """serve(), then always cleanup() and remove the socket: a daemon's whole life."""
+    try:
+        return serve(sock, dispatch, idle_timeout)
+    finally:
+        cleanup()
+        sock.close()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def serve(sock: socket.socket, dispatch, idle_timeout: float | None) -> str:
     """Answer requests until dispatch says we are done ("done") or nobody asked anything for
     idle_timeout seconds ("idle"). dispatch(msg) -> (reply, done)."""
