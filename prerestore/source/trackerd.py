@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
+import threading
 import traceback
 
 from ..errors import PrerestoreError, ProtocolError
+from ..kernel import native
 from ..transport import control
 from .session import SourceSession
 
@@ -80,6 +83,17 @@ class TrackerService:
             return control.error_reply(PrerestoreError(f"internal error: {e!r}")), True
 
 
+def exit_with_source(pid: int, socket_path: str) -> None:
+    """Nothing is left to track once the source is gone: leave with it."""
+    pidfd = native.pidfd_open(pid)
+    select.select([pidfd], [], [])
+    try:
+        os.unlink(socket_path)
+    except FileNotFoundError:
+        pass
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="prerestore-tracker-daemon")
     ap.add_argument("--pid", type=int, required=True)
@@ -99,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         os.unlink(args.socket + ".starting")
         return 2
     os.rename(args.socket + ".starting", args.socket)
+    threading.Thread(target=exit_with_source, args=(args.pid, args.socket), daemon=True).start()
 
     def cleanup():
         service.session.resume()
