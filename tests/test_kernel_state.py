@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from migration import Cleanup, helper_processes, needs_root, prerestore, wait_for_line
+from migration import Cleanup, helper_processes, needs_root, rss_kib, wait_for_line
 from workloads import start_workload
 
 from prerestore.kernel import native
@@ -60,6 +60,7 @@ def test_kernel_state_survives(kstate_bin, tmp_path, how):
     cleanup = Cleanup()
     try:
         rseq_before = rseq_of(src.pid)
+        rss_before = rss_kib(src.pid)
         assert rseq_before[0] != 0, "glibc registered no rseq area"
         report_dir = str(tmp_path / "images")
         r = migrate(src.pid, cold=(how == "cold"), work_dir=report_dir,
@@ -75,6 +76,11 @@ def test_kernel_state_survives(kstate_bin, tmp_path, how):
         state = report(log, host)
         assert {k: state.get(k) for k in EXPECTED} == EXPECTED
         assert state["cwd"] == "workdir"
+        # 256 MiB are mapped but only 16 pages touched: nothing else may become resident
+        assert rss_kib(host) < rss_before + 2048
+        assert os.readlink(f"/proc/{host}/exe") == str(kstate_bin)
+        assert open(f"/proc/{host}/cmdline", "rb").read().split(b"\0")[:2] == \
+            [str(kstate_bin).encode(), str(work).encode()]
         ptr, size, sig, _ = rseq_of(host)
         assert (ptr, size, sig) == rseq_before[:3]
         # the fds are the same open files: the report appended to the same log

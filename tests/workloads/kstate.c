@@ -78,6 +78,12 @@ int main(int argc, char **argv)
         write(plain_fd, "0123456789", 10) != 10 || lseek(plain_fd, 3, SEEK_SET) != 3)
         return 3;
 
+    /* 256 MiB reserved, 16 pages touched: the restored process must not populate the rest */
+    char *sparse = mmap(NULL, 256UL << 20, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    for (int k = 0; k < 16; k++)
+        sparse[(size_t)k * (16UL << 20)] = (char)k;
+
     char *heap = malloc(100);
     strcpy(heap, "heap-is-intact");
     char *ro = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
