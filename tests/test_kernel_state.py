@@ -90,3 +90,27 @@ def test_kernel_state_survives(kstate_bin, tmp_path, how):
         src.kill()
         src.wait(10)
         assert not helper_processes(src.pid)
+
+
+def test_frozen_in_sigsuspend_keeps_its_own_mask(tmp_path):
+    """sigsuspend installs a temporary mask; the process's own mask must come back after the
+    wakeup that follows the migration (ptrace reports the saved one, and the call restarts)."""
+    exe = tmp_path / "suspend"
+    subprocess.run(["cc", "-O2", "-o", str(exe), SOURCE.replace("kstate.c", "suspend.c")],
+                   check=True)
+    log = tmp_path / "out.log"
+    src = start_workload([exe], log)
+    cleanup = Cleanup()
+    try:
+        r = migrate(src.pid, work_dir=str(tmp_path / "images"),
+                    policy=ConvergencePolicy(min_rounds=2, max_rounds=2))
+        cleanup.add(r["namespace_init_pid"], r["restored_host_pid"])
+        src.wait(10)
+        assert r["final"]["stopped_in"] == "syscall 130"          # rt_sigsuspend
+        os.kill(r["restored_host_pid"], signal.SIGUSR2)
+        assert wait_for_line(log, "n=1", 10), open(log).read()
+        assert "woke usr2_blocked=1 usr1_blocked=0 n=1" in open(log).read()
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)
