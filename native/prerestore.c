@@ -254,6 +254,83 @@ __asm__(".pushsection .rodata\n"
         ".popsection\n");
 extern const char pr_runner_start[], pr_runner_end[];
 
+/* The thread starter, copied into the scratch area next to the runner: clone3 (its arguments
+ * set by the caller), then the parent traps, and the new thread parks in pause() (all signals
+ * are blocked in a husk) until its registers are replaced at resume. It never touches a stack. */
+__asm__(".pushsection .rodata\n"
+        ".globl pr_starter_start\n"
+        "pr_starter_start:\n"
+        "   syscall\n"
+        "   test %rax, %rax\n"
+        "   jz 1f\n"
+        "   int3\n"
+        "1: mov $34, %eax\n"
+        "   syscall\n"
+        "   jmp 1b\n"
+        ".globl pr_starter_end\n"
+        "pr_starter_end:\n"
+        ".popsection\n");
+extern const char pr_starter_start[], pr_starter_end[];
+
+size_t pr_thread_starter(const void **code)
+{
+    *code = pr_starter_start;
+    return pr_starter_end - pr_starter_start;
+}
+
+/* Create a thread in the stopped tracee `pid` with the starter copied at `starter` and a
+ * struct clone_args at `args` (in the tracee). The tracee must be traced with
+ * PTRACE_O_TRACECLONE: the new thread is then ours from its first instruction. Returns its
+ * tid in our namespace in *child, stopped. Registers are the caller's to save and restore. */
+int pr_clone_thread(int pid, uint64_t starter, uint64_t args, uint64_t args_size, int *child)
+{
+    struct user_regs_struct regs;
+    int st;
+    unsigned long msg = 0;
+    if (ptrace(PTRACE_GETREGS, pid, 0, &regs))
+        return ERR;
+    regs.rip = starter;
+    regs.rax = SYS_clone3;
+    regs.rdi = args;
+    regs.rsi = args_size;
+    regs.orig_rax = -1;
+    if (ptrace(PTRACE_SETREGS, pid, 0, &regs) || ptrace(PTRACE_CONT, pid, 0, 0))
+        return ERR;
+    *child = -1;
+    for (;;) {
+        if (waitpid(pid, &st, __WALL) < 0)
+            return ERR;
+        if (!WIFSTOPPED(st))
+            return -ESRCH;
+        if (st >> 8 == (SIGTRAP | (PTRACE_EVENT_CLONE << 8))) {
+            if (ptrace(PTRACE_GETEVENTMSG, pid, 0, &msg))
+                return ERR;
+            *child = (int)msg;
+            if (ptrace(PTRACE_CONT, pid, 0, 0))
+                return ERR;
+            continue;
+        }
+        if (WSTOPSIG(st) == SIGTRAP)
+            break;
+        return -ECHILD;
+    }
+    if (ptrace(PTRACE_GETREGS, pid, 0, &regs))
+        return ERR;
+    if ((long)regs.rax < 0)
+        return (int)regs.rax;
+    if (*child < 0)
+        return -ECHILD;
+    /* the new thread reports its first stop (PTRACE_EVENT_STOP) to us */
+    if (waitpid(*child, &st, __WALL) < 0)
+        return ERR;
+    return WIFSTOPPED(st) ? 0 : -ESRCH;
+}
+
+int pr_set_options(int pid, uint64_t options)
+{
+    return ptrace(PTRACE_SETOPTIONS, pid, 0, (void *)options) ? ERR : 0;
+}
+
 size_t pr_batch_runner(const void **code)
 {
     *code = pr_runner_start;

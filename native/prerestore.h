@@ -57,6 +57,9 @@ long pr_peek_siginfo(int pid, int shared, void *buf, long max);
 long pr_find_syscall_insn(int pid, uint64_t start, uint64_t end, uint64_t *addr);
 int pr_inject_syscall(int pid, uint64_t insn, int64_t nr, const uint64_t *args, int64_t *ret);
 size_t pr_batch_runner(const void **code);
+size_t pr_thread_starter(const void **code);
+int pr_clone_thread(int pid, uint64_t starter, uint64_t args, uint64_t args_size, int *child);
+int pr_set_options(int pid, uint64_t options);
 int pr_start_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
                    const void *data, size_t data_len, uint64_t data_addr);
 int pr_finish_batch(int pid, uint64_t table, struct pr_call *calls, long n, long *done);

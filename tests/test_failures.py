@@ -109,24 +109,6 @@ def test_pid_taken_is_refused(source, tmp_path):
     assert_source_intact(src, log, argv)
 
 
-def test_threads_are_refused_by_name(tmp_path):
-    code = ("import threading, time\n"
-            "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
-            "print('ready', flush=True)\n"
-            "time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        assert proc.stdout.readline().strip() == b"ready"
-        with pytest.raises(UnsupportedState, match="2 threads"):
-            migrate(proc.pid, work_dir=str(tmp_path / "images"))
-        assert alive(proc.pid)
-    finally:
-        proc.kill()
-        proc.wait(10)
-
-
 def test_unsupported_state_is_refused_before_freezing(tmp_path):
     """A child process and a pipe: named in the error, and the process was never stopped."""
     code = ("import os, sys, time\n"

@@ -125,6 +125,24 @@ def inject_syscall(pid: int, insn: int, nr: int, *args: int) -> int:
     return ret[0]
 
 
+def thread_starter_code() -> bytes:
+    code = ffi.new("void **")
+    n = lib.pr_thread_starter(code)
+    return ffi.buffer(code[0], n)[:]
+
+
+def clone_thread(pid: int, starter: int, args: int, args_size: int) -> int:
+    """Make the stopped tracee create a thread (see pr_clone_thread); returns its tid here."""
+    child = ffi.new("int *")
+    check(lib.pr_clone_thread(pid, starter, args, args_size, child), "injected clone3(thread)",
+          pid)
+    return child[0]
+
+
+def set_options(pid: int, options: int) -> None:
+    check(lib.pr_set_options(pid, options), "ptrace(SETOPTIONS)", pid)
+
+
 def batch_runner_code() -> bytes:
     code = ffi.new("void **")
     n = lib.pr_batch_runner(code)

@@ -26,6 +26,14 @@ class Tracee:
         self.attached = True
         self.stopped = False
 
+    @classmethod
+    def adopt(cls, pid: int) -> "Tracee":
+        """A task the kernel attached to us already, stopped (a thread we made a tracee
+        create under PTRACE_O_TRACECLONE)."""
+        t = cls.__new__(cls)
+        t.pid, t.attached, t.stopped = pid, True, True
+        return t
+
     def stop(self) -> None:
         if not self.stopped:
             native.interrupt(self.pid)
@@ -136,6 +144,12 @@ class RemoteSyscalls:
         self.tracee = tracee
         self.insn = native.find_syscall_insn(tracee.pid, *vdso)
         self.scratch: Scratch | None = None
+
+    def sharing(self, tracee: Tracee) -> "RemoteSyscalls":
+        """Calls in another thread of the same process, through our scratch area (one mm)."""
+        other = RemoteSyscalls.__new__(RemoteSyscalls)
+        other.tracee, other.insn, other.scratch = tracee, self.insn, self.scratch
+        return other
 
     def rebase(self, old_vdso: int, new_vdso: int) -> None:
         """The [vdso] moved (mremap), and our syscall instruction with it."""

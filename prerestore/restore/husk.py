@@ -16,7 +16,7 @@ import struct
 import time
 from importlib import resources
 
-from ..errors import KernelCallError, PidTaken, RestoreError
+from ..errors import KernelCallError, PidTaken, ProcessGone, RestoreError
 from ..faults import maybe_fail
 from ..image import schema
 from ..kernel import native, procfs
@@ -36,6 +36,36 @@ def husk_program() -> str:
     return str(resources.files("prerestore") / "prerestore-husk")
 
 
+def _pid_free(pid: int, wait_zombie: float = 2.0) -> bool:
+    """Is pid free here? A just-killed source may linger as a zombie until its parent reaps
+    it: give that a moment."""
+    deadline = time.monotonic() + wait_zombie
+    while True:
+        try:
+            state = procfs.stat_fields(pid)[3]
+        except ProcessGone:
+            return True
+        if state != "Z" or time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+
+
+def resumable_regs(saved: dict[str, int]) -> dict[str, int]:
+    """The registers to resume with: a thread stopped inside a system call restarts it, as
+    the kernel would have on its way back to user space."""
+    regs = dict(saved)
+    if regs["orig_rax"] < 2 ** 63:               # stopped inside a system call
+        rv = regs["rax"] - 2 ** 64 if regs["rax"] >= 2 ** 63 else regs["rax"]
+        if rv in (-lib.ERESTARTSYS, -lib.ERESTARTNOINTR, -lib.ERESTARTNOHAND):
+            regs["rax"], regs["rip"] = regs["orig_rax"], regs["rip"] - 2   # run it again
+        elif rv == -lib.ERESTART_RESTARTBLOCK:
+            # its restart block stayed in the source kernel: report an interruption, which
+            # callers of such calls (nanosleep, poll with timeout...) handle by retrying
+            regs["rax"] = -errno.EINTR & 0xFFFFFFFFFFFFFFFF
+        regs["orig_rax"] = 0xFFFFFFFFFFFFFFFF
+    return regs
+
+
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[list[int]] = []
     for s, e in sorted(ranges):
@@ -52,6 +82,7 @@ class Husk:
         self.pid = pid                    # pid the restored process sees (the source's)
         self.init_pid = init_pid          # host pid of the pid namespace's init, if any
         self.tracee: Tracee | None = None
+        self.threads: dict[int, Tracee] = {}   # the other threads, by the tid they stand for
         self.remote: RemoteSyscalls | None = None
         self.mem_fd = -1
         self.source_mem_fd = -1           # /proc/PID/mem of a same-host source (direct pages)
@@ -67,7 +98,7 @@ class Husk:
     def spawn(cls, pid: int, *, pidns: bool) -> "Husk":
         """A husk that will have `pid`: in our pid namespace (the pid must be free), or as that
         pid inside a new pid namespace whose init is a second husk program."""
-        if not pidns and os.path.exists(f"/proc/{pid}"):
+        if not pidns and not _pid_free(pid):
             raise PidTaken(f"pid {pid} is in use on this host: cannot restore with the same pid "
                            "(use --pidns to restore inside a new pid namespace)")
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
@@ -310,10 +341,62 @@ class Husk:
 
     # ---- the final state ----------------------------------------------------------------------
 
+    STARTER_OFFSET = 128       # in the scratch area: the runner is at 0, its table at 256
+
+    def _thread_calls(self, b, th) -> None:
+        """The calls that set one thread's own state, run in that thread."""
+        b.call(lib.SYS_set_tid_address, th.clear_child_tid)
+        if th.robust_list[0]:
+            b.call(lib.SYS_set_robust_list, *th.robust_list)
+        if th.rseq:
+            ptr, size, sig = th.rseq
+            b.call(lib.SYS_rseq, ptr, size, 0, sig)
+        sp, flags, size = th.sigaltstack
+        if not flags & 2:          # SS_DISABLE: nothing to install
+            b.call(lib.SYS_sigaltstack, b.put(STACK_T.pack(sp, flags & ~1, 0, size)), 0)
+
+    def _create_threads(self, state: ProcessState) -> None:
+        """The source's other threads, with their exact tids (glibc caches them), parked in
+        the starter until resume; each gets its own state from a batch run in it."""
+        extra = [th for th in state.threads[1:] if th.tid not in self.threads]
+        if not extra:
+            return
+        sc = self.remote.scratch
+        native.set_options(self.host_pid, lib.PTRACE_O_EXITKILL | lib.PTRACE_O_TRACECLONE)
+        starter = sc.addr + self.STARTER_OFFSET
+        native.write_mem(self.host_pid, starter, native.thread_starter_code())
+        flags = lib.CLONE_VM | lib.CLONE_FS | lib.CLONE_FILES | lib.CLONE_SIGHAND | \
+            lib.CLONE_THREAD | lib.CLONE_SYSVSEM
+        stack, tid_slot, args = sc.addr + sc.size - 4096, sc.data_addr, sc.data_addr + 64
+        saved = self.tracee.regs()
+        try:
+            for th in extra:
+                # struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack,
+                # stack_size, tls, set_tid, set_tid_size, cgroup
+                native.write_mem(self.host_pid, tid_slot, struct.pack("=i", th.tid))
+                native.write_mem(self.host_pid, args, struct.pack(
+                    "=11Q", flags, 0, 0, 0, 0, stack, 4096, 0, tid_slot, 1, 0))
+                try:
+                    host_tid = native.clone_thread(self.host_pid, starter, args, 88)
+                except KernelCallError as e:
+                    if e.errno == errno.EEXIST:
+                        raise PidTaken(f"thread id {th.tid} is in use: cannot restore that "
+                                       "thread with its id") from None
+                    raise
+                self.threads[th.tid] = Tracee.adopt(host_tid)
+        finally:
+            self.tracee.set_regs(saved)
+        for th in extra:
+            b = self.remote.sharing(self.threads[th.tid]).batch()
+            self._thread_calls(b, th)
+            self.remote.sharing(self.threads[th.tid]).run(b)
+
     def apply_state(self, state: ProcessState) -> dict:
-        """Everything but the registers: fds, mm fields, signals, rseq... in one batch."""
+        """Everything but the registers: fds, mm fields, signals, rseq... in one batch, after
+        creating the other threads."""
         t0 = time.perf_counter()
         maybe_fail("apply_state")
+        self._create_threads(state)
         b = self.remote.batch()
         opened = set(self.fds)
         expected = []
@@ -352,15 +435,7 @@ class Husk:
                label="prctl(PR_SET_MM_MAP)")
         b.call(lib.SYS_close, exe_fd)
         th = state.threads[0]
-        b.call(lib.SYS_set_tid_address, th.clear_child_tid)
-        if th.robust_list[0]:
-            b.call(lib.SYS_set_robust_list, *th.robust_list)
-        if th.rseq:
-            ptr, size, sig = th.rseq
-            b.call(lib.SYS_rseq, ptr, size, 0, sig)
-        sp, flags, size = th.sigaltstack
-        if not flags & 2:          # SS_DISABLE: nothing to install
-            b.call(lib.SYS_sigaltstack, b.put(STACK_T.pack(sp, flags & ~1, 0, size)), 0)
+        self._thread_calls(b, th)
         for sig, a in sorted(state.sigactions.items()):
             if sig in (SIGKILL, SIGSTOP):
                 continue
@@ -373,9 +448,10 @@ class Husk:
         for info in state.shared_pending:
             sig = struct.unpack_from("=i", info)[0]
             b.call(lib.SYS_rt_sigqueueinfo, self.pid, sig, b.put(info))
-        for info in th.pending:
-            sig = struct.unpack_from("=i", info)[0]
-            b.call(lib.SYS_rt_tgsigqueueinfo, self.pid, self.pid, sig, b.put(info))
+        for thread in state.threads:
+            for info in thread.pending:
+                sig = struct.unpack_from("=i", info)[0]
+                b.call(lib.SYS_rt_tgsigqueueinfo, self.pid, thread.tid, sig, b.put(info))
         b.call(lib.SYS_prctl, lib.PR_SET_PDEATHSIG, 0)
         results = self.remote.run(b)
         for i, fd in expected:
@@ -394,25 +470,17 @@ class Husk:
 
     def resume(self, state: ProcessState) -> None:
         """Registers last, then let it run."""
-        th = state.threads[0]
-        regs = dict(th.regs)
-        if regs["orig_rax"] < 2 ** 63:               # stopped inside a system call
-            rv = regs["rax"] - 2 ** 64 if regs["rax"] >= 2 ** 63 else regs["rax"]
-            if rv in (-lib.ERESTARTSYS, -lib.ERESTARTNOINTR, -lib.ERESTARTNOHAND):
-                regs["rax"], regs["rip"] = regs["orig_rax"], regs["rip"] - 2   # run it again
-            elif rv == -lib.ERESTART_RESTARTBLOCK:
-                # its restart block stayed in the source kernel: report an interruption, which
-                # callers of such calls (nanosleep, poll with timeout...) handle by retrying
-                regs["rax"] = -errno.EINTR & 0xFFFFFFFFFFFFFFFF
-            regs["orig_rax"] = 0xFFFFFFFFFFFFFFFF
-        t = self.tracee
         maybe_fail("resume")
-        if state.cpus:
-            os.sched_setaffinity(self.host_pid, state.cpus)
-        t.set_sigmask(th.sigmask)
-        t.set_regs(regs)
-        t.set_xstate(th.xstate)
-        t.detach()
+        tracees = [(self.tracee, state.threads[0])] + \
+            [(self.threads[th.tid], th) for th in state.threads[1:]]
+        for t, th in tracees:
+            if state.cpus:
+                os.sched_setaffinity(t.pid, state.cpus)
+            t.set_sigmask(th.sigmask)
+            t.set_regs(resumable_regs(th.regs))
+            t.set_xstate(th.xstate)
+        for t, _ in tracees:
+            t.detach()
         self.resumed = True
 
     def release_namespace(self) -> None:
@@ -437,6 +505,13 @@ class Husk:
                     pass
         # We trace the husk: its exit is ours to collect first, and a namespace init waits for
         # its children to be collected before it can die.
+        for t in self.threads.values():
+            if t.attached:
+                try:
+                    os.waitpid(t.pid, 0x40000000)     # __WALL
+                except ChildProcessError:
+                    pass
+                t.attached = False
         if self.tracee and self.tracee.attached:
             try:
                 os.waitpid(self.host_pid, os.__WALL if hasattr(os, "__WALL") else 0x40000000)

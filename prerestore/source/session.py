@@ -50,9 +50,6 @@ def find_unsupported(pid: int) -> list[str]:
     st = procfs.status(pid)
     if st.get("State", "").startswith(("Z", "X")):
         problems.append(f"process {pid} is a zombie")
-    threads = procfs.threads(pid)
-    if len(threads) > 1:
-        problems.append(f"{len(threads)} threads (multi-threaded processes are not supported yet)")
     kids = procfs.children(pid)
     if kids:
         problems.append(f"child processes {kids} (process trees are not supported yet)")
@@ -95,7 +92,7 @@ class SourceSession:
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         self.last_layout: list[Vma] | None = None
         self.last_round: tuple[str, Round] | None = None
-        self.frozen: Tracee | None = None
+        self.frozen: list[Tracee] = []     # every thread, the main one first, while frozen
         self._maps_raw, self._maps_parsed = b"", []
         self.source_info = {
             "host": socket.gethostname(), "kernel": platform.release(), "pid": pid,
@@ -130,20 +127,19 @@ class SourceSession:
             finally:
                 os.sched_setaffinity(0, mask)
         t0 = time.monotonic()          # the clock the destination reports resumption in
-        self.frozen = Tracee(self.pid)
         try:
-            self.frozen.stop()
+            self._freeze_all_threads()
             t_frozen = time.monotonic()
             status = procfs.status(self.pid)          # it may have changed since the check
-            if status.get("Threads") != "1" or procfs.children(self.pid):
-                raise UnsupportedState(f"pid {self.pid} started a thread or a child process "
-                                       "while being frozen")
+            if procfs.children(self.pid):
+                raise UnsupportedState(f"pid {self.pid} started a child process while being "
+                                       "frozen")
             layout = self._layout()
             # The last dirty scan is kernel time in one native call (no GIL held, no ptrace):
             # it runs in a thread on another CPU while this one, the tracer, collects the
             # state. The thread does nothing but that call, so it never holds the GIL for long.
             # (Measured: about 0.5 ms off the downtime at 4 GiB, noise at 1 GiB.)
-            inside = self._query_inside(self.frozen, layout, status)
+            inside = self._query_inside(layout, status)
             scanned: dict = {}
             worker = None
             _, kept = self._split_layout(layout)
@@ -151,7 +147,7 @@ class SourceSession:
                 worker = threading.Thread(target=self._scan_in_thread,
                                           args=(pack_ranges(kept), scanned))
                 worker.start()
-            state = self._collect_state(self.frozen, layout, status, inside)
+            state = self._collect_state(layout, status, inside)
             t_state = time.monotonic()
             if worker:
                 worker.join()
@@ -176,6 +172,23 @@ class SourceSession:
         except BaseException:
             self.resume()
             raise
+
+    def _freeze_all_threads(self) -> None:
+        """Stop every thread. Threads can appear while we stop the others: list again until
+        every listed thread is ours and stopped (a stopped thread creates none)."""
+        held: dict[int, Tracee] = {}
+        while True:
+            tids = procfs.threads(self.pid)
+            new = [tid for tid in tids if tid not in held]
+            if not new:
+                break
+            for tid in new:
+                t = Tracee(tid)
+                held[tid] = t
+                self.frozen.append(t)
+            for tid in new:
+                held[tid].stop()
+        self.frozen.sort(key=lambda t: t.pid != self.pid)     # the main thread first
 
     def _scan_in_thread(self, areas: bytes, out: dict) -> None:
         try:
@@ -269,62 +282,72 @@ class SourceSession:
 
     # ---- state ------------------------------------------------------------------------------
 
-    def _query_inside(self, t: Tracee, layout: list[Vma], status: dict[str, str]) -> dict:
-        """What only the process can tell, in one injected batch: brk, clear_child_tid,
-        sigaltstack and the actions of the signals it catches or ignores. (It maps and unmaps
-        a scratch area: mmap_lock writers, so it runs before the last dirty scan starts.)"""
+    def _query_inside(self, layout: list[Vma], status: dict[str, str]) -> dict:
+        """What only the process can tell, in one injected batch per thread: brk and the
+        actions of the signals it catches or ignores (process-wide, asked in the main
+        thread), clear_child_tid and sigaltstack (each thread's own). It maps and unmaps a
+        scratch area (an mmap_lock writer), so it runs before the last dirty scan starts."""
         handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
         signals = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1]
         vdso = next(v for v in layout if v.path == "[vdso]")
-        saved_regs, saved_mask = t.regs(), t.sigmask()
-        t.set_sigmask(ALL_SIGNALS)     # nothing gets delivered while we run calls in it
-        remote = RemoteSyscalls(t, (vdso.start, vdso.end))
-        remote.map_scratch(free_area([layout], RemoteSyscalls.SCRATCH_SIZE))
+        main = RemoteSyscalls(self.frozen[0], (vdso.start, vdso.end))
+        saved = [(t, t.regs(), t.sigmask()) for t in self.frozen]
+        for t in self.frozen:
+            t.set_sigmask(ALL_SIGNALS)     # nothing gets delivered while we run calls in it
+        main.map_scratch(free_area([layout], RemoteSyscalls.SCRATCH_SIZE))
+        out: dict = {"threads": {}}
         try:
-            b = remote.batch()
-            tid_addr = b.put(b"\0" * 8)
-            ss_addr = b.put(b"\0" * STACK_T.size)
-            sa_addr = b.put(b"\0" * KSIGACTION.size * 65)
-            b.call(lib.SYS_brk, 0)
-            b.call(lib.SYS_prctl, lib.PR_GET_TID_ADDRESS, tid_addr)
-            b.call(lib.SYS_sigaltstack, 0, ss_addr)
-            for sig in signals:
-                b.call(lib.SYS_rt_sigaction, sig, 0, sa_addr + KSIGACTION.size * sig, 8)
-            results = remote.run(b)
-            data_addr = remote.scratch.data_addr
-            data = remote.read(data_addr, len(b.data))
+            for t, regs, mask in saved:
+                remote = main if t is self.frozen[0] else main.sharing(t)
+                b = remote.batch()
+                tid_addr = b.put(b"\0" * 8)
+                ss_addr = b.put(b"\0" * STACK_T.size)
+                sa_addr = b.put(b"\0" * KSIGACTION.size * 65)
+                b.call(lib.SYS_prctl, lib.PR_GET_TID_ADDRESS, tid_addr)
+                b.call(lib.SYS_sigaltstack, 0, ss_addr)
+                if t is self.frozen[0]:
+                    b.call(lib.SYS_brk, 0)
+                    for sig in signals:
+                        b.call(lib.SYS_rt_sigaction, sig, 0, sa_addr + KSIGACTION.size * sig, 8)
+                results = remote.run(b)
+                data = remote.read(tid_addr, len(b.data) - (tid_addr - main.scratch.data_addr))
+                rel = lambda addr: addr - tid_addr  # noqa: E731  (offsets in what we read)
+                out["threads"][t.pid] = {
+                    "regs": regs, "sigmask": mask,
+                    "clear_child_tid": struct.unpack_from("=Q", data, rel(tid_addr))[0],
+                    "sigaltstack": STACK_T.unpack_from(data, rel(ss_addr))}
+                if t is self.frozen[0]:
+                    out["brk"] = results[2]
+                    out["sigactions"] = {
+                        sig: SigAction(*KSIGACTION.unpack_from(
+                            data, rel(sa_addr + KSIGACTION.size * sig))) for sig in signals}
         finally:
-            remote.unmap_scratch()
-            t.set_sigmask(saved_mask)
-            t.set_regs(saved_regs)
-        rel = lambda addr: addr - data_addr  # noqa: E731  (offsets in the data we read back)
-        sigactions = {}
-        for sig in signals:
-            h, fl, rest, mask = KSIGACTION.unpack_from(data, rel(sa_addr + KSIGACTION.size * sig))
-            sigactions[sig] = SigAction(h, fl, rest, mask)
-        return {"brk": results[0], "sigactions": sigactions, "regs": saved_regs,
-                "sigmask": saved_mask,
-                "clear_child_tid": struct.unpack_from("=Q", data, rel(tid_addr))[0],
-                "sigaltstack": STACK_T.unpack_from(data, rel(ss_addr))}
+            main.unmap_scratch()
+            for t, regs, mask in saved:
+                t.set_sigmask(mask)
+                t.set_regs(regs)
+        return out
 
-    def _collect_state(self, t: Tracee, layout: list[Vma], status: dict[str, str],
+    def _collect_state(self, layout: list[Vma], status: dict[str, str],
                        inside: dict) -> ProcessState:
         """All but memory, with the process frozen: what _query_inside found, ptrace and
         /proc for the rest."""
         pid = self.pid
-        ss_sp, ss_flags, _, ss_size = inside["sigaltstack"]
-        rseq = None
-        try:
-            ptr, size, sig, _ = native.get_rseq(pid)
-            rseq = (ptr, size, sig) if ptr else None
-        except KernelCallError:
-            pass
-        thread = ThreadState(
-            tid=pid, regs=inside["regs"], xstate=t.xstate(), sigmask=inside["sigmask"],
-            rseq=rseq, robust_list=native.get_robust_list(pid),
-            clear_child_tid=inside["clear_child_tid"],
-            sigaltstack=(ss_sp, ss_flags, ss_size),
-            pending=native.peek_siginfo(pid, shared=False))
+        threads = []
+        for t in self.frozen:
+            mine = inside["threads"][t.pid]
+            ss_sp, ss_flags, _, ss_size = mine["sigaltstack"]
+            rseq = None
+            try:
+                ptr, size, sig, _ = native.get_rseq(t.pid)
+                rseq = (ptr, size, sig) if ptr else None
+            except KernelCallError:
+                pass
+            threads.append(ThreadState(
+                tid=t.pid, regs=mine["regs"], xstate=t.xstate(), sigmask=mine["sigmask"],
+                rseq=rseq, robust_list=native.get_robust_list(t.pid),
+                clear_child_tid=mine["clear_child_tid"], sigaltstack=(ss_sp, ss_flags, ss_size),
+                pending=native.peek_siginfo(t.pid, shared=False)))
         fds = []
         for fd in procfs.fd_numbers(pid):
             what, desc = procfs.describe_fd(pid, fd)
@@ -336,7 +359,7 @@ class SourceSession:
             cwd=procfs.readlink(pid, "cwd"), umask=int(status.get("Umask", "0022"), 8),
             mm=procfs.mm_fields(procfs.stat_fields(pid), inside["brk"]), auxv=procfs.auxv(pid),
             rlimits=procfs.rlimits(pid), sigactions=inside["sigactions"], fds=fds,
-            threads=[thread],
+            threads=threads,
             shared_pending=native.peek_siginfo(pid, shared=True),
             cpus=sorted(os.sched_getaffinity(pid)))
 
@@ -345,25 +368,32 @@ class SourceSession:
     def kill_frozen(self) -> None:
         """The destination runs: the source goes away (still frozen, so it never runs again)."""
         os.kill(self.pid, 9)
-        if self.frozen:
-            self.frozen.attached = False
-        self.frozen = None
+        for t in self.frozen[1:]:     # we trace them: their exits are ours to collect
+            try:
+                os.waitpid(t.pid, 0x40000000)     # __WALL
+            except ChildProcessError:
+                pass
+        for t in self.frozen:
+            t.attached = False
+        self.frozen = []
         self.close()
 
     def resume(self) -> None:
         """Roll back: the source continues as if nothing happened."""
-        if self.frozen:
+        for t in self.frozen:
             try:
-                self.frozen.detach()
+                t.detach()
             except KernelCallError:
                 pass
-            self.frozen = None
+        self.frozen = []
 
     def leave_stopped(self) -> None:
         """Detach but keep the process stopped (SIGSTOP), for `dump --leave-stopped`."""
         if self.frozen:
-            self.frozen.detach(19)
-            self.frozen = None
+            self.frozen[0].detach(19)         # a group stop: every thread stops
+            for t in self.frozen[1:]:
+                t.detach()
+            self.frozen = []
 
     def close(self) -> None:
         if self.tracker:
