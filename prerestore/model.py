@@ -192,7 +192,9 @@ class AddressSpaceRound:
     pages:  packed ranges whose bytes follow one another in the round's page file;
     zap:    packed ranges written but no longer present (MADV_DONTNEED): drop them;
     pages_from: "file" (pages.img at pages_offset) or "pid": read them from the live source
-            process itself, for a destination on the same host (no copy through a file)."""
+            process itself, for a destination on the same host (no copy through a file);
+    tids:   the task's threads when the round was taken: the husk creates them as they
+            appear, so that finalize only adjusts for threads born or gone since."""
     pid: int
     layout: list[Vma]
     fresh: bytes = b""
@@ -200,6 +202,7 @@ class AddressSpaceRound:
     zap: bytes = b""
     pages_offset: int = 0
     pages_from: str = "file"
+    tids: list[int] = field(default_factory=list)     # its threads at this round
 
 
 @dataclass

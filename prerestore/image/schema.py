@@ -36,7 +36,7 @@ def _vma(v: Vma) -> list:
 def _task(t: AddressSpaceRound) -> dict:
     return {"pid": t.pid, "layout": [_vma(v) for v in t.layout], "fresh": t.fresh,
             "pages": t.pages, "zap": t.zap, "pages_offset": t.pages_offset,
-            "pages_from": t.pages_from}
+            "pages_from": t.pages_from, "tids": t.tids}
 
 
 def _thread(t: ThreadState) -> dict:
@@ -67,7 +67,8 @@ def decode_round(m: dict) -> Round:
     try:
         tasks = [AddressSpaceRound(t["pid"], [Vma(*v) for v in t["layout"]], t["fresh"],
                                    t["pages"], t["zap"], t["pages_offset"],
-                                   t.get("pages_from", "file")) for t in m["tasks"]]
+                                   t.get("pages_from", "file"), list(t.get("tids", [])))
+                 for t in m["tasks"]]
         state = None
         if m["state"] is not None:
             s = m["state"]

@@ -54,6 +54,7 @@ class StageService:
                 raise ProtocolError("in-band image must be bytes")
             return {"ok": True, "stats": self.staged.finalize(directory, image)}, True
         except PrerestoreError as e:
+            print(f"{op} {directory}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             # a refused round leaves the staged process as it was; if it is gone, so are we
             return control.error_reply(e), op == "finalize" or self.staged.husk is None
         except Exception as e:           # a bug: say so, leave nothing half-restored behind

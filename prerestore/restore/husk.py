@@ -273,7 +273,11 @@ class Husk:
                 b.call(lib.SYS_madvise, s, e - s, lib.MADV_DONTNEED)
             self.remote.run(b)
         self.layout = new
-        return {"vma_ops": len(d.unmap) + len(pieces) + len(d.reprotect),
+        t_threads = time.perf_counter()
+        if task.tids:
+            self.sync_threads(task.tids)
+        threads_ms = (time.perf_counter() - t_threads) * 1e3
+        return {"threads_ms": threads_ms, "threads": len(self.threads) + 1, "vma_ops": len(d.unmap) + len(pieces) + len(d.reprotect),
                 "pages": nbytes // 4096, "bytes": nbytes, "forced_bytes": forced,
                 "layout_ms": (t_layout - t0) * 1e3, "pages_ms": (t_pages - t_layout) * 1e3,
                 "apply_ms": (time.perf_counter() - t0) * 1e3}
@@ -355,11 +359,30 @@ class Husk:
         if not flags & 2:          # SS_DISABLE: nothing to install
             b.call(lib.SYS_sigaltstack, b.put(STACK_T.pack(sp, flags & ~1, 0, size)), 0)
 
-    def _create_threads(self, state: ProcessState) -> None:
-        """The source's other threads, with their exact tids (glibc caches them), parked in
-        the starter until resume; each gets its own state from a batch run in it."""
-        extra = [th for th in state.threads[1:] if th.tid not in self.threads]
-        if not extra:
+    def sync_threads(self, tids: list[int]) -> None:
+        """Have exactly the source's threads: create the new ones, end those that exited."""
+        wanted = set(tids) - {self.pid}
+        for tid in [t for t in self.threads if t not in wanted]:
+            self._end_thread(tid)
+        self._create_threads(sorted(wanted - set(self.threads)))
+
+    def _end_thread(self, tid: int) -> None:
+        """A staged thread whose source thread exited: it makes an exit(0) of its own."""
+        t = self.threads.pop(tid)
+        try:
+            native.inject_syscall(t.pid, self.remote.insn, lib.SYS_exit, 0)
+        except KernelCallError:
+            pass                                      # it exits: no trap to report
+        try:
+            os.waitpid(t.pid, 0x40000000)             # __WALL: collect it, we trace it
+        except ChildProcessError:
+            pass
+        t.attached = False
+
+    def _create_threads(self, tids: list[int]) -> None:
+        """Threads with these exact tids (glibc caches them), parked in the starter until
+        resume with all signals blocked."""
+        if not tids:
             return
         sc = self.remote.scratch
         native.set_options(self.host_pid, lib.PTRACE_O_EXITKILL | lib.PTRACE_O_TRACECLONE)
@@ -370,33 +393,34 @@ class Husk:
         stack, tid_slot, args = sc.addr + sc.size - 4096, sc.data_addr, sc.data_addr + 64
         saved = self.tracee.regs()
         try:
-            for th in extra:
+            for tid in tids:
                 # struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack,
                 # stack_size, tls, set_tid, set_tid_size, cgroup
-                native.write_mem(self.host_pid, tid_slot, struct.pack("=i", th.tid))
+                native.write_mem(self.host_pid, tid_slot, struct.pack("=i", tid))
                 native.write_mem(self.host_pid, args, struct.pack(
                     "=11Q", flags, 0, 0, 0, 0, stack, 4096, 0, tid_slot, 1, 0))
                 try:
                     host_tid = native.clone_thread(self.host_pid, starter, args, 88)
                 except KernelCallError as e:
                     if e.errno == errno.EEXIST:
-                        raise PidTaken(f"thread id {th.tid} is in use: cannot restore that "
+                        raise PidTaken(f"thread id {tid} is in use: cannot restore that "
                                        "thread with its id") from None
                     raise
-                self.threads[th.tid] = Tracee.adopt(host_tid)
+                self.threads[tid] = Tracee.adopt(host_tid)
         finally:
             self.tracee.set_regs(saved)
-        for th in extra:
-            b = self.remote.sharing(self.threads[th.tid]).batch()
-            self._thread_calls(b, th)
-            self.remote.sharing(self.threads[th.tid]).run(b)
 
     def apply_state(self, state: ProcessState) -> dict:
         """Everything but the registers: fds, mm fields, signals, rseq... in one batch, after
         creating the other threads."""
         t0 = time.perf_counter()
         maybe_fail("apply_state")
-        self._create_threads(state)
+        self.sync_threads([th.tid for th in state.threads])
+        for th in state.threads[1:]:            # each thread's own state, run in it
+            remote = self.remote.sharing(self.threads[th.tid])
+            b = remote.batch()
+            self._thread_calls(b, th)
+            remote.run(b)
         b = self.remote.batch()
         opened = set(self.fds)
         expected = []
@@ -503,23 +527,36 @@ class Husk:
                     os.kill(pid, SIGKILL)
                 except ProcessLookupError:
                     pass
-        # We trace the husk: its exit is ours to collect first, and a namespace init waits for
+        # We trace the husk's threads: their exits are ours to collect first (a thread-group
+        # leader is reported only after every other thread), and a namespace init waits for
         # its children to be collected before it can die.
-        for t in self.threads.values():
-            if t.attached:
-                try:
-                    os.waitpid(t.pid, 0x40000000)     # __WALL
-                except ChildProcessError:
-                    pass
-                t.attached = False
         if self.tracee and self.tracee.attached:
-            try:
-                os.waitpid(self.host_pid, os.__WALL if hasattr(os, "__WALL") else 0x40000000)
-            except ChildProcessError:
-                pass
+            self._collect_traced_exits()
             self.tracee.attached = False
+        for t in self.threads.values():
+            t.attached = False
         self._reap(self.init_pid or self.host_pid)
         self.close()
+
+    def _collect_traced_exits(self, timeout: float = 5.0) -> None:
+        wall, nohang = 0x40000000, os.WNOHANG
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                tids = {int(t) for t in os.listdir(f"/proc/{self.host_pid}/task")}
+            except FileNotFoundError:
+                tids = set()
+            for tid in tids | {t.pid for t in self.threads.values()} - {self.host_pid}:
+                try:
+                    os.waitpid(tid, wall | nohang)
+                except ChildProcessError:
+                    pass
+            try:
+                if os.waitpid(self.host_pid, wall | nohang)[0] == self.host_pid:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.005)
 
     def close(self) -> None:
         for fd in (self.mem_fd, self.source_mem_fd):

@@ -268,7 +268,9 @@ class SourceSession:
             parent_path=os.path.relpath(parent[0], directory) if parent else None,
             kind=kind, source=dict(self.source_info, time=time.time()),
             tasks=[AddressSpaceRound(self.pid, layout, scan.fresh, scan.copy, scan.zap, 0,
-                                     "pid" if self.direct else "file")],
+                                     "pid" if self.direct else "file",
+                                     [t.pid for t in self.frozen] if self.frozen
+                                     else procfs.threads(self.pid))],
             state=state,
             stats={"pages": nbytes // 4096, "bytes": nbytes, "fresh_ranges": len(scan.fresh) // 16,
                    "zap_ranges": len(scan.zap) // 16, "lost_tracking": scan.lost,

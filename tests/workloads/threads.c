@@ -3,12 +3,15 @@
  * depend on scheduling. Every 100 rounds the main thread prints one `it=` line, comparable with
  * an unmigrated run. Each worker checks each round that the kernel's tid (gettid) is still the
  * one it had at start: glibc caches tids, so a restorer must give threads their exact tids.
+ * With CHURN=1 in the environment a helper thread is also created every 50 rounds and joined
+ * 30 rounds later, so threads come and go while the process is being migrated.
  * Usage: threads sleep|busy. Prints "start pid=N"; SIGUSR1 -> "SIGUSR1 count=N". */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -27,7 +30,19 @@ static __thread uint64_t tls;
 static uint64_t tls_seen[NT];
 static volatile sig_atomic_t usr1;
 
+static uint64_t churn_total;
+
 static void on_usr1(int s) { (void)s; usr1++; }
+
+static void *helper(void *arg)
+{
+    struct timespec ts = {0, 20000000};
+    nanosleep(&ts, NULL);
+    pthread_mutex_lock(&mu);
+    churn_total += (uint64_t)(intptr_t)arg;
+    pthread_mutex_unlock(&mu);
+    return NULL;
+}
 
 static void *worker(void *arg)
 {
@@ -78,18 +93,24 @@ int main(int argc, char **argv)
         pthread_create(&th[i], NULL, worker, (void *)(intptr_t)i);
     pthread_sigmask(SIG_UNBLOCK, &block, NULL);
     printf("start pid=%d\n", getpid());
-    int seen = 0;
+    int seen = 0, churn = getenv("CHURN") != NULL;
+    pthread_t helper_thread;
     for (uint64_t it = 1;; it++) {
         pthread_barrier_wait(&round_start);
         pthread_barrier_wait(&round_end);
+        if (churn && it % 50 == 10)
+            pthread_create(&helper_thread, NULL, helper, (void *)(intptr_t)it);
+        if (churn && it % 50 == 40)
+            pthread_join(helper_thread, NULL);
         if (it % 100 == 0) {
             uint64_t mix = 0, tsum = 0;
             for (int i = 0; i < NT; i++)
                 mix = mix * 1000003 ^ lane[i], tsum += tls_seen[i];
-            printf("it=%llu total=%llu order=%016llx mix=%016llx tls=%llu tids=%s\n",
+            printf("it=%llu total=%llu order=%016llx mix=%016llx tls=%llu churn=%llu tids=%s\n",
                    (unsigned long long)it, (unsigned long long)shared_total,
                    (unsigned long long)order_hash, (unsigned long long)mix,
-                   (unsigned long long)tsum, tid_bad ? "BAD" : "ok");
+                   (unsigned long long)tsum, (unsigned long long)churn_total,
+                   tid_bad ? "BAD" : "ok");
         }
         if (usr1 != seen)
             seen = usr1, printf("SIGUSR1 count=%d\n", seen);
