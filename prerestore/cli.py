@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 from .errors import PrerestoreError
 from .image import schema

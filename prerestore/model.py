@@ -104,6 +104,19 @@ def _subtract(span: tuple[int, int], holes: list[tuple[int, int]]) -> list[tuple
     return out
 
 
+def memory_vmas(layout: list[Vma]) -> list[Vma]:
+    """The VMAs whose pages we carry: private, not the kernel-provided special ones."""
+    return [v for v in layout if not v.is_special and not v.shared]
+
+
+def free_area(layouts: list[list[Vma]], size: int) -> int:
+    """An address range of `size` free in every given layout, far from where things grow."""
+    for base in range(0x100000000000, 0x700000000000, 0x10000000000):
+        if all(not (v.start < base + size and base < v.end) for lay in layouts for v in lay):
+            return base
+    raise ValueError("no free address range for a scratch area")
+
+
 def pack_ranges(ranges) -> bytes:
     return b"".join(RANGE.pack(s, e) for s, e in ranges)
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from workloads import kill_pid
+from workloads import kill_pid, start_workload, wait_for_iteration
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, pid namespaces)")
 
@@ -87,6 +87,14 @@ class Cleanup:
         self.sockets: list[str] = []     # stage daemons to drop, even if the test failed
         self.pids: list[int] = []
         self.sources: list[int] = []     # source pids whose helpers must all be gone
+
+    def start(self, argv, log, env=None, warm_up: int = 200):
+        """Start a source workload that this test owns, and let it run warm_up iterations."""
+        src = start_workload(argv, log, env=env)
+        self.sources.append(src.pid)
+        self.add(src)
+        wait_for_iteration(log, warm_up, pid=src.pid)
+        return src
 
     def add(self, *pids):
         """pids (or Popen objects) to kill at the end, if they still run."""

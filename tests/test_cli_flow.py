@@ -11,8 +11,7 @@ import time
 import pytest
 
 from migration import Cleanup, alive, helper_processes, needs_root, ns_pids, prerestore
-from workloads import (compare_with_reference, last_iteration, start_workload,
-                       wait_for_iteration, workload_argv)
+from workloads import (compare_with_reference, last_iteration, wait_for_iteration, workload_argv)
 
 pytestmark = needs_root
 ENV = {"MB": "32"}
@@ -37,10 +36,7 @@ def stage_socket(tmp_path, cleanup):
 def test_predump_stage_dump_finalize(workload_bins, tmp_path, cleanup, mode):
     argv = workload_argv(workload_bins, "counters", mode)
     log = tmp_path / "out.log"
-    src = start_workload(argv, log, env=ENV)
-    cleanup.sources.append(src.pid)
-    cleanup.add(src)
-    wait_for_iteration(log, 200, pid=src.pid)
+    src = cleanup.start(argv, log, env=ENV)
     sock = stage_socket(tmp_path, cleanup)
     prev = None
     for k in range(3):
@@ -76,10 +72,7 @@ def test_stage_abort_and_resume_stopped_source(workload_bins, tmp_path, cleanup)
     """Roll back by hand: drop the staged process, continue the source left stopped."""
     argv = workload_argv(workload_bins, "counters", "sleep")
     log = tmp_path / "out.log"
-    src = start_workload(argv, log, env=ENV)
-    cleanup.sources.append(src.pid)
-    cleanup.add(src)
-    wait_for_iteration(log, 200, pid=src.pid)
+    src = cleanup.start(argv, log, env=ENV)
     sock = stage_socket(tmp_path, cleanup)
     prerestore("predump", "-t", src.pid, "-D", tmp_path / "r0")
     prerestore("stage", "-D", tmp_path / "r0", "--pidns", "--socket", sock)
@@ -102,10 +95,7 @@ def test_husk_dies_with_its_daemon(workload_bins, tmp_path, cleanup):
     (no orphaned half-restored process), and the source is unaffected."""
     argv = workload_argv(workload_bins, "counters", "sleep")
     log = tmp_path / "out.log"
-    src = start_workload(argv, log, env=ENV)
-    cleanup.sources.append(src.pid)
-    cleanup.add(src)
-    wait_for_iteration(log, 200, pid=src.pid)
+    src = cleanup.start(argv, log, env=ENV)
     sock = stage_socket(tmp_path, cleanup)
     prerestore("predump", "-t", src.pid, "-D", tmp_path / "r0")
     prerestore("stage", "-D", tmp_path / "r0", "--pidns", "--socket", sock)
@@ -132,10 +122,7 @@ def test_refused_round_keeps_the_staged_process(workload_bins, tmp_path, cleanup
     """Staging a round twice, or out of order, is refused by name; what was staged stays."""
     argv = workload_argv(workload_bins, "counters", "sleep")
     log = tmp_path / "out.log"
-    src = start_workload(argv, log, env=ENV)
-    cleanup.sources.append(src.pid)
-    cleanup.add(src)
-    wait_for_iteration(log, 200, pid=src.pid)
+    src = cleanup.start(argv, log, env=ENV)
     sock = stage_socket(tmp_path, cleanup)
     prerestore("predump", "-t", src.pid, "-D", tmp_path / "r0")
     prerestore("predump", "-t", src.pid, "-D", tmp_path / "r1", "--prev-images-dir", tmp_path / "r0")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from migration import Cleanup, alive, helper_processes, needs_root, prerestore
+from migration import alive, helper_processes, needs_root, prerestore
 from workloads import (compare_with_reference, last_iteration, start_workload,
                        wait_for_iteration, workload_argv)
 

@@ -12,8 +12,7 @@ import pytest
 
 from migration import (Cleanup, alive, helper_processes, needs_root, ns_pids, prerestore,
                        rss_kib, wait_for_line)
-from workloads import (compare_with_reference, last_iteration, start_workload,
-                       wait_for_iteration, workload_argv)
+from workloads import (compare_with_reference, last_iteration, wait_for_iteration, workload_argv)
 
 from prerestore.migrate import migrate
 from prerestore.policy import ConvergencePolicy
@@ -51,10 +50,7 @@ def test_prerestore_migration(workload_bins, tmp_path, cleanup, name, mode):
     """Live migration with >= 3 pre-copy rounds into a husk in a new pid namespace."""
     argv = workload_argv(workload_bins, name, mode)
     log = tmp_path / "out.log"
-    src = start_workload(argv, log, env=ENV)
-    cleanup.sources.append(src.pid)
-    cleanup.add(src)
-    wait_for_iteration(log, 200, pid=src.pid)
+    src = cleanup.start(argv, log, env=ENV)
     rss_before = rss_kib(src.pid)
     report = migrate(src.pid, policy=POLICY, work_dir=str(tmp_path / "images"))
     cleanup.add(report["namespace_init_pid"], report["restored_host_pid"])
@@ -73,10 +69,7 @@ def test_prerestore_via_image_files(workload_bins, tmp_path, cleanup, mode):
     """The same, with every round's pages carried in image files (as between hosts)."""
     argv = workload_argv(workload_bins, "counters", mode)
     log = tmp_path / "out.log"
-    src = start_workload(argv, log, env=ENV)
-    cleanup.sources.append(src.pid)
-    cleanup.add(src)
-    wait_for_iteration(log, 200, pid=src.pid)
+    src = cleanup.start(argv, log, env=ENV)
     report = migrate(src.pid, policy=POLICY, direct=False, work_dir=str(tmp_path / "images"))
     cleanup.add(report["namespace_init_pid"], report["restored_host_pid"])
     src.wait(10)
@@ -91,10 +84,7 @@ def test_cold_restore_same_pid(workload_bins, tmp_path, cleanup, name, mode):
     free again once the source is gone, so it is restored in our own pid namespace."""
     argv = workload_argv(workload_bins, name, mode)
     log = tmp_path / "out.log"
-    src = start_workload(argv, log, env=ENV)
-    cleanup.sources.append(src.pid)
-    cleanup.add(src)
-    wait_for_iteration(log, 200, pid=src.pid)
+    src = cleanup.start(argv, log, env=ENV)
     images = tmp_path / "full"
     out = prerestore("dump", "-t", src.pid, "-D", images)
     assert "source killed" in out.stdout
@@ -110,10 +100,7 @@ def test_cold_migrate_in_pidns(workload_bins, tmp_path, cleanup):
     """migrate --cold: no pre-copy rounds; everything happens while the source is frozen."""
     argv = workload_argv(workload_bins, "counters", "sleep")
     log = tmp_path / "out.log"
-    src = start_workload(argv, log, env=ENV)
-    cleanup.sources.append(src.pid)
-    cleanup.add(src)
-    wait_for_iteration(log, 200, pid=src.pid)
+    src = cleanup.start(argv, log, env=ENV)
     report = migrate(src.pid, cold=True, work_dir=str(tmp_path / "images"))
     cleanup.add(report["namespace_init_pid"], report["restored_host_pid"])
     src.wait(10)
@@ -127,10 +114,7 @@ def test_page_hash_tracking_fallback(workload_bins, tmp_path, cleanup, mode):
     """Without userfaultfd WP_ASYNC (forced here) rounds compare page hashes instead."""
     argv = workload_argv(workload_bins, "counters", mode)
     log = tmp_path / "out.log"
-    src = start_workload(argv, log, env=ENV)
-    cleanup.sources.append(src.pid)
-    cleanup.add(src)
-    wait_for_iteration(log, 200, pid=src.pid)
+    src = cleanup.start(argv, log, env=ENV)
     report = migrate(src.pid, policy=POLICY, tracking="page-hash",
                      work_dir=str(tmp_path / "images"))
     cleanup.add(report["namespace_init_pid"], report["restored_host_pid"])

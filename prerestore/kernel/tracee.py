@@ -12,6 +12,8 @@ from ..errors import KernelCallError
 from . import native
 from .native import lib
 
+KSIGACTION = struct.Struct("=QQQQ")      # struct sigaction as the kernel takes it
+STACK_T = struct.Struct("=QiiQ")         # stack_t: ss_sp, ss_flags, pad, ss_size
 SYSCALL_NAMES = {getattr(lib, n): n[4:] for n in dir(lib) if n.startswith("SYS_")}
 ALL_SIGNALS = (1 << 64) - 1
 

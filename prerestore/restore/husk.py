@@ -21,10 +21,9 @@ from ..faults import maybe_fail
 from ..image import schema
 from ..kernel import native, procfs
 from ..kernel.native import lib
-from ..kernel.tracee import RemoteSyscalls, Tracee
-from ..model import (AddressSpaceRound, ProcessState, Vma, diff_layout, pack_ranges,
-                     unpack_ranges, PROT_WRITE)
-from ..source.session import KSIGACTION, STACK_T, free_area, memory_vmas
+from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
+from ..model import (AddressSpaceRound, ProcessState, Vma, diff_layout, free_area,
+                     memory_vmas, unpack_ranges, PROT_WRITE)
 
 SPECIAL_ORDER = ("[vvar]", "[vvar_vclock]", "[vdso]")
 PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map

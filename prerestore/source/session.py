@@ -19,13 +19,11 @@ from ..errors import KernelCallError, UnsupportedState
 from ..image import schema
 from ..kernel import native, procfs
 from ..kernel.native import lib
-from ..kernel.tracee import ALL_SIGNALS, RemoteSyscalls, Tracee
+from ..kernel.tracee import ALL_SIGNALS, KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..kernel.tracker import make_tracker, scan_present
-from ..model import (AddressSpaceRound, MmFields, ProcessState, Round, SigAction, ThreadState,
-                     Vma, diff_layout, pack_ranges, ranges_bytes)
+from ..model import (AddressSpaceRound, ProcessState, Round, SigAction, ThreadState,
+                     Vma, diff_layout, free_area, memory_vmas, pack_ranges, ranges_bytes)
 
-KSIGACTION = struct.Struct("=QQQQ")      # handler, flags, restorer, mask (kernel layout)
-STACK_T = struct.Struct("=QiiQ")         # ss_sp, ss_flags, pad, ss_size
 
 
 @dataclass
@@ -37,11 +35,6 @@ class MemoryScan:
     lost: int
     scan_ms: float
     present_scan_ms: float
-
-
-def memory_vmas(layout: list[Vma]) -> list[Vma]:
-    """The VMAs whose pages we carry: private, not the kernel-provided special ones."""
-    return [v for v in layout if not v.is_special and not v.shared]
 
 
 def find_unsupported(pid: int) -> list[str]:
@@ -69,14 +62,6 @@ def check_supported(pid: int) -> None:
     problems = find_unsupported(pid)
     if problems:
         raise UnsupportedState(f"cannot migrate pid {pid}: " + "; ".join(problems))
-
-
-def free_area(layouts: list[list[Vma]], size: int) -> int:
-    """An address range of `size` free in every given layout, far from where things grow."""
-    for base in range(0x100000000000, 0x700000000000, 0x10000000000):
-        if all(not (v.start < base + size and base < v.end) for lay in layouts for v in lay):
-            return base
-    raise UnsupportedState("no free address range for a scratch area")
 
 
 class SourceSession:
