@@ -86,7 +86,7 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
             policy: ConvergencePolicy = ConvergencePolicy(), round_interval: float = 0.0,
             keep_images: bool = False, progress=lambda msg: None) -> dict:
     """Migrate pid; returns the report (rounds, downtime and its phases, totals)."""
-    check_supported(pid)               # refuse before touching anything
+    check_supported(pid, direct)       # refuse before touching anything
     t_start = time.monotonic()
     wd = _work_dir(work_dir)
     daemon = session = None

@@ -143,6 +143,26 @@ def describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None]:
     return target, None
 
 
+# Kernel objects that live on their own, not tied to the process's mm or task: on the same host
+# the restored process can be handed the very same open file description.
+HANDOVER_ANON = ("[eventfd]", "[eventpoll]", "[signalfd]", "[timerfd]", "inotify")
+
+
+def can_hand_over(pid: int, fd: int, what: str) -> bool:
+    """Pipes, sockets, FIFOs, deleted files, eventfd/epoll/signalfd/timerfd/inotify: yes;
+    io_uring, userfaultfd, pidfds, perf events and the like (bound to a task or an mm): no."""
+    if what.startswith(("pipe:", "socket:")):
+        return True
+    if what.startswith("anon_inode:"):
+        return what[len("anon_inode:"):] in HANDOVER_ANON
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except FileNotFoundError:
+        return False
+    return stat_mod.S_ISFIFO(st.st_mode) or stat_mod.S_ISREG(st.st_mode) or \
+        stat_mod.S_ISDIR(st.st_mode) or stat_mod.S_ISCHR(st.st_mode)
+
+
 def umask(pid: int) -> int:
     return int(status(pid).get("Umask", "0022"), 8)
 

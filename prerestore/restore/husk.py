@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import select
+import socket
 import struct
 import time
 from importlib import resources
@@ -346,6 +348,73 @@ class Husk:
 
     STARTER_OFFSET = 128       # in the scratch area: the runner is at 0, its table at 256
 
+    def hand_over_fds(self, fds, source_pid: int, all_fds: set[int]) -> None:
+        """Give the husk the source's own open file descriptions (same host only): pipes,
+        sockets, eventfds, epoll... keep their kernel state, their peers and their queued data,
+        because they are the very same objects.
+
+        We take them from the frozen source with pidfd_getfd, listen on an abstract unix
+        socket, and have the husk connect and receive them (SCM_RIGHTS) in a batch running
+        while we send; a second batch moves each to its number and sets close-on-exec."""
+        if len(fds) > 253:                                    # SCM_MAX_FD per message
+            raise RestoreError(f"{len(fds)} fds to hand over; at most 253 for now")
+        pidfd = native.pidfd_open(source_pid)
+        local = []
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            for f in fds:
+                local.append(native.pidfd_getfd(pidfd, f.fd, source_pid))
+            name = b"\0prerestore-handover-" + secrets.token_hex(8).encode()
+            listener.bind(name)
+            listener.listen(1)
+            listener.settimeout(5.0)
+            high = max(set(self.fds) | all_fds | {2}) + 1   # above every fd it will have
+            first = self._lowest_free_fd()       # where the husk's socket() lands
+            b = self.remote.batch()
+            addr = b.put(struct.pack("=H", socket.AF_UNIX) + name)
+            byte = b.put(b"\0")
+            iov = b.put(struct.pack("=QQ", byte, 1))
+            ctl_len = 16 + (4 * len(fds) + 7) // 8 * 8           # CMSG_SPACE(4 * n)
+            ctl = b.put(b"\0" * ctl_len)
+            msg = b.put(struct.pack("=QI4xQQQQi4x", 0, 0, iov, 1, ctl, ctl_len, 0))
+            b.call(lib.SYS_socket, socket.AF_UNIX, socket.SOCK_STREAM | lib.O_CLOEXEC, 0)
+            b.call(lib.SYS_dup3, first, high, lib.O_CLOEXEC)
+            b.call(lib.SYS_close, first)
+            b.call(lib.SYS_connect, high, addr, 2 + len(name))
+            b.call(lib.SYS_recvmsg, high, msg, 0)
+            started = self.remote.start(b)
+            try:
+                conn, _ = listener.accept()
+            except OSError as e:
+                results, done = started.finish()
+                raise RestoreError(f"the husk did not connect to take its fds: {e} "
+                                   f"({b.labels[done - 1]} returned {results[done - 1]})") from None
+            with conn:
+                socket.send_fds(conn, [b"F"], local)
+            results, done = started.finish()
+            if done < len(b.calls) or results[-1] != 1 or results[0] != first:
+                raise RestoreError(f"the husk could not receive its fds (results {results})")
+            cmsg = self.remote.read(ctl, ctl_len)
+            length, level, kind = struct.unpack_from("=Qii", cmsg)
+            received = list(struct.unpack_from(f"={(length - 16) // 4}i", cmsg, 16))
+            if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS or \
+                    len(received) != len(fds):
+                raise RestoreError(f"the husk received {len(received)} of {len(fds)} fds")
+            b = self.remote.batch()
+            for i, r in enumerate(received):      # out of the way first, then into place
+                b.call(lib.SYS_dup3, r, high + 1 + i, 0)
+                b.call(lib.SYS_close, r)
+            for i, f in enumerate(fds):
+                b.call(lib.SYS_dup3, high + 1 + i, f.fd,
+                       lib.O_CLOEXEC if f.flags & lib.O_CLOEXEC else 0)
+                b.call(lib.SYS_close, high + 1 + i)
+            b.call(lib.SYS_close, high)
+            self.remote.run(b)
+        finally:
+            listener.close()
+            for fd in local + [pidfd]:
+                os.close(fd)
+
     def _thread_calls(self, b, th) -> None:
         """The calls that set one thread's own state, run in that thread."""
         b.call(lib.SYS_set_tid_address, th.clear_child_tid)
@@ -409,11 +478,17 @@ class Husk:
         finally:
             self.tracee.set_regs(saved)
 
-    def apply_state(self, state: ProcessState) -> dict:
+    def apply_state(self, state: ProcessState, source_pid: int | None = None) -> dict:
         """Everything but the registers: fds, mm fields, signals, rseq... in one batch, after
         creating the other threads."""
         t0 = time.perf_counter()
         maybe_fail("apply_state")
+        # limits first: RLIMIT_NOFILE bounds the fd numbers we are about to install
+        for res, (soft, hard) in sorted(state.rlimits.items(), key=lambda x: x[0] != 7):
+            try:
+                native.prlimit(self.host_pid, res, (soft, hard))
+            except KernelCallError as e:
+                raise RestoreError(f"cannot restore rlimit {res} = ({soft}, {hard}): {e}") from None
         self.sync_threads([th.tid for th in state.threads])
         for th in state.threads[1:]:            # each thread's own state, run in it
             remote = self.remote.sharing(self.threads[th.tid])
@@ -430,7 +505,13 @@ class Husk:
                 fd += 1
             return fd
 
+        handed = [f for f in state.fds if f.kind == "handover"]
+        if handed and not source_pid:
+            raise RestoreError(f"fds {[f.fd for f in handed]} ({handed[0].path}...) can only be "
+                               "handed over from a source on this host")
         for f in sorted(state.fds, key=lambda f: f.fd):
+            if f.kind == "handover":
+                continue
             tmp = lowest()
             flags = (f.flags & ~OPEN_DROP & ~lib.O_CLOEXEC)
             b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(f.path), flags,
@@ -480,15 +561,13 @@ class Husk:
         for i, fd in expected:
             if results[i] != fd:
                 raise RestoreError(f"husk {b.labels[i]} returned fd {results[i]}, expected {fd}")
-        self.fds = {f.fd for f in state.fds}
+        self.fds = {f.fd for f in state.fds if f.kind != "handover"}
         t_batch = time.perf_counter()
+        if handed:
+            self.hand_over_fds(handed, source_pid, {f.fd for f in state.fds})
+        t_handed = time.perf_counter()
         self.remote.unmap_scratch()
-        for res, (soft, hard) in state.rlimits.items():
-            try:
-                native.prlimit(self.host_pid, res, (soft, hard))
-            except KernelCallError as e:
-                raise RestoreError(f"cannot restore rlimit {res} = ({soft}, {hard}): {e}") from None
-        return {"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),
+        return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(handed),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),
                 "state_ms": (time.perf_counter() - t0) * 1e3}
 
     def resume(self, state: ProcessState) -> None:

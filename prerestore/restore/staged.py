@@ -99,7 +99,9 @@ class StagedProcess:
             mem = [self._apply(d, r) for d, r in pending]
             t_mem = time.monotonic()
             final = pending[-1][1]
-            state_stats = self.husk.apply_state(final.state)
+            task = final.tasks[0]
+            state_stats = self.husk.apply_state(
+                final.state, source_pid=task.pid if task.pages_from == "pid" else None)
             t_state = time.monotonic()
             self.husk.resume(final.state)
             t_resumed = time.monotonic()

@@ -21,7 +21,7 @@ from ..kernel import native, procfs
 from ..kernel.native import lib
 from ..kernel.tracee import ALL_SIGNALS, KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..kernel.tracker import make_tracker, scan_present
-from ..model import (AddressSpaceRound, ProcessState, Round, SigAction, ThreadState,
+from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, SigAction, ThreadState,
                      Vma, diff_layout, free_area, memory_vmas, pack_ranges, ranges_bytes)
 
 
@@ -37,8 +37,9 @@ class MemoryScan:
     present_scan_ms: float
 
 
-def find_unsupported(pid: int) -> list[str]:
-    """Everything about the process this version cannot migrate, in words."""
+def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
+    """Everything about the process this version cannot migrate, in words. On the same host
+    (same_host) fds of other kinds are handed over as they are (see Husk.hand_over_fds)."""
     problems = []
     st = procfs.status(pid)
     if st.get("State", "").startswith(("Z", "X")):
@@ -48,8 +49,9 @@ def find_unsupported(pid: int) -> list[str]:
         problems.append(f"child processes {kids} (process trees are not supported yet)")
     for fd in procfs.fd_numbers(pid):
         what, desc = procfs.describe_fd(pid, fd)
-        if desc is None:
-            problems.append(f"fd {fd}: {what} (unsupported file kind)")
+        if desc is None and not (same_host and procfs.can_hand_over(pid, fd, what)):
+            problems.append(f"fd {fd}: {what} (unsupported file kind"
+                            f"{'' if same_host else ' between hosts'})")
     for v in procfs.maps(pid):
         if v.shared and not v.is_file:
             problems.append(f"shared memory mapping {v.start:#x}-{v.end:#x} {v.path or '(anon)'}")
@@ -58,8 +60,8 @@ def find_unsupported(pid: int) -> list[str]:
     return problems
 
 
-def check_supported(pid: int) -> None:
-    problems = find_unsupported(pid)
+def check_supported(pid: int, same_host: bool = False) -> None:
+    problems = find_unsupported(pid, same_host)
     if problems:
         raise UnsupportedState(f"cannot migrate pid {pid}: " + "; ".join(problems))
 
@@ -69,7 +71,7 @@ class SourceSession:
 
     def __init__(self, pid: int, *, track: bool = True, direct: bool = False,
                  tracking: str = "auto"):
-        check_supported(pid)
+        check_supported(pid, direct)
         self.pid = pid
         self.direct = direct      # rounds name the pages; the destination reads them from us
         self.tracker = make_tracker(pid, tracking) if track else None
@@ -88,7 +90,7 @@ class SourceSession:
 
     def predump(self, directory: str) -> Round:
         """One pre-copy round while the process runs."""
-        check_supported(self.pid)
+        check_supported(self.pid, self.direct)
         return self._write_round(directory, "predump", state=None)
 
     def last_cpu(self) -> int:
@@ -103,7 +105,7 @@ class SourceSession:
         cpu: run on that CPU meanwhile. Every injected batch is a round trip to the
         process; waking a task on another CPU costs an IPI, which in a VM can take longer
         than the work itself, so the whole final step runs on one CPU."""
-        check_supported(self.pid)      # refuse before freezing
+        check_supported(self.pid, self.direct)      # refuse before freezing
         if cpu is not None:
             mask = os.sched_getaffinity(0)
             os.sched_setaffinity(0, {cpu})
@@ -339,7 +341,10 @@ class SourceSession:
         for fd in procfs.fd_numbers(pid):
             what, desc = procfs.describe_fd(pid, fd)
             if desc is None:
-                raise UnsupportedState(f"fd {fd}: {what} (unsupported file kind)")
+                if not (self.direct and procfs.can_hand_over(pid, fd, what)):
+                    raise UnsupportedState(f"fd {fd}: {what} (unsupported file kind)")
+                flags = int(procfs.fdinfo(pid, fd).get("flags", "0"), 8)
+                desc = FileDescriptor(fd, "handover", what, flags, 0)
             fds.append(desc)
         return ProcessState(
             pid=pid, comm=procfs.comm(pid), exe=procfs.readlink(pid, "exe"),
