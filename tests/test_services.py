@@ -1,0 +1,118 @@
+"""A real service on the same host: memcached (10 threads, epoll, eventfds, a listening TCP
+socket and client connections) migrated live while a client keeps talking to it over one
+connection. Every key must read back, the client must see no error, and the connection opened
+before the move must go on working."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from migration import Cleanup, helper_processes, needs_root
+
+from prerestore.migrate import migrate
+from prerestore.policy import ConvergencePolicy
+
+pytestmark = [needs_root,
+              pytest.mark.skipif(not shutil.which("memcached"), reason="memcached not installed")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    """One connection; set/get round trips, counting errors and the longest stall."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.f = self.sock.makefile("rwb")
+
+    def set(self, key: str, value: bytes) -> bool:
+        self.f.write(f"set {key} 0 0 {len(value)}\r\n".encode() + value + b"\r\n")
+        self.f.flush()
+        return self.f.readline() == b"STORED\r\n"
+
+    def get(self, key: str) -> bytes | None:
+        self.f.write(f"get {key}\r\n".encode())
+        self.f.flush()
+        header = self.f.readline()
+        if header == b"END\r\n":
+            return None
+        value = self.f.readline()[:-2]
+        assert self.f.readline() == b"END\r\n"
+        return value
+
+
+def value_of(i: int) -> bytes:
+    return f"value-{i}-".encode() * 12
+
+
+def test_memcached_live_on_one_host(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "memcached.log", "ab")
+    src = subprocess.Popen(["memcached", "-u", "root", "-l", "127.0.0.1", "-p", str(port),
+                            "-m", "128", "-t", "4"], stdin=subprocess.DEVNULL, stdout=log,
+                           stderr=log, close_fds=True, start_new_session=True)
+    cleanup = Cleanup()
+    stop = threading.Event()
+    load = {"ops": 0, "errors": 0, "max_stall": 0.0}
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client = Client(port)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "memcached did not start"
+                time.sleep(0.05)
+        keys = 20000
+        for i in range(keys):
+            assert client.set(f"k{i}", value_of(i))
+        busy = Client(port)
+
+        def drive():
+            n = 0
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    ok = busy.set(f"live{n}", value_of(n)) and busy.get(f"live{n}") == value_of(n)
+                except OSError:
+                    ok = False
+                load["max_stall"] = max(load["max_stall"], time.monotonic() - t0)
+                load["ops"] += 1
+                load["errors"] += not ok
+                n += 1
+            load["written"] = n
+
+        driver = threading.Thread(target=drive)
+        driver.start()
+        time.sleep(0.3)
+        r = migrate(src.pid, work_dir=str(tmp_path / "images"),
+                    policy=ConvergencePolicy(min_rounds=3, max_rounds=5))
+        cleanup.add(r["namespace_init_pid"], r["restored_host_pid"])
+        src.wait(10)
+        time.sleep(0.3)
+        stop.set()
+        driver.join(10)
+        assert load["errors"] == 0 and load["ops"] > 100
+        print(f"memcached: downtime {r['downtime_ms']:.2f} ms, client max stall "
+              f"{load['max_stall'] * 1e3:.2f} ms over {load['ops']} round trips")
+        bad = [i for i in range(keys) if client.get(f"k{i}") != value_of(i)]
+        assert not bad, f"{len(bad)} keys lost or wrong, e.g. k{bad[0]}"
+        assert all(client.get(f"live{n}") == value_of(n) for n in range(load["written"]))
+        assert Client(port).get("k7") == value_of(7)          # it still accepts connections
+    finally:
+        stop.set()
+        cleanup.run()
+        src.kill()
+        src.wait(10)
+        log.close()
+        assert not helper_processes(src.pid)
