@@ -116,3 +116,94 @@ def test_memcached_live_on_one_host(tmp_path):
         src.wait(10)
         log.close()
         assert not helper_processes(src.pid)
+
+
+class Redis:
+    """A RESP client on one connection; pipelines commands."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.f = self.sock.makefile("rwb")
+
+    def send(self, *args: bytes) -> None:
+        self.f.write(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a)
+                                                        for a in args))
+
+    def reply(self) -> bytes | None:
+        line = self.f.readline()
+        if line.startswith(b"$"):
+            n = int(line[1:])
+            return None if n < 0 else self.f.read(n + 2)[:-2]
+        return line[:-2]
+
+    def call(self, *args: bytes):
+        self.send(*args)
+        self.f.flush()
+        return self.reply()
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server not installed")
+def test_redis_live_on_one_host_with_a_pipelined_client(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "redis.log", "ab")
+    src = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                            "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                           stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+                           start_new_session=True)
+    cleanup = Cleanup()
+    stop = threading.Event()
+    load = {"batches": 0, "errors": 0}
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client = Redis(port)
+                assert client.call(b"PING") == b"+PONG"
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "redis did not start"
+                time.sleep(0.05)
+        keys = 20000
+        for i in range(keys):
+            client.send(b"SET", b"k%d" % i, value_of(i))
+        client.f.flush()
+        assert all(client.reply() == b"+OK" for _ in range(keys))
+        busy = Redis(port)
+
+        def drive():                      # 32 commands in flight per round trip
+            n = 0
+            while not stop.is_set():
+                for k in range(16):
+                    busy.send(b"INCR", b"counter")
+                    busy.send(b"SET", b"live%d" % (n * 16 + k), value_of(n))
+                busy.f.flush()
+                replies = [busy.reply() for _ in range(32)]
+                load["errors"] += sum(1 for r in replies[1::2] if r != b"+OK")
+                load["batches"] += 1
+                n += 1
+            load["written"] = n
+
+        driver = threading.Thread(target=drive)
+        driver.start()
+        time.sleep(0.3)
+        r = migrate(src.pid, work_dir=str(tmp_path / "images"),
+                    policy=ConvergencePolicy(min_rounds=3, max_rounds=5))
+        cleanup.add(r["namespace_init_pid"], r["restored_host_pid"])
+        src.wait(10)
+        time.sleep(0.3)
+        stop.set()
+        driver.join(10)
+        assert load["errors"] == 0 and load["batches"] > 10
+        assert int(client.call(b"GET", b"counter")) == 16 * load["written"]   # no lost INCR
+        for i in range(keys):
+            client.send(b"GET", b"k%d" % i)
+        client.f.flush()
+        bad = [i for i in range(keys) if client.reply() != value_of(i)]
+        assert not bad, f"{len(bad)} keys lost or wrong, e.g. k{bad[0]}"
+    finally:
+        stop.set()
+        cleanup.run()
+        src.kill()
+        src.wait(10)
+        log.close()
+        assert not helper_processes(src.pid)
