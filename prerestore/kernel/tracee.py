@@ -42,6 +42,16 @@ class Tracee:
             native.wait_stop(self.pid)
             self.stopped = True
 
+    @staticmethod
+    def stop_all(tracees: list["Tracee"]) -> None:
+        """Interrupt them all, then wait for each: their wakeups overlap."""
+        running = [t for t in tracees if not t.stopped]
+        for t in running:
+            native.interrupt(t.pid)
+        for t in running:
+            native.wait_stop(t.pid)
+            t.stopped = True
+
     def detach(self, sig: int = 0) -> None:
         if self.attached:
             native.detach(self.pid, sig)

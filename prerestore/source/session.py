@@ -173,8 +173,7 @@ class SourceSession:
                 t = Tracee(tid)
                 held[tid] = t
                 self.frozen.append(t)
-            for tid in new:
-                held[tid].stop()
+            Tracee.stop_all([held[tid] for tid in new])
         self.frozen.sort(key=lambda t: t.pid != self.pid)     # the main thread first
 
     def _scan_in_thread(self, areas: bytes, out: dict) -> None:
