@@ -165,6 +165,20 @@ class SigAction:
 
 
 @dataclass
+class Credentials:
+    """Who the process is: ids, groups, capability sets, no_new_privs (all its threads)."""
+    uids: tuple[int, int, int]          # real, effective, saved
+    gids: tuple[int, int, int]
+    groups: list[int]
+    cap_inheritable: int
+    cap_permitted: int
+    cap_effective: int
+    cap_bounding: int
+    cap_ambient: int
+    no_new_privs: bool
+
+
+@dataclass
 class ThreadState:
     tid: int
     regs: dict[str, int]
@@ -193,6 +207,8 @@ class ProcessState:
     threads: list[ThreadState]
     shared_pending: list[bytes] = field(default_factory=list)
     cpus: list[int] = field(default_factory=list)      # CPU affinity; empty: leave as is
+    creds: "Credentials | None" = None
+    dumpable: int = 1
 
 
 @dataclass

@@ -12,8 +12,10 @@ import subprocess
 import pytest
 
 from migration import Cleanup, helper_processes, needs_root, rss_kib, wait_for_line
-from workloads import start_workload
+from workloads import (compare_with_reference, last_iteration, start_workload,
+                       wait_for_iteration)
 
+from prerestore.errors import UnsupportedState
 from prerestore.kernel import native
 from prerestore.kernel.tracee import Tracee
 from prerestore.migrate import migrate
@@ -112,5 +114,70 @@ def test_frozen_in_sigsuspend_keeps_its_own_mask(tmp_path):
         assert "woke usr2_blocked=1 usr1_blocked=0 n=1" in open(log).read()
     finally:
         cleanup.run()
+        src.kill()
+        src.wait(10)
+
+
+def status_lines(pid: int, keys=("Uid", "Gid", "Groups", "Cap", "NoNewPrivs")) -> list[str]:
+    with open(f"/proc/{pid}/status") as f:
+        return [line for line in f.read().splitlines() if line.startswith(keys)]
+
+
+def test_non_root_process_keeps_its_credentials(workload_bins, tmp_path):
+    """A service runs as its own user: the husk (root) must become that user, with the same
+    groups and capability sets, or the migration would be a privilege escalation. The tracker
+    also has to use a user-mode-only userfaultfd for it."""
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--groups=65534,100",
+            "--inh-caps=-all", "--", str(workload_bins["counters"]), "sleep"]
+    log = tmp_path / "out.log"
+    env = {"MB": "16"}
+    src = start_workload(argv, log, env=env)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 200, pid=src.pid)
+        before = status_lines(src.pid)
+        assert "Uid:\t65534\t65534\t65534\t65534" in before
+        r = migrate(src.pid, work_dir=str(tmp_path / "images"),
+                    policy=ConvergencePolicy(min_rounds=3, max_rounds=3))
+        cleanup.add(r["namespace_init_pid"], r["restored_host_pid"])
+        src.wait(10)
+        assert r["tracking"] == "uffd-wp"
+        assert status_lines(r["restored_host_pid"]) == before
+        wait_for_iteration(log, last_iteration(log) + 200, timeout=30,
+                           pid=r["restored_host_pid"])
+        assert compare_with_reference(log, [str(workload_bins["counters"]), "sleep"],
+                                      env=env) >= 3
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)
+
+
+def test_seccomp_filters_are_refused(tmp_path):
+    """A filter would silently vanish in the restored process: refuse, by name."""
+    src_c = tmp_path / "filtered.c"
+    src_c.write_text(r'''
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+int main(void) {
+    struct sock_filter allow = BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    struct sock_fprog prog = {1, &allow};
+    prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog);
+    printf("start pid=%d\n", getpid());
+    fflush(stdout);
+    for (;;) pause();
+}
+''')
+    exe = tmp_path / "filtered"
+    subprocess.run(["cc", "-o", str(exe), str(src_c)], check=True)
+    src = start_workload([exe], tmp_path / "out.log")
+    try:
+        with pytest.raises(UnsupportedState, match="seccomp"):
+            migrate(src.pid, work_dir=str(tmp_path / "images"))
+    finally:
         src.kill()
         src.wait(10)

@@ -4,7 +4,6 @@ connection. Every key must read back, the client must see no error, and the conn
 before the move must go on working."""
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess

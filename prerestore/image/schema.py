@@ -17,7 +17,7 @@ import zlib
 import msgpack
 
 from ..errors import ImageError
-from ..model import (AddressSpaceRound, FileDescriptor, MmFields, ProcessState, Round,
+from ..model import (AddressSpaceRound, Credentials, FileDescriptor, MmFields, ProcessState, Round,
                      SigAction, ThreadState, Vma, ranges_bytes)
 
 MAGIC = b"PRRSTIMG"
@@ -54,7 +54,15 @@ def _state(s: ProcessState) -> dict:
                            for n, a in s.sigactions.items()},
             "fds": [[f.fd, f.kind, f.path, f.flags, f.offset, list(f.dev_inode)] for f in s.fds],
             "threads": [_thread(t) for t in s.threads], "shared_pending": s.shared_pending,
-            "cpus": s.cpus}
+            "cpus": s.cpus, "creds": vars(s.creds) if s.creds else None,
+            "dumpable": s.dumpable}
+
+
+def _creds(m: dict | None) -> Credentials | None:
+    if m is None:
+        return None
+    return Credentials(**{**m, "uids": tuple(m["uids"]), "gids": tuple(m["gids"]),
+                          "groups": list(m["groups"])})
 
 
 def encode_round(r: Round) -> dict:
@@ -83,7 +91,8 @@ def decode_round(m: dict) -> Round:
                                      tuple(t["robust_list"]), t["clear_child_tid"],
                                      tuple(t["sigaltstack"]), t["pending"])
                          for t in s["threads"]],
-                shared_pending=s["shared_pending"], cpus=list(s.get("cpus", [])))
+                shared_pending=s["shared_pending"], cpus=list(s.get("cpus", [])),
+                creds=_creds(s.get("creds")), dumpable=s.get("dumpable", 1))
         return Round(m["id"], m["index"], m["parent_id"], m["parent_path"], m["kind"],
                      m["source"], tasks, state, m.get("stats", {}))
     except (KeyError, TypeError, ValueError) as e:

@@ -7,7 +7,8 @@ import os
 import stat as stat_mod
 
 from ..errors import ProcessGone
-from ..model import FileDescriptor, MmFields, Vma, PROT_READ, PROT_WRITE, PROT_EXEC
+from ..model import (Credentials, FileDescriptor, MmFields, Vma, PROT_READ, PROT_WRITE,
+                     PROT_EXEC)
 
 
 def _read(pid: int, name: str) -> bytes:
@@ -146,6 +147,18 @@ def describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None]:
 # Kernel objects that live on their own, not tied to the process's mm or task: on the same host
 # the restored process can be handed the very same open file description.
 HANDOVER_ANON = ("[eventfd]", "[eventpoll]", "[signalfd]", "[timerfd]", "inotify")
+
+
+def credentials(status_fields: dict[str, str]) -> Credentials:
+    """The credentials in a parsed /proc/PID/status (or /proc/PID/task/TID/status)."""
+    ids = lambda key: tuple(int(x) for x in status_fields[key].split()[:3])  # noqa: E731
+    cap = lambda key: int(status_fields.get(key, "0"), 16)  # noqa: E731
+    return Credentials(uids=ids("Uid"), gids=ids("Gid"),
+                       groups=[int(g) for g in status_fields.get("Groups", "").split()],
+                       cap_inheritable=cap("CapInh"), cap_permitted=cap("CapPrm"),
+                       cap_effective=cap("CapEff"), cap_bounding=cap("CapBnd"),
+                       cap_ambient=cap("CapAmb"),
+                       no_new_privs=status_fields.get("NoNewPrivs", "0") == "1")
 
 
 def can_hand_over(pid: int, fd: int, what: str) -> bool:

@@ -427,6 +427,37 @@ class Husk:
         if not flags & 2:          # SS_DISABLE: nothing to install
             b.call(lib.SYS_sigaltstack, b.put(STACK_T.pack(sp, flags & ~1, 0, size)), 0)
 
+    CAP_LAST = 40                                       # CAP_CHECKPOINT_RESTORE
+    CAPS_V3 = 0x20080522                                # _LINUX_CAPABILITY_VERSION_3
+
+    def _cred_calls(self, b, creds) -> None:
+        """Become who the source was, in the thread running the batch (credentials are
+        per-thread in the kernel): bounding set, groups, gids, then uids keeping the
+        capabilities to set them exactly, ambient set, no_new_privs. Run last: the husk loses
+        its root powers here."""
+        if creds is None:
+            return
+        for cap in range(self.CAP_LAST + 1):
+            if not creds.cap_bounding >> cap & 1:
+                b.call(lib.SYS_prctl, lib.PR_CAPBSET_DROP, cap, label=f"drop cap {cap}")
+        groups = struct.pack(f"={len(creds.groups)}I", *creds.groups)
+        b.call(lib.SYS_setgroups, len(creds.groups), b.put(groups or b"\0" * 4))
+        b.call(lib.SYS_setresgid, *creds.gids)
+        b.call(lib.SYS_prctl, lib.PR_SET_KEEPCAPS, 1)
+        b.call(lib.SYS_setresuid, *creds.uids)
+        header = b.put(struct.pack("=Ii", self.CAPS_V3, 0))
+        lo, hi = (lambda v: v & 0xFFFFFFFF), (lambda v: v >> 32)
+        data = b.put(struct.pack("=6I", lo(creds.cap_effective), lo(creds.cap_permitted),
+                                 lo(creds.cap_inheritable), hi(creds.cap_effective),
+                                 hi(creds.cap_permitted), hi(creds.cap_inheritable)))
+        b.call(lib.SYS_capset, header, data)
+        b.call(lib.SYS_prctl, lib.PR_SET_KEEPCAPS, 0)
+        for cap in range(self.CAP_LAST + 1):
+            if creds.cap_ambient >> cap & 1:
+                b.call(lib.SYS_prctl, lib.PR_CAP_AMBIENT, lib.PR_CAP_AMBIENT_RAISE, cap, 0, 0)
+        if creds.no_new_privs:
+            b.call(lib.SYS_prctl, lib.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
     def sync_threads(self, tids: list[int]) -> None:
         """Have exactly the source's threads: create the new ones, end those that exited."""
         wanted = set(tids) - {self.pid}
@@ -494,6 +525,7 @@ class Husk:
             remote = self.remote.sharing(self.threads[th.tid])
             b = remote.batch()
             self._thread_calls(b, th)
+            self._cred_calls(b, state.creds)
             remote.run(b)
         b = self.remote.batch()
         opened = set(self.fds)
@@ -557,6 +589,8 @@ class Husk:
                 sig = struct.unpack_from("=i", info)[0]
                 b.call(lib.SYS_rt_tgsigqueueinfo, self.pid, thread.tid, sig, b.put(info))
         b.call(lib.SYS_prctl, lib.PR_SET_PDEATHSIG, 0)
+        self._cred_calls(b, state.creds)
+        b.call(lib.SYS_prctl, lib.PR_SET_DUMPABLE, state.dumpable)   # a uid change reset it
         results = self.remote.run(b)
         for i, fd in expected:
             if results[i] != fd:

@@ -15,7 +15,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 
-from ..errors import KernelCallError, UnsupportedState
+from ..errors import KernelCallError, ProcessGone, UnsupportedState
 from ..image import schema
 from ..kernel import native, procfs
 from ..kernel.native import lib
@@ -24,6 +24,9 @@ from ..kernel.tracker import make_tracker, scan_present
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, SigAction, ThreadState,
                      Vma, diff_layout, free_area, memory_vmas, pack_ranges, ranges_bytes)
 
+
+
+RLIMITS = 16          # RLIM_NLIMITS
 
 
 @dataclass
@@ -44,6 +47,16 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
     st = procfs.status(pid)
     if st.get("State", "").startswith(("Z", "X")):
         problems.append(f"process {pid} is a zombie")
+    if st.get("Seccomp", "0") != "0":
+        problems.append("seccomp filters (not carried yet: the restored process would run "
+                        "without them)")
+    creds = procfs.credentials(st)
+    for tid in procfs.threads(pid)[1:]:
+        try:
+            if procfs.credentials(procfs.status(f"{pid}/task/{tid}")) != creds:
+                problems.append(f"thread {tid} has credentials of its own")
+        except ProcessGone:
+            pass
     kids = procfs.children(pid)
     if kids:
         problems.append(f"child processes {kids} (process trees are not supported yet)")
@@ -295,6 +308,12 @@ class SourceSession:
                 b.call(lib.SYS_sigaltstack, 0, ss_addr)
                 if t is self.frozen[0]:
                     b.call(lib.SYS_brk, 0)
+                    b.call(lib.SYS_prctl, lib.PR_GET_DUMPABLE)
+                    # from inside: reading another user's limits from outside needs
+                    # CAP_SYS_RESOURCE, which root lacks on these hosts
+                    rl_addr = b.put(b"\0" * 16 * RLIMITS)
+                    for res in range(RLIMITS):
+                        b.call(lib.SYS_prlimit64, 0, res, 0, rl_addr + 16 * res)
                     for sig in signals:
                         b.call(lib.SYS_rt_sigaction, sig, 0, sa_addr + KSIGACTION.size * sig, 8)
                 results = remote.run(b)
@@ -305,7 +324,9 @@ class SourceSession:
                     "clear_child_tid": struct.unpack_from("=Q", data, rel(tid_addr))[0],
                     "sigaltstack": STACK_T.unpack_from(data, rel(ss_addr))}
                 if t is self.frozen[0]:
-                    out["brk"] = results[2]
+                    out["brk"], out["dumpable"] = results[2], results[3]
+                    out["rlimits"] = {res: struct.unpack_from("=QQ", data, rel(rl_addr + 16 * res))
+                                      for res in range(RLIMITS)}
                     out["sigactions"] = {
                         sig: SigAction(*KSIGACTION.unpack_from(
                             data, rel(sa_addr + KSIGACTION.size * sig))) for sig in signals}
@@ -349,10 +370,11 @@ class SourceSession:
             pid=pid, comm=procfs.comm(pid), exe=procfs.readlink(pid, "exe"),
             cwd=procfs.readlink(pid, "cwd"), umask=int(status.get("Umask", "0022"), 8),
             mm=procfs.mm_fields(procfs.stat_fields(pid), inside["brk"]), auxv=procfs.auxv(pid),
-            rlimits=procfs.rlimits(pid), sigactions=inside["sigactions"], fds=fds,
+            rlimits=inside["rlimits"], sigactions=inside["sigactions"], fds=fds,
             threads=threads,
             shared_pending=native.peek_siginfo(pid, shared=True),
-            cpus=sorted(os.sched_getaffinity(pid)))
+            cpus=sorted(os.sched_getaffinity(pid)), creds=procfs.credentials(status),
+            dumpable=inside["dumpable"])
 
     # ---- the end of the source --------------------------------------------------------------
 
