@@ -35,7 +35,8 @@ from run import summarize  # noqa: E402
 
 SERVICES = ["memcached", "redis"]
 MODES = {"prerestore": {}, "cold": {"cold": True}}
-VALUE_LEN = 900          # + key + item header fits memcached's 944-byte slab chunk (no evictions)
+VALUE_LEN = 872          # memcached item = 48 header + 8 CAS + key (<= 8) + NUL + value + CRLF
+                         # <= 944, its slab class: -m SIZE+64 then holds all (no evictions)
 KEY_BYTES = 1024         # one key per KiB of SIZE
 BATCH = 8192             # commands per pipelined write while loading
 SAMPLE = 2000            # loaded keys read back after the migration
@@ -402,8 +403,17 @@ def run_one(service: str, size: int, mode: str, rep: int, verbose: bool) -> dict
         rec["load_s"] = time.monotonic() - t0
         rec["keys"] = n_keys
         rec["value_len"] = VALUE_LEN
-        rec["server_stats_before"] = loader.stats()
+        rec["server_stats_before"] = st = loader.stats()
+        stored = int(st.get("curr_items") or st.get("dbsize") or 0)
+        if stored != n_keys or int(st.get("evictions") or 0):
+            raise RuntimeError(f"load: {stored} of {n_keys} keys stored, "
+                               f"{st.get('evictions', 0)} evictions (server too small)")
         rec["rss_before_kib"] = rss_kib(proc.pid)
+        # the same sample read on the source first: a mismatch after the move is the move's
+        idx = sorted(random.Random(rep * 1000 + size).sample(range(n_keys), min(SAMPLE, n_keys)))
+        rec["mismatches_before"] = sum(v != value_of(i) for i, v in zip(idx, loader.get_many(idx)))
+        if rec["mismatches_before"]:
+            raise RuntimeError(f"{rec['mismatches_before']} sampled keys wrong before migrating")
 
         driver = Driver(service, port)
         driver.start()
@@ -427,8 +437,7 @@ def run_one(service: str, size: int, mode: str, rep: int, verbose: bool) -> dict
         rec["client"] = driver.summary((t_call, t_back))
         rec["client_alive_at_end"] = driver.is_alive()
 
-        # read a sample back, on the loading connection (opened before the move)
-        idx = sorted(random.Random(rep * 1000 + size).sample(range(n_keys), min(SAMPLE, n_keys)))
+        # read the sample back, on the loading connection (opened before the move)
         try:
             got = loader.get_many(idx)
             rec["verify_conn"] = "loader (pre-migration)"
@@ -442,7 +451,12 @@ def run_one(service: str, size: int, mode: str, rep: int, verbose: bool) -> dict
         rec["verified"] = len(idx)
         rec["mismatches"] = len(bad)
         rec["missing"] = sum(1 for i, v in zip(idx, got) if v is None)
-        rec["mismatch_samples"] = [key_of(i).decode() for i in bad[:5]]
+        rec["mismatch_keys"] = [key_of(i).decode() for i in bad]
+        if bad:      # still wrong on a fresh connection? (not a stream mix-up of ours)
+            fresh = CLIENTS[service](port)
+            rec["mismatches_fresh_conn"] = sum(v != value_of(i) for i, v in
+                                               zip(bad, fresh.get_many(bad)))
+            fresh.close()
         rec["server_stats_after"] = loader.stats()
         rec["rss_after_kib"] = rss_kib(host)
         rec["restored_state"] = harness.proc_state(host)
