@@ -480,11 +480,12 @@ struct copy_chunk {
 };
 
 /* Fill `c` with the next chunk of ranges (from ranges[*i] at *off), read from the tracee into
- * buf. Ranges a running tracee no longer maps are zero-filled (zero_fill: the chunk keeps its
- * layout, as a page file must) or left out; both are counted in *skipped. */
+ * buf. A running tracee may have unmapped part of a range since it was listed: the pages it no
+ * longer has are zero-filled (counted in *skipped), page by page, so that every page it still
+ * has is carried. (They are unmapped on the destination by the next round's layout.)
+ * Dropping the whole iovec instead lost the readable pages next to an unmapped one. */
 static void read_chunk(int pid, int mem_fd, const struct pr_range *ranges, long n, long *i,
-                       uint64_t *off, char *buf, struct copy_chunk *c, int zero_fill,
-                       uint64_t *skipped)
+                       uint64_t *off, char *buf, struct copy_chunk *c, uint64_t *skipped)
 {
     c->k = 0;
     c->fill = 0;
@@ -501,20 +502,18 @@ static void read_chunk(int pid, int mem_fd, const struct pr_range *ranges, long 
     }
     if (vm_transfer(pid, mem_fd, c->l, c->r, c->k, 0, NULL) >= 0)
         return;
-    /* slow path: some range is gone from the (running) tracee; keep the others */
-    int kept = 0;
     for (int m = 0; m < c->k; m++) {
-        if (vm_transfer(pid, mem_fd, c->l + m, c->r + m, 1, 0, NULL) < 0) {
-            *skipped += c->l[m].iov_len;
-            if (!zero_fill) {
-                c->fill -= c->l[m].iov_len;
-                continue;
+        if (vm_transfer(pid, mem_fd, c->l + m, c->r + m, 1, 0, NULL) >= 0)
+            continue;
+        for (size_t o = 0; o < c->l[m].iov_len; o += PAGE) {
+            struct iovec pl = {(char *)c->l[m].iov_base + o, PAGE},
+                         pr = {(char *)c->r[m].iov_base + o, PAGE};
+            if (vm_transfer(pid, mem_fd, &pl, &pr, 1, 0, NULL) < 0) {
+                memset(pl.iov_base, 0, PAGE);
+                *skipped += PAGE;
             }
-            memset(c->l[m].iov_base, 0, c->l[m].iov_len);
         }
-        c->l[kept] = c->l[m], c->r[kept++] = c->r[m];
     }
-    c->k = kept;
 }
 
 /* Read ranges of the tracee's memory and append them, in order, to out_fd.
@@ -532,7 +531,7 @@ long pr_dump_pages(int pid, int mem_fd, const struct pr_range *ranges, long n, i
         return -ENOMEM;
     *bytes = 0;
     while (i < n) {
-        read_chunk(pid, mem_fd, ranges, n, &i, &off, buf, &c, 1, &skipped);
+        read_chunk(pid, mem_fd, ranges, n, &i, &off, buf, &c, &skipped);
         if ((ret = write_all(out_fd, buf, c.fill)) < 0)
             return ret;
         *bytes += c.fill;
@@ -781,8 +780,7 @@ long pr_copy_pages(int src_pid, int src_mem_fd, int dst_pid, int dst_mem_fd,
 
     if (total <= 2 * COPY_CHUNK || !(bufs[1] = copy_buffer(1))) {
         while (i < n) {
-            read_chunk(src_pid, src_mem_fd, ranges, n, &i, &off, bufs[0], &p.chunk[0], 0,
-                       skipped);
+            read_chunk(src_pid, src_mem_fd, ranges, n, &i, &off, bufs[0], &p.chunk[0], skipped);
             long r = vm_transfer(dst_pid, dst_mem_fd, p.chunk[0].l, p.chunk[0].r, p.chunk[0].k,
                                  1, forced);
             if (r < 0)
@@ -807,7 +805,7 @@ long pr_copy_pages(int src_pid, int src_mem_fd, int dst_pid, int dst_mem_fd,
         pthread_mutex_unlock(&p.mu);
         if (err)
             break;
-        read_chunk(src_pid, src_mem_fd, ranges, n, &i, &off, bufs[b], &p.chunk[b], 0, skipped);
+        read_chunk(src_pid, src_mem_fd, ranges, n, &i, &off, bufs[b], &p.chunk[b], skipped);
         *bytes += p.chunk[b].fill;
         pthread_mutex_lock(&p.mu);
         p.chunk[b].full = 1;
@@ -862,8 +860,15 @@ static uint64_t page_hash(const uint64_t *w)
  * Returns the number of regions, or -ENOSPC if `out` is too small (hashes then are partly
  * updated: callers size `out` for the worst case, one region per two pages). */
 long pr_hash_scan(int pid, int mem_fd, int pagemap_fd, uint64_t start, uint64_t end,
-                  uint64_t *hashes, int compare, struct pr_page_region *out, long cap)
+                  uint64_t *hashes, uint8_t *suspect, int mode, struct pr_page_region *out,
+                  long cap)
 {
+    /* mode 0: hash only (new area); 1: a pre-copy round; 2: the final round (frozen).
+     * A page copied while the process runs may be copied later than it was hashed, so the
+     * copy can hold newer content than the hash describes; if the page later returns to the
+     * hashed content, no hash would tell. Such pages are "suspect" from then on, and the final
+     * round, with the process frozen, resends them all. */
+    int compare = mode != 0;
     static uint64_t pm[PM_BATCH];
     char *buf = copy_buffer(0);
     if (!buf)
@@ -891,7 +896,10 @@ long pr_hash_scan(int pid, int mem_fd, int pagemap_fd, uint64_t start, uint64_t 
             for (uint64_t k = i; k < j; k++) {
                 uint64_t idx = (base - start) / PAGE + k;
                 uint64_t h = present ? page_hash((uint64_t *)(buf + (k - i) * PAGE)) : 0;
-                if (compare && h != hashes[idx]) {
+                int report = compare && (h != hashes[idx] || (mode == 2 && suspect[idx]));
+                if (mode != 2 && (h != hashes[idx] || mode == 0) && h)
+                    suspect[idx] = 1;
+                if (report) {
                     uint64_t a = base + k * PAGE, cat = present ? PR_PAGE_IS_PRESENT : 0;
                     if (got && out[got - 1].end == a && out[got - 1].categories == cat)
                         out[got - 1].end += PAGE;

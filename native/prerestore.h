@@ -86,7 +86,8 @@ long pr_scan_ranges(int pagemap_fd, const struct pr_range *areas, long n_areas, 
                     struct pr_page_region *out, long cap, long *area, uint64_t *addr);
 int pr_uffd_api(int uffd, uint64_t features, uint64_t *got);
 long pr_hash_scan(int pid, int mem_fd, int pagemap_fd, uint64_t start, uint64_t end,
-                  uint64_t *hashes, int compare, struct pr_page_region *out, long cap);
+                  uint64_t *hashes, uint8_t *suspect, int mode, struct pr_page_region *out,
+                  long cap);
 long pr_pagemap_present(int pagemap_fd, uint64_t start, uint64_t end,
                         struct pr_page_region *out, long cap);
 int pr_uffd_wp_range(int uffd, uint64_t start, uint64_t len);

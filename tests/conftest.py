@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,11 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 from workloads import build_workloads  # noqa: E402
+
+# Every same-host migration in the tests is checked page by page against the frozen source
+# before the restored process may run (prerestore.restore.staged; the stage daemons inherit
+# this): a page the rounds failed to carry fails the migration, and the test, at once.
+os.environ.setdefault("PRERESTORE_VERIFY", "1")
 
 
 @pytest.fixture(scope="session")

@@ -218,7 +218,7 @@ def load_pages(pid: int, mem_fd: int, in_fd: int, offset: int, ranges: bytes) ->
 
 def copy_pages(src_pid: int, src_mem_fd: int, dst_pid: int, dst_mem_fd: int,
                ranges: bytes) -> tuple[int, int, int]:
-    """Copy packed ranges from src_pid into dst_pid, skipping ranges src_pid no longer maps;
+    """Copy packed ranges from src_pid into dst_pid; pages src_pid no longer maps are zeroed;
     returns (bytes copied, bytes forced via /proc/PID/mem, bytes skipped)."""
     nbytes, forced, skipped = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
     rng = ffi.from_buffer("struct pr_range[]", ranges)
@@ -270,15 +270,17 @@ def scan_ranges(pagemap_fd: int, areas: bytes, *, flags: int = 0, inverted: int 
 
 
 def hash_scan(pid: int, mem_fd: int, pagemap_fd: int, start: int, end: int,
-              hashes: bytearray, compare: bool) -> ScanResult:
-    """Hash every page of [start, end) into `hashes` (u64 per page); with compare, return
-    the pages whose hash changed (categories: PAGE_IS_PRESENT if present now)."""
+              hashes: bytearray, suspect: bytearray, mode: int) -> ScanResult:
+    """Hash every page of [start, end) into `hashes` (u64 per page). mode 0: a new area
+    (nothing returned); 1: a pre-copy round; 2: the final round. Returns the pages to send
+    (categories: PAGE_IS_PRESENT if present now); see pr_hash_scan for `suspect`."""
     npages = (end - start) // PAGE_SIZE
-    assert len(hashes) == 8 * npages
-    cap = npages // 2 + 2 if compare else 1
+    assert len(hashes) == 8 * npages and len(suspect) == npages
+    cap = npages // 2 + 2 if mode else 1
     out = ffi.new("struct pr_page_region[]", cap)
     n = check(lib.pr_hash_scan(pid, mem_fd, pagemap_fd, start, end,
-                               ffi.from_buffer("uint64_t[]", hashes), int(compare), out, cap),
+                               ffi.from_buffer("uint64_t[]", hashes),
+                               ffi.from_buffer("uint8_t[]", suspect), mode, out, cap),
               "hash pages (/proc/PID/pagemap, process_vm_readv)", pid)
     return ScanResult(ffi.buffer(out, 24 * n)[:])
 

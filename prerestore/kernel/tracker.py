@@ -80,7 +80,7 @@ class DirtyTracker:
                 skipped += 1
         return skipped
 
-    def scan_written(self, areas: bytes):
+    def scan_written(self, areas: bytes, final: bool = False):
         """Pages written since the last scan in the packed areas, re-protected atomically.
         Returns (ScanResult, indexes of the areas that are not tracked).
 
@@ -131,56 +131,66 @@ class HashTracker:
 
     mode = "page-hash"
     warning = ("dirty tracking by page hashes: this kernel lacks userfaultfd WP_ASYNC / "
-               "PAGEMAP_SCAN (Linux >= 6.7); every round reads all memory")
+               "PAGEMAP_SCAN (Linux >= 6.7); every round reads all memory, and the final "
+               "round resends every page that changed during the migration")
 
     def __init__(self, pid: int):
         self.pid = pid
         self.pagemap_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        self.segments: list[tuple[int, int, bytearray]] = []   # sorted, hashes per page
+        # sorted (start, end, u64 hash per page, suspect flag per page)
+        self.segments: list[tuple[int, int, bytearray, bytearray]] = []
 
-    def _covering(self, start: int, end: int) -> bytearray | None:
-        """The hashes of [start, end) if all of it is tracked."""
-        parts, cur = [], start
-        for s, e, h in self.segments:
+    def _covering(self, start: int, end: int) -> tuple[bytearray, bytearray] | None:
+        """The hashes and suspect flags of [start, end) if all of it is tracked."""
+        hs, ss, cur = [], [], start
+        for s, e, h, sus in self.segments:
             if e <= cur or s >= end:
                 continue
             if s > cur:
                 return None
             lo, hi = (cur - s) // 4096, (min(e, end) - s) // 4096
-            parts.append(h[8 * lo:8 * hi])
+            hs.append(h[8 * lo:8 * hi])
+            ss.append(sus[lo:hi])
             cur = min(e, end)
-        return bytearray(b"".join(parts)) if cur >= end else None
+        if cur < end:
+            return None
+        return bytearray(b"".join(hs)), bytearray(b"".join(ss))
 
-    def _store(self, start: int, end: int, hashes: bytearray) -> None:
+    def _store(self, start: int, end: int, hashes: bytearray, suspect: bytearray) -> None:
         keep = []
-        for s, e, h in self.segments:
+        for s, e, h, sus in self.segments:
             if e <= start or s >= end:
-                keep.append((s, e, h))
+                keep.append((s, e, h, sus))
                 continue
             if s < start:
-                keep.append((s, start, h[:8 * ((start - s) // 4096)]))
+                n = (start - s) // 4096
+                keep.append((s, start, h[:8 * n], sus[:n]))
             if e > end:
-                keep.append((end, e, h[8 * ((end - s) // 4096):]))
-        keep.append((start, end, hashes))
+                n = (end - s) // 4096
+                keep.append((end, e, h[8 * n:], sus[n:]))
+        keep.append((start, end, hashes, suspect))
         self.segments = sorted(keep, key=lambda x: x[0])
 
-    def protect(self, ranges: list[tuple[int, int]]) -> None:
+    def protect(self, ranges: list[tuple[int, int]]) -> int:
         for start, end in ranges:
-            h = bytearray(8 * ((end - start) // 4096))
-            native.hash_scan(self.pid, self.mem_fd, self.pagemap_fd, start, end, h, False)
-            self._store(start, end, h)
+            n = (end - start) // 4096
+            h, sus = bytearray(8 * n), bytearray(n)
+            native.hash_scan(self.pid, self.mem_fd, self.pagemap_fd, start, end, h, sus, 0)
+            self._store(start, end, h, sus)
+        return 0
 
-    def scan_written(self, areas: bytes):
+    def scan_written(self, areas: bytes, final: bool = False):
         chunks, untracked = [], []
         for i, (start, end) in enumerate(native.RANGE.iter_unpack(areas)):
-            h = self._covering(start, end)
-            if h is None:
+            known = self._covering(start, end)
+            if known is None:
                 untracked.append(i)
                 continue
+            h, sus = known
             chunks.append(native.hash_scan(self.pid, self.mem_fd, self.pagemap_fd, start, end,
-                                           h, True).raw)
-            self._store(start, end, h)
+                                           h, sus, 2 if final else 1).raw)
+            self._store(start, end, h, sus)
         return native.ScanResult(b"".join(chunks)), untracked
 
     def classify(self, ranges: bytes):

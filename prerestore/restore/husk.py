@@ -309,7 +309,8 @@ class Husk:
 
     def _copy_from_source(self, task: AddressSpaceRound) -> tuple[int, int]:
         """Pages straight from the live source process (same host). A range the source
-        unmapped since its round was scanned is skipped: the next round's layout drops it."""
+        unmapped since its round was scanned is written as zeros: the next round's layout
+        drops it."""
         if self.source_mem_fd < 0:
             self.source_mem_fd = os.open(f"/proc/{task.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         nbytes, forced, self.skipped = native.copy_pages(task.pid, self.source_mem_fd,
@@ -319,6 +320,31 @@ class Husk:
     def pin(self, cpu: int) -> None:
         """Run on `cpu` from now on, like its tracer: see SourceSession.dump."""
         os.sched_setaffinity(self.host_pid, {cpu})
+
+    def verify_against(self, source_pid: int, layout: list[Vma]) -> list[tuple[int, str]]:
+        """Debugging oracle (PRERESTORE_VERIFY=1): with the source frozen on this host,
+        compare every readable private page of the husk with the source's. Returns the
+        differing pages as (address, VMA description)."""
+        diffs: list[tuple[int, str]] = []
+        src_mem = os.open(f"/proc/{source_pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for v in memory_vmas(layout):
+                for a in range(v.start, v.end, 8 << 20):
+                    n = min(8 << 20, v.end - a)
+                    try:
+                        mine = os.pread(self.mem_fd, n, a)
+                        theirs = os.pread(src_mem, n, a)
+                    except OSError:
+                        continue
+                    if mine != theirs:
+                        for off in range(0, n, 4096):
+                            if mine[off:off + 4096] != theirs[off:off + 4096]:
+                                zero = mine[off:off + 4096].count(0) == 4096
+                                diffs.append((a + off, f"{v.start:x}-{v.end:x} {v.perms()} "
+                                                       f"{v.path} husk-{'zero' if zero else 'stale'}"))
+        finally:
+            os.close(src_mem)
+        return diffs
 
     def _lowest_free_fd(self) -> int:
         fd = 0

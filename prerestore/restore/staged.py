@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from ..errors import ImageError, PrerestoreError, ProcessGone
+from ..errors import ImageError, PrerestoreError, ProcessGone, RestoreError
 from ..image import schema
 from ..kernel import procfs
 from ..model import Round
@@ -99,6 +99,11 @@ class StagedProcess:
             mem = [self._apply(d, r) for d, r in pending]
             t_mem = time.monotonic()
             final = pending[-1][1]
+            if os.environ.get("PRERESTORE_VERIFY") and final.tasks[0].pages_from == "pid":
+                diffs = self.husk.verify_against(final.tasks[0].pid, final.tasks[0].layout)
+                if diffs:
+                    raise RestoreError(f"verify: {len(diffs)} pages differ from the source, "
+                                       f"first {[f'{a:x} in {w}' for a, w in diffs[:5]]}")
             task = final.tasks[0]
             state_stats = self.husk.apply_state(
                 final.state, source_pid=task.pid if task.pages_from == "pid" else None)

@@ -195,7 +195,7 @@ class SourceSession:
             others = set(range(os.cpu_count() or 1)) - mine
             if len(mine) == 1 and others:
                 os.sched_setaffinity(0, others)     # this thread only: off the tracer's CPU
-            out["result"] = self.tracker.scan_written(areas)
+            out["result"] = self.tracker.scan_written(areas, final=True)
         except BaseException as e:
             out["error"] = e
 
