@@ -838,6 +838,18 @@ int pr_set_pdeathsig(int sig, int parent)
 #define PM_FILE (1ULL << 61)
 #define PM_BATCH 4096 /* pagemap entries per pread */
 
+/* The next (at most PM_BATCH) pagemap entries from `base` up to `end`; returns how many. */
+static long read_pagemap(int pagemap_fd, uint64_t base, uint64_t end, uint64_t *pm)
+{
+    uint64_t n = (end - base) / PAGE;
+    if (n > PM_BATCH)
+        n = PM_BATCH;
+    ssize_t r = pread(pagemap_fd, pm, n * 8, (off_t)(base / PAGE * 8));
+    if (r != (ssize_t)(n * 8))
+        return r < 0 ? ERR : -EIO;
+    return (long)n;
+}
+
 /* A 64-bit hash of one page: two multiply-xorshift lanes over its 512 words. Changes that
  * collide in both lanes are what this fallback can miss; it says so when it is in use. */
 static uint64_t page_hash(const uint64_t *w)
@@ -875,12 +887,10 @@ long pr_hash_scan(int pid, int mem_fd, int pagemap_fd, uint64_t start, uint64_t 
         return -ENOMEM;
     long got = 0;
     for (uint64_t base = start; base < end;) {
-        uint64_t n = (end - base) / PAGE;
-        if (n > PM_BATCH)
-            n = PM_BATCH;
-        ssize_t r = pread(pagemap_fd, pm, n * 8, (off_t)(base / PAGE * 8));
-        if (r != (ssize_t)(n * 8))
-            return r < 0 ? ERR : -EIO;
+        long got_pm = read_pagemap(pagemap_fd, base, end, pm);
+        if (got_pm < 0)
+            return got_pm;
+        uint64_t n = (uint64_t)got_pm;
         /* read the present private pages of this batch in runs */
         for (uint64_t i = 0; i < n;) {
             int present = (pm[i] & PM_PRESENT) && !(pm[i] & PM_FILE);
@@ -926,12 +936,10 @@ long pr_pagemap_present(int pagemap_fd, uint64_t start, uint64_t end,
     static uint64_t pm[PM_BATCH];
     long got = 0;
     for (uint64_t base = start; base < end;) {
-        uint64_t n = (end - base) / PAGE;
-        if (n > PM_BATCH)
-            n = PM_BATCH;
-        ssize_t r = pread(pagemap_fd, pm, n * 8, (off_t)(base / PAGE * 8));
-        if (r != (ssize_t)(n * 8))
-            return r < 0 ? ERR : -EIO;
+        long got_pm = read_pagemap(pagemap_fd, base, end, pm);
+        if (got_pm < 0)
+            return got_pm;
+        uint64_t n = (uint64_t)got_pm;
         for (uint64_t k = 0; k < n; k++) {
             if (!(pm[k] & PM_PRESENT) || (pm[k] & PM_FILE))
                 continue;

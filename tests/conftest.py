@@ -20,3 +20,14 @@ os.environ.setdefault("PRERESTORE_VERIFY", "1")
 def workload_bins(tmp_path_factory):
     """{"counters": Path to built binary, "pycounters": Path to script}."""
     return build_workloads(tmp_path_factory.mktemp("workload_bins"))
+
+
+@pytest.fixture
+def cleanup():
+    """Processes, stage daemons and sources a test owns; all gone at its end, or it fails."""
+    from migration import Cleanup, helper_processes
+    c = Cleanup()
+    yield c
+    c.run()
+    for src in c.sources:
+        assert not helper_processes(src), f"a husk or namespace init of {src} was left behind"

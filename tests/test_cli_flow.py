@@ -10,20 +10,11 @@ import time
 
 import pytest
 
-from migration import Cleanup, alive, helper_processes, needs_root, ns_pids, prerestore
+from migration import alive, helper_processes, needs_root, ns_pids, prerestore
 from workloads import (compare_with_reference, last_iteration, wait_for_iteration, workload_argv)
 
 pytestmark = needs_root
 ENV = {"MB": "32"}
-
-
-@pytest.fixture
-def cleanup():
-    c = Cleanup()
-    yield c
-    c.run()
-    for src in c.sources:
-        assert not helper_processes(src), f"a husk or namespace init of {src} was left behind"
 
 
 def stage_socket(tmp_path, cleanup):

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from migration import (Cleanup, alive, helper_processes, needs_root, ns_pids, prerestore,
+from migration import (alive, needs_root, ns_pids, prerestore,
                        rss_kib, wait_for_line)
 from workloads import (compare_with_reference, last_iteration, wait_for_iteration, workload_argv)
 
@@ -22,15 +22,6 @@ pytestmark = needs_root
 ENV = {"MB": "32"}
 # at least 3 pre-copy rounds before the final one, whatever the dirty rate
 POLICY = ConvergencePolicy(min_rounds=3, max_rounds=4)
-
-
-@pytest.fixture
-def cleanup():
-    c = Cleanup()
-    yield c
-    c.run()
-    for src in c.sources:
-        assert not helper_processes(src), f"a husk or namespace init of {src} was left behind"
 
 
 def check_restored(log, argv, pid: int, host_pid: int, cleanup_pids=()):
