@@ -38,8 +38,8 @@ MODES = {   # name -> migrate() keyword arguments
 DEFAULT_MODES = ["prerestore-direct", "prerestore-files", "cold"]
 CRIU_MODES = ["criu", "criu-predump"]
 CRIU4 = "/work/shared/tools/criu4"
-PHASES = ["freeze", "collect_state", "last_pages", "write_image", "handoff", "apply_memory",
-          "apply_state", "resume"]
+PHASES = ["freeze", "collect_state", "last_pages", "write_image", "encode_image", "handoff",
+          "apply_memory", "apply_state", "resume"]
 
 _owned: set[int] = set()            # pids we must kill if we are interrupted
 _popens: dict[int, subprocess.Popen] = {}
