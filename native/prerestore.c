@@ -710,15 +710,6 @@ int pr_spawn(const char *path, char *const *argv, const int *set_tid, long set_t
     return (int)pid;
 }
 
-/* All rlimits of pid at once: out[2*r], out[2*r+1] = soft, hard of resource r < n. */
-int pr_get_rlimits(int pid, uint64_t *out, int n)
-{
-    for (int r = 0; r < n; r++)
-        if (syscall(SYS_prlimit64, pid, r, NULL, out + 2 * r))
-            return ERR;
-    return 0;
-}
-
 int pr_prlimit(int pid, int resource, const uint64_t *new_lim, uint64_t *old_lim)
 {
     return syscall(SYS_prlimit64, pid, resource, new_lim, old_lim) ? ERR : 0;

@@ -98,7 +98,6 @@ int pr_pidfd_getfd(int pidfd, int fd);
 int pr_spawn(const char *path, char *const *argv, const int *set_tid, long set_tid_size,
              int new_pidns, int keep_fd);
 int pr_set_pdeathsig(int sig, int parent);
-int pr_get_rlimits(int pid, uint64_t *out, int n);
 int pr_prlimit(int pid, int resource, const uint64_t *new_lim, uint64_t *old_lim);
 
 /* UAPI numbers the system headers may not have yet, read from C so Python never copies them. */

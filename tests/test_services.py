@@ -27,6 +27,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def migrate_under_load(src, drive, stop: threading.Event, tmp_path, cleanup) -> dict:
+    """Migrate src while drive() keeps a client busy; the client stops once it has talked to
+    the restored server for a moment."""
+    driver = threading.Thread(target=drive)
+    driver.start()
+    try:
+        time.sleep(0.3)
+        r = migrate(src.pid, work_dir=str(tmp_path / "images"),
+                    policy=ConvergencePolicy(min_rounds=3, max_rounds=5))
+        cleanup.add(r["namespace_init_pid"], r["restored_host_pid"])
+        src.wait(10)
+        time.sleep(0.3)
+        return r
+    finally:
+        stop.set()
+        driver.join(10)
+
+
 class Client:
     """One connection; set/get round trips, counting errors and the longest stall."""
 
@@ -91,16 +109,7 @@ def test_memcached_live_on_one_host(tmp_path):
                 n += 1
             load["written"] = n
 
-        driver = threading.Thread(target=drive)
-        driver.start()
-        time.sleep(0.3)
-        r = migrate(src.pid, work_dir=str(tmp_path / "images"),
-                    policy=ConvergencePolicy(min_rounds=3, max_rounds=5))
-        cleanup.add(r["namespace_init_pid"], r["restored_host_pid"])
-        src.wait(10)
-        time.sleep(0.3)
-        stop.set()
-        driver.join(10)
+        r = migrate_under_load(src, drive, stop, tmp_path, cleanup)
         assert load["errors"] == 0 and load["ops"] > 100
         print(f"memcached: downtime {r['downtime_ms']:.2f} ms, client max stall "
               f"{load['max_stall'] * 1e3:.2f} ms over {load['ops']} round trips")
@@ -182,16 +191,7 @@ def test_redis_live_on_one_host_with_a_pipelined_client(tmp_path):
                 n += 1
             load["written"] = n
 
-        driver = threading.Thread(target=drive)
-        driver.start()
-        time.sleep(0.3)
-        r = migrate(src.pid, work_dir=str(tmp_path / "images"),
-                    policy=ConvergencePolicy(min_rounds=3, max_rounds=5))
-        cleanup.add(r["namespace_init_pid"], r["restored_host_pid"])
-        src.wait(10)
-        time.sleep(0.3)
-        stop.set()
-        driver.join(10)
+        migrate_under_load(src, drive, stop, tmp_path, cleanup)
         assert load["errors"] == 0 and load["batches"] > 10
         assert int(client.call(b"GET", b"counter")) == 16 * load["written"]   # no lost INCR
         for i in range(keys):

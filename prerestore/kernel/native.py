@@ -327,12 +327,6 @@ def spawn(path: str, argv: list[str], set_tid: list[int], new_pidns: bool, keep_
                  what)
 
 
-def get_rlimits(pid: int, count: int = 16) -> dict[int, tuple[int, int]]:
-    out = ffi.new("uint64_t[]", 2 * count)
-    check(lib.pr_get_rlimits(pid, out, count), "prlimit", pid)
-    return {r: (out[2 * r], out[2 * r + 1]) for r in range(count)}
-
-
 def prlimit(pid: int, resource: int, limits: tuple[int, int] | None) -> tuple[int, int]:
     new = ffi.new("uint64_t[2]", list(limits)) if limits else ffi.NULL
     old = ffi.new("uint64_t[2]")

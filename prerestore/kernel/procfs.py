@@ -180,11 +180,6 @@ def umask(pid: int) -> int:
     return int(status(pid).get("Umask", "0022"), 8)
 
 
-def rlimits(pid: int) -> dict[int, tuple[int, int]]:
-    from . import native
-    return native.get_rlimits(pid, 16)
-
-
 def boot_id() -> str:
     """Identifies this boot: monotonic timestamps compare only within one."""
     try:

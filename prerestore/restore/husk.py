@@ -495,7 +495,7 @@ class Husk:
         """A staged thread whose source thread exited: it makes an exit(0) of its own."""
         t = self.threads.pop(tid)
         try:
-            native.inject_syscall(t.pid, self.remote.insn, lib.SYS_exit, 0)
+            self.remote.sharing(t).call(lib.SYS_exit, 0, check=False)
         except KernelCallError:
             pass                                      # it exits: no trap to report
         try:
