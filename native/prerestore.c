@@ -278,9 +278,10 @@ size_t pr_thread_starter(const void **code)
     return pr_starter_end - pr_starter_start;
 }
 
-/* Create a thread in the stopped tracee `pid` with the starter copied at `starter` and a
- * struct clone_args at `args` (in the tracee). The tracee must be traced with
- * PTRACE_O_TRACECLONE: the new thread is then ours from its first instruction. Returns its
+/* Create a thread (or, without CLONE_VM in the clone_args, a child process) in the stopped
+ * tracee `pid` with the starter copied at `starter` and a struct clone_args at `args` (in the
+ * tracee). The tracee must be traced with PTRACE_O_TRACECLONE (and PTRACE_O_TRACEFORK for a
+ * process): the new task is then ours from its first instruction. Returns its
  * tid in our namespace in *child, stopped. Registers are the caller's to save and restore. */
 int pr_clone_thread(int pid, uint64_t starter, uint64_t args, uint64_t args_size, int *child)
 {
@@ -302,7 +303,8 @@ int pr_clone_thread(int pid, uint64_t starter, uint64_t args, uint64_t args_size
             return ERR;
         if (!WIFSTOPPED(st))
             return -ESRCH;
-        if (st >> 8 == (SIGTRAP | (PTRACE_EVENT_CLONE << 8))) {
+        if (st >> 8 == (SIGTRAP | (PTRACE_EVENT_CLONE << 8)) ||
+            st >> 8 == (SIGTRAP | (PTRACE_EVENT_FORK << 8))) {
             if (ptrace(PTRACE_GETEVENTMSG, pid, 0, &msg))
                 return ERR;
             *child = (int)msg;
@@ -827,6 +829,8 @@ int pr_set_pdeathsig(int sig, int parent)
 
 #define PM_PRESENT (1ULL << 63)
 #define PM_FILE (1ULL << 61)
+#define PM_SWAP (1ULL << 62)
+#define PM_PFN ((1ULL << 55) - 1)
 #define PM_BATCH 4096 /* pagemap entries per pread */
 
 /* The next (at most PM_BATCH) pagemap entries from `base` up to `end`; returns how many. */
@@ -917,6 +921,50 @@ long pr_hash_scan(int pid, int mem_fd, int pagemap_fd, uint64_t start, uint64_t 
         base += n * PAGE;
     }
     return got;
+}
+
+/* A forked child's pages against its parent's, for the pages of [start, end) the child would
+ * inherit by fork: a page the two map to the same physical page (copy-on-write shared, or the
+ * same page-cache page) is inherited as it is; a page the child has on its own, or that only
+ * the child has, is to copy (`copy`); a page the child does not have is to drop (`drop`).
+ * PFNs in pagemap need CAP_SYS_ADMIN. Returns 0, or -ENOSPC if an output is too small. */
+long pr_pagemap_vs_parent(int child_pm_fd, int parent_pm_fd, uint64_t start, uint64_t end,
+                          struct pr_range *copy, long *n_copy, struct pr_range *drop,
+                          long *n_drop, long cap)
+{
+    static uint64_t pm[PM_BATCH], ppm[PM_BATCH];
+    for (uint64_t base = start; base < end;) {
+        long got_pm = read_pagemap(child_pm_fd, base, end, pm);
+        if (got_pm < 0)
+            return got_pm;
+        long got_ppm = read_pagemap(parent_pm_fd, base, base + (uint64_t)got_pm * PAGE, ppm);
+        if (got_ppm < 0)
+            return got_ppm;
+        for (long k = 0; k < got_pm; k++) {
+            uint64_t a = base + (uint64_t)k * PAGE;
+            struct pr_range *out;
+            long *n;
+            /* a swap entry of type 31 is a pte marker (a uffd-wp protected empty pte): no data */
+            int swapped = (pm[k] & PM_SWAP) && (pm[k] & 0x1f) != 0x1f;
+            if (!(pm[k] & PM_PRESENT) && !swapped) {
+                out = drop, n = n_drop;
+            } else if ((pm[k] & PM_PRESENT) && (ppm[k] & PM_PRESENT) && (pm[k] & PM_PFN) &&
+                       (pm[k] & PM_PFN) == (ppm[k] & PM_PFN)) {
+                continue;
+            } else {
+                out = copy, n = n_copy;
+            }
+            if (*n && out[*n - 1].end == a)
+                out[*n - 1].end += PAGE;
+            else {
+                if (*n == cap)
+                    return -ENOSPC;
+                out[(*n)++] = (struct pr_range){a, a + PAGE};
+            }
+        }
+        base += (uint64_t)got_pm * PAGE;
+    }
+    return 0;
 }
 
 /* Present private pages of [start, end) from /proc/PID/pagemap, as regions (PAGEMAP_SCAN's

@@ -88,6 +88,9 @@ int pr_uffd_api(int uffd, uint64_t features, uint64_t *got);
 long pr_hash_scan(int pid, int mem_fd, int pagemap_fd, uint64_t start, uint64_t end,
                   uint64_t *hashes, uint8_t *suspect, int mode, struct pr_page_region *out,
                   long cap);
+long pr_pagemap_vs_parent(int child_pm_fd, int parent_pm_fd, uint64_t start, uint64_t end,
+                          struct pr_range *copy, long *n_copy, struct pr_range *drop,
+                          long *n_drop, long cap);
 long pr_pagemap_present(int pagemap_fd, uint64_t start, uint64_t end,
                         struct pr_page_region *out, long cap);
 int pr_uffd_wp_range(int uffd, uint64_t start, uint64_t len);

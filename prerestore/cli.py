@@ -181,21 +181,26 @@ def cmd_inspect(args) -> int:
               f"{r.source.get('tracking')}")
         for t in r.tasks:
             fresh = unpack_ranges(t.fresh)
-            print(f"  task {t.pid}: {len(t.layout)} VMAs, {ranges_bytes(t.pages) // 4096} pages "
-                  f"in {len(t.pages) // 16} ranges, {len(fresh)} fresh areas, "
-                  f"{len(t.zap) // 16} zapped ranges")
+            place = f"child of {t.parent}" if t.parent else "root"
+            print(f"  task {t.pid} ({place}, sid {t.sid}, pgid {t.pgid}"
+                  f"{', first round' if t.first else ''}): {len(t.layout)} VMAs, "
+                  f"{ranges_bytes(t.pages) // 4096} pages in {len(t.pages) // 16} ranges, "
+                  f"{len(fresh)} fresh areas, {len(t.zap) // 16} zapped ranges, "
+                  f"{len(t.tids)} threads")
             if args.verbose:
                 for v in t.layout:
                     print(f"    {v.start:012x}-{v.end:012x} {v.perms()} {v.offset:08x} {v.path}")
-        if r.state:
-            s = r.state
+        for s in r.states:
             th = s.threads[0]
-            print(f"  state: comm {s.comm!r} exe {s.exe} cwd {s.cwd} umask {s.umask:o}, "
-                  f"{len(s.fds)} fds, {len(s.sigactions)} signal actions, rip {th.regs['rip']:#x}, "
-                  f"xstate {len(th.xstate)} bytes, rseq {'yes' if th.rseq else 'no'}")
+            print(f"  state of {s.pid}: comm {s.comm!r} exe {s.exe} cwd {s.cwd} umask "
+                  f"{s.umask:o}, {len(s.fds)} fds, {len(s.sigactions)} signal actions, rip "
+                  f"{th.regs['rip']:#x}, xstate {len(th.xstate)} bytes, rseq "
+                  f"{'yes' if th.rseq else 'no'}")
             if args.verbose:
                 for f in s.fds:
                     print(f"    fd {f.fd}: {f.kind} {f.path} flags {f.flags:o} offset {f.offset}")
+        for z in r.zombies:
+            print(f"  zombie {z.pid} (child of {z.parent}), wait status {z.exit_code:#x}")
     return 0
 
 
@@ -205,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("predump", help="one pre-copy round while the process keeps running")
-    p.add_argument("-t", "--tree", type=int, required=True, help="pid of the process")
+    p.add_argument("-t", "--tree", type=int, required=True,
+                   help="pid of the root of the process tree")
     p.add_argument("-D", "--images-dir", required=True)
     p.add_argument("--prev-images-dir", help="the previous round (omit for round 0)")
     p.add_argument("--tracking", choices=("auto", "uffd-wp", "page-hash"), default="auto",

@@ -160,6 +160,7 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
             "downtime_phases_ms": phases,
             "total_ms": (fin["resumed_at"] - t_start) * 1e3,
             "restored_pid": fin["pid"], "restored_host_pid": fin["host_pid"],
+            "restored_tree": dict(fin["tree"]), "processes": fin["processes"],
             "namespace_init_pid": fin["init_pid"],
         })
         progress(f"final: {r.stats['pages']} pages; downtime {report['downtime_ms']:.2f} ms "

@@ -209,6 +209,8 @@ class ProcessState:
     cpus: list[int] = field(default_factory=list)      # CPU affinity; empty: leave as is
     creds: "Credentials | None" = None
     dumpable: int = 1
+    pdeathsig: int = 0          # the signal it gets when its parent dies (PR_SET_PDEATHSIG)
+    child_subreaper: bool = False
 
 
 @dataclass
@@ -223,7 +225,13 @@ class AddressSpaceRound:
     pages_from: "file" (pages.img at pages_offset) or "pid": read them from the live source
             process itself, for a destination on the same host (no copy through a file);
     tids:   the task's threads when the round was taken: the husk creates them as they
-            appear, so that finalize only adjusts for threads born or gone since."""
+            appear, so that finalize only adjusts for threads born or gone since.
+    The task's place in the tree: parent (pid of its parent process, 0 for the root of the
+    tree), sid and pgid as the source had them, starttime (with the pid, the identity of the
+    process: a pid reused between rounds is another process) and first: this is the task's
+    first round, and layout and pages are relative to a fork of its parent's husk as staged
+    after the parent's part of this round (pages it still shares with its parent are not
+    carried), or, for the root, to an empty husk."""
     pid: int
     layout: list[Vma]
     fresh: bytes = b""
@@ -232,11 +240,28 @@ class AddressSpaceRound:
     pages_offset: int = 0
     pages_from: str = "file"
     tids: list[int] = field(default_factory=list)     # its threads at this round
+    parent: int = 0
+    sid: int = 0
+    pgid: int = 0
+    starttime: int = 0
+    first: bool = True
+    exit_signal: int = 17                               # SIGCHLD
+
+
+@dataclass
+class Zombie:
+    """A process of the tree that exited and that its parent has not reaped yet."""
+    pid: int
+    parent: int
+    sid: int
+    pgid: int
+    exit_code: int          # as wait() reports it: status << 8, or the signal number
 
 
 @dataclass
 class Round:
-    """One image directory: a pre-copy round, or the final dump when `state` is set."""
+    """One image directory: a pre-copy round, or the final dump (kind "dump") with the state
+    of every process (`states`, in the order of `tasks`) and the tree's zombies."""
     id: str
     index: int
     parent_id: str | None
@@ -244,9 +269,13 @@ class Round:
     kind: str                       # "predump" | "dump"
     source: dict                    # host, kernel, pid, time: where it came from
     tasks: list[AddressSpaceRound]
-    state: ProcessState | None = None
+    states: list[ProcessState] = field(default_factory=list)
+    zombies: list[Zombie] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
 
     @property
     def is_final(self) -> bool:
-        return self.state is not None
+        return self.kind == "dump"
+
+    def state_of(self, pid: int) -> ProcessState:
+        return next(s for s in self.states if s.pid == pid)

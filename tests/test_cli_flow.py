@@ -56,7 +56,7 @@ def test_predump_stage_dump_finalize(workload_bins, tmp_path, cleanup, mode):
 
     out = prerestore("inspect", "-D", final, "-v").stdout
     assert "round 3 (dump)" in out and "round 0 (predump)" in out
-    assert "state: comm 'counters'" in out and "fd 1: file" in out
+    assert "comm 'counters'" in out and "fd 1: file" in out
 
 
 def test_stage_abort_and_resume_stopped_source(workload_bins, tmp_path, cleanup):

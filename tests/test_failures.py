@@ -16,7 +16,7 @@ from workloads import (compare_with_reference, last_iteration, start_workload,
 from prerestore.errors import PidTaken, RestoreError, UnsupportedState
 from prerestore.migrate import migrate
 from prerestore.policy import ConvergencePolicy
-from prerestore.restore.staged import StagedProcess
+from prerestore.restore.staged import StagedTree
 
 pytestmark = needs_root
 ENV = {"MB": "16"}
@@ -102,7 +102,7 @@ def test_corrupt_image_is_refused_by_name(source, tmp_path):
 def test_pid_taken_is_refused(source, tmp_path):
     src, log, argv = source
     prerestore("dump", "-t", src.pid, "-D", tmp_path / "full", "--leave-running")
-    staged = StagedProcess(pidns=False)
+    staged = StagedTree(pidns=False)
     with pytest.raises(PidTaken, match=f"pid {src.pid} is in use"):
         staged.finalize(str(tmp_path / "full"))
     assert not helper_processes(src.pid)
@@ -110,28 +110,34 @@ def test_pid_taken_is_refused(source, tmp_path):
 
 
 def test_unsupported_state_is_refused_before_freezing(tmp_path):
-    """A child process (and, for images that may go to another host, a pipe): named in the
-    error, and the process was never stopped."""
-    code = ("import os, sys, time\n"
+    """A child process mapping a deleted file (and, for images that may go to another host, a
+    pipe): named in the error, and no process of the tree was ever stopped."""
+    code = ("import mmap, os, sys, tempfile, time\n"
             "r, w = os.pipe()\n"
             "pid = os.fork()\n"
             "if pid == 0:\n"
-            "    time.sleep(60); os._exit(0)\n"
-            "print('ready', flush=True)\n"
+            "    fd, path = tempfile.mkstemp(); os.ftruncate(fd, 8192)\n"
+            "    m = mmap.mmap(fd, 8192); os.unlink(path); os.close(fd)\n"
+            "    os.write(w, b'x'); time.sleep(60); os._exit(0)\n"
+            "os.read(r, 1)\n"
+            "print('ready', pid, flush=True)\n"
             "time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        assert proc.stdout.readline().strip() == b"ready"
+        ready, child = proc.stdout.readline().split()
+        assert ready == b"ready"
         with pytest.raises(UnsupportedState) as exc:
             migrate(proc.pid, work_dir=str(tmp_path / "images"))
-        assert "child processes" in str(exc.value)       # the pipe alone could be handed over
+        # the pipes alone could be handed over on the same host
+        assert f"pid {int(child)}: mapping of a deleted file" in str(exc.value)
         res = prerestore("dump", "-t", proc.pid, "-D", tmp_path / "d", check=False)
-        assert res.returncode == 1 and "child processes" in res.stderr
+        assert res.returncode == 1 and "mapping of a deleted file" in res.stderr
         assert "pipe:" in res.stderr and "between hosts" in res.stderr    # not in an image
-        assert alive(proc.pid)
-        with open(f"/proc/{proc.pid}/status") as f:
-            assert "TracerPid:\t0" in f.read()
+        for pid in (proc.pid, int(child)):
+            assert alive(pid)
+            with open(f"/proc/{pid}/status") as f:
+                assert "TracerPid:\t0" in f.read()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)

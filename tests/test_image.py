@@ -14,7 +14,7 @@ from prerestore.image.schema import (HEADER, MAGIC, PAGES_FILE, ROUND_FILE, VERS
                                      read_round, write_round)
 from prerestore.kernel.native import REG_NAMES
 from prerestore.kernel.procfs import parse_maps
-from prerestore.model import (AddressSpaceRound, FileDescriptor, MmFields, ProcessState, Round,
+from prerestore.model import (AddressSpaceRound, FileDescriptor, MmFields, ProcessState, Round, Zombie,
                               SigAction, ThreadState, Vma, pack_ranges)
 
 P = 4096
@@ -78,7 +78,7 @@ def make_round(index=0, parent_id=None, parent_path=None, final=False, pages=Non
     return Round(id=rid or f"round-{index}-id", index=index, parent_id=parent_id,
                  parent_path=parent_path, kind="dump" if final else "predump",
                  source={"host": "src", "kernel": "6.8.0", "pid": 4242, "time": 1712345678.25},
-                 tasks=[task], state=make_state() if final else None,
+                 tasks=[task], states=[make_state()] if final else [],
                  stats={"pages": len(pages), "seconds": 0.5})
 
 
@@ -115,14 +115,14 @@ def test_round_trip_final_round(tmp_path):
     got = read_round(d)
     assert got == r
     assert got.is_final
-    assert got.state == r.state
-    assert got.state.threads[0].regs == r.state.threads[0].regs
-    assert set(got.state.threads[0].regs) == set(REG_NAMES)
-    assert isinstance(got.state.threads[0].rseq, tuple)
-    assert got.state.threads[1].rseq is None
-    assert got.state.rlimits[0] == (U64_MAX, U64_MAX)
-    assert all(isinstance(k, int) for k in got.state.sigactions)
-    assert got.state.fds[1].dev_inode == (2049, 777)
+    assert got.states == r.states
+    assert got.states[0].threads[0].regs == r.states[0].threads[0].regs
+    assert set(got.states[0].threads[0].regs) == set(REG_NAMES)
+    assert isinstance(got.states[0].threads[0].rseq, tuple)
+    assert got.states[0].threads[1].rseq is None
+    assert got.states[0].rlimits[0] == (U64_MAX, U64_MAX)
+    assert all(isinstance(k, int) for k in got.states[0].sigactions)
+    assert got.states[0].fds[1].dev_inode == (2049, 777)
     assert got.tasks[0].layout == make_layout()
     assert isinstance(got.tasks[0].pages, bytes)
 
@@ -131,7 +131,7 @@ def test_round_trip_predump(tmp_path):
     r = make_round(index=0)
     got = read_round(save(tmp_path / "r0", r))
     assert got == r
-    assert not got.is_final and got.state is None
+    assert not got.is_final and got.states == []
 
 
 def test_encode_decode_in_memory():
@@ -144,9 +144,14 @@ def test_encode_decode_in_memory():
 def test_missing_optional_fields_take_defaults():
     m = encode_round(make_round())
     del m["stats"]
+    assert decode_round(m).stats == {}
+
+
+def test_missing_required_field_is_named():
+    m = encode_round(make_round())
     del m["tasks"][0]["pages_from"]
-    r = decode_round(m)
-    assert r.stats == {} and r.tasks[0].pages_from == "file"
+    with pytest.raises(ImageError, match="pages_from"):
+        decode_round(m)
 
 
 def test_pages_from_pid_needs_no_pages_file(tmp_path):
@@ -172,7 +177,7 @@ def test_pages_file_may_be_longer(tmp_path):
 
 def test_pages_offset_counts(tmp_path):
     r = make_round()
-    r.tasks.append(AddressSpaceRound(4243, [], pages=pack_ranges([(0, P)]),
+    r.tasks.append(AddressSpaceRound(4243, [], parent=4242, pages=pack_ranges([(0, P)]),
                                      pages_offset=pages_size(make_round())))
     assert pages_size(r) == 4 * P
     d = save(tmp_path / "r0", r)
@@ -382,3 +387,46 @@ def test_ragged_page_ranges_are_image_error(tmp_path):
     put_round_bytes(d, raw_image(msgpack.packb(m, use_bin_type=True)))
     with pytest.raises(ImageError):
         read_round(str(d))
+
+
+# ---- process trees ----------------------------------------------------------------------------
+
+def make_tree_round(order=(4242, 4243, 4244), zombies=()) -> Round:
+    parents = {4242: 0, 4243: 4242, 4244: 4243}
+    tasks = [AddressSpaceRound(pid=p, layout=make_layout(), parent=parents[p], sid=4242,
+                               pgid=4243 if p != 4242 else 4242, starttime=1000 + p,
+                               first=p != 4242, tids=[p])
+             for p in order]
+    return Round(id="tree", index=0, parent_id=None, parent_path=None, kind="dump",
+                 source={"pid": 4242}, tasks=tasks, states=[make_state(p) for p in order],
+                 zombies=list(zombies))
+
+
+def test_round_trip_tree_with_zombies(tmp_path):
+    r = make_tree_round(zombies=[Zombie(4250, 4243, 4242, 4243, 42 << 8),
+                                 Zombie(4251, 4242, 4242, 4242, 9)])
+    got = read_round(save(tmp_path / "t", r))
+    assert got == r
+    assert [(t.pid, t.parent, t.first) for t in got.tasks] == \
+        [(4242, 0, False), (4243, 4242, True), (4244, 4243, True)]
+    assert got.state_of(4244).pid == 4244
+    assert got.zombies[0].exit_code >> 8 == 42
+
+
+@pytest.mark.parametrize("order,zombies,what", [
+    ((4243, 4242, 4244), (), "root of the tree must come first"),
+    ((4242, 4244, 4243), (), "comes before its parent"),
+    ((4242, 4243, 4244), (Zombie(4250, 9999, 1, 1, 0),), "zombie 4250"),
+    ((4242, 4243, 4244), (Zombie(4243, 4242, 1, 1, 0),), "zombie 4243"),
+])
+def test_malformed_trees_are_refused(tmp_path, order, zombies, what):
+    d = save(tmp_path / "t", make_tree_round(order, zombies))
+    with pytest.raises(ImageError, match=what):
+        read_round(d)
+
+
+def test_final_round_states_must_match_tasks(tmp_path):
+    r = make_tree_round()
+    r.states.pop()
+    with pytest.raises(ImageError, match="states do not match"):
+        read_round(save(tmp_path / "t", r))

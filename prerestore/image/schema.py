@@ -18,10 +18,10 @@ import msgpack
 
 from ..errors import ImageError
 from ..model import (AddressSpaceRound, Credentials, FileDescriptor, MmFields, ProcessState, Round,
-                     SigAction, ThreadState, Vma, ranges_bytes)
+                     SigAction, ThreadState, Vma, Zombie, ranges_bytes)
 
 MAGIC = b"PRRSTIMG"
-VERSION = 1
+VERSION = 2          # 2: process trees (task tree fields, states, zombies)
 HEADER = struct.Struct("=8sIQI")
 ROUND_FILE = "round.img"
 PAGES_FILE = "pages.img"
@@ -36,7 +36,9 @@ def _vma(v: Vma) -> list:
 def _task(t: AddressSpaceRound) -> dict:
     return {"pid": t.pid, "layout": [_vma(v) for v in t.layout], "fresh": t.fresh,
             "pages": t.pages, "zap": t.zap, "pages_offset": t.pages_offset,
-            "pages_from": t.pages_from, "tids": t.tids}
+            "pages_from": t.pages_from, "tids": t.tids, "parent": t.parent, "sid": t.sid,
+            "pgid": t.pgid, "starttime": t.starttime, "first": t.first,
+            "exit_signal": t.exit_signal}
 
 
 def _thread(t: ThreadState) -> dict:
@@ -55,7 +57,8 @@ def _state(s: ProcessState) -> dict:
             "fds": [[f.fd, f.kind, f.path, f.flags, f.offset, list(f.dev_inode)] for f in s.fds],
             "threads": [_thread(t) for t in s.threads], "shared_pending": s.shared_pending,
             "cpus": s.cpus, "creds": vars(s.creds) if s.creds else None,
-            "dumpable": s.dumpable}
+            "dumpable": s.dumpable, "pdeathsig": s.pdeathsig,
+            "child_subreaper": s.child_subreaper}
 
 
 def _creds(m: dict | None) -> Credentials | None:
@@ -65,36 +68,65 @@ def _creds(m: dict | None) -> Credentials | None:
                           "groups": list(m["groups"])})
 
 
+def _decode_state(s: dict) -> ProcessState:
+    return ProcessState(
+        pid=s["pid"], comm=s["comm"], exe=s["exe"], cwd=s["cwd"], umask=s["umask"],
+        mm=MmFields(**s["mm"]), auxv=s["auxv"],
+        rlimits={int(r): tuple(v) for r, v in s["rlimits"].items()},
+        sigactions={int(n): SigAction(*a) for n, a in s["sigactions"].items()},
+        fds=[FileDescriptor(f[0], f[1], f[2], f[3], f[4], tuple(f[5])) for f in s["fds"]],
+        threads=[ThreadState(t["tid"], t["regs"], t["xstate"], t["sigmask"],
+                             tuple(t["rseq"]) if t["rseq"] else None,
+                             tuple(t["robust_list"]), t["clear_child_tid"],
+                             tuple(t["sigaltstack"]), t["pending"])
+                 for t in s["threads"]],
+        shared_pending=s["shared_pending"], cpus=list(s["cpus"]),
+        creds=_creds(s["creds"]), dumpable=s["dumpable"], pdeathsig=s["pdeathsig"],
+        child_subreaper=bool(s["child_subreaper"]))
+
+
 def encode_round(r: Round) -> dict:
     return {"id": r.id, "index": r.index, "parent_id": r.parent_id, "parent_path": r.parent_path,
             "kind": r.kind, "source": r.source, "tasks": [_task(t) for t in r.tasks],
-            "state": _state(r.state) if r.state else None, "stats": r.stats}
+            "states": [_state(s) for s in r.states],
+            "zombies": [[z.pid, z.parent, z.sid, z.pgid, z.exit_code] for z in r.zombies],
+            "stats": r.stats}
+
+
+def _check_tree(tasks: list[AddressSpaceRound], zombies: list[Zombie]) -> None:
+    """One root first, every other task after its parent, no pid twice."""
+    seen: set[int] = set()
+    for i, t in enumerate(tasks):
+        if (t.parent == 0) != (i == 0):
+            raise ValueError(f"task {t.pid}: the root of the tree must come first, and only it "
+                             "has no parent")
+        if t.parent and t.parent not in seen:
+            raise ValueError(f"task {t.pid} comes before its parent {t.parent}")
+        if t.pid in seen:
+            raise ValueError(f"task {t.pid} is listed twice")
+        seen.add(t.pid)
+    for z in zombies:
+        if z.parent not in seen or z.pid in seen:
+            raise ValueError(f"zombie {z.pid}: its parent {z.parent} is not a task of the tree "
+                             "(or its pid is a live task's)")
 
 
 def decode_round(m: dict) -> Round:
     try:
         tasks = [AddressSpaceRound(t["pid"], [Vma(*v) for v in t["layout"]], t["fresh"],
-                                   t["pages"], t["zap"], t["pages_offset"],
-                                   t.get("pages_from", "file"), list(t.get("tids", [])))
+                                   t["pages"], t["zap"], t["pages_offset"], t["pages_from"],
+                                   list(t["tids"]), t["parent"], t["sid"], t["pgid"],
+                                   t["starttime"], bool(t["first"]), t["exit_signal"])
                  for t in m["tasks"]]
-        state = None
-        if m["state"] is not None:
-            s = m["state"]
-            state = ProcessState(
-                pid=s["pid"], comm=s["comm"], exe=s["exe"], cwd=s["cwd"], umask=s["umask"],
-                mm=MmFields(**s["mm"]), auxv=s["auxv"],
-                rlimits={int(r): tuple(v) for r, v in s["rlimits"].items()},
-                sigactions={int(n): SigAction(*a) for n, a in s["sigactions"].items()},
-                fds=[FileDescriptor(f[0], f[1], f[2], f[3], f[4], tuple(f[5])) for f in s["fds"]],
-                threads=[ThreadState(t["tid"], t["regs"], t["xstate"], t["sigmask"],
-                                     tuple(t["rseq"]) if t["rseq"] else None,
-                                     tuple(t["robust_list"]), t["clear_child_tid"],
-                                     tuple(t["sigaltstack"]), t["pending"])
-                         for t in s["threads"]],
-                shared_pending=s["shared_pending"], cpus=list(s.get("cpus", [])),
-                creds=_creds(s.get("creds")), dumpable=s.get("dumpable", 1))
+        states = [_decode_state(s) for s in m["states"]]
+        zombies = [Zombie(*z) for z in m["zombies"]]
+        if m["kind"] not in ("predump", "dump"):
+            raise ValueError(f"unknown round kind {m['kind']!r}")
+        _check_tree(tasks, zombies)
+        if m["kind"] == "dump" and sorted(s.pid for s in states) != sorted(t.pid for t in tasks):
+            raise ValueError("the final round's process states do not match its tasks")
         return Round(m["id"], m["index"], m["parent_id"], m["parent_path"], m["kind"],
-                     m["source"], tasks, state, m.get("stats", {}))
+                     m["source"], tasks, states, zombies, m.get("stats", {}))
     except (KeyError, TypeError, ValueError) as e:
         raise ImageError(f"image metadata is malformed: {type(e).__name__}: {e}") from None
 

@@ -297,6 +297,23 @@ def pagemap_present(pagemap_fd: int, areas: bytes, pid: int | None = None) -> Sc
     return ScanResult(b"".join(chunks))
 
 
+def pagemap_vs_parent(child_pm_fd: int, parent_pm_fd: int, areas: bytes,
+                      pid: int | None = None) -> tuple[bytes, bytes]:
+    """(copy, drop) packed ranges of a child's areas against its parent's pages at the same
+    addresses: what a fork of the parent lacks (see pr_pagemap_vs_parent)."""
+    copy, drop = [], []
+    for start, end in RANGE.iter_unpack(areas):
+        cap = (end - start) // PAGE_SIZE // 2 + 2
+        c = ffi.new("struct pr_range[]", cap)
+        d = ffi.new("struct pr_range[]", cap)
+        nc, nd = ffi.new("long *"), ffi.new("long *")
+        check(lib.pr_pagemap_vs_parent(child_pm_fd, parent_pm_fd, start, end, c, nc, d, nd, cap),
+              "read /proc/PID/pagemap (child and parent)", pid)
+        copy.append(ffi.buffer(c, 16 * nc[0])[:])
+        drop.append(ffi.buffer(d, 16 * nd[0])[:])
+    return b"".join(copy), b"".join(drop)
+
+
 def uffd_api(uffd: int, features: int) -> int:
     got = ffi.new("uint64_t *")
     check(lib.pr_uffd_api(uffd, features, got), "ioctl(UFFDIO_API)")

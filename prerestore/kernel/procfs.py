@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat as stat_mod
+from typing import NamedTuple
 
 from ..errors import ProcessGone
 from ..model import (Credentials, FileDescriptor, MmFields, Vma, PROT_READ, PROT_WRITE,
@@ -89,6 +90,44 @@ def children(pid: int) -> list[int]:
             out += [int(x) for x in _read(pid, f"task/{tid}/children").split()]
         except ProcessGone:
             pass
+    return out
+
+
+class TreeTask(NamedTuple):
+    """A process of a tree as /proc/PID/stat shows it."""
+    pid: int
+    parent: int
+    state: str
+    pgid: int
+    sid: int
+    starttime: int
+    exit_signal: int
+    exit_code: int
+
+    @property
+    def zombie(self) -> bool:
+        return self.state in ("Z", "X")
+
+
+def tree_task(pid: int) -> TreeTask:
+    f = stat_fields(pid)
+    return TreeTask(pid, int(f[4]), f[3], int(f[5]), int(f[6]), int(f[22]), int(f[38]),
+                    int(f[52]) if len(f) > 52 else 0)
+
+
+def tree(root: int) -> list[TreeTask]:
+    """The process tree under root (root first, every parent before its children); tasks that
+    vanish while we look are left out. Raises ProcessGone if root itself is gone."""
+    out = [tree_task(root)]
+    i = 0
+    while i < len(out):
+        if not out[i].zombie:
+            for kid in children(out[i].pid):
+                try:
+                    out.append(tree_task(kid))
+                except ProcessGone:
+                    pass
+        i += 1
     return out
 
 

@@ -163,6 +163,14 @@ class RemoteSyscalls:
         other.tracee, other.insn, other.scratch = tracee, self.insn, self.scratch
         return other
 
+    def forked(self, tracee: Tracee) -> "RemoteSyscalls":
+        """Calls in a child forked from our tracee: same code addresses, its own copy of the
+        scratch area at the same address."""
+        other = RemoteSyscalls.__new__(RemoteSyscalls)
+        other.tracee, other.insn = tracee, self.insn
+        other.scratch = Scratch(self.scratch.addr, self.scratch.size) if self.scratch else None
+        return other
+
     def rebase(self, old_vdso: int, new_vdso: int) -> None:
         """The [vdso] moved (mremap), and our syscall instruction with it."""
         self.insn += new_vdso - old_vdso

@@ -18,14 +18,14 @@ import traceback
 from ..errors import PrerestoreError, ProtocolError
 from ..kernel import native
 from ..transport import control
-from .staged import StagedProcess
+from .staged import StagedTree
 
 OPS = ("stage", "finalize", "abort", "status", "pin")
 
 
 class StageService:
     def __init__(self, pidns: bool):
-        self.staged = StagedProcess(pidns=pidns)
+        self.staged = StagedTree(pidns=pidns)
 
     def dispatch(self, msg: dict) -> tuple[dict, bool]:
         op = msg.get("op")

@@ -24,13 +24,14 @@ from ..image import schema
 from ..kernel import native, procfs
 from ..kernel.native import lib
 from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
-from ..model import (AddressSpaceRound, ProcessState, Vma, diff_layout, free_area,
+from ..model import (AddressSpaceRound, ProcessState, Vma, Zombie, diff_layout, free_area,
                      memory_vmas, unpack_ranges, PROT_WRITE)
 
 SPECIAL_ORDER = ("[vvar]", "[vvar_vclock]", "[vdso]")
 PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
 OPEN_DROP = lib.O_CREAT | lib.O_TRUNC | lib.O_EXCL | lib.O_NOCTTY
-SIGKILL, SIGSTOP = 9, 19
+SIGKILL, SIGSTOP, SIGCHLD = 9, 19, 17
+WALL = 0x40000000                         # __WALL: wait for any kind of child
 
 
 def husk_program() -> str:
@@ -81,7 +82,9 @@ class Husk:
     def __init__(self, host_pid: int, pid: int, init_pid: int | None):
         self.host_pid = host_pid          # pid in our namespace (ptrace, /proc)
         self.pid = pid                    # pid the restored process sees (the source's)
-        self.init_pid = init_pid          # host pid of the pid namespace's init, if any
+        self.init_pid = init_pid          # host pid of the pid namespace's init (root husk)
+        self.parent: Husk | None = None   # the husk it was forked from (None: the root)
+        self.starttime = 0                # the source process's, to tell a reused pid
         self.tracee: Tracee | None = None
         self.threads: dict[int, Tracee] = {}   # the other threads, by the tid they stand for
         self.remote: RemoteSyscalls | None = None
@@ -169,6 +172,98 @@ class Husk:
             return os.waitpid(pid, 0)[1]
         except ChildProcessError:
             return None
+
+    def fork_child(self, pid: int, exit_signal: int = SIGCHLD) -> "Husk":
+        """A child process of this husk with `pid` (in this husk's pid namespace), made by an
+        injected clone3 without CLONE_VM: it starts as a copy of this husk, memory included
+        (shared copy-on-write, which is how a restored tree keeps the pages its processes
+        share), parked in the thread starter with every signal blocked."""
+        sc = self.remote.scratch
+        native.set_options(self.host_pid, lib.PTRACE_O_EXITKILL | lib.PTRACE_O_TRACECLONE |
+                           lib.PTRACE_O_TRACEFORK)
+        starter = sc.addr + self.STARTER_OFFSET
+        native.write_mem(self.host_pid, starter, native.thread_starter_code())
+        tid_slot, args = sc.data_addr, sc.data_addr + 64
+        native.write_mem(self.host_pid, tid_slot, struct.pack("=i", pid))
+        native.write_mem(self.host_pid, args, struct.pack(
+            "=11Q", 0, 0, 0, 0, exit_signal, 0, 0, 0, tid_slot, 1, 0))
+        saved = self.tracee.regs()
+        try:
+            try:
+                host_pid = native.clone_thread(self.host_pid, starter, args, 88)
+            except KernelCallError as e:
+                if e.errno == errno.EEXIST:
+                    raise PidTaken(f"pid {pid} is in use: cannot restore that process with its "
+                                   "pid (use --pidns to restore inside a new pid namespace)"
+                                   ) from None
+                raise
+        finally:
+            self.tracee.set_regs(saved)
+        child = Husk(host_pid, pid, None)
+        child.parent = self
+        child.tracee = Tracee.adopt(host_pid)
+        try:
+            child.mem_fd = os.open(f"/proc/{host_pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            native.set_options(host_pid, lib.PTRACE_O_EXITKILL)
+        except BaseException:
+            child.kill()
+            raise
+        child.remote = self.remote.forked(child.tracee)
+        child.layout = list(self.layout)
+        child.fds = set(self.fds)
+        child.prepared = True
+        return child
+
+    def lead_session(self) -> None:
+        """setsid(): it leads a session, as the source did (before it forks any child)."""
+        self.remote.call(lib.SYS_setsid)
+
+    def join_group(self, pgid: int) -> None:
+        """setpgid(0, pgid) in the husk: pgid is a pid as the restored tree sees it."""
+        self.remote.call(lib.SYS_setpgid, 0, pgid)
+
+    def become_zombie(self, z: Zombie) -> None:
+        """End as the source's zombie did: exit with its status (or die of its signal) and
+        stay unreaped for its parent. We trace it, so we collect its exit first: the kernel
+        then reports it to its real parent, the parent husk."""
+        if z.sid == z.pid:
+            self.lead_session()
+        if z.pgid == z.pid:
+            self.join_group(0)
+        sig = z.exit_code & 0x7F
+        if sig:
+            self.tracee.set_sigmask(0)
+            native.detach(self.host_pid, sig)      # no longer ours: its parent gets it
+            self.tracee.attached = False
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                try:
+                    if procfs.stat_fields(self.host_pid)[3] in ("Z", "X"):
+                        break
+                except ProcessGone:
+                    break
+                time.sleep(0.001)
+        else:
+            try:
+                self.remote.call(lib.SYS_exit_group, z.exit_code >> 8 & 0xFF, check=False)
+            except KernelCallError:
+                pass                                 # it exits: no trap to report
+            try:
+                os.waitpid(self.host_pid, WALL)
+            except ChildProcessError:
+                pass
+            self.tracee.attached = False
+        self.close()
+
+    def reap_child(self, child: "Husk") -> None:
+        """Collect a removed child husk's zombie in this husk (an injected wait4), so that the
+        pid is free again and this husk has no child the source does not have."""
+        for _ in range(500):
+            got = self.remote.call(lib.SYS_wait4, child.pid, 0, WALL | os.WNOHANG, 0,
+                                   check=False)
+            if got != 0:
+                return
+            time.sleep(0.002)
 
     # ---- the empty shell --------------------------------------------------------------------
 
@@ -598,6 +693,11 @@ class Husk:
         b.call(lib.SYS_close, exe_fd)
         th = state.threads[0]
         self._thread_calls(b, th)
+        # Children the restored tree made as husks (or removed, or zombies) queued SIGCHLDs
+        # here that the source never had: setting SIG_IGN discards a pending signal. Then
+        # the default, unless the source had an action of its own for it (set just below).
+        b.call(lib.SYS_rt_sigaction, SIGCHLD, b.put(KSIGACTION.pack(1, 0, 0, 0)), 0, 8)
+        b.call(lib.SYS_rt_sigaction, SIGCHLD, b.put(KSIGACTION.pack(0, 0, 0, 0)), 0, 8)
         for sig, a in sorted(state.sigactions.items()):
             if sig in (SIGKILL, SIGSTOP):
                 continue
@@ -614,9 +714,15 @@ class Husk:
             for info in thread.pending:
                 sig = struct.unpack_from("=i", info)[0]
                 b.call(lib.SYS_rt_tgsigqueueinfo, self.pid, thread.tid, sig, b.put(info))
+        if state.child_subreaper:
+            b.call(lib.SYS_prctl, lib.PR_SET_CHILD_SUBREAPER, 1)
         b.call(lib.SYS_prctl, lib.PR_SET_PDEATHSIG, 0)
         self._cred_calls(b, state.creds)
         b.call(lib.SYS_prctl, lib.PR_SET_DUMPABLE, state.dumpable)   # a uid change reset it
+        if state.pdeathsig and self.parent is not None:
+            # after the uid change, which clears it; the root's parent is another process
+            # here than on the source: its parent-death signal is not carried
+            b.call(lib.SYS_prctl, lib.PR_SET_PDEATHSIG, state.pdeathsig)
         results = self.remote.run(b)
         for i, fd in expected:
             if results[i] != fd:
@@ -632,6 +738,12 @@ class Husk:
 
     def resume(self, state: ProcessState) -> None:
         """Registers last, then let it run."""
+        self.load_registers(state)
+        self.let_go()
+
+    def load_registers(self, state: ProcessState) -> None:
+        """Every thread's registers, xstate, signal mask and CPUs: the last step before it
+        runs (a tree loads them all, then lets every process go at once)."""
         maybe_fail("resume")
         tracees = [(self.tracee, state.threads[0])] + \
             [(self.threads[th.tid], th) for th in state.threads[1:]]
@@ -641,7 +753,9 @@ class Husk:
             t.set_sigmask(th.sigmask)
             t.set_regs(resumable_regs(th.regs))
             t.set_xstate(th.xstate)
-        for t, _ in tracees:
+
+    def let_go(self) -> None:
+        for t in [self.tracee] + list(self.threads.values()):
             t.detach()
         self.resumed = True
 

@@ -1,8 +1,10 @@
-"""A process being pre-restored: a husk that follows the rounds of one image chain.
+"""A process tree being pre-restored: husks that follow the rounds of one image chain.
 
-stage(dir) applies a round (the first one creates the husk); finalize(dir) applies the final
-image and resumes. Cold restore is the same object given the whole chain at once. Any error kills
-the husk: there is never a half-restored process."""
+stage(dir) applies a round (the first one spawns the root's husk, and each process is forked
+from its parent's husk in the round where it first appears); finalize(dir) applies the final
+image, recreates zombies and process groups, and resumes the whole tree. Cold restore is the same
+object given the whole chain at once. Any error kills every husk: there is never a half-restored
+tree."""
 from __future__ import annotations
 
 import os
@@ -11,15 +13,22 @@ import time
 from ..errors import ImageError, PrerestoreError, ProcessGone, RestoreError
 from ..image import schema
 from ..kernel import procfs
-from ..model import Round
+from ..model import AddressSpaceRound, Round
 from .husk import Husk
 
 
-class StagedProcess:
+class StagedTree:
+    """The husks of one image chain's process tree, by the pid they stand for, parents first."""
+
     def __init__(self, *, pidns: bool = False):
         self.pidns = pidns
-        self.husk: Husk | None = None
+        self.husks: dict[int, Husk] = {}
         self.applied: list[tuple[str, Round]] = []     # rounds applied so far, oldest first
+
+    @property
+    def husk(self) -> Husk | None:
+        """The root's husk."""
+        return next(iter(self.husks.values()), None)
 
     @property
     def last_id(self) -> str | None:
@@ -48,29 +57,90 @@ class StagedProcess:
                              f"last ({self.applied[-1][0]}, id {self.last_id}): mismatched parent")
         return chain[ids.index(self.last_id) + 1:]
 
+    def _check_source(self, directory: str, r: Round) -> None:
+        if not any(t.pages_from == "pid" for t in r.tasks):
+            return
+        try:
+            same = r.source.get("boot_id") == procfs.boot_id() and \
+                procfs.stat_fields(r.source["pid"])[22] == str(r.source.get("starttime"))
+        except (ProcessGone, KeyError):
+            same = False
+        if not same:
+            raise ImageError(f"{directory}: this round reads its pages from the live source "
+                             f"process {r.source.get('pid')}, which is not on this host (or is "
+                             "gone)")
+
     def _apply(self, directory: str, r: Round) -> dict:
-        if len(r.tasks) != 1:
-            raise ImageError(f"{directory}: {len(r.tasks)} tasks; this version restores one")
-        task = r.tasks[0]
-        if task.pages_from == "pid":
-            try:
-                same = r.source.get("boot_id") == procfs.boot_id() and \
-                    procfs.stat_fields(task.pid)[22] == str(r.source.get("starttime"))
-            except ProcessGone:
-                same = False
-            if not same:
-                raise ImageError(f"{directory}: this round reads its pages from the live source "
-                                 f"process {task.pid}, which is not on this host (or is gone)")
-        if self.husk is None:
-            self.husk = Husk.spawn(task.pid, pidns=self.pidns)
-            self.husk.prepare(task.layout)
-        stats = self.husk.apply_round(task, directory)
-        self.applied.append((directory, r))
-        return stats
+        """Make the staged tree follow one round: husks for the processes it lists (forked from
+        their parent's husk, after that one's memory), none for those it lacks."""
+        self._check_source(directory, r)
+        stats = []
+        wanted = {t.pid for t in r.tasks}
+        for pid in [p for p in self.husks if p not in wanted]:
+            self._remove(pid)
+        for task in r.tasks:
+            husk = self.husks.get(task.pid)
+            if husk is not None and task.first:
+                self._remove(task.pid)           # a new process with a reused pid
+                husk = None
+            if husk is None:
+                if not task.first:
+                    raise ImageError(f"{directory}: process {task.pid} continues from a round "
+                                     "that was not staged")
+                husk = self._create(task)
+            stats.append(husk.apply_round(task, directory))
+        out = _sum_stats(stats)
+        out["processes"] = len(self.husks)
+        return out
+
+    def _create(self, task: AddressSpaceRound) -> Husk:
+        if not task.parent:
+            if self.husks:
+                raise ImageError(f"the tree's root changed to {task.pid} (was "
+                                 f"{next(iter(self.husks))})")
+            husk = Husk.spawn(task.pid, pidns=self.pidns)
+            self.husks[task.pid] = husk
+            husk.prepare(task.layout)
+        else:
+            parent = self.husks.get(task.parent)
+            if parent is None:
+                raise ImageError(f"process {task.pid}: its parent {task.parent} is not staged")
+            husk = parent.fork_child(task.pid, task.exit_signal)
+            self.husks[task.pid] = husk
+        husk.starttime = task.starttime
+        if task.sid == task.pid:
+            husk.lead_session()            # before it forks anything: they inherit it
+        return husk
+
+    def _descendants(self, pid: int) -> list[int]:
+        out, i = [pid], 0
+        while i < len(out):
+            out += [p for p, h in self.husks.items() if h.parent and h.parent.pid == out[i]]
+            i += 1
+        return out
+
+    def _remove(self, pid: int) -> None:
+        """Kill a husk whose process is gone, with its children (the deepest first), and
+        collect it in its parent husk."""
+        gone = self.husks[pid]
+        for p in reversed(self._descendants(pid)):
+            self.husks.pop(p).kill()
+        if gone.parent is not None and self.husks.get(gone.parent.pid) is gone.parent:
+            gone.parent.reap_child(gone)
+
+    def _set_groups(self, final: Round) -> None:
+        """Process groups as the source had them: leaders first, then members (a group must
+        exist before others join it). Groups inherited from outside the tree stay as the
+        destination gives them."""
+        pids = {t.pid for t in final.tasks} | {z.pid for z in final.zombies}
+        order = sorted(final.tasks, key=lambda t: t.pgid != t.pid)
+        for t in order:
+            if t.pgid in pids and t.sid != t.pid:      # a session leader leads its group
+                self.husks[t.pid].join_group(0 if t.pgid == t.pid else t.pgid)
 
     def stage(self, directory: str) -> dict:
         """Apply every round up to `directory` that is not applied yet (not a final image).
-        A round that is refused (unreadable, out of order) leaves the staged process as it
+        A round that is refused (unreadable, out of order) leaves the staged tree as it
         was; an error while applying one kills it."""
         pending = self._pending_rounds(directory)
         if not pending:
@@ -78,8 +148,12 @@ class StagedProcess:
         if any(r.is_final for _, r in pending):
             raise ImageError(f"{directory}: is a final image; use finalize")
         try:
-            stats = [self._apply(d, r) for d, r in pending]
-            return _sum_stats(stats) | {"rounds": [r.index for _, r in pending]}
+            stats = []
+            for d, r in pending:
+                stats.append(self._apply(d, r))
+                self.applied.append((d, r))
+            return _sum_stats(stats) | {"rounds": [r.index for _, r in pending],
+                                        "processes": len(self.husks)}
         except BaseException:
             self.abort()
             raise
@@ -96,45 +170,67 @@ class StagedProcess:
             pending = self._pending_rounds(directory, final)
             if not pending or not pending[-1][1].is_final:
                 raise ImageError(f"{directory}: not a final image (made by `dump`)")
-            mem = [self._apply(d, r) for d, r in pending]
+            mem = []
+            for d, r in pending:
+                mem.append(self._apply(d, r))
+                self.applied.append((d, r))
             t_mem = time.monotonic()
             final = pending[-1][1]
-            if os.environ.get("PRERESTORE_VERIFY") and final.tasks[0].pages_from == "pid":
-                diffs = self.husk.verify_against(final.tasks[0].pid, final.tasks[0].layout)
-                if diffs:
-                    raise RestoreError(f"verify: {len(diffs)} pages differ from the source, "
-                                       f"first {[f'{a:x} in {w}' for a, w in diffs[:5]]}")
-            task = final.tasks[0]
-            state_stats = self.husk.apply_state(
-                final.state, source_pid=task.pid if task.pages_from == "pid" else None)
+            if os.environ.get("PRERESTORE_VERIFY"):
+                self._verify(final)
+            for z in final.zombies:
+                self.husks[z.parent].fork_child(z.pid).become_zombie(z)
+            self._set_groups(final)
+            direct = any(t.pages_from == "pid" for t in final.tasks)
+            state_stats = [self.husks[s.pid].apply_state(s, source_pid=s.pid if direct else None)
+                           for s in final.states]
             t_state = time.monotonic()
-            self.husk.resume(final.state)
+            for s in final.states:
+                self.husks[s.pid].load_registers(s)
+            for s in reversed(final.states):
+                self.husks[s.pid].let_go()
             t_resumed = time.monotonic()
         except BaseException:
             self.abort()
             raise
+        root = self.husk
+        state_sum = _sum_stats(state_stats)
         try:
-            self.husk.release_namespace()
+            root.release_namespace()
         except PrerestoreError as e:   # it runs; only its namespace init stays tied to us
-            state_stats["release_error"] = str(e)
-        self.husk.close()
+            state_sum["release_error"] = str(e)
+        for h in self.husks.values():
+            h.close()
         return {"started_at": t0, "resumed_at": t_resumed,
                 "apply_memory_ms": (t_mem - t0) * 1e3, "apply_state_ms": (t_state - t_mem) * 1e3,
                 "resume_ms": (t_resumed - t_state) * 1e3, "finalize_ms": (t_resumed - t0) * 1e3,
-                "memory": _sum_stats(mem), "state": state_stats,
-                "pid": self.husk.pid, "host_pid": self.husk.host_pid,
-                "init_pid": self.husk.init_pid}
+                "memory": _sum_stats(mem), "state": state_sum,
+                "processes": len(final.states), "zombies": len(final.zombies),
+                "pid": root.pid, "host_pid": root.host_pid, "init_pid": root.init_pid,
+                "tree": [[s.pid, self.husks[s.pid].host_pid] for s in final.states]}
+
+    def _verify(self, final: Round) -> None:
+        for task in final.tasks:
+            if task.pages_from != "pid":
+                return
+            diffs = self.husks[task.pid].verify_against(task.pid, task.layout)
+            if diffs:
+                raise RestoreError(f"verify: pid {task.pid}: {len(diffs)} pages differ from the "
+                                   f"source, first {[f'{a:x} in {w}' for a, w in diffs[:5]]}")
 
     def pin(self, cpu: int) -> None:
-        """Put us and the husk on one CPU for the final step (see SourceSession.dump)."""
+        """Put us and the husks on one CPU for the final step (see SourceSession.dump)."""
         os.sched_setaffinity(0, {cpu})
-        if self.husk is not None:
-            self.husk.pin(cpu)
+        for h in self.husks.values():
+            h.pin(cpu)
 
     def abort(self) -> None:
-        if self.husk is not None and not self.husk.resumed:
-            self.husk.kill()
-        self.husk = None
+        """Kill every husk not yet running, the deepest first (each exit is ours to collect
+        as their tracer; the root's takes its pid namespace with it)."""
+        for h in reversed(list(self.husks.values())):
+            if not h.resumed:
+                h.kill()
+        self.husks = {}
         self.applied = []
 
 
@@ -151,5 +247,5 @@ def cold_restore(directory: str, *, pidns: bool = False) -> dict:
     """Restore from a full image chain in one go: the baseline pre-restore is compared with."""
     if not os.path.isdir(directory):
         raise ImageError(f"{directory}: no such image directory")
-    staged = StagedProcess(pidns=pidns)
+    staged = StagedTree(pidns=pidns)
     return staged.finalize(directory)

@@ -1,0 +1,317 @@
+"""One process of the tree on the source side: its dirty tracker, the layout it last sent, its
+threads while frozen, and what it takes to read its state.
+
+The tree-level work (which processes, freezing them all, writing the round) is SourceSession's
+(session.py); this class knows one address space and one thread group."""
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass
+
+from ..errors import KernelCallError, ProcessGone, UnsupportedState
+from ..kernel import native, procfs
+from ..kernel.native import lib
+from ..kernel.tracee import ALL_SIGNALS, KSIGACTION, STACK_T, RemoteSyscalls, Tracee
+from ..kernel.tracker import make_tracker, scan_present
+from ..model import (FileDescriptor, ProcessState, SigAction, ThreadState, Vma, _subtract,
+                     diff_layout, free_area, memory_vmas, pack_ranges, unpack_ranges)
+
+RLIMITS = 16          # RLIM_NLIMITS
+
+
+@dataclass
+class MemoryScan:
+    """What one round carries for one process, as packed ranges."""
+    fresh: bytes
+    copy: bytes
+    zap: bytes
+    lost: int
+    scan_ms: float
+    present_scan_ms: float
+    inherited: int = 0          # bytes left to what a fork of the parent husk holds
+
+
+def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
+    """Everything about one live process this version cannot migrate, in words. On the same
+    host (same_host) fds of other kinds are handed over as they are (Husk.hand_over_fds)."""
+    problems = []
+    st = procfs.status(pid)
+    if st.get("Seccomp", "0") != "0":
+        problems.append("seccomp filters (not carried yet: the restored process would run "
+                        "without them)")
+    creds = procfs.credentials(st)
+    for tid in procfs.threads(pid)[1:]:
+        try:
+            if procfs.credentials(procfs.status(f"{pid}/task/{tid}")) != creds:
+                problems.append(f"thread {tid} has credentials of its own")
+        except ProcessGone:
+            pass
+    for fd in procfs.fd_numbers(pid):
+        what, desc = procfs.describe_fd(pid, fd)
+        if desc is None and not (same_host and procfs.can_hand_over(pid, fd, what)):
+            problems.append(f"fd {fd}: {what} (unsupported file kind"
+                            f"{'' if same_host else ' between hosts'})")
+    for v in procfs.maps(pid):
+        if v.shared and not v.is_file:
+            problems.append(f"shared memory mapping {v.start:#x}-{v.end:#x} {v.path or '(anon)'}")
+        elif v.path.startswith("/") and v.path.endswith(" (deleted)"):
+            problems.append(f"mapping of a deleted file {v.path}")
+    return problems
+
+
+def intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The intersection of two sorted lists of disjoint ranges."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        s, e = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if s < e:
+            out.append((s, e))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+class ProcessSource:
+    """The source side of one process (pid) of the tree."""
+
+    def __init__(self, task: procfs.TreeTask, *, track: bool, tracking: str):
+        self.pid = task.pid
+        self.task = task                  # its place in the tree when last looked at
+        self.tracker = make_tracker(task.pid, tracking) if track else None
+        self.pagemap_fd = self.mem_fd = -1
+        try:
+            self.pagemap_fd = os.open(f"/proc/{task.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            self.mem_fd = os.open(f"/proc/{task.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.close()
+            raise ProcessGone(3, "open /proc/PID/pagemap", task.pid) from None
+        except BaseException:
+            self.close()
+            raise
+        self.last_layout: list[Vma] | None = None
+        self.first = True                  # the next round is its first at the destination
+        # Ranges it inherited from its parent's husk at its first round, and that the next
+        # round checks once more against what the parent wrote meanwhile (see scan_memory).
+        self.inherited: list[tuple[int, int]] = []
+        self.frozen: list[Tracee] = []     # every thread, the main one first, while frozen
+        self._maps_raw, self._maps_parsed = b"", []
+
+    # ---- memory -----------------------------------------------------------------------------
+
+    def layout(self) -> list[Vma]:
+        """The current maps; parsed only when they changed since the last look (parsing is
+        the expensive part, and on the downtime path the maps rarely changed)."""
+        raw = procfs.maps_raw(self.pid)
+        if raw != self._maps_raw:
+            self._maps_raw, self._maps_parsed = raw, procfs.parse_maps(raw)
+        return self._maps_parsed
+
+    def split_layout(self, layout: list[Vma], base: list[Vma] | None = None
+                     ) -> tuple[list, list]:
+        """(fresh, kept): areas new since `base` (the layout last sent, or for a first round
+        the parent's), to be sent whole, and the areas where changes are enough."""
+        mem = memory_vmas(layout)
+        base = base if base is not None else self.last_layout
+        if base is None:
+            return [(v.start, v.end) for v in mem], []
+        d = diff_layout(memory_vmas(base), mem)
+        fresh = [(v.start, v.end) for v in d.fresh]
+        kept = []
+        for s in [(v.start, v.end) for v in mem]:
+            kept += _subtract(s, fresh)
+        return fresh, kept
+
+    def scan_memory(self, layout: list[Vma], *, final: bool = False, written=None,
+                    parent: "ProcessSource | None" = None,
+                    parent_layout: list[Vma] | None = None,
+                    parent_copy: bytes = b"") -> MemoryScan:
+        """Which ranges this round carries.
+
+        A later round: areas new since the last round (or whose tracking was lost) whole,
+        elsewhere the pages written since the last scan (`written`: the result of
+        scan_written on the kept areas, if already done).
+
+        A first round of a child: the destination forks it from its parent's husk, so the
+        areas it shares with its parent's layout start out as the parent's pages. Pages the
+        two still share (copy-on-write, same physical page) are left to that; the child's own
+        pages are carried and the pages it lacks are dropped (`zap`). The parent's husk gets
+        its pages after the parent's scan, so a page the parent writes in between reaches the
+        child's husk too: the next round of the child carries again whatever the parent
+        wrote (`parent_copy`) inside what it inherited."""
+        t0 = time.perf_counter()
+        inherit = self.first and parent is not None
+        fresh, kept = self.split_layout(layout, parent_layout if inherit else None)
+        copy, zap, lost, inherited = [], [], 0, 0
+        if inherit:
+            if self.tracker and not final:       # track from now on, then look
+                self.tracker.protect([(v.start, v.end) for v in memory_vmas(layout)])
+            if kept:
+                c, d = native.pagemap_vs_parent(self.pagemap_fd, parent.pagemap_fd,
+                                                pack_ranges(kept), self.pid)
+                copy += unpack_ranges(c)
+                zap += unpack_ranges(d)
+                inherited = sum(e - s for s, e in kept) - sum(e - s for s, e in copy + zap)
+            self.inherited = kept
+        elif self.tracker and kept:
+            res, untracked = written or self.tracker.scan_written(pack_ranges(kept))
+            # an area whose tracking is gone (unmapped and mapped again alike): resend it whole
+            fresh += [kept[i] for i in untracked]
+            lost = len(untracked)
+            pages = res.raw and pack_ranges((s, e) for s, e, _ in res.triples())
+            for s, e, cat in (self.tracker.classify(pages).triples() if pages else ()):
+                if cat & native.PAGE_IS_PRESENT and not cat & native.PAGE_IS_PFNZERO:
+                    copy.append((s, e))
+                else:
+                    zap.append((s, e))
+        if self.inherited and not inherit:
+            again = intersect(unpack_ranges(parent_copy) if parent_copy else [],
+                              intersect(self.inherited, kept))
+            copy = _union(copy, again)
+            zap = _minus(zap, again)
+            self.inherited = []
+        fresh.sort()
+        if self.tracker and fresh and not final and not inherit:
+            self.tracker.protect(fresh)            # after the final round nothing is tracked
+        t1 = time.perf_counter()
+        if fresh:
+            copy += [(s, e) for s, e, _ in
+                     scan_present(self.pagemap_fd, pack_ranges(fresh), self.pid).triples()]
+        copy.sort()
+        zap.sort()
+        t2 = time.perf_counter()
+        return MemoryScan(pack_ranges(fresh), pack_ranges(copy), pack_ranges(zap), lost,
+                          (t2 - t0) * 1e3, (t2 - t1) * 1e3, inherited)
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def query_inside(self, layout: list[Vma], status: dict[str, str]) -> dict:
+        """What only the process can tell, in one injected batch per thread: brk and the
+        actions of the signals it catches or ignores (process-wide, asked in the main
+        thread), clear_child_tid and sigaltstack (each thread's own). It maps and unmaps a
+        scratch area (an mmap_lock writer), so it runs before the last dirty scan starts."""
+        handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
+        signals = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1]
+        vdso = next(v for v in layout if v.path == "[vdso]")
+        main = RemoteSyscalls(self.frozen[0], (vdso.start, vdso.end))
+        saved = [(t, t.regs(), t.sigmask()) for t in self.frozen]
+        for t in self.frozen:
+            t.set_sigmask(ALL_SIGNALS)     # nothing gets delivered while we run calls in it
+        main.map_scratch(free_area([layout], RemoteSyscalls.SCRATCH_SIZE))
+        out: dict = {"threads": {}}
+        try:
+            for t, regs, mask in saved:
+                remote = main if t is self.frozen[0] else main.sharing(t)
+                b = remote.batch()
+                tid_addr = b.put(b"\0" * 8)
+                ss_addr = b.put(b"\0" * STACK_T.size)
+                sa_addr = b.put(b"\0" * KSIGACTION.size * 65)
+                b.call(lib.SYS_prctl, lib.PR_GET_TID_ADDRESS, tid_addr)
+                b.call(lib.SYS_sigaltstack, 0, ss_addr)
+                if t is self.frozen[0]:
+                    pdeath_addr = b.put(b"\0" * 8)
+                    b.call(lib.SYS_brk, 0)
+                    b.call(lib.SYS_prctl, lib.PR_GET_DUMPABLE)
+                    b.call(lib.SYS_prctl, lib.PR_GET_PDEATHSIG, pdeath_addr)
+                    b.call(lib.SYS_prctl, lib.PR_GET_CHILD_SUBREAPER, pdeath_addr + 4)
+                    # from inside: reading another user's limits from outside needs
+                    # CAP_SYS_RESOURCE, which root lacks on these hosts
+                    rl_addr = b.put(b"\0" * 16 * RLIMITS)
+                    for res in range(RLIMITS):
+                        b.call(lib.SYS_prlimit64, 0, res, 0, rl_addr + 16 * res)
+                    for sig in signals:
+                        b.call(lib.SYS_rt_sigaction, sig, 0, sa_addr + KSIGACTION.size * sig, 8)
+                results = remote.run(b)
+                data = remote.read(tid_addr, len(b.data) - (tid_addr - main.scratch.data_addr))
+                rel = lambda addr: addr - tid_addr  # noqa: E731  (offsets in what we read)
+                out["threads"][t.pid] = {
+                    "regs": regs, "sigmask": mask,
+                    "clear_child_tid": struct.unpack_from("=Q", data, rel(tid_addr))[0],
+                    "sigaltstack": STACK_T.unpack_from(data, rel(ss_addr))}
+                if t is self.frozen[0]:
+                    out["brk"], out["dumpable"] = results[2], results[3]
+                    out["pdeathsig"], out["child_subreaper"] = struct.unpack_from(
+                        "=ii", data, rel(pdeath_addr))
+                    out["rlimits"] = {res: struct.unpack_from("=QQ", data, rel(rl_addr + 16 * res))
+                                      for res in range(RLIMITS)}
+                    out["sigactions"] = {
+                        sig: SigAction(*KSIGACTION.unpack_from(
+                            data, rel(sa_addr + KSIGACTION.size * sig))) for sig in signals}
+        finally:
+            main.unmap_scratch()
+            for t, regs, mask in saved:
+                t.set_sigmask(mask)
+                t.set_regs(regs)
+        return out
+
+    def collect_state(self, layout: list[Vma], status: dict[str, str], inside: dict,
+                      direct: bool) -> ProcessState:
+        """All but memory, with the process frozen: what query_inside found, ptrace and
+        /proc for the rest."""
+        pid = self.pid
+        threads = []
+        for t in self.frozen:
+            mine = inside["threads"][t.pid]
+            ss_sp, ss_flags, _, ss_size = mine["sigaltstack"]
+            rseq = None
+            try:
+                ptr, size, sig, _ = native.get_rseq(t.pid)
+                rseq = (ptr, size, sig) if ptr else None
+            except KernelCallError:
+                pass
+            threads.append(ThreadState(
+                tid=t.pid, regs=mine["regs"], xstate=t.xstate(), sigmask=mine["sigmask"],
+                rseq=rseq, robust_list=native.get_robust_list(t.pid),
+                clear_child_tid=mine["clear_child_tid"], sigaltstack=(ss_sp, ss_flags, ss_size),
+                pending=native.peek_siginfo(t.pid, shared=False)))
+        fds = []
+        for fd in procfs.fd_numbers(pid):
+            what, desc = procfs.describe_fd(pid, fd)
+            if desc is None:
+                if not (direct and procfs.can_hand_over(pid, fd, what)):
+                    raise UnsupportedState(f"pid {pid} fd {fd}: {what} (unsupported file kind)")
+                flags = int(procfs.fdinfo(pid, fd).get("flags", "0"), 8)
+                desc = FileDescriptor(fd, "handover", what, flags, 0)
+            fds.append(desc)
+        return ProcessState(
+            pid=pid, comm=procfs.comm(pid), exe=procfs.readlink(pid, "exe"),
+            cwd=procfs.readlink(pid, "cwd"), umask=int(status.get("Umask", "0022"), 8),
+            mm=procfs.mm_fields(procfs.stat_fields(pid), inside["brk"]), auxv=procfs.auxv(pid),
+            rlimits=inside["rlimits"], sigactions=inside["sigactions"], fds=fds,
+            threads=threads,
+            shared_pending=native.peek_siginfo(pid, shared=True),
+            cpus=sorted(os.sched_getaffinity(pid)), creds=procfs.credentials(status),
+            dumpable=inside["dumpable"], pdeathsig=inside["pdeathsig"],
+            child_subreaper=bool(inside["child_subreaper"]))
+
+    def close(self) -> None:
+        if self.tracker:
+            self.tracker.close()
+            self.tracker = None
+        for fd in (self.pagemap_fd, self.mem_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.pagemap_fd = self.mem_fd = -1
+
+
+def _union(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for s, e in sorted(a + b):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def _minus(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = []
+    for s in a:
+        out += _subtract(s, b)
+    return out
