@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 SPECIAL_VMAS = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]")
+SHMEM_PREFIXES = ("/dev/zero ", "/memfd:", "/SYSV")
 RANGE = struct.Struct("=QQ")
 
 
@@ -30,6 +31,13 @@ class Vma(NamedTuple):
     @property
     def is_file(self) -> bool:
         return self.inode != 0 and self.path.startswith("/")
+
+    @property
+    def is_shmem(self) -> bool:
+        """Shared memory with no file of its own: MAP_SHARED|MAP_ANONYMOUS ("/dev/zero"),
+        a memfd, or a System V segment ("/SYSV..."). Its pages live in the object."""
+        return self.shared and self.inode != 0 and self.path.endswith(" (deleted)") and \
+            self.path.startswith(SHMEM_PREFIXES)
 
     @property
     def is_special(self) -> bool:
@@ -104,9 +112,17 @@ def _subtract(span: tuple[int, int], holes: list[tuple[int, int]]) -> list[tuple
     return out
 
 
-def memory_vmas(layout: list[Vma]) -> list[Vma]:
-    """The VMAs whose pages we carry: private, not the kernel-provided special ones."""
-    return [v for v in layout if not v.is_special and not v.shared]
+def memory_vmas(layout: list[Vma], shmem: bool = False) -> list[Vma]:
+    """The VMAs whose pages we carry: private ones, not the kernel-provided special ones, and
+    with `shmem` shared memory objects too (when they are recreated rather than handed over).
+    Shared file mappings keep their pages in the file."""
+    return [v for v in layout
+            if not v.is_special and (not v.shared or (shmem and v.is_shmem))]
+
+
+def mapped_vmas(layout: list[Vma]) -> list[Vma]:
+    """The VMAs a restored process maps itself: all but the kernel-provided special ones."""
+    return [v for v in layout if not v.is_special]
 
 
 def free_area(layouts: list[list[Vma]], size: int) -> int:

@@ -20,7 +20,6 @@ from .native import lib
 from .tracee import RemoteSyscalls, Tracee
 
 DIRTY_FLAGS = native.PM_SCAN_WP_MATCHING | native.PM_SCAN_CHECK_WPASYNC
-PAGE_CATEGORIES = native.PAGE_IS_PRESENT | native.PAGE_IS_FILE | native.PAGE_IS_PFNZERO
 
 
 class DirtyTracker:
@@ -108,18 +107,23 @@ class DirtyTracker:
         self.uffd = self.pagemap_fd = -1
 
 
-def scan_present(pagemap_fd: int, areas: bytes, pid: int):
+def scan_present(pagemap_fd: int, areas: bytes, pid: int, file_pages: bool = False):
     """Pages worth copying in the packed areas: present, private (not the page cache's own
-    page) and not the shared zero page. uffd-wp markers read as SWAPPED: never ask for it.
-    Kernels without PAGEMAP_SCAN (< 6.7) are answered from /proc/PID/pagemap."""
+    page; with file_pages, of a shared memory object, those too) and not the shared zero page.
+    uffd-wp markers read as SWAPPED: never ask for it. Kernels without PAGEMAP_SCAN (< 6.7)
+    are answered from /proc/PID/pagemap."""
+    inverted = native.PAGE_IS_PFNZERO | (0 if file_pages else native.PAGE_IS_FILE)
+    mask = native.PAGE_IS_PRESENT | native.PAGE_IS_PFNZERO | \
+        (0 if file_pages else native.PAGE_IS_FILE)
     try:
-        res, _ = native.scan_ranges(pagemap_fd, areas, mask=PAGE_CATEGORIES,
-                                    inverted=native.PAGE_IS_FILE | native.PAGE_IS_PFNZERO,
+        res, _ = native.scan_ranges(pagemap_fd, areas, mask=mask, inverted=inverted,
                                     return_mask=native.PAGE_IS_PRESENT, pid=pid)
         return res
     except KernelCallError as e:
         if e.errno not in (errno.ENOTTY, errno.EINVAL):
             raise
+        if file_pages:
+            raise UnsupportedState("carrying shared memory needs PAGEMAP_SCAN (Linux >= 6.7)")
         return native.pagemap_present(pagemap_fd, areas, pid)
 
 

@@ -25,7 +25,7 @@ from ..kernel import native, procfs
 from ..kernel.native import lib
 from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..model import (AddressSpaceRound, ProcessState, Vma, Zombie, diff_layout, free_area,
-                     memory_vmas, unpack_ranges, PROT_WRITE)
+                     mapped_vmas, memory_vmas, unpack_ranges, PROT_WRITE)
 
 SPECIAL_ORDER = ("[vvar]", "[vvar_vclock]", "[vdso]")
 PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
@@ -327,7 +327,7 @@ class Husk:
         t0 = time.perf_counter()
         maybe_fail("stage")
         self._ensure_scratch_clear_of(task.layout)
-        new = memory_vmas(task.layout)
+        new = mapped_vmas(task.layout)
         d = diff_layout(self.layout, new)
         fresh_ranges = _merge([(v.start, v.end) for v in d.fresh] + unpack_ranges(task.fresh))
         pieces = []
@@ -335,15 +335,13 @@ class Husk:
             for s, e in fresh_ranges:
                 s, e = max(s, v.start), min(e, v.end)
                 if s < e:
-                    pieces.append(v.piece(s, e))
+                    pieces.append((v.piece(s, e), v))
         b = self.remote.batch()
         for s, e in d.unmap:
             b.call(lib.SYS_munmap, s, e - s)
         fd = self._lowest_free_fd()
-        for v in pieces:
-            b.call(*self._mmap_call(b, v, fd))
-            if v.is_file:
-                b.call(lib.SYS_close, fd)
+        for v, whole in pieces:
+            self._map(b, v, whole, fd, task)
         for v in d.reprotect:
             b.call(lib.SYS_mprotect, v.start, v.size, v.prot)
         if len(b):
@@ -351,7 +349,7 @@ class Husk:
             self._check_mmaps(b, results)
         t_layout = time.perf_counter()
         nbytes = forced = 0
-        populating = self._start_populating(task, pieces)
+        populating = self._start_populating(task, [v for v, _ in pieces if not v.shared])
         try:
             if task.pages and task.pages_from == "pid":
                 nbytes, forced = self._copy_from_source(task)
@@ -423,7 +421,7 @@ class Husk:
         diffs: list[tuple[int, str]] = []
         src_mem = os.open(f"/proc/{source_pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            for v in memory_vmas(layout):
+            for v in memory_vmas(layout, shmem=True):
                 for a in range(v.start, v.end, 8 << 20):
                     n = min(8 << 20, v.end - a)
                     try:
@@ -447,21 +445,41 @@ class Husk:
             fd += 1
         return fd
 
-    def _mmap_call(self, b, v: Vma, fd: int):
+    def _map(self, b, v: Vma, whole: Vma, fd: int, task: AddressSpaceRound) -> None:
+        """The calls that map piece v of the source's VMA `whole` anew (fd: where an openat
+        lands). A shared memory object is the source's own one on the same host (opened
+        through /proc/PID/map_files), else a new one of its kind whose pages the rounds carry."""
         flags = lib.MAP_FIXED | (lib.MAP_SHARED if v.shared else lib.MAP_PRIVATE)
-        if v.is_file:
-            mode = os.O_RDWR if v.shared and v.prot & PROT_WRITE else os.O_RDONLY
+        writable = v.shared and v.prot & PROT_WRITE
+        if v.is_shmem and task.pages_from == "pid":
+            path = f"/proc/{task.pid}/map_files/{whole.start:x}-{whole.end:x}"
+            b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(path),
+                   (os.O_RDWR if writable else os.O_RDONLY) | lib.O_CLOEXEC,
+                   label=f"openat {path} ({v.path})")
+        elif v.is_shmem and v.path.startswith("/memfd:"):
+            name = v.path[len("/memfd:"):-len(" (deleted)")]
+            b.call(lib.SYS_memfd_create, b.put_str(name), lib.MFD_CLOEXEC,
+                   label=f"memfd_create {name}")
+            b.call(lib.SYS_ftruncate, fd, v.offset + v.size)
+        elif v.is_shmem:                           # MAP_SHARED | MAP_ANONYMOUS
+            b.call(lib.SYS_mmap, v.start, v.size, v.prot, flags | lib.MAP_ANONYMOUS, -1, 0)
+            return
+        elif v.is_file:
+            mode = os.O_RDWR if writable else os.O_RDONLY
             b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(v.path), mode | lib.O_CLOEXEC,
                    label=f"openat {v.path}")
-            return (lib.SYS_mmap, v.start, v.size, v.prot, flags, fd, v.offset)
-        flags |= lib.MAP_ANONYMOUS | (lib.MAP_GROWSDOWN if v.path == "[stack]" else 0)
-        return (lib.SYS_mmap, v.start, v.size, v.prot, flags, -1, 0)
+        else:
+            flags |= lib.MAP_ANONYMOUS | (lib.MAP_GROWSDOWN if v.path == "[stack]" else 0)
+            b.call(lib.SYS_mmap, v.start, v.size, v.prot, flags, -1, 0)
+            return
+        b.call(lib.SYS_mmap, v.start, v.size, v.prot, flags, fd, v.offset)
+        b.call(lib.SYS_close, fd)
 
     def _check_mmaps(self, b, results) -> None:
         for (nr, args), label, res in zip(b.calls, b.labels, results):
             if nr == lib.SYS_mmap and res != args[0]:
                 raise RestoreError(f"husk mmap at {args[0]:#x} landed at {res:#x}")
-            if nr == lib.SYS_openat and res != self._lowest_free_fd():
+            if nr in (lib.SYS_openat, lib.SYS_memfd_create) and res != self._lowest_free_fd():
                 raise RestoreError(f"husk {label} returned fd {res}, expected "
                                    f"{self._lowest_free_fd()}")
 

@@ -54,9 +54,11 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
             problems.append(f"fd {fd}: {what} (unsupported file kind"
                             f"{'' if same_host else ' between hosts'})")
     for v in procfs.maps(pid):
-        if v.shared and not v.is_file:
+        if v.is_shmem and v.path.startswith("/SYSV"):
+            problems.append(f"System V shared memory {v.start:#x}-{v.end:#x} (not carried yet)")
+        elif v.shared and not v.is_file and not v.is_special:
             problems.append(f"shared memory mapping {v.start:#x}-{v.end:#x} {v.path or '(anon)'}")
-        elif v.path.startswith("/") and v.path.endswith(" (deleted)"):
+        elif v.path.startswith("/") and v.path.endswith(" (deleted)") and not v.is_shmem:
             problems.append(f"mapping of a deleted file {v.path}")
     return problems
 
@@ -78,8 +80,11 @@ def intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[
 class ProcessSource:
     """The source side of one process (pid) of the tree."""
 
-    def __init__(self, task: procfs.TreeTask, *, track: bool, tracking: str):
+    def __init__(self, task: procfs.TreeTask, *, track: bool, tracking: str, direct: bool):
         self.pid = task.pid
+        # Shared memory objects: a destination on this host maps the very same object
+        # (/proc/PID/map_files), elsewhere they are recreated and their pages carried.
+        self.shmem = not direct
         self.task = task                  # its place in the tree when last looked at
         self.tracker = make_tracker(task.pid, tracking) if track else None
         self.pagemap_fd = self.mem_fd = -1
@@ -114,11 +119,11 @@ class ProcessSource:
                      ) -> tuple[list, list]:
         """(fresh, kept): areas new since `base` (the layout last sent, or for a first round
         the parent's), to be sent whole, and the areas where changes are enough."""
-        mem = memory_vmas(layout)
+        mem = memory_vmas(layout, self.shmem)
         base = base if base is not None else self.last_layout
         if base is None:
             return [(v.start, v.end) for v in mem], []
-        d = diff_layout(memory_vmas(base), mem)
+        d = diff_layout(memory_vmas(base, self.shmem), mem)
         fresh = [(v.start, v.end) for v in d.fresh]
         kept = []
         for s in [(v.start, v.end) for v in mem]:
@@ -148,7 +153,8 @@ class ProcessSource:
         copy, zap, lost, inherited = [], [], 0, 0
         if inherit:
             if self.tracker and not final:       # track from now on, then look
-                self.tracker.protect([(v.start, v.end) for v in memory_vmas(layout)])
+                self.tracker.protect([(v.start, v.end)
+                                      for v in memory_vmas(layout, self.shmem)])
             if kept:
                 c, d = native.pagemap_vs_parent(self.pagemap_fd, parent.pagemap_fd,
                                                 pack_ranges(kept), self.pid)
@@ -178,8 +184,12 @@ class ProcessSource:
             self.tracker.protect(fresh)            # after the final round nothing is tracked
         t1 = time.perf_counter()
         if fresh:
-            copy += [(s, e) for s, e, _ in
-                     scan_present(self.pagemap_fd, pack_ranges(fresh), self.pid).triples()]
+            shm = [(v.start, v.end) for v in layout if v.is_shmem] if self.shmem else []
+            private, shared = _minus(fresh, shm), intersect(fresh, shm)
+            for areas, file_pages in ((private, False), (shared, True)):
+                if areas:
+                    copy += [(s, e) for s, e, _ in scan_present(
+                        self.pagemap_fd, pack_ranges(areas), self.pid, file_pages).triples()]
         copy.sort()
         zap.sort()
         t2 = time.perf_counter()

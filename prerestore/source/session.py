@@ -119,7 +119,7 @@ class SourceSession:
             if p is None:
                 try:
                     p = ProcessSource(t, track=self.track and track_new,
-                                      tracking=self.tracking)
+                                      tracking=self.tracking, direct=self.direct)
                 except ProcessGone:
                     continue
             elif parent is not None and parent.first:
