@@ -669,6 +669,13 @@ int pr_uffd_wp_range(int uffd, uint64_t start, uint64_t len)
 
 /* ---- processes ----------------------------------------------------------------------------- */
 
+/* Do fd1 of pid1 and fd2 of pid2 refer to the same open file description? 1 yes, 0 no. */
+int pr_same_file(int pid1, int fd1, int pid2, int fd2)
+{
+    long r = syscall(SYS_kcmp, pid1, pid2, 0 /* KCMP_FILE */, fd1, fd2);
+    return r < 0 ? ERR : r == 0;
+}
+
 int pr_pidfd_open(int pid)
 {
     long r = syscall(SYS_pidfd_open, pid, 0);

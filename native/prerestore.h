@@ -96,6 +96,7 @@ long pr_pagemap_present(int pagemap_fd, uint64_t start, uint64_t end,
 int pr_uffd_wp_range(int uffd, uint64_t start, uint64_t len);
 
 /* ---- processes ----------------------------------------------------------------------------- */
+int pr_same_file(int pid1, int fd1, int pid2, int fd2);
 int pr_pidfd_open(int pid);
 int pr_pidfd_getfd(int pidfd, int fd);
 int pr_spawn(const char *path, char *const *argv, const int *set_tid, long set_tid_size,

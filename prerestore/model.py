@@ -154,6 +154,9 @@ class FileDescriptor:
     flags: int         # open flags as in fdinfo (O_ACCMODE, O_APPEND, O_CLOEXEC, ...)
     offset: int
     dev_inode: tuple[int, int] = (0, 0)
+    # (pid, fd) of the first fd of the tree (in tree order, then fd order) that refers to the
+    # same open file description (dup, inherited by fork): restored as that one, not reopened
+    same_as: tuple[int, int] | None = None
 
 
 @dataclass

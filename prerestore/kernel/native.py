@@ -327,6 +327,12 @@ def uffd_wp_range(uffd: int, start: int, length: int) -> None:
 
 # ---- processes --------------------------------------------------------------------------------
 
+def same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
+    """kcmp(KCMP_FILE): the same open file description (shared offset and flags)?"""
+    return bool(check(lib.pr_same_file(pid1, fd1, pid2, fd2), "kcmp(KCMP_FILE)", pid1,
+                      f"fd {fd1} vs pid {pid2} fd {fd2}"))
+
+
 def pidfd_open(pid: int) -> int:
     return check(lib.pr_pidfd_open(pid), "pidfd_open", pid)
 

@@ -487,22 +487,28 @@ class Husk:
 
     STARTER_OFFSET = 128       # in the scratch area: the runner is at 0, its table at 256
 
-    def hand_over_fds(self, fds, source_pid: int, all_fds: set[int]) -> None:
-        """Give the husk the source's own open file descriptions (same host only): pipes,
+    def hand_over_fds(self, items: list[tuple[int, int, "FileDescriptor"]],
+                      all_fds: set[int]) -> None:
+        """Give the husk open file descriptions of other processes: items are (host pid,
+        its fd, the FileDescriptor to make of it here). From a source on this host: pipes,
         sockets, eventfds, epoll... keep their kernel state, their peers and their queued data,
-        because they are the very same objects.
+        because they are the very same objects. From another husk of the tree: an open file
+        shared by several processes stays shared.
 
-        We take them from the frozen source with pidfd_getfd, listen on an abstract unix
-        socket, and have the husk connect and receive them (SCM_RIGHTS) in a batch running
-        while we send; a second batch moves each to its number and sets close-on-exec."""
+        We take them with pidfd_getfd, listen on an abstract unix socket, and have the husk
+        connect and receive them (SCM_RIGHTS) in a batch running while we send; a second batch
+        moves each to its number and sets close-on-exec."""
+        fds = [f for _, _, f in items]
         if len(fds) > 253:                                    # SCM_MAX_FD per message
             raise RestoreError(f"{len(fds)} fds to hand over; at most 253 for now")
-        pidfd = native.pidfd_open(source_pid)
+        pidfds: dict[int, int] = {}
         local = []
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            for f in fds:
-                local.append(native.pidfd_getfd(pidfd, f.fd, source_pid))
+            for pid, there, _ in items:
+                if pid not in pidfds:
+                    pidfds[pid] = native.pidfd_open(pid)
+                local.append(native.pidfd_getfd(pidfds[pid], there, pid))
             name = b"\0prerestore-handover-" + secrets.token_hex(8).encode()
             listener.bind(name)
             listener.listen(1)
@@ -551,7 +557,7 @@ class Husk:
             self.remote.run(b)
         finally:
             listener.close()
-            for fd in local + [pidfd]:
+            for fd in local + list(pidfds.values()):
                 os.close(fd)
 
     def _thread_calls(self, b, th) -> None:
@@ -648,9 +654,12 @@ class Husk:
         finally:
             self.tracee.set_regs(saved)
 
-    def apply_state(self, state: ProcessState, source_pid: int | None = None) -> dict:
+    def apply_state(self, state: ProcessState, source_pid: int | None = None,
+                    tree: dict[int, int] | None = None) -> dict:
         """Everything but the registers: fds, mm fields, signals, rseq... in one batch, after
-        creating the other threads."""
+        creating the other threads. source_pid: the live source on this host, to hand over
+        what cannot be reopened; tree: host pids of the tree's husks by the pid they stand
+        for, whose states were applied before (for open files shared with them)."""
         t0 = time.perf_counter()
         maybe_fail("apply_state")
         # limits first: RLIMIT_NOFILE bounds the fd numbers we are about to install
@@ -680,15 +689,23 @@ class Husk:
         if handed and not source_pid:
             raise RestoreError(f"fds {[f.fd for f in handed]} ({handed[0].path}...) can only be "
                                "handed over from a source on this host")
+        items = [(source_pid, f.fd, f) for f in handed]
         for f in sorted(state.fds, key=lambda f: f.fd):
             if f.kind == "handover":
+                continue
+            cloexec = lib.O_CLOEXEC if f.flags & lib.O_CLOEXEC else 0
+            if f.same_as and f.same_as[0] == self.pid:      # a dup of an fd opened above
+                b.call(lib.SYS_dup3, f.same_as[1], f.fd, cloexec)
+                opened.add(f.fd)
+                continue
+            if f.same_as:                                   # opened by another process
+                items.append(((tree or {})[f.same_as[0]], f.same_as[1], f))
                 continue
             tmp = lowest()
             flags = (f.flags & ~OPEN_DROP & ~lib.O_CLOEXEC)
             b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(f.path), flags,
                    label=f"openat {f.path} for fd {f.fd}")
             expected.append((len(b) - 1, tmp))
-            cloexec = lib.O_CLOEXEC if f.flags & lib.O_CLOEXEC else 0
             if tmp != f.fd:
                 b.call(lib.SYS_dup3, tmp, f.fd, cloexec)
                 b.call(lib.SYS_close, tmp)
@@ -745,13 +762,14 @@ class Husk:
         for i, fd in expected:
             if results[i] != fd:
                 raise RestoreError(f"husk {b.labels[i]} returned fd {results[i]}, expected {fd}")
-        self.fds = {f.fd for f in state.fds if f.kind != "handover"}
+        self.fds = {f.fd for f in state.fds if f.kind != "handover" and f.fd not in
+                    {f2.fd for _, _, f2 in items}}
         t_batch = time.perf_counter()
-        if handed:
-            self.hand_over_fds(handed, source_pid, {f.fd for f in state.fds})
+        if items:
+            self.hand_over_fds(items, {f.fd for f in state.fds})
         t_handed = time.perf_counter()
         self.remote.unmap_scratch()
-        return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(handed),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),
+        return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(items),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),
                 "state_ms": (time.perf_counter() - t0) * 1e3}
 
     def resume(self, state: ProcessState) -> None:

@@ -182,7 +182,8 @@ class StagedTree:
                 self.husks[z.parent].fork_child(z.pid).become_zombie(z)
             self._set_groups(final)
             direct = any(t.pages_from == "pid" for t in final.tasks)
-            state_stats = [self.husks[s.pid].apply_state(s, source_pid=s.pid if direct else None)
+            tree = {pid: h.host_pid for pid, h in self.husks.items()}
+            state_stats = [self.husks[s.pid].apply_state(s, s.pid if direct else None, tree)
                            for s in final.states]
             t_state = time.monotonic()
             for s in final.states:

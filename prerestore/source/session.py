@@ -18,7 +18,8 @@ from ..errors import KernelCallError, ProcessGone, UnsupportedState
 from ..image import schema
 from ..kernel import native, procfs
 from ..kernel.tracee import Tracee
-from ..model import AddressSpaceRound, Round, Vma, Zombie, pack_ranges, ranges_bytes
+from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
+                     pack_ranges, ranges_bytes)
 from .process import MemoryScan, ProcessSource, find_unsupported
 
 
@@ -68,6 +69,24 @@ def check_supported(pid: int, same_host: bool = False) -> None:
     problems = find_tree_unsupported(pid, same_host)
     if problems:
         raise UnsupportedState(f"cannot migrate pid {pid}: " + "; ".join(problems))
+
+
+def share_open_files(states: list[ProcessState]) -> None:
+    """Mark the fds that refer to an open file description met before in the tree (dup'ed,
+    or inherited by fork): the destination gives them that one, so a shared offset stays
+    shared. Candidates have the same file and offset; kcmp decides."""
+    seen: dict[tuple, list[tuple[int, FileDescriptor]]] = {}
+    for s in states:
+        for f in sorted(s.fds, key=lambda f: f.fd):
+            if f.kind not in ("file", "chr"):
+                continue
+            key = (f.dev_inode, f.offset, f.flags & ~0o2000000)      # O_CLOEXEC is per fd
+            for pid, first in seen.get(key, []):
+                if native.same_file(pid, first.fd, s.pid, f.fd):
+                    f.same_as = (pid, first.fd)
+                    break
+            else:
+                seen.setdefault(key, []).append((s.pid, f))
 
 
 class SourceSession:
@@ -191,6 +210,7 @@ class SourceSession:
                 worker.start()
             states = [p.collect_state(layouts[p.pid], statuses[p.pid], inside[p.pid],
                                       self.direct) for p in procs]
+            share_open_files(states)
             t_state = time.monotonic()
             if worker:
                 worker.join()
