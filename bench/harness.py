@@ -23,7 +23,7 @@ SOURCES = {
     "memhog": BENCH_DIR / "workloads" / "memhog.c",
     "bwref": BENCH_DIR / "helpers" / "bwref.c",
 }
-CFLAGS = ["-O2", "-Wall", "-Wextra"]
+CFLAGS = ["-O2", "-Wall", "-Wextra", "-pthread"]
 PR_SET_CHILD_SUBREAPER = 36
 
 

@@ -42,6 +42,7 @@ PHASES = ["freeze", "collect_state", "last_pages", "write_image", "encode_image"
           "apply_memory", "apply_state", "resume"]
 
 _owned: set[int] = set()            # pids we must kill if we are interrupted
+TREE_ENV: dict[str, str] = {}       # MEMHOG_PROCS / MEMHOG_THREADS for --tree
 _popens: dict[int, subprocess.Popen] = {}
 
 
@@ -66,6 +67,9 @@ def parse_args(argv=None):
                     help="seconds a memhog runs before it is migrated")
     ap.add_argument("--bw-mib", type=int, default=256, help="buffer size of the reference "
                     "bandwidth measurements")
+    ap.add_argument("--tree", default="1x1", metavar="PxT",
+                    help="memhog as a tree of P processes with T threads each (the size and "
+                         "dirty rate split over them), e.g. 8x4")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true", help="print migrate() progress")
     args = ap.parse_args(argv)
@@ -135,6 +139,13 @@ def summarize(report: dict) -> dict:
         "finalize_apply_Bps": final_bytes / (apply_ms / 1e3) if apply_ms > 0 else None,
         "round0_Bps": (r0["bytes"] / ((r0["dump_ms"] + r0["stage_ms"]) / 1e3)
                        if r0 and r0["dump_ms"] + r0["stage_ms"] > 0 else None),
+        "processes": report.get("processes", 1),
+        # making the husks (spawn the root, fork the rest): inside the downtime for a cold
+        # restore, during the first round for pre-restore
+        "create_husks_ms": (fin["memory"].get("create_ms", 0.0) if report["rounds"] == [] else
+                            sum(r["stage"].get("create_ms", 0.0) for r in report["rounds"])),
+        "finalize_create_ms": fin["memory"].get("create_ms", 0.0),
+        "source_collect_state_ms": report["downtime_phases_ms"].get("collect_state"),
     }
 
 
@@ -146,7 +157,7 @@ def run_prerestore(memhog: Path, size: int, rate: int, mode: str, rep: int, logd
     host = init = None
     proc = None
     try:
-        proc = harness.start_memhog(memhog, size, rate, log)
+        proc = harness.start_memhog(memhog, size, rate, log, env=TREE_ENV)
         _own(proc)
         rec["source_pid"] = proc.pid
         time.sleep(warmup)
@@ -230,7 +241,7 @@ def run_criu(memhog: Path, size: int, rate: int, mode: str, rep: int, logdir: Pa
     proc = None
     restored = None
     try:
-        proc = harness.start_memhog(memhog, size, rate, log)
+        proc = harness.start_memhog(memhog, size, rate, log, env=TREE_ENV)
         _own(proc)
         pid = proc.pid
         rec["source_pid"] = pid
@@ -486,6 +497,8 @@ def plot(result: dict, path: Path) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    procs, _, threads = args.tree.partition("x")
+    TREE_ENV.update({"MEMHOG_PROCS": str(int(procs)), "MEMHOG_THREADS": str(int(threads or 1))})
     if os.geteuid() != 0:
         print("run.py needs root (ptrace, clone3 set_tid, pid namespaces)", file=sys.stderr)
         return 2
@@ -497,7 +510,8 @@ def main(argv=None) -> int:
     logdir = Path(tempfile.mkdtemp(prefix="prerestore-bench-", dir="/dev/shm"
                                    if os.path.isdir("/dev/shm") else None))
     result: dict = {
-        "config": {"sizes": args.sizes, "rates": args.rates, "repeat": args.repeat,
+        "config": {"tree": args.tree, "sizes": args.sizes, "rates": args.rates,
+                   "repeat": args.repeat,
                    "modes": args.modes, "criu": args.criu, "warmup_s": args.warmup,
                    "argv": sys.argv},
         "machine": harness.machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

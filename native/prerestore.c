@@ -669,6 +669,26 @@ int pr_uffd_wp_range(int uffd, uint64_t start, uint64_t len)
 
 /* ---- processes ----------------------------------------------------------------------------- */
 
+/* Split regions (start, end, categories) into packed ranges, merging neighbours: those whose
+ * categories & mask == value into `yes`, the others into `no` (either may be NULL: dropped).
+ * Both outputs need room for n ranges. Keeps per-range work out of Python. */
+void pr_split_regions(const struct pr_page_region *in, long n, uint64_t mask, uint64_t value,
+                      struct pr_range *yes, long *n_yes, struct pr_range *no, long *n_no)
+{
+    *n_yes = *n_no = 0;
+    for (long i = 0; i < n; i++) {
+        int match = (in[i].categories & mask) == value;
+        struct pr_range *out = match ? yes : no;
+        long *k = match ? n_yes : n_no;
+        if (!out)
+            continue;
+        if (*k && out[*k - 1].end == in[i].start)
+            out[*k - 1].end = in[i].end;
+        else
+            out[(*k)++] = (struct pr_range){in[i].start, in[i].end};
+    }
+}
+
 /* Do fd1 of pid1 and fd2 of pid2 refer to the same open file description? 1 yes, 0 no. */
 int pr_same_file(int pid1, int fd1, int pid2, int fd2)
 {

@@ -96,6 +96,8 @@ long pr_pagemap_present(int pagemap_fd, uint64_t start, uint64_t end,
 int pr_uffd_wp_range(int uffd, uint64_t start, uint64_t len);
 
 /* ---- processes ----------------------------------------------------------------------------- */
+void pr_split_regions(const struct pr_page_region *in, long n, uint64_t mask, uint64_t value,
+                      struct pr_range *yes, long *n_yes, struct pr_range *no, long *n_no);
 int pr_same_file(int pid1, int fd1, int pid2, int fd2);
 int pr_pidfd_open(int pid);
 int pr_pidfd_getfd(int pidfd, int fd);

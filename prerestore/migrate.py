@@ -10,7 +10,8 @@ import tempfile
 import time
 from dataclasses import asdict
 
-from .errors import PrerestoreError, ProtocolError
+from .errors import PrerestoreError, ProtocolError, UnsupportedState
+from .kernel import procfs
 from .image import schema
 from .policy import ConvergencePolicy, is_last_round
 from .source.session import SourceSession, check_supported
@@ -87,6 +88,10 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
             keep_images: bool = False, progress=lambda msg: None) -> dict:
     """Migrate pid; returns the report (rounds, downtime and its phases, totals)."""
     check_supported(pid, direct)       # refuse before touching anything
+    levels = procfs.ns_pids(pid)
+    if not pidns and len(levels) > 1 and levels[-1] == 1:
+        raise UnsupportedState(f"pid {pid} is the init of its own pid namespace: it can only be "
+                               "restored as one, in a new pid namespace (drop --no-pidns)")
     t_start = time.monotonic()
     wd = _work_dir(work_dir)
     daemon = session = None

@@ -245,8 +245,11 @@ class AddressSpaceRound:
             process itself, for a destination on the same host (no copy through a file);
     tids:   the task's threads when the round was taken: the husk creates them as they
             appear, so that finalize only adjusts for threads born or gone since.
+    Pids (pid, tids, parent, sid, pgid) are as the tree's own pid namespace shows them (the
+    root's innermost one): the pids it is restored with. source_pid is the process's pid on
+    the source host, where a same-host destination reads it (pages_from "pid", handover).
     The task's place in the tree: parent (pid of its parent process, 0 for the root of the
-    tree), sid and pgid as the source had them, starttime (with the pid, the identity of the
+    tree), sid and pgid as the source had them (0: outside the tree's namespace), starttime (with the pid, the identity of the
     process: a pid reused between rounds is another process) and first: this is the task's
     first round, and layout and pages are relative to a fork of its parent's husk as staged
     after the parent's part of this round (pages it still shares with its parent are not
@@ -265,6 +268,7 @@ class AddressSpaceRound:
     starttime: int = 0
     first: bool = True
     exit_signal: int = 17                               # SIGCHLD
+    source_pid: int = 0                                 # 0: the same as pid
 
 
 @dataclass
@@ -295,6 +299,14 @@ class Round:
     @property
     def is_final(self) -> bool:
         return self.kind == "dump"
+
+    @property
+    def pidns_init(self) -> bool:
+        """The root is the init (pid 1) of the tree's own pid namespace."""
+        return bool(self.tasks) and self.tasks[0].pid == 1
+
+    def task_of(self, pid: int) -> AddressSpaceRound:
+        return next(t for t in self.tasks if t.pid == pid)
 
     def state_of(self, pid: int) -> ProcessState:
         return next(s for s in self.states if s.pid == pid)

@@ -187,3 +187,40 @@ def test_open_file_shared_by_fork_keeps_one_offset(tmp_path, direct):
         cleanup.run()
         src.kill()
         src.wait(10)
+
+
+def test_tree_in_its_own_pid_namespace(tree_bin, tmp_path):
+    """A container-style tree: its root is the init (pid 1) of its own pid namespace. It is
+    restored as the init of a new one, every process with its pid there."""
+    log = tmp_path / "out.log"
+    with open(log, "wb") as out:
+        outer = subprocess.Popen(["unshare", "--pid", "--fork", str(tree_bin), "fork3"],
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                 start_new_session=True)
+    cleanup = Cleanup()
+    cleanup.add(outer.pid)
+    try:
+        assert wait_for_line(log, "start pid=1")
+        root = int(open(f"/proc/{outer.pid}/task/{outer.pid}/children").read().split()[0])
+        cleanup.add(root)
+        wait_for_iteration(log, 300, pid=root)
+        before = {pid: ns_pids(pid) for pid in tree_of(root)}
+        assert before[root][-1] == 1
+        with pytest.raises(Exception, match="init of its own pid namespace"):
+            migrate(root, pidns=False, work_dir=str(tmp_path / "refused"))
+        r = migrate(root, policy=POLICY, work_dir=str(tmp_path / "images"))
+        host = r["restored_host_pid"]
+        cleanup.add(host)
+        assert r["restored_pid"] == 1 and r["namespace_init_pid"] is None
+        restored = {int(k): v for k, v in r["restored_tree"].items()}
+        assert sorted(restored) == sorted(levels[-1] for levels in before.values())
+        for ns_pid, host_pid in restored.items():
+            assert ns_pids(host_pid)[1:] == [ns_pid]          # its own namespace, its own pid
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, timeout=60, pid=host)
+        assert "BAD" not in open(log).read()
+        assert compare_with_reference(log, [tree_bin, "fork3"]) >= (it + 300) // 100
+    finally:
+        cleanup.run()
+        outer.kill()
+        outer.wait(10)

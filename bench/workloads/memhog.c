@@ -13,9 +13,15 @@
  *
  * Env MEMHOG_ADDR=0x...: map at exactly that address (MAP_FIXED_NOREPLACE), so that two
  * memhogs share a layout (the copy_pages benchmark copies a range between two of them).
+ *
+ * Env MEMHOG_PROCS=P and MEMHOG_THREADS=T make it a process tree: the root forks P-1 children
+ * (they die with it), each process maps SIZE_MIB/P MiB and dirties it with T threads, the
+ * dirty rate split evenly over all P*T threads. `ready` is printed once the whole tree is.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
+#include <sys/prctl.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -33,7 +39,7 @@
 #define NSEC_PER_MS 1000000L
 
 static volatile sig_atomic_t report_requested;
-static volatile uint64_t checksum;      /* volatile: the writes and the sum are never elided */
+static volatile uint64_t checksum;      /* shared by the threads: racy, but only a witness */      /* volatile: the writes and the sum are never elided */
 
 static void on_usr1(int sig) { (void)sig; report_requested = 1; }
 
@@ -71,6 +77,52 @@ static int parse_ul(const char *s, unsigned long *out)
     return 0;
 }
 
+struct dirtier {
+    unsigned char *buf;
+    size_t npages;
+    unsigned long rate;       /* pages per ms, this thread */
+    uint64_t seed;
+    int reporter;             /* the main thread of the root: answers SIGUSR1 */
+};
+
+static void *dirty_loop(void *arg)
+{
+    struct dirtier *d = arg;
+    uint64_t ticks = 0, writes = 0;
+    struct timespec deadline, now;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    for (;;) {
+        for (unsigned long k = 0; k < d->rate; k++) {
+            uint64_t x = xorshift64(&d->seed);
+            size_t page = (size_t)(x % d->npages);
+            size_t word = (size_t)(x >> 55);          /* 0..511: the 8-byte slot in the page */
+            *(volatile uint64_t *)(d->buf + page * PAGE + word * 8) = x;
+            checksum += x;
+        }
+        writes += d->rate;
+        ticks++;
+        if (d->reporter && report_requested) {
+            report_requested = 0;
+            printf("alive ticks=%llu writes=%llu sum=%016llx\n", (unsigned long long)ticks,
+                   (unsigned long long)writes, (unsigned long long)checksum);
+        }
+        add_ns(&deadline, NSEC_PER_MS);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (behind_ns(&deadline, &now) > 10 * NSEC_PER_MS)
+            deadline = now;                         /* we were stopped: no catch-up burst */
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &deadline, NULL) == EINTR)
+            ;
+    }
+    return NULL;
+}
+
+static unsigned long env_ul(const char *name, unsigned long dflt)
+{
+    const char *s = getenv(name);
+    unsigned long v;
+    return s && *s && !parse_ul(s, &v) && v ? v : dflt;
+}
+
 int main(int argc, char **argv)
 {
     unsigned long size_mib, rate;
@@ -79,8 +131,28 @@ int main(int argc, char **argv)
         return 2;
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
+    unsigned long procs = env_ul("MEMHOG_PROCS", 1), threads = env_ul("MEMHOG_THREADS", 1);
+    int is_root = 1, ready[2];
+    if (procs > 1 && pipe(ready)) {
+        perror("memhog: pipe");
+        return 1;
+    }
+    pid_t root = getpid();
+    for (unsigned long p = 1; p < procs && is_root; p++) {
+        pid_t kid = fork();
+        if (kid < 0) {
+            perror("memhog: fork");
+            return 1;
+        }
+        if (kid == 0) {
+            is_root = 0;
+            prctl(PR_SET_PDEATHSIG, SIGKILL);
+            if (getppid() != root)
+                _exit(1);
+        }
+    }
 
-    size_t size = size_mib << 20;
+    size_t size = (size_mib << 20) / procs / PAGE * PAGE;
     size_t npages = size / PAGE;
     void *hint = NULL;
     int flags = MAP_PRIVATE | MAP_ANONYMOUS;
@@ -109,33 +181,38 @@ int main(int argc, char **argv)
     sa.sa_flags = SA_RESTART;
     sigaction(SIGUSR1, &sa, NULL);
 
-    printf("ready pid=%d size_mib=%lu pages_per_ms=%lu addr=%p\n", (int)getpid(), size_mib, rate,
-           (void *)buf);
-
-    uint64_t seed = 0x9E3779B97F4A7C15ULL ^ (uint64_t)getpid();
-    uint64_t ticks = 0, writes = 0;
-    struct timespec deadline, now;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    for (;;) {
-        for (unsigned long k = 0; k < rate; k++) {
-            uint64_t x = xorshift64(&seed);
-            size_t page = (size_t)(x % npages);
-            size_t word = (size_t)(x >> 55);          /* 0..511: the 8-byte slot in the page */
-            *(volatile uint64_t *)(buf + page * PAGE + word * 8) = x;
-            checksum += x;
+    unsigned long per_thread = rate / (procs * threads);
+    if (rate && !per_thread)
+        per_thread = 1;
+    static struct dirtier d[64];
+    if (threads > 64)
+        threads = 64;
+    for (unsigned long t = 0; t < threads; t++) {
+        d[t] = (struct dirtier){buf, npages, per_thread,
+                                0x9E3779B97F4A7C15ULL ^ (uint64_t)getpid() ^ (t << 32),
+                                is_root && t == 0};
+        pthread_t th;
+        if (t > 0 && pthread_create(&th, NULL, dirty_loop, &d[t])) {
+            fprintf(stderr, "memhog: pthread_create failed\n");
+            return 1;
         }
-        writes += rate;
-        ticks++;
-        if (report_requested) {
-            report_requested = 0;
-            printf("alive ticks=%llu writes=%llu sum=%016llx\n", (unsigned long long)ticks,
-                   (unsigned long long)writes, (unsigned long long)checksum);
-        }
-        add_ns(&deadline, NSEC_PER_MS);
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        if (behind_ns(&deadline, &now) > 10 * NSEC_PER_MS)
-            deadline = now;                         /* we were stopped: no catch-up burst */
-        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &deadline, NULL) == EINTR)
-            ;
     }
+    if (procs > 1) {
+        if (!is_root) {
+            if (write(ready[1], "r", 1) != 1)
+                _exit(1);
+        } else {
+            char c;
+            for (unsigned long p = 1; p < procs; p++)
+                if (read(ready[0], &c, 1) != 1)
+                    return 1;
+        }
+        close(ready[0]);
+        close(ready[1]);
+    }
+    if (is_root)
+        printf("ready pid=%d size_mib=%lu pages_per_ms=%lu addr=%p procs=%lu threads=%lu\n",
+               (int)getpid(), size_mib, rate, (void *)buf, procs, threads);
+    dirty_loop(&d[0]);
+    return 0;
 }

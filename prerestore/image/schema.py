@@ -38,7 +38,7 @@ def _task(t: AddressSpaceRound) -> dict:
             "pages": t.pages, "zap": t.zap, "pages_offset": t.pages_offset,
             "pages_from": t.pages_from, "tids": t.tids, "parent": t.parent, "sid": t.sid,
             "pgid": t.pgid, "starttime": t.starttime, "first": t.first,
-            "exit_signal": t.exit_signal}
+            "exit_signal": t.exit_signal, "source_pid": t.source_pid}
 
 
 def _thread(t: ThreadState) -> dict:
@@ -118,7 +118,8 @@ def decode_round(m: dict) -> Round:
         tasks = [AddressSpaceRound(t["pid"], [Vma(*v) for v in t["layout"]], t["fresh"],
                                    t["pages"], t["zap"], t["pages_offset"], t["pages_from"],
                                    list(t["tids"]), t["parent"], t["sid"], t["pgid"],
-                                   t["starttime"], bool(t["first"]), t["exit_signal"])
+                                   t["starttime"], bool(t["first"]), t["exit_signal"],
+                                   t["source_pid"])
                  for t in m["tasks"]]
         states = [_decode_state(s) for s in m["states"]]
         zombies = [Zombie(*z) for z in m["zombies"]]

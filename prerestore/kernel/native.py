@@ -240,6 +240,18 @@ class ScanResult:
     def triples(self):
         return struct.iter_unpack("=QQQ", self.raw)
 
+    def split(self, mask: int = 0, value: int = 0) -> tuple[bytes, bytes]:
+        """(packed ranges whose categories & mask == value, packed ranges of the others),
+        neighbours merged; split() alone: every region as a range."""
+        n = len(self)
+        if not n:
+            return b"", b""
+        regions = ffi.from_buffer("struct pr_page_region[]", self.raw)
+        yes, no = ffi.new("struct pr_range[]", n), ffi.new("struct pr_range[]", n)
+        n_yes, n_no = ffi.new("long *"), ffi.new("long *")
+        lib.pr_split_regions(regions, n, mask, value, yes, n_yes, no, n_no)
+        return ffi.buffer(yes, 16 * n_yes[0])[:], ffi.buffer(no, 16 * n_no[0])[:]
+
 
 def scan_ranges(pagemap_fd: int, areas: bytes, *, flags: int = 0, inverted: int = 0,
                 mask: int = 0, anyof: int = 0, return_mask: int = 0, pid: int | None = None

@@ -109,6 +109,14 @@ class TreeTask(NamedTuple):
         return self.state in ("Z", "X")
 
 
+def ns_pids(pid: int | str) -> list[int]:
+    """NSpid: the pid in each pid namespace from ours down to the process's own."""
+    for line in _read(pid, "status").splitlines():
+        if line.startswith(b"NSpid:"):
+            return [int(x) for x in line.split()[1:]]
+    return [int(pid)]
+
+
 def tree_task(pid: int) -> TreeTask:
     f = stat_fields(pid)
     return TreeTask(pid, int(f[4]), f[3], int(f[5]), int(f[6]), int(f[22]), int(f[38]),

@@ -102,6 +102,8 @@ class Husk:
     def spawn(cls, pid: int, *, pidns: bool) -> "Husk":
         """A husk that will have `pid`: in our pid namespace (the pid must be free), or as that
         pid inside a new pid namespace whose init is a second husk program."""
+        if pid == 1:
+            return cls._spawn_init()
         if not pidns and not _pid_free(pid):
             raise PidTaken(f"pid {pid} is in use on this host: cannot restore with the same pid "
                            "(use --pidns to restore inside a new pid namespace)")
@@ -135,6 +137,32 @@ class Husk:
                 raise RestoreError(f"pid namespace init {init} has no husk child")
             host_pid = kids[0]
         husk = cls(host_pid, pid, init)
+        try:
+            husk.tracee = Tracee(host_pid, exitkill=True)
+            husk.tracee.stop()
+            husk.mem_fd = os.open(f"/proc/{host_pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            husk.kill()
+            raise
+        return husk
+
+    @classmethod
+    def _spawn_init(cls) -> "Husk":
+        """The husk of a tree whose root is its pid namespace's init: pid 1 of a new one."""
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        try:
+            prog = husk_program()
+            host_pid = native.spawn(prog, [prog, "husk", "1"], [], True, wfd)
+            os.close(wfd)
+            wfd = -1
+            if not cls._wait_ready(rfd, 10.0):
+                raise RestoreError(f"husk for a pid namespace's init did not start (exit status "
+                                   f"{cls._reap(host_pid)})")
+        finally:
+            os.close(rfd)
+            if wfd >= 0:
+                os.close(wfd)
+        husk = cls(host_pid, 1, None)
         try:
             husk.tracee = Tracee(host_pid, exitkill=True)
             husk.tracee.stop()
@@ -405,8 +433,10 @@ class Husk:
         unmapped since its round was scanned is written as zeros: the next round's layout
         drops it."""
         if self.source_mem_fd < 0:
-            self.source_mem_fd = os.open(f"/proc/{task.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        nbytes, forced, self.skipped = native.copy_pages(task.pid, self.source_mem_fd,
+            self.source_mem_fd = os.open(f"/proc/{task.source_pid or task.pid}/mem",
+                                         os.O_RDONLY | os.O_CLOEXEC)
+        nbytes, forced, self.skipped = native.copy_pages(task.source_pid or task.pid,
+                                                         self.source_mem_fd,
                                                          self.host_pid, self.mem_fd, task.pages)
         return nbytes, forced
 
@@ -452,7 +482,7 @@ class Husk:
         flags = lib.MAP_FIXED | (lib.MAP_SHARED if v.shared else lib.MAP_PRIVATE)
         writable = v.shared and v.prot & PROT_WRITE
         if v.is_shmem and task.pages_from == "pid":
-            path = f"/proc/{task.pid}/map_files/{whole.start:x}-{whole.end:x}"
+            path = f"/proc/{task.source_pid or task.pid}/map_files/{whole.start:x}-{whole.end:x}"
             b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(path),
                    (os.O_RDWR if writable else os.O_RDONLY) | lib.O_CLOEXEC,
                    label=f"openat {path} ({v.path})")

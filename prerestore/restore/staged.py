@@ -75,6 +75,7 @@ class StagedTree:
         their parent's husk, after that one's memory), none for those it lacks."""
         self._check_source(directory, r)
         stats = []
+        created_ms = 0.0
         wanted = {t.pid for t in r.tasks}
         for pid in [p for p in self.husks if p not in wanted]:
             self._remove(pid)
@@ -87,10 +88,13 @@ class StagedTree:
                 if not task.first:
                     raise ImageError(f"{directory}: process {task.pid} continues from a round "
                                      "that was not staged")
+                t0 = time.perf_counter()
                 husk = self._create(task)
+                created_ms += (time.perf_counter() - t0) * 1e3
             stats.append(husk.apply_round(task, directory))
         out = _sum_stats(stats)
         out["processes"] = len(self.husks)
+        out["create_ms"] = created_ms          # spawning the root, forking the others
         return out
 
     def _create(self, task: AddressSpaceRound) -> Husk:
@@ -98,6 +102,9 @@ class StagedTree:
             if self.husks:
                 raise ImageError(f"the tree's root changed to {task.pid} (was "
                                  f"{next(iter(self.husks))})")
+            if task.pid == 1 and not self.pidns:
+                raise ImageError("the tree's root is the init of its own pid namespace: it can "
+                                 "only be restored as one (--pidns)")
             husk = Husk.spawn(task.pid, pidns=self.pidns)
             self.husks[task.pid] = husk
             husk.prepare(task.layout)
@@ -183,8 +190,9 @@ class StagedTree:
             self._set_groups(final)
             direct = any(t.pages_from == "pid" for t in final.tasks)
             tree = {pid: h.host_pid for pid, h in self.husks.items()}
-            state_stats = [self.husks[s.pid].apply_state(s, s.pid if direct else None, tree)
-                           for s in final.states]
+            state_stats = [self.husks[s.pid].apply_state(
+                s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree)
+                for s in final.states]
             t_state = time.monotonic()
             for s in final.states:
                 self.husks[s.pid].load_registers(s)
@@ -214,7 +222,7 @@ class StagedTree:
         for task in final.tasks:
             if task.pages_from != "pid":
                 return
-            diffs = self.husks[task.pid].verify_against(task.pid, task.layout)
+            diffs = self.husks[task.pid].verify_against(task.source_pid or task.pid, task.layout)
             if diffs:
                 raise RestoreError(f"verify: pid {task.pid}: {len(diffs)} pages differ from the "
                                    f"source, first {[f'{a:x} in {w}' for a, w in diffs[:5]]}")

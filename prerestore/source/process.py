@@ -16,7 +16,8 @@ from ..kernel.native import lib
 from ..kernel.tracee import ALL_SIGNALS, KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..kernel.tracker import make_tracker, scan_present
 from ..model import (FileDescriptor, ProcessState, SigAction, ThreadState, Vma, _subtract,
-                     diff_layout, free_area, memory_vmas, pack_ranges, unpack_ranges)
+                     diff_layout, free_area, memory_vmas, pack_ranges, ranges_bytes,
+                     unpack_ranges)
 
 RLIMITS = 16          # RLIM_NLIMITS
 
@@ -86,16 +87,16 @@ class ProcessSource:
         # (/proc/PID/map_files), elsewhere they are recreated and their pages carried.
         self.shmem = not direct
         self.task = task                  # its place in the tree when last looked at
-        self.tracker = make_tracker(task.pid, tracking) if track else None
+        self.tracker = None
         self.pagemap_fd = self.mem_fd = -1
         try:
+            self.tracker = make_tracker(task.pid, tracking) if track else None
             self.pagemap_fd = os.open(f"/proc/{task.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
             self.mem_fd = os.open(f"/proc/{task.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except BaseException as e:
             self.close()
-            raise ProcessGone(3, "open /proc/PID/pagemap", task.pid) from None
-        except BaseException:
-            self.close()
+            if self.gone():
+                raise ProcessGone(3, f"follow pid {task.pid} ({e})", task.pid) from None
             raise
         self.last_layout: list[Vma] | None = None
         self.first = True                  # the next round is its first at the destination
@@ -104,6 +105,14 @@ class ProcessSource:
         self.inherited: list[tuple[int, int]] = []
         self.frozen: list[Tracee] = []     # every thread, the main one first, while frozen
         self._maps_raw, self._maps_parsed = b"", []
+
+    def gone(self) -> bool:
+        """Has the process exited (or its pid gone to another one) since we saw it?"""
+        try:
+            return procfs.tree_task(self.pid).starttime != self.task.starttime or \
+                procfs.tree_task(self.pid).zombie
+        except ProcessGone:
+            return True
 
     # ---- memory -----------------------------------------------------------------------------
 
@@ -150,7 +159,9 @@ class ProcessSource:
         t0 = time.perf_counter()
         inherit = self.first and parent is not None
         fresh, kept = self.split_layout(layout, parent_layout if inherit else None)
-        copy, zap, lost, inherited = [], [], 0, 0
+        copy: list[bytes] = []      # packed parts; per-range work stays in native code
+        zap: list[bytes] = []
+        lost = inherited = 0
         if inherit:
             if self.tracker and not final:       # track from now on, then look
                 self.tracker.protect([(v.start, v.end)
@@ -158,26 +169,29 @@ class ProcessSource:
             if kept:
                 c, d = native.pagemap_vs_parent(self.pagemap_fd, parent.pagemap_fd,
                                                 pack_ranges(kept), self.pid)
-                copy += unpack_ranges(c)
-                zap += unpack_ranges(d)
-                inherited = sum(e - s for s, e in kept) - sum(e - s for s, e in copy + zap)
+                copy.append(c)
+                zap.append(d)
+                inherited = sum(e - s for s, e in kept) - ranges_bytes(c) - ranges_bytes(d)
             self.inherited = kept
         elif self.tracker and kept:
             res, untracked = written or self.tracker.scan_written(pack_ranges(kept))
             # an area whose tracking is gone (unmapped and mapped again alike): resend it whole
             fresh += [kept[i] for i in untracked]
             lost = len(untracked)
-            pages = res.raw and pack_ranges((s, e) for s, e, _ in res.triples())
-            for s, e, cat in (self.tracker.classify(pages).triples() if pages else ()):
-                if cat & native.PAGE_IS_PRESENT and not cat & native.PAGE_IS_PFNZERO:
-                    copy.append((s, e))
-                else:
-                    zap.append((s, e))
+            pages, _ = res.split()
+            if pages:
+                c, d = self.tracker.classify(pages).split(
+                    native.PAGE_IS_PRESENT | native.PAGE_IS_PFNZERO, native.PAGE_IS_PRESENT)
+                copy.append(c)
+                zap.append(d)
         if self.inherited and not inherit:
             again = intersect(unpack_ranges(parent_copy) if parent_copy else [],
                               intersect(self.inherited, kept))
-            copy = _union(copy, again)
-            zap = _minus(zap, again)
+            if again:
+                joined = [r for part in copy for r in unpack_ranges(part)]
+                copy = [pack_ranges(_union(joined, again))]
+                zap = [pack_ranges(_minus([r for part in zap for r in unpack_ranges(part)],
+                                          again))]
             self.inherited = []
         fresh.sort()
         if self.tracker and fresh and not final and not inherit:
@@ -188,12 +202,10 @@ class ProcessSource:
             private, shared = _minus(fresh, shm), intersect(fresh, shm)
             for areas, file_pages in ((private, False), (shared, True)):
                 if areas:
-                    copy += [(s, e) for s, e, _ in scan_present(
-                        self.pagemap_fd, pack_ranges(areas), self.pid, file_pages).triples()]
-        copy.sort()
-        zap.sort()
+                    copy.append(scan_present(self.pagemap_fd, pack_ranges(areas), self.pid,
+                                             file_pages).split()[0])
         t2 = time.perf_counter()
-        return MemoryScan(pack_ranges(fresh), pack_ranges(copy), pack_ranges(zap), lost,
+        return MemoryScan(pack_ranges(fresh), _sorted(copy), _sorted(zap), lost,
                           (t2 - t0) * 1e3, (t2 - t1) * 1e3, inherited)
 
     # ---- state ------------------------------------------------------------------------------
@@ -308,6 +320,14 @@ class ProcessSource:
                 except OSError:
                     pass
         self.pagemap_fd = self.mem_fd = -1
+
+
+def _sorted(parts: list[bytes]) -> bytes:
+    """Packed parts as one sorted packed list (the common case, one part, as it is)."""
+    parts = [p for p in parts if p]
+    if len(parts) <= 1:
+        return parts[0] if parts else b""
+    return pack_ranges(sorted(r for part in parts for r in unpack_ranges(part)))
 
 
 def _union(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import replace
 
 from ..errors import KernelCallError, ProcessGone, UnsupportedState
 from ..image import schema
@@ -102,6 +103,10 @@ class SourceSession:
         self.zombies: list[Zombie] = []
         self.last_round: tuple[str, Round] | None = None
         self.held: list[Tracee] = []      # every thread of the tree while frozen
+        # The image names processes as the tree's own pid namespace sees them (the root's
+        # innermost one): a container-style tree is restored with its own pids.
+        self.depth = len(procfs.ns_pids(pid)) - 1
+        self._ns: dict[int, int] = {}
         self._refresh_tree()
         root = self.procs[pid]
         self.source_info = {
@@ -118,11 +123,38 @@ class SourceSession:
     def frozen(self) -> list[Tracee]:
         return self.held
 
+    def ns_pid(self, pid: int) -> int:
+        """A process's or thread's pid in the tree's namespace (ours: the same)."""
+        if not self.depth:
+            return pid
+        if pid not in self._ns:
+            levels = procfs.ns_pids(pid)
+            if len(levels) != self.depth + 1:
+                raise UnsupportedState(f"pid {pid} lives in a pid namespace nested inside the "
+                                       f"tree's (NSpid {levels}): not supported")
+            self._ns[pid] = levels[-1]
+        return self._ns[pid]
+
+    def _ns_member(self, pid: int, members: set[int]) -> int:
+        """A sid or pgid in the tree's namespace; 0 if its leader is outside the tree (in a
+        nested namespace it has no pid there)."""
+        if not self.depth:
+            return pid
+        return self.ns_pid(pid) if pid in members else 0
+
+    def _to_ns(self, state: ProcessState) -> ProcessState:
+        return replace(
+            state, pid=self.ns_pid(state.pid),
+            threads=[replace(t, tid=self.ns_pid(t.tid)) for t in state.threads],
+            fds=[replace(f, same_as=(self.ns_pid(f.same_as[0]), f.same_as[1]))
+                 if f.same_as else f for f in state.fds])
+
     def _refresh_tree(self, track_new: bool = True) -> list[ProcessSource]:
         """Look at the tree again: follow processes born (a tracker each, unless the tree is
         frozen: their one round is their last) and gone, and note the zombies. Returns the
         live processes, parents first."""
         tasks = procfs.tree(self.pid)
+        self._ns = {}
         live = [t for t in tasks if not t.zombie]
         self.zombies = [Zombie(t.pid, t.parent, t.sid, t.pgid, t.exit_code)
                         for t in tasks if t.zombie]
@@ -211,6 +243,7 @@ class SourceSession:
             states = [p.collect_state(layouts[p.pid], statuses[p.pid], inside[p.pid],
                                       self.direct) for p in procs]
             share_open_files(states)
+            states = [self._to_ns(s) for s in states]
             t_state = time.monotonic()
             if worker:
                 worker.join()
@@ -293,15 +326,28 @@ class SourceSession:
         pages_file = None if self.direct else \
             open(os.path.join(directory, schema.PAGES_FILE), "wb")
         copy_ms = 0.0
+        members = set(self.procs) | {z.pid for z in self.zombies}
+        skipped: set[int] = set()
         try:
             offset = 0
-            for p in self.procs.values():
-                layout = layouts[p.pid] if layouts else p.layout()
+            for p in list(self.procs.values()):
                 parent = self.procs.get(p.task.parent)
-                scan = p.scan_memory(
-                    layout, final=final, written=(written or {}).get(p.pid),
-                    parent=parent, parent_layout=parent and scans[parent.pid][0],
-                    parent_copy=scans[parent.pid][1].copy if parent else b"")
+                if p.task.parent in skipped:
+                    skipped.add(p.pid)
+                    continue
+                try:
+                    layout = layouts[p.pid] if layouts else p.layout()
+                    scan = p.scan_memory(
+                        layout, final=final, written=(written or {}).get(p.pid),
+                        parent=parent, parent_layout=parent and scans[parent.pid][0],
+                        parent_copy=scans[parent.pid][1].copy if parent else b"")
+                except Exception:
+                    # a process may exit while the tree runs: it leaves this round (and the
+                    # staged tree) with its children, which are reparented out of the tree
+                    if final or p.pid == self.pid or not p.gone():
+                        raise
+                    skipped.add(p.pid)
+                    continue
                 scans[p.pid] = (layout, scan)
                 tc = time.perf_counter()
                 if self.direct:
@@ -310,12 +356,14 @@ class SourceSession:
                     nbytes = native.dump_pages(p.pid, p.mem_fd, scan.copy, pages_file.fileno())
                 copy_ms += (time.perf_counter() - tc) * 1e3
                 t = p.task
+                tids = [t.pid for t in p.frozen] if p.frozen else procfs.threads(p.pid)
                 tasks.append(AddressSpaceRound(
-                    p.pid, layout, scan.fresh, scan.copy, scan.zap, offset,
-                    "pid" if self.direct else "file",
-                    [t.pid for t in p.frozen] if p.frozen else procfs.threads(p.pid),
-                    parent=t.parent if parent else 0, sid=t.sid, pgid=t.pgid,
-                    starttime=t.starttime, first=p.first, exit_signal=t.exit_signal))
+                    self.ns_pid(p.pid), layout, scan.fresh, scan.copy, scan.zap, offset,
+                    "pid" if self.direct else "file", [self.ns_pid(tid) for tid in tids],
+                    parent=self.ns_pid(t.parent) if parent else 0,
+                    sid=self._ns_member(t.sid, members), pgid=self._ns_member(t.pgid, members),
+                    starttime=t.starttime, first=p.first, exit_signal=t.exit_signal,
+                    source_pid=p.pid))
                 if not self.direct:
                     offset += nbytes
                 totals["bytes"] += nbytes
@@ -334,11 +382,16 @@ class SourceSession:
             parent_id=parent_round[1].id if parent_round else None,
             parent_path=os.path.relpath(parent_round[0], directory) if parent_round else None,
             kind=kind, source=dict(self.source_info, time=time.time()), tasks=tasks,
-            states=states, zombies=list(self.zombies) if final else [],
+            states=states,
+            zombies=[Zombie(self.ns_pid(z.pid), self.ns_pid(z.parent),
+                            self._ns_member(z.sid, members), self._ns_member(z.pgid, members),
+                            z.exit_code) for z in self.zombies] if final else [],
             stats=dict(totals, pages=totals["bytes"] // 4096, processes=len(tasks),
                        copy_ms=copy_ms, round_ms=(time.perf_counter() - t0) * 1e3))
         if write:
             schema.write_round(directory, r)
+        for pid in skipped:
+            self.procs.pop(pid).close()
         for p in self.procs.values():
             p.last_layout = scans[p.pid][0]
             p.first = False
