@@ -79,6 +79,28 @@ def my_children() -> list[int]:
     return kids
 
 
+def tree_memory_kib(root: int) -> dict:
+    """RSS and PSS (KiB) summed over the process tree under root: PSS counts a page shared by
+    n processes 1/n times, so a tree that kept its copy-on-write sharing has PSS << RSS."""
+    todo, rss, pss, n = [root], 0, 0, 0
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+            n += 1
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    todo += [int(x) for x in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return {"processes": n, "rss_kib": rss, "pss_kib": pss}
+
+
 def kill_and_reap(pid, timeout: float = 5.0) -> None:
     """SIGKILL exactly this pid (int or Popen); reap it if it is our child (also an adopted
     one), else wait until it is gone or a zombie."""

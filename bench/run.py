@@ -162,6 +162,7 @@ def run_prerestore(memhog: Path, size: int, rate: int, mode: str, rep: int, logd
         rec["source_pid"] = proc.pid
         time.sleep(warmup)
         progress = (lambda m: print(f"      {m}", flush=True)) if verbose else (lambda m: None)
+        rec["source_memory"] = harness.tree_memory_kib(proc.pid)
         t0 = time.monotonic()
         report = migrate(proc.pid, progress=progress, **MODES[mode])
         rec["wall_ms"] = (time.monotonic() - t0) * 1e3
@@ -171,6 +172,7 @@ def run_prerestore(memhog: Path, size: int, rate: int, mode: str, rep: int, logd
         rec.update(summarize(report))
         rec["restored_host_pid"], rec["namespace_init_pid"] = host, init
         rec["alive"] = harness.check_running(host, log)
+        rec["restored_memory"] = harness.tree_memory_kib(host)
         rec["report"] = report
         rec["ok"] = rec["alive"]["ok"]
         if not rec["ok"]:
@@ -318,6 +320,15 @@ def aggregate(runs: list[dict]) -> list[dict]:
             "final_pages": _median([r.get("final_pages") for r in ok]),
             "round0_Bps": _median([r.get("round0_Bps") for r in ok]),
             "finalize_apply_Bps": _median([r.get("finalize_apply_Bps") for r in ok]),
+            "processes": _median([r.get("processes") for r in ok]),
+            "create_husks_ms": _median([r.get("create_husks_ms") for r in ok]),
+            "finalize_create_ms": _median([r.get("finalize_create_ms") for r in ok]),
+            "source_pss_mib": _median([r["source_memory"]["pss_kib"] / 1024 for r in ok
+                                       if r.get("source_memory")]),
+            "restored_pss_mib": _median([r["restored_memory"]["pss_kib"] / 1024 for r in ok
+                                         if r.get("restored_memory")]),
+            "restored_rss_mib": _median([r["restored_memory"]["rss_kib"] / 1024 for r in ok
+                                         if r.get("restored_memory")]),
         })
     order = {m: i for i, m in enumerate(list(MODES) + CRIU_MODES)}
     out.sort(key=lambda a: (a["size_mib"], a["rate"], order.get(a["mode"], 99)))
@@ -380,6 +391,24 @@ def print_tables(result: dict) -> str:
             continue
         p(f"{a['size_mib']:>5} {a['rate']:>5}  {a['mode']:<17} "
           + " ".join(f"{_fmt(ph.get(k), '.2f'):>12}" for k in names))
+
+    # trees: making the husks, and the memory the restored tree takes
+    if any((a.get("processes") or 1) > 1 for a in result["summary"]):
+        p("")
+        p(f"process tree ({result['config'].get('tree')}): husks spawned/forked (ms: in the "
+          "first round for pre-restore, inside the downtime for cold), PSS (MiB)")
+        hdr = (f"{'MiB':>5} {'pg/ms':>5}  {'mode':<17} {'procs':>5} {'make husks':>10} "
+               f"{'in downtime':>11} {'PSS src':>8} {'PSS dst':>8} {'RSS dst':>8}")
+        p(hdr)
+        p("-" * len(hdr))
+        for a in result["summary"]:
+            if a["mode"] in CRIU_MODES:
+                continue
+            p(f"{a['size_mib']:>5} {a['rate']:>5}  {a['mode']:<17} "
+              f"{_fmt(a.get('processes'), '.0f'):>5} {_fmt(a.get('create_husks_ms'), '.1f'):>10} "
+              f"{_fmt(a.get('finalize_create_ms'), '.1f'):>11} "
+              f"{_fmt(a.get('source_pss_mib'), '.0f'):>8} {_fmt(a.get('restored_pss_mib'), '.0f'):>8} "
+              f"{_fmt(a.get('restored_rss_mib'), '.0f'):>8}")
 
     # ratios
     by = {(a["size_mib"], a["rate"], a["mode"]): a["downtime_ms"] for a in result["summary"]}

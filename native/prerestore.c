@@ -689,6 +689,36 @@ void pr_split_regions(const struct pr_page_region *in, long n, uint64_t mask, ui
     }
 }
 
+/* The bytes queued in a pipe, without taking them: tee(2) them into a pipe of our own and read
+ * that. pipe_fd: a read end of it (O_NONBLOCK). Returns the number of bytes (at most cap), or
+ * -errno. */
+long pr_pipe_peek(int pipe_fd, char *buf, long cap)
+{
+    int tmp[2];
+    if (pipe2(tmp, O_CLOEXEC | O_NONBLOCK))
+        return ERR;
+    long size = fcntl(pipe_fd, F_GETPIPE_SZ);
+    if (size > 0 && fcntl(tmp[1], F_SETPIPE_SZ, size) < 0 && errno != EPERM) {
+        long e = ERR;
+        close(tmp[0]), close(tmp[1]);
+        return e;
+    }
+    long got = tee(pipe_fd, tmp[1], (size_t)cap, SPLICE_F_NONBLOCK);
+    long r = 0;
+    if (got < 0)
+        r = errno == EAGAIN ? 0 : ERR;      /* EAGAIN: empty */
+    else {
+        while (r < got) {
+            ssize_t n = read(tmp[0], buf + r, (size_t)(got - r));
+            if (n <= 0)
+                break;
+            r += n;
+        }
+    }
+    close(tmp[0]), close(tmp[1]);
+    return r;
+}
+
 /* Do fd1 of pid1 and fd2 of pid2 refer to the same open file description? 1 yes, 0 no. */
 int pr_same_file(int pid1, int fd1, int pid2, int fd2)
 {

@@ -147,9 +147,12 @@ def ranges_bytes(raw: bytes) -> int:
 
 @dataclass
 class FileDescriptor:
-    """An open fd of a supported kind: a regular file or a character device like /dev/null."""
+    """An open fd: a regular file, a character device like /dev/null, an end of a pipe whose
+    other end is in the tree too ("pipe": path "pipe:[inode]", offset is the pipe's capacity,
+    and the pipe's first fd in the tree carries the bytes queued in it), or, on the same host,
+    any object handed over as it is ("handover")."""
     fd: int
-    kind: str          # "file" | "chr"
+    kind: str          # "file" | "chr" | "pipe" | "handover"
     path: str
     flags: int         # open flags as in fdinfo (O_ACCMODE, O_APPEND, O_CLOEXEC, ...)
     offset: int
@@ -157,6 +160,7 @@ class FileDescriptor:
     # (pid, fd) of the first fd of the tree (in tree order, then fd order) that refers to the
     # same open file description (dup, inherited by fork): restored as that one, not reopened
     same_as: tuple[int, int] | None = None
+    data: bytes = b""
 
 
 @dataclass

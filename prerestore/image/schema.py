@@ -55,7 +55,7 @@ def _state(s: ProcessState) -> dict:
             "sigactions": {n: [a.handler, a.flags, a.restorer, a.mask]
                            for n, a in s.sigactions.items()},
             "fds": [[f.fd, f.kind, f.path, f.flags, f.offset, list(f.dev_inode),
-                     list(f.same_as) if f.same_as else None] for f in s.fds],
+                     list(f.same_as) if f.same_as else None, f.data] for f in s.fds],
             "threads": [_thread(t) for t in s.threads], "shared_pending": s.shared_pending,
             "cpus": s.cpus, "creds": vars(s.creds) if s.creds else None,
             "dumpable": s.dumpable, "pdeathsig": s.pdeathsig,
@@ -76,7 +76,7 @@ def _decode_state(s: dict) -> ProcessState:
         rlimits={int(r): tuple(v) for r, v in s["rlimits"].items()},
         sigactions={int(n): SigAction(*a) for n, a in s["sigactions"].items()},
         fds=[FileDescriptor(f[0], f[1], f[2], f[3], f[4], tuple(f[5]),
-                            tuple(f[6]) if f[6] else None) for f in s["fds"]],
+                            tuple(f[6]) if f[6] else None, f[7]) for f in s["fds"]],
         threads=[ThreadState(t["tid"], t["regs"], t["xstate"], t["sigmask"],
                              tuple(t["rseq"]) if t["rseq"] else None,
                              tuple(t["robust_list"]), t["clear_child_tid"],

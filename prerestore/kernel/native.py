@@ -339,6 +339,13 @@ def uffd_wp_range(uffd: int, start: int, length: int) -> None:
 
 # ---- processes --------------------------------------------------------------------------------
 
+def pipe_peek(pipe_fd: int, cap: int = 1 << 20) -> bytes:
+    """What is queued in the pipe (pipe_fd: a non-blocking read end of it), left queued."""
+    buf = ffi.new("char[]", cap)
+    n = check(lib.pr_pipe_peek(pipe_fd, buf, cap), "tee(pipe)")
+    return ffi.buffer(buf, n)[:]
+
+
 def same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
     """kcmp(KCMP_FILE): the same open file description (shared offset and flags)?"""
     return bool(check(lib.pr_same_file(pid1, fd1, pid2, fd2), "kcmp(KCMP_FILE)", pid1,

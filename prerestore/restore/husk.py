@@ -536,6 +536,9 @@ class Husk:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             for pid, there, _ in items:
+                if pid is None:                  # one of ours
+                    local.append(os.dup(there))
+                    continue
                 if pid not in pidfds:
                     pidfds[pid] = native.pidfd_open(pid)
                 local.append(native.pidfd_getfd(pidfds[pid], there, pid))
@@ -685,11 +688,13 @@ class Husk:
             self.tracee.set_regs(saved)
 
     def apply_state(self, state: ProcessState, source_pid: int | None = None,
-                    tree: dict[int, int] | None = None) -> dict:
+                    tree: dict[int, int] | None = None,
+                    made: dict[tuple[int, int], int] | None = None) -> dict:
         """Everything but the registers: fds, mm fields, signals, rseq... in one batch, after
         creating the other threads. source_pid: the live source on this host, to hand over
         what cannot be reopened; tree: host pids of the tree's husks by the pid they stand
-        for, whose states were applied before (for open files shared with them)."""
+        for, whose states were applied before (for open files shared with them); made:
+        objects the restorer made for the tree (pipes): our own fds, by (pid, fd)."""
         t0 = time.perf_counter()
         maybe_fail("apply_state")
         # limits first: RLIMIT_NOFILE bounds the fd numbers we are about to install
@@ -722,6 +727,9 @@ class Husk:
         items = [(source_pid, f.fd, f) for f in handed]
         for f in sorted(state.fds, key=lambda f: f.fd):
             if f.kind == "handover":
+                continue
+            if f.kind == "pipe":
+                items.append((None, (made or {})[(self.pid, f.fd)], f))
                 continue
             cloexec = lib.O_CLOEXEC if f.flags & lib.O_CLOEXEC else 0
             if f.same_as and f.same_as[0] == self.pid:      # a dup of an fd opened above

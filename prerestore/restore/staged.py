@@ -7,14 +7,58 @@ object given the whole chain at once. Any error kills every husk: there is never
 tree."""
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 
 from ..errors import ImageError, PrerestoreError, ProcessGone, RestoreError
 from ..image import schema
 from ..kernel import procfs
-from ..model import AddressSpaceRound, Round
+from ..model import AddressSpaceRound, ProcessState, Round
 from .husk import Husk
+
+
+def make_pipes(states: list[ProcessState]) -> dict[tuple[int, int], int]:
+    """The pipes of an image, made here (one read and one write open file description each,
+    more where the source had more, O_NONBLOCK as it had it), their queued bytes written back;
+    the husks are handed them (Husk.apply_state). Returns our fds by (pid, fd)."""
+    made: dict[tuple[int, int], int] = {}
+    pipes: dict[tuple[int, int], tuple[int, int]] = {}
+    try:
+        for s in states:
+            for f in sorted(s.fds, key=lambda f: f.fd):
+                if f.kind != "pipe":
+                    continue
+                if f.same_as:
+                    made[(s.pid, f.fd)] = made[f.same_as]
+                    continue
+                if f.dev_inode not in pipes:
+                    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                    pipes[f.dev_inode] = (r, w)
+                    made[("pipe", r)], made[("pipe", w)] = r, w     # closed with the rest
+                    if f.offset:
+                        try:
+                            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, f.offset)
+                        except OSError as e:
+                            raise RestoreError(f"pid {s.pid} fd {f.fd}: {f.path}: cannot give "
+                                               f"the pipe its {f.offset} bytes ({e})") from None
+                r, w = pipes[f.dev_inode]
+                if f.data:
+                    if os.write(w, f.data) != len(f.data):
+                        raise RestoreError(f"{f.path}: could not queue its {len(f.data)} bytes")
+                end = r if f.flags & 3 == os.O_RDONLY else w
+                if f.flags & 3 == os.O_RDWR or any(v == end for k, v in made.items()
+                                                  if k[0] != "pipe"):
+                    # another open file description of the same pipe
+                    end = os.open(f"/proc/self/fd/{end}", (f.flags & 3) | os.O_CLOEXEC |
+                                  os.O_NONBLOCK)
+                fcntl.fcntl(end, fcntl.F_SETFL, f.flags & os.O_NONBLOCK)
+                made[(s.pid, f.fd)] = end
+    except BaseException:
+        for fd in set(made.values()):
+            os.close(fd)
+        raise
+    return made
 
 
 class StagedTree:
@@ -190,9 +234,14 @@ class StagedTree:
             self._set_groups(final)
             direct = any(t.pages_from == "pid" for t in final.tasks)
             tree = {pid: h.host_pid for pid, h in self.husks.items()}
-            state_stats = [self.husks[s.pid].apply_state(
-                s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree)
-                for s in final.states]
+            made = make_pipes(final.states)
+            try:
+                state_stats = [self.husks[s.pid].apply_state(
+                    s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
+                    made) for s in final.states]
+            finally:
+                for fd in set(made.values()):
+                    os.close(fd)
             t_state = time.monotonic()
             for s in final.states:
                 self.husks[s.pid].load_registers(s)

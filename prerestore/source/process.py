@@ -51,6 +51,8 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
             pass
     for fd in procfs.fd_numbers(pid):
         what, desc = procfs.describe_fd(pid, fd)
+        if desc is None and what.startswith("pipe:") and not same_host:
+            continue       # carried when its other end is in the tree (see tree_problems)
         if desc is None and not (same_host and procfs.can_hand_over(pid, fd, what)):
             problems.append(f"fd {fd}: {what} (unsupported file kind"
                             f"{'' if same_host else ' between hosts'})")
@@ -293,10 +295,14 @@ class ProcessSource:
         for fd in procfs.fd_numbers(pid):
             what, desc = procfs.describe_fd(pid, fd)
             if desc is None:
-                if not (direct and procfs.can_hand_over(pid, fd, what)):
-                    raise UnsupportedState(f"pid {pid} fd {fd}: {what} (unsupported file kind)")
                 flags = int(procfs.fdinfo(pid, fd).get("flags", "0"), 8)
-                desc = FileDescriptor(fd, "handover", what, flags, 0)
+                if not direct and what.startswith("pipe:"):
+                    desc = FileDescriptor(fd, "pipe", what, flags, 0,
+                                          (0, int(what[6:-1])))
+                elif not (direct and procfs.can_hand_over(pid, fd, what)):
+                    raise UnsupportedState(f"pid {pid} fd {fd}: {what} (unsupported file kind)")
+                else:
+                    desc = FileDescriptor(fd, "handover", what, flags, 0)
             fds.append(desc)
         return ProcessState(
             pid=pid, comm=procfs.comm(pid), exe=procfs.readlink(pid, "exe"),

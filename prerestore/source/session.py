@@ -7,6 +7,7 @@ thread of every process stopped under ptrace until told to kill them (the destin
 to resume them (rollback)."""
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
 import socket
@@ -52,9 +53,32 @@ def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
     return problems
 
 
+def half_pipes(tasks: list[procfs.TreeTask]) -> list[str]:
+    """Pipes with an end in the tree and the other end outside it: an image can only recreate
+    a pipe whole."""
+    ends: dict[str, set[int]] = {}
+    where: dict[str, tuple[int, int]] = {}
+    for t in tasks:
+        if t.zombie:
+            continue
+        try:
+            for fd in procfs.fd_numbers(t.pid):
+                what = procfs.readlink(t.pid, f"fd/{fd}")
+                if what.startswith("pipe:"):
+                    mode = int(procfs.fdinfo(t.pid, fd).get("flags", "0"), 8) & 3
+                    ends.setdefault(what, set()).update({0, 1} if mode == 2 else {mode})
+                    where.setdefault(what, (t.pid, fd))
+        except ProcessGone:
+            continue
+    return [f"pid {where[p][0]} fd {where[p][1]}: {p}: its other end is outside the tree "
+            "(a pipe is carried whole between hosts)" for p, e in ends.items() if e != {0, 1}]
+
+
 def find_tree_unsupported(root: int, same_host: bool = False) -> list[str]:
     tasks = procfs.tree(root)
     problems = tree_problems(tasks)
+    if not same_host:
+        problems += half_pipes(tasks)
     for t in tasks:
         if t.zombie:
             continue
@@ -79,15 +103,38 @@ def share_open_files(states: list[ProcessState]) -> None:
     seen: dict[tuple, list[tuple[int, FileDescriptor]]] = {}
     for s in states:
         for f in sorted(s.fds, key=lambda f: f.fd):
-            if f.kind not in ("file", "chr"):
+            if f.kind not in ("file", "chr", "pipe"):
                 continue
-            key = (f.dev_inode, f.offset, f.flags & ~0o2000000)      # O_CLOEXEC is per fd
+            key = (f.kind, f.dev_inode, f.offset, f.flags & ~0o2000000)  # O_CLOEXEC: per fd
             for pid, first in seen.get(key, []):
                 if native.same_file(pid, first.fd, s.pid, f.fd):
                     f.same_as = (pid, first.fd)
                     break
             else:
                 seen.setdefault(key, []).append((s.pid, f))
+
+
+def capture_pipes(states: list[ProcessState]) -> None:
+    """For an image: the capacity of each pipe on every fd of it, and the bytes queued in it
+    (peeked, not taken) on its first fd in the tree."""
+    seen: set[tuple[int, int]] = set()
+    for s in states:
+        for f in s.fds:
+            if f.kind != "pipe":
+                continue
+            try:
+                peek = os.open(f"/proc/{s.pid}/fd/{f.fd}", os.O_RDONLY | os.O_NONBLOCK |
+                               os.O_CLOEXEC)
+            except OSError as e:
+                raise UnsupportedState(f"pid {s.pid} fd {f.fd}: {f.path}: cannot open it to "
+                                       f"read what is queued ({e})") from None
+            try:
+                f.offset = fcntl.fcntl(peek, fcntl.F_GETPIPE_SZ)
+                if f.dev_inode not in seen:
+                    seen.add(f.dev_inode)
+                    f.data = native.pipe_peek(peek, f.offset)
+            finally:
+                os.close(peek)
 
 
 class SourceSession:
@@ -243,6 +290,7 @@ class SourceSession:
             states = [p.collect_state(layouts[p.pid], statuses[p.pid], inside[p.pid],
                                       self.direct) for p in procs]
             share_open_files(states)
+            capture_pipes(states)
             states = [self._to_ns(s) for s in states]
             t_state = time.monotonic()
             if worker:
