@@ -1024,6 +1024,42 @@ long pr_pagemap_vs_parent(int child_pm_fd, int parent_pm_fd, uint64_t start, uin
     return 0;
 }
 
+static void append_range(struct pr_range *out, long *n, uint64_t a, uint64_t b)
+{
+    if (*n && out[*n - 1].end == a)
+        out[*n - 1].end = b;
+    else
+        out[(*n)++] = (struct pr_range){a, b};
+}
+
+/* Split ranges (sorted) into pages that hold data (present, or swapped out: not a uffd-wp
+ * marker) and pages that do not, from /proc/PID/pagemap. For the written pages of a round:
+ * a handful of preads where PAGEMAP_SCAN asking for PRESENT takes its slow path per range.
+ * Outputs need room for one range per two pages plus one per input range. */
+long pr_split_present(int pagemap_fd, const struct pr_range *in, long n, struct pr_range *yes,
+                      long *n_yes, struct pr_range *no, long *n_no)
+{
+    static uint64_t pm[PM_BATCH];
+    *n_yes = *n_no = 0;
+    for (long i = 0; i < n; i++) {
+        for (uint64_t base = in[i].start; base < in[i].end;) {
+            long got = read_pagemap(pagemap_fd, base, in[i].end, pm);
+            if (got < 0)
+                return got;
+            for (long k = 0; k < got; k++) {
+                uint64_t a = base + (uint64_t)k * PAGE;
+                int swapped = (pm[k] & PM_SWAP) && (pm[k] & 0x1f) != 0x1f;
+                if ((pm[k] & PM_PRESENT) || swapped)
+                    append_range(yes, n_yes, a, a + PAGE);
+                else
+                    append_range(no, n_no, a, a + PAGE);
+            }
+            base += (uint64_t)got * PAGE;
+        }
+    }
+    return 0;
+}
+
 /* Present private pages of [start, end) from /proc/PID/pagemap, as regions (PAGEMAP_SCAN's
  * PRESENT && !FILE, for kernels without PAGEMAP_SCAN). Returns the count or -ENOSPC. */
 long pr_pagemap_present(int pagemap_fd, uint64_t start, uint64_t end,

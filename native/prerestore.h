@@ -91,6 +91,8 @@ long pr_hash_scan(int pid, int mem_fd, int pagemap_fd, uint64_t start, uint64_t 
 long pr_pagemap_vs_parent(int child_pm_fd, int parent_pm_fd, uint64_t start, uint64_t end,
                           struct pr_range *copy, long *n_copy, struct pr_range *drop,
                           long *n_drop, long cap);
+long pr_split_present(int pagemap_fd, const struct pr_range *in, long n, struct pr_range *yes,
+                      long *n_yes, struct pr_range *no, long *n_no);
 long pr_pagemap_present(int pagemap_fd, uint64_t start, uint64_t end,
                         struct pr_page_region *out, long cap);
 int pr_uffd_wp_range(int uffd, uint64_t start, uint64_t len);

@@ -326,6 +326,21 @@ def pagemap_vs_parent(child_pm_fd: int, parent_pm_fd: int, areas: bytes,
     return b"".join(copy), b"".join(drop)
 
 
+def split_present(pagemap_fd: int, ranges: bytes, pid: int | None = None
+                  ) -> tuple[bytes, bytes]:
+    """(pages of the packed ranges that hold data, pages that do not), from pagemap."""
+    n = len(ranges) // 16
+    if not n:
+        return b"", b""
+    pages = sum(e - s for s, e in RANGE.iter_unpack(ranges)) // PAGE_SIZE
+    cap = pages // 2 + n + 2
+    yes, no = ffi.new("struct pr_range[]", cap), ffi.new("struct pr_range[]", cap)
+    n_yes, n_no = ffi.new("long *"), ffi.new("long *")
+    check(lib.pr_split_present(pagemap_fd, ffi.from_buffer("struct pr_range[]", ranges), n,
+                               yes, n_yes, no, n_no), "read /proc/PID/pagemap", pid)
+    return ffi.buffer(yes, 16 * n_yes[0])[:], ffi.buffer(no, 16 * n_no[0])[:]
+
+
 def uffd_api(uffd: int, features: int) -> int:
     got = ffi.new("uint64_t *")
     check(lib.pr_uffd_api(uffd, features, got), "ioctl(UFFDIO_API)")

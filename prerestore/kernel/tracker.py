@@ -90,12 +90,9 @@ class DirtyTracker:
                                   mask=native.PAGE_IS_WRITTEN,
                                   return_mask=native.PAGE_IS_WRITTEN, pid=self.pid)
 
-    def classify(self, ranges: bytes):
-        """Split ranges into regions by PRESENT and PFNZERO (no write-protection change)."""
-        res, _ = native.scan_ranges(self.pagemap_fd, ranges,
-                                    return_mask=native.PAGE_IS_PRESENT | native.PAGE_IS_PFNZERO,
-                                    pid=self.pid)
-        return res
+    def classify(self, ranges: bytes) -> tuple[bytes, bytes]:
+        """(written pages that hold data: to copy, written pages gone since: to drop)."""
+        return native.split_present(self.pagemap_fd, ranges, self.pid)
 
     def close(self) -> None:
         for fd in (self.uffd, self.pagemap_fd):
@@ -197,8 +194,8 @@ class HashTracker:
             self._store(start, end, h, sus)
         return native.ScanResult(b"".join(chunks)), untracked
 
-    def classify(self, ranges: bytes):
-        return native.pagemap_present(self.pagemap_fd, ranges, self.pid)
+    def classify(self, ranges: bytes) -> tuple[bytes, bytes]:
+        return native.split_present(self.pagemap_fd, ranges, self.pid)
 
     def close(self) -> None:
         for fd in (self.pagemap_fd, self.mem_fd):

@@ -182,8 +182,7 @@ class ProcessSource:
             lost = len(untracked)
             pages, _ = res.split()
             if pages:
-                c, d = self.tracker.classify(pages).split(
-                    native.PAGE_IS_PRESENT | native.PAGE_IS_PFNZERO, native.PAGE_IS_PRESENT)
+                c, d = self.tracker.classify(pages)
                 copy.append(c)
                 zap.append(d)
         if self.inherited and not inherit:

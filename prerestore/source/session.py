@@ -196,11 +196,12 @@ class SourceSession:
             fds=[replace(f, same_as=(self.ns_pid(f.same_as[0]), f.same_as[1]))
                  if f.same_as else f for f in state.fds])
 
-    def _refresh_tree(self, track_new: bool = True) -> list[ProcessSource]:
+    def _refresh_tree(self, track_new: bool = True,
+                      tasks: list[procfs.TreeTask] | None = None) -> list[ProcessSource]:
         """Look at the tree again: follow processes born (a tracker each, unless the tree is
         frozen: their one round is their last) and gone, and note the zombies. Returns the
         live processes, parents first."""
-        tasks = procfs.tree(self.pid)
+        tasks = tasks if tasks is not None else procfs.tree(self.pid)
         self._ns = {}
         live = [t for t in tasks if not t.zombie]
         self.zombies = [Zombie(t.pid, t.parent, t.sid, t.pgid, t.exit_code)
@@ -263,9 +264,9 @@ class SourceSession:
                 os.sched_setaffinity(0, mask)
         t0 = time.monotonic()          # the clock the destination reports resumption in
         try:
-            procs = self._freeze_tree()
+            procs, tasks = self._freeze_tree()
             t_frozen = time.monotonic()
-            problems = tree_problems(procfs.tree(self.pid))   # it may have changed meanwhile
+            problems = tree_problems(tasks)        # it may have changed since the check
             if problems:
                 raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
             layouts, statuses, inside = {}, {}, {}
@@ -316,7 +317,7 @@ class SourceSession:
             self.resume()
             raise
 
-    def _freeze_tree(self) -> list[ProcessSource]:
+    def _freeze_tree(self) -> tuple[list[ProcessSource], list[procfs.TreeTask]]:
         """Stop every thread of every process of the tree. Tasks can appear while we stop the
         others: list again until every listed thread is ours and stopped (a stopped thread
         creates none). Zombies are left as they are: nothing runs in them."""
@@ -325,7 +326,8 @@ class SourceSession:
         self.held = []
         while True:
             new = []
-            for t in procfs.tree(self.pid):
+            tasks = procfs.tree(self.pid)
+            for t in tasks:
                 if t.zombie:
                     continue
                 try:
@@ -345,11 +347,11 @@ class SourceSession:
             if not new:
                 break
             Tracee.stop_all(new)
-        procs = self._refresh_tree(track_new=False)
+        procs = self._refresh_tree(track_new=False, tasks=tasks)   # the listing that was stable
         for p in procs:
             p.frozen = sorted((t for tid, t in held.items() if owner[tid] == p.pid),
                               key=lambda t: t.pid != p.pid)      # the main thread first
-        return procs
+        return procs, tasks
 
     def _scan_in_thread(self, areas: dict[int, bytes], out: dict) -> None:
         try:
