@@ -43,13 +43,14 @@ def tree_of(root: int) -> dict[int, tuple[str, int, int, int]]:
         pid = todo.pop()
         try:
             out[pid] = stat(pid)
+            tids = os.listdir(f"/proc/{pid}/task")
         except (FileNotFoundError, ProcessLookupError):
             continue               # a short-lived child (churn) gone meanwhile
-        for tid in os.listdir(f"/proc/{pid}/task"):
+        for tid in tids:
             try:
                 with open(f"/proc/{pid}/task/{tid}/children") as f:
                     todo += [int(x) for x in f.read().split()]
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):
                 pass
     return out
 
@@ -230,3 +231,26 @@ def test_tree_in_its_own_pid_namespace(tree_bin, tmp_path):
         cleanup.run()
         outer.kill()
         outer.wait(10)
+
+
+def test_child_subreaper_still_adopts_orphans(tmp_path):
+    """The reaper relationship: a subreaper root adopts the orphans of its tree, before the
+    migration and after it (its PR_SET_CHILD_SUBREAPER flag is carried)."""
+    import sys
+    argv = [sys.executable, WORKLOAD_DIR / "reaper.py"]
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 300, pid=src.pid)
+        r = migrate(src.pid, policy=POLICY, work_dir=str(tmp_path / "images"))
+        cleanup.add(r["namespace_init_pid"], r["restored_host_pid"])
+        src.wait(10)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, timeout=60, pid=r["restored_host_pid"])
+        assert "BAD" not in open(log).read()
+        assert compare_with_reference(log, argv) >= (it + 300) // 100
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)

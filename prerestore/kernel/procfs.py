@@ -16,7 +16,7 @@ def _read(pid: int, name: str) -> bytes:
     try:
         with open(f"/proc/{pid}/{name}", "rb") as f:
             return f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise ProcessGone(errno.ESRCH, f"read /proc/{pid}/{name}", pid) from None
 
 
@@ -79,7 +79,7 @@ def mm_fields(fields: list[str], brk: int) -> MmFields:
 def threads(pid: int) -> list[int]:
     try:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise ProcessGone(errno.ESRCH, f"list /proc/{pid}/task", pid) from None
 
 
@@ -150,7 +150,7 @@ def comm(pid: int) -> str:
 def readlink(pid: int, name: str) -> str:
     try:
         return os.readlink(f"/proc/{pid}/{name}")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise ProcessGone(errno.ESRCH, f"readlink /proc/{pid}/{name}", pid) from None
 
 
@@ -165,7 +165,7 @@ def fdinfo(pid: int, fd: int) -> dict[str, str]:
 def fd_numbers(pid: int) -> list[int]:
     try:
         return sorted(int(x) for x in os.listdir(f"/proc/{pid}/fd"))
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise ProcessGone(errno.ESRCH, f"list /proc/{pid}/fd", pid) from None
 
 
@@ -177,7 +177,7 @@ def describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None]:
     offset = int(info.get("pos", "0"))
     try:
         st = os.stat(f"/proc/{pid}/fd/{fd}")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return target, None
     if target.endswith(" (deleted)"):
         return f"deleted file {target[:-10]}", None
@@ -217,7 +217,7 @@ def can_hand_over(pid: int, fd: int, what: str) -> bool:
         return what[len("anon_inode:"):] in HANDOVER_ANON
     try:
         st = os.stat(f"/proc/{pid}/fd/{fd}")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
     return stat_mod.S_ISFIFO(st.st_mode) or stat_mod.S_ISREG(st.st_mode) or \
         stat_mod.S_ISDIR(st.st_mode) or stat_mod.S_ISCHR(st.st_mode)

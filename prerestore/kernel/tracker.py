@@ -17,7 +17,7 @@ import os
 from ..errors import KernelCallError, UnsupportedState
 from . import native, procfs
 from .native import lib
-from .tracee import RemoteSyscalls, Tracee
+from .tracee import ALL_SIGNALS, RemoteSyscalls, Tracee
 
 DIRTY_FLAGS = native.PM_SCAN_WP_MATCHING | native.PM_SCAN_CHECK_WPASYNC
 
@@ -49,7 +49,10 @@ class DirtyTracker:
         flags = lib.O_CLOEXEC | lib.O_NONBLOCK | (native.UFFD_USER_MODE_ONLY if uid else 0)
         vdso = next(v for v in procfs.maps(self.pid) if v.path == "[vdso]")
         with Tracee(self.pid) as t:
-            saved = t.regs()
+            saved, mask = t.regs(), t.sigmask()
+            # a signal arriving mid-injection would stop it for delivery instead: block them
+            # all meanwhile (they stay pending, and are delivered once we let go)
+            t.set_sigmask(ALL_SIGNALS)
             try:
                 remote = RemoteSyscalls(t, (vdso.start, vdso.end))
                 remote_fd = remote.call(lib.SYS_userfaultfd, flags)
@@ -61,6 +64,7 @@ class DirtyTracker:
                 remote.call(lib.SYS_close, remote_fd)
             finally:
                 t.set_regs(saved)
+                t.set_sigmask(mask)
 
     def protect(self, ranges: list[tuple[int, int]]) -> int:
         """Start tracking these ranges: register them and write-protect every page.

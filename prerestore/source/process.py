@@ -97,7 +97,7 @@ class ProcessSource:
             self.mem_fd = os.open(f"/proc/{task.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         except BaseException as e:
             self.close()
-            if self.gone():
+            if self.gone(e):
                 raise ProcessGone(3, f"follow pid {task.pid} ({e})", task.pid) from None
             raise
         self.last_layout: list[Vma] | None = None
@@ -108,8 +108,11 @@ class ProcessSource:
         self.frozen: list[Tracee] = []     # every thread, the main one first, while frozen
         self._maps_raw, self._maps_parsed = b"", []
 
-    def gone(self) -> bool:
-        """Has the process exited (or its pid gone to another one) since we saw it?"""
+    def gone(self, error: BaseException | None = None) -> bool:
+        """Has the process exited, or is it exiting (`error`: ESRCH from a call on it), or
+        has its pid gone to another one since we saw it?"""
+        if getattr(error, "errno", None) == 3:               # ESRCH
+            return True
         try:
             return procfs.tree_task(self.pid).starttime != self.task.starttime or \
                 procfs.tree_task(self.pid).zombie

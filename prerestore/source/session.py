@@ -391,10 +391,10 @@ class SourceSession:
                         layout, final=final, written=(written or {}).get(p.pid),
                         parent=parent, parent_layout=parent and scans[parent.pid][0],
                         parent_copy=scans[parent.pid][1].copy if parent else b"")
-                except Exception:
+                except Exception as e:
                     # a process may exit while the tree runs: it leaves this round (and the
                     # staged tree) with its children, which are reparented out of the tree
-                    if final or p.pid == self.pid or not p.gone():
+                    if final or p.pid == self.pid or not p.gone(e):
                         raise
                     skipped.add(p.pid)
                     continue
