@@ -4,6 +4,7 @@ connection. Every key must read back, the client must see no error, and the conn
 before the move must go on working."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
 
 
 def migrate_under_load(src, drive, stop: threading.Event, tmp_path, cleanup) -> dict:
@@ -151,11 +160,16 @@ class Redis:
 
 
 @pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server not installed")
-def test_redis_live_on_one_host_with_a_pipelined_client(tmp_path):
+@pytest.mark.parametrize("bgsave", [False, True], ids=["serving", "while-bgsave-forks"])
+def test_redis_live_on_one_host_with_a_pipelined_client(tmp_path, bgsave):
+    """With bgsave, a BGSAVE child (slowed down per key) is writing the snapshot when the
+    migration starts: the tree of two moves, the child finishes its snapshot in the restored
+    tree and the restored server collects it."""
     port = free_port()
     log = open(tmp_path / "redis.log", "ab")
     src = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                            "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+                           + (["--rdb-key-save-delay", "200"] if bgsave else []),
                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
                            start_new_session=True)
     cleanup = Cleanup()
@@ -191,9 +205,22 @@ def test_redis_live_on_one_host_with_a_pipelined_client(tmp_path):
                 n += 1
             load["written"] = n
 
-        migrate_under_load(src, drive, stop, tmp_path, cleanup)
+        if bgsave:
+            assert client.call(b"BGSAVE") == b"+Background saving started"
+            time.sleep(0.1)
+            assert children(src.pid), "no BGSAVE child to migrate"
+        r = migrate_under_load(src, drive, stop, tmp_path, cleanup)
         assert load["errors"] == 0 and load["batches"] > 10
         assert int(client.call(b"GET", b"counter")) == 16 * load["written"]   # no lost INCR
+        if bgsave:
+            assert r["processes"] == 2
+            deadline = time.monotonic() + 30
+            while b"rdb_bgsave_in_progress:1" in client.call(b"INFO", b"persistence"):
+                assert time.monotonic() < deadline, "the snapshot never finished"
+                time.sleep(0.1)
+            info = client.call(b"INFO", b"persistence")
+            assert b"rdb_last_bgsave_status:ok" in info, info
+            assert (tmp_path / "dump.rdb").stat().st_size > 20000 * 8
         for i in range(keys):
             client.send(b"GET", b"k%d" % i)
         client.f.flush()
