@@ -75,9 +75,10 @@ def test_pthreads(threads_bin, tmp_path, mode, cold):
     run([threads_bin, mode], tmp_path, cold)
 
 
+@pytest.mark.parametrize("cold", [False, True], ids=["prerestore", "cold"])
 @pytest.mark.parametrize("mode", ["sleep", "busy"])
-def test_python_threads_with_queues(tmp_path, mode):
-    run([sys.executable, os.path.join(HERE, "workloads", "pythreads.py"), mode], tmp_path, False)
+def test_python_threads_with_queues(tmp_path, mode, cold):
+    run([sys.executable, os.path.join(HERE, "workloads", "pythreads.py"), mode], tmp_path, cold)
 
 
 @pytest.mark.parametrize("mode", ["sleep", "busy"])

@@ -254,3 +254,33 @@ def test_child_subreaper_still_adopts_orphans(tmp_path):
         cleanup.run()
         src.kill()
         src.wait(10)
+
+
+def test_dump_then_restore_with_the_same_pids(tree_bin, tmp_path):
+    """The CLI flow as between hosts: `dump` writes the tree's image and kills it, `restore`
+    (cold, no new pid namespace) brings it back in this namespace with the very same pids,
+    parents, session and groups."""
+    from migration import prerestore
+    log = tmp_path / "out.log"
+    argv = [tree_bin, "session"]
+    src = start_workload(argv, log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 300, pid=src.pid)
+        before = tree_of(src.pid)
+        images = tmp_path / "final"
+        prerestore("dump", "-t", src.pid, "-D", images)
+        src.wait(10)
+        for pid in before:                  # the tree is gone, its pids are free again
+            cleanup.add(pid)
+        out = prerestore("restore", "-D", images).stdout
+        assert f"pid {src.pid} running (host pid {src.pid})" in out
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, timeout=60, pid=src.pid)
+        after = tree_of(src.pid)
+        assert sorted(after) == sorted(before)
+        check_same_tree(before, {pid: pid for pid in before})
+        assert "BAD" not in open(log).read()
+        assert compare_with_reference(log, argv) >= (it + 300) // 100
+    finally:
+        cleanup.run()

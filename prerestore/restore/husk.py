@@ -52,6 +52,22 @@ def _pid_free(pid: int, wait_zombie: float = 2.0) -> bool:
         time.sleep(0.01)
 
 
+def _pid_lingers(pid: int, since: float, wait: float = 5.0) -> bool:
+    """After clone3(set_tid) said EEXIST: is pid held only by what is dying (a zombie of the
+    killed source, or its number still a session or group id of such zombies, which pid 1
+    reaps when it gets to it)? Then wait a little and say so (the caller tries again); a live
+    process with that pid: no."""
+    try:
+        if procfs.stat_fields(pid)[3] not in ("Z", "X"):
+            return False
+    except ProcessGone:
+        pass
+    if time.monotonic() - since > wait:
+        return False
+    time.sleep(0.01)
+    return True
+
+
 def resumable_regs(saved: dict[str, int]) -> dict[str, int]:
     """The registers to resume with: a thread stopped inside a system call restarts it, as
     the kernel would have on its way back to user space."""
@@ -114,12 +130,17 @@ class Husk:
                 init = native.spawn(prog, [prog, "init", str(pid)], [], True, wfd)
                 host_pid = None
             else:
-                try:
-                    host_pid = native.spawn(prog, [prog, "husk", str(pid)], [pid], False, wfd)
-                except KernelCallError as e:
-                    if e.errno == errno.EEXIST:
-                        raise PidTaken(f"pid {pid} is in use on this host") from None
-                    raise
+                t0 = time.monotonic()
+                while True:
+                    try:
+                        host_pid = native.spawn(prog, [prog, "husk", str(pid)], [pid], False,
+                                                wfd)
+                        break
+                    except KernelCallError as e:
+                        if e.errno != errno.EEXIST:
+                            raise
+                        if not _pid_lingers(pid, t0):
+                            raise PidTaken(f"pid {pid} is in use on this host") from None
                 init = None
             os.close(wfd)
             wfd = -1
@@ -216,15 +237,21 @@ class Husk:
         native.write_mem(self.host_pid, args, struct.pack(
             "=11Q", 0, 0, 0, 0, exit_signal, 0, 0, 0, tid_slot, 1, 0))
         saved = self.tracee.regs()
+        t0 = time.monotonic()
         try:
-            try:
-                host_pid = native.clone_thread(self.host_pid, starter, args, 88)
-            except KernelCallError as e:
-                if e.errno == errno.EEXIST:
-                    raise PidTaken(f"pid {pid} is in use: cannot restore that process with its "
-                                   "pid (use --pidns to restore inside a new pid namespace)"
-                                   ) from None
-                raise
+            while True:
+                try:
+                    host_pid = native.clone_thread(self.host_pid, starter, args, 88)
+                    break
+                except KernelCallError as e:
+                    if e.errno != errno.EEXIST:
+                        raise
+                    # a source just killed may linger as a zombie until it is reaped: in our
+                    # own pid namespace, give that the moment the root gets (_pid_free)
+                    if self.host_pid != self.pid or not _pid_lingers(pid, t0):
+                        raise PidTaken(f"pid {pid} is in use: cannot restore that process with "
+                                       "its pid (use --pidns to restore inside a new pid "
+                                       "namespace)") from None
         finally:
             self.tracee.set_regs(saved)
         child = Husk(host_pid, pid, None)
