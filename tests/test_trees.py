@@ -284,3 +284,28 @@ def test_dump_then_restore_with_the_same_pids(tree_bin, tmp_path):
         assert compare_with_reference(log, argv) >= (it + 300) // 100
     finally:
         cleanup.run()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-files"])
+def test_socketpairs_between_parent_and_child(tmp_path, direct):
+    """Stream, datagram and seqpacket unix socket pairs between the two processes, with
+    messages always queued both ways: handed over on one host, made anew with their queued
+    messages through image files. Nothing lost, doubled or reordered."""
+    import sys
+    argv = [sys.executable, WORKLOAD_DIR / "socketpairs.py"]
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 300, pid=src.pid)
+        r = migrate(src.pid, policy=POLICY, direct=direct, work_dir=str(tmp_path / "images"))
+        cleanup.add(r["namespace_init_pid"], r["restored_host_pid"])
+        src.wait(10)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, timeout=60, pid=r["restored_host_pid"])
+        assert "BAD" not in open(log).read()
+        assert compare_with_reference(log, argv) >= (it + 300) // 100
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from ..errors import KernelCallError
+from ..errors import KernelCallError, ProcessGone
 from . import native
 from .native import lib
 
@@ -43,14 +43,31 @@ class Tracee:
             self.stopped = True
 
     @staticmethod
-    def stop_all(tracees: list["Tracee"]) -> None:
-        """Interrupt them all, then wait for each: their wakeups overlap."""
+    def stop_all(tracees: list["Tracee"], *, exiting_ok: bool = False) -> list["Tracee"]:
+        """Interrupt them all, then wait for each: their wakeups overlap. With exiting_ok, a
+        task that exits meanwhile is no error: it is returned (no longer attached)."""
         running = [t for t in tracees if not t.stopped]
+        gone = []
         for t in running:
-            native.interrupt(t.pid)
+            try:
+                native.interrupt(t.pid)
+            except ProcessGone:
+                if not exiting_ok:
+                    raise
+                gone.append(t)
         for t in running:
-            native.wait_stop(t.pid)
-            t.stopped = True
+            if t in gone:
+                continue
+            try:
+                native.wait_stop(t.pid)
+                t.stopped = True
+            except ProcessGone:
+                if not exiting_ok:
+                    raise
+                gone.append(t)
+        for t in gone:
+            t.attached = False
+        return gone
 
     def detach(self, sig: int = 0) -> None:
         if self.attached:

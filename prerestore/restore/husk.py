@@ -755,7 +755,7 @@ class Husk:
         for f in sorted(state.fds, key=lambda f: f.fd):
             if f.kind == "handover":
                 continue
-            if f.kind == "pipe":
+            if f.kind in ("pipe", "unix"):
                 items.append((None, (made or {})[(self.pid, f.fd)], f))
                 continue
             cloexec = lib.O_CLOEXEC if f.flags & lib.O_CLOEXEC else 0

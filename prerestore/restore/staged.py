@@ -9,13 +9,57 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
+import struct
 import time
 
 from ..errors import ImageError, PrerestoreError, ProcessGone, RestoreError
 from ..image import schema
 from ..kernel import procfs
-from ..model import AddressSpaceRound, ProcessState, Round
+from ..model import AddressSpaceRound, FileDescriptor, ProcessState, Round
 from .husk import Husk
+
+
+def make_socketpairs(states: list[ProcessState], made: dict) -> None:
+    """The unix socket pairs of an image, made here (socketpair of the source's type), the
+    messages each end had waiting sent again from its new peer; added to `made` like pipes."""
+    ends: dict[int, FileDescriptor] = {}
+    for s in states:
+        for f in s.fds:
+            if f.kind == "unix" and not f.same_as:
+                ends.setdefault(f.dev_inode[1], f)
+    local: dict[int, socket.socket] = {}
+    try:
+        for ino, f in ends.items():
+            if ino in local:
+                continue
+            peer = f.dev_inode[0]
+            if peer not in ends:
+                raise RestoreError(f"{f.path}: its peer socket [{peer}] is not in the image")
+            a, b = socket.socketpair(socket.AF_UNIX, f.offset)
+            local[ino], local[peer] = a, b
+        for ino, f in ends.items():
+            sender = local[f.dev_inode[0]]
+            data, off = f.data, 0
+            while off < len(data):
+                (n,) = struct.unpack_from("=I", data, off)
+                sender.sendall(data[off + 4:off + 4 + n])
+                off += 4 + n
+        for s in states:
+            for f in sorted(s.fds, key=lambda f: f.fd):
+                if f.kind != "unix":
+                    continue
+                if f.same_as:
+                    made[(s.pid, f.fd)] = made[f.same_as]
+                    continue
+                fd = local[f.dev_inode[1]].detach()
+                local[f.dev_inode[1]] = None
+                fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & os.O_NONBLOCK)
+                made[(s.pid, f.fd)] = fd
+    finally:
+        for sock in local.values():
+            if sock is not None:
+                sock.close()
 
 
 def make_pipes(states: list[ProcessState]) -> dict[tuple[int, int], int]:
@@ -236,6 +280,7 @@ class StagedTree:
             tree = {pid: h.host_pid for pid, h in self.husks.items()}
             made = make_pipes(final.states)
             try:
+                make_socketpairs(final.states, made)
                 state_stats = [self.husks[s.pid].apply_state(
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
                     made) for s in final.states]

@@ -51,8 +51,8 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
             pass
     for fd in procfs.fd_numbers(pid):
         what, desc = procfs.describe_fd(pid, fd)
-        if desc is None and what.startswith("pipe:") and not same_host:
-            continue       # carried when its other end is in the tree (see tree_problems)
+        if desc is None and what.startswith(("pipe:", "socket:")) and not same_host:
+            continue       # carried when its other end is in the tree (see inner_ends)
         if desc is None and not (same_host and procfs.can_hand_over(pid, fd, what)):
             problems.append(f"fd {fd}: {what} (unsupported file kind"
                             f"{'' if same_host else ' between hosts'})")
@@ -114,10 +114,11 @@ class ProcessSource:
         if getattr(error, "errno", None) == 3:               # ESRCH
             return True
         try:
-            return procfs.tree_task(self.pid).starttime != self.task.starttime or \
-                procfs.tree_task(self.pid).zombie
+            fields = procfs.stat_fields(self.pid)
         except ProcessGone:
             return True
+        return int(fields[22]) != self.task.starttime or fields[3] in ("Z", "X") or \
+            bool(int(fields[9]) & 0x4)                      # PF_EXITING: on its way out
 
     # ---- memory -----------------------------------------------------------------------------
 
@@ -301,6 +302,10 @@ class ProcessSource:
                 if not direct and what.startswith("pipe:"):
                     desc = FileDescriptor(fd, "pipe", what, flags, 0,
                                           (0, int(what[6:-1])))
+                elif not direct and what.startswith("socket:"):
+                    # a unix socket connected to another one of the tree (checked before):
+                    # offset is its type, dev_inode (its peer's inode, its own)
+                    desc = FileDescriptor(fd, "unix", what, flags, 0, (0, int(what[8:-1])))
                 elif not (direct and procfs.can_hand_over(pid, fd, what)):
                     raise UnsupportedState(f"pid {pid} fd {fd}: {what} (unsupported file kind)")
                 else:

@@ -11,6 +11,7 @@ import fcntl
 import os
 import platform
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -18,7 +19,7 @@ from dataclasses import replace
 
 from ..errors import KernelCallError, ProcessGone, UnsupportedState
 from ..image import schema
-from ..kernel import native, procfs
+from ..kernel import native, procfs, sockdiag
 from ..kernel.tracee import Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
@@ -53,11 +54,13 @@ def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
     return problems
 
 
-def half_pipes(tasks: list[procfs.TreeTask]) -> list[str]:
-    """Pipes with an end in the tree and the other end outside it: an image can only recreate
-    a pipe whole."""
+def inner_ends(tasks: list[procfs.TreeTask]) -> list[str]:
+    """For an image: pipes and unix sockets are made anew, so both ends must be in the tree.
+    Pipes with an end outside, and sockets other than unix ones connected to another socket
+    of the tree (socketpairs), are refused by name."""
     ends: dict[str, set[int]] = {}
     where: dict[str, tuple[int, int]] = {}
+    sockets: list[tuple[int, int, int]] = []
     for t in tasks:
         if t.zombie:
             continue
@@ -68,17 +71,34 @@ def half_pipes(tasks: list[procfs.TreeTask]) -> list[str]:
                     mode = int(procfs.fdinfo(t.pid, fd).get("flags", "0"), 8) & 3
                     ends.setdefault(what, set()).update({0, 1} if mode == 2 else {mode})
                     where.setdefault(what, (t.pid, fd))
+                elif what.startswith("socket:"):
+                    sockets.append((t.pid, fd, int(what[8:-1])))
         except ProcessGone:
             continue
-    return [f"pid {where[p][0]} fd {where[p][1]}: {p}: its other end is outside the tree "
-            "(a pipe is carried whole between hosts)" for p, e in ends.items() if e != {0, 1}]
+    problems = [f"pid {where[p][0]} fd {where[p][1]}: {p}: its other end is outside the tree "
+                "(a pipe is carried whole between hosts)" for p, e in ends.items()
+                if e != {0, 1}]
+    if sockets:
+        unix = sockdiag.unix_sockets()
+        inodes = {ino for _, _, ino in sockets}
+        for pid, fd, ino in sockets:
+            u = unix.get(ino)
+            if u is None:
+                problems.append(f"pid {pid} fd {fd}: socket:[{ino}] is not a unix socket "
+                                "(only unix socket pairs are carried between hosts yet)")
+            elif u.name or u.state != sockdiag.TCP_ESTABLISHED or u.peer not in inodes:
+                problems.append(f"pid {pid} fd {fd}: unix socket [{ino}] "
+                                f"{'bound to ' + repr(u.name) if u.name else ''} is not "
+                                "connected to another socket of the tree (only unix socket "
+                                "pairs are carried between hosts yet)")
+    return problems
 
 
 def find_tree_unsupported(root: int, same_host: bool = False) -> list[str]:
     tasks = procfs.tree(root)
     problems = tree_problems(tasks)
     if not same_host:
-        problems += half_pipes(tasks)
+        problems += inner_ends(tasks)
     for t in tasks:
         if t.zombie:
             continue
@@ -103,7 +123,7 @@ def share_open_files(states: list[ProcessState]) -> None:
     seen: dict[tuple, list[tuple[int, FileDescriptor]]] = {}
     for s in states:
         for f in sorted(s.fds, key=lambda f: f.fd):
-            if f.kind not in ("file", "chr", "pipe"):
+            if f.kind not in ("file", "chr", "pipe", "unix"):
                 continue
             key = (f.kind, f.dev_inode, f.offset, f.flags & ~0o2000000)  # O_CLOEXEC: per fd
             for pid, first in seen.get(key, []):
@@ -135,6 +155,67 @@ def capture_pipes(states: list[ProcessState]) -> None:
                     f.data = native.pipe_peek(peek, f.offset)
             finally:
                 os.close(peek)
+
+
+def capture_unix_sockets(states: list[ProcessState]) -> None:
+    """For an image: each unix socket's type and peer, and (on its first fd in the tree) the
+    messages waiting in its receive queue, peeked (a stream as one message; datagrams one by
+    one through SO_PEEK_OFF, put back as it was), so the source loses nothing if it resumes."""
+    table = sockdiag.unix_sockets()
+    seen: set[int] = set()
+    for s in states:
+        pidfd = None
+        try:
+            for f in s.fds:
+                if f.kind != "unix":
+                    continue
+                ino = f.dev_inode[1]
+                u = table.get(ino)
+                if u is None or not u.peer:
+                    raise UnsupportedState(f"pid {s.pid} fd {f.fd}: unix socket [{ino}] lost "
+                                           "its peer while freezing")
+                f.offset, f.dev_inode = u.type, (u.peer, ino)
+                if ino in seen:
+                    continue
+                seen.add(ino)
+                if pidfd is None:
+                    pidfd = native.pidfd_open(s.pid)
+                mine = socket.socket(fileno=native.pidfd_getfd(pidfd, f.fd, s.pid))
+                try:
+                    f.data = _peek_messages(mine, u.type, f"pid {s.pid} fd {f.fd}")
+                finally:
+                    mine.close()           # our own fd on the source's open file description
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+
+SO_PEEK_OFF = 42
+
+
+def _peek_messages(sock: socket.socket, kind: int, where: str) -> bytes:
+    """The receive queue as length-prefixed messages (u32 length, bytes)."""
+    out = []
+    old = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+    sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    try:
+        while True:
+            try:
+                data, anc, flags, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 253),
+                                                   socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            if any(level == socket.SOL_SOCKET and t == socket.SCM_RIGHTS for level, t, _ in anc):
+                raise UnsupportedState(f"{where}: file descriptors in flight in a unix socket "
+                                       "(not carried)")
+            if not data and kind == socket.SOCK_STREAM:
+                break                    # the peer shut down: nothing more queued
+            out.append(struct.pack("=I", len(data)) + data)
+            if kind == socket.SOCK_STREAM and len(data) < (1 << 20):
+                break
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, old)
+    return b"".join(out)
 
 
 class SourceSession:
@@ -292,6 +373,7 @@ class SourceSession:
                                       self.direct) for p in procs]
             share_open_files(states)
             capture_pipes(states)
+            capture_unix_sockets(states)
             states = [self._to_ns(s) for s in states]
             t_state = time.monotonic()
             if worker:
@@ -346,7 +428,11 @@ class SourceSession:
                     new.append(held[tid])
             if not new:
                 break
-            Tracee.stop_all(new)
+            # a task may exit as we stop it (its parent, frozen, cannot reap it: the next
+            # listing shows it as a zombie)
+            for t in Tracee.stop_all(new, exiting_ok=True):
+                self.held.remove(t)
+                del held[t.pid]
         procs = self._refresh_tree(track_new=False, tasks=tasks)   # the listing that was stable
         for p in procs:
             p.frozen = sorted((t for tid, t in held.items() if owner[tid] == p.pid),
