@@ -132,9 +132,11 @@ def tree(root: int) -> list[TreeTask]:
         if not out[i].zombie:
             for kid in children(out[i].pid):
                 try:
-                    out.append(tree_task(kid))
+                    t = tree_task(kid)
                 except ProcessGone:
-                    pass
+                    continue
+                if t.parent == out[i].pid:     # else reparented (out of the tree) meanwhile
+                    out.append(t)
         i += 1
     return out
 
