@@ -64,6 +64,7 @@ const uint64_t PR_UFFD_USER_MODE_ONLY = 1;
 #define PAGE 4096UL
 #define IOV_BATCH 1024
 #define COPY_CHUNK (8UL << 20)
+const long PR_CHUNK = COPY_CHUNK;
 
 _Static_assert(sizeof(struct pr_regs) == sizeof(struct user_regs_struct), "regs layout");
 _Static_assert(sizeof(struct pr_call) == 64, "batch table entry is 64 bytes");
@@ -522,6 +523,21 @@ static void read_chunk(int pid, int mem_fd, const struct pr_range *ranges, long 
  * process_vm_readv does the bulk; a range it cannot read (a PROT_NONE or otherwise unreadable
  * page) is read through /proc/PID/mem, which uses FOLL_FORCE; a range a running tracee
  * unmapped meanwhile is written as zeros (the next round's layout drops it). */
+/* Read the next chunk (at most PR_CHUNK bytes) of the packed ranges into `out`, resuming at
+ * range *i, offset *off (both advanced). For senders that frame what they read: one call per
+ * chunk, never per page. Returns the bytes read (0 when done); pages the running source
+ * unmapped meanwhile read as zeros. */
+long pr_read_pages(int pid, int mem_fd, const struct pr_range *ranges, long n, long *i,
+                   uint64_t *off, char *out)
+{
+    static struct copy_chunk c;
+    uint64_t skipped = 0;
+    if (*i >= n)
+        return 0;
+    read_chunk(pid, mem_fd, ranges, n, i, off, out, &c, &skipped);
+    return (long)c.fill;
+}
+
 long pr_dump_pages(int pid, int mem_fd, const struct pr_range *ranges, long n, int out_fd,
                    uint64_t *bytes)
 {

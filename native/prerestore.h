@@ -69,6 +69,9 @@ int pr_run_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls
 /* ---- memory -------------------------------------------------------------------------------- */
 long pr_read_mem(int pid, uint64_t addr, void *buf, size_t len);
 long pr_write_mem(int pid, uint64_t addr, const void *buf, size_t len);
+extern const long PR_CHUNK;     /* the most pr_read_pages reads in one call */
+long pr_read_pages(int pid, int mem_fd, const struct pr_range *ranges, long n, long *i,
+                   uint64_t *off, char *out);
 long pr_dump_pages(int pid, int mem_fd, const struct pr_range *ranges, long n, int out_fd,
                    uint64_t *bytes);
 long pr_load_pages(int pid, int mem_fd, int in_fd, uint64_t in_offset,

@@ -1,7 +1,7 @@
 """The prerestore command line, shaped like CRIU's.
 
-Source side:       predump, dump          Destination side:  stage, finalize, restore
-Both in one:       migrate                Looking at images: inspect
+Source side:       predump, dump          Destination side:  stage, finalize, restore, serve
+Both in one:       migrate [--to]         Looking at images: inspect
 """
 from __future__ import annotations
 
@@ -155,11 +155,30 @@ def cmd_restore(args) -> int:
 
 # ---- both ---------------------------------------------------------------------------------------
 
+def cmd_serve(args) -> int:
+    from .remote import main_serve
+    return main_serve(args)
+
+
 def cmd_migrate(args) -> int:
     from .migrate import migrate
     from .policy import ConvergencePolicy
     policy = ConvergencePolicy(max_rounds=args.max_rounds, min_rounds=args.min_rounds,
                                target_pages=args.target_pages)
+    progress = (lambda m: print(m, flush=True)) if not args.quiet else (lambda m: None)
+    if args.to:
+        from .remote import migrate_to
+        from .transport.channel import load_secret
+        report = migrate_to(args.tree, args.to, load_secret(args.secret_file),
+                            pidns=not args.no_pidns, cold=args.cold, tracking=args.tracking,
+                            policy=policy, round_interval=args.round_interval / 1e3,
+                            progress=progress)
+        print(f"migrated pid {args.tree} to {args.to} ({report['mode']}): downtime "
+              f"{report['downtime_ms']:.2f} ms, total {report['total_ms']:.0f} ms, "
+              f"{len(report['rounds'])} pre-copy rounds, {report['bytes_sent'] / 2**20:.1f} MiB "
+              f"sent; running there as host pid {report['restored_host_pid']}")
+        _print_json(args.json, report)
+        return 0
     report = migrate(args.tree, pidns=not args.no_pidns, cold=args.cold,
                      direct=not args.via_files, tracking=args.tracking, work_dir=args.work_dir,
                      policy=policy, round_interval=args.round_interval / 1e3,
@@ -248,8 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json")
     p.set_defaults(func=cmd_restore)
 
-    p = sub.add_parser("migrate", help="live-migrate a process on this host")
+    p = sub.add_parser("migrate", help="live-migrate a process tree, on this host or --to another")
     p.add_argument("-t", "--tree", type=int, required=True)
+    p.add_argument("--to", metavar="HOST:PORT",
+                   help="migrate to a `prerestore serve` there (else: on this host)")
+    p.add_argument("--secret-file", help="the secret shared with the destination (--to; or "
+                                         "PRERESTORE_SECRET_FILE / PRERESTORE_SECRET)")
     p.add_argument("--cold", action="store_true", help="no pre-copy: dump and cold restore")
     p.add_argument("--no-pidns", action="store_true",
                    help="restore in this pid namespace (needs the pid free: not for local moves)")
@@ -267,6 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the migration report here")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("serve", help="receive migrations from other hosts (migrate --to)")
+    p.add_argument("--listen", required=True, metavar="ADDR:PORT")
+    p.add_argument("--secret-file", help="the shared secret (or PRERESTORE_SECRET_FILE / "
+                                         "PRERESTORE_SECRET); peers without it are refused")
+    p.add_argument("--no-pidns", action="store_true",
+                   help="default for senders that do not say: restore in this pid namespace")
+    p.add_argument("--work-dir", help="where received rounds go (default: a temp dir)")
+    p.add_argument("--once", action="store_true", help="exit after one migration")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("inspect", help="summarize an image and its parents")
     p.add_argument("-D", "--images-dir", required=True)

@@ -207,6 +207,29 @@ def dump_pages(pid: int, mem_fd: int, ranges: bytes, out_fd: int) -> int:
     return nbytes[0]
 
 
+class PageReader:
+    """The bytes of packed ranges of pid, chunk by chunk (at most CHUNK bytes each): for a
+    sender that frames and authenticates what it streams."""
+    CHUNK = lib.PR_CHUNK
+
+    def __init__(self, pid: int, mem_fd: int, ranges: bytes):
+        self.pid, self.mem_fd = pid, mem_fd
+        self.ranges = ranges
+        self._c = ffi.from_buffer("struct pr_range[]", ranges)
+        self._n = len(ranges) // 16
+        self._i, self._off = ffi.new("long *"), ffi.new("uint64_t *")
+        self._buf = ffi.new("char[]", self.CHUNK)
+
+    def __iter__(self):
+        while True:
+            got = check(lib.pr_read_pages(self.pid, self.mem_fd, self._c, self._n, self._i,
+                                          self._off, self._buf),
+                        "read pages (process_vm_readv)", self.pid)
+            if not got:
+                return
+            yield ffi.buffer(self._buf, got)[:]
+
+
 def load_pages(pid: int, mem_fd: int, in_fd: int, offset: int, ranges: bytes) -> tuple[int, int]:
     """Write packed ranges into pid from in_fd at offset; returns (bytes, bytes forced via mem)."""
     nbytes, forced = ffi.new("uint64_t *"), ffi.new("uint64_t *")

@@ -222,10 +222,13 @@ class SourceSession:
     """Produces the rounds of the process tree under `pid`."""
 
     def __init__(self, pid: int, *, track: bool = True, direct: bool = False,
-                 tracking: str = "auto"):
+                 tracking: str = "auto", stream: bool = False):
         check_supported(pid, direct)
         self.pid = pid
         self.direct = direct      # rounds name the pages; the destination reads them from us
+        # stream: rounds list the pages as for a pages file, but none is written: the caller
+        # reads them (stream_pages) and sends them as it goes
+        self.stream = stream and not direct
         self.track, self.tracking = track, tracking
         self.procs: dict[int, ProcessSource] = {}
         self.zombies: list[Zombie] = []
@@ -453,13 +456,16 @@ class SourceSession:
     def _write_round(self, directory: str, kind: str, states, write: bool = True,
                      layouts: dict[int, list[Vma]] | None = None,
                      written: dict | None = None) -> Round:
-        os.makedirs(directory, exist_ok=True)
+        if self.stream:
+            write = False
+        else:
+            os.makedirs(directory, exist_ok=True)
         final = kind == "dump"
         tasks, scans = [], {}
         totals = {"bytes": 0, "fresh_ranges": 0, "zap_ranges": 0, "lost_tracking": 0,
                   "scan_ms": 0.0, "present_scan_ms": 0.0, "inherited_bytes": 0}
         t0 = time.perf_counter()
-        pages_file = None if self.direct else \
+        pages_file = None if self.direct or self.stream else \
             open(os.path.join(directory, schema.PAGES_FILE), "wb")
         copy_ms = 0.0
         members = set(self.procs) | {z.pid for z in self.zombies}
@@ -486,7 +492,7 @@ class SourceSession:
                     continue
                 scans[p.pid] = (layout, scan)
                 tc = time.perf_counter()
-                if self.direct:
+                if self.direct or self.stream:
                     nbytes = ranges_bytes(scan.copy)
                 else:
                     nbytes = native.dump_pages(p.pid, p.mem_fd, scan.copy, pages_file.fileno())
@@ -533,6 +539,15 @@ class SourceSession:
             p.first = False
         self.last_round = (os.path.abspath(directory), r)
         return r
+
+    def stream_pages(self, r: Round):
+        """The bytes of a round's pages file, chunk by chunk, read from the processes now (a
+        page written since its scan is read newer: its next round carries it again)."""
+        for task in r.tasks:
+            p = self.procs.get(task.source_pid or task.pid)
+            if p is None:
+                raise ProcessGone(3, "stream the pages of a round", task.source_pid)
+            yield from native.PageReader(p.pid, p.mem_fd, task.pages)
 
     # ---- the end of the source --------------------------------------------------------------
 

@@ -1,0 +1,191 @@
+"""An authenticated stream between two hosts that share a secret: the migration wire.
+
+Handshake (the destination listens; both sides prove they know the secret, neither sends it):
+
+    server -> client   {"hello": PROTOCOL, "nonce": Ns}
+    client -> server   {"nonce": Nc, "proof": HMAC(secret, "client" | Ns | Nc)}
+    server -> client   {"proof": HMAC(secret, "server" | Nc | Ns)}
+
+Then every frame is   length u32 | kind u8 | body | tag (32 bytes)
+with tag = HMAC-SHA256(K, direction | sequence u64 | kind | body), K = HMAC(secret, "session" |
+Ns | Nc): a frame that was altered, replayed, reordered or sent by someone without the secret
+fails its tag and ends the connection. kind is MESSAGE (a msgpack map, decoded as plain data
+only: never evaluated) or DATA (raw page bytes, streamed as they are read). Frames are not
+encrypted: this authenticates the peer and the data, it does not hide them (run it over a
+private network or a tunnel where that matters).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+import struct
+
+import msgpack
+
+from ..errors import ProtocolError
+
+PROTOCOL = "prerestore-wire/1"
+HEADER = struct.Struct("!IB")
+TAG = 32
+MESSAGE, DATA = 1, 2
+MAX_FRAME = 64 << 20
+HANDSHAKE_MAX = 4096
+
+
+class AuthError(ProtocolError):
+    """The peer does not know the shared secret (or the stream was tampered with)."""
+
+
+def load_secret(path: str | None = None) -> bytes:
+    """The shared secret: the file named by path (or $PRERESTORE_SECRET_FILE), or
+    $PRERESTORE_SECRET. At least 16 bytes; whitespace around it is ignored."""
+    path = path or os.environ.get("PRERESTORE_SECRET_FILE")
+    if path:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    else:
+        secret = os.environ.get("PRERESTORE_SECRET", "").strip().encode()
+    if len(secret) < 16:
+        raise AuthError("a shared secret of at least 16 bytes is needed: --secret-file FILE "
+                        "(or PRERESTORE_SECRET_FILE / PRERESTORE_SECRET)")
+    return secret
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
+
+
+class Channel:
+    """One authenticated connection. Use Channel.accept / Channel.connect."""
+
+    def __init__(self, sock: socket.socket, key: bytes, role: str):
+        self.sock = sock
+        self.key = key
+        self.out_dir, self.in_dir = (b"c>s", b"s>c") if role == "client" else (b"s>c", b"c>s")
+        self.sent = self.received = 0
+        self.bytes_sent = self.bytes_received = 0
+
+    # ---- handshake ------------------------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, address: tuple[str, int], secret: bytes, timeout: float = 30.0) -> "Channel":
+        sock = socket.create_connection(address, timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hello = _plain_recv(sock)
+            if hello.get("hello") != PROTOCOL or not isinstance(hello.get("nonce"), bytes):
+                raise ProtocolError(f"{address[0]}:{address[1]} does not speak {PROTOCOL}")
+            ns, nc = hello["nonce"], os.urandom(32)
+            _plain_send(sock, {"nonce": nc, "proof": _mac(secret, b"client", ns, nc)})
+            reply = _plain_recv(sock)
+            proof = reply.get("proof")
+            if not isinstance(proof, bytes) or \
+                    not hmac.compare_digest(proof, _mac(secret, b"server", nc, ns)):
+                raise AuthError(f"{address[0]}:{address[1]} did not prove it knows the shared "
+                                "secret")
+            sock.settimeout(None)
+            return cls(sock, _mac(secret, b"session", ns, nc), "client")
+        except BaseException:
+            sock.close()
+            raise
+
+    @classmethod
+    def accept(cls, sock: socket.socket, secret: bytes, timeout: float = 30.0) -> "Channel":
+        """Authenticate a connection just accepted; closes it and raises AuthError if the
+        peer does not know the secret."""
+        try:
+            sock.settimeout(timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            ns = os.urandom(32)
+            _plain_send(sock, {"hello": PROTOCOL, "nonce": ns})
+            answer = _plain_recv(sock)
+            nc, proof = answer.get("nonce"), answer.get("proof")
+            if not isinstance(nc, bytes) or len(nc) != 32 or not isinstance(proof, bytes) or \
+                    not hmac.compare_digest(proof, _mac(secret, b"client", ns, nc)):
+                raise AuthError("the peer did not prove it knows the shared secret")
+            _plain_send(sock, {"proof": _mac(secret, b"server", nc, ns)})
+            sock.settimeout(None)
+            return cls(sock, _mac(secret, b"session", ns, nc), "server")
+        except BaseException:
+            sock.close()
+            raise
+
+    # ---- frames ---------------------------------------------------------------------------------
+
+    def _send(self, kind: int, body: bytes) -> None:
+        if len(body) > MAX_FRAME:
+            raise ProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
+        tag = _mac(self.key, self.out_dir, struct.pack("!QB", self.sent, kind), body)
+        self.sock.sendall(HEADER.pack(len(body), kind) + body + tag)
+        self.sent += 1
+        self.bytes_sent += HEADER.size + len(body) + TAG
+
+    def _recv(self) -> tuple[int, bytes]:
+        length, kind = HEADER.unpack(_recv_exact(self.sock, HEADER.size))
+        if length > MAX_FRAME or kind not in (MESSAGE, DATA):
+            raise ProtocolError(f"bad frame header (kind {kind}, {length} bytes)")
+        body = _recv_exact(self.sock, length)
+        tag = _recv_exact(self.sock, TAG)
+        if not hmac.compare_digest(tag, _mac(self.key, self.in_dir,
+                                             struct.pack("!QB", self.received, kind), body)):
+            raise AuthError(f"frame {self.received} failed authentication (tampered, replayed "
+                            "or from a stranger)")
+        self.received += 1
+        self.bytes_received += HEADER.size + length + TAG
+        return kind, body
+
+    def send(self, obj: dict) -> None:
+        self._send(MESSAGE, msgpack.packb(obj, use_bin_type=True))
+
+    def send_data(self, chunk: bytes) -> None:
+        self._send(DATA, chunk)
+
+    def recv(self) -> dict:
+        kind, body = self._recv()
+        if kind != MESSAGE:
+            raise ProtocolError("expected a message, got page data")
+        return _decode(body)
+
+    def recv_data(self) -> bytes:
+        kind, body = self._recv()
+        if kind != DATA:
+            raise ProtocolError("expected page data, got a message")
+        return body
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _decode(body: bytes) -> dict:
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as e:          # msgpack raises several types on garbage
+        raise ProtocolError(f"malformed message: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"expected a map, got {type(obj).__name__}")
+    return obj
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            raise ProtocolError(f"connection closed after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+def _plain_send(sock: socket.socket, obj: dict) -> None:
+    body = msgpack.packb(obj, use_bin_type=True)
+    sock.sendall(struct.pack("!I", len(body)) + body)
+
+
+def _plain_recv(sock: socket.socket) -> dict:
+    (length,) = struct.unpack("!I", _recv_exact(sock, 4))
+    if length > HANDSHAKE_MAX:
+        raise ProtocolError(f"handshake message of {length} bytes")
+    return _decode(_recv_exact(sock, length))
