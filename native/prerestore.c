@@ -735,6 +735,37 @@ long pr_pipe_peek(int pipe_fd, char *buf, long cap)
     return r;
 }
 
+/* Kernel objects remade by the restorer for an image, then handed to the husks. */
+int pr_make_signalfd(uint64_t mask, int flags)
+{
+    long r = syscall(SYS_signalfd4, -1, &mask, 8, flags);
+    return r < 0 ? ERR : (int)r;
+}
+
+int pr_make_timerfd(int clockid, int flags, int64_t value_s, int64_t value_ns,
+                    int64_t interval_s, int64_t interval_ns, uint64_t ticks)
+{
+    int fd = (int)syscall(SYS_timerfd_create, clockid, flags);
+    if (fd < 0)
+        return ERR;
+    struct {
+        int64_t is, ins, vs, vns;
+    } t = {interval_s, interval_ns, value_s, value_ns};
+    if (syscall(SYS_timerfd_settime, fd, 0, &t, NULL) ||
+        (ticks && ioctl(fd, 0x40085400 /* TFD_IOC_SET_TICKS */, &ticks))) {
+        int e = ERR;
+        close(fd);
+        return e;
+    }
+    return fd;
+}
+
+int pr_make_epoll(int flags)
+{
+    long r = syscall(SYS_epoll_create1, flags);
+    return r < 0 ? ERR : (int)r;
+}
+
 /* Do fd1 of pid1 and fd2 of pid2 refer to the same open file description? 1 yes, 0 no. */
 int pr_same_file(int pid1, int fd1, int pid2, int fd2)
 {

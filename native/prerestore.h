@@ -104,6 +104,10 @@ int pr_uffd_wp_range(int uffd, uint64_t start, uint64_t len);
 void pr_split_regions(const struct pr_page_region *in, long n, uint64_t mask, uint64_t value,
                       struct pr_range *yes, long *n_yes, struct pr_range *no, long *n_no);
 long pr_pipe_peek(int pipe_fd, char *buf, long cap);
+int pr_make_signalfd(uint64_t mask, int flags);
+int pr_make_timerfd(int clockid, int flags, int64_t value_s, int64_t value_ns,
+                    int64_t interval_s, int64_t interval_ns, uint64_t ticks);
+int pr_make_epoll(int flags);
 int pr_same_file(int pid1, int fd1, int pid2, int fd2);
 int pr_pidfd_open(int pid);
 int pr_pidfd_getfd(int pidfd, int fd);

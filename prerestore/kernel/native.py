@@ -384,6 +384,22 @@ def pipe_peek(pipe_fd: int, cap: int = 1 << 20) -> bytes:
     return ffi.buffer(buf, n)[:]
 
 
+def make_signalfd(mask: int, flags: int) -> int:
+    return check(lib.pr_make_signalfd(mask, flags), "signalfd4")
+
+
+def make_timerfd(clockid: int, flags: int, value: tuple[int, int], interval: tuple[int, int],
+                 ticks: int) -> int:
+    """A timerfd armed to fire after value (s, ns) then every interval, with ticks already
+    counted (TFD_IOC_SET_TICKS)."""
+    return check(lib.pr_make_timerfd(clockid, flags, value[0], value[1], interval[0],
+                                     interval[1], ticks), "timerfd_create/settime")
+
+
+def make_epoll(flags: int) -> int:
+    return check(lib.pr_make_epoll(flags), "epoll_create1")
+
+
 def same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
     """kcmp(KCMP_FILE): the same open file description (shared offset and flags)?"""
     return bool(check(lib.pr_same_file(pid1, fd1, pid2, fd2), "kcmp(KCMP_FILE)", pid1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat as stat_mod
+import struct
 from typing import NamedTuple
 
 from ..errors import ProcessGone
@@ -162,6 +163,46 @@ def fdinfo(pid: int, fd: int) -> dict[str, str]:
         key, _, value = line.partition(":")
         out[key] = value.strip()
     return out
+
+
+# Kernel objects an image can carry (the restorer makes them anew): their /proc fdinfo says
+# everything there is to know about them.
+CARRIED_ANON = {"anon_inode:[eventfd]": "eventfd", "anon_inode:[timerfd]": "timerfd",
+                "anon_inode:[signalfd]": "signalfd", "anon_inode:[eventpoll]": "epoll"}
+TIMERFD = struct.Struct("=iqqqqQ")     # clockid, value s/ns, interval s/ns, ticks
+EPOLL_ITEM = struct.Struct("=iIQ")     # target fd, events, data
+
+
+def describe_anon(pid: int, fd: int, what: str) -> FileDescriptor | None:
+    """An eventfd (offset: its counter; data b"S" if in semaphore mode), timerfd (data:
+    TIMERFD), signalfd (offset: its mask) or epoll (data: EPOLL_ITEMs, its registrations) from
+    fdinfo; None for other kinds."""
+    kind = CARRIED_ANON.get(what)
+    if kind is None:
+        return None
+    raw = _read(pid, f"fdinfo/{fd}").decode(errors="replace")
+    info = {}
+    for line in raw.splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    flags = int(info.get("flags", "0"), 8)
+    if kind == "eventfd":
+        return FileDescriptor(fd, kind, what, flags, int(info["eventfd-count"], 16),
+                              (0, int(info.get("eventfd-id", "0"), 16)),
+                              data=b"S" if info.get("eventfd-semaphore") == "1" else b"")
+    if kind == "signalfd":
+        return FileDescriptor(fd, kind, what, flags, int(info["sigmask"], 16))
+    if kind == "timerfd":
+        value = [int(x) for x in info["it_value"].strip("()").split(",")]
+        interval = [int(x) for x in info["it_interval"].strip("()").split(",")]
+        return FileDescriptor(fd, kind, what, flags, 0, data=TIMERFD.pack(
+            int(info["clockid"]), *value, *interval, int(info["ticks"])))
+    items = []
+    for line in raw.splitlines():
+        if line.startswith("tfd:"):
+            f = line.split()
+            items.append(EPOLL_ITEM.pack(int(f[1]), int(f[3], 16), int(f[5], 16)))
+    return FileDescriptor(fd, kind, what, flags, 0, data=b"".join(items))
 
 
 def fd_numbers(pid: int) -> list[int]:

@@ -620,6 +620,29 @@ class Husk:
             for fd in local + list(pidfds.values()):
                 os.close(fd)
 
+    def _register_epoll(self, state: ProcessState) -> None:
+        """Each epoll made for an image gets its registrations again, in the process that owns
+        it first (the fds it watches are all in place now). A handed-over epoll keeps its
+        registrations, except that a signalfd's wakeups come from the task that registered it
+        (the source): those are registered again from here."""
+        kinds = {f.fd: f.path for f in state.fds}
+        b = self.remote.batch()
+        for f in state.fds:
+            if f.same_as or not (f.kind == "epoll" or f.path == "anon_inode:[eventpoll]"):
+                continue
+            handed = f.kind == "handover"
+            for tfd, events, data in procfs.EPOLL_ITEM.iter_unpack(f.data):
+                if handed and kinds.get(tfd) != "anon_inode:[signalfd]":
+                    continue
+                ev = b.put(struct.pack("=IQ", events, data))      # packed struct epoll_event
+                if handed:
+                    b.call(lib.SYS_epoll_ctl, f.fd, 2, tfd, ev,    # EPOLL_CTL_DEL
+                           label=f"epoll_ctl(DEL) fd {tfd} from epoll fd {f.fd}")
+                b.call(lib.SYS_epoll_ctl, f.fd, 1, tfd, ev,        # EPOLL_CTL_ADD
+                       label=f"epoll_ctl(ADD) fd {tfd} to epoll fd {f.fd}")
+        if len(b):
+            self.remote.run(b)
+
     def _thread_calls(self, b, th) -> None:
         """The calls that set one thread's own state, run in that thread."""
         b.call(lib.SYS_set_tid_address, th.clear_child_tid)
@@ -755,7 +778,7 @@ class Husk:
         for f in sorted(state.fds, key=lambda f: f.fd):
             if f.kind == "handover":
                 continue
-            if f.kind in ("pipe", "unix"):
+            if f.kind in ("pipe", "unix", "eventfd", "timerfd", "signalfd", "epoll"):
                 items.append((None, (made or {})[(self.pid, f.fd)], f))
                 continue
             cloexec = lib.O_CLOEXEC if f.flags & lib.O_CLOEXEC else 0
@@ -832,6 +855,7 @@ class Husk:
         t_batch = time.perf_counter()
         if items:
             self.hand_over_fds(items, {f.fd for f in state.fds})
+        self._register_epoll(state)
         t_handed = time.perf_counter()
         self.remote.unmap_scratch()
         return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(items),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),

@@ -15,7 +15,7 @@ import time
 
 from ..errors import ImageError, PrerestoreError, ProcessGone, RestoreError
 from ..image import schema
-from ..kernel import procfs
+from ..kernel import native, procfs
 from ..model import AddressSpaceRound, FileDescriptor, ProcessState, Round
 from .husk import Husk
 
@@ -60,6 +60,36 @@ def make_socketpairs(states: list[ProcessState], made: dict) -> None:
         for sock in local.values():
             if sock is not None:
                 sock.close()
+
+
+MADE_ANON = ("eventfd", "timerfd", "signalfd", "epoll")
+
+
+def make_anon(states: list[ProcessState], made: dict) -> None:
+    """eventfds (with their counter), timerfds (armed as they were, ticks included),
+    signalfds (their mask) and empty epolls (the husk registers its fds in them once they are
+    all in place: Husk.apply_state); added to `made` like pipes."""
+    for s in states:
+        for f in sorted(s.fds, key=lambda f: f.fd):
+            if f.kind not in MADE_ANON:
+                continue
+            if f.same_as:
+                made[(s.pid, f.fd)] = made[f.same_as]
+                continue
+            flags = os.O_CLOEXEC | (f.flags & os.O_NONBLOCK)
+            if f.kind == "eventfd":
+                first = min(f.offset, 0xFFFFFFFF)
+                fd = os.eventfd(first, flags | (os.EFD_SEMAPHORE if f.data == b"S" else 0))
+                if f.offset > first:
+                    os.eventfd_write(fd, f.offset - first)
+            elif f.kind == "signalfd":
+                fd = native.make_signalfd(f.offset, flags)
+            elif f.kind == "timerfd":
+                clock, vs, vns, is_, ins, ticks = procfs.TIMERFD.unpack(f.data)
+                fd = native.make_timerfd(clock, flags, (vs, vns), (is_, ins), ticks)
+            else:
+                fd = native.make_epoll(os.O_CLOEXEC)
+            made[(s.pid, f.fd)] = fd
 
 
 def make_pipes(states: list[ProcessState]) -> dict[tuple[int, int], int]:
@@ -281,6 +311,7 @@ class StagedTree:
             made = make_pipes(final.states)
             try:
                 make_socketpairs(final.states, made)
+                make_anon(final.states, made)
                 state_stats = [self.husks[s.pid].apply_state(
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
                     made) for s in final.states]

@@ -53,6 +53,8 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
         what, desc = procfs.describe_fd(pid, fd)
         if desc is None and what.startswith(("pipe:", "socket:")) and not same_host:
             continue       # carried when its other end is in the tree (see inner_ends)
+        if desc is None and what in procfs.CARRIED_ANON and not same_host:
+            continue       # made anew by the restorer
         if desc is None and not (same_host and procfs.can_hand_over(pid, fd, what)):
             problems.append(f"fd {fd}: {what} (unsupported file kind"
                             f"{'' if same_host else ' between hosts'})")
@@ -302,6 +304,8 @@ class ProcessSource:
                 if not direct and what.startswith("pipe:"):
                     desc = FileDescriptor(fd, "pipe", what, flags, 0,
                                           (0, int(what[6:-1])))
+                elif not direct and what in procfs.CARRIED_ANON:
+                    desc = procfs.describe_anon(pid, fd, what)
                 elif not direct and what.startswith("socket:"):
                     # a unix socket connected to another one of the tree (checked before):
                     # offset is its type, dev_inode (its peer's inode, its own)
@@ -310,7 +314,17 @@ class ProcessSource:
                     raise UnsupportedState(f"pid {pid} fd {fd}: {what} (unsupported file kind)")
                 else:
                     desc = FileDescriptor(fd, "handover", what, flags, 0)
+                    if what == "anon_inode:[eventpoll]":
+                        # its registrations: those of signalfds are made again in the husk
+                        desc.data = procfs.describe_anon(pid, fd, what).data
             fds.append(desc)
+        numbers = {f.fd for f in fds}
+        for f in fds:
+            if f.kind == "epoll" or f.path == "anon_inode:[eventpoll]":
+                for tfd, _, _ in procfs.EPOLL_ITEM.iter_unpack(f.data):
+                    if tfd not in numbers:
+                        raise UnsupportedState(f"pid {pid} fd {f.fd}: epoll watches fd {tfd}, "
+                                               "which is no longer open (not carried)")
         return ProcessState(
             pid=pid, comm=procfs.comm(pid), exe=procfs.readlink(pid, "exe"),
             cwd=procfs.readlink(pid, "cwd"), umask=int(status.get("Umask", "0022"), 8),
