@@ -16,6 +16,19 @@ from .kernel import procfs
 from .model import ranges_bytes, unpack_ranges
 
 
+def _duration_ms(text: str) -> float:
+    """'20ms', '0.5s' or '20' (milliseconds) -> milliseconds."""
+    t = text.strip().lower()
+    try:
+        if t.endswith("ms"):
+            return float(t[:-2])
+        if t.endswith("s"):
+            return float(t[:-1]) * 1e3
+        return float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration like 20ms or 0.5s") from None
+
+
 def _print_json(path: str | None, report: dict) -> None:
     if path:
         with open(path, "w") as f:
@@ -164,7 +177,8 @@ def cmd_migrate(args) -> int:
     from .migrate import migrate
     from .policy import ConvergencePolicy
     policy = ConvergencePolicy(max_rounds=args.max_rounds, min_rounds=args.min_rounds,
-                               target_pages=args.target_pages)
+                               target_pages=args.target_pages,
+                               max_downtime_ms=args.max_downtime)
     progress = (lambda m: print(m, flush=True)) if not args.quiet else (lambda m: None)
     if args.to:
         from .remote import migrate_to
@@ -284,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rounds", type=int, default=8)
     p.add_argument("--min-rounds", type=int, default=2)
     p.add_argument("--target-pages", type=int, default=256)
+    p.add_argument("--max-downtime", type=_duration_ms, metavar="TIME",
+                   help="stop pre-copying once the final step is estimated to fit (e.g. 20ms, "
+                        "0.5s; from the measured dirty set, bandwidth and tree size) instead "
+                        "of at --target-pages")
     p.add_argument("--round-interval", type=float, default=0.0, help="ms between rounds")
     p.add_argument("--work-dir", help="where round images go (default: a temp dir in /dev/shm)")
     p.add_argument("--keep-images", action="store_true")

@@ -113,3 +113,28 @@ def test_page_hash_tracking_fallback(workload_bins, tmp_path, cleanup, mode):
     assert report["tracking"] == "page-hash" and "page hashes" in report["tracking_warning"]
     assert 0 < report["rounds"][1]["pages"] < report["rounds"][0]["pages"]
     check_restored(log, argv, src.pid, report["restored_host_pid"])
+
+
+def test_a_downtime_target_decides_when_to_stop(workload_bins, tmp_path, cleanup):
+    """--max-downtime: rounds go on until the estimated final step (dirty set at the measured
+    bandwidth, plus the state work) fits; an unreachable target runs to the round cap."""
+    argv = workload_argv(workload_bins, "counters", "busy")
+    log = tmp_path / "out.log"
+    src = cleanup.start(argv, log, env=ENV)
+    out = prerestore("migrate", "-t", src.pid, "--max-downtime", "1s", "--max-rounds", "6",
+                     "--json", tmp_path / "r.json", "--work-dir", tmp_path / "images").stdout
+    import json
+    report = json.loads((tmp_path / "r.json").read_text())
+    cleanup.add(report["namespace_init_pid"], report["restored_host_pid"])
+    src.wait(10)
+    assert "estimated downtime" in report["stop_reason"] and len(report["rounds"]) == 2
+    assert all("estimated_final_ms" in r for r in report["rounds"])
+    assert "migrated pid" in out
+    check_restored(log, argv, src.pid, report["restored_host_pid"])
+
+    src2 = cleanup.start(argv, tmp_path / "out2.log", env=ENV)
+    r2 = migrate(src2.pid, policy=ConvergencePolicy(max_rounds=4, max_downtime_ms=0.001),
+                 work_dir=str(tmp_path / "images2"))
+    cleanup.add(r2["namespace_init_pid"], r2["restored_host_pid"])
+    src2.wait(10)
+    assert "estimated downtime" not in r2["stop_reason"]

@@ -135,3 +135,37 @@ def test_valid_edge_policies():
 def test_policy_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         DEFAULT.max_rounds = 3  # type: ignore[misc]
+
+
+# ---- a downtime target ----------------------------------------------------------------------
+
+from prerestore.policy import estimate_final_ms, measured_bandwidth  # noqa: E402
+
+
+def test_estimate_grows_with_pages_and_processes_and_shrinks_with_bandwidth():
+    base = estimate_final_ms(0, 1e9, 1)
+    assert base > 0
+    assert estimate_final_ms(25600, 1e9, 1) == pytest.approx(base + 104.8576)   # 100 MiB at 1 GB/s
+    assert estimate_final_ms(25600, 2e9, 1) < estimate_final_ms(25600, 1e9, 1)
+    assert estimate_final_ms(0, 1e9, 8) > base
+
+
+def test_bandwidth_comes_from_the_latest_round_big_enough_to_tell():
+    assert measured_bandwidth([]) == 1e9
+    assert measured_bandwidth([(100 << 20, 100.0), (4096, 0.01)]) == pytest.approx(
+        (100 << 20) / 0.1)
+    assert measured_bandwidth([(100 << 20, 100.0), (50 << 20, 25.0)]) == pytest.approx(
+        (50 << 20) / 0.025)
+
+
+def test_max_downtime_stops_when_the_estimate_fits():
+    p = ConvergencePolicy(max_downtime_ms=20)
+    assert is_last_round(p, [100000, 5000], estimate_ms=35.0) == (False, "")
+    last, why = is_last_round(p, [100000, 5000, 3000], estimate_ms=19.0)
+    assert last and "estimated downtime 19.0 ms <= target 20 ms" in why
+    # without a target the page count decides; with one, a small dirty set alone does not
+    assert is_last_round(p, [100000, 10], estimate_ms=50.0) == (False, "")
+    # rounds that stop shrinking still end it, target or not
+    last, why = is_last_round(p, [100000, 5000, 4900], estimate_ms=50.0)
+    assert last and "not converging" in why
+    assert is_last_round(p, [100000] * 8, estimate_ms=50.0)[0]          # the round cap
