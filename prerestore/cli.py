@@ -186,7 +186,7 @@ def cmd_migrate(args) -> int:
         report = migrate_to(args.tree, args.to, load_secret(args.secret_file),
                             pidns=not args.no_pidns, cold=args.cold, tracking=args.tracking,
                             policy=policy, round_interval=args.round_interval / 1e3,
-                            progress=progress)
+                            release_ip=args.release_ip, progress=progress)
         print(f"migrated pid {args.tree} to {args.to} ({report['mode']}): downtime "
               f"{report['downtime_ms']:.2f} ms, total {report['total_ms']:.0f} ms, "
               f"{len(report['rounds'])} pre-copy rounds, {report['bytes_sent'] / 2**20:.1f} MiB "
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="migrate to a `prerestore serve` there (else: on this host)")
     p.add_argument("--secret-file", help="the secret shared with the destination (--to; or "
                                          "PRERESTORE_SECRET_FILE / PRERESTORE_SECRET)")
+    p.add_argument("--release-ip", metavar="ADDR",
+                   help="(--to) the service address, released here once the tree is frozen "
+                        "(the destination claims it: serve --claim-ip)")
     p.add_argument("--cold", action="store_true", help="no pre-copy: dump and cold restore")
     p.add_argument("--no-pidns", action="store_true",
                    help="restore in this pid namespace (needs the pid free: not for local moves)")
@@ -317,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default for senders that do not say: restore in this pid namespace")
     p.add_argument("--work-dir", help="where received rounds go (default: a temp dir)")
     p.add_argument("--once", action="store_true", help="exit after one migration")
+    p.add_argument("--claim-ip", metavar="ADDR/PREFIX@DEV",
+                   help="the service address to take over when a migration is finalized, "
+                        "before its TCP sockets are rebuilt (announced by gratuitous ARP)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("inspect", help="summarize an image and its parents")

@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict
 
+from . import netaddr
 from .errors import PrerestoreError, ProtocolError
 from .image import schema
 from .policy import ConvergencePolicy, estimate_final_ms, is_last_round, measured_bandwidth
@@ -49,9 +50,12 @@ def parse_address(text: str, default_host: str = "") -> tuple[str, int]:
 class Receiver:
     """One incoming migration: writes each round where staging reads it, and stages it."""
 
-    def __init__(self, channel: Channel, work_dir: str, pidns_default: bool, log=print):
+    def __init__(self, channel: Channel, work_dir: str, pidns_default: bool, log=print,
+                 claim_ip: "netaddr.Address | None" = None):
         from .restore.staged import StagedTree
         self.ch = channel
+        self.claim_ip = claim_ip
+        self.claimed = False
         self.work_dir = work_dir
         self.pidns_default = pidns_default
         self.staged: StagedTree | None = None
@@ -107,7 +111,13 @@ class Receiver:
                     stats = self.staged.stage(directory)
                 else:                                   # final
                     directory = self._receive_round(msg, "final")
-                    stats = self.staged.finalize(directory)
+                    try:
+                        stats = self.staged.finalize(directory, before_fds=self._claim)
+                    except BaseException:
+                        if self.claimed:          # give the address back to the source
+                            netaddr.release(self.claim_ip)
+                            self.claimed = False
+                        raise
                     self.finished = stats
                     self.log(f"running: pid {stats['pid']} (host pid {stats['host_pid']}), "
                              f"{stats['processes']} processes, finalize "
@@ -121,9 +131,15 @@ class Receiver:
 
     finished: dict | None = None
 
+    def _claim(self) -> None:
+        if self.claim_ip is not None:
+            netaddr.claim(self.claim_ip)
+            self.claimed = True
+
 
 def serve(listen: str, secret: bytes, *, pidns: bool = True, work_dir: str | None = None,
-          once: bool = False, log=print, ready=None) -> None:
+          once: bool = False, log=print, ready=None,
+          claim_ip: "netaddr.Address | None" = None) -> None:
     """Receive migrations on listen (HOST:PORT), one at a time."""
     host, port = parse_address(listen, "0.0.0.0")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -144,7 +160,7 @@ def serve(listen: str, secret: bytes, *, pidns: bool = True, work_dir: str | Non
                 continue
             log(f"migration from {peer[0]}:{peer[1]}")
             wd = tempfile.mkdtemp(prefix="prerestore-in-", dir=work_dir)
-            receiver = Receiver(ch, wd, pidns, log)
+            receiver = Receiver(ch, wd, pidns, log, claim_ip)
             try:
                 receiver.serve()
             except (PrerestoreError, OSError) as e:
@@ -183,9 +199,19 @@ def _send_round(ch: Channel, session: SourceSession, r, op: str) -> dict:
 def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
                cold: bool = False, tracking: str = "auto",
                policy: ConvergencePolicy = ConvergencePolicy(), round_interval: float = 0.0,
-               progress=lambda msg: None) -> dict:
-    """Migrate the tree under pid to a `prerestore serve` at address; returns the report."""
+               release_ip: str | None = None, progress=lambda msg: None) -> dict:
+    """Migrate the tree under pid to a `prerestore serve` at address; returns the report.
+    release_ip: the service address, released here once the tree is frozen (the destination
+    claims it: serve --claim-ip), given back here if the migration fails."""
     check_supported(pid, same_host=False)          # refuse before touching anything
+    moving = netaddr.find(release_ip) if release_ip else None
+    released = []
+
+    def release():
+        if moving is not None:
+            netaddr.release(moving)
+            released.append(moving)
+
     t_start = time.monotonic()
     ch = Channel.connect(parse_address(address), secret)
     session = None
@@ -223,11 +249,12 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
                 break
             if round_interval:
                 time.sleep(round_interval)
-        r = session.dump(f"{wd}/final", write=False)
+        r = session.dump(f"{wd}/final", write=False, frozen_hook=release)
         try:
             fin = _send_round(ch, session, r, "final")
         except (ProtocolError, OSError) as e:
             # lost while the destination applied the final step: it may run there already
+            released.clear()                  # and it may hold the address: do not take it back
             session.leave_stopped()
             raise PrerestoreError(
                 f"the connection to {address} was lost during the final step ({e}); the tree "
@@ -258,6 +285,11 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
                  ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + ")")
         return report
     except BaseException:
+        for a in released:                   # the destination gave it back (or never took it)
+            try:
+                netaddr.claim(a)
+            except PrerestoreError as e:
+                progress(f"warning: could not take the address {a.cidr} back: {e}")
         if session is not None:
             session.resume()                 # a no-op unless it is still frozen
         try:
@@ -275,5 +307,6 @@ def main_serve(args) -> int:
     from .transport.channel import load_secret
     secret = load_secret(args.secret_file)
     serve(args.listen, secret, pidns=not args.no_pidns, work_dir=args.work_dir,
-          once=args.once, log=lambda m: print(m, flush=True, file=sys.stderr))
+          once=args.once, log=lambda m: print(m, flush=True, file=sys.stderr),
+          claim_ip=netaddr.parse_claim(args.claim_ip) if args.claim_ip else None)
     return 0

@@ -13,9 +13,11 @@ import socket
 import struct
 import time
 
+import msgpack
+
 from ..errors import ImageError, PrerestoreError, ProcessGone, RestoreError
 from ..image import schema
-from ..kernel import native, procfs
+from ..kernel import native, procfs, tcp
 from ..model import AddressSpaceRound, FileDescriptor, ProcessState, Round
 from .husk import Husk
 
@@ -63,6 +65,33 @@ def make_socketpairs(states: list[ProcessState], made: dict) -> None:
 
 
 MADE_ANON = ("eventfd", "timerfd", "signalfd", "epoll")
+
+
+def make_tcp(states: list[ProcessState], made: dict) -> None:
+    """TCP sockets of an image: listening ones bound again, established ones rebuilt through
+    TCP repair (their addresses must be local here: the service's address moved with it)."""
+    for s in states:
+        for f in sorted(s.fds, key=lambda f: f.fd):
+            if f.kind != "tcp":
+                continue
+            if f.same_as:
+                made[(s.pid, f.fd)] = made[f.same_as]
+                continue
+            where = f"pid {s.pid} fd {f.fd}"
+            try:
+                state = msgpack.unpackb(f.data, raw=False)
+            except Exception as e:
+                raise ImageError(f"{where}: corrupt TCP socket state ({e})") from None
+            if not isinstance(state, dict):
+                raise ImageError(f"{where}: corrupt TCP socket state")
+            try:
+                sock = tcp.restore(state, where)
+            except OSError as e:
+                raise RestoreError(f"{where}: cannot rebuild the TCP socket {state.get('local')}"
+                                   f" -> {state.get('peer', 'listening')}: {e}") from None
+            fd = sock.detach()
+            fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & os.O_NONBLOCK)
+            made[(s.pid, f.fd)] = fd
 
 
 def make_anon(states: list[ProcessState], made: dict) -> None:
@@ -283,7 +312,7 @@ class StagedTree:
             self.abort()
             raise
 
-    def finalize(self, directory: str, image: bytes | None = None) -> dict:
+    def finalize(self, directory: str, image: bytes | None = None, before_fds=None) -> dict:
         """Apply the final image (read from directory, or handed over in-band as the bytes
         of its round.img) and resume. Returns timings (monotonic clock)."""
         t0 = time.monotonic()
@@ -308,10 +337,13 @@ class StagedTree:
             self._set_groups(final)
             direct = any(t.pages_from == "pid" for t in final.tasks)
             tree = {pid: h.host_pid for pid, h in self.husks.items()}
+            if before_fds:
+                before_fds()         # e.g. claim the service address its sockets bind to
             made = make_pipes(final.states)
             try:
                 make_socketpairs(final.states, made)
                 make_anon(final.states, made)
+                make_tcp(final.states, made)
                 state_stats = [self.husks[s.pid].apply_state(
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
                     made) for s in final.states]

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import KernelCallError, ProcessGone, UnsupportedState
-from ..kernel import native, procfs
+from ..kernel import native, procfs, tcp
 from ..kernel.native import lib
 from ..kernel.tracee import ALL_SIGNALS, KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..kernel.tracker import make_tracker, scan_present
@@ -306,6 +306,10 @@ class ProcessSource:
                                           (0, int(what[6:-1])))
                 elif not direct and what in procfs.CARRIED_ANON:
                     desc = procfs.describe_anon(pid, fd, what)
+                elif not direct and what.startswith("socket:") and \
+                        tcp.protocol(pid, fd) in ("TCP", "TCPv6"):
+                    # its state is read through TCP repair (session.capture_sockets)
+                    desc = FileDescriptor(fd, "tcp", what, flags, 0, (0, int(what[8:-1])))
                 elif not direct and what.startswith("socket:"):
                     # a unix socket connected to another one of the tree (checked before):
                     # offset is its type, dev_inode (its peer's inode, its own)

@@ -17,9 +17,11 @@ import time
 import uuid
 from dataclasses import replace
 
+import msgpack
+
 from ..errors import KernelCallError, ProcessGone, UnsupportedState
 from ..image import schema
-from ..kernel import native, procfs, sockdiag
+from ..kernel import native, procfs, sockdiag, tcp
 from ..kernel.tracee import Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
@@ -83,9 +85,12 @@ def inner_ends(tasks: list[procfs.TreeTask]) -> list[str]:
         inodes = {ino for _, _, ino in sockets}
         for pid, fd, ino in sockets:
             u = unix.get(ino)
+            if u is None and tcp.protocol(pid, fd) in ("TCP", "TCPv6"):
+                continue               # carried through TCP repair (checked when frozen)
             if u is None:
-                problems.append(f"pid {pid} fd {fd}: socket:[{ino}] is not a unix socket "
-                                "(only unix socket pairs are carried between hosts yet)")
+                problems.append(f"pid {pid} fd {fd}: socket:[{ino}] is a "
+                                f"{tcp.protocol(pid, fd)} socket (only TCP sockets and unix "
+                                "socket pairs are carried between hosts yet)")
             elif u.name or u.state != sockdiag.TCP_ESTABLISHED or u.peer not in inodes:
                 problems.append(f"pid {pid} fd {fd}: unix socket [{ino}] "
                                 f"{'bound to ' + repr(u.name) if u.name else ''} is not "
@@ -123,8 +128,8 @@ def share_open_files(states: list[ProcessState]) -> None:
     seen: dict[tuple, list[tuple[int, FileDescriptor]]] = {}
     for s in states:
         for f in sorted(s.fds, key=lambda f: f.fd):
-            if f.kind not in ("file", "chr", "pipe", "unix", "eventfd", "timerfd", "signalfd",
-                              "epoll"):
+            if f.kind not in ("file", "chr", "pipe", "unix", "tcp", "eventfd", "timerfd",
+                              "signalfd", "epoll"):
                 continue
             key = (f.kind, f.dev_inode, f.offset, f.flags & ~0o2000000)  # O_CLOEXEC: per fd
             for pid, first in seen.get(key, []):
@@ -158,16 +163,28 @@ def capture_pipes(states: list[ProcessState]) -> None:
                 os.close(peek)
 
 
-def capture_unix_sockets(states: list[ProcessState]) -> None:
-    """For an image: each unix socket's type and peer, and (on its first fd in the tree) the
-    messages waiting in its receive queue, peeked (a stream as one message; datagrams one by
-    one through SO_PEEK_OFF, put back as it was), so the source loses nothing if it resumes."""
-    table = sockdiag.unix_sockets()
+def capture_sockets(states: list[ProcessState], repaired: list[socket.socket]) -> None:
+    """For an image: TCP sockets through TCP repair (tcp.dump: established ones are left in
+    repair mode, their dups in `repaired`, so that the source closes them silently or a
+    rollback turns repair off); for unix sockets, each one's type and peer, and (on its first
+    fd in the tree) the messages waiting in its receive queue, peeked (a stream as one
+    message; datagrams one by one through SO_PEEK_OFF, put back as it was), so the source
+    loses nothing if it resumes."""
+    table = sockdiag.unix_sockets() if any(f.kind == "unix" for s in states for f in s.fds) \
+        else {}
     seen: set[int] = set()
     for s in states:
         pidfd = None
         try:
             for f in s.fds:
+                if f.kind == "tcp" and not f.same_as:
+                    if pidfd is None:
+                        pidfd = native.pidfd_open(s.pid)
+                    mine = socket.socket(fileno=native.pidfd_getfd(pidfd, f.fd, s.pid))
+                    repaired.append(mine)
+                    f.data = msgpack.packb(tcp.dump(mine, f"pid {s.pid} fd {f.fd}"),
+                                           use_bin_type=True)
+                    continue
                 if f.kind != "unix":
                     continue
                 ino = f.dev_inode[1]
@@ -235,6 +252,7 @@ class SourceSession:
         self.zombies: list[Zombie] = []
         self.last_round: tuple[str, Round] | None = None
         self.held: list[Tracee] = []      # every thread of the tree while frozen
+        self.repaired: list[socket.socket] = []   # the source's TCP sockets in repair mode
         # The image names processes as the tree's own pid namespace sees them (the root's
         # innermost one): a container-style tree is restored with its own pids.
         self.depth = len(procfs.ns_pids(pid)) - 1
@@ -331,7 +349,8 @@ class SourceSession:
         """The CPU the root process last ran on."""
         return int(procfs.stat_fields(self.pid)[39])
 
-    def dump(self, directory: str, *, write: bool = True, cpu: int | None = None) -> Round:
+    def dump(self, directory: str, *, write: bool = True, cpu: int | None = None,
+             frozen_hook=None) -> Round:
         """Freeze the whole tree and make the final image (written to directory unless
         write=False: the caller hands it over in-band and writes it after the switch).
         The tree stays frozen until kill_frozen() or resume().
@@ -344,12 +363,14 @@ class SourceSession:
             mask = os.sched_getaffinity(0)
             os.sched_setaffinity(0, {cpu})
             try:
-                return self.dump(directory, write=write)
+                return self.dump(directory, write=write, frozen_hook=frozen_hook)
             finally:
                 os.sched_setaffinity(0, mask)
         t0 = time.monotonic()          # the clock the destination reports resumption in
         try:
             procs, tasks = self._freeze_tree()
+            if frozen_hook:
+                frozen_hook()        # e.g. release the service address: nothing reaches us now
             t_frozen = time.monotonic()
             problems = tree_problems(tasks)        # it may have changed since the check
             if problems:
@@ -377,7 +398,7 @@ class SourceSession:
                                       self.direct) for p in procs]
             share_open_files(states)
             capture_pipes(states)
-            capture_unix_sockets(states)
+            capture_sockets(states, self.repaired)
             states = [self._to_ns(s) for s in states]
             t_state = time.monotonic()
             if worker:
@@ -574,10 +595,17 @@ class SourceSession:
         self.held = []
         for p in self.procs.values():
             p.frozen = []
+        for s in self.repaired:          # still in repair mode: it closes without a word
+            s.close()
+        self.repaired = []
         self.close()
 
     def resume(self) -> None:
         """Roll back: the source tree continues as if nothing happened."""
+        for s in self.repaired:
+            tcp.repair_off(s)
+            s.close()
+        self.repaired = []
         for t in self.held:
             try:
                 t.detach()
@@ -588,7 +616,11 @@ class SourceSession:
             p.frozen = []
 
     def leave_stopped(self) -> None:
-        """Detach but keep the tree stopped (SIGSTOP), for `dump --leave-stopped`."""
+        """Detach but keep the tree stopped (SIGSTOP), for `dump --leave-stopped`. Its TCP
+        sockets stay in repair mode (silent): the tree may already run elsewhere."""
+        for s in self.repaired:
+            s.close()
+        self.repaired = []
         for p in self.procs.values():
             if p.frozen:
                 p.frozen[0].detach(19)         # a group stop: every thread stops

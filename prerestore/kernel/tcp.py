@@ -1,0 +1,206 @@
+"""TCP sockets through TCP_REPAIR (Linux >= 3.5; CAP_NET_ADMIN in the socket's namespace).
+
+In repair mode a socket neither sends nor answers anything: its sequence numbers, queues,
+window and options can be read, and a new socket can be given them and put in ESTABLISHED
+without a handshake. The source's sockets stay in repair mode from the freeze on, so that when
+the source dies they close silently (no FIN, no RST); a rollback turns repair off again.
+
+A socket's state is a plain dict (it travels in the image as msgpack, and is checked field by
+field when read back: restore() never trusts its shape).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import struct
+
+from ..errors import ImageError, UnsupportedState
+
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS = 19, 20, 21, 22
+TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 24, 29
+TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
+SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
+TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
+TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
+STATES = {1: "established", 10: "listen"}
+NAMES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+         6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING"}
+# socket options carried as they are: (level, name, key)
+OPTIONS = [(socket.SOL_SOCKET, socket.SO_REUSEADDR, "reuseaddr"),
+           (socket.SOL_SOCKET, socket.SO_REUSEPORT, "reuseport"),
+           (socket.SOL_SOCKET, socket.SO_KEEPALIVE, "keepalive"),
+           (socket.IPPROTO_TCP, socket.TCP_NODELAY, "nodelay"),
+           (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, "keepidle"),
+           (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, "keepintvl"),
+           (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, "keepcnt")]
+
+
+def _u32(value: int) -> bytes:
+    return struct.pack("=I", value & 0xFFFFFFFF)
+
+
+def protocol(pid: int, fd: int) -> str:
+    """What a socket fd is ("TCP", "TCPv6", "UNIX-STREAM", "UDP"...), from the outside."""
+    try:
+        return os.getxattr(f"/proc/{pid}/fd/{fd}", "system.sockprotoname").rstrip(b"\0").decode()
+    except OSError:
+        return "?"
+
+
+def is_tcp(sock: socket.socket) -> bool:
+    return sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+
+
+def _ioctl_int(sock: socket.socket, request: int) -> int:
+    return struct.unpack("=i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+
+
+def _info(sock: socket.socket) -> tuple[int, int, int, int, int, int]:
+    """(state, options, snd_wscale, rcv_wscale, unacked, sacked) from TCP_INFO."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    state, _, _, _, _, options, wscale = struct.unpack_from("=7B", raw)
+    unacked, sacked = struct.unpack_from("=II", raw, 24)
+    return state, options, wscale & 0xF, wscale >> 4, unacked, sacked
+
+
+def _addr(a) -> list:
+    return [a[0], a[1]] + list(a[2:])
+
+
+def dump(sock: socket.socket, where: str) -> dict:
+    """The state of a TCP socket (a dup of the frozen source's): listening sockets as they
+    are, established ones after putting them in repair mode (left on: see repair_off)."""
+    state, options, snd_ws, rcv_ws, unacked, sacked = _info(sock)
+    kind = STATES.get(state)
+    if kind is None:
+        raise UnsupportedState(f"{where}: a TCP socket in state {NAMES.get(state, state)} "
+                               "(only listening and established ones are carried)")
+    out = {"family": int(sock.family), "state": kind, "local": _addr(sock.getsockname()),
+           "opts": {key: sock.getsockopt(level, name) for level, name, key in OPTIONS}}
+    if sock.family == socket.AF_INET6:
+        out["opts"]["v6only"] = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    if kind == "listen":
+        if unacked:
+            raise UnsupportedState(f"{where}: a listening TCP socket with {unacked} connections "
+                                   "waiting to be accepted (not carried yet)")
+        out["backlog"] = sacked
+        return out
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    out["peer"] = _addr(sock.getpeername())
+    inq, outq, unsent = (_ioctl_int(sock, SIOCINQ), _ioctl_int(sock, SIOCOUTQ),
+                         _ioctl_int(sock, SIOCOUTQNSD))
+    seqs = {}
+    data = {}
+    for queue, size, name in ((TCP_SEND_QUEUE, outq, "send"), (TCP_RECV_QUEUE, inq, "recv")):
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+        seqs[name] = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
+        got = b""
+        if size:
+            got = sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        if len(got) != size:
+            raise UnsupportedState(f"{where}: read {len(got)} of the {size} bytes of the TCP "
+                                   f"{name} queue")
+        data[name] = got
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, 0)
+    out.update({
+        "send_seq": seqs["send"] & 0xFFFFFFFF, "recv_seq": seqs["recv"] & 0xFFFFFFFF,
+        "send_queue": data["send"], "unsent": unsent, "recv_queue": data["recv"],
+        "mss": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG),
+        "timestamp": sock.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF,
+        "window": sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, 20),
+        "sack": bool(options & TCPI_OPT_SACK), "timestamps": bool(options & TCPI_OPT_TIMESTAMPS),
+        "wscale": [snd_ws, rcv_ws] if options & TCPI_OPT_WSCALE else None,
+    })
+    return out
+
+
+def repair_off(sock: socket.socket) -> None:
+    """Let a source socket go on (rollback): out of repair mode, nothing lost."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+    except OSError:
+        pass
+
+
+def _check(state: dict, where: str) -> None:
+    def need(key, kind):
+        if not isinstance(state.get(key), kind):
+            raise ImageError(f"{where}: TCP socket state lacks a valid {key!r}")
+    need("family", int), need("state", str), need("local", list), need("opts", dict)
+    if state["family"] not in (socket.AF_INET, socket.AF_INET6) or \
+            state["state"] not in ("listen", "established"):
+        raise ImageError(f"{where}: unknown TCP socket family or state")
+    if state["state"] == "listen":
+        need("backlog", int)
+        return
+    for key, kind in (("peer", list), ("send_seq", int), ("recv_seq", int),
+                      ("send_queue", bytes), ("recv_queue", bytes), ("unsent", int),
+                      ("mss", int), ("timestamp", int), ("window", bytes), ("sack", bool),
+                      ("timestamps", bool)):
+        need(key, kind)
+    if not 0 <= state["unsent"] <= len(state["send_queue"]) or len(state["window"]) != 20:
+        raise ImageError(f"{where}: inconsistent TCP queues")
+
+
+def restore(state: dict, where: str) -> socket.socket:
+    """A socket in the state dump() described: listening, or established through repair mode
+    (sequence numbers, options, timestamp, both queues, window), then out of repair mode with
+    the unsent bytes sent as the application had queued them. The local address must exist
+    here (the service's address moved with it)."""
+    _check(state, where)
+    sock = socket.socket(state["family"], socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        for level, name, key in OPTIONS:
+            if key in state["opts"]:
+                sock.setsockopt(level, name, int(state["opts"][key]))
+        if "v6only" in state["opts"]:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(state["opts"]["v6only"]))
+        local = tuple(state["local"])
+        if state["state"] == "listen":
+            sock.bind(local)
+            sock.listen(max(state["backlog"], 1))
+            return sock
+        sendq, recvq = state["send_queue"], state["recv_queue"]
+        # repair mode also forces reuse of the address (the listener holds the same port):
+        # no SO_REUSEADDR after this, it would undo that
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+        # the queues' first sequence numbers: what comes after them was read from the source
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ,
+                        _u32(state["send_seq"] - len(sendq)))
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ,
+                        _u32(state["recv_seq"] - len(recvq)))
+        sock.bind(local)
+        sock.connect(tuple(state["peer"]))            # no handshake in repair mode
+        opts = [(TCPOPT_MSS, state["mss"])]
+        if state.get("wscale"):
+            snd, rcv = state["wscale"]
+            opts.append((TCPOPT_WINDOW, snd | rcv << 16))
+        if state["sack"]:
+            opts.append((TCPOPT_SACK_PERM, 0))
+        if state["timestamps"]:
+            opts.append((TCPOPT_TIMESTAMP, 0))
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS,
+                        b"".join(struct.pack("=II", c, v) for c, v in opts))
+        if state["timestamps"]:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP, _u32(state["timestamp"]))
+        if recvq:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            sock.sendall(recvq)
+        sent = len(sendq) - state["unsent"]
+        if sent:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+            sock.sendall(sendq[:sent])
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, 0)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, state["window"])
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,
+                        int(state["opts"].get("reuseaddr", 0)))
+        if state["unsent"]:
+            sock.sendall(sendq[sent:])
+        return sock
+    except BaseException:
+        sock.close()
+        raise

@@ -1,0 +1,74 @@
+"""Test hosts: network namespaces joined by a bridge (itself in a namespace of its own), so that
+a test can migrate a service from host A to host B while a client on host C keeps a connection
+open to the service's address, which moves with it. Nothing outside these namespaces is
+touched; everything is removed at the end (processes the test started are killed by pid).
+
+    A (10.77.x.1) ─┐
+    B (10.77.x.2) ─┼─ bridge (namespace "sw")      service address 10.77.x.100, on A first
+    C (10.77.x.3) ─┘
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+
+
+def ip(*args: str, ns: str | None = None) -> None:
+    cmd = (["ip", "netns", "exec", ns, "ip"] if ns else ["ip"]) + list(args)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {res.stderr.strip()}")
+
+
+class NetHosts:
+    def __init__(self):
+        tag = secrets.token_hex(3)
+        self.net = 10 + secrets.randbelow(200)
+        self.ns = {h: f"pr-{tag}-{h}" for h in ("a", "b", "c", "sw")}
+        self.addr = {h: f"10.77.{self.net}.{i}" for i, h in ((1, "a"), (2, "b"), (3, "c"))}
+        self.service = f"10.77.{self.net}.100"
+        self.pids: list[int] = []
+        try:
+            for name in self.ns.values():
+                subprocess.run(["ip", "netns", "add", name], check=True)
+                ip("link", "set", "lo", "up", ns=name)
+            sw = self.ns["sw"]
+            ip("link", "add", "br0", "type", "bridge", ns=sw)
+            ip("link", "set", "br0", "up", ns=sw)
+            for h in ("a", "b", "c"):
+                inner, outer = f"v{tag}{h}", f"p{tag}{h}"
+                ip("link", "add", inner, "type", "veth", "peer", "name", outer)
+                ip("link", "set", inner, "netns", self.ns[h])
+                ip("link", "set", outer, "netns", sw)
+                ip("link", "set", inner, "name", "eth0", ns=self.ns[h])
+                ip("addr", "add", f"{self.addr[h]}/24", "dev", "eth0", ns=self.ns[h])
+                ip("link", "set", "eth0", "up", ns=self.ns[h])
+                ip("link", "set", outer, "master", "br0", ns=sw)
+                ip("link", "set", outer, "up", ns=sw)
+            ip("addr", "add", f"{self.service}/24", "dev", "eth0", ns=self.ns["a"])
+        except BaseException:
+            self.remove()
+            raise
+
+    def run(self, host: str, argv, **kw) -> subprocess.Popen:
+        """Start argv on a host (its pid is the process's own: ip netns exec execs it)."""
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[host], *map(str, argv)], **kw)
+        self.pids.append(p.pid)
+        return p
+
+    def netns_of(self, pid: int) -> str:
+        return os.readlink(f"/proc/{pid}/ns/net")
+
+    def host_netns(self, host: str) -> str:
+        """The same form as netns_of: net:[inode]."""
+        return f"net:[{os.stat(f'/run/netns/{self.ns[host]}').st_ino}]"
+
+    def remove(self) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        for name in self.ns.values():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
