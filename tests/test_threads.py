@@ -35,7 +35,7 @@ def ns_tid(pid: int, task: str) -> int | None:
     (with CHURN, helper threads come and go after the resume too)."""
     try:
         return ns_pids(f"{pid}/task/{task}")[-1]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
 
 
