@@ -44,3 +44,33 @@ def test_eventfd_timerfd_signalfd_epoll(tmp_path, direct, cold):
         cleanup.run()
         src.kill()
         src.wait(10)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-files"])
+def test_directory_fd_and_deleted_file(tmp_path, direct):
+    """A directory fd (reopened by path) and a file deleted while open (its content carried
+    in the image and recreated unlinked, at the same offset)."""
+    work = tmp_path / "dir"
+    work.mkdir()
+    argv = [sys.executable, WORKLOAD_DIR / "files.py", work]
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 300, pid=src.pid)
+        r = migrate(src.pid, direct=direct, work_dir=str(tmp_path / "images"),
+                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
+        host = r["restored_host_pid"]
+        cleanup.add(r["namespace_init_pid"], host)
+        src.wait(10)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, timeout=60, pid=host)
+        assert "BAD" not in open(log).read()
+        ref = tmp_path / "ref"
+        ref.mkdir()
+        assert compare_with_reference(log, [sys.executable, WORKLOAD_DIR / "files.py", ref]) \
+            >= (it + 300) // 100
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)

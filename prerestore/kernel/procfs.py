@@ -205,6 +205,26 @@ def describe_anon(pid: int, fd: int, what: str) -> FileDescriptor | None:
     return FileDescriptor(fd, kind, what, flags, 0, data=b"".join(items))
 
 
+DELETED_MAX = 64 << 20      # the most content of a deleted file an image carries
+
+
+def describe_deleted(pid: int, fd: int, path: str, flags: int) -> FileDescriptor:
+    """A regular file deleted while open: its content travels in the image (data), and the
+    restorer makes a new unlinked file of it (offset: the fd's position)."""
+    from ..errors import UnsupportedState
+    info = fdinfo(pid, fd)
+    src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(src).st_size
+        if size > DELETED_MAX:
+            raise UnsupportedState(f"pid {pid} fd {fd}: deleted file {path} of {size} bytes "
+                                   f"(at most {DELETED_MAX} are carried)")
+        data = os.pread(src, size, 0)
+    finally:
+        os.close(src)
+    return FileDescriptor(fd, "deleted", path, flags, int(info.get("pos", "0")), data=data)
+
+
 def fd_numbers(pid: int) -> list[int]:
     try:
         return sorted(int(x) for x in os.listdir(f"/proc/{pid}/fd"))

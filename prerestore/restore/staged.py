@@ -11,6 +11,7 @@ import fcntl
 import os
 import socket
 import struct
+import tempfile
 import time
 
 import msgpack
@@ -65,6 +66,31 @@ def make_socketpairs(states: list[ProcessState], made: dict) -> None:
 
 
 MADE_ANON = ("eventfd", "timerfd", "signalfd", "epoll")
+
+
+def make_deleted_files(states: list[ProcessState], made: dict) -> None:
+    """Files deleted while open: a new file with the carried content, in the directory the
+    old one was in (or /tmp if that is gone), opened as the source had it and unlinked."""
+    for s in states:
+        for f in sorted(s.fds, key=lambda f: f.fd):
+            if f.kind != "deleted":
+                continue
+            if f.same_as:
+                made[(s.pid, f.fd)] = made[f.same_as]
+                continue
+            where = os.path.dirname(f.path)
+            if not os.path.isdir(where):
+                where = "/tmp"
+            tmp, name = tempfile.mkstemp(dir=where, prefix=".prerestore-deleted-")
+            try:
+                os.write(tmp, f.data)
+                fd = os.open(name, (f.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC |
+                                                os.O_NOCTTY)) | os.O_CLOEXEC)
+                os.lseek(fd, f.offset, os.SEEK_SET)
+            finally:
+                os.close(tmp)
+                os.unlink(name)
+            made[(s.pid, f.fd)] = fd
 
 
 def make_tcp(states: list[ProcessState], made: dict) -> None:
@@ -344,6 +370,7 @@ class StagedTree:
                 make_socketpairs(final.states, made)
                 make_anon(final.states, made)
                 make_tcp(final.states, made)
+                make_deleted_files(final.states, made)
                 state_stats = [self.husks[s.pid].apply_state(
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
                     made) for s in final.states]

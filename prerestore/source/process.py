@@ -55,6 +55,8 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
             continue       # carried when its other end is in the tree (see inner_ends)
         if desc is None and what in procfs.CARRIED_ANON and not same_host:
             continue       # made anew by the restorer
+        if desc is None and what.startswith(("directory ", "deleted file ")) and not same_host:
+            continue       # reopened / recreated from the image
         if desc is None and not (same_host and procfs.can_hand_over(pid, fd, what)):
             problems.append(f"fd {fd}: {what} (unsupported file kind"
                             f"{'' if same_host else ' between hosts'})")
@@ -306,6 +308,11 @@ class ProcessSource:
                                           (0, int(what[6:-1])))
                 elif not direct and what in procfs.CARRIED_ANON:
                     desc = procfs.describe_anon(pid, fd, what)
+                elif not direct and what.startswith("directory "):
+                    desc = FileDescriptor(fd, "dir", what[len("directory "):], flags, 0)
+                elif not direct and what.startswith("deleted file "):
+                    desc = procfs.describe_deleted(pid, fd, what[len("deleted file "):],
+                                                   flags)
                 elif not direct and what.startswith("socket:") and \
                         tcp.protocol(pid, fd) in ("TCP", "TCPv6"):
                     # its state is read through TCP repair (session.capture_sockets)

@@ -128,8 +128,8 @@ def share_open_files(states: list[ProcessState]) -> None:
     seen: dict[tuple, list[tuple[int, FileDescriptor]]] = {}
     for s in states:
         for f in sorted(s.fds, key=lambda f: f.fd):
-            if f.kind not in ("file", "chr", "pipe", "unix", "tcp", "eventfd", "timerfd",
-                              "signalfd", "epoll"):
+            if f.kind not in ("file", "chr", "dir", "deleted", "pipe", "unix", "tcp", "eventfd",
+                              "timerfd", "signalfd", "epoll"):
                 continue
             key = (f.kind, f.dev_inode, f.offset, f.flags & ~0o2000000)  # O_CLOEXEC: per fd
             for pid, first in seen.get(key, []):
