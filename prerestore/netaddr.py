@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -58,16 +59,51 @@ def parse_claim(text: str) -> Address:
     return Address(str(net.ip), net.network.prefixlen, dev)
 
 
+RTM_NEWADDR, RTM_DELADDR = 20, 21
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_F_NODAD = 0x02
+NLMSG_ERROR = 2
+
+
+def _addr_request(kind: int, a: Address, flags: int) -> None:
+    """One rtnetlink address change, acknowledged (this is on the downtime path: no `ip`
+    process to start)."""
+    ip = ipaddress.ip_address(a.ip)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        index = socket.if_nametoindex(a.dev)
+    except OSError:
+        raise PrerestoreError(f"no interface {a.dev} here") from None
+    raw = ip.packed
+    attrs = b""
+    for attr in ((IFA_LOCAL, IFA_ADDRESS) if ip.version == 4 else (IFA_ADDRESS,)):
+        attrs += struct.pack("=HH", 4 + len(raw), attr) + raw + b"\0" * (-len(raw) % 4)
+    body = struct.pack("=BBBBI", family, a.prefix,
+                       IFA_F_NODAD if ip.version == 6 else 0, 0, index) + attrs
+    msg = struct.pack("=IHHII", 16 + len(body), kind, NLM_F_REQUEST | NLM_F_ACK | flags, 1, 0)
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+    try:
+        s.send(msg + body)
+        reply = s.recv(4096)
+    finally:
+        s.close()
+    _, rtype, _, _, _ = struct.unpack_from("=IHHII", reply)
+    if rtype == NLMSG_ERROR:
+        err = -struct.unpack_from("=i", reply, 16)[0]
+        if err:
+            what = "add" if kind == RTM_NEWADDR else "remove"
+            raise PrerestoreError(f"cannot {what} {a.cidr} on {a.dev}: {os.strerror(err)}")
+
+
 def release(a: Address) -> None:
-    _ip("addr", "del", a.cidr, "dev", a.dev)
+    _addr_request(RTM_DELADDR, a, 0)
 
 
 def claim(a: Address) -> None:
-    """Add the address (nodad: usable at once) and announce it."""
-    if ipaddress.ip_address(a.ip).version == 6:
-        _ip("addr", "add", a.cidr, "dev", a.dev, "nodad")
-    else:
-        _ip("addr", "add", a.cidr, "dev", a.dev)
+    """Add the address (no duplicate detection for IPv6: usable at once) and announce it."""
+    _addr_request(RTM_NEWADDR, a, NLM_F_CREATE | NLM_F_EXCL)
+    if ipaddress.ip_address(a.ip).version == 4:
         announce(a)
 
 
