@@ -159,7 +159,9 @@ def serve(listen: str, secret: bytes, *, pidns: bool = True, work_dir: str | Non
                 log(f"refused {peer[0]}:{peer[1]}: {e}")
                 continue
             log(f"migration from {peer[0]}:{peer[1]}")
-            wd = tempfile.mkdtemp(prefix="prerestore-in-", dir=work_dir)
+            # received rounds are staged from files: in memory (tmpfs), not on a disk
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            wd = tempfile.mkdtemp(prefix="prerestore-in-", dir=work_dir or shm)
             receiver = Receiver(ch, wd, pidns, log, claim_ip)
             try:
                 receiver.serve()

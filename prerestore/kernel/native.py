@@ -227,7 +227,8 @@ class PageReader:
                         "read pages (process_vm_readv)", self.pid)
             if not got:
                 return
-            yield ffi.buffer(self._buf, got)[:]
+            # a view of the one buffer (valid until the next chunk): no copy, no page faults
+            yield memoryview(ffi.buffer(self._buf, got))
 
 
 def load_pages(pid: int, mem_fd: int, in_fd: int, offset: int, ranges: bytes) -> tuple[int, int]:
