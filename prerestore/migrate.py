@@ -13,7 +13,7 @@ from dataclasses import asdict
 from .errors import PrerestoreError, ProtocolError, UnsupportedState
 from .kernel import procfs
 from .image import schema
-from .policy import ConvergencePolicy, estimate_final_ms, is_last_round, measured_bandwidth
+from .policy import ConvergencePolicy, estimate_after, is_last_round
 from .source.session import SourceSession, check_supported
 from .transport import control
 
@@ -121,10 +121,9 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
             report["rounds"].append(entry)
             progress(f"round {k}: {r.stats['pages']} pages ({r.stats['bytes'] / 2**20:.1f} MiB), "
                      f"dump {entry['dump_ms']:.1f} ms, stage {entry['stage_ms']:.1f} ms")
-            estimate = estimate_final_ms(
-                r.stats["pages"], measured_bandwidth([(x["bytes"], x["dump_ms"] + x["stage_ms"])
-                                                      for x in report["rounds"]]),
-                r.stats.get("processes", 1))
+            estimate = estimate_after([(x["bytes"], x["dump_ms"] + x["stage_ms"])
+                                       for x in report["rounds"]],
+                                      r.stats["pages"], r.stats.get("processes", 1))
             entry["estimated_final_ms"] = estimate
             last, why = is_last_round(policy, pages, estimate)
             if last:

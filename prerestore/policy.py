@@ -47,6 +47,12 @@ def measured_bandwidth(rounds: list[tuple[int, float]], default: float = DEFAULT
     return default
 
 
+def estimate_after(rounds: list[tuple[int, float]], pages: int, processes: int) -> float:
+    """estimate_final_ms for a final step after these rounds ((bytes, ms) each, the last
+    one's dirty set being `pages`)."""
+    return estimate_final_ms(pages, measured_bandwidth(rounds), processes)
+
+
 def is_last_round(policy: ConvergencePolicy, pages_per_round: list[int],
                   estimate_ms: float | None = None) -> tuple[bool, str]:
     """pages_per_round[i] = pages written by pre-copy round i (round 0 = the full copy);

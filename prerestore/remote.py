@@ -31,7 +31,7 @@ from dataclasses import asdict
 from . import netaddr
 from .errors import PrerestoreError, ProtocolError
 from .image import schema
-from .policy import ConvergencePolicy, estimate_final_ms, is_last_round, measured_bandwidth
+from .policy import ConvergencePolicy, estimate_after, is_last_round
 from .source.session import SourceSession, check_supported
 from .transport.channel import AuthError, Channel
 
@@ -239,11 +239,9 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
                                      "send_and_stage_ms": (t2 - t1) * 1e3, "stage": staged})
             progress(f"round {k}: {r.stats['pages']} pages ({r.stats['bytes'] / 2**20:.1f} MiB), "
                      f"scan {(t1 - t0) * 1e3:.1f} ms, send+stage {(t2 - t1) * 1e3:.1f} ms")
-            estimate = estimate_final_ms(
-                r.stats["pages"],
-                measured_bandwidth([(x["bytes"], x["scan_ms"] + x["send_and_stage_ms"])
-                                    for x in report["rounds"]]),
-                r.stats.get("processes", 1))
+            estimate = estimate_after([(x["bytes"], x["scan_ms"] + x["send_and_stage_ms"])
+                                       for x in report["rounds"]],
+                                      r.stats["pages"], r.stats.get("processes", 1))
             report["rounds"][-1]["estimated_final_ms"] = estimate
             last, why = is_last_round(policy, pages, estimate)
             if last:

@@ -118,15 +118,16 @@ class Husk:
     def spawn(cls, pid: int, *, pidns: bool) -> "Husk":
         """A husk that will have `pid`: in our pid namespace (the pid must be free), or as that
         pid inside a new pid namespace whose init is a second husk program."""
-        if pid == 1:
-            return cls._spawn_init()
         if not pidns and not _pid_free(pid):
             raise PidTaken(f"pid {pid} is in use on this host: cannot restore with the same pid "
                            "(use --pidns to restore inside a new pid namespace)")
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         try:
             prog = husk_program()
-            if pidns:
+            init = None
+            if pid == 1:       # the root is its namespace's init: pid 1 of a new one, no helper
+                host_pid = native.spawn(prog, [prog, "husk", "1"], [], True, wfd)
+            elif pidns:
                 init = native.spawn(prog, [prog, "init", str(pid)], [], True, wfd)
                 host_pid = None
             else:
@@ -141,7 +142,6 @@ class Husk:
                             raise
                         if not _pid_lingers(pid, t0):
                             raise PidTaken(f"pid {pid} is in use on this host") from None
-                init = None
             os.close(wfd)
             wfd = -1
             if not cls._wait_ready(rfd, 10.0):
@@ -151,39 +151,13 @@ class Husk:
             os.close(rfd)
             if wfd >= 0:
                 os.close(wfd)
-        if pidns:
+        if init:
             kids = procfs.children(init)
             if len(kids) != 1:
                 cls._reap(init)
                 raise RestoreError(f"pid namespace init {init} has no husk child")
             host_pid = kids[0]
         husk = cls(host_pid, pid, init)
-        try:
-            husk.tracee = Tracee(host_pid, exitkill=True)
-            husk.tracee.stop()
-            husk.mem_fd = os.open(f"/proc/{host_pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-        except BaseException:
-            husk.kill()
-            raise
-        return husk
-
-    @classmethod
-    def _spawn_init(cls) -> "Husk":
-        """The husk of a tree whose root is its pid namespace's init: pid 1 of a new one."""
-        rfd, wfd = os.pipe2(os.O_CLOEXEC)
-        try:
-            prog = husk_program()
-            host_pid = native.spawn(prog, [prog, "husk", "1"], [], True, wfd)
-            os.close(wfd)
-            wfd = -1
-            if not cls._wait_ready(rfd, 10.0):
-                raise RestoreError(f"husk for a pid namespace's init did not start (exit status "
-                                   f"{cls._reap(host_pid)})")
-        finally:
-            os.close(rfd)
-            if wfd >= 0:
-                os.close(wfd)
-        husk = cls(host_pid, 1, None)
         try:
             husk.tracee = Tracee(host_pid, exitkill=True)
             husk.tracee.stop()

@@ -48,17 +48,11 @@ def make_socketpairs(states: list[ProcessState], made: dict) -> None:
                 (n,) = struct.unpack_from("=I", data, off)
                 sender.sendall(data[off + 4:off + 4 + n])
                 off += 4 + n
-        for s in states:
-            for f in sorted(s.fds, key=lambda f: f.fd):
-                if f.kind != "unix":
-                    continue
-                if f.same_as:
-                    made[(s.pid, f.fd)] = made[f.same_as]
-                    continue
-                fd = local[f.dev_inode[1]].detach()
-                local[f.dev_inode[1]] = None
-                fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & os.O_NONBLOCK)
-                made[(s.pid, f.fd)] = fd
+        for s, f in _to_make(states, ("unix",), made):
+            fd = local[f.dev_inode[1]].detach()
+            local[f.dev_inode[1]] = None
+            fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & os.O_NONBLOCK)
+            made[(s.pid, f.fd)] = fd
     finally:
         for sock in local.values():
             if sock is not None:
@@ -68,83 +62,78 @@ def make_socketpairs(states: list[ProcessState], made: dict) -> None:
 MADE_ANON = ("eventfd", "timerfd", "signalfd", "epoll")
 
 
-def make_deleted_files(states: list[ProcessState], made: dict) -> None:
-    """Files deleted while open: a new file with the carried content, in the directory the
-    old one was in (or /tmp if that is gone), opened as the source had it and unlinked."""
+def _to_make(states: list[ProcessState], kinds: tuple[str, ...], made: dict):
+    """The fds of these kinds to make, in tree and fd order, as (state, fd); an fd that
+    shares the open file description of one met before gets that one's (already in made)."""
     for s in states:
         for f in sorted(s.fds, key=lambda f: f.fd):
-            if f.kind != "deleted":
+            if f.kind not in kinds:
                 continue
             if f.same_as:
                 made[(s.pid, f.fd)] = made[f.same_as]
                 continue
-            where = os.path.dirname(f.path)
-            if not os.path.isdir(where):
-                where = "/tmp"
-            tmp, name = tempfile.mkstemp(dir=where, prefix=".prerestore-deleted-")
-            try:
-                os.write(tmp, f.data)
-                fd = os.open(name, (f.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC |
-                                                os.O_NOCTTY)) | os.O_CLOEXEC)
-                os.lseek(fd, f.offset, os.SEEK_SET)
-            finally:
-                os.close(tmp)
-                os.unlink(name)
-            made[(s.pid, f.fd)] = fd
+            yield s, f
+
+
+def make_deleted_files(states: list[ProcessState], made: dict) -> None:
+    """Files deleted while open: a new file with the carried content, in the directory the
+    old one was in (or /tmp if that is gone), opened as the source had it and unlinked."""
+    for s, f in _to_make(states, ("deleted",), made):
+        where = os.path.dirname(f.path)
+        if not os.path.isdir(where):
+            where = "/tmp"
+        tmp, name = tempfile.mkstemp(dir=where, prefix=".prerestore-deleted-")
+        try:
+            os.write(tmp, f.data)
+            fd = os.open(name, (f.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC |
+                                            os.O_NOCTTY)) | os.O_CLOEXEC)
+            os.lseek(fd, f.offset, os.SEEK_SET)
+        finally:
+            os.close(tmp)
+            os.unlink(name)
+        made[(s.pid, f.fd)] = fd
 
 
 def make_tcp(states: list[ProcessState], made: dict) -> None:
     """TCP sockets of an image: listening ones bound again, established ones rebuilt through
     TCP repair (their addresses must be local here: the service's address moved with it)."""
-    for s in states:
-        for f in sorted(s.fds, key=lambda f: f.fd):
-            if f.kind != "tcp":
-                continue
-            if f.same_as:
-                made[(s.pid, f.fd)] = made[f.same_as]
-                continue
-            where = f"pid {s.pid} fd {f.fd}"
-            try:
-                state = msgpack.unpackb(f.data, raw=False)
-            except Exception as e:
-                raise ImageError(f"{where}: corrupt TCP socket state ({e})") from None
-            if not isinstance(state, dict):
-                raise ImageError(f"{where}: corrupt TCP socket state")
-            try:
-                sock = tcp.restore(state, where)
-            except OSError as e:
-                raise RestoreError(f"{where}: cannot rebuild the TCP socket {state.get('local')}"
-                                   f" -> {state.get('peer', 'listening')}: {e}") from None
-            fd = sock.detach()
-            fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & os.O_NONBLOCK)
-            made[(s.pid, f.fd)] = fd
+    for s, f in _to_make(states, ("tcp",), made):
+        where = f"pid {s.pid} fd {f.fd}"
+        try:
+            state = msgpack.unpackb(f.data, raw=False)
+        except Exception as e:
+            raise ImageError(f"{where}: corrupt TCP socket state ({e})") from None
+        if not isinstance(state, dict):
+            raise ImageError(f"{where}: corrupt TCP socket state")
+        try:
+            sock = tcp.restore(state, where)
+        except OSError as e:
+            raise RestoreError(f"{where}: cannot rebuild the TCP socket {state.get('local')}"
+                               f" -> {state.get('peer', 'listening')}: {e}") from None
+        fd = sock.detach()
+        fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & os.O_NONBLOCK)
+        made[(s.pid, f.fd)] = fd
 
 
 def make_anon(states: list[ProcessState], made: dict) -> None:
     """eventfds (with their counter), timerfds (armed as they were, ticks included),
     signalfds (their mask) and empty epolls (the husk registers its fds in them once they are
     all in place: Husk.apply_state); added to `made` like pipes."""
-    for s in states:
-        for f in sorted(s.fds, key=lambda f: f.fd):
-            if f.kind not in MADE_ANON:
-                continue
-            if f.same_as:
-                made[(s.pid, f.fd)] = made[f.same_as]
-                continue
-            flags = os.O_CLOEXEC | (f.flags & os.O_NONBLOCK)
-            if f.kind == "eventfd":
-                first = min(f.offset, 0xFFFFFFFF)
-                fd = os.eventfd(first, flags | (os.EFD_SEMAPHORE if f.data == b"S" else 0))
-                if f.offset > first:
-                    os.eventfd_write(fd, f.offset - first)
-            elif f.kind == "signalfd":
-                fd = native.make_signalfd(f.offset, flags)
-            elif f.kind == "timerfd":
-                clock, vs, vns, is_, ins, ticks = procfs.TIMERFD.unpack(f.data)
-                fd = native.make_timerfd(clock, flags, (vs, vns), (is_, ins), ticks)
-            else:
-                fd = native.make_epoll(os.O_CLOEXEC)
-            made[(s.pid, f.fd)] = fd
+    for s, f in _to_make(states, MADE_ANON, made):
+        flags = os.O_CLOEXEC | (f.flags & os.O_NONBLOCK)
+        if f.kind == "eventfd":
+            first = min(f.offset, 0xFFFFFFFF)
+            fd = os.eventfd(first, flags | (os.EFD_SEMAPHORE if f.data == b"S" else 0))
+            if f.offset > first:
+                os.eventfd_write(fd, f.offset - first)
+        elif f.kind == "signalfd":
+            fd = native.make_signalfd(f.offset, flags)
+        elif f.kind == "timerfd":
+            clock, vs, vns, is_, ins, ticks = procfs.TIMERFD.unpack(f.data)
+            fd = native.make_timerfd(clock, flags, (vs, vns), (is_, ins), ticks)
+        else:
+            fd = native.make_epoll(os.O_CLOEXEC)
+        made[(s.pid, f.fd)] = fd
 
 
 def make_pipes(states: list[ProcessState]) -> dict[tuple[int, int], int]:
