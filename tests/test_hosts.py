@@ -58,6 +58,18 @@ def test_tcp_service_moves_with_its_address_and_client(hosts, tmp_path):
     hosts.pids += [p for p in (restored, report["namespace_init_pid"]) if p]
     src.wait(10)
     assert hosts.netns_of(restored) == hosts.host_netns("b")     # it runs on host B now
+    # its UDP socket answers there too
+    probe = subprocess.run(
+        ["ip", "netns", "exec", hosts.ns["c"], sys.executable, "-c",
+         "import socket, sys\n"
+         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)\n"
+         "for _ in range(10):\n"
+         "    s.sendto(b'ping42', (sys.argv[1], 7000))\n"
+         "    try:\n"
+         "        print(s.recv(100).decode()); break\n"
+         "    except socket.timeout:\n"
+         "        pass\n", hosts.service], capture_output=True, text=True, timeout=30)
+    assert probe.stdout.startswith("ping42 "), probe.stdout + probe.stderr
     time.sleep(1.5)                                            # the client talks to B
     stop.touch()
     client.wait(30)

@@ -36,6 +36,44 @@ OPTIONS = [(socket.SOL_SOCKET, socket.SO_REUSEADDR, "reuseaddr"),
            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, "keepcnt")]
 
 
+UDP_OPTIONS = [(socket.SOL_SOCKET, socket.SO_REUSEADDR, "reuseaddr"),
+               (socket.SOL_SOCKET, socket.SO_REUSEPORT, "reuseport"),
+               (socket.SOL_SOCKET, socket.SO_BROADCAST, "broadcast")]
+
+
+def dump_udp(sock: socket.socket) -> dict:
+    """A UDP socket: where it is bound, what it is connected to, its options. Datagrams
+    waiting in it are not carried (UDP may lose datagrams; the peers' resend covers it)."""
+    out = {"family": int(sock.family), "local": _addr(sock.getsockname()),
+           "opts": {key: sock.getsockopt(level, name) for level, name, key in UDP_OPTIONS}}
+    try:
+        out["peer"] = _addr(sock.getpeername())
+    except OSError:
+        out["peer"] = None
+    return out
+
+
+def restore_udp(state: dict, where: str) -> socket.socket:
+    if not isinstance(state.get("family"), int) or not isinstance(state.get("local"), list) or \
+            not isinstance(state.get("opts"), dict) or \
+            state["family"] not in (socket.AF_INET, socket.AF_INET6):
+        raise ImageError(f"{where}: corrupt UDP socket state")
+    sock = socket.socket(state["family"], socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        for level, name, key in UDP_OPTIONS:
+            if key in state["opts"]:
+                sock.setsockopt(level, name, int(state["opts"][key]))
+        local = tuple(state["local"])
+        if local[1]:                                   # bound (an unbound one has port 0)
+            sock.bind(local)
+        if state.get("peer"):
+            sock.connect(tuple(state["peer"]))
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
 def _u32(value: int) -> bytes:
     return struct.pack("=I", value & 0xFFFFFFFF)
 

@@ -752,8 +752,8 @@ class Husk:
         for f in sorted(state.fds, key=lambda f: f.fd):
             if f.kind == "handover":
                 continue
-            if f.kind in ("pipe", "unix", "tcp", "eventfd", "timerfd", "signalfd", "epoll",
-                          "deleted"):
+            if f.kind in ("pipe", "unix", "tcp", "udp", "eventfd", "timerfd", "signalfd",
+                          "epoll", "deleted"):
                 items.append((None, (made or {})[(self.pid, f.fd)], f))
                 continue
             cloexec = lib.O_CLOEXEC if f.flags & lib.O_CLOEXEC else 0

@@ -97,19 +97,21 @@ def make_deleted_files(states: list[ProcessState], made: dict) -> None:
 def make_tcp(states: list[ProcessState], made: dict) -> None:
     """TCP sockets of an image: listening ones bound again, established ones rebuilt through
     TCP repair (their addresses must be local here: the service's address moved with it)."""
-    for s, f in _to_make(states, ("tcp",), made):
+    for s, f in _to_make(states, ("tcp", "udp"), made):
         where = f"pid {s.pid} fd {f.fd}"
         try:
             state = msgpack.unpackb(f.data, raw=False)
         except Exception as e:
-            raise ImageError(f"{where}: corrupt TCP socket state ({e})") from None
+            raise ImageError(f"{where}: corrupt {f.kind.upper()} socket state ({e})") from None
         if not isinstance(state, dict):
-            raise ImageError(f"{where}: corrupt TCP socket state")
+            raise ImageError(f"{where}: corrupt {f.kind.upper()} socket state")
         try:
-            sock = tcp.restore(state, where)
+            sock = tcp.restore(state, where) if f.kind == "tcp" else \
+                tcp.restore_udp(state, where)
         except OSError as e:
-            raise RestoreError(f"{where}: cannot rebuild the TCP socket {state.get('local')}"
-                               f" -> {state.get('peer', 'listening')}: {e}") from None
+            raise RestoreError(f"{where}: cannot rebuild the {f.kind.upper()} socket "
+                               f"{state.get('local')} -> {state.get('peer', 'listening')}: "
+                               f"{e}") from None
         fd = sock.detach()
         fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & os.O_NONBLOCK)
         made[(s.pid, f.fd)] = fd

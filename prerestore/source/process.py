@@ -314,9 +314,10 @@ class ProcessSource:
                     desc = procfs.describe_deleted(pid, fd, what[len("deleted file "):],
                                                    flags)
                 elif not direct and what.startswith("socket:") and \
-                        tcp.protocol(pid, fd) in ("TCP", "TCPv6"):
-                    # its state is read through TCP repair (session.capture_sockets)
-                    desc = FileDescriptor(fd, "tcp", what, flags, 0, (0, int(what[8:-1])))
+                        tcp.protocol(pid, fd) in ("TCP", "TCPv6", "UDP", "UDPv6"):
+                    # its state is read from a copy of it (session.capture_sockets)
+                    kind = "tcp" if tcp.protocol(pid, fd).startswith("TCP") else "udp"
+                    desc = FileDescriptor(fd, kind, what, flags, 0, (0, int(what[8:-1])))
                 elif not direct and what.startswith("socket:"):
                     # a unix socket connected to another one of the tree (checked before):
                     # offset is its type, dev_inode (its peer's inode, its own)

@@ -85,11 +85,11 @@ def inner_ends(tasks: list[procfs.TreeTask]) -> list[str]:
         inodes = {ino for _, _, ino in sockets}
         for pid, fd, ino in sockets:
             u = unix.get(ino)
-            if u is None and tcp.protocol(pid, fd) in ("TCP", "TCPv6"):
-                continue               # carried through TCP repair (checked when frozen)
+            if u is None and tcp.protocol(pid, fd) in ("TCP", "TCPv6", "UDP", "UDPv6"):
+                continue               # carried (TCP through repair, checked when frozen)
             if u is None:
                 problems.append(f"pid {pid} fd {fd}: socket:[{ino}] is a "
-                                f"{tcp.protocol(pid, fd)} socket (only TCP sockets and unix "
+                                f"{tcp.protocol(pid, fd)} socket (only TCP, UDP and unix "
                                 "socket pairs are carried between hosts yet)")
             elif u.name or u.state != sockdiag.TCP_ESTABLISHED or u.peer not in inodes:
                 problems.append(f"pid {pid} fd {fd}: unix socket [{ino}] "
@@ -128,8 +128,8 @@ def share_open_files(states: list[ProcessState]) -> None:
     seen: dict[tuple, list[tuple[int, FileDescriptor]]] = {}
     for s in states:
         for f in sorted(s.fds, key=lambda f: f.fd):
-            if f.kind not in ("file", "chr", "dir", "deleted", "pipe", "unix", "tcp", "eventfd",
-                              "timerfd", "signalfd", "epoll"):
+            if f.kind not in ("file", "chr", "dir", "deleted", "pipe", "unix", "tcp", "udp",
+                              "eventfd", "timerfd", "signalfd", "epoll"):
                 continue
             key = (f.kind, f.dev_inode, f.offset, f.flags & ~0o2000000)  # O_CLOEXEC: per fd
             for pid, first in seen.get(key, []):
@@ -177,10 +177,14 @@ def capture_sockets(states: list[ProcessState], repaired: list[socket.socket]) -
         pidfd = None
         try:
             for f in s.fds:
-                if f.kind == "tcp" and not f.same_as:
+                if f.kind in ("tcp", "udp") and not f.same_as:
                     if pidfd is None:
                         pidfd = native.pidfd_open(s.pid)
                     mine = socket.socket(fileno=native.pidfd_getfd(pidfd, f.fd, s.pid))
+                    if f.kind == "udp":
+                        f.data = msgpack.packb(tcp.dump_udp(mine), use_bin_type=True)
+                        mine.close()
+                        continue
                     repaired.append(mine)
                     f.data = msgpack.packb(tcp.dump(mine, f"pid {s.pid} fd {f.fd}"),
                                            use_bin_type=True)
