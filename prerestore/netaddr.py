@@ -107,6 +107,89 @@ def claim(a: Address) -> None:
         announce(a)
 
 
+def neighbour_mac(ip: str, dev: str) -> bytes | None:
+    """The link-layer address this host knows for ip on dev (None if it knows none)."""
+    for n in json.loads(_ip("-j", "neigh", "show", "to", ip, "dev", dev) or "[]"):
+        mac = n.get("lladdr")
+        if mac:
+            return bytes.fromhex(mac.replace(":", ""))
+    return None
+
+
+class PacketHolder:
+    """From the moment the service address leaves this host until the destination runs, the
+    packets peers send to it still arrive here (their ARP caches point here) and are dropped:
+    a TCP peer then waits for its retransmission timeout (200 ms or more) before the
+    destination hears from it. The holder keeps a copy of each such frame (AF_PACKET sees
+    them before IP drops them) and, once the destination runs, sends them on to it, with its
+    link-layer address: they arrive as if the peer had sent them there. Same link only (the
+    destination's MAC must be known here); IPv4."""
+
+    def __init__(self, a: Address, to_mac: bytes):
+        import threading
+        self.dst = socket.inet_aton(a.ip)
+        self.to_mac = to_mac
+        self.frames: list[bytes] = []
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+        self._attach_filter(self.dst)             # wake for the service's packets only
+        self.sock.bind((a.dev, 0x0800))
+        self.sock.settimeout(0.05)
+        self.dev = a.dev
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _attach_filter(self, ip: bytes) -> None:
+        """Classic BPF: keep IPv4 frames whose destination (offset 30) is ip."""
+        import ctypes
+        prog = [(0x20, 0, 0, 30),                          # ld  [30]
+                (0x15, 0, 1, int.from_bytes(ip, "big")),   # jeq #ip, keep, drop
+                (0x06, 0, 0, 0x40000),                     # ret #262144 (keep)
+                (0x06, 0, 0, 0)]                           # ret #0 (drop)
+        self._filter = ctypes.create_string_buffer(
+            b"".join(struct.pack("=HBBI", *insn) for insn in prog))
+        fprog = struct.pack("=HxxxxxxQ", len(prog), ctypes.addressof(self._filter))
+        self.sock.setsockopt(socket.SOL_SOCKET, 26, fprog)        # SO_ATTACH_FILTER
+
+    def _run(self) -> None:
+        while not self.stopping:
+            try:
+                frame, addr = self.sock.recvfrom(65536)
+            except (socket.timeout, OSError):
+                continue
+            # addr[2] is the packet type: 4 (PACKET_OUTGOING) is ours going out
+            if addr[2] != 4 and len(frame) >= 34 and frame[30:34] == self.dst:
+                self.frames.append(frame)
+
+    def stop(self) -> list[bytes]:
+        self.stopping = True
+        self.thread.join(1)
+        return self.frames
+
+    def forward(self) -> tuple[int, int]:
+        """Send what was held to the destination; returns (frames sent, frames left to the
+        peers' retransmission: larger than the link's MTU, as receive offload merges them)."""
+        frames = self.stop()
+        with open(f"/sys/class/net/{self.dev}/address") as f:
+            me = bytes.fromhex(f.read().strip().replace(":", ""))
+        with open(f"/sys/class/net/{self.dev}/mtu") as f:
+            mtu = int(f.read())
+        sent = 0
+        try:
+            for frame in frames:
+                if len(frame) - 14 > mtu:
+                    continue
+                self.sock.send(self.to_mac + me + frame[12:])
+                sent += 1
+        finally:
+            self.sock.close()
+        return sent, len(frames) - sent
+
+    def close(self) -> None:
+        self.stop()
+        self.sock.close()
+
+
 def announce(a: Address, count: int = 1) -> None:
     """A gratuitous ARP request for a.ip from a.dev, to every host on the link."""
     with open(f"/sys/class/net/{a.dev}/address") as f:
