@@ -208,13 +208,9 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
     check_supported(pid, same_host=False)          # refuse before touching anything
     moving = netaddr.find(release_ip) if release_ip else None
     released = []
-    holder: list[netaddr.PacketHolder] = []
 
     def release():
         if moving is not None:
-            mac = to_mac[0] if to_mac else None
-            if mac:            # hold what peers send meanwhile (see PacketHolder)
-                holder.append(netaddr.PacketHolder(moving, mac))
             netaddr.release(moving)
             released.append(moving)
 
@@ -223,11 +219,7 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
     session = None
     report: dict = {"pid": pid, "mode": "cold" if cold else "prerestore", "to": address,
                     "rounds": [], "policy": asdict(policy)}
-    to_mac: list = []
     running_there: list = []
-    if moving is not None and ":" not in moving.ip:
-        # the destination's link-layer address, known since we connected to it
-        to_mac.append(netaddr.neighbour_mac(ch.sock.getpeername()[0], moving.dev))
     try:
         ch.send({"op": "begin", "pidns": pidns})
         if not ch.recv().get("ok"):
@@ -272,12 +264,6 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
         t_acked = time.monotonic()
         running_there.append(True)          # from here on nothing may bring the source back
         session.kill_frozen()
-        if holder:           # the tree runs there: a failure here must not undo anything
-            try:
-                report["held_packets_forwarded"], report["held_packets_dropped"] = \
-                    holder.pop().forward()
-            except OSError as e:
-                progress(f"warning: could not forward held packets: {e}")
         try:
             ch.send({"op": "done"})
         except OSError:
@@ -301,8 +287,6 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
                  ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + ")")
         return report
     except BaseException:
-        for h in holder:
-            h.close()
         if running_there:
             raise
         for a in released:                   # the destination gave it back (or never took it)
