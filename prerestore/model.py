@@ -112,6 +112,39 @@ def _subtract(span: tuple[int, int], holes: list[tuple[int, int]]) -> list[tuple
     return out
 
 
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with overlapping or touching ranges joined."""
+    out: list[list[int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def subtract_ranges(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """What of the ranges a is not in b."""
+    out = []
+    for span in a:
+        out += _subtract(span, b)
+    return out
+
+
+def intersect_ranges(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The intersection of two sorted lists of disjoint ranges."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        s, e = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if s < e:
+            out.append((s, e))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
 def memory_vmas(layout: list[Vma], shmem: bool = False) -> list[Vma]:
     """The VMAs whose pages we carry: private ones, not the kernel-provided special ones, and
     with `shmem` shared memory objects too (when they are recreated rather than handed over).
@@ -303,11 +336,6 @@ class Round:
     @property
     def is_final(self) -> bool:
         return self.kind == "dump"
-
-    @property
-    def pidns_init(self) -> bool:
-        """The root is the init (pid 1) of the tree's own pid namespace."""
-        return bool(self.tasks) and self.tasks[0].pid == 1
 
     def task_of(self, pid: int) -> AddressSpaceRound:
         return next(t for t in self.tasks if t.pid == pid)

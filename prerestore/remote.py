@@ -59,6 +59,7 @@ class Receiver:
         self.work_dir = work_dir
         self.pidns_default = pidns_default
         self.staged: StagedTree | None = None
+        self.finished: dict | None = None          # finalize's stats once the tree runs
         self.rounds = 0
         self.log = log
 
@@ -128,8 +129,6 @@ class Receiver:
                 self.staged.abort()
                 self.ch.send({"ok": False, "error": str(e), "kind": type(e).__name__})
                 return None
-
-    finished: dict | None = None
 
     def _claim(self) -> None:
         if self.claim_ip is not None:

@@ -86,10 +86,6 @@ def protocol(pid: int, fd: int) -> str:
         return "?"
 
 
-def is_tcp(sock: socket.socket) -> bool:
-    return sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
-
-
 def _ioctl_int(sock: socket.socket, request: int) -> int:
     return struct.unpack("=i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
 

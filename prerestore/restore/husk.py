@@ -25,7 +25,7 @@ from ..kernel import native, procfs
 from ..kernel.native import lib
 from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..model import (AddressSpaceRound, ProcessState, Vma, Zombie, diff_layout, free_area,
-                     mapped_vmas, memory_vmas, unpack_ranges, PROT_WRITE)
+                     mapped_vmas, memory_vmas, merge_ranges, unpack_ranges, PROT_WRITE)
 
 SPECIAL_ORDER = ("[vvar]", "[vvar_vclock]", "[vdso]")
 PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
@@ -84,23 +84,12 @@ def resumable_regs(saved: dict[str, int]) -> dict[str, int]:
     return regs
 
 
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for s, e in sorted(ranges):
-        if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return [(s, e) for s, e in out]
-
-
 class Husk:
     def __init__(self, host_pid: int, pid: int, init_pid: int | None):
         self.host_pid = host_pid          # pid in our namespace (ptrace, /proc)
         self.pid = pid                    # pid the restored process sees (the source's)
         self.init_pid = init_pid          # host pid of the pid namespace's init (root husk)
         self.parent: Husk | None = None   # the husk it was forked from (None: the root)
-        self.starttime = 0                # the source process's, to tell a reused pid
         self.tracee: Tracee | None = None
         self.threads: dict[int, Tracee] = {}   # the other threads, by the tid they stand for
         self.remote: RemoteSyscalls | None = None
@@ -358,7 +347,7 @@ class Husk:
         self._ensure_scratch_clear_of(task.layout)
         new = mapped_vmas(task.layout)
         d = diff_layout(self.layout, new)
-        fresh_ranges = _merge([(v.start, v.end) for v in d.fresh] + unpack_ranges(task.fresh))
+        fresh_ranges = merge_ranges([(v.start, v.end) for v in d.fresh] + unpack_ranges(task.fresh))
         pieces = []
         for v in new:
             for s, e in fresh_ranges:
@@ -752,9 +741,8 @@ class Husk:
         for f in sorted(state.fds, key=lambda f: f.fd):
             if f.kind == "handover":
                 continue
-            if f.kind in ("pipe", "unix", "tcp", "udp", "eventfd", "timerfd", "signalfd",
-                          "epoll", "deleted"):
-                items.append((None, (made or {})[(self.pid, f.fd)], f))
+            if made and (self.pid, f.fd) in made:     # an object the restorer made
+                items.append((None, made[(self.pid, f.fd)], f))
                 continue
             cloexec = lib.O_CLOEXEC if f.flags & lib.O_CLOEXEC else 0
             if f.same_as and f.same_as[0] == self.pid:      # a dup of an fd opened above

@@ -278,7 +278,6 @@ class StagedTree:
                 raise ImageError(f"process {task.pid}: its parent {task.parent} is not staged")
             husk = parent.fork_child(task.pid, task.exit_signal)
             self.husks[task.pid] = husk
-        husk.starttime = task.starttime
         if task.sid == task.pid:
             husk.lead_session()            # before it forks anything: they inherit it
         return husk

@@ -15,9 +15,9 @@ from ..kernel import native, procfs, tcp
 from ..kernel.native import lib
 from ..kernel.tracee import ALL_SIGNALS, KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..kernel.tracker import make_tracker, scan_present
-from ..model import (FileDescriptor, ProcessState, SigAction, ThreadState, Vma, _subtract,
-                     diff_layout, free_area, memory_vmas, pack_ranges, ranges_bytes,
-                     unpack_ranges)
+from ..model import (FileDescriptor, ProcessState, SigAction, ThreadState, Vma, diff_layout,
+                     free_area, intersect_ranges, memory_vmas, merge_ranges, pack_ranges,
+                     ranges_bytes, subtract_ranges, unpack_ranges)
 
 RLIMITS = 16          # RLIM_NLIMITS
 
@@ -68,20 +68,6 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
         elif v.path.startswith("/") and v.path.endswith(" (deleted)") and not v.is_shmem:
             problems.append(f"mapping of a deleted file {v.path}")
     return problems
-
-
-def intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The intersection of two sorted lists of disjoint ranges."""
-    out, i, j = [], 0, 0
-    while i < len(a) and j < len(b):
-        s, e = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        if s < e:
-            out.append((s, e))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return out
 
 
 class ProcessSource:
@@ -144,10 +130,7 @@ class ProcessSource:
             return [(v.start, v.end) for v in mem], []
         d = diff_layout(memory_vmas(base, self.shmem), mem)
         fresh = [(v.start, v.end) for v in d.fresh]
-        kept = []
-        for s in [(v.start, v.end) for v in mem]:
-            kept += _subtract(s, fresh)
-        return fresh, kept
+        return fresh, subtract_ranges([(v.start, v.end) for v in mem], fresh)
 
     def scan_memory(self, layout: list[Vma], *, final: bool = False, written=None,
                     parent: "ProcessSource | None" = None,
@@ -194,13 +177,13 @@ class ProcessSource:
                 copy.append(c)
                 zap.append(d)
         if self.inherited and not inherit:
-            again = intersect(unpack_ranges(parent_copy) if parent_copy else [],
-                              intersect(self.inherited, kept))
+            again = intersect_ranges(unpack_ranges(parent_copy) if parent_copy else [],
+                                     intersect_ranges(self.inherited, kept))
             if again:
                 joined = [r for part in copy for r in unpack_ranges(part)]
-                copy = [pack_ranges(_union(joined, again))]
-                zap = [pack_ranges(_minus([r for part in zap for r in unpack_ranges(part)],
-                                          again))]
+                copy = [pack_ranges(merge_ranges(joined + again))]
+                zap = [pack_ranges(subtract_ranges(
+                    [r for part in zap for r in unpack_ranges(part)], again))]
             self.inherited = []
         fresh.sort()
         if self.tracker and fresh and not final and not inherit:
@@ -208,7 +191,7 @@ class ProcessSource:
         t1 = time.perf_counter()
         if fresh:
             shm = [(v.start, v.end) for v in layout if v.is_shmem] if self.shmem else []
-            private, shared = _minus(fresh, shm), intersect(fresh, shm)
+            private, shared = subtract_ranges(fresh, shm), intersect_ranges(fresh, shm)
             for areas, file_pages in ((private, False), (shared, True)):
                 if areas:
                     copy.append(scan_present(self.pagemap_fd, pack_ranges(areas), self.pid,
@@ -367,20 +350,3 @@ def _sorted(parts: list[bytes]) -> bytes:
     if len(parts) <= 1:
         return parts[0] if parts else b""
     return pack_ranges(sorted(r for part in parts for r in unpack_ranges(part)))
-
-
-def _union(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for s, e in sorted(a + b):
-        if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return [(s, e) for s, e in out]
-
-
-def _minus(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out = []
-    for s in a:
-        out += _subtract(s, b)
-    return out

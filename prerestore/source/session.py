@@ -25,7 +25,7 @@ from ..kernel import native, procfs, sockdiag, tcp
 from ..kernel.tracee import Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
-from .process import MemoryScan, ProcessSource, find_unsupported
+from .process import ProcessSource, find_unsupported
 
 
 def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
@@ -297,6 +297,8 @@ class SourceSession:
         return self.ns_pid(pid) if pid in members else 0
 
     def _to_ns(self, state: ProcessState) -> ProcessState:
+        if not self.depth:                   # our own namespace: nothing to translate
+            return state
         return replace(
             state, pid=self.ns_pid(state.pid),
             threads=[replace(t, tid=self.ns_pid(t.tid)) for t in state.threads],
