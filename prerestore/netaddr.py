@@ -1,7 +1,12 @@
-"""The service address moves with the service: the source releases it at the freeze (packets
-to it are dropped there from then on: no socket answers, nothing is reset), the destination
-claims it before its TCP sockets are rebuilt, and announces it (gratuitous ARP) so that peers
+"""The service address moves with the service: the source releases it at the freeze (from then
+on no socket of the source's can see, answer or reset what peers send to it), the destination
+claims it once its sockets are rebuilt and live, and announces it (gratuitous ARP) so that peers
 send to the destination at once instead of waiting for their ARP entries to expire.
+
+What peers send in between is not lost (SwitchForwarder): the source routes it on to the
+address, and its kernel keeps those packets in the address's ARP queue, unresolved, until the
+destination claims it; they then reach the destination's live sockets. Without this, a client
+with a request in flight at the switch waits a retransmission timeout (200 ms or more).
 
 Both sides are configured by their own operator (`migrate --release-ip ADDR`, `serve
 --claim-ip ADDR/PREFIX@DEV`): nothing received over the wire names an address or a device.
@@ -105,6 +110,92 @@ def claim(a: Address) -> None:
     _addr_request(RTM_NEWADDR, a, NLM_F_CREATE | NLM_F_EXCL)
     if ipaddress.ip_address(a.ip).version == 4:
         announce(a)
+
+
+class SwitchForwarder:
+    """Holds, then hands to the destination, what peers send to the service address while it
+    moves (IPv4 on a shared link). At the freeze, before the address is released, forwarding
+    is turned on for its interface: packets for the address, no longer local, are routed back
+    out of the same link to it; nobody answers for it yet, so the kernel queues them on the
+    unresolved neighbour entry (up to unres_qlen_bytes) instead of dropping them. The
+    destination's gratuitous ARP resolves the entry and the kernel sends the queue there;
+    hand_over() also sets the entry to the destination's MAC once it runs, in case the
+    announcement was not seen. close() turns forwarding back to what it was.
+
+    Early demultiplexing is turned off meanwhile (net.ipv4.ip_early_demux): it would match
+    a packet of a migrating connection to the source's own (frozen) socket before routing,
+    and the kernel never forwards a packet that a local socket claimed: it would be dropped.
+
+    Used only where it is safe: another address of this host on the same interface covers
+    the service address's network (else, once released, the address would route elsewhere)."""
+
+    def __init__(self, a: Address, to_mac: bytes | None):
+        self.a, self.to_mac = a, to_mac
+        self.path = f"/proc/sys/net/ipv4/conf/{a.dev}/forwarding"
+        self.was: str | None = None
+        self.demux_was: str | None = None
+        self.usable = ipaddress.ip_address(a.ip).version == 4 and os.path.exists(self.path) \
+            and _covered_by_another(a)
+
+    def start(self) -> None:
+        """At the freeze, before the release (this is on the downtime path: one write)."""
+        if self.usable and self.was is None:
+            self.demux_was = _sysctl(EARLY_DEMUX, "0")
+            self.was = _sysctl(self.path, "1")
+
+    def hand_over(self) -> None:
+        """The destination runs: what still waits for the address goes to it."""
+        if self.was is not None and self.to_mac:
+            mac = ":".join(f"{b:02x}" for b in self.to_mac)
+            _ip("neigh", "replace", self.a.ip, "lladdr", mac, "dev", self.a.dev, "nud", "stale")
+
+    def close(self, handed_over: bool) -> None:
+        """Forwarding back as it was; if the migration failed, what was held is dropped
+        (silently: the peers retransmit to the source, which has its address back)."""
+        if self.was is None:
+            return
+        if not handed_over:
+            try:
+                _ip("neigh", "del", self.a.ip, "dev", self.a.dev)
+            except PrerestoreError:
+                pass                               # nothing was queued
+        _sysctl(self.path, self.was)
+        self.was = None
+        if self.demux_was is not None:
+            _sysctl(EARLY_DEMUX, self.demux_was)
+            self.demux_was = None
+
+
+EARLY_DEMUX = "/proc/sys/net/ipv4/ip_early_demux"
+
+
+def _sysctl(path: str, value: str) -> str:
+    """Set a sysctl (of this network namespace); returns what it was."""
+    with open(path) as f:
+        was = f.read().strip()
+    with open(path, "w") as f:
+        f.write(value)
+    return was
+
+
+def _covered_by_another(a: Address) -> bool:
+    net = ipaddress.ip_network(f"{a.ip}/{a.prefix}", strict=False)
+    for link in json.loads(_ip("-j", "addr", "show", "dev", a.dev)):
+        for x in link.get("addr_info", []):
+            if x.get("family") == "inet" and x.get("local") != a.ip and \
+                    ipaddress.ip_address(a.ip) in ipaddress.ip_network(
+                        f"{x['local']}/{x['prefixlen']}", strict=False):
+                return True
+    return False
+
+
+def neighbour_mac(ip: str, dev: str) -> bytes | None:
+    """The link-layer address this host knows for ip on dev (None if it knows none)."""
+    for n in json.loads(_ip("-j", "neigh", "show", "to", ip, "dev", dev) or "[]"):
+        mac = n.get("lladdr")
+        if mac:
+            return bytes.fromhex(mac.replace(":", ""))
+    return None
 
 
 def announce(a: Address, count: int = 1) -> None:

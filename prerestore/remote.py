@@ -113,7 +113,7 @@ class Receiver:
                 else:                                   # final
                     directory = self._receive_round(msg, "final")
                     try:
-                        stats = self.staged.finalize(directory, before_fds=self._claim)
+                        stats = self.staged.finalize(directory, sockets_live=self._claim if self.claim_ip else None)
                     except BaseException:
                         if self.claimed:          # give the address back to the source
                             netaddr.release(self.claim_ip)
@@ -197,6 +197,9 @@ def _send_round(ch: Channel, session: SourceSession, r, op: str) -> dict:
     return stats if isinstance(stats, dict) else {}
 
 
+SWITCH_LINGER = 0.25    # s the source keeps forwarding to the address after the destination runs
+
+
 def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
                cold: bool = False, tracking: str = "auto",
                policy: ConvergencePolicy = ConvergencePolicy(), round_interval: float = 0.0,
@@ -207,14 +210,20 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
     check_supported(pid, same_host=False)          # refuse before touching anything
     moving = netaddr.find(release_ip) if release_ip else None
     released = []
+    forwarder: netaddr.SwitchForwarder | None = None
 
     def release():
         if moving is not None:
+            if forwarder is not None:
+                forwarder.start()        # what peers send meanwhile is held, not dropped
             netaddr.release(moving)
             released.append(moving)
 
     t_start = time.monotonic()
     ch = Channel.connect(parse_address(address), secret)
+    if moving is not None:
+        forwarder = netaddr.SwitchForwarder(
+            moving, netaddr.neighbour_mac(ch.sock.getpeername()[0], moving.dev))
     session = None
     report: dict = {"pid": pid, "mode": "cold" if cold else "prerestore", "to": address,
                     "rounds": [], "policy": asdict(policy)}
@@ -262,11 +271,18 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
                 "destination, then kill the source or resume it with SIGCONT") from None
         t_acked = time.monotonic()
         running_there.append(True)          # from here on nothing may bring the source back
+        if forwarder is not None and forwarder.was is not None:
+            try:
+                forwarder.hand_over()
+            except PrerestoreError as e:
+                progress(f"warning: {e}")
         session.kill_frozen()
         try:
             ch.send({"op": "done"})
         except OSError:
             pass
+        if forwarder is not None and forwarder.was is not None:
+            time.sleep(SWITCH_LINGER)       # packets on their way here, or from stale caches
         phases = dict(r.stats["phases_ms"])
         phases["send_and_apply"] = (t_acked - r.stats["frozen_at"]) * 1e3 - sum(phases.values())
         report.update({
@@ -301,6 +317,11 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
             pass
         raise
     finally:
+        if forwarder is not None:
+            try:
+                forwarder.close(handed_over=bool(running_there))
+            except (OSError, PrerestoreError) as e:
+                progress(f"warning: could not turn forwarding back: {e}")
         if session is not None:
             session.close()
         ch.close()

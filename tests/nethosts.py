@@ -57,6 +57,14 @@ class NetHosts:
         self.pids.append(p.pid)
         return p
 
+    def sysctls(self, host: str) -> dict[str, str]:
+        """The settings a migration may change on a host for the switch (and must put back)."""
+        names = ["net/ipv4/ip_early_demux", "net/ipv4/conf/eth0/forwarding"]
+        out = subprocess.run(["ip", "netns", "exec", self.ns[host], "cat",
+                              *(f"/proc/sys/{n}" for n in names)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        return dict(zip(names, out))
+
     def netns_of(self, pid: int) -> str:
         return os.readlink(f"/proc/{pid}/ns/net")
 

@@ -91,7 +91,7 @@ SERVICES = {
 def test_service_with_200mb_moves_between_hosts(hosts, tmp_path, kind):
     """The acceptance case: 200 MB of keys, a client on host C driving get/set over one
     connection kept open across the move from host A to host B; every key reads back, the
-    client sees no error and a stall no longer than the downtime plus a round trip."""
+    client sees no error and a stall no longer than the downtime."""
     import shutil
     if not shutil.which("memcached" if kind == "memcached" else "redis-server"):
         pytest.skip(f"{kind} not installed")
@@ -116,6 +116,7 @@ def test_service_with_200mb_moves_between_hosts(hosts, tmp_path, kind):
     assert wait_for_line(client_log, "loaded", timeout=120), client_log.read_text()
     time.sleep(0.3)
     report_path = tmp_path / "report.json"
+    before = hosts.sysctls("a")
     mig = subprocess.run(
         ["ip", "netns", "exec", hosts.ns["a"], sys.executable, "-m", "prerestore.cli",
          "migrate", "-t", str(src.pid), "--to", f"{hosts.addr['b']}:7077", "--secret-file",
@@ -133,5 +134,57 @@ def test_service_with_200mb_moves_between_hosts(hosts, tmp_path, kind):
     out = json.loads(result.read_text())
     assert out["errors"] == 0 and out["bad_keys"] == 0, out
     assert out["rounds"] > 50 and out["keys"] >= 200 * 1024
-    assert out["max_stall_ms"] < report["downtime_ms"] + 250, (out, report["downtime_ms"])
+    # what the client sent during the switch was held on A and handed to B (not dropped and
+    # retransmitted 200+ ms later): its longest wait is the downtime, plus its own scheduling
+    assert out["max_stall_ms"] < report["downtime_ms"] + 15, (out, report["downtime_ms"])
+    assert hosts.sysctls("a") == before, "host A's forwarding settings were not put back"
+    serve.wait(10)
+
+
+def test_failed_switch_leaves_service_and_client_on_the_source(hosts, tmp_path):
+    """The destination fails after it rebuilt the sockets and took the address
+    (PRERESTORE_FAULT=apply_state): its sockets are silenced before they close (no FIN or
+    reset reaches the client), the address comes back to A, A's forwarding settings are put
+    back, and the client's connection goes on with the source as if nothing happened."""
+    import os
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    log = tmp_path / "server.log"
+    src = hosts.run("a", [sys.executable, WORKLOAD_DIR / "tcpserver.py", hosts.service, 7000],
+                    stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True)
+    assert wait_for_line(log, f"start pid={src.pid}")
+    serve_log = tmp_path / "serve.log"
+    serve = hosts.run("b", [sys.executable, "-m", "prerestore.cli", "serve", "--listen",
+                            f"{hosts.addr['b']}:7077", "--secret-file", secret,
+                            "--claim-ip", f"{hosts.service}/24@eth0", "--once"],
+                      stdout=subprocess.DEVNULL, stderr=open(serve_log, "wb"),
+                      stdin=subprocess.DEVNULL, start_new_session=True,
+                      env=dict(os.environ, PRERESTORE_FAULT="apply_state"))
+    assert wait_for_line(serve_log, "serving on", timeout=20)
+    result, stop = tmp_path / "client.json", tmp_path / "stop"
+    client = hosts.run("c", [sys.executable, WORKLOAD_DIR / "tcpclient.py", hosts.service, 7000,
+                             result, stop], stdin=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(0.5)
+    before = hosts.sysctls("a")
+    mig = subprocess.run(
+        ["ip", "netns", "exec", hosts.ns["a"], sys.executable, "-m", "prerestore.cli",
+         "migrate", "-t", str(src.pid), "--to", f"{hosts.addr['b']}:7077", "--secret-file",
+         str(secret), "--release-ip", hosts.service],
+        capture_output=True, text=True, timeout=120)
+    assert mig.returncode != 0
+    assert "injected fault at apply_state" in mig.stdout + mig.stderr
+    assert src.poll() is None and hosts.netns_of(src.pid) == hosts.host_netns("a")
+    assert hosts.sysctls("a") == before
+    held = subprocess.run(["ip", "netns", "exec", hosts.ns["a"], "ip", "-o", "addr", "show"],
+                          capture_output=True, text=True).stdout
+    assert f"{hosts.service}/24" in held                      # the address is back on A
+    batches = json.loads(result.read_text())["batches"] if result.exists() else None
+    time.sleep(1.5)                                            # the client goes on with A
+    stop.touch()
+    client.wait(30)
+    out = json.loads(result.read_text())
+    assert out["errors"] == 0, out
+    assert batches is None or out["batches"] > batches
+    assert out["batches"] > 50
     serve.wait(10)

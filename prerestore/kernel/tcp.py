@@ -26,8 +26,11 @@ TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 STATES = {1: "established", 10: "listen"}
 NAMES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
          6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING"}
+IP_FREEBIND, IP_TRANSPARENT = 15, 19      # SOL_IP; they apply to IPv6 sockets too
 # socket options carried as they are: (level, name, key)
-OPTIONS = [(socket.SOL_SOCKET, socket.SO_REUSEADDR, "reuseaddr"),
+OPTIONS = [(socket.SOL_IP, IP_FREEBIND, "freebind"),
+           (socket.SOL_IP, IP_TRANSPARENT, "transparent"),
+           (socket.SOL_SOCKET, socket.SO_REUSEADDR, "reuseaddr"),
            (socket.SOL_SOCKET, socket.SO_REUSEPORT, "reuseport"),
            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, "keepalive"),
            (socket.IPPROTO_TCP, socket.TCP_NODELAY, "nodelay"),
@@ -36,7 +39,9 @@ OPTIONS = [(socket.SOL_SOCKET, socket.SO_REUSEADDR, "reuseaddr"),
            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, "keepcnt")]
 
 
-UDP_OPTIONS = [(socket.SOL_SOCKET, socket.SO_REUSEADDR, "reuseaddr"),
+UDP_OPTIONS = [(socket.SOL_IP, IP_FREEBIND, "freebind"),
+               (socket.SOL_IP, IP_TRANSPARENT, "transparent"),
+               (socket.SOL_SOCKET, socket.SO_REUSEADDR, "reuseaddr"),
                (socket.SOL_SOCKET, socket.SO_REUSEPORT, "reuseport"),
                (socket.SOL_SOCKET, socket.SO_BROADCAST, "broadcast")]
 
@@ -53,7 +58,30 @@ def dump_udp(sock: socket.socket) -> dict:
     return out
 
 
-def restore_udp(state: dict, where: str) -> socket.socket:
+def allow_foreign_address(sock: socket.socket) -> None:
+    """Let sock bind to, connect from and send from an address this host does not hold yet
+    (IP_TRANSPARENT): the sockets of a migrated service are rebuilt, and live, before its
+    address arrives here, so that nothing sent to the address finds it without its sockets
+    (which would answer with a reset). settle() puts the option back as the source had it."""
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+
+
+def settle(sock: socket.socket, state: dict) -> None:
+    """After the address arrived: IP_TRANSPARENT as the application had set it."""
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, int(state["opts"].get("transparent", 0)))
+
+
+def silence(sock: socket.socket, state: dict) -> None:
+    """A rebuilt connection that will not be used (the restore failed and the source
+    resumes): back into repair mode, so that closing it sends nothing to the peer."""
+    if state.get("state") == "established":
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+        except OSError:
+            pass
+
+
+def restore_udp(state: dict, where: str, foreign_ok: bool = False) -> socket.socket:
     if not isinstance(state.get("family"), int) or not isinstance(state.get("local"), list) or \
             not isinstance(state.get("opts"), dict) or \
             state["family"] not in (socket.AF_INET, socket.AF_INET6):
@@ -63,6 +91,8 @@ def restore_udp(state: dict, where: str) -> socket.socket:
         for level, name, key in UDP_OPTIONS:
             if key in state["opts"]:
                 sock.setsockopt(level, name, int(state["opts"][key]))
+        if foreign_ok:
+            allow_foreign_address(sock)
         local = tuple(state["local"])
         if local[1]:                                   # bound (an unbound one has port 0)
             sock.bind(local)
@@ -177,11 +207,11 @@ def _check(state: dict, where: str) -> None:
         raise ImageError(f"{where}: inconsistent TCP queues")
 
 
-def restore(state: dict, where: str) -> socket.socket:
+def restore(state: dict, where: str, foreign_ok: bool = False) -> socket.socket:
     """A socket in the state dump() described: listening, or established through repair mode
     (sequence numbers, options, timestamp, both queues, window), then out of repair mode with
     the unsent bytes sent as the application had queued them. The local address must exist
-    here (the service's address moved with it)."""
+    here, unless foreign_ok (allow_foreign_address: it arrives next, then settle())."""
     _check(state, where)
     sock = socket.socket(state["family"], socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -190,6 +220,8 @@ def restore(state: dict, where: str) -> socket.socket:
                 sock.setsockopt(level, name, int(state["opts"][key]))
         if "v6only" in state["opts"]:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(state["opts"]["v6only"]))
+        if foreign_ok:
+            allow_foreign_address(sock)
         local = tuple(state["local"])
         if state["state"] == "listen":
             sock.bind(local)

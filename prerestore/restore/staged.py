@@ -94,9 +94,14 @@ def make_deleted_files(states: list[ProcessState], made: dict) -> None:
         made[(s.pid, f.fd)] = fd
 
 
-def make_tcp(states: list[ProcessState], made: dict) -> None:
-    """TCP sockets of an image: listening ones bound again, established ones rebuilt through
-    TCP repair (their addresses must be local here: the service's address moved with it)."""
+def make_tcp(states: list[ProcessState], made: dict, built: list[tuple[socket.socket, dict]],
+             foreign_ok: bool = False) -> None:
+    """TCP and UDP sockets of an image: listening ones bound again, established ones rebuilt
+    through TCP repair and live. Their addresses must be local here, unless foreign_ok: then
+    they are built before the service's address arrives (tcp.allow_foreign_address), and the
+    caller settles them once it has (tcp.settle). Each one built is added to `built` (a socket
+    object on it of our own, and its state): if the restore fails, they are silenced before
+    the husks holding them die (tcp.silence)."""
     for s, f in _to_make(states, ("tcp", "udp"), made):
         where = f"pid {s.pid} fd {f.fd}"
         try:
@@ -106,8 +111,8 @@ def make_tcp(states: list[ProcessState], made: dict) -> None:
         if not isinstance(state, dict):
             raise ImageError(f"{where}: corrupt {f.kind.upper()} socket state")
         try:
-            sock = tcp.restore(state, where) if f.kind == "tcp" else \
-                tcp.restore_udp(state, where)
+            sock = tcp.restore(state, where, foreign_ok) if f.kind == "tcp" else \
+                tcp.restore_udp(state, where, foreign_ok)
         except OSError as e:
             raise RestoreError(f"{where}: cannot rebuild the {f.kind.upper()} socket "
                                f"{state.get('local')} -> {state.get('peer', 'listening')}: "
@@ -115,6 +120,7 @@ def make_tcp(states: list[ProcessState], made: dict) -> None:
         fd = sock.detach()
         fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & os.O_NONBLOCK)
         made[(s.pid, f.fd)] = fd
+        built.append((socket.socket(fileno=os.dup(fd)), state))
 
 
 def make_anon(states: list[ProcessState], made: dict) -> None:
@@ -328,10 +334,15 @@ class StagedTree:
             self.abort()
             raise
 
-    def finalize(self, directory: str, image: bytes | None = None, before_fds=None) -> dict:
+    def finalize(self, directory: str, image: bytes | None = None, sockets_live=None) -> dict:
         """Apply the final image (read from directory, or handed over in-band as the bytes
-        of its round.img) and resume. Returns timings (monotonic clock)."""
+        of its round.img) and resume. Returns timings (monotonic clock).
+        sockets_live: called once the tree's sockets are rebuilt and taking packets, before
+        any process has them: where the service's address is claimed. Until then they are
+        bound to it as a foreign address, so that no packet for the address arrives here
+        before its socket does (the kernel would answer it with a reset)."""
         t0 = time.monotonic()
+        built: list[tuple[socket.socket, dict]] = []
         try:
             final = None
             if image is not None:
@@ -353,13 +364,15 @@ class StagedTree:
             self._set_groups(final)
             direct = any(t.pages_from == "pid" for t in final.tasks)
             tree = {pid: h.host_pid for pid, h in self.husks.items()}
-            if before_fds:
-                before_fds()         # e.g. claim the service address its sockets bind to
             made = make_pipes(final.states)
             try:
                 make_socketpairs(final.states, made)
                 make_anon(final.states, made)
-                make_tcp(final.states, made)
+                make_tcp(final.states, made, built, foreign_ok=sockets_live is not None)
+                if sockets_live:
+                    sockets_live()
+                    for sock, state in built:
+                        tcp.settle(sock, state)
                 make_deleted_files(final.states, made)
                 state_stats = [self.husks[s.pid].apply_state(
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
@@ -374,8 +387,13 @@ class StagedTree:
                 self.husks[s.pid].let_go()
             t_resumed = time.monotonic()
         except BaseException:
+            for sock, state in built:       # the source may resume: no FIN, no reset from here
+                tcp.silence(sock, state)
             self.abort()
             raise
+        finally:
+            for sock, _ in built:
+                sock.close()
         root = self.husk
         state_sum = _sum_stats(state_stats)
         try:
