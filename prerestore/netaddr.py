@@ -110,15 +110,18 @@ def claim(a: Address) -> None:
     _addr_request(RTM_NEWADDR, a, NLM_F_CREATE | NLM_F_EXCL)
     if ipaddress.ip_address(a.ip).version == 4:
         announce(a)
+    else:
+        announce_v6(a)
 
 
 class SwitchForwarder:
     """Holds, then hands to the destination, what peers send to the service address while it
-    moves (IPv4 on a shared link). At the freeze, before the address is released, forwarding
+    moves (on a shared link). At the freeze, before the address is released, forwarding
     is turned on for its interface: packets for the address, no longer local, are routed back
     out of the same link to it; nobody answers for it yet, so the kernel queues them on the
     unresolved neighbour entry (up to unres_qlen_bytes) instead of dropping them. The
-    destination's gratuitous ARP resolves the entry and the kernel sends the queue there;
+    destination's gratuitous ARP (IPv6: unsolicited neighbour advertisement) resolves the
+    entry and the kernel sends the queue there;
     hand_over() also sets the entry to the destination's MAC once it runs, in case the
     announcement was not seen. close() turns forwarding back to what it was.
 
@@ -127,15 +130,18 @@ class SwitchForwarder:
     and the kernel never forwards a packet that a local socket claimed: it would be dropped.
 
     Used only where it is safe: another address of this host on the same interface covers
-    the service address's network (else, once released, the address would route elsewhere)."""
+    the service address's network (else, once released, the address would route elsewhere);
+    for IPv6, the kernel must offer per-interface forwarding (force_forwarding, Linux 6.17):
+    turning on IPv6 forwarding for the whole host would make it a router everywhere."""
 
     def __init__(self, a: Address, to_mac: bytes | None):
         self.a, self.to_mac = a, to_mac
-        self.path = f"/proc/sys/net/ipv4/conf/{a.dev}/forwarding"
+        v6 = ipaddress.ip_address(a.ip).version == 6
+        self.path = f"/proc/sys/net/ipv6/conf/{a.dev}/force_forwarding" if v6 else \
+            f"/proc/sys/net/ipv4/conf/{a.dev}/forwarding"
         self.was: str | None = None
         self.demux_was: str | None = None
-        self.usable = ipaddress.ip_address(a.ip).version == 4 and os.path.exists(self.path) \
-            and _covered_by_another(a)
+        self.usable = os.path.exists(self.path) and _covered_by_another(a)
 
     def start(self) -> None:
         """At the freeze, before the release (this is on the downtime path: one write)."""
@@ -166,7 +172,7 @@ class SwitchForwarder:
             self.demux_was = None
 
 
-EARLY_DEMUX = "/proc/sys/net/ipv4/ip_early_demux"
+EARLY_DEMUX = "/proc/sys/net/ipv4/ip_early_demux"     # IPv4 and IPv6 alike
 
 
 def _sysctl(path: str, value: str) -> str:
@@ -179,10 +185,10 @@ def _sysctl(path: str, value: str) -> str:
 
 
 def _covered_by_another(a: Address) -> bool:
-    net = ipaddress.ip_network(f"{a.ip}/{a.prefix}", strict=False)
+    family = "inet6" if ipaddress.ip_address(a.ip).version == 6 else "inet"
     for link in json.loads(_ip("-j", "addr", "show", "dev", a.dev)):
         for x in link.get("addr_info", []):
-            if x.get("family") == "inet" and x.get("local") != a.ip and \
+            if x.get("family") == family and x.get("local") != a.ip and \
                     ipaddress.ip_address(a.ip) in ipaddress.ip_network(
                         f"{x['local']}/{x['prefixlen']}", strict=False):
                 return True
@@ -210,5 +216,25 @@ def announce(a: Address, count: int = 1) -> None:
         s.bind((a.dev, 0))
         for _ in range(count):
             s.send(frame)
+    finally:
+        s.close()
+
+
+def announce_v6(a: Address) -> None:
+    """An unsolicited neighbour advertisement for a.ip from a.dev to all nodes (ff02::1),
+    with the override flag: peers that know the address take this link-layer address."""
+    with open(f"/sys/class/net/{a.dev}/address") as f:
+        mac = bytes.fromhex(f.read().strip().replace(":", ""))
+    index = socket.if_nametoindex(a.dev)
+    na = (struct.pack("!BBHI", 136, 0, 0, 0x20000000) +          # type NA, flag O(verride)
+          socket.inet_pton(socket.AF_INET6, a.ip) +
+          struct.pack("!BB", 2, 1) + mac)                          # target link-layer address
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                      socket.IPPROTO_ICMPV6)                       # the kernel sums it
+    try:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+        s.bind((a.ip, 0, 0, index))
+        s.sendto(na, ("ff02::1", 0, 0, index))
     finally:
         s.close()

@@ -6,6 +6,9 @@ touched; everything is removed at the end (processes the test started are killed
     A (10.77.x.1) ─┐
     B (10.77.x.2) ─┼─ bridge (namespace "sw")      service address 10.77.x.100, on A first
     C (10.77.x.3) ─┘
+
+With v6=True each host also has fd77:0:x::1..3/64 and the service address is fd77:0:x::100
+(the hosts keep their IPv4 addresses, which carry the migration itself).
 """
 from __future__ import annotations
 
@@ -22,17 +25,23 @@ def ip(*args: str, ns: str | None = None) -> None:
 
 
 class NetHosts:
-    def __init__(self):
+    def __init__(self, v6: bool = False):
         tag = secrets.token_hex(3)
         self.net = 10 + secrets.randbelow(200)
         self.ns = {h: f"pr-{tag}-{h}" for h in ("a", "b", "c", "sw")}
         self.addr = {h: f"10.77.{self.net}.{i}" for i, h in ((1, "a"), (2, "b"), (3, "c"))}
-        self.service = f"10.77.{self.net}.100"
+        self.service = f"fd77:0:{self.net}::100" if v6 else f"10.77.{self.net}.100"
+        self.prefix = 64 if v6 else 24
         self.pids: list[int] = []
         try:
             for name in self.ns.values():
                 subprocess.run(["ip", "netns", "add", name], check=True)
                 ip("link", "set", "lo", "up", ns=name)
+                # link-local addresses usable at once, as on a host that has been up a while
+                # (while one is tentative, the kernel cannot send neighbour solicitations)
+                subprocess.run(["ip", "netns", "exec", name, "sh", "-c",
+                                "echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad"],
+                               check=True)
             sw = self.ns["sw"]
             ip("link", "add", "br0", "type", "bridge", ns=sw)
             ip("link", "set", "br0", "up", ns=sw)
@@ -43,10 +52,14 @@ class NetHosts:
                 ip("link", "set", outer, "netns", sw)
                 ip("link", "set", inner, "name", "eth0", ns=self.ns[h])
                 ip("addr", "add", f"{self.addr[h]}/24", "dev", "eth0", ns=self.ns[h])
+                if v6:
+                    ip("addr", "add", f"fd77:0:{self.net}::{ord(h) - 96}/64", "dev", "eth0",
+                       "nodad", ns=self.ns[h])
                 ip("link", "set", "eth0", "up", ns=self.ns[h])
                 ip("link", "set", outer, "master", "br0", ns=sw)
                 ip("link", "set", outer, "up", ns=sw)
-            ip("addr", "add", f"{self.service}/24", "dev", "eth0", ns=self.ns["a"])
+            ip("addr", "add", f"{self.service}/{self.prefix}", "dev", "eth0",
+               *(["nodad"] if v6 else []), ns=self.ns["a"])
         except BaseException:
             self.remove()
             raise
@@ -59,7 +72,8 @@ class NetHosts:
 
     def sysctls(self, host: str) -> dict[str, str]:
         """The settings a migration may change on a host for the switch (and must put back)."""
-        names = ["net/ipv4/ip_early_demux", "net/ipv4/conf/eth0/forwarding"]
+        names = ["net/ipv4/ip_early_demux", "net/ipv4/conf/eth0/forwarding",
+                 "net/ipv6/conf/eth0/force_forwarding", "net/ipv6/conf/all/forwarding"]
         out = subprocess.run(["ip", "netns", "exec", self.ns[host], "cat",
                               *(f"/proc/sys/{n}" for n in names)],
                              capture_output=True, text=True, check=True).stdout.split()

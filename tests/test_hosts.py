@@ -21,12 +21,13 @@ SECRET = b"a-secret-shared-by-hosts-a-and-b"
 
 
 @pytest.fixture
-def hosts():
-    h = NetHosts()
+def hosts(request):
+    h = NetHosts(v6=getattr(request, "param", "ipv4") == "ipv6")
     yield h
     h.remove()
 
 
+@pytest.mark.parametrize("hosts", ["ipv4", "ipv6"], indirect=True)
 def test_tcp_service_moves_with_its_address_and_client(hosts, tmp_path):
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
@@ -38,7 +39,7 @@ def test_tcp_service_moves_with_its_address_and_client(hosts, tmp_path):
     serve_log = tmp_path / "serve.log"
     serve = hosts.run("b", [sys.executable, "-m", "prerestore.cli", "serve", "--listen",
                             f"{hosts.addr['b']}:7077", "--secret-file", secret,
-                            "--claim-ip", f"{hosts.service}/24@eth0", "--once"],
+                            "--claim-ip", f"{hosts.service}/{hosts.prefix}@eth0", "--once"],
                       stdout=subprocess.DEVNULL, stderr=open(serve_log, "wb"),
                       stdin=subprocess.DEVNULL, start_new_session=True)
     assert wait_for_line(serve_log, "serving on", timeout=20)
@@ -62,7 +63,8 @@ def test_tcp_service_moves_with_its_address_and_client(hosts, tmp_path):
     probe = subprocess.run(
         ["ip", "netns", "exec", hosts.ns["c"], sys.executable, "-c",
          "import socket, sys\n"
-         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)\n"
+         "fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n"
+         "s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(0.5)\n"
          "for _ in range(10):\n"
          "    s.sendto(b'ping42', (sys.argv[1], 7000))\n"
          "    try:\n"
@@ -76,6 +78,7 @@ def test_tcp_service_moves_with_its_address_and_client(hosts, tmp_path):
     out = json.loads(result.read_text())
     assert out["errors"] == 0, out
     assert out["batches"] > 50
+    assert out["max_stall_ms"] < report["downtime_ms"] + 15, (out, report["downtime_ms"])
     serve.wait(10)
 
 
@@ -103,7 +106,7 @@ def test_service_with_200mb_moves_between_hosts(hosts, tmp_path, kind):
     serve_log = tmp_path / "serve.log"
     serve = hosts.run("b", [sys.executable, "-m", "prerestore.cli", "serve", "--listen",
                             f"{hosts.addr['b']}:7077", "--secret-file", secret,
-                            "--claim-ip", f"{hosts.service}/24@eth0", "--once"],
+                            "--claim-ip", f"{hosts.service}/{hosts.prefix}@eth0", "--once"],
                       stdout=subprocess.DEVNULL, stderr=open(serve_log, "wb"),
                       stdin=subprocess.DEVNULL, start_new_session=True)
     assert wait_for_line(serve_log, "serving on", timeout=20)
@@ -157,7 +160,7 @@ def test_failed_switch_leaves_service_and_client_on_the_source(hosts, tmp_path):
     serve_log = tmp_path / "serve.log"
     serve = hosts.run("b", [sys.executable, "-m", "prerestore.cli", "serve", "--listen",
                             f"{hosts.addr['b']}:7077", "--secret-file", secret,
-                            "--claim-ip", f"{hosts.service}/24@eth0", "--once"],
+                            "--claim-ip", f"{hosts.service}/{hosts.prefix}@eth0", "--once"],
                       stdout=subprocess.DEVNULL, stderr=open(serve_log, "wb"),
                       stdin=subprocess.DEVNULL, start_new_session=True,
                       env=dict(os.environ, PRERESTORE_FAULT="apply_state"))

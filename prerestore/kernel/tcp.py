@@ -51,6 +51,8 @@ def dump_udp(sock: socket.socket) -> dict:
     waiting in it are not carried (UDP may lose datagrams; the peers' resend covers it)."""
     out = {"family": int(sock.family), "local": _addr(sock.getsockname()),
            "opts": {key: sock.getsockopt(level, name) for level, name, key in UDP_OPTIONS}}
+    if sock.family == socket.AF_INET6:
+        out["opts"]["v6only"] = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
     try:
         out["peer"] = _addr(sock.getpeername())
     except OSError:
@@ -91,6 +93,8 @@ def restore_udp(state: dict, where: str, foreign_ok: bool = False) -> socket.soc
         for level, name, key in UDP_OPTIONS:
             if key in state["opts"]:
                 sock.setsockopt(level, name, int(state["opts"][key]))
+        if "v6only" in state["opts"]:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(state["opts"]["v6only"]))
         if foreign_ok:
             allow_foreign_address(sock)
         local = tuple(state["local"])
