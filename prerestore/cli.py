@@ -78,7 +78,7 @@ def cmd_predump(args) -> int:
 
 def cmd_dump(args) -> int:
     from .source.session import SourceSession
-    from .source.trackerd import finish_dump, tracker_socket
+    from .source.trackerd import dump_and_leave, tracker_socket
     from .transport import control
     leave = "stopped" if args.leave_stopped else "running" if args.leave_running else "kill"
     if args.prev_images_dir:
@@ -87,12 +87,12 @@ def cmd_dump(args) -> int:
             raise PrerestoreError(f"no tracker is following pid {args.tree}: was "
                                   f"{args.prev_images_dir} written by `prerestore predump`?")
         stats = client.request("dump", dir=os.path.abspath(args.images_dir),
-                               prev=os.path.abspath(args.prev_images_dir), leave=leave)["stats"]
+                               prev=os.path.abspath(args.prev_images_dir), leave=leave,
+                               release_ip=args.release_ip)["stats"]
     else:
         session = SourceSession(args.tree, track=False)
         try:
-            stats = session.dump(args.images_dir).stats
-            finish_dump(session, leave)
+            stats = dump_and_leave(session, args.images_dir, leave, args.release_ip)
         finally:
             session.close()
     phases = ", ".join(f"{k} {v:.2f} ms" for k, v in stats["phases_ms"].items())
@@ -146,11 +146,15 @@ def _print_finalize(report: dict, what: str) -> None:
 
 
 def cmd_finalize(args) -> int:
+    from . import netaddr
+    if args.claim_ip:
+        netaddr.parse_claim(args.claim_ip)         # a bad one is refused here, not mid-way
     client = _stage_client(args.images_dir, args.socket)
     if not client.alive():
         raise PrerestoreError("no staged process for this image chain: run `prerestore stage` "
                               "first (or `prerestore restore` for a cold restore)")
-    fin = client.request("finalize", dir=os.path.abspath(args.images_dir))["stats"]
+    fin = client.request("finalize", dir=os.path.abspath(args.images_dir),
+                         claim_ip=args.claim_ip)["stats"]
     report = _downtime_report(args.images_dir, fin)
     _print_finalize(report, "finalize")
     _print_json(args.json or os.path.join(args.images_dir, "finalize.json"), report)
@@ -159,7 +163,9 @@ def cmd_finalize(args) -> int:
 
 def cmd_restore(args) -> int:
     from .restore.staged import cold_restore
-    fin = cold_restore(args.images_dir, pidns=args.pidns)
+    from . import netaddr
+    fin = cold_restore(args.images_dir, pidns=args.pidns,
+                       claim_ip=netaddr.parse_claim(args.claim_ip) if args.claim_ip else None)
     report = _downtime_report(args.images_dir, fin)
     _print_finalize(report, "restore")
     _print_json(args.json, report)
@@ -237,6 +243,10 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+CLAIM_HELP = ("the service address to take here (dump --release-ip on the source) once the "
+              "tree's sockets are rebuilt, announced to the link")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prerestore", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -259,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--leave-stopped", action="store_true",
                    help="keep the source stopped (SIGSTOP) instead of killing it")
     g.add_argument("--leave-running", action="store_true", help="let the source run on")
+    p.add_argument("--release-ip", metavar="ADDR",
+                   help="the service address: released here at the freeze, for the destination "
+                        "to take (finalize/restore --claim-ip)")
     p.set_defaults(func=cmd_dump)
 
     for name, func, text in (("stage", cmd_stage, "create or update the pre-restored process"),
@@ -273,11 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--json", help="write the downtime report here "
                                           "(default: IMAGES_DIR/finalize.json)")
+            p.add_argument("--claim-ip", metavar="ADDR/PREFIX@DEV", help=CLAIM_HELP)
         p.set_defaults(func=func)
 
     p = sub.add_parser("restore", help="cold restore from a full image chain")
     p.add_argument("-D", "--images-dir", required=True)
     p.add_argument("--pidns", action="store_true")
+    p.add_argument("--claim-ip", metavar="ADDR/PREFIX@DEV", help=CLAIM_HELP)
     p.add_argument("--json")
     p.set_defaults(func=cmd_restore)
 

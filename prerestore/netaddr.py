@@ -114,6 +114,40 @@ def claim(a: Address) -> None:
         announce_v6(a)
 
 
+class Release:
+    """The source's side, as a freeze hook: the address leaves when called; undo() takes it
+    back (the migration failed and the source resumes)."""
+
+    def __init__(self, a: Address):
+        self.a, self.done = a, False
+
+    def __call__(self) -> None:
+        release(self.a)
+        self.done = True
+
+    def undo(self) -> None:
+        if self.done:
+            claim(self.a)
+            self.done = False
+
+
+class Claim:
+    """The destination's side, as StagedTree.finalize's sockets_live hook: the address
+    arrives when called (the sockets are live); undo() gives it back if the restore fails."""
+
+    def __init__(self, a: Address):
+        self.a, self.done = a, False
+
+    def __call__(self) -> None:
+        claim(self.a)
+        self.done = True
+
+    def undo(self) -> None:
+        if self.done:
+            release(self.a)
+            self.done = False
+
+
 class SwitchForwarder:
     """Holds, then hands to the destination, what peers send to the service address while it
     moves (on a shared link). At the freeze, before the address is released, forwarding

@@ -55,7 +55,6 @@ class Receiver:
         from .restore.staged import StagedTree
         self.ch = channel
         self.claim_ip = claim_ip
-        self.claimed = False
         self.work_dir = work_dir
         self.pidns_default = pidns_default
         self.staged: StagedTree | None = None
@@ -112,12 +111,12 @@ class Receiver:
                     stats = self.staged.stage(directory)
                 else:                                   # final
                     directory = self._receive_round(msg, "final")
+                    claim = netaddr.Claim(self.claim_ip) if self.claim_ip else None
                     try:
-                        stats = self.staged.finalize(directory, sockets_live=self._claim if self.claim_ip else None)
+                        stats = self.staged.finalize(directory, sockets_live=claim)
                     except BaseException:
-                        if self.claimed:          # give the address back to the source
-                            netaddr.release(self.claim_ip)
-                            self.claimed = False
+                        if claim:                 # give the address back to the source
+                            claim.undo()
                         raise
                     self.finished = stats
                     self.log(f"running: pid {stats['pid']} (host pid {stats['host_pid']}), "
@@ -129,11 +128,6 @@ class Receiver:
                 self.staged.abort()
                 self.ch.send({"ok": False, "error": str(e), "kind": type(e).__name__})
                 return None
-
-    def _claim(self) -> None:
-        if self.claim_ip is not None:
-            netaddr.claim(self.claim_ip)
-            self.claimed = True
 
 
 def serve(listen: str, secret: bytes, *, pidns: bool = True, work_dir: str | None = None,

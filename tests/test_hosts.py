@@ -191,3 +191,61 @@ def test_failed_switch_leaves_service_and_client_on_the_source(hosts, tmp_path):
     assert batches is None or out["batches"] > batches
     assert out["batches"] > 50
     serve.wait(10)
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["stage-finalize", "restore"])
+def test_directory_flow_between_hosts(hosts, tmp_path, cold):
+    """The CRIU-shaped flow between hosts: predump rounds and the final dump written on A
+    (dump --release-ip), staged and finalized on B (finalize --claim-ip), or restored cold
+    (restore --claim-ip); the client's connection goes on with B."""
+    log = tmp_path / "server.log"
+    src = hosts.run("a", [sys.executable, WORKLOAD_DIR / "tcpserver.py", hosts.service, 7000],
+                    stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True)
+    assert wait_for_line(log, f"start pid={src.pid}")
+    result, stop = tmp_path / "client.json", tmp_path / "stop"
+    client = hosts.run("c", [sys.executable, WORKLOAD_DIR / "tcpclient.py", hosts.service, 7000,
+                             result, stop], stdin=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(0.5)
+
+    def on(host, *args):
+        # output to a file: a restored process may inherit (and keep open) our stdout
+        out = tmp_path / "cli.out"
+        with open(out, "w") as f:
+            res = subprocess.run(["ip", "netns", "exec", hosts.ns[host], sys.executable, "-m",
+                                  "prerestore.cli", *map(str, args)], stdout=f,
+                                 stderr=subprocess.STDOUT, timeout=120)
+        assert res.returncode == 0, " ".join(map(str, args)) + "\n" + out.read_text()
+
+    claim = f"{hosts.service}/{hosts.prefix}@eth0"
+    images = tmp_path / "images"        # as if copied from A to B between the steps
+    sock = str(tmp_path / "stage.sock")
+    try:
+        prev = None
+        for k in range(0 if cold else 2):
+            d = images / f"round-{k}"
+            on("a", "predump", "-t", src.pid, "-D", d,
+               *(["--prev-images-dir", prev] if prev else []))
+            on("b", "stage", "-D", d, "--socket", sock, "--pidns")
+            prev = d
+        final = images / "final"
+        on("a", "dump", "-t", src.pid, "-D", final, "--leave-stopped", "--release-ip",
+           hosts.service, *(["--prev-images-dir", prev] if prev else []))
+        report = tmp_path / "report.json"
+        if cold:
+            on("b", "restore", "-D", final, "--pidns", "--claim-ip", claim, "--json", report)
+        else:
+            on("b", "finalize", "-D", final, "--socket", sock, "--claim-ip", claim,
+               "--json", report)
+        fin = json.loads(report.read_text())["finalize"]
+        hosts.pids += [p for p in (fin["host_pid"], fin["init_pid"]) if p]
+        assert hosts.netns_of(fin["host_pid"]) == hosts.host_netns("b")
+    finally:
+        src.kill()                                   # stopped, its sockets in repair: silent
+        src.wait(10)
+    time.sleep(1.5)
+    stop.touch()
+    client.wait(30)
+    out = json.loads(result.read_text())
+    assert out["errors"] == 0, out
+    assert out["batches"] > 50

@@ -15,6 +15,7 @@ import signal
 import sys
 import traceback
 
+from .. import netaddr
 from ..errors import PrerestoreError, ProtocolError
 from ..kernel import native
 from ..transport import control
@@ -52,7 +53,17 @@ class StageService:
             image = msg.get("image")
             if image is not None and not isinstance(image, bytes):
                 raise ProtocolError("in-band image must be bytes")
-            return {"ok": True, "stats": self.staged.finalize(directory, image)}, True
+            claim_ip = msg.get("claim_ip")
+            if claim_ip is not None and not isinstance(claim_ip, str):
+                raise ProtocolError("claim_ip must be ADDR/PREFIX@DEV")
+            claim = netaddr.Claim(netaddr.parse_claim(claim_ip)) if claim_ip else None
+            try:
+                stats = self.staged.finalize(directory, image, sockets_live=claim)
+            except BaseException:
+                if claim:
+                    claim.undo()
+                raise
+            return {"ok": True, "stats": stats}, True
         except PrerestoreError as e:
             print(f"{op} {directory}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             # a refused round leaves the staged process as it was; if it is gone, so are we

@@ -337,10 +337,11 @@ class StagedTree:
     def finalize(self, directory: str, image: bytes | None = None, sockets_live=None) -> dict:
         """Apply the final image (read from directory, or handed over in-band as the bytes
         of its round.img) and resume. Returns timings (monotonic clock).
-        sockets_live: called once the tree's sockets are rebuilt and taking packets, before
-        any process has them: where the service's address is claimed. Until then they are
-        bound to it as a foreign address, so that no packet for the address arrives here
-        before its socket does (the kernel would answer it with a reset)."""
+        sockets_live: called once the tree's sockets are rebuilt and live and everything but
+        letting the tree go is done: where the service's address is claimed. Until then the
+        sockets are bound to it as a foreign address, so that no packet for the address
+        arrives here before its socket does (the kernel would answer it with a reset), and
+        none is taken in here that the source would miss if this restore failed."""
         t0 = time.monotonic()
         built: list[tuple[socket.socket, dict]] = []
         try:
@@ -369,10 +370,6 @@ class StagedTree:
                 make_socketpairs(final.states, made)
                 make_anon(final.states, made)
                 make_tcp(final.states, made, built, foreign_ok=sockets_live is not None)
-                if sockets_live:
-                    sockets_live()
-                    for sock, state in built:
-                        tcp.settle(sock, state)
                 make_deleted_files(final.states, made)
                 state_stats = [self.husks[s.pid].apply_state(
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
@@ -383,6 +380,12 @@ class StagedTree:
             t_state = time.monotonic()
             for s in final.states:
                 self.husks[s.pid].load_registers(s)
+            if sockets_live:
+                # last, when nothing is left that may fail: from here on the peers talk to
+                # these sockets, and what they take in could not be given back to the source
+                sockets_live()
+                for sock, state in built:
+                    tcp.settle(sock, state)
             for s in reversed(final.states):
                 self.husks[s.pid].let_go()
             t_resumed = time.monotonic()
@@ -444,9 +447,17 @@ def _sum_stats(stats: list[dict]) -> dict:
     return out
 
 
-def cold_restore(directory: str, *, pidns: bool = False) -> dict:
-    """Restore from a full image chain in one go: the baseline pre-restore is compared with."""
+def cold_restore(directory: str, *, pidns: bool = False, claim_ip=None) -> dict:
+    """Restore from a full image chain in one go: the baseline pre-restore is compared with.
+    claim_ip: the service address (netaddr.Address) to take once the sockets are live."""
+    from .. import netaddr
     if not os.path.isdir(directory):
         raise ImageError(f"{directory}: no such image directory")
     staged = StagedTree(pidns=pidns)
-    return staged.finalize(directory)
+    claim = netaddr.Claim(claim_ip) if claim_ip else None
+    try:
+        return staged.finalize(directory, sockets_live=claim)
+    except BaseException:
+        if claim:
+            claim.undo()
+        raise

@@ -16,6 +16,7 @@ import sys
 import threading
 import traceback
 
+from .. import netaddr
 from ..errors import PrerestoreError, ProtocolError
 from ..kernel import native
 from ..transport import control
@@ -39,6 +40,25 @@ def finish_dump(session: SourceSession, leave: str) -> None:
     else:
         session.resume()
     session.close()
+
+
+def dump_and_leave(session: SourceSession, directory: str, leave: str,
+                   release_ip: str | None = None) -> dict:
+    """The final image, then the source as `leave` says. release_ip: the service address,
+    released at the freeze (the destination claims it: finalize --claim-ip), given back if
+    the dump fails."""
+    if release_ip and leave == "running":
+        raise PrerestoreError("the service address cannot leave a source that runs on "
+                              "(--release-ip with --leave-running)")
+    release = netaddr.Release(netaddr.find(release_ip)) if release_ip else None
+    try:
+        stats = session.dump(directory, frozen_hook=release).stats
+    except BaseException:
+        if release:
+            release.undo()
+        raise
+    finish_dump(session, leave)
+    return stats
 
 
 class TrackerService:
@@ -72,9 +92,11 @@ class TrackerService:
             leave = msg.get("leave", "kill")
             if leave not in LEAVE:
                 raise ProtocolError(f"unknown leave mode {leave!r}")
-            stats = self.session.dump(directory).stats
-            finish_dump(self.session, leave)
-            return {"ok": True, "stats": stats}, True
+            release_ip = msg.get("release_ip")
+            if release_ip is not None and not isinstance(release_ip, str):
+                raise ProtocolError("release_ip must be an address")
+            return {"ok": True, "stats": dump_and_leave(self.session, directory, leave,
+                                                        release_ip)}, True
         except PrerestoreError as e:
             return control.error_reply(e), False
         except Exception as e:
