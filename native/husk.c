@@ -79,6 +79,11 @@ static void init(char *self, char *pid_arg, long want)
 {
     int tid = (int)want, status;
     sys(SYS_prctl, PR_SET_NAME, "prerestore-init", 0);   /* it outlives the husk stage */
+    /* it outlives the command that made it too: it keeps none of its fds (a pipe on that
+     * command's output would stay open as long as the restored tree runs), only the
+     * readiness pipe, for the husk */
+    sys(SYS_close_range, 0, 2, 0);
+    sys(SYS_close_range, 4, ~0U, 0);
     struct clone_args a = {0};
     a.exit_signal = SIGCHLD;
     a.set_tid = (uint64_t)(uintptr_t)&tid;

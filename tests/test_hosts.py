@@ -6,6 +6,7 @@ goes on: no reset, no lost, repeated or reordered byte, answers from the same se
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -149,7 +150,6 @@ def test_failed_switch_leaves_service_and_client_on_the_source(hosts, tmp_path):
     (PRERESTORE_FAULT=apply_state): its sockets are silenced before they close (no FIN or
     reset reaches the client), the address comes back to A, A's forwarding settings are put
     back, and the client's connection goes on with the source as if nothing happened."""
-    import os
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
     log = tmp_path / "server.log"
@@ -209,13 +209,11 @@ def test_directory_flow_between_hosts(hosts, tmp_path, cold):
     time.sleep(0.5)
 
     def on(host, *args):
-        # output to a file: a restored process may inherit (and keep open) our stdout
-        out = tmp_path / "cli.out"
-        with open(out, "w") as f:
-            res = subprocess.run(["ip", "netns", "exec", hosts.ns[host], sys.executable, "-m",
-                                  "prerestore.cli", *map(str, args)], stdout=f,
-                                 stderr=subprocess.STDOUT, timeout=120)
-        assert res.returncode == 0, " ".join(map(str, args)) + "\n" + out.read_text()
+        # through pipes: nothing restored may keep the command's output open (it would hang)
+        res = subprocess.run(["ip", "netns", "exec", hosts.ns[host], sys.executable, "-m",
+                              "prerestore.cli", *map(str, args)],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, " ".join(map(str, args)) + "\n" + res.stdout + res.stderr
 
     claim = f"{hosts.service}/{hosts.prefix}@eth0"
     images = tmp_path / "images"        # as if copied from A to B between the steps
@@ -240,6 +238,7 @@ def test_directory_flow_between_hosts(hosts, tmp_path, cold):
         fin = json.loads(report.read_text())["finalize"]
         hosts.pids += [p for p in (fin["host_pid"], fin["init_pid"]) if p]
         assert hosts.netns_of(fin["host_pid"]) == hosts.host_netns("b")
+        assert not os.listdir(f"/proc/{fin['init_pid']}/fd")    # the namespace's init: none
     finally:
         src.kill()                                   # stopped, its sockets in repair: silent
         src.wait(10)
