@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--services", default="memcached,redis")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
+    # a SIGTERM unwinds like ^C: every run's hosts and processes are removed on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     sizes = [int(x) for x in args.sizes.split(",")]
     runs = []
     work = Path(tempfile.mkdtemp(prefix="prerestore-hosts-"))

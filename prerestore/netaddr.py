@@ -114,38 +114,30 @@ def claim(a: Address) -> None:
         announce_v6(a)
 
 
-class Release:
-    """The source's side, as a freeze hook: the address leaves when called; undo() takes it
-    back (the migration failed and the source resumes)."""
+class AddressStep:
+    """One side's part of the address's move, as a hook that does it when called; undo()
+    reverses it if it was done (the migration failed: the address goes back to the source).
+    releasing(a) is the source's freeze hook, claiming(a) the destination's sockets_live hook."""
 
-    def __init__(self, a: Address):
-        self.a, self.done = a, False
+    def __init__(self, a: Address, do, undo):
+        self.a, self._do, self._undo, self.done = a, do, undo, False
 
     def __call__(self) -> None:
-        release(self.a)
+        self._do(self.a)
         self.done = True
 
     def undo(self) -> None:
         if self.done:
-            claim(self.a)
+            self._undo(self.a)
             self.done = False
 
 
-class Claim:
-    """The destination's side, as StagedTree.finalize's sockets_live hook: the address
-    arrives when called (the sockets are live); undo() gives it back if the restore fails."""
+def releasing(a: Address) -> AddressStep:
+    return AddressStep(a, release, claim)
 
-    def __init__(self, a: Address):
-        self.a, self.done = a, False
 
-    def __call__(self) -> None:
-        claim(self.a)
-        self.done = True
-
-    def undo(self) -> None:
-        if self.done:
-            release(self.a)
-            self.done = False
+def claiming(a: Address) -> AddressStep:
+    return AddressStep(a, claim, release)
 
 
 class SwitchForwarder:

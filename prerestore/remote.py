@@ -111,7 +111,7 @@ class Receiver:
                     stats = self.staged.stage(directory)
                 else:                                   # final
                     directory = self._receive_round(msg, "final")
-                    claim = netaddr.Claim(self.claim_ip) if self.claim_ip else None
+                    claim = netaddr.claiming(self.claim_ip) if self.claim_ip else None
                     try:
                         stats = self.staged.finalize(directory, sockets_live=claim)
                     except BaseException:
@@ -203,15 +203,14 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
     claims it: serve --claim-ip), given back here if the migration fails."""
     check_supported(pid, same_host=False)          # refuse before touching anything
     moving = netaddr.find(release_ip) if release_ip else None
-    released = []
+    released = netaddr.releasing(moving) if moving else None
     forwarder: netaddr.SwitchForwarder | None = None
 
     def release():
-        if moving is not None:
+        if released is not None:
             if forwarder is not None:
                 forwarder.start()        # what peers send meanwhile is held, not dropped
-            netaddr.release(moving)
-            released.append(moving)
+            released()
 
     t_start = time.monotonic()
     ch = Channel.connect(parse_address(address), secret)
@@ -257,7 +256,8 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
             fin = _send_round(ch, session, r, "final")
         except (ProtocolError, OSError) as e:
             # lost while the destination applied the final step: it may run there already
-            released.clear()                  # and it may hold the address: do not take it back
+            if released is not None:          # and it may hold the address: do not take it back
+                released.done = False
             session.leave_stopped()
             raise PrerestoreError(
                 f"the connection to {address} was lost during the final step ({e}); the tree "
@@ -298,11 +298,11 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
     except BaseException:
         if running_there:
             raise
-        for a in released:                   # the destination gave it back (or never took it)
+        if released is not None:             # the destination gave it back (or never took it)
             try:
-                netaddr.claim(a)
+                released.undo()
             except PrerestoreError as e:
-                progress(f"warning: could not take the address {a.cidr} back: {e}")
+                progress(f"warning: could not take the address {released.a.cidr} back: {e}")
         if session is not None:
             session.resume()                 # a no-op unless it is still frozen
         try:

@@ -56,7 +56,7 @@ class StageService:
             claim_ip = msg.get("claim_ip")
             if claim_ip is not None and not isinstance(claim_ip, str):
                 raise ProtocolError("claim_ip must be ADDR/PREFIX@DEV")
-            claim = netaddr.Claim(netaddr.parse_claim(claim_ip)) if claim_ip else None
+            claim = netaddr.claiming(netaddr.parse_claim(claim_ip)) if claim_ip else None
             try:
                 stats = self.staged.finalize(directory, image, sockets_live=claim)
             except BaseException:

@@ -454,7 +454,7 @@ def cold_restore(directory: str, *, pidns: bool = False, claim_ip=None) -> dict:
     if not os.path.isdir(directory):
         raise ImageError(f"{directory}: no such image directory")
     staged = StagedTree(pidns=pidns)
-    claim = netaddr.Claim(claim_ip) if claim_ip else None
+    claim = netaddr.claiming(claim_ip) if claim_ip else None
     try:
         return staged.finalize(directory, sockets_live=claim)
     except BaseException:

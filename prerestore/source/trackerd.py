@@ -50,7 +50,7 @@ def dump_and_leave(session: SourceSession, directory: str, leave: str,
     if release_ip and leave == "running":
         raise PrerestoreError("the service address cannot leave a source that runs on "
                               "(--release-ip with --leave-running)")
-    release = netaddr.Release(netaddr.find(release_ip)) if release_ip else None
+    release = netaddr.releasing(netaddr.find(release_ip)) if release_ip else None
     try:
         stats = session.dump(directory, frozen_hook=release).stats
     except BaseException:
