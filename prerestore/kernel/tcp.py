@@ -39,6 +39,42 @@ OPTIONS = [(socket.SOL_IP, IP_FREEBIND, "freebind"),
            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, "keepcnt")]
 
 
+SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_BUF_LOCK = 32, 33, 72
+SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK = 1, 2
+
+
+def _options(sock: socket.socket, table) -> dict:
+    """The options of `table`, IPV6_V6ONLY, and the buffer sizes the application set itself
+    (SO_BUF_LOCK, Linux 5.14, says which: the kernel tunes the others, and fixing them at the
+    tuned value would turn its tuning off)."""
+    opts = {key: sock.getsockopt(level, name) for level, name, key in table}
+    if sock.family == socket.AF_INET6:
+        opts["v6only"] = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    locked = sock.getsockopt(socket.SOL_SOCKET, SO_BUF_LOCK)
+    if locked & SOCK_SNDBUF_LOCK:
+        opts["sndbuf"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    if locked & SOCK_RCVBUF_LOCK:
+        opts["rcvbuf"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return opts
+
+
+def _set_options(sock: socket.socket, opts: dict, table, where: str) -> None:
+    bad = [k for k, v in opts.items() if not isinstance(v, int)]
+    if bad:
+        raise ImageError(f"{where}: socket options {bad} are not numbers")
+    for level, name, key in table:
+        if key in opts:
+            sock.setsockopt(level, name, int(opts[key]))
+    if "v6only" in opts:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(opts["v6only"]))
+    # the kernel doubles what it is given (what getsockopt read is doubled already) and locks
+    # the size as the application's setsockopt did; FORCE: above rmem_max/wmem_max as well
+    if "sndbuf" in opts:
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, int(opts["sndbuf"]) // 2)
+    if "rcvbuf" in opts:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, int(opts["rcvbuf"]) // 2)
+
+
 UDP_OPTIONS = [(socket.SOL_IP, IP_FREEBIND, "freebind"),
                (socket.SOL_IP, IP_TRANSPARENT, "transparent"),
                (socket.SOL_SOCKET, socket.SO_REUSEADDR, "reuseaddr"),
@@ -50,9 +86,7 @@ def dump_udp(sock: socket.socket) -> dict:
     """A UDP socket: where it is bound, what it is connected to, its options. Datagrams
     waiting in it are not carried (UDP may lose datagrams; the peers' resend covers it)."""
     out = {"family": int(sock.family), "local": _addr(sock.getsockname()),
-           "opts": {key: sock.getsockopt(level, name) for level, name, key in UDP_OPTIONS}}
-    if sock.family == socket.AF_INET6:
-        out["opts"]["v6only"] = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+           "opts": _options(sock, UDP_OPTIONS)}
     try:
         out["peer"] = _addr(sock.getpeername())
     except OSError:
@@ -90,11 +124,7 @@ def restore_udp(state: dict, where: str, foreign_ok: bool = False) -> socket.soc
         raise ImageError(f"{where}: corrupt UDP socket state")
     sock = socket.socket(state["family"], socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
-        for level, name, key in UDP_OPTIONS:
-            if key in state["opts"]:
-                sock.setsockopt(level, name, int(state["opts"][key]))
-        if "v6only" in state["opts"]:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(state["opts"]["v6only"]))
+        _set_options(sock, state["opts"], UDP_OPTIONS, where)
         if foreign_ok:
             allow_foreign_address(sock)
         local = tuple(state["local"])
@@ -145,9 +175,7 @@ def dump(sock: socket.socket, where: str) -> dict:
         raise UnsupportedState(f"{where}: a TCP socket in state {NAMES.get(state, state)} "
                                "(only listening and established ones are carried)")
     out = {"family": int(sock.family), "state": kind, "local": _addr(sock.getsockname()),
-           "opts": {key: sock.getsockopt(level, name) for level, name, key in OPTIONS}}
-    if sock.family == socket.AF_INET6:
-        out["opts"]["v6only"] = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+           "opts": _options(sock, OPTIONS)}
     if kind == "listen":
         if unacked:
             raise UnsupportedState(f"{where}: a listening TCP socket with {unacked} connections "
@@ -219,11 +247,7 @@ def restore(state: dict, where: str, foreign_ok: bool = False) -> socket.socket:
     _check(state, where)
     sock = socket.socket(state["family"], socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        for level, name, key in OPTIONS:
-            if key in state["opts"]:
-                sock.setsockopt(level, name, int(state["opts"][key]))
-        if "v6only" in state["opts"]:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(state["opts"]["v6only"]))
+        _set_options(sock, state["opts"], OPTIONS, where)
         if foreign_ok:
             allow_foreign_address(sock)
         local = tuple(state["local"])
