@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
-import struct
 import tempfile
 import time
 
@@ -19,44 +17,9 @@ import msgpack
 from ..errors import ImageError, PrerestoreError, ProcessGone, RestoreError
 from ..image import schema
 from ..kernel import native, procfs, tcp
-from ..model import AddressSpaceRound, FileDescriptor, ProcessState, Round
+from ..model import AddressSpaceRound, ProcessState, Round
 from .husk import Husk
-
-
-def make_socketpairs(states: list[ProcessState], made: dict) -> None:
-    """The unix socket pairs of an image, made here (socketpair of the source's type), the
-    messages each end had waiting sent again from its new peer; added to `made` like pipes."""
-    ends: dict[int, FileDescriptor] = {}
-    for s in states:
-        for f in s.fds:
-            if f.kind == "unix" and not f.same_as:
-                ends.setdefault(f.dev_inode[1], f)
-    local: dict[int, socket.socket] = {}
-    try:
-        for ino, f in ends.items():
-            if ino in local:
-                continue
-            peer = f.dev_inode[0]
-            if peer not in ends:
-                raise RestoreError(f"{f.path}: its peer socket [{peer}] is not in the image")
-            a, b = socket.socketpair(socket.AF_UNIX, f.offset)
-            local[ino], local[peer] = a, b
-        for ino, f in ends.items():
-            sender = local[f.dev_inode[0]]
-            data, off = f.data, 0
-            while off < len(data):
-                (n,) = struct.unpack_from("=I", data, off)
-                sender.sendall(data[off + 4:off + 4 + n])
-                off += 4 + n
-        for s, f in _to_make(states, ("unix",), made):
-            fd = local[f.dev_inode[1]].detach()
-            local[f.dev_inode[1]] = None
-            fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & os.O_NONBLOCK)
-            made[(s.pid, f.fd)] = fd
-    finally:
-        for sock in local.values():
-            if sock is not None:
-                sock.close()
+from .unixsock import UnixSockets
 
 
 MADE_ANON = ("eventfd", "timerfd", "signalfd", "epoll")
@@ -332,6 +295,7 @@ class StagedTree:
         """Apply the final image (read from directory, or handed over in-band as the bytes
         of its round.img) and resume. Returns timings (monotonic clock)."""
         t0 = time.monotonic()
+        unix = None
         try:
             final = None
             if image is not None:
@@ -356,8 +320,11 @@ class StagedTree:
             if before_fds:
                 before_fds()         # e.g. claim the service address its sockets bind to
             made = make_pipes(final.states)
+            unix = UnixSockets(final.states)
             try:
-                make_socketpairs(final.states, made)
+                unix.make()
+                for s, f in _to_make(final.states, ("unix",), made):
+                    made[(s.pid, f.fd)] = unix.take(f)
                 make_anon(final.states, made)
                 make_tcp(final.states, made)
                 make_deleted_files(final.states, made)
@@ -365,6 +332,7 @@ class StagedTree:
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
                     made) for s in final.states]
             finally:
+                unix.close()
                 for fd in set(made.values()):
                     os.close(fd)
             t_state = time.monotonic()
@@ -374,8 +342,11 @@ class StagedTree:
                 self.husks[s.pid].let_go()
             t_resumed = time.monotonic()
         except BaseException:
+            if unix is not None:
+                unix.rollback()           # the source's socket files back where they were
             self.abort()
             raise
+        unix.commit()
         root = self.husk
         state_sum = _sum_stats(state_stats)
         try:
