@@ -196,8 +196,9 @@ class UnixSocketState:
                    listening socket of the image (nothing was sent on it yet);
       reconnect    connected to a socket outside the tree through a name declared external
                    (peer_name): connected to that name again on restore, a new connection;
-      peer-gone    its peer closed (or was outside the tree, reached through a name of ours
-                   declared external): what is queued is read, then end of file.
+      peer-gone    (stream, seqpacket) its peer closed, or was outside the tree and reached
+                   it through a name of ours declared external: what is queued is read, then
+                   end of file; peer_name: the name the peer had (a client's, its listener's).
     queue holds the messages waiting to be read, as (sender's name, bytes); a stream's bytes
     are one message. Names are raw sun_path bytes: b"" unbound, b"\0..." abstract, else a
     path as it was bound (relative to `base`, the directory it resolved in, if relative)."""
@@ -212,26 +213,11 @@ class UnixSocketState:
     shutdown: int = 0              # RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2
     queue: list[tuple[bytes, bytes]] = field(default_factory=list)
     base: str = ""
-    file: tuple[int, int, int] | None = None   # a path name's socket file: (mode, uid, gid)
+    file: tuple[int, int, int] | None = None   # its socket file, if it has one: mode, uid, gid
     sndbuf: int = 0                # as setsockopt takes them (half what getsockopt says)
     rcvbuf: int = 0
     passcred: bool = False
     peek_off: int = -1             # SO_PEEK_OFF, -1: not in use
-
-
-def unix_binds_own_name(type: int, state: str, name: bytes, listener: int,
-                        peer_accepted: bool) -> bool:
-    """Does the restorer bind this unix socket to its name itself? Yes for a named socket,
-    except one accepted from a listener (it gets the listener's name from accept()) and a
-    stream or seqpacket end made by socketpair() (a connection that went through no listener
-    of the image, or whose peer is gone: made without names). peer_accepted: its peer was
-    accepted from a listener of the image (it connects to that listener)."""
-    if not name or listener:
-        return False
-    if type == 2:                                      # SOCK_DGRAM
-        return True
-    return state in ("unconnected", "listening", "pending", "reconnect") or (
-        state == "connected" and peer_accepted)
 
 
 @dataclass

@@ -36,7 +36,7 @@ import struct
 
 from ..errors import RestoreError
 from ..kernel.sockdiag import printable
-from ..model import FileDescriptor, ProcessState, UnixSocketState, unix_binds_own_name
+from ..model import FileDescriptor, ProcessState, UnixSocketState
 
 SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_PEEK_OFF = 32, 33, 42
 ACCEPT_TIMEOUT = 5.0
@@ -77,15 +77,30 @@ class UnixSockets:
     # ---- what is made how -------------------------------------------------------------------
 
     def _accepted(self, ino: int) -> bool:
-        """Made by accept() on a listener of the image."""
+        """Made by accept() on a listener of the image (step 3)."""
         u = self.recs[ino][1]
         return bool(u.listener) and u.state in ("connected", "peer-gone") and \
             u.type != socket.SOCK_DGRAM
 
-    def _pair(self, ino: int) -> int | None:
-        """The peer it is made with by socketpair(), if it is."""
+    def _through(self, ino: int) -> int:
+        """The listener of the image a client connects through to be made: the one its peer
+        was accepted from, or for a client whose peer is gone, the one bound to the name its
+        peer had. 0 if none."""
         u = self.recs[ino][1]
-        if u.state != "connected" or self._accepted(ino) or self._accepted(u.peer):
+        if u.type == socket.SOCK_DGRAM:
+            return 0
+        if u.state == "connected" and self._accepted(u.peer):
+            return self.recs[u.peer][1].listener
+        if u.state == "peer-gone" and not self._accepted(ino) and u.peer_name:
+            for lino, (_, lst) in self.recs.items():
+                if lst.state == "listening" and lst.name == u.peer_name and lst.type == u.type:
+                    return lino
+        return 0
+
+    def _pair(self, ino: int) -> int | None:
+        """The peer it is made with by socketpair() (step 1), if it is."""
+        u = self.recs[ino][1]
+        if u.state != "connected" or self._accepted(ino) or self._through(ino):
             return None
         peer = self.recs[u.peer][1]
         if u.type != socket.SOCK_DGRAM:
@@ -95,9 +110,17 @@ class UnixSockets:
         return None
 
     def _binds(self, ino: int) -> bool:
+        """Bound to its name by us: a named socket not made by accept(), nor as a stream or
+        seqpacket socketpair (step 1); one whose socket file the source no longer had keeps
+        no name if nothing needs it."""
         u = self.recs[ino][1]
-        return unix_binds_own_name(u.type, u.state, u.name, u.listener,
-                                   u.state == "connected" and self._accepted(u.peer))
+        if not u.name or self._accepted(ino):
+            return False
+        if u.type != socket.SOCK_DGRAM and u.state in ("connected", "peer-gone") and \
+                not self._through(ino):
+            return False
+        return u.name.startswith(b"\0") or u.file is not None or \
+            u.type == socket.SOCK_DGRAM or u.state not in ("connected", "peer-gone")
 
     # ---- making them --------------------------------------------------------------------------
 
@@ -110,7 +133,7 @@ class UnixSockets:
                 a, b = socket.socketpair(socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC)
                 self.socks[ino], self.socks[pair] = a, b
                 self.other_end[ino], self.other_end[pair] = b, a
-            elif u.state == "peer-gone":
+            elif u.state == "peer-gone" and not self._through(ino):
                 a, b = socket.socketpair(socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC)
                 self.socks[ino], self.other_end[ino] = a, b
                 self.stand_ins.append(b)
@@ -124,6 +147,8 @@ class UnixSockets:
         for ino, (where, u) in self.recs.items():
             if self._accepted(ino):
                 self._accept(ino, where, u)
+            elif u.state == "peer-gone" and self._through(ino):
+                self._accept_stand_in(ino, where, u)
         for ino, (where, u) in self.recs.items():
             for client in u.accept_queue:
                 self._connect(self.recs[client][0], self.socks[client], u.name, u.base)
@@ -189,17 +214,32 @@ class UnixSockets:
                                f"{e.strerror or e})") from None
 
     def _accept(self, ino: int, where: str, u: UnixSocketState) -> None:
-        """Make an accepted connection through its listener: its client (or a stand-in for
-        a gone one) connects, the listener accepts. A client from elsewhere that connects to
-        the new listener at that moment is accepted too: its connection is closed."""
-        listener = self.recs[u.listener][1]
+        """An accepted connection, made through its listener: its client (or a stand-in for
+        a gone one) connects, the listener accepts."""
         if u.state == "connected":
             client = self.socks[u.peer]
         else:
             client = socket.socket(socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC)
             self.stand_ins.append(client)
+        conn = self._through_listener(where, client, u.listener)
+        self.socks[ino], self.other_end[ino] = conn, client
+        if u.state == "connected":
+            self.other_end[u.peer] = conn
+
+    def _accept_stand_in(self, ino: int, where: str, u: UnixSocketState) -> None:
+        """A client whose peer is gone: it connects through the listener its peer came from,
+        which accepts a stand-in for the peer (closed once the queued messages are in)."""
+        conn = self._through_listener(where, self.socks[ino], self._through(ino))
+        self.other_end[ino] = conn
+        self.stand_ins.append(conn)
+
+    def _through_listener(self, where: str, client: socket.socket, lino: int) -> socket.socket:
+        """Connect client to the listener lino of the image, and accept that connection. A
+        client from elsewhere that connects to the new listener at that moment is accepted
+        too (told apart by its credentials): its connection is closed."""
+        listener = self.recs[lino][1]
         self._connect(where, client, listener.name, listener.base)
-        lsock = self.socks[u.listener]
+        lsock = self.socks[lino]
         lsock.settimeout(ACCEPT_TIMEOUT)
         while True:
             try:
@@ -210,11 +250,8 @@ class UnixSockets:
             pid = struct.unpack("=3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                       12))[0]
             if pid == os.getpid():
-                break
+                return conn
             conn.close()
-        self.socks[ino], self.other_end[ino] = conn, client
-        if u.state == "connected":
-            self.other_end[u.peer] = conn
 
     def _queue(self, ino: int, where: str, u: UnixSocketState) -> None:
         """Send its queued messages again (see the module's step 4)."""

@@ -118,13 +118,22 @@ def find_tree_unsupported(root: int, same_host: bool = False,
 
 
 def check_supported(pid: int, same_host: bool = False,
-                    external_unix: frozenset[bytes] = frozenset()) -> None:
+                    external_unix: frozenset[bytes] = frozenset(), looks: int = 4) -> None:
     """Refuse, naming every reason, a tree this version cannot migrate (before anything is
     frozen). external_unix: the names through which unix connections may leave the tree
-    (see unixsock)."""
-    problems = find_tree_unsupported(pid, same_host, external_unix)
-    if problems:
-        raise UnsupportedState(f"cannot migrate pid {pid}: " + "; ".join(problems))
+    (see unixsock).
+
+    The tree runs while we look: a connection accepted between the listing of its fds and
+    the kernel's table of sockets looks like one to a stranger, a client may be caught
+    between connect() and its server's accept(). A problem must be there on `looks` looks
+    in a row; the frozen tree is checked again exactly (unixsock.capture)."""
+    for look in range(looks):
+        problems = find_tree_unsupported(pid, same_host, external_unix)
+        if not problems:
+            return
+        if look < looks - 1:
+            time.sleep(0.01 * (look + 1))
+    raise UnsupportedState(f"cannot migrate pid {pid}: " + "; ".join(problems))
 
 
 def external_names(names) -> frozenset[bytes]:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 from ..errors import ProcessGone, UnsupportedState
 from ..kernel import native, procfs, sockdiag
 from ..kernel.sockdiag import TCP_ESTABLISHED, TCP_LISTEN, UnixSocket, printable
-from ..model import FileDescriptor, ProcessState, UnixSocketState, unix_binds_own_name
+from ..model import FileDescriptor, ProcessState, UnixSocketState
 
 SO_PEEK_OFF = 42
 PEEK_MAX = 1 << 20          # the largest single message carried
@@ -108,10 +108,13 @@ def classify(sockets: list[tuple[int, int, int]], table: dict[int, UnixSocket],
                                 "the tree: that peer cannot follow to another host"
                                 + _declare_hint(peer.name if peer else b"",
                                                 u.name if u.type != socket.SOCK_DGRAM else b""))
-        elif u.state == TCP_ESTABLISHED:
+        elif u.state == TCP_ESTABLISHED and u.type != socket.SOCK_DGRAM:
             out[ino] = Placement("peer-gone", listener=listeners.get((u.name, u.type), 0)
-                                 if u.name and u.type != socket.SOCK_DGRAM else 0)
+                                 if u.name else 0)
         else:
+            # a datagram socket is "established" once another connected to it; with no peer
+            # of its own it sends nowhere by default (one whose peer closed gets ENOTCONN
+            # once restored, not ECONNREFUSED)
             out[ino] = Placement("unconnected")
     return out, problems
 
@@ -148,13 +151,14 @@ def holder(ino: int) -> str:
     return ""
 
 
-def binds_its_name(u: UnixSocket, placements: dict[int, Placement]) -> bool:
-    """Whether the restorer binds this socket to its name (model.unix_binds_own_name)."""
-    p = placements[u.ino]
-    peer = placements.get(p.peer)
-    return unix_binds_own_name(u.type, p.state, u.name, p.listener,
-                               p.state == "connected" and peer is not None and
-                               peer.listener != 0)
+def must_bind(u: UnixSocket, p: Placement) -> bool:
+    """Is this a socket the restorer always binds to its path name (so its file must be
+    found)? Listening, unconnected, waiting and reconnecting sockets and datagram sockets. A
+    connected stream or seqpacket socket keeps its name only when made through a listener:
+    its own file is carried if found, else it is made without its name."""
+    return bool(u.name) and not u.name.startswith(b"\0") and (
+        u.type == socket.SOCK_DGRAM or p.state in ("listening", "unconnected", "pending",
+                                                   "reconnect"))
 
 
 def socket_file(pid: int, u: UnixSocket) -> tuple[str, os.stat_result]:
@@ -180,13 +184,13 @@ def socket_file(pid: int, u: UnixSocket) -> tuple[str, os.stat_result]:
 
 def file_problems(sockets: list[tuple[int, int, int]], table: dict[int, UnixSocket],
                   placements: dict[int, Placement]) -> list[str]:
-    """The path-named sockets whose file cannot be found again (see socket_file)."""
+    """The sockets that must be bound again whose file cannot be found (see socket_file)."""
     problems = []
     seen: set[int] = set()
     for pid, fd, ino in sockets:
         u = table.get(ino)
         if ino in seen or u is None or ino not in placements or \
-                not binds_its_name(u, placements) or u.name.startswith(b"\0"):
+                not must_bind(u, placements[ino]):
             continue
         seen.add(ino)
         try:
@@ -242,9 +246,15 @@ def _state(pid: int, f: FileDescriptor, u: UnixSocket, placements: dict[int, Pla
         # are dropped)
         st.accept_queue = [c for c in u.icons if c in placements and
                            placements[c] == Placement("pending", u.ino)]
-    if binds_its_name(u, placements) and not u.name.startswith(b"\0"):
-        st.base, fst = socket_file(pid, u)
-        st.file = (stat_mod.S_IMODE(fst.st_mode), fst.st_uid, fst.st_gid)
+    if u.name and not u.name.startswith(b"\0") and not p.listener:
+        try:
+            st.base, fst = socket_file(pid, u)
+            st.file = (stat_mod.S_IMODE(fst.st_mode), fst.st_uid, fst.st_gid)
+        except UnsupportedState:
+            if must_bind(u, p):
+                raise
+    if p.state == "peer-gone":
+        st.peer_name = _name(sock.getpeername())
     st.sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
     st.rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
     st.passcred = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED))
@@ -252,6 +262,11 @@ def _state(pid: int, f: FileDescriptor, u: UnixSocket, placements: dict[int, Pla
     if p.state != "listening" and not (p.state == "reconnect" and u.type != socket.SOCK_DGRAM):
         st.queue = peek_messages(sock, u, where)
     return st
+
+
+def _name(addr) -> bytes:
+    """A unix address as Python gives it (str for a path, bytes if abstract, None) as bytes."""
+    return os.fsencode(addr) if addr else b""
 
 
 def peek_messages(sock: socket.socket, u: UnixSocket, where: str) -> list[tuple[bytes, bytes]]:
@@ -282,8 +297,7 @@ def peek_messages(sock: socket.socket, u: UnixSocket, where: str) -> list[tuple[
                 # taken for it: indistinguishable.)
                 break
             peeked += len(data)
-            name = os.fsencode(addr) if addr else b""
-            out.append((name, data))
+            out.append((_name(addr), data))
     finally:
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, old)
     if u.type == socket.SOCK_STREAM and out:
