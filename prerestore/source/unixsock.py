@@ -259,7 +259,9 @@ def _state(pid: int, f: FileDescriptor, u: UnixSocket, placements: dict[int, Pla
     st.rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
     st.passcred = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED))
     st.peek_off = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
-    if p.state != "listening" and not (p.state == "reconnect" and u.type != socket.SOCK_DGRAM):
+    # a stream or seqpacket socket has a queue while connected (reading an unconnected one
+    # fails); a connection made again to an outside name starts empty
+    if u.type == socket.SOCK_DGRAM or p.state in ("connected", "pending", "peer-gone"):
         st.queue = peek_messages(sock, u, where)
     return st
 
