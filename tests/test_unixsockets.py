@@ -21,7 +21,7 @@ from migration import Cleanup, needs_root, prerestore, wait_for_line
 from workloads import (WORKLOAD_DIR, compare_with_reference, last_iteration, start_workload,
                        wait_for_iteration)
 
-from prerestore.errors import UnsupportedState
+from prerestore.errors import RestoreError, UnsupportedState
 from prerestore.migrate import migrate
 from prerestore.policy import ConvergencePolicy
 
@@ -63,6 +63,31 @@ def test_unix_sockets_of_every_kind(tmp_path, direct, cold):
         assert compare_with_reference(log, unix_argv(ref, direct)) >= (it + 500) // 100
     finally:
         cleanup.run()
+        src.kill()
+        src.wait(10)
+
+
+@pytest.mark.parametrize("point", ["apply_state", "resume"])
+def test_failed_restore_gives_the_socket_files_back(tmp_path, monkeypatch, point):
+    """Through image files on this host the restorer moves the frozen source's socket files
+    aside to bind its own: when the restore fails after that, the source's come back (its
+    clients keep connecting to it by path) and no file of ours is left."""
+    work = tmp_path / "run"
+    work.mkdir()
+    argv = unix_argv(work, direct=False)
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    try:
+        wait_for_iteration(log, 300, pid=src.pid)
+        inodes = {name: os.lstat(work / name).st_ino for name in os.listdir(work)}
+        monkeypatch.setenv("PRERESTORE_FAULT", point)      # inherited by the stage daemon
+        with pytest.raises(RestoreError, match=f"injected fault at {point}"):
+            migrate(src.pid, direct=False, work_dir=str(tmp_path / "images"), policy=POLICY)
+        assert {name: os.lstat(work / name).st_ino for name in os.listdir(work)} == inodes
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, timeout=30, pid=src.pid)   # 15 new connections
+        assert "BAD" not in open(log).read()
+    finally:
         src.kill()
         src.wait(10)
 
@@ -251,13 +276,12 @@ def test_peer_outside_the_tree_is_refused_by_name(tmp_path, outside):
         msg = str(e.value)
         me = f"held by pid {os.getpid()} (python"
         assert f"pid {src.pid} fd {fds['log']}: unix stream socket" in msg
-        assert f"connected to unix stream socket" in msg and me in msg
+        assert "connected to unix stream socket" in msg and me in msg
         assert f"--external-unix {outside.log_path} " in msg
         assert f"pid {src.pid} fd {fds['sink']}: unix datagram socket" in msg
         assert f"--external-unix {outside.sink_path} " in msg
         # the server end of our client's connection: its own name is the one to declare
-        assert f"unix stream socket" in msg and \
-            f"{outside.listen_path} is connected to unix stream socket" in msg
+        assert f"{outside.listen_path} is connected to unix stream socket" in msg
         assert f"--external-unix {outside.listen_path} to let such connections end" in msg
         cli = prerestore("migrate", "-t", src.pid, "--via-files", "-q", check=False)
         assert cli.returncode == 1 and "--external-unix" in cli.stderr, cli.stderr
