@@ -209,6 +209,22 @@ def cmd_migrate(args) -> int:
     return 0
 
 
+def _unix_summary(u) -> str:
+    from .kernel.sockdiag import TYPE_NAMES, printable
+    parts = [TYPE_NAMES.get(u.type, str(u.type)), u.state]
+    if u.name:
+        parts.append(f"name {printable(u.name)}")
+    if u.state in ("connected", "pending"):
+        parts.append(f"peer [{u.peer}]")
+    if u.peer_name:
+        parts.append(f"peer name {printable(u.peer_name)}")
+    if u.accept_queue:
+        parts.append(f"{len(u.accept_queue)} waiting to be accepted")
+    if u.queue:
+        parts.append(f"{len(u.queue)} messages ({sum(len(d) for _, d in u.queue)} bytes) queued")
+    return "(" + ", ".join(parts) + ")"
+
+
 def cmd_inspect(args) -> int:
     chain = schema.read_chain(args.images_dir)
     for d, r in chain:
@@ -235,7 +251,8 @@ def cmd_inspect(args) -> int:
                   f"{'yes' if th.rseq else 'no'}")
             if args.verbose:
                 for f in s.fds:
-                    print(f"    fd {f.fd}: {f.kind} {f.path} flags {f.flags:o} offset {f.offset}")
+                    print(f"    fd {f.fd}: {f.kind} {f.path} flags {f.flags:o} offset {f.offset}"
+                          + (f" {_unix_summary(f.unix)}" if f.unix else ""))
         for z in r.zombies:
             print(f"  zombie {z.pid} (child of {z.parent}), wait status {z.exit_code:#x}")
     return 0
