@@ -7,6 +7,7 @@ unmigrated run. A connection to a peer outside the tree is refused by name unles
 external."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -314,7 +315,6 @@ def test_peer_outside_the_tree(tmp_path, outside, how):
                        "--max-rounds", 3, "--work-dir", tmp_path / "images", "--json", report,
                        "--external-unix", outside.log_path, "--external-unix",
                        outside.sink_path, "--external-unix", outside.listen_path)
-            import json
             r = json.loads(report.read_text())
         host = r["restored_host_pid"]
         cleanup.add(r["namespace_init_pid"], host)
@@ -328,6 +328,44 @@ def test_peer_outside_the_tree(tmp_path, outside, how):
         assert contiguous(outside.datagrams)
         assert (outside.reconnects == 0) == (how == "direct")
         assert stat.S_ISSOCK(os.lstat(outside.listen_path).st_mode)
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)
+
+
+def test_external_names_through_predump_stage_dump_finalize(tmp_path, outside):
+    """The CRIU-shaped flow: predump refuses the connections to the outside until their names
+    are declared (round 0 starts the tracker daemon with them; dump may say them again),
+    then stage, dump --leave-stopped, finalize: the restored process writes on to the
+    outside server through a new connection."""
+    src, log, _ = start_external_workload(tmp_path, outside)
+    cleanup = Cleanup()
+    sock = str(tmp_path / "stage.sock")
+    cleanup.sockets.append(sock)
+    names = ["--external-unix", outside.log_path, "--external-unix", outside.sink_path,
+             "--external-unix", outside.listen_path]
+    try:
+        refused = prerestore("predump", "-t", src.pid, "-D", tmp_path / "r0", check=False)
+        assert refused.returncode == 1 and f"--external-unix {outside.log_path}" in \
+            refused.stderr, refused.stderr
+        prerestore("predump", "-t", src.pid, "-D", tmp_path / "r0", *names)
+        prerestore("stage", "-D", tmp_path / "r0", "--pidns", "--socket", sock)
+        final = tmp_path / "final"
+        prerestore("dump", "-t", src.pid, "-D", final, "--prev-images-dir", tmp_path / "r0",
+                   "--leave-stopped", *names)
+        out = prerestore("inspect", "-D", final, "-v").stdout
+        assert out.count("reconnect") == 2 and "listening, name " + outside.listen_path in out
+        prerestore("finalize", "-D", final, "--socket", sock)
+        fin = json.loads((final / "finalize.json").read_text())["finalize"]
+        cleanup.add(fin["init_pid"], fin["host_pid"])
+        src.kill()
+        src.wait(10)
+        wait_for_iteration(log, last_iteration(log) + 300, timeout=60, pid=fin["host_pid"])
+        outside.wait_pongs(len(outside.pongs) + 20)
+        assert len(outside.lines) == 2 and not outside.errors
+        assert contiguous([n for numbers in outside.lines for n in numbers])
+        assert contiguous(outside.datagrams)
     finally:
         cleanup.run()
         src.kill()
