@@ -59,6 +59,12 @@ def _in_dir(base: str):
         os.close(here)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class UnixSockets:
     """The unix sockets of one final image, by the inode they had on the source."""
 
@@ -191,16 +197,28 @@ class UnixSockets:
             aside = f"{path}.prerestore-{secrets.token_hex(4)}"
             os.rename(path, aside)           # the source's socket file, stale here
             self.aside.append((path, aside))
+        mode, uid, gid = u.file or (0o777 & ~_umask(), os.getuid(), os.getgid())
+        old_umask = os.umask(~mode & 0o777)       # the file is made with its mode
         try:
             with _in_dir(u.base):
                 sock.bind(u.name)
         except OSError as e:
             raise RestoreError(f"{where}: cannot bind {path}: {e.strerror}") from None
-        self.files.append((path, os.lstat(path).st_ino))
-        if u.file:
-            mode, uid, gid = u.file
-            os.chmod(path, mode)
-            os.lchown(path, uid, gid)
+        finally:
+            os.umask(old_umask)
+        # its owner (and mode bits beyond 0777) through the file itself, never through a
+        # path that might have been made a symbolic link meanwhile
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISSOCK(st.st_mode):
+                raise RestoreError(f"{where}: {path} was replaced as it was bound")
+            self.files.append((path, st.st_ino))
+            if u.file:
+                os.chown(f"/proc/self/fd/{fd}", uid, gid)
+                os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
 
     def _connect(self, where: str, sock: socket.socket, name: bytes, base: str,
                  external: bool = False) -> None:

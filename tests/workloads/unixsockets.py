@@ -1,7 +1,8 @@
 """unixsockets DIR [--own-netns]: a server (the parent) and its client (the child) talk over
 unix sockets of every kind an image carries.
 
-  - A stream listener bound to the relative path "stream.sock" (cwd DIR, mode 0640). The
+  - A stream listener bound to the relative path "stream.sock" (cwd DIR, mode 0640, owned
+    by 4321:4322). The
     client always keeps two connections waiting in its accept queue besides the one being
     served. The server greets each connection with its number (the accept order), answers its
     REQ_STREAM numbered requests with digests; then the client shuts down writing, the server
@@ -49,6 +50,7 @@ LEFTOVER_NAME = b"\0prerestore-test-" + TAG + b"-leftover"
 LEFTOVER_PATH = os.path.join(DIR, "leftover.sock")
 LEFTOVER = 64 * 1024
 AHEAD, PENDING, REQ_STREAM, REQ_SEQ = 3, 2, 20, 13
+OWNER = (4321, 4322)                     # of the stream listener's socket file
 STREAM, SEQ = socket.SOCK_STREAM, socket.SOCK_SEQPACKET
 
 
@@ -92,10 +94,12 @@ def leftover() -> bytes:
     return b"".join(hashlib.sha256(b"leftover %d" % i).digest() for i in range(LEFTOVER // 32))
 
 
-def check_file(path: str, mode: int) -> None:
+def check_file(path: str, mode: int, owner: tuple[int, int] = (0, 0)) -> None:
     st = os.lstat(path)
-    if not stat.S_ISSOCK(st.st_mode) or stat.S_IMODE(st.st_mode) != mode:
-        bad(f"{path}: mode {st.st_mode:o}, expected a socket with mode {mode:o}")
+    if not stat.S_ISSOCK(st.st_mode) or stat.S_IMODE(st.st_mode) != mode or \
+            (st.st_uid, st.st_gid) != owner:
+        bad(f"{path}: mode {st.st_mode:o} owner {st.st_uid}:{st.st_gid}, expected a socket "
+            f"with mode {mode:o}, owner {owner}")
 
 
 # ---- the server: the parent ------------------------------------------------------------------
@@ -255,7 +259,7 @@ def client() -> None:
                     (S1_NAME, S2_PATH, DGRAM_PATH):
                 bad(f"datagram names {s1.getsockname()!r} {s2.getsockname()!r} "
                     f"{s3.getpeername()!r}")
-            check_file("stream.sock", 0o640)
+            check_file("stream.sock", 0o640, OWNER)
             check_file(DGRAM_PATH, 0o600)
             check_file(LEFTOVER_PATH, 0o751)
         if n % 100 == 0:
@@ -270,6 +274,7 @@ listeners = {STREAM: socket.socket(socket.AF_UNIX, STREAM),
              SEQ: socket.socket(socket.AF_UNIX, SEQ)}
 listeners[STREAM].bind("stream.sock")
 os.chmod("stream.sock", 0o640)
+os.chown("stream.sock", *OWNER)
 listeners[SEQ].bind(SEQ_NAME)
 for s in listeners.values():
     s.listen(4)
