@@ -182,9 +182,9 @@ class UnixSockets:
                 sock.bind(u.name)
             except OSError as e:
                 raise RestoreError(f"{where}: cannot bind the abstract name "
-                                   f"{printable(u.name)}: {e.strerror} (abstract names have no "
-                                   "file to move aside: on one host, the source still holds "
-                                   "it)") from None
+                                   f"{printable(u.name)}: {e.strerror} (an abstract name has "
+                                   "no file to move aside: on the source's own host, its "
+                                   "frozen source still holds it)") from None
             return
         path = os.path.join(u.base, os.fsdecode(u.name))
         try:

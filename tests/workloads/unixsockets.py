@@ -2,13 +2,12 @@
 unix sockets of every kind an image carries.
 
   - A stream listener bound to the relative path "stream.sock" (cwd DIR, mode 0640, owned
-    by 4321:4322). The
-    client always keeps two connections waiting in its accept queue besides the one being
-    served. The server greets each connection with its number (the accept order), answers its
-    REQ_STREAM numbered requests with digests; then the client shuts down writing, the server
-    sees end of file and closes, and the client reads the last answers and then end of file
-    from a peer that is gone. Every connection after the first ones is made anew while the
-    program runs, also after a migration.
+    by 4321:4322). The client always keeps two connections waiting in its accept queue
+    besides the one being served. The server greets each connection with its number (the
+    accept order), answers its REQ_STREAM numbered requests with digests; then the client
+    shuts down writing, the server sees end of file and closes, and the client reads the
+    last answers and then end of file from a peer that is gone. Every connection after the
+    first ones is made anew while the program runs, also after a migration.
   - A seqpacket listener on an abstract name, the same with record boundaries checked; its
     clients are bound to abstract names of their own, which the server checks.
   - A datagram socket bound to DIR/dgram.sock receives numbered datagrams from three senders:
