@@ -785,6 +785,14 @@ int pr_pidfd_getfd(int pidfd, int fd)
     return r < 0 ? ERR : (int)r;
 }
 
+/* Move the calling thread into the namespace fd refers to (a network namespace is per thread:
+ * the other threads stay where they are). */
+int pr_setns(int fd, int nstype)
+{
+    long r = syscall(SYS_setns, fd, nstype);
+    return r < 0 ? ERR : 0;
+}
+
 /* clone3 + execve, with chosen pids (set_tid, innermost namespace first) and optionally a new
  * pid namespace. keep_fd (if >= 0) becomes fd 3 of the child; the child's environment is empty.
  * Between clone3 and execve the child makes raw system calls only (it is a copy of a possibly

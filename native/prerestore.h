@@ -111,6 +111,7 @@ int pr_make_epoll(int flags);
 int pr_same_file(int pid1, int fd1, int pid2, int fd2);
 int pr_pidfd_open(int pid);
 int pr_pidfd_getfd(int pidfd, int fd);
+int pr_setns(int fd, int nstype);
 int pr_spawn(const char *path, char *const *argv, const int *set_tid, long set_tid_size,
              int new_pidns, int keep_fd);
 int pr_set_pdeathsig(int sig, int parent);

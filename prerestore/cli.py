@@ -38,7 +38,7 @@ def _print_json(path: str | None, report: dict) -> None:
 # ---- source side --------------------------------------------------------------------------------
 
 def cmd_predump(args) -> int:
-    from .source.session import check_supported
+    from .source.session import check_supported, external_names
     from .source.trackerd import tracker_socket
     from .transport import control
     path = tracker_socket(args.tree)
@@ -50,7 +50,7 @@ def cmd_predump(args) -> int:
         stats = client.request("predump", dir=os.path.abspath(args.images_dir),
                                prev=os.path.abspath(args.prev_images_dir))["stats"]
     else:
-        check_supported(args.tree)
+        check_supported(args.tree, external_unix=external_names(args.external_unix))
         if client.alive():                 # a new chain: the old tracker goes
             client.request("close")
         os.makedirs(args.images_dir, exist_ok=True)
@@ -58,7 +58,8 @@ def cmd_predump(args) -> int:
         proc = control.spawn_daemon("prerestore.source.trackerd",
                                     ["--pid", str(args.tree), "--socket", path,
                                      "--first-round", os.path.abspath(args.images_dir),
-                                     "--tracking", args.tracking],
+                                     "--tracking", args.tracking] +
+                                    [f"--external-unix={n}" for n in args.external_unix],
                                     log, False)
         try:
             client.wait_ready(proc, timeout=600)
@@ -88,9 +89,11 @@ def cmd_dump(args) -> int:
                                   f"{args.prev_images_dir} written by `prerestore predump`?")
         stats = client.request("dump", dir=os.path.abspath(args.images_dir),
                                prev=os.path.abspath(args.prev_images_dir), leave=leave,
-                               release_ip=args.release_ip)["stats"]
+                               release_ip=args.release_ip,
+                               **({"external_unix": args.external_unix}
+                                  if args.external_unix else {}))["stats"]
     else:
-        session = SourceSession(args.tree, track=False)
+        session = SourceSession(args.tree, track=False, external_unix=args.external_unix)
         try:
             stats = dump_and_leave(session, args.images_dir, leave, args.release_ip)
         finally:
@@ -192,7 +195,8 @@ def cmd_migrate(args) -> int:
         report = migrate_to(args.tree, args.to, load_secret(args.secret_file),
                             pidns=not args.no_pidns, cold=args.cold, tracking=args.tracking,
                             policy=policy, round_interval=args.round_interval / 1e3,
-                            release_ip=args.release_ip, progress=progress)
+                            release_ip=args.release_ip, external_unix=args.external_unix,
+                            progress=progress)
         print(f"migrated pid {args.tree} to {args.to} ({report['mode']}): downtime "
               f"{report['downtime_ms']:.2f} ms, total {report['total_ms']:.0f} ms, "
               f"{len(report['rounds'])} pre-copy rounds, {report['bytes_sent'] / 2**20:.1f} MiB "
@@ -202,13 +206,29 @@ def cmd_migrate(args) -> int:
     report = migrate(args.tree, pidns=not args.no_pidns, cold=args.cold,
                      direct=not args.via_files, tracking=args.tracking, work_dir=args.work_dir,
                      policy=policy, round_interval=args.round_interval / 1e3,
-                     keep_images=args.keep_images,
+                     keep_images=args.keep_images, external_unix=args.external_unix,
                      progress=lambda m: print(m, flush=True) if not args.quiet else None)
     print(f"migrated pid {args.tree} ({report['mode']}): downtime {report['downtime_ms']:.2f} ms, "
           f"total {report['total_ms']:.0f} ms, {len(report['rounds'])} pre-copy rounds; "
           f"running as host pid {report['restored_host_pid']}")
     _print_json(args.json, report)
     return 0
+
+
+def _unix_summary(u) -> str:
+    from .kernel.sockdiag import TYPE_NAMES, printable
+    parts = [TYPE_NAMES.get(u.type, str(u.type)), u.state]
+    if u.name:
+        parts.append(f"name {printable(u.name)}")
+    if u.state in ("connected", "pending"):
+        parts.append(f"peer [{u.peer}]")
+    if u.peer_name:
+        parts.append(f"peer name {printable(u.peer_name)}")
+    if u.accept_queue:
+        parts.append(f"{len(u.accept_queue)} waiting to be accepted")
+    if u.queue:
+        parts.append(f"{len(u.queue)} messages ({sum(len(d) for _, d in u.queue)} bytes) queued")
+    return "(" + ", ".join(parts) + ")"
 
 
 def cmd_inspect(args) -> int:
@@ -237,7 +257,8 @@ def cmd_inspect(args) -> int:
                   f"{'yes' if th.rseq else 'no'}")
             if args.verbose:
                 for f in s.fds:
-                    print(f"    fd {f.fd}: {f.kind} {f.path} flags {f.flags:o} offset {f.offset}")
+                    print(f"    fd {f.fd}: {f.kind} {f.path} flags {f.flags:o} offset {f.offset}"
+                          + (f" {_unix_summary(f.unix)}" if f.unix else ""))
         for z in r.zombies:
             print(f"  zombie {z.pid} (child of {z.parent}), wait status {z.exit_code:#x}")
     return 0
@@ -245,6 +266,16 @@ def cmd_inspect(args) -> int:
 
 CLAIM_HELP = ("the service address to take here (dump --release-ip on the source) once the "
               "tree's sockets are rebuilt, announced to the link")
+
+
+def _external_unix_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--external-unix", action="append", default=[], metavar="NAME",
+                   help="a unix socket name (/path, or @name for an abstract one) through "
+                        "which connections may leave the tree: in images, a connection to a "
+                        "socket outside bound to NAME is made again to NAME on restore, one "
+                        "an outside client made to our listener NAME ends (the restored side "
+                        "reads what was queued, then end of file); other connections to the "
+                        "outside are refused. Repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prev-images-dir", help="the previous round (omit for round 0)")
     p.add_argument("--tracking", choices=("auto", "uffd-wp", "page-hash"), default="auto",
                    help="dirty-page tracking for this chain (with round 0)")
+    _external_unix_option(p)
     p.set_defaults(func=cmd_predump)
 
     p = sub.add_parser("dump", help="freeze the process and write the final image")
@@ -272,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--release-ip", metavar="ADDR",
                    help="the service address: released here at the freeze, for the destination "
                         "to take (finalize/restore --claim-ip)")
+    _external_unix_option(p)
     p.set_defaults(func=cmd_dump)
 
     for name, func, text in (("stage", cmd_stage, "create or update the pre-restored process"),
@@ -325,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-images", action="store_true")
     p.add_argument("--json", help="write the migration report here")
     p.add_argument("-q", "--quiet", action="store_true")
+    _external_unix_option(p)
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("serve", help="receive migrations from other hosts (migrate --to)")

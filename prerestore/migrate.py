@@ -14,7 +14,7 @@ from .errors import PrerestoreError, ProtocolError, UnsupportedState
 from .kernel import procfs
 from .image import schema
 from .policy import ConvergencePolicy, estimate_after, is_last_round
-from .source.session import SourceSession, check_supported
+from .source.session import SourceSession, check_supported, external_names
 from .transport import control
 
 
@@ -85,9 +85,16 @@ def _settle_unknown_outcome(husk_pid: int | None) -> bool:
 def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = True,
             tracking: str = "auto", work_dir: str | None = None,
             policy: ConvergencePolicy = ConvergencePolicy(), round_interval: float = 0.0,
-            keep_images: bool = False, progress=lambda msg: None) -> dict:
-    """Migrate pid; returns the report (rounds, downtime and its phases, totals)."""
-    check_supported(pid, direct)       # refuse before touching anything
+            keep_images: bool = False, external_unix=(), progress=lambda msg: None) -> dict:
+    """Migrate pid; returns the report (rounds, downtime and its phases, totals).
+
+    external_unix: names ("/path" or "@abstract") through which unix connections may leave
+    the tree; through image files such a connection is made again on restore (to a server
+    outside the tree bound to that name) or ends (a client outside the tree connected to a
+    listener of ours with that name): see source/unixsock.py. Other connections to the
+    outside are refused. On one host (direct) every socket is handed over as it is."""
+    external_unix = external_names(external_unix)
+    check_supported(pid, direct, external_unix)       # refuse before touching anything
     levels = procfs.ns_pids(pid)
     if not pidns and len(levels) > 1 and levels[-1] == 1:
         raise UnsupportedState(f"pid {pid} is the init of its own pid namespace: it can only be "
@@ -100,7 +107,8 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
                     "policy": asdict(policy), "work_dir": wd}
     try:
         daemon = StageDaemonClient(wd, pidns)
-        session = SourceSession(pid, track=not cold, direct=direct, tracking=tracking)
+        session = SourceSession(pid, track=not cold, direct=direct, tracking=tracking,
+                                external_unix=external_unix)
         if session.tracker is not None:
             report["tracking"] = session.tracker.mode
             if hasattr(session.tracker, "warning"):

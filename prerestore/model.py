@@ -178,14 +178,57 @@ def ranges_bytes(raw: bytes) -> int:
     return sum(e - s for s, e in RANGE.iter_unpack(raw))
 
 
+UNIX_STATES = ("unconnected", "listening", "connected", "pending", "reconnect", "peer-gone")
+
+
+@dataclass
+class UnixSocketState:
+    """A unix socket as an image carries it, made anew by the restorer (restore/unixsock.py).
+
+    state says how it is connected:
+      unconnected  neither listening nor connected (bound or not);
+      listening    listen(backlog); accept_queue: the clients (inodes, in the image) whose
+                   connections wait to be accepted, in the order accept() returns them;
+      connected    to `peer`, another socket of the image (a datagram socket: to the socket
+                   it sends to by default); listener: the listening socket of the image it
+                   was accepted from (it has that listener's name), 0 if none;
+      pending      a client whose connection waits in the accept queue of `peer`, a
+                   listening socket of the image (nothing was sent on it yet);
+      reconnect    connected to a socket outside the tree through a name declared external
+                   (peer_name): connected to that name again on restore, a new connection;
+      peer-gone    (stream, seqpacket) its peer closed, or was outside the tree and reached
+                   it through a name of ours declared external: what is queued is read, then
+                   end of file; peer_name: the name the peer had (a client's, its listener's).
+    queue holds the messages waiting to be read, as (sender's name, bytes); a stream's bytes
+    are one message. Names are raw sun_path bytes: b"" unbound, b"\0..." abstract, else a
+    path as it was bound (relative to `base`, the directory it resolved in, if relative)."""
+    type: int                      # socket.SOCK_STREAM / SOCK_DGRAM / SOCK_SEQPACKET
+    state: str                     # one of UNIX_STATES
+    name: bytes = b""
+    peer: int = 0
+    listener: int = 0
+    peer_name: bytes = b""
+    backlog: int = 0
+    accept_queue: list[int] = field(default_factory=list)
+    shutdown: int = 0              # RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2
+    queue: list[tuple[bytes, bytes]] = field(default_factory=list)
+    base: str = ""
+    file: tuple[int, int, int] | None = None   # its socket file, if it has one: mode, uid, gid
+    sndbuf: int = 0                # as setsockopt takes them (half what getsockopt says)
+    rcvbuf: int = 0
+    passcred: bool = False
+    peek_off: int = -1             # SO_PEEK_OFF, -1: not in use
+
+
 @dataclass
 class FileDescriptor:
     """An open fd: a regular file, a character device like /dev/null, an end of a pipe whose
     other end is in the tree too ("pipe": path "pipe:[inode]", offset is the pipe's capacity,
-    and the pipe's first fd in the tree carries the bytes queued in it), or, on the same host,
-    any object handed over as it is ("handover")."""
+    and the pipe's first fd in the tree carries the bytes queued in it), a unix socket ("unix":
+    its first fd in the tree carries its state in `unix`), or, on the same host, any object
+    handed over as it is ("handover")."""
     fd: int
-    kind: str          # "file" | "chr" | "pipe" | "handover"
+    kind: str          # "file" | "chr" | "pipe" | "unix" | ... | "handover"
     path: str
     flags: int         # open flags as in fdinfo (O_ACCMODE, O_APPEND, O_CLOEXEC, ...)
     offset: int
@@ -194,6 +237,7 @@ class FileDescriptor:
     # same open file description (dup, inherited by fork): restored as that one, not reopened
     same_as: tuple[int, int] | None = None
     data: bytes = b""
+    unix: UnixSocketState | None = None
 
 
 @dataclass

@@ -32,7 +32,7 @@ from . import netaddr
 from .errors import PrerestoreError, ProtocolError
 from .image import schema
 from .policy import ConvergencePolicy, estimate_after, is_last_round
-from .source.session import SourceSession, check_supported
+from .source.session import SourceSession, check_supported, external_names
 from .transport.channel import AuthError, Channel
 
 OPS = ("begin", "round", "final", "abort", "done")
@@ -197,11 +197,14 @@ SWITCH_LINGER = 0.25    # s the source keeps forwarding to the address after the
 def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
                cold: bool = False, tracking: str = "auto",
                policy: ConvergencePolicy = ConvergencePolicy(), round_interval: float = 0.0,
-               release_ip: str | None = None, progress=lambda msg: None) -> dict:
+               release_ip: str | None = None, external_unix=(),
+               progress=lambda msg: None) -> dict:
     """Migrate the tree under pid to a `prerestore serve` at address; returns the report.
     release_ip: the service address, released here once the tree is frozen (the destination
-    claims it: serve --claim-ip), given back here if the migration fails."""
-    check_supported(pid, same_host=False)          # refuse before touching anything
+    claims it: serve --claim-ip), given back here if the migration fails. external_unix:
+    names through which unix connections may leave the tree (source/unixsock.py)."""
+    external_unix = external_names(external_unix)
+    check_supported(pid, same_host=False, external_unix=external_unix)   # before anything
     moving = netaddr.find(release_ip) if release_ip else None
     released = netaddr.releasing(moving) if moving else None
     forwarder: netaddr.SwitchForwarder | None = None
@@ -225,7 +228,8 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
         ch.send({"op": "begin", "pidns": pidns})
         if not ch.recv().get("ok"):
             raise PrerestoreError("the destination refused the migration")
-        session = SourceSession(pid, track=not cold, tracking=tracking, stream=True)
+        session = SourceSession(pid, track=not cold, tracking=tracking, stream=True,
+                                external_unix=external_unix)
         wd = "/prerestore-stream"                # names only: nothing is written here
         pages: list[int] = []
         while not cold:

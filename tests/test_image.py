@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 import zlib
 
@@ -15,7 +16,7 @@ from prerestore.image.schema import (HEADER, MAGIC, PAGES_FILE, ROUND_FILE, VERS
 from prerestore.kernel.native import REG_NAMES
 from prerestore.kernel.procfs import parse_maps
 from prerestore.model import (AddressSpaceRound, FileDescriptor, MmFields, ProcessState, Round, Zombie,
-                              SigAction, ThreadState, Vma, pack_ranges)
+                              SigAction, ThreadState, UnixSocketState, Vma, pack_ranges)
 
 P = 4096
 U64_MAX = 2**64 - 1
@@ -430,3 +431,94 @@ def test_final_round_states_must_match_tasks(tmp_path):
     r.states.pop()
     with pytest.raises(ImageError, match="states do not match"):
         read_round(save(tmp_path / "t", r))
+
+
+# ---- unix sockets -------------------------------------------------------------------------------
+
+def unix_round() -> Round:
+    """A final round with a listener, a connection accepted from it, one waiting, and a
+    datagram socket with datagrams from named senders."""
+    r = make_round(final=True)
+    listener = UnixSocketState(1, "listening", name=b"srv.sock", backlog=4, accept_queue=[13],
+                               base="/run/app", file=(0o640, 1000, 1000), sndbuf=106496,
+                               rcvbuf=106496)
+    accepted = UnixSocketState(1, "connected", name=b"srv.sock", peer=12, listener=10,
+                               queue=[(b"", b"request bytes")], shutdown=1)
+    client = UnixSocketState(1, "connected", peer=11, queue=[(b"", b"\0" * 100)], shutdown=2)
+    waiting = UnixSocketState(1, "pending", peer=10)
+    dgram = UnixSocketState(2, "unconnected", name=b"\0log",
+                            queue=[(b"/run/a.sock", b"one"), (b"", b""), (b"\0x", b"three")],
+                            passcred=True, peek_off=3)
+    r.states[0].fds += [FileDescriptor(fd, "unix", f"socket:[{ino}]", 2, 0, (0, ino), unix=u)
+                        for fd, ino, u in ((5, 10, listener), (6, 11, accepted),
+                                           (7, 12, client), (8, 13, waiting), (9, 14, dgram))]
+    r.states[0].fds.append(FileDescriptor(10, "unix", "socket:[10]", 2, 0, (0, 10),
+                                          same_as=(4242, 5)))
+    return r
+
+
+def test_round_trip_unix_sockets(tmp_path):
+    r = unix_round()
+    got = read_round(save(tmp_path / "u", r))
+    assert got == r
+    assert got.states[0].fds[-2].unix.queue[2] == (b"\0x", b"three")
+
+
+def corrupt_unix(tmp_path, changes: dict[int, dict]):
+    """The round of unix_round() with fields of unix socket states replaced in the raw image,
+    by fd (a key set to ... is removed)."""
+    m = encode_round(unix_round())
+    for f in m["states"][0]["fds"]:
+        fields = changes.get(f[0], {})
+        if fields:
+            f[8].update(fields)
+            for k in [k for k, v in fields.items() if v is ...]:
+                del f[8][k]
+    d = tmp_path / "u"
+    os.makedirs(d)
+    body = msgpack.packb(m, use_bin_type=True)
+    put_round_bytes(d, raw_image(body))
+    with open(os.path.join(d, PAGES_FILE), "wb") as f:
+        f.write(b"\0" * pages_size(unix_round()))
+    return str(d)
+
+
+@pytest.mark.parametrize("fd,fields,what", [
+    (5, {"type": 3}, "pid 4242 fd 5: unix socket field 'type' is 3"),
+    (5, {"type": ...}, "field 'type' is None"),
+    (6, {"state": "dancing"}, "field 'state' is 'dancing', expected unconnected or"),
+    (9, {"name": b"x" * 200}, "field 'name'"),
+    (9, {"queue": [[b"", "text"]]}, "field 'queue' holds"),
+    (9, {"queue": "nope"}, "field 'queue' is 'nope'"),
+    (5, {"file": [0o640, -1, 0]}, "field 'file'"),
+    (5, {"accept_queue": [13, "x"]}, "field 'accept_queue'"),
+    (9, {"passcred": 1}, "field 'passcred' is 1"),
+    (6, {"shutdown": 7}, "field 'shutdown' is 7"),
+    (5, {"backlog": True}, "field 'backlog' is True"),
+])
+def test_corrupt_unix_socket_fields_are_named(tmp_path, fd, fields, what):
+    with pytest.raises(ImageError, match=re.escape(what)):
+        read_round(corrupt_unix(tmp_path, {fd: fields}))
+
+
+@pytest.mark.parametrize("changes,what", [
+    ({7: {"peer": 99}}, "pid 4242 fd 7: unix socket [12] is connected to [99], which is not"),
+    ({7: {"type": 5}}, "[11] is connected to [12], which is not a unix socket of its type"),
+    ({5: {"accept_queue": []}},
+     "fd 8: unix socket [13] waits to be accepted by [10], which is not a listener that lists"),
+    ({6: {"listener": 14}}, "was accepted from [14], which is not a listener of its name"),
+    ({5: {"accept_queue": [12]}}, "lists [12] in its accept queue, which is not a client"),
+])
+def test_inconsistent_unix_sockets_are_refused(tmp_path, changes, what):
+    with pytest.raises(ImageError, match=re.escape(what)):
+        read_round(corrupt_unix(tmp_path, changes))
+
+
+def test_unix_socket_without_state_is_refused(tmp_path):
+    m = encode_round(unix_round())
+    m["states"][0]["fds"][3][8] = None
+    d = tmp_path / "u"
+    os.makedirs(d)
+    put_round_bytes(d, raw_image(msgpack.packb(m, use_bin_type=True)))
+    with pytest.raises(ImageError, match="fd 6: unix socket without its state"):
+        read_round(d)

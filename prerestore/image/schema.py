@@ -17,11 +17,13 @@ import zlib
 import msgpack
 
 from ..errors import ImageError
-from ..model import (AddressSpaceRound, Credentials, FileDescriptor, MmFields, ProcessState, Round,
-                     SigAction, ThreadState, Vma, Zombie, ranges_bytes)
+from ..model import (UNIX_STATES, AddressSpaceRound, Credentials, FileDescriptor, MmFields,
+                     ProcessState, Round, SigAction, ThreadState, UnixSocketState, Vma, Zombie,
+                     ranges_bytes)
 
 MAGIC = b"PRRSTIMG"
-VERSION = 2          # 2: process trees (task tree fields, states, zombies)
+VERSION = 3          # 2: process trees (task tree fields, states, zombies)
+                     # 3: unix sockets carry a state map of their own (fd field 9)
 HEADER = struct.Struct("=8sIQI")
 ROUND_FILE = "round.img"
 PAGES_FILE = "pages.img"
@@ -55,11 +57,96 @@ def _state(s: ProcessState) -> dict:
             "sigactions": {n: [a.handler, a.flags, a.restorer, a.mask]
                            for n, a in s.sigactions.items()},
             "fds": [[f.fd, f.kind, f.path, f.flags, f.offset, list(f.dev_inode),
-                     list(f.same_as) if f.same_as else None, f.data] for f in s.fds],
+                     list(f.same_as) if f.same_as else None, f.data,
+                     _unix(f.unix) if f.unix else None] for f in s.fds],
             "threads": [_thread(t) for t in s.threads], "shared_pending": s.shared_pending,
             "cpus": s.cpus, "creds": vars(s.creds) if s.creds else None,
             "dumpable": s.dumpable, "pdeathsig": s.pdeathsig,
             "child_subreaper": s.child_subreaper}
+
+
+def _unix(u: UnixSocketState) -> dict:
+    return {"type": u.type, "state": u.state, "name": u.name, "peer": u.peer,
+            "listener": u.listener, "peer_name": u.peer_name, "backlog": u.backlog,
+            "accept_queue": u.accept_queue, "shutdown": u.shutdown,
+            "queue": [[sender, data] for sender, data in u.queue], "base": u.base,
+            "file": list(u.file) if u.file else None, "sndbuf": u.sndbuf, "rcvbuf": u.rcvbuf,
+            "passcred": u.passcred, "peek_off": u.peek_off}
+
+
+UNIX_TYPES = (1, 2, 5)            # SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET
+SUN_PATH_MAX = 108
+
+
+def _decode_unix(m, where: str) -> UnixSocketState:
+    """A unix socket's state, every field checked: a bad one is named (ValueError)."""
+    if not isinstance(m, dict):
+        raise ValueError(f"{where}: unix socket state is not a map")
+
+    def get(key, kind, default=None, ok=lambda v: True, what=""):
+        value = m.get(key, default)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds) \
+                or not ok(value):
+            raise ValueError(f"{where}: unix socket field {key!r} is {value!r:.60}"
+                             f"{', expected ' + what if what else ''}")
+        return value
+
+    nat = lambda v: v >= 0  # noqa: E731
+    queue = get("queue", list, [], what="a list of [sender, bytes]")
+    for item in queue:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], bytes) and
+                isinstance(item[1], bytes) and len(item[0]) <= SUN_PATH_MAX):
+            raise ValueError(f"{where}: unix socket field 'queue' holds {item!r:.60}, expected "
+                             "[sender name, bytes]")
+    fattr = get("file", (list, type(None)), None,
+                lambda v: v is None or (len(v) == 3 and all(isinstance(x, int) and x >= 0
+                                                             for x in v)), "[mode, uid, gid]")
+    accept_queue = get("accept_queue", list, [],
+                       lambda v: all(isinstance(x, int) and x > 0 for x in v), "inodes")
+    return UnixSocketState(
+        type=get("type", int, ok=lambda v: v in UNIX_TYPES, what="1, 2 or 5"),
+        state=get("state", str, ok=lambda v: v in UNIX_STATES, what=" or ".join(UNIX_STATES)),
+        name=get("name", bytes, b"", lambda v: len(v) <= SUN_PATH_MAX, "a sun_path"),
+        peer=get("peer", int, 0, nat), listener=get("listener", int, 0, nat),
+        peer_name=get("peer_name", bytes, b"", lambda v: len(v) <= SUN_PATH_MAX, "a sun_path"),
+        backlog=get("backlog", int, 0, nat), accept_queue=list(accept_queue),
+        shutdown=get("shutdown", int, 0, lambda v: 0 <= v <= 3, "0 to 3"),
+        queue=[(sender, data) for sender, data in queue], base=get("base", str, ""),
+        file=tuple(fattr) if fattr else None, sndbuf=get("sndbuf", int, 0, nat),
+        rcvbuf=get("rcvbuf", int, 0, nat), passcred=get("passcred", bool, False),
+        peek_off=get("peek_off", int, -1, lambda v: v >= -1))
+
+
+def _check_unix(states: list[ProcessState]) -> None:
+    """The unix sockets of a final round refer to one another consistently: a connected one
+    to a socket of the image, a pending one to a listener that lists it, an accepted one to
+    a listener."""
+    socks: dict[int, tuple[str, UnixSocketState]] = {}
+    for s in states:
+        for f in s.fds:
+            if f.kind == "unix" and not f.same_as:
+                if f.unix is None:
+                    raise ValueError(f"pid {s.pid} fd {f.fd}: unix socket without its state")
+                socks[f.dev_inode[1]] = (f"pid {s.pid} fd {f.fd}", f.unix)
+    for ino, (where, u) in socks.items():
+        peer = socks.get(u.peer, ("", None))[1]
+        lst = socks.get(u.peer if u.state == "pending" else u.listener, ("", None))[1]
+        if u.state == "connected" and (peer is None or peer.type != u.type):
+            raise ValueError(f"{where}: unix socket [{ino}] is connected to [{u.peer}], which "
+                             "is not a unix socket of its type in the image")
+        if u.state == "pending" and (lst is None or lst.state != "listening" or
+                                     ino not in lst.accept_queue):
+            raise ValueError(f"{where}: unix socket [{ino}] waits to be accepted by "
+                             f"[{u.peer}], which is not a listener that lists it")
+        if u.listener and (lst is None or lst.state != "listening" or lst.name != u.name):
+            raise ValueError(f"{where}: unix socket [{ino}] was accepted from [{u.listener}], "
+                             "which is not a listener of its name in the image")
+        for client in u.accept_queue:
+            c = socks.get(client, ("", None))[1]
+            if u.state != "listening" or c is None or c.state != "pending" or c.peer != ino:
+                raise ValueError(f"{where}: unix socket [{ino}] lists [{client}] in its accept "
+                                 "queue, which is not a client of it waiting in the image")
 
 
 def _creds(m: dict | None) -> Credentials | None:
@@ -76,7 +163,10 @@ def _decode_state(s: dict) -> ProcessState:
         rlimits={int(r): tuple(v) for r, v in s["rlimits"].items()},
         sigactions={int(n): SigAction(*a) for n, a in s["sigactions"].items()},
         fds=[FileDescriptor(f[0], f[1], f[2], f[3], f[4], tuple(f[5]),
-                            tuple(f[6]) if f[6] else None, f[7]) for f in s["fds"]],
+                            tuple(f[6]) if f[6] else None, f[7],
+                            _decode_unix(f[8], f"pid {s['pid']} fd {f[0]}")
+                            if len(f) > 8 and f[8] is not None else None)
+             for f in s["fds"]],
         threads=[ThreadState(t["tid"], t["regs"], t["xstate"], t["sigmask"],
                              tuple(t["rseq"]) if t["rseq"] else None,
                              tuple(t["robust_list"]), t["clear_child_tid"],
@@ -128,6 +218,7 @@ def decode_round(m: dict) -> Round:
         _check_tree(tasks, zombies)
         if m["kind"] == "dump" and sorted(s.pid for s in states) != sorted(t.pid for t in tasks):
             raise ValueError("the final round's process states do not match its tasks")
+        _check_unix(states)
         return Round(m["id"], m["index"], m["parent_id"], m["parent_path"], m["kind"],
                      m["source"], tasks, states, zombies, m.get("stats", {}))
     except (KeyError, TypeError, ValueError) as e:

@@ -415,6 +415,11 @@ def pidfd_getfd(pidfd: int, fd: int, pid: int | None = None) -> int:
     return check(lib.pr_pidfd_getfd(pidfd, fd), "pidfd_getfd", pid)
 
 
+def setns(fd: int, nstype: int) -> None:
+    """setns(2) for the calling thread only (a network namespace is a per-thread attribute)."""
+    check(lib.pr_setns(fd, nstype), "setns")
+
+
 def spawn(path: str, argv: list[str], set_tid: list[int], new_pidns: bool, keep_fd: int) -> int:
     args = [ffi.new("char[]", a.encode()) for a in argv]
     argv_c = ffi.new("char *[]", args + [ffi.NULL])

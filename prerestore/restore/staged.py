@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
-import struct
 import tempfile
 import time
 
@@ -19,44 +17,9 @@ import msgpack
 from ..errors import ImageError, PrerestoreError, ProcessGone, RestoreError
 from ..image import schema
 from ..kernel import native, procfs, tcp
-from ..model import AddressSpaceRound, FileDescriptor, ProcessState, Round
+from ..model import AddressSpaceRound, ProcessState, Round
 from .husk import Husk
-
-
-def make_socketpairs(states: list[ProcessState], made: dict) -> None:
-    """The unix socket pairs of an image, made here (socketpair of the source's type), the
-    messages each end had waiting sent again from its new peer; added to `made` like pipes."""
-    ends: dict[int, FileDescriptor] = {}
-    for s in states:
-        for f in s.fds:
-            if f.kind == "unix" and not f.same_as:
-                ends.setdefault(f.dev_inode[1], f)
-    local: dict[int, socket.socket] = {}
-    try:
-        for ino, f in ends.items():
-            if ino in local:
-                continue
-            peer = f.dev_inode[0]
-            if peer not in ends:
-                raise RestoreError(f"{f.path}: its peer socket [{peer}] is not in the image")
-            a, b = socket.socketpair(socket.AF_UNIX, f.offset)
-            local[ino], local[peer] = a, b
-        for ino, f in ends.items():
-            sender = local[f.dev_inode[0]]
-            data, off = f.data, 0
-            while off < len(data):
-                (n,) = struct.unpack_from("=I", data, off)
-                sender.sendall(data[off + 4:off + 4 + n])
-                off += 4 + n
-        for s, f in _to_make(states, ("unix",), made):
-            fd = local[f.dev_inode[1]].detach()
-            local[f.dev_inode[1]] = None
-            fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & os.O_NONBLOCK)
-            made[(s.pid, f.fd)] = fd
-    finally:
-        for sock in local.values():
-            if sock is not None:
-                sock.close()
+from .unixsock import UnixSockets
 
 
 MADE_ANON = ("eventfd", "timerfd", "signalfd", "epoll")
@@ -344,6 +307,7 @@ class StagedTree:
         none is taken in here that the source would miss if this restore failed."""
         t0 = time.monotonic()
         built: list[tuple[socket.socket, dict]] = []
+        unix = None
         try:
             final = None
             if image is not None:
@@ -366,8 +330,11 @@ class StagedTree:
             direct = any(t.pages_from == "pid" for t in final.tasks)
             tree = {pid: h.host_pid for pid, h in self.husks.items()}
             made = make_pipes(final.states)
+            unix = UnixSockets(final.states)
             try:
-                make_socketpairs(final.states, made)
+                unix.make()
+                for s, f in _to_make(final.states, ("unix",), made):
+                    made[(s.pid, f.fd)] = unix.take(f)
                 make_anon(final.states, made)
                 make_tcp(final.states, made, built, foreign_ok=sockets_live is not None)
                 make_deleted_files(final.states, made)
@@ -375,6 +342,7 @@ class StagedTree:
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
                     made) for s in final.states]
             finally:
+                unix.close()
                 for fd in set(made.values()):
                     os.close(fd)
             t_state = time.monotonic()
@@ -392,11 +360,14 @@ class StagedTree:
         except BaseException:
             for sock, state in built:       # the source may resume: no FIN, no reset from here
                 tcp.silence(sock, state)
+            if unix is not None:
+                unix.rollback()           # the source's socket files back where they were
             self.abort()
             raise
         finally:
             for sock, _ in built:
                 sock.close()
+        unix.commit()
         root = self.husk
         state_sum = _sum_stats(state_stats)
         try:

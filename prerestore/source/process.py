@@ -52,7 +52,7 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
     for fd in procfs.fd_numbers(pid):
         what, desc = procfs.describe_fd(pid, fd)
         if desc is None and what.startswith(("pipe:", "socket:")) and not same_host:
-            continue       # carried when its other end is in the tree (see inner_ends)
+            continue       # carried if it stays inside the tree (see inner_ends)
         if desc is None and what in procfs.CARRIED_ANON and not same_host:
             continue       # made anew by the restorer
         if desc is None and what.startswith(("directory ", "deleted file ")) and not same_host:
@@ -302,8 +302,8 @@ class ProcessSource:
                     kind = "tcp" if tcp.protocol(pid, fd).startswith("TCP") else "udp"
                     desc = FileDescriptor(fd, kind, what, flags, 0, (0, int(what[8:-1])))
                 elif not direct and what.startswith("socket:"):
-                    # a unix socket connected to another one of the tree (checked before):
-                    # offset is its type, dev_inode (its peer's inode, its own)
+                    # a unix socket (checked before): its state is read on the frozen
+                    # tree (unixsock.capture); dev_inode (0, its inode)
                     desc = FileDescriptor(fd, "unix", what, flags, 0, (0, int(what[8:-1])))
                 elif not (direct and procfs.can_hand_over(pid, fd, what)):
                     raise UnsupportedState(f"pid {pid} fd {fd}: {what} (unsupported file kind)")

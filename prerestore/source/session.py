@@ -11,7 +11,6 @@ import fcntl
 import os
 import platform
 import socket
-import struct
 import threading
 import time
 import uuid
@@ -25,6 +24,7 @@ from ..kernel import native, procfs, sockdiag, tcp
 from ..kernel.tracee import Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
+from . import unixsock
 from .process import ProcessSource, find_unsupported
 
 
@@ -56,10 +56,12 @@ def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
     return problems
 
 
-def inner_ends(tasks: list[procfs.TreeTask]) -> list[str]:
-    """For an image: pipes and unix sockets are made anew, so both ends must be in the tree.
-    Pipes with an end outside, and sockets other than unix ones connected to another socket
-    of the tree (socketpairs), are refused by name."""
+def inner_ends(tasks: list[procfs.TreeTask], external: frozenset[bytes] = frozenset()
+               ) -> list[str]:
+    """For an image: pipes and unix sockets are made anew. Pipes must have both ends in the
+    tree; unix sockets are carried unless they are connected outside the tree through a name
+    not declared external (unixsock.classify); sockets of other families than TCP, UDP and
+    unix are refused by name."""
     ends: dict[str, set[int]] = {}
     where: dict[str, tuple[int, int]] = {}
     sockets: list[tuple[int, int, int]] = []
@@ -81,29 +83,29 @@ def inner_ends(tasks: list[procfs.TreeTask]) -> list[str]:
                 "(a pipe is carried whole between hosts)" for p, e in ends.items()
                 if e != {0, 1}]
     if sockets:
-        unix = sockdiag.unix_sockets()
-        inodes = {ino for _, _, ino in sockets}
+        table = sockdiag.tables([t.pid for t in tasks if not t.zombie])
+        unix = [s for s in sockets if s[2] in table]
         for pid, fd, ino in sockets:
-            u = unix.get(ino)
-            if u is None and tcp.protocol(pid, fd) in ("TCP", "TCPv6", "UDP", "UDPv6"):
-                continue               # carried (TCP through repair, checked when frozen)
-            if u is None:
-                problems.append(f"pid {pid} fd {fd}: socket:[{ino}] is a "
-                                f"{tcp.protocol(pid, fd)} socket (only TCP, UDP and unix "
-                                "socket pairs are carried between hosts yet)")
-            elif u.name or u.state != sockdiag.TCP_ESTABLISHED or u.peer not in inodes:
-                problems.append(f"pid {pid} fd {fd}: unix socket [{ino}] "
-                                f"{'bound to ' + repr(u.name) if u.name else ''} is not "
-                                "connected to another socket of the tree (only unix socket "
-                                "pairs are carried between hosts yet)")
+            if ino in table:
+                continue
+            proto = tcp.protocol(pid, fd)
+            if proto.startswith("UNIX"):
+                problems.append(f"pid {pid} fd {fd}: unix socket [{ino}] belongs to another "
+                                "network namespace than its process's (not carried)")
+            elif proto not in ("TCP", "TCPv6", "UDP", "UDPv6", "?"):     # ?: closed meanwhile
+                problems.append(f"pid {pid} fd {fd}: socket:[{ino}] is a {proto} socket (only "
+                                "TCP, UDP and unix sockets are carried between hosts yet)")
+        placements, more = unixsock.classify(unix, table, external)
+        problems += more + unixsock.file_problems(unix, table, placements)
     return problems
 
 
-def find_tree_unsupported(root: int, same_host: bool = False) -> list[str]:
+def find_tree_unsupported(root: int, same_host: bool = False,
+                          external_unix: frozenset[bytes] = frozenset()) -> list[str]:
     tasks = procfs.tree(root)
     problems = tree_problems(tasks)
     if not same_host:
-        problems += inner_ends(tasks)
+        problems += inner_ends(tasks, external_unix)
     for t in tasks:
         if t.zombie:
             continue
@@ -115,10 +117,28 @@ def find_tree_unsupported(root: int, same_host: bool = False) -> list[str]:
     return problems
 
 
-def check_supported(pid: int, same_host: bool = False) -> None:
-    problems = find_tree_unsupported(pid, same_host)
-    if problems:
-        raise UnsupportedState(f"cannot migrate pid {pid}: " + "; ".join(problems))
+def check_supported(pid: int, same_host: bool = False,
+                    external_unix: frozenset[bytes] = frozenset(), looks: int = 4) -> None:
+    """Refuse, naming every reason, a tree this version cannot migrate (before anything is
+    frozen). external_unix: the names through which unix connections may leave the tree
+    (see unixsock).
+
+    The tree runs while we look: a connection accepted between the listing of its fds and
+    the kernel's table of sockets looks like one to a stranger, a client may be caught
+    between connect() and its server's accept(). A problem must be there on `looks` looks
+    in a row; the frozen tree is checked again exactly (unixsock.capture)."""
+    for look in range(looks):
+        problems = find_tree_unsupported(pid, same_host, external_unix)
+        if not problems:
+            return
+        if look < looks - 1:
+            time.sleep(0.01 * (look + 1))
+    raise UnsupportedState(f"cannot migrate pid {pid}: " + "; ".join(problems))
+
+
+def external_names(names) -> frozenset[bytes]:
+    """--external-unix values ("/path", "@abstract", or bytes as sun_path holds them)."""
+    return frozenset(n if isinstance(n, bytes) else sockdiag.parse_name(n) for n in names or ())
 
 
 def share_open_files(states: list[ProcessState]) -> None:
@@ -163,16 +183,12 @@ def capture_pipes(states: list[ProcessState]) -> None:
                 os.close(peek)
 
 
-def capture_sockets(states: list[ProcessState], repaired: list[socket.socket]) -> None:
+def capture_sockets(states: list[ProcessState], repaired: list[socket.socket],
+                    external_unix: frozenset[bytes] = frozenset()) -> None:
     """For an image: TCP sockets through TCP repair (tcp.dump: established ones are left in
     repair mode, their dups in `repaired`, so that the source closes them silently or a
-    rollback turns repair off); for unix sockets, each one's type and peer, and (on its first
-    fd in the tree) the messages waiting in its receive queue, peeked (a stream as one
-    message; datagrams one by one through SO_PEEK_OFF, put back as it was), so the source
-    loses nothing if it resumes."""
-    table = sockdiag.unix_sockets() if any(f.kind == "unix" for s in states for f in s.fds) \
-        else {}
-    seen: set[int] = set()
+    rollback turns repair off), UDP sockets' addresses, and unix sockets' state with their
+    queued messages (unixsock.capture: peeked, so the source loses nothing if it resumes)."""
     for s in states:
         pidfd = None
         try:
@@ -188,64 +204,22 @@ def capture_sockets(states: list[ProcessState], repaired: list[socket.socket]) -
                     repaired.append(mine)
                     f.data = msgpack.packb(tcp.dump(mine, f"pid {s.pid} fd {f.fd}"),
                                            use_bin_type=True)
-                    continue
-                if f.kind != "unix":
-                    continue
-                ino = f.dev_inode[1]
-                u = table.get(ino)
-                if u is None or not u.peer:
-                    raise UnsupportedState(f"pid {s.pid} fd {f.fd}: unix socket [{ino}] lost "
-                                           "its peer while freezing")
-                f.offset, f.dev_inode = u.type, (u.peer, ino)
-                if ino in seen:
-                    continue
-                seen.add(ino)
-                if pidfd is None:
-                    pidfd = native.pidfd_open(s.pid)
-                mine = socket.socket(fileno=native.pidfd_getfd(pidfd, f.fd, s.pid))
-                try:
-                    f.data = _peek_messages(mine, u.type, f"pid {s.pid} fd {f.fd}")
-                finally:
-                    mine.close()           # our own fd on the source's open file description
         finally:
             if pidfd is not None:
                 os.close(pidfd)
-
-
-SO_PEEK_OFF = 42
-
-
-def _peek_messages(sock: socket.socket, kind: int, where: str) -> bytes:
-    """The receive queue as length-prefixed messages (u32 length, bytes)."""
-    out = []
-    old = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
-    sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
-    try:
-        while True:
-            try:
-                data, anc, flags, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 253),
-                                                   socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                break
-            if any(level == socket.SOL_SOCKET and t == socket.SCM_RIGHTS for level, t, _ in anc):
-                raise UnsupportedState(f"{where}: file descriptors in flight in a unix socket "
-                                       "(not carried)")
-            if not data and kind == socket.SOCK_STREAM:
-                break                    # the peer shut down: nothing more queued
-            out.append(struct.pack("=I", len(data)) + data)
-            if kind == socket.SOCK_STREAM and len(data) < (1 << 20):
-                break
-    finally:
-        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, old)
-    return b"".join(out)
+    unixsock.capture(states, external_unix)
 
 
 class SourceSession:
     """Produces the rounds of the process tree under `pid`."""
 
     def __init__(self, pid: int, *, track: bool = True, direct: bool = False,
-                 tracking: str = "auto", stream: bool = False):
-        check_supported(pid, direct)
+                 tracking: str = "auto", stream: bool = False,
+                 external_unix: frozenset[bytes] = frozenset()):
+        """external_unix: names through which unix connections may leave the tree (for an
+        image; on one host every socket is handed over as it is)."""
+        self.external_unix = external_names(external_unix)
+        check_supported(pid, direct, self.external_unix)
         self.pid = pid
         self.direct = direct      # rounds name the pages; the destination reads them from us
         # stream: rounds list the pages as for a pages file, but none is written: the caller
@@ -347,7 +321,7 @@ class SourceSession:
 
     def predump(self, directory: str) -> Round:
         """One pre-copy round while the tree runs."""
-        check_supported(self.pid, self.direct)
+        check_supported(self.pid, self.direct, self.external_unix)
         self._refresh_tree()
         return self._write_round(directory, "predump", states=[])
 
@@ -364,7 +338,7 @@ class SourceSession:
         cpu: run on that CPU meanwhile. Every injected batch is a round trip to a traced
         task; waking a task on another CPU costs an IPI, which in a VM can take longer than
         the work itself, so the whole final step runs on one CPU."""
-        check_supported(self.pid, self.direct)      # refuse before freezing
+        check_supported(self.pid, self.direct, self.external_unix)   # refuse before freezing
         if cpu is not None:
             mask = os.sched_getaffinity(0)
             os.sched_setaffinity(0, {cpu})
@@ -404,7 +378,7 @@ class SourceSession:
                                       self.direct) for p in procs]
             share_open_files(states)
             capture_pipes(states)
-            capture_sockets(states, self.repaired)
+            capture_sockets(states, self.repaired, self.external_unix)
             states = [self._to_ns(s) for s in states]
             t_state = time.monotonic()
             if worker:

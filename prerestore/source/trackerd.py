@@ -20,7 +20,7 @@ from .. import netaddr
 from ..errors import PrerestoreError, ProtocolError
 from ..kernel import native
 from ..transport import control
-from .session import SourceSession
+from .session import SourceSession, external_names
 
 OPS = ("predump", "dump", "close", "status")
 LEAVE = ("kill", "stopped", "running")
@@ -62,8 +62,8 @@ def dump_and_leave(session: SourceSession, directory: str, leave: str,
 
 
 class TrackerService:
-    def __init__(self, pid: int, tracking: str = "auto"):
-        self.session = SourceSession(pid, tracking=tracking)
+    def __init__(self, pid: int, tracking: str = "auto", external_unix=()):
+        self.session = SourceSession(pid, tracking=tracking, external_unix=external_unix)
 
     def _check_parent(self, prev: str | None) -> None:
         last = self.session.last_round
@@ -92,6 +92,12 @@ class TrackerService:
             leave = msg.get("leave", "kill")
             if leave not in LEAVE:
                 raise ProtocolError(f"unknown leave mode {leave!r}")
+            external = msg.get("external_unix")
+            if external is not None:          # the final dump may declare more of them
+                if not isinstance(external, list) or \
+                        not all(isinstance(n, str) for n in external):
+                    raise ProtocolError("external_unix must be a list of names")
+                self.session.external_unix = external_names(external)
             release_ip = msg.get("release_ip")
             if release_ip is not None and not isinstance(release_ip, str):
                 raise ProtocolError("release_ip must be an address")
@@ -123,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-round", required=True, help="write round 0 here before serving")
     ap.add_argument("--idle-timeout", type=float, default=3600.0)
     ap.add_argument("--tracking", choices=("auto", "uffd-wp", "page-hash"), default="auto")
+    ap.add_argument("--external-unix", action="append", default=[], metavar="NAME")
     args = ap.parse_args(argv)
     sock = control.listen(args.socket + ".starting")
     try:
-        service = TrackerService(args.pid, args.tracking)
+        service = TrackerService(args.pid, args.tracking, args.external_unix)
         stats = service.session.predump(args.first_round).stats
         print(f"round 0 of pid {args.pid}: {stats}", flush=True)
     except PrerestoreError as e:
