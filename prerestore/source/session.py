@@ -125,15 +125,19 @@ def check_supported(pid: int, same_host: bool = False,
 
     The tree runs while we look: a connection accepted between the listing of its fds and
     the kernel's table of sockets looks like one to a stranger, a client may be caught
-    between connect() and its server's accept(). A problem must be there on `looks` looks
-    in a row; the frozen tree is checked again exactly (unixsock.capture)."""
+    between connect() and its server's accept(). A problem must be there, the same, on
+    `looks` looks in a row (a busy tree shows a different passing one at each look); the
+    frozen tree is checked again exactly (unixsock.capture)."""
+    lasting: set[str] | None = None
     for look in range(looks):
         problems = find_tree_unsupported(pid, same_host, external_unix)
-        if not problems:
+        lasting = set(problems) if lasting is None else lasting & set(problems)
+        if not lasting:
             return
         if look < looks - 1:
             time.sleep(0.01 * (look + 1))
-    raise UnsupportedState(f"cannot migrate pid {pid}: " + "; ".join(problems))
+    raise UnsupportedState(f"cannot migrate pid {pid}: " +
+                           "; ".join(p for p in problems if p in lasting))
 
 
 def external_names(names) -> frozenset[bytes]:
