@@ -773,6 +773,17 @@ int pr_same_file(int pid1, int fd1, int pid2, int fd2)
     return r < 0 ? ERR : r == 0;
 }
 
+/* Is the file at pid1's fd1 the one registered under target fd number tfd in the epoll at
+ * pid2's efd? (kcmp KCMP_EPOLL_TFD, Linux 4.13; the kernel's struct kcmp_epoll_slot) */
+int pr_is_epoll_target(int pid1, int fd1, int pid2, int efd, int tfd)
+{
+    struct { uint32_t efd, tfd, toff; } slot = {(uint32_t)efd, (uint32_t)tfd, 0};
+    long r = syscall(SYS_kcmp, pid1, pid2, 7 /* KCMP_EPOLL_TFD */, fd1, &slot);
+    if (r < 0 && (errno == EBADF || errno == ENOENT))
+        return 0;                /* pid1 has no fd1, or nothing is registered under tfd */
+    return r < 0 ? ERR : r == 0;
+}
+
 int pr_pidfd_open(int pid)
 {
     long r = syscall(SYS_pidfd_open, pid, 0);

@@ -109,6 +109,7 @@ int pr_make_timerfd(int clockid, int flags, int64_t value_s, int64_t value_ns,
                     int64_t interval_s, int64_t interval_ns, uint64_t ticks);
 int pr_make_epoll(int flags);
 int pr_same_file(int pid1, int fd1, int pid2, int fd2);
+int pr_is_epoll_target(int pid1, int fd1, int pid2, int efd, int tfd);
 int pr_pidfd_open(int pid);
 int pr_pidfd_getfd(int pidfd, int fd);
 int pr_setns(int fd, int nstype);

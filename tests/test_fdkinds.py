@@ -74,3 +74,30 @@ def test_directory_fd_and_deleted_file(tmp_path, direct):
         cleanup.run()
         src.kill()
         src.wait(10)
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["prerestore", "cold"])
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-files"])
+def test_epoll_registration_made_by_another_task(tmp_path, direct, cold):
+    """A child's registration in the epoll it shares with its parent (of a socket only the
+    child has, at an fd number that is another file in the parent) is made again from the
+    child, with the child's fd: the parent's waits go on reporting it."""
+    argv = [sys.executable, WORKLOAD_DIR / "epollshare.py"]
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 300, pid=src.pid)
+        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
+                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
+        host = r["restored_host_pid"]
+        cleanup.add(r["namespace_init_pid"], *r["restored_tree"].values())
+        src.wait(10)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, timeout=60, pid=host)
+        assert "BAD" not in open(log).read()
+        assert compare_with_reference(log, argv) >= (it + 300) // 100
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)

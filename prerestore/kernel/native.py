@@ -407,6 +407,14 @@ def same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
                       f"fd {fd1} vs pid {pid2} fd {fd2}"))
 
 
+def is_epoll_target(pid: int, fd: int, epoll_pid: int, efd: int, tfd: int) -> bool:
+    """kcmp(KCMP_EPOLL_TFD): is pid's fd the file registered as tfd in epoll_pid's epoll efd?
+    (An epoll shared by several processes holds registrations made from any of them, by
+    their own fd numbers.)"""
+    return bool(check(lib.pr_is_epoll_target(pid, fd, epoll_pid, efd, tfd),
+                      "kcmp(KCMP_EPOLL_TFD)", pid, f"fd {fd} vs pid {epoll_pid} epoll {efd}"))
+
+
 def pidfd_open(pid: int) -> int:
     return check(lib.pr_pidfd_open(pid), "pidfd_open", pid)
 

@@ -584,16 +584,19 @@ class Husk:
                 os.close(fd)
 
     def _register_epoll(self, state: ProcessState) -> None:
-        """Each epoll made for an image gets its registrations again, in the process that owns
-        it first (the fds it watches are all in place now). A handed-over epoll keeps its
-        registrations, except that a signalfd's wakeups come from the task that registered it
-        (the source): those are registered again from here."""
+        """Each epoll made for an image gets its registrations again (the fds it watches are
+        all in place now): those this process made, listed on its own fd entry of the epoll
+        (an epoll shared between processes: see session.place_epoll_registrations). A
+        handed-over epoll keeps its registrations, except that a signalfd's wakeups come from
+        the task that registered it (the source): those are registered again from here."""
         kinds = {f.fd: f.path for f in state.fds}
         b = self.remote.batch()
         for f in state.fds:
-            if f.same_as or not (f.kind == "epoll" or f.path == "anon_inode:[eventpoll]"):
+            if not (f.kind == "epoll" or f.path == "anon_inode:[eventpoll]"):
                 continue
             handed = f.kind == "handover"
+            if handed and f.same_as:
+                continue
             for tfd, events, data in procfs.EPOLL_ITEM.iter_unpack(f.data):
                 if handed and kinds.get(tfd) != "anon_inode:[signalfd]":
                     continue

@@ -164,6 +164,35 @@ def share_open_files(states: list[ProcessState]) -> None:
                 seen.setdefault(key, []).append((s.pid, f))
 
 
+def place_epoll_registrations(states: list[ProcessState]) -> None:
+    """For an image: an epoll shared by several processes (inherited, or passed) holds the
+    registrations each of them made, by its own fd numbers, and every holder's fdinfo lists
+    them all. Each registration goes to the holder whose fd it is (kcmp KCMP_EPOLL_TFD), on
+    that holder's fd entry of the epoll (data): its husk makes it again, from its own fd."""
+    sharing: dict[tuple[int, int], list[tuple[ProcessState, FileDescriptor]]] = {}
+    for s in states:
+        for f in s.fds:
+            if f.kind == "epoll":
+                sharing.setdefault(f.same_as or (s.pid, f.fd), []).append((s, f))
+    for (pid, efd), holders in sharing.items():
+        holders.sort(key=lambda h: (h[1].same_as is not None, h[0].pid != pid))  # owner first
+        items = list(procfs.EPOLL_ITEM.iter_unpack(holders[0][1].data))
+        placed: dict[int, list[tuple]] = {id(f): [] for _, f in holders}
+        for item in items:
+            tfd = item[0]
+            for s, f in holders:
+                if native.is_epoll_target(s.pid, tfd, pid, efd, tfd):
+                    placed[id(f)].append(item)
+                    break
+            else:
+                raise UnsupportedState(
+                    f"pid {pid} epoll fd {efd}: the file registered as fd {tfd} is not open "
+                    "under that number in any process holding the epoll (closed since, or "
+                    "registered by a process that let the epoll go): not carried")
+        for _, f in holders:
+            f.data = b"".join(procfs.EPOLL_ITEM.pack(*i) for i in placed[id(f)])
+
+
 def capture_pipes(states: list[ProcessState]) -> None:
     """For an image: the capacity of each pipe on every fd of it, and the bytes queued in it
     (peeked, not taken) on its first fd in the tree."""
@@ -381,6 +410,8 @@ class SourceSession:
             states = [p.collect_state(layouts[p.pid], statuses[p.pid], inside[p.pid],
                                       self.direct) for p in procs]
             share_open_files(states)
+            if not self.direct:           # handed over, an epoll keeps its registrations
+                place_epoll_registrations(states)
             capture_pipes(states)
             capture_sockets(states, self.repaired, self.external_unix)
             states = [self._to_ns(s) for s in states]
