@@ -46,10 +46,13 @@ def test_eventfd_timerfd_signalfd_epoll(tmp_path, direct, cold):
         src.wait(10)
 
 
+@pytest.mark.parametrize("cold", [False, True], ids=["prerestore", "cold"])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-files"])
-def test_directory_fd_and_deleted_file(tmp_path, direct):
-    """A directory fd (reopened by path) and a file deleted while open (its content carried
-    in the image and recreated unlinked, at the same offset)."""
+def test_files_directories_and_devices(tmp_path, direct, cold):
+    """Regular files reopened by path with their offset and flags (O_APPEND included; the
+    file keeps its mode), a directory fd, a file deleted while open (its content carried in
+    the image and recreated unlinked, at the same offset), /dev/zero, /dev/urandom,
+    /dev/null."""
     work = tmp_path / "dir"
     work.mkdir()
     argv = [sys.executable, WORKLOAD_DIR / "files.py", work]
@@ -58,7 +61,7 @@ def test_directory_fd_and_deleted_file(tmp_path, direct):
     cleanup = Cleanup()
     try:
         wait_for_iteration(log, 300, pid=src.pid)
-        r = migrate(src.pid, direct=direct, work_dir=str(tmp_path / "images"),
+        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
                     policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
         host = r["restored_host_pid"]
         cleanup.add(r["namespace_init_pid"], host)
