@@ -4,8 +4,10 @@
 every registered fd with its events and data)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import stat
 import sys
 
 import pytest
@@ -69,6 +71,78 @@ def test_directory_fd_and_deleted_file(tmp_path, direct):
         ref = tmp_path / "ref"
         ref.mkdir()
         assert compare_with_reference(log, [sys.executable, WORKLOAD_DIR / "files.py", ref]) \
+            >= (it + 300) // 100
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["prerestore", "cold"])
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-files"])
+def test_fifos_with_queued_data(tmp_path, direct, cold):
+    """Named FIFOs between a parent and its child, read-only, write-only and read-write ends,
+    one shared by both processes (inherited, and opened again by the child), one deleted while
+    open, all with messages queued at any moment: handed over on one host, reopened at their
+    path (their queued bytes written in once) through images."""
+    work = tmp_path / "dir"
+    work.mkdir()
+    argv = [sys.executable, WORKLOAD_DIR / "fifos.py", work]
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 300, pid=src.pid)
+        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
+                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
+        host = r["restored_host_pid"]
+        cleanup.add(r["namespace_init_pid"], host)
+        src.wait(10)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, timeout=60, pid=host)
+        assert "BAD" not in open(log).read()
+        ref = tmp_path / "ref"
+        ref.mkdir()
+        assert compare_with_reference(log, [sys.executable, WORKLOAD_DIR / "fifos.py", ref]) \
+            >= (it + 300) // 100
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)
+
+
+def test_fifos_made_again_from_an_image(tmp_path):
+    """As between hosts: `dump` writes the image and kills the tree (its FIFOs empty out, as a
+    FIFO keeps nothing once nobody holds it); the FIFOs are removed; `restore` makes them again
+    with their mode and owner and writes the queued messages back in. Nothing lost or doubled."""
+    from migration import prerestore
+    work = tmp_path / "dir"
+    work.mkdir()
+    argv = [sys.executable, WORKLOAD_DIR / "fifos.py", work]
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 300, pid=src.pid)
+        os.chown(work / "up", 4242, 4343)
+        images = tmp_path / "final"
+        prerestore("dump", "-t", src.pid, "-D", images)
+        src.wait(10)
+        for name in ("down", "up", "loop"):
+            (work / name).unlink()
+        out = prerestore("restore", "-D", images, "--json", tmp_path / "r.json")
+        fin = json.loads((tmp_path / "r.json").read_text())["finalize"]
+        cleanup.add(fin["init_pid"], fin["host_pid"])
+        assert "running" in out.stdout
+        st = os.stat(work / "up")
+        assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+        assert (st.st_uid, st.st_gid) == (4242, 4343)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, timeout=60, pid=fin["host_pid"])
+        assert "BAD" not in open(log).read()
+        ref = tmp_path / "ref"
+        ref.mkdir()
+        assert compare_with_reference(log, [sys.executable, WORKLOAD_DIR / "fifos.py", ref]) \
             >= (it + 300) // 100
     finally:
         cleanup.run()

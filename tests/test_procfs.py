@@ -244,3 +244,25 @@ def test_describe_closed_fd_raises_process_gone():
     os.close(fd)
     with pytest.raises(ProcessGone):
         procfs.describe_fd(os.getpid(), fd)
+
+
+def test_describe_fifo(tmp_path, fds):
+    """A named FIFO is named as one (a pipe is not), with its mode, owner and identity; a FIFO
+    deleted while open says so (its path without the suffix)."""
+    import msgpack
+    path = tmp_path / "a fifo"
+    os.mkfifo(path, 0o640)
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    fds.append(fd)
+    what, desc = procfs.describe_fd(os.getpid(), fd)
+    assert (what, desc) == (f"fifo {path}", None)
+    f = procfs.describe_fifo(os.getpid(), fd, str(path), os.O_RDWR)
+    st = os.stat(path)
+    assert (f.kind, f.path, f.dev_inode) == ("fifo", str(path), (st.st_dev, st.st_ino))
+    assert msgpack.unpackb(f.data) == {"mode": 0o640, "uid": st.st_uid, "gid": st.st_gid,
+                                       "deleted": False, "queued": b""}
+    path.unlink()
+    what, _ = procfs.describe_fd(os.getpid(), fd)
+    assert what == f"fifo {path} (deleted)"
+    f = procfs.describe_fifo(os.getpid(), fd, what[len("fifo "):], os.O_RDWR)
+    assert f.path == str(path) and msgpack.unpackb(f.data)["deleted"] is True

@@ -8,6 +8,8 @@ import stat as stat_mod
 import struct
 from typing import NamedTuple
 
+import msgpack
+
 from ..errors import ProcessGone
 from ..model import (Credentials, FileDescriptor, MmFields, Vma, PROT_READ, PROT_WRITE,
                      PROT_EXEC)
@@ -205,6 +207,21 @@ def describe_anon(pid: int, fd: int, what: str) -> FileDescriptor | None:
     return FileDescriptor(fd, kind, what, flags, 0, data=b"".join(items))
 
 
+def describe_fifo(pid: int, fd: int, path: str, flags: int) -> FileDescriptor:
+    """A named FIFO: its path, and in data (msgpack) its mode and owner, to make it again where
+    it is missing, and whether it was deleted while open (then the restorer makes a FIFO of its
+    own and unlinks it). The bytes queued in it and its capacity are added once the tree is
+    frozen (session.capture_pipes)."""
+    st = os.stat(f"/proc/{pid}/fd/{fd}")
+    deleted = st.st_nlink == 0
+    if deleted and path.endswith(" (deleted)"):
+        path = path[:-len(" (deleted)")]
+    meta = {"mode": stat_mod.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+            "deleted": deleted, "queued": b""}
+    return FileDescriptor(fd, "fifo", path, flags, 0, (st.st_dev, st.st_ino),
+                          data=msgpack.packb(meta, use_bin_type=True))
+
+
 DELETED_MAX = 64 << 20      # the most content of a deleted file an image carries
 
 
@@ -242,6 +259,8 @@ def describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None]:
         st = os.stat(f"/proc/{pid}/fd/{fd}")
     except (FileNotFoundError, ProcessLookupError):
         return target, None
+    if stat_mod.S_ISFIFO(st.st_mode) and not target.startswith("pipe:"):
+        return f"fifo {target}", None
     if target.endswith(" (deleted)"):
         return f"deleted file {target[:-10]}", None
     if stat_mod.S_ISREG(st.st_mode) and target.startswith("/"):

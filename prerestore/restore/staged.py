@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import stat
 import struct
 import tempfile
 import time
@@ -73,6 +74,80 @@ def _to_make(states: list[ProcessState], kinds: tuple[str, ...], made: dict):
                 made[(s.pid, f.fd)] = made[f.same_as]
                 continue
             yield s, f
+
+
+def fd_data(f: FileDescriptor, where: str, fields: dict[str, type]) -> dict:
+    """The msgpack map an fd of these kinds carries in `data`, checked field by field: a
+    corrupt one is an ImageError that names the field."""
+    try:
+        m = msgpack.unpackb(f.data, raw=False)
+    except Exception as e:
+        raise ImageError(f"{where}: corrupt {f.kind} state ({e})") from None
+    if not isinstance(m, dict):
+        raise ImageError(f"{where}: corrupt {f.kind} state (not a map)")
+    for name, kind in fields.items():
+        if not isinstance(m.get(name), kind):
+            raise ImageError(f"{where}: corrupt {f.kind} state: field {name!r} is "
+                             f"{type(m.get(name)).__name__}, expected {kind.__name__}")
+    return m
+
+
+FIFO_FIELDS = {"mode": int, "uid": int, "gid": int, "deleted": bool, "queued": bytes}
+
+
+def make_fifos(states: list[ProcessState], made: dict) -> None:
+    """Named FIFOs: opened at their path (made with mkfifo, with their mode and owner, where
+    missing; a FIFO deleted while open is made beside where it was and unlinked at once), each
+    open file description of the tree opened anew in its mode, the queued bytes written in once
+    per FIFO. A FIFO that already holds them is left as it is: on the same host it is the very
+    FIFO the frozen source still holds open, with its bytes in it."""
+    holders: dict[tuple[int, int], int] = {}
+    for s, f in _to_make(states, ("fifo",), made):
+        where = f"pid {s.pid} fd {f.fd}: FIFO {f.path}"
+        holder = holders.get(f.dev_inode)
+        if holder is None:
+            meta = fd_data(f, where, FIFO_FIELDS)
+            holder = holders[f.dev_inode] = _open_fifo(f.path, meta, where)
+            made[("fifo", holder)] = holder                 # closed with the rest
+            try:
+                if f.offset and fcntl.fcntl(holder, fcntl.F_GETPIPE_SZ) != f.offset:
+                    fcntl.fcntl(holder, fcntl.F_SETPIPE_SZ, f.offset)
+                queued = meta["queued"]
+                if queued and not native.pipe_peek(holder, max(f.offset, len(queued))
+                                                   ).startswith(queued):
+                    if os.write(holder, queued) != len(queued):
+                        raise RestoreError(f"{where}: could not queue its {len(queued)} bytes")
+            except OSError as e:
+                raise RestoreError(f"{where}: cannot give it its {f.offset} bytes of capacity "
+                                   f"and {len(meta['queued'])} queued bytes ({e})") from None
+        mode = f.flags & (os.O_ACCMODE | os.O_PATH | os.O_APPEND)
+        fd = os.open(f"/proc/self/fd/{holder}", mode | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not f.flags & os.O_PATH:
+            fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & (os.O_NONBLOCK | os.O_APPEND))
+        made[(s.pid, f.fd)] = fd
+
+
+def _open_fifo(path: str, meta: dict, where: str) -> int:
+    """Our own read-write fd of the FIFO at path (O_RDWR never waits for a peer), made first
+    if missing, or, for a FIFO deleted while open, a new one made beside it and unlinked."""
+    if meta["deleted"]:
+        where_dir = os.path.dirname(path)
+        path = os.path.join(where_dir if os.path.isdir(where_dir) else "/tmp",
+                            f".prerestore-fifo-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        if meta["deleted"] or not os.path.lexists(path):
+            os.mkfifo(path, 0o600)
+            os.chown(path, meta["uid"], meta["gid"])
+            os.chmod(path, meta["mode"])
+        elif not stat.S_ISFIFO(os.lstat(path).st_mode):
+            raise RestoreError(f"{where}: {path} is not a FIFO here")
+        try:
+            return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        finally:
+            if meta["deleted"]:
+                os.unlink(path)
+    except OSError as e:
+        raise RestoreError(f"{where}: cannot open or make it ({e})") from None
 
 
 def make_deleted_files(states: list[ProcessState], made: dict) -> None:
@@ -361,6 +436,7 @@ class StagedTree:
                 make_anon(final.states, made)
                 make_tcp(final.states, made)
                 make_deleted_files(final.states, made)
+                make_fifos(final.states, made)
                 state_stats = [self.husks[s.pid].apply_state(
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
                     made) for s in final.states]

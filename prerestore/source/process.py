@@ -55,7 +55,8 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
             continue       # carried when its other end is in the tree (see inner_ends)
         if desc is None and what in procfs.CARRIED_ANON and not same_host:
             continue       # made anew by the restorer
-        if desc is None and what.startswith(("directory ", "deleted file ")) and not same_host:
+        if desc is None and what.startswith(("directory ", "deleted file ", "fifo ")) and \
+                not same_host:
             continue       # reopened / recreated from the image
         if desc is None and not (same_host and procfs.can_hand_over(pid, fd, what)):
             problems.append(f"fd {fd}: {what} (unsupported file kind"
@@ -293,6 +294,8 @@ class ProcessSource:
                     desc = procfs.describe_anon(pid, fd, what)
                 elif not direct and what.startswith("directory "):
                     desc = FileDescriptor(fd, "dir", what[len("directory "):], flags, 0)
+                elif not direct and what.startswith("fifo "):
+                    desc = procfs.describe_fifo(pid, fd, what[len("fifo "):], flags)
                 elif not direct and what.startswith("deleted file "):
                     desc = procfs.describe_deleted(pid, fd, what[len("deleted file "):],
                                                    flags)

@@ -128,8 +128,8 @@ def share_open_files(states: list[ProcessState]) -> None:
     seen: dict[tuple, list[tuple[int, FileDescriptor]]] = {}
     for s in states:
         for f in sorted(s.fds, key=lambda f: f.fd):
-            if f.kind not in ("file", "chr", "dir", "deleted", "pipe", "unix", "tcp", "udp",
-                              "eventfd", "timerfd", "signalfd", "epoll"):
+            if f.kind not in ("file", "chr", "dir", "deleted", "pipe", "fifo", "unix", "tcp",
+                              "udp", "eventfd", "timerfd", "signalfd", "epoll"):
                 continue
             key = (f.kind, f.dev_inode, f.offset, f.flags & ~0o2000000)  # O_CLOEXEC: per fd
             for pid, first in seen.get(key, []):
@@ -161,6 +161,46 @@ def capture_pipes(states: list[ProcessState]) -> None:
                     f.data = native.pipe_peek(peek, f.offset)
             finally:
                 os.close(peek)
+
+
+def capture_fifos(states: list[ProcessState]) -> None:
+    """For an image: each named FIFO's capacity (on every fd of it) and the bytes queued in it
+    (peeked, not taken; on its first fd in the tree). They are peeked through a copy of a
+    readable fd of the tree where there is one; else through an open of our own, a reader for
+    a moment (which could let a writer outside the tree, waiting in open(2), go on)."""
+    by_fifo: dict[tuple[int, int], list[tuple[int, FileDescriptor]]] = {}
+    for s in states:
+        for f in s.fds:
+            if f.kind == "fifo":
+                by_fifo.setdefault(f.dev_inode, []).append((s.pid, f))
+    for fds in by_fifo.values():
+        readable = [(pid, f) for pid, f in fds if f.flags & os.O_ACCMODE != os.O_WRONLY and
+                    not f.flags & os.O_PATH]
+        pid, f = (readable or fds)[0]
+        try:
+            if readable:
+                pidfd = native.pidfd_open(pid)
+                try:
+                    peek = native.pidfd_getfd(pidfd, f.fd, pid)
+                finally:
+                    os.close(pidfd)
+            else:
+                peek = os.open(f"/proc/{pid}/fd/{f.fd}", os.O_RDONLY | os.O_NONBLOCK |
+                               os.O_CLOEXEC)
+        except OSError as e:
+            raise UnsupportedState(f"pid {pid} fd {f.fd}: FIFO {f.path}: cannot read what is "
+                                   f"queued in it ({e})") from None
+        try:
+            capacity = fcntl.fcntl(peek, fcntl.F_GETPIPE_SZ)
+            queued = native.pipe_peek(peek, capacity)
+        finally:
+            os.close(peek)
+        for _, g in fds:
+            g.offset = capacity
+        first = fds[0][1]
+        meta = msgpack.unpackb(first.data, raw=False)
+        meta["queued"] = queued
+        first.data = msgpack.packb(meta, use_bin_type=True)
 
 
 def capture_sockets(states: list[ProcessState], repaired: list[socket.socket]) -> None:
@@ -404,6 +444,7 @@ class SourceSession:
                                       self.direct) for p in procs]
             share_open_files(states)
             capture_pipes(states)
+            capture_fifos(states)
             capture_sockets(states, self.repaired)
             states = [self._to_ns(s) for s in states]
             t_state = time.monotonic()
