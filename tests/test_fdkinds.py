@@ -1,15 +1,18 @@
-"""Kernel objects a process lives on — eventfd, timerfd, signalfd, epoll with its registrations
-— carried on one host (the same objects handed over) and through image files as between hosts
-(made anew from what /proc/PID/fdinfo says: counter, timer settings and ticks, signal mask,
-every registered fd with its events and data)."""
+"""Kernel objects a process lives on — eventfd, timerfd, signalfd, epoll with its registrations,
+named FIFOs with queued data, inotify instances with their watches — carried on one host (the
+same objects handed over) and through image files as between hosts (made anew from what
+/proc/PID/fdinfo says: counter, timer settings and ticks, signal mask, every registered fd with
+its events and data, every watch with its wd and mask and the path of its inode)."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 import stat
+import struct
 import sys
 
+import msgpack
 import pytest
 
 from migration import Cleanup, needs_root, wait_for_line
@@ -17,6 +20,7 @@ from workloads import (WORKLOAD_DIR, compare_with_reference, last_iteration, sta
                        wait_for_iteration)
 
 from prerestore.migrate import migrate
+from prerestore.model import FileDescriptor, ProcessState
 from prerestore.policy import ConvergencePolicy
 
 pytestmark = needs_root
@@ -148,3 +152,86 @@ def test_fifos_made_again_from_an_image(tmp_path):
         cleanup.run()
         src.kill()
         src.wait(10)
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["prerestore", "cold"])
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-files"])
+def test_inotify_watches_keep_their_wds(tmp_path, direct, cold):
+    """Two inotify instances whose wds have gaps, watching files and directories: handed over
+    on one host (events queued in them too), through images watched again at the same paths
+    with the same wds. The workload checks the wd and name of every event it causes after the
+    move. Events queued and unread at the freeze are not carried through images: at most the
+    one turn the freeze cut is done again."""
+    work = tmp_path / "dir"
+    work.mkdir()
+    argv = [sys.executable, WORKLOAD_DIR / "inotifywatch.py", work]
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 300, pid=src.pid)
+        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
+                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
+        host = r["restored_host_pid"]
+        cleanup.add(r["namespace_init_pid"], host)
+        src.wait(10)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, timeout=60, pid=host)
+        text = open(log).read()
+        assert "BAD" not in text
+        assert text.count("LOST") <= (0 if direct else 1)
+        ref = tmp_path / "ref"
+        ref.mkdir()
+        assert compare_with_reference(
+            log, [sys.executable, WORKLOAD_DIR / "inotifywatch.py", ref]) >= (it + 300) // 100
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)
+
+
+def _state_with(*fds: FileDescriptor) -> ProcessState:
+    return ProcessState(pid=7, comm="x", exe="/x", cwd="/", umask=0o22, mm=None, auxv=b"",
+                        rlimits={}, sigactions={}, fds=list(fds), threads=[])
+
+
+def test_inotify_made_with_the_same_wds(tmp_path):
+    """The restorer's inotify instance has the source's wds, gaps included, and nothing queued
+    (the IN_IGNORED of the watches that filled the gaps are read away)."""
+    import fcntl
+    import termios
+    from prerestore.kernel import procfs
+    from prerestore.restore.staged import make_inotify
+    (tmp_path / "f").write_text("")
+    watches = [[2, 0x100, str(tmp_path)], [5, 0x2 | 0x80000000, str(tmp_path / "f")]]
+    f = FileDescriptor(4, "inotify", procfs.INOTIFY, os.O_NONBLOCK, 0,
+                       data=msgpack.packb(watches))
+    made: dict = {}
+    make_inotify([_state_with(f)], made)
+    fd = made[(7, 4)]
+    try:
+        got = procfs.parse_inotify_watches(open(f"/proc/self/fdinfo/{fd}").read())
+        assert [(w["wd"], w["mask"]) for w in got] == [(2, 0x100), (5, 0x2 | 0x80000000)]
+        assert struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0] == 0
+        assert os.get_blocking(fd) is False
+        (tmp_path / "f").write_text("x")
+        assert struct.unpack_from("=iI", os.read(fd, 4096)) == (5, 0x2)
+    finally:
+        os.close(fd)
+    assert not [p for p in os.listdir("/tmp") if p.startswith(".prerestore-inotify-")]
+
+
+@pytest.mark.parametrize("kind,data,field", [
+    ("inotify", b"\xc1", "corrupt inotify watches"),
+    ("inotify", msgpack.packb([[3, 2, "/a"], [3, 2, "/b"]]), "inotify watch 1"),
+    ("inotify", msgpack.packb([["1", 2, "/a"]]), "inotify watch 0"),
+    ("fifo", b"\xc1", "corrupt fifo state"),
+    ("fifo", msgpack.packb({"mode": 0o600, "uid": 0, "gid": 0, "deleted": False}),
+     "field 'queued'"),
+])
+def test_corrupt_object_state_is_an_image_error(kind, data, field):
+    from prerestore.errors import ImageError
+    from prerestore.restore.staged import make_fifos, make_inotify
+    f = FileDescriptor(4, kind, "/nowhere/fifo", os.O_RDONLY, 0, data=data)
+    with pytest.raises(ImageError, match=field):
+        (make_inotify if kind == "inotify" else make_fifos)([_state_with(f)], {})

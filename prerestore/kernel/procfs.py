@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 import msgpack
 
-from ..errors import ProcessGone
+from ..errors import ProcessGone, UnsupportedState
+from . import native
 from ..model import (Credentials, FileDescriptor, MmFields, Vma, PROT_READ, PROT_WRITE,
                      PROT_EXEC)
 
@@ -222,13 +223,107 @@ def describe_fifo(pid: int, fd: int, path: str, flags: int) -> FileDescriptor:
                           data=msgpack.packb(meta, use_bin_type=True))
 
 
+INOTIFY = "anon_inode:inotify"
+IN_DONT_FOLLOW, IN_MASK_ADD, IN_MASK_CREATE = 0x02000000, 0x20000000, 0x10000000
+
+
+def parse_inotify_watches(fdinfo_text: str) -> list[dict]:
+    """The "inotify wd:... ino:... sdev:... mask:... fhandle-type:... f_handle:..." lines of an
+    inotify fd's fdinfo (numbers in hex, sdev a kernel dev_t: major << 20 | minor), by wd."""
+    out = []
+    for line in fdinfo_text.splitlines():
+        if not line.startswith("inotify "):
+            continue
+        f = dict(item.split(":", 1) for item in line.split()[1:] if ":" in item)
+        sdev = int(f["sdev"], 16)
+        out.append({"wd": int(f["wd"], 16), "ino": int(f["ino"], 16),
+                    "dev": os.makedev(sdev >> 20, sdev & 0xFFFFF), "mask": int(f["mask"], 16),
+                    "handle_type": int(f["fhandle-type"], 16),
+                    "handle": bytes.fromhex(f["f_handle"])})
+    return sorted(out, key=lambda w: w["wd"])
+
+
+def _unescape_mount_path(field: str) -> str:
+    r"""mountinfo escapes space, tab, newline and backslash as \ooo (octal)."""
+    raw = field.encode(errors="surrogateescape")
+    out, i = bytearray(), 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 3 < len(raw) and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode(errors="surrogateescape")
+
+
+def mounts_by_device(pid: int) -> dict[int, list[tuple[str, str]]]:
+    """The process's mounts by device: [(root of the mount in its filesystem, mount point)]."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    for line in _read(pid, "mountinfo").decode(errors="surrogateescape").splitlines():
+        f = line.split()
+        major, minor = f[2].split(":")
+        out.setdefault(os.makedev(int(major), int(minor)), []).append(
+            (_unescape_mount_path(f[3]), _unescape_mount_path(f[4])))
+    return out
+
+
+def watched_path(pid: int, watch: dict, mounts: dict[int, list[tuple[str, str]]]) -> str:
+    """The path of the inode an inotify watch is on: its file handle opened through a mount of
+    its filesystem (a mount of the whole filesystem first), the path the kernel gives that
+    open file, checked to lead to that very inode."""
+    candidates = sorted(mounts.get(watch["dev"], []), key=lambda m: m[0] != "/")
+    for _, mount_point in candidates:
+        try:
+            mount_fd = os.open(f"/proc/{pid}/root{mount_point}", os.O_RDONLY | os.O_DIRECTORY |
+                               os.O_CLOEXEC)      # (open_by_handle_at refuses an O_PATH one)
+        except OSError:
+            continue
+        try:
+            fd = native.open_by_handle(mount_fd, watch["handle_type"], watch["handle"],
+                                       os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        finally:
+            os.close(mount_fd)
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        if (st.st_dev, st.st_ino) == (watch["dev"], watch["ino"]):
+            return path
+    raise UnsupportedState(
+        f"inotify watch {watch['wd']} is on inode {watch['ino']} of device "
+        f"{os.major(watch['dev'])}:{os.minor(watch['dev'])}, which no path leads to (deleted, "
+        "not reachable through a mount, or its name is no longer cached)")
+
+
+def describe_inotify(pid: int, fd: int, flags: int) -> FileDescriptor:
+    """An inotify instance: data is its watches as msgpack [[wd, mask, path], ...] by wd, each
+    watched inode found again by path (watched_path). Events queued in it are not carried."""
+    watches = parse_inotify_watches(_read(pid, f"fdinfo/{fd}").decode(errors="replace"))
+    mounts = mounts_by_device(pid) if watches else {}
+    items = []
+    for w in watches:
+        try:
+            path = watched_path(pid, w, mounts)
+        except UnsupportedState as e:
+            raise UnsupportedState(f"fd {fd}: {e}") from None
+        items.append([w["wd"], w["mask"] & ~(IN_MASK_ADD | IN_MASK_CREATE), path])
+    return FileDescriptor(fd, "inotify", INOTIFY, flags, 0,
+                          data=msgpack.packb(items, use_bin_type=True,
+                                             unicode_errors="surrogateescape"))
+
+
 DELETED_MAX = 64 << 20      # the most content of a deleted file an image carries
 
 
 def describe_deleted(pid: int, fd: int, path: str, flags: int) -> FileDescriptor:
     """A regular file deleted while open: its content travels in the image (data), and the
     restorer makes a new unlinked file of it (offset: the fd's position)."""
-    from ..errors import UnsupportedState
     info = fdinfo(pid, fd)
     src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     try:

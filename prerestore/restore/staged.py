@@ -150,6 +150,47 @@ def _open_fifo(path: str, meta: dict, where: str) -> int:
         raise RestoreError(f"{where}: cannot open or make it ({e})") from None
 
 
+def make_inotify(states: list[ProcessState], made: dict) -> None:
+    """inotify instances with their watches, at the paths the source's watched inodes had and
+    with the same wds (see native.make_inotify), nothing queued (events the source had not
+    read yet are not carried); added to `made` like pipes."""
+    todo = list(_to_make(states, ("inotify",), made))
+    if not todo:
+        return
+    spare = tempfile.mkdtemp(prefix=".prerestore-inotify-")   # takes the wds nobody had
+    try:
+        for s, f in todo:
+            where = f"pid {s.pid} fd {f.fd}: inotify"
+            watches = _inotify_watches(f, where)
+            try:
+                fd = native.make_inotify(os.O_CLOEXEC | (f.flags & os.O_NONBLOCK), spare,
+                                         [(wd, mask | procfs.IN_DONT_FOLLOW, path)
+                                          for wd, mask, path in watches])
+            except OSError as e:
+                raise RestoreError(f"{where}: cannot watch again what it watched: {e}") from None
+            made[(s.pid, f.fd)] = fd
+    finally:
+        os.rmdir(spare)
+
+
+def _inotify_watches(f: FileDescriptor, where: str) -> list[tuple[int, int, str]]:
+    try:
+        items = msgpack.unpackb(f.data, raw=False, unicode_errors="surrogateescape")
+    except Exception as e:
+        raise ImageError(f"{where}: corrupt inotify watches ({e})") from None
+    last = 0
+    if not isinstance(items, list):
+        raise ImageError(f"{where}: corrupt inotify watches (not a list)")
+    for i, w in enumerate(items):
+        if not (isinstance(w, list) and len(w) == 3 and isinstance(w[0], int) and
+                isinstance(w[1], int) and isinstance(w[2], str) and w[0] > last and
+                0 <= w[1] < 1 << 32):
+            raise ImageError(f"{where}: corrupt inotify watch {i} ({w!r}): expected "
+                             "[wd, mask, path] with wds ascending")
+        last = w[0]
+    return [tuple(w) for w in items]
+
+
 def make_deleted_files(states: list[ProcessState], made: dict) -> None:
     """Files deleted while open: a new file with the carried content, in the directory the
     old one was in (or /tmp if that is gone), opened as the source had it and unlinked."""
@@ -437,6 +478,7 @@ class StagedTree:
                 make_tcp(final.states, made)
                 make_deleted_files(final.states, made)
                 make_fifos(final.states, made)
+                make_inotify(final.states, made)
                 state_stats = [self.husks[s.pid].apply_state(
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
                     made) for s in final.states]

@@ -55,6 +55,12 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
             continue       # carried when its other end is in the tree (see inner_ends)
         if desc is None and what in procfs.CARRIED_ANON and not same_host:
             continue       # made anew by the restorer
+        if desc is None and what == procfs.INOTIFY and not same_host:
+            try:
+                procfs.describe_inotify(pid, fd, 0)     # every watch must have a path
+            except UnsupportedState as e:
+                problems.append(str(e))
+            continue
         if desc is None and what.startswith(("directory ", "deleted file ", "fifo ")) and \
                 not same_host:
             continue       # reopened / recreated from the image
@@ -294,6 +300,8 @@ class ProcessSource:
                     desc = procfs.describe_anon(pid, fd, what)
                 elif not direct and what.startswith("directory "):
                     desc = FileDescriptor(fd, "dir", what[len("directory "):], flags, 0)
+                elif not direct and what == procfs.INOTIFY:
+                    desc = procfs.describe_inotify(pid, fd, flags)
                 elif not direct and what.startswith("fifo "):
                     desc = procfs.describe_fifo(pid, fd, what[len("fifo "):], flags)
                 elif not direct and what.startswith("deleted file "):
