@@ -15,6 +15,7 @@
 #include <sched.h>
 #include <sys/inotify.h>
 #include <sys/ioctl.h>
+#include <termios.h>
 #include <sys/prctl.h>
 #include <sys/mman.h>
 #include <sys/ptrace.h>

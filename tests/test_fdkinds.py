@@ -19,6 +19,7 @@ from migration import Cleanup, needs_root, wait_for_line
 from workloads import (WORKLOAD_DIR, compare_with_reference, last_iteration, start_workload,
                        wait_for_iteration)
 
+from prerestore.errors import UnsupportedState
 from prerestore.migrate import migrate
 from prerestore.model import FileDescriptor, ProcessState
 from prerestore.policy import ConvergencePolicy
@@ -235,3 +236,143 @@ def test_corrupt_object_state_is_an_image_error(kind, data, field):
     f = FileDescriptor(4, kind, "/nowhere/fifo", os.O_RDONLY, 0, data=data)
     with pytest.raises(ImageError, match=field):
         (make_inotify if kind == "inotify" else make_fifos)([_state_with(f)], {})
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["prerestore", "cold"])
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-files"])
+def test_pty_pair_with_a_session_and_a_foreground_job(tmp_path, direct, cold):
+    """A pty pair whose master the root holds and whose slave is the controlling terminal of
+    a session of the tree, with a job in the foreground: made anew (on one host too) with its
+    settings, window size, the bytes waiting in it both ways, the session's controlling
+    terminal and its foreground group. The workload checks echo, line editing and raw mode
+    through the line discipline after the move, and that the job still is the foreground
+    group of its controlling terminal and never saw a SIGWINCH."""
+    argv = [sys.executable, WORKLOAD_DIR / "pty.py"]
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 200, pid=src.pid)
+        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
+                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
+        host = r["restored_host_pid"]
+        cleanup.add(r["namespace_init_pid"], host)
+        src.wait(10)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, timeout=60, pid=host)
+        assert "BAD" not in open(log).read()
+        assert compare_with_reference(log, argv) >= (it + 300) // 100
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)
+
+
+@pytest.fixture
+def host_terminal():
+    """A pty pair of the test's own, standing for a terminal outside the tree: (master fd,
+    slave path)."""
+    master, slave = os.openpty()
+    path = os.ttyname(slave)
+    os.close(slave)
+    os.set_blocking(master, False)
+    yield master, path
+    os.close(master)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-files"])
+def test_a_controlling_terminal_outside_the_tree_is_refused(tmp_path, host_terminal, direct):
+    """A session of the tree whose controlling terminal is held outside the tree (its master
+    is not in the tree) cannot move, even on one host: refused by name before freezing."""
+    _, path = host_terminal
+    log = tmp_path / "out.log"
+    src = start_workload([sys.executable, WORKLOAD_DIR / "termuser.py", "ctty", path], log)
+    try:
+        wait_for_iteration(log, 100, pid=src.pid)
+        with pytest.raises(UnsupportedState, match=f"leads a session whose controlling terminal "
+                                                   f"{path} has its master outside the tree"):
+            migrate(src.pid, direct=direct, work_dir=str(tmp_path / "images"))
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 100, pid=src.pid)         # untouched
+    finally:
+        src.kill()
+        src.wait(10)
+
+
+def test_a_terminal_outside_the_tree_is_handed_over_on_one_host(tmp_path, host_terminal):
+    """An fd of a terminal outside the tree that is not its controlling terminal: handed over
+    as it is on one host (the restored process writes on), refused in an image for another
+    host (a terminal cannot move)."""
+    master, path = host_terminal
+    log = tmp_path / "out.log"
+    src = start_workload([sys.executable, WORKLOAD_DIR / "termuser.py", "fd", path], log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 100, pid=src.pid)
+        with pytest.raises(UnsupportedState, match=f"{path} is a terminal whose master is not "
+                                                   "in the tree"):
+            migrate(src.pid, direct=False, work_dir=str(tmp_path / "images"))
+        r = migrate(src.pid, direct=True, work_dir=str(tmp_path / "images"),
+                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
+        host = r["restored_host_pid"]
+        cleanup.add(r["namespace_init_pid"], host)
+        src.wait(10)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, pid=host)
+        seen = b""
+        while True:
+            try:
+                seen += os.read(master, 65536)
+            except BlockingIOError:
+                break
+        assert b"tick %d\r\n" % (it + 200) in seen         # written after the move
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)
+
+
+def test_a_pty_of_the_tree_used_outside_it_is_refused(tmp_path):
+    """The tree's pty pairs are made anew: a process outside the tree holding the slave would
+    be left with the old pair. Refused by name."""
+    log = tmp_path / "out.log"
+    src = start_workload([sys.executable, WORKLOAD_DIR / "termuser.py", "master"], log)
+    try:
+        wait_for_iteration(log, 100, pid=src.pid)
+        path = open(log).read().split("slave ")[1].split()[0]
+        outside = os.open(path, os.O_RDWR | os.O_NOCTTY)
+        try:
+            for direct in (True, False):
+                with pytest.raises(UnsupportedState, match=f"{path}: pid {os.getpid()} .* "
+                                                           "outside the tree holds its slave"):
+                    migrate(src.pid, direct=direct, work_dir=str(tmp_path / "images"))
+        finally:
+            os.close(outside)
+        wait_for_iteration(log, last_iteration(log) + 100, pid=src.pid)
+    finally:
+        src.kill()
+        src.wait(10)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-files"])
+def test_a_failed_move_puts_the_pty_bytes_back(tmp_path, monkeypatch, direct):
+    """The bytes waiting in the tree's pty pair are read away at the freeze: when the move
+    fails after that, they are queued again and the source goes on as if nothing happened."""
+    from prerestore.errors import RestoreError
+    argv = [sys.executable, WORKLOAD_DIR / "pty.py"]
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    try:
+        wait_for_iteration(log, 100, pid=src.pid)
+        monkeypatch.setenv("PRERESTORE_FAULT", "apply_state")  # inherited by the stage daemon
+        for _ in range(3):
+            with pytest.raises(RestoreError, match="injected fault"):
+                migrate(src.pid, cold=True, direct=direct, work_dir=str(tmp_path / "images"))
+            wait_for_iteration(log, last_iteration(log) + 50, pid=src.pid)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 200, pid=src.pid)
+        assert "BAD" not in open(log).read()
+        assert compare_with_reference(log, argv) >= (it + 200) // 100
+    finally:
+        src.kill()
+        src.wait(10)

@@ -430,3 +430,20 @@ def test_final_round_states_must_match_tasks(tmp_path):
     r.states.pop()
     with pytest.raises(ImageError, match="states do not match"):
         read_round(save(tmp_path / "t", r))
+
+
+def test_controlling_terminal_fields_round_trip_and_are_checked(tmp_path):
+    """A session leader's controlling pty (task) and its foreground group (state) travel;
+    images without them read as none; a field of the wrong type is named."""
+    r = make_round(final=True)
+    r.tasks[0].ctty = 3
+    r.states[0].tty_pgrp = 4243
+    got = read_round(save(tmp_path / "r", r))
+    assert got.tasks[0].ctty == 3 and got.states[0].tty_pgrp == 4243
+    m = encode_round(r)
+    del m["tasks"][0]["ctty"], m["states"][0]["tty_pgrp"]
+    got = decode_round(m)
+    assert got.tasks[0].ctty == -1 and got.states[0].tty_pgrp == 0
+    m["tasks"][0]["ctty"] = "3"
+    with pytest.raises(ImageError, match="'ctty'"):
+        decode_round(m)

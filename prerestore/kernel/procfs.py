@@ -107,10 +107,19 @@ class TreeTask(NamedTuple):
     starttime: int
     exit_signal: int
     exit_code: int
+    tty_nr: int = 0         # its controlling terminal's device number (0: none)
+    tpgid: int = -1         # that terminal's foreground process group
 
     @property
     def zombie(self) -> bool:
         return self.state in ("Z", "X")
+
+    @property
+    def ctty_pty(self) -> int:
+        """The number N of its controlling terminal if that is a pty slave /dev/pts/N, else
+        -1 (no controlling terminal: see tty_nr)."""
+        return os.minor(self.tty_nr) if self.tty_nr and \
+            os.major(self.tty_nr) == PTY_SLAVE_MAJOR else -1
 
 
 def ns_pids(pid: int | str) -> list[int]:
@@ -124,7 +133,7 @@ def ns_pids(pid: int | str) -> list[int]:
 def tree_task(pid: int) -> TreeTask:
     f = stat_fields(pid)
     return TreeTask(pid, int(f[4]), f[3], int(f[5]), int(f[6]), int(f[22]), int(f[38]),
-                    int(f[52]) if len(f) > 52 else 0)
+                    int(f[52]) if len(f) > 52 else 0, int(f[7]), int(f[8]))
 
 
 def tree(root: int) -> list[TreeTask]:
@@ -366,6 +375,26 @@ def describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None]:
     if stat_mod.S_ISDIR(st.st_mode):
         return f"directory {target}", None
     return target, None
+
+
+PTY_SLAVE_MAJOR = 136          # UNIX98 pty slaves: /dev/pts/N is 136:N
+PTMX = (5, 2)                  # /dev/ptmx (and /dev/pts/ptmx): opening it makes a pair
+
+
+def pty_end(pid: int, fd: int) -> tuple[str, int] | None:
+    """("master", N) or ("slave", N) if the fd is an end of the pty pair /dev/pts/N, else None."""
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGone(errno.ESRCH, f"stat /proc/{pid}/fd/{fd}", pid) from None
+    if not stat_mod.S_ISCHR(st.st_mode):
+        return None
+    if os.major(st.st_rdev) == PTY_SLAVE_MAJOR:
+        return "slave", os.minor(st.st_rdev)
+    if (os.major(st.st_rdev), os.minor(st.st_rdev)) == PTMX:
+        number = fdinfo(pid, fd).get("tty-index")
+        return ("master", int(number)) if number is not None else None
+    return None
 
 
 # Kernel objects that live on their own, not tied to the process's mm or task: on the same host

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import socket
 import stat
 import struct
@@ -19,9 +20,9 @@ import msgpack
 
 from ..errors import ImageError, PrerestoreError, ProcessGone, RestoreError
 from ..image import schema
-from ..kernel import native, procfs, tcp
+from ..kernel import native, procfs, tcp, tty
 from ..model import AddressSpaceRound, FileDescriptor, ProcessState, Round
-from .husk import Husk
+from .husk import SIGCHLD, Husk
 
 
 def make_socketpairs(states: list[ProcessState], made: dict) -> None:
@@ -191,6 +192,68 @@ def _inotify_watches(f: FileDescriptor, where: str) -> list[tuple[int, int, str]
     return [tuple(w) for w in items]
 
 
+PTY_KINDS = ("pty-master", "pty-slave")
+
+
+def make_ptys(states: list[ProcessState], made: dict, pairs: dict[int, tuple[int, int]]
+              ) -> list[tuple[int, tty.PtyState]]:
+    """The tree's pty pairs: the pair made when its session leader's husk was (pairs: by the
+    source's pty number, our master fd and the new number), else a new one; the bytes queued
+    in it refilled, its settings, window size and modes given; the tree's master fd is that
+    master, each open file description of the slave a new open of it. Added to `made` like
+    pipes. Returns (master, state) for each, to lock once every husk is done (lock_ptys)."""
+    ends = [(s, f) for s in states for f in sorted(s.fds, key=lambda f: f.fd)
+            if f.kind in PTY_KINDS]
+    firsts: dict[int, tuple[ProcessState, FileDescriptor]] = {}
+    for s, f in ends:
+        if f.kind == "pty-master" and not f.same_as:
+            firsts.setdefault(f.dev_inode[1], (s, f))
+    made_here: dict[int, tuple[int, int | None, tty.PtyState]] = {}
+    for number, (s, f) in firsts.items():
+        where = f"pid {s.pid} fd {f.fd}: pty /dev/pts/{number}"
+        try:
+            st = tty.PtyState.from_map(fd_data(f, where, {}))
+        except ValueError as e:
+            raise ImageError(f"{where}: corrupt pty state: {e}") from None
+        master, _ = pairs.pop(number) if number in pairs else tty.make_pair()
+        made[("pty", master)] = master                       # closed with the rest
+        slave = None
+        try:
+            if st.slave != "never":
+                slave = tty.open_slave(master, os.O_RDWR | os.O_NONBLOCK)
+                made[("pty", slave)] = slave
+            tty.refill(master, slave, st)
+            tty.settle(master, slave, st)
+        except OSError as e:
+            raise RestoreError(f"{where}: cannot give the new pair its state ({e})") from None
+        made_here[number] = (master, slave, st)
+    for s, f in ends:
+        if f.same_as:
+            continue
+        number = f.dev_inode[1]
+        where = f"pid {s.pid} fd {f.fd}: pty /dev/pts/{number}"
+        if number not in made_here:
+            raise ImageError(f"{where}: the image has no master fd of that pty")
+        master, _, _ = made_here[number]
+        if f.kind == "pty-master":
+            if firsts[number][1] is not f:
+                raise RestoreError(f"{where}: a second open file description of a pty master "
+                                   "cannot be made (a master is opened once)")
+            fd = master
+        else:
+            try:
+                fd = tty.open_slave(master, f.flags & os.O_ACCMODE)
+            except OSError as e:
+                raise RestoreError(f"{where}: cannot open the new pair's slave ({e})") from None
+            made[("pty", fd)] = fd
+        fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & os.O_NONBLOCK)
+        made[(s.pid, f.fd)] = fd
+    for s, f in ends:
+        if f.same_as:
+            made[(s.pid, f.fd)] = made[f.same_as]
+    return [(master, st) for master, _, st in made_here.values()]
+
+
 def make_deleted_files(states: list[ProcessState], made: dict) -> None:
     """Files deleted while open: a new file with the carried content, in the directory the
     old one was in (or /tmp if that is gone), opened as the source had it and unlinked."""
@@ -303,6 +366,9 @@ class StagedTree:
     def __init__(self, *, pidns: bool = False):
         self.pidns = pidns
         self.husks: dict[int, Husk] = {}
+        # pty pairs made for session leaders' controlling terminals, by the source's pty
+        # number: (our master fd, the new pair's number); their state is given at finalize
+        self.ptys: dict[int, tuple[int, int]] = {}
         self.applied: list[tuple[str, Round]] = []     # rounds applied so far, oldest first
 
     @property
@@ -396,7 +462,16 @@ class StagedTree:
             self.husks[task.pid] = husk
         if task.sid == task.pid:
             husk.lead_session()            # before it forks anything: they inherit it
+            if task.ctty >= 0:
+                if task.ctty not in self.ptys:
+                    self.ptys[task.ctty] = tty.make_pair()
+                husk.take_ctty(task.ctty, f"/dev/pts/{self.ptys[task.ctty][1]}")
         return husk
+
+    def _close_ptys(self) -> None:
+        for master, _ in self.ptys.values():
+            os.close(master)
+        self.ptys = {}
 
     def _descendants(self, pid: int) -> list[int]:
         out, i = [pid], 0
@@ -469,10 +544,19 @@ class StagedTree:
             self._set_groups(final)
             direct = any(t.pages_from == "pid" for t in final.tasks)
             tree = {pid: h.host_pid for pid, h in self.husks.items()}
+            for t in final.tasks:
+                if self.husks[t.pid].ctty != t.ctty:
+                    raise RestoreError(f"process {t.pid}: its husk has pty {self.husks[t.pid].ctty} "
+                                       f"as controlling terminal, the final image {t.ctty}")
+            # giving a terminal its window size signals its foreground group
+            with_tty = {t.pid for t in final.tasks if t.ctty >= 0}
+            queued_here = {t.pid: (SIGCHLD, signal.SIGWINCH) if t.sid in with_tty else (SIGCHLD,)
+                           for t in final.tasks}
             if before_fds:
                 before_fds()         # e.g. claim the service address its sockets bind to
             made = make_pipes(final.states)
             try:
+                made_ptys = make_ptys(final.states, made, self.ptys)
                 make_socketpairs(final.states, made)
                 make_anon(final.states, made)
                 make_tcp(final.states, made)
@@ -481,10 +565,13 @@ class StagedTree:
                 make_inotify(final.states, made)
                 state_stats = [self.husks[s.pid].apply_state(
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
-                    made) for s in final.states]
+                    made, queued_here[s.pid]) for s in final.states]
+                for master, st in made_ptys:       # once no husk opens a slave any more
+                    tty.lock(master, st)
             finally:
                 for fd in set(made.values()):
                     os.close(fd)
+                self._close_ptys()              # pairs no longer used (their leader gone)
             t_state = time.monotonic()
             for s in final.states:
                 self.husks[s.pid].load_registers(s)
@@ -533,6 +620,7 @@ class StagedTree:
                 h.kill()
         self.husks = {}
         self.applied = []
+        self._close_ptys()
 
 
 def _sum_stats(stats: list[dict]) -> dict:

@@ -6,6 +6,7 @@ The tree-level work (which processes, freezing them all, writing the round) is S
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import time
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
             pass
     for fd in procfs.fd_numbers(pid):
         what, desc = procfs.describe_fd(pid, fd)
+        if desc is None and procfs.pty_end(pid, fd):
+            continue       # the tree's ptys are looked at as a whole (ptys.pty_problems)
         if desc is None and what.startswith(("pipe:", "socket:")) and not same_host:
             continue       # carried when its other end is in the tree (see inner_ends)
         if desc is None and what in procfs.CARRIED_ANON and not same_host:
@@ -64,7 +67,10 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
         if desc is None and what.startswith(("directory ", "deleted file ", "fifo ")) and \
                 not same_host:
             continue       # reopened / recreated from the image
-        if desc is None and not (same_host and procfs.can_hand_over(pid, fd, what)):
+        if desc is None and not same_host and _is_terminal(pid, fd):
+            problems.append(f"fd {fd}: {what} is a terminal of this host: a terminal cannot "
+                            "move")
+        elif desc is None and not (same_host and procfs.can_hand_over(pid, fd, what)):
             problems.append(f"fd {fd}: {what} (unsupported file kind"
                             f"{'' if same_host else ' between hosts'})")
     for v in procfs.maps(pid):
@@ -75,6 +81,25 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
         elif v.path.startswith("/") and v.path.endswith(" (deleted)") and not v.is_shmem:
             problems.append(f"mapping of a deleted file {v.path}")
     return problems
+
+
+def _is_terminal(pid: int, fd: int) -> bool:
+    """Is the fd a terminal? Asked of a copy of it: opening a terminal anew can have effects
+    (a serial line's modem signals)."""
+    try:
+        if not stat.S_ISCHR(os.stat(f"/proc/{pid}/fd/{fd}").st_mode):
+            return False
+        pidfd = native.pidfd_open(pid)
+        try:
+            mine = native.pidfd_getfd(pidfd, fd, pid)
+        finally:
+            os.close(pidfd)
+    except OSError:
+        return False
+    try:
+        return os.isatty(mine)
+    finally:
+        os.close(mine)
 
 
 class ProcessSource:
@@ -291,9 +316,14 @@ class ProcessSource:
         fds = []
         for fd in procfs.fd_numbers(pid):
             what, desc = procfs.describe_fd(pid, fd)
+            end = procfs.pty_end(pid, fd) if desc is None else None
             if desc is None:
                 flags = int(procfs.fdinfo(pid, fd).get("flags", "0"), 8)
-                if not direct and what.startswith("pipe:"):
+                if end is not None:
+                    # made anew if its master is in the tree (session.capture_ptys; else
+                    # handed over on one host)
+                    desc = FileDescriptor(fd, f"pty-{end[0]}", what, flags, 0, (0, end[1]))
+                elif not direct and what.startswith("pipe:"):
                     desc = FileDescriptor(fd, "pipe", what, flags, 0,
                                           (0, int(what[6:-1])))
                 elif not direct and what in procfs.CARRIED_ANON:

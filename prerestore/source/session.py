@@ -25,6 +25,7 @@ from ..kernel import native, procfs, sockdiag, tcp
 from ..kernel.tracee import Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
+from . import ptys
 from .process import ProcessSource, find_unsupported
 
 
@@ -101,7 +102,7 @@ def inner_ends(tasks: list[procfs.TreeTask]) -> list[str]:
 
 def find_tree_unsupported(root: int, same_host: bool = False) -> list[str]:
     tasks = procfs.tree(root)
-    problems = tree_problems(tasks)
+    problems = tree_problems(tasks) + ptys.pty_problems(tasks, same_host)
     if not same_host:
         problems += inner_ends(tasks)
     for t in tasks:
@@ -129,7 +130,8 @@ def share_open_files(states: list[ProcessState]) -> None:
     for s in states:
         for f in sorted(s.fds, key=lambda f: f.fd):
             if f.kind not in ("file", "chr", "dir", "deleted", "pipe", "fifo", "unix", "tcp",
-                              "udp", "eventfd", "timerfd", "signalfd", "epoll", "inotify"):
+                              "udp", "eventfd", "timerfd", "signalfd", "epoll", "inotify",
+                              "pty-master", "pty-slave"):
                 continue
             key = (f.kind, f.dev_inode, f.offset, f.flags & ~0o2000000)  # O_CLOEXEC: per fd
             for pid, first in seen.get(key, []):
@@ -297,6 +299,8 @@ class SourceSession:
         self.last_round: tuple[str, Round] | None = None
         self.held: list[Tracee] = []      # every thread of the tree while frozen
         self.repaired: list[socket.socket] = []   # the source's TCP sockets in repair mode
+        self.ptys: list[ptys.CapturedPty] = []     # the tree's ptys, their queues read away
+        self.put_back_errors: list[str] = []
         # The image names processes as the tree's own pid namespace sees them (the root's
         # innermost one): a container-style tree is restored with its own pids.
         self.depth = len(procfs.ns_pids(pid)) - 1
@@ -370,8 +374,12 @@ class SourceSession:
                                       tracking=self.tracking, direct=self.direct)
                 except ProcessGone:
                     continue
-            elif parent is not None and parent.first:
-                p.first = True        # its parent's husk is made anew: so is its own
+            elif parent is not None and parent.first or \
+                    t.sid == t.pid and t.tty_nr != p.task.tty_nr:
+                # its parent's husk is made anew: so is its own; or it leads a session whose
+                # controlling terminal changed: its husk takes its terminal as it is made,
+                # and the husks of its session get it as they are forked
+                p.first = True
                 p.last_layout = None
             p.task = t
             keep[t.pid] = p
@@ -418,7 +426,8 @@ class SourceSession:
             if frozen_hook:
                 frozen_hook()        # e.g. release the service address: nothing reaches us now
             t_frozen = time.monotonic()
-            problems = tree_problems(tasks)        # it may have changed since the check
+            problems = tree_problems(tasks) + \
+                ptys.pty_problems(tasks, self.direct, outside=False)  # it may have changed
             if problems:
                 raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
             layouts, statuses, inside = {}, {}, {}
@@ -443,6 +452,13 @@ class SourceSession:
             states = [p.collect_state(layouts[p.pid], statuses[p.pid], inside[p.pid],
                                       self.direct) for p in procs]
             share_open_files(states)
+            by_pid = {t.pid: t for t in tasks}
+            members = {t.pid for t in tasks}
+            for st in states:
+                t = by_pid[st.pid]
+                if t.sid == t.pid and t.ctty_pty >= 0 and t.tpgid > 0:
+                    st.tty_pgrp = self._ns_member(t.tpgid, members)
+            ptys.capture_ptys(states, self.direct, self.ptys)
             capture_pipes(states)
             capture_fifos(states)
             capture_sockets(states, self.repaired)
@@ -574,7 +590,7 @@ class SourceSession:
                     parent=self.ns_pid(t.parent) if parent else 0,
                     sid=self._ns_member(t.sid, members), pgid=self._ns_member(t.pgid, members),
                     starttime=t.starttime, first=p.first, exit_signal=t.exit_signal,
-                    source_pid=p.pid))
+                    source_pid=p.pid, ctty=t.ctty_pty if t.sid == t.pid else -1))
                 if not self.direct:
                     offset += nbytes
                 totals["bytes"] += nbytes
@@ -645,7 +661,23 @@ class SourceSession:
         for s in self.repaired:          # still in repair mode: it closes without a word
             s.close()
         self.repaired = []
+        self._release_ptys(put_back=False)
         self.close()
+
+    def _release_ptys(self, put_back: bool) -> None:
+        """Drop our hold on the source's ptys; with put_back, queue the bytes read from them
+        again first (the source goes on). A pty that cannot take them back does not keep the
+        others or the rollback from going on: what it lost is in self.put_back_errors."""
+        for p in self.ptys:
+            try:
+                if put_back:
+                    p.put_back()
+            except OSError as e:
+                self.put_back_errors.append(f"/dev/pts/{p.number}: the bytes waiting in it "
+                                            f"could not be queued again ({e})")
+            finally:
+                p.close()
+        self.ptys = []
 
     def resume(self) -> None:
         """Roll back: the source tree continues as if nothing happened."""
@@ -653,6 +685,7 @@ class SourceSession:
             tcp.repair_off(s)
             s.close()
         self.repaired = []
+        self._release_ptys(put_back=True)
         for t in self.held:
             try:
                 t.detach()
@@ -668,6 +701,7 @@ class SourceSession:
         for s in self.repaired:
             s.close()
         self.repaired = []
+        self._release_ptys(put_back=True)      # it may be resumed by hand
         for p in self.procs.values():
             if p.frozen:
                 p.frozen[0].detach(19)         # a group stop: every thread stops
