@@ -376,3 +376,45 @@ def test_a_failed_move_puts_the_pty_bytes_back(tmp_path, monkeypatch, direct):
     finally:
         src.kill()
         src.wait(10)
+
+
+def test_a_session_leader_that_takes_its_terminal_between_rounds(tmp_path, cleanup):
+    """The CLI flow: round 0 is staged while the session leader has no controlling terminal
+    yet; it takes the pty as one before round 1, so its husk (and its session's) are made again
+    in that round, with the new pair as their terminal."""
+    from migration import prerestore
+    from workloads import kill_pid
+    go = tmp_path / "go"
+    argv = [sys.executable, WORKLOAD_DIR / "pty.py", "late", go]
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    cleanup.sources.append(src.pid)
+    cleanup.add(src)
+    sock = str(tmp_path / "stage.sock")
+    cleanup.sockets.append(sock)
+    prerestore("predump", "-t", src.pid, "-D", tmp_path / "r0")
+    prerestore("stage", "-D", tmp_path / "r0", "--pidns", "--socket", sock)
+    go.touch()
+    wait_for_iteration(log, 200, pid=src.pid)
+    prerestore("predump", "-t", src.pid, "-D", tmp_path / "r1", "--prev-images-dir",
+               tmp_path / "r0")
+    prerestore("stage", "-D", tmp_path / "r1", "--socket", sock)
+    from prerestore.image import schema
+    leader = lambda r: next(t for t in r.tasks if t.sid == t.pid and t.parent)  # noqa: E731
+    assert leader(schema.read_round(str(tmp_path / "r0"))).ctty == -1
+    r1 = leader(schema.read_round(str(tmp_path / "r1")))
+    assert r1.ctty >= 0 and r1.first                      # its husk is made again
+    prerestore("dump", "-t", src.pid, "-D", tmp_path / "final", "--prev-images-dir",
+               tmp_path / "r1", "--leave-stopped")
+    prerestore("finalize", "-D", tmp_path / "final", "--socket", sock)
+    report = json.loads((tmp_path / "final" / "finalize.json").read_text())
+    host = report["finalize"]["host_pid"]
+    cleanup.add(report["finalize"]["init_pid"], host)
+    kill_pid(src)
+    it = last_iteration(log)
+    wait_for_iteration(log, it + 300, timeout=60, pid=host)
+    assert "BAD" not in open(log).read()
+    ref_go = tmp_path / "ref-go"
+    ref_go.touch()
+    assert compare_with_reference(log, [sys.executable, WORKLOAD_DIR / "pty.py", "late",
+                                        ref_go]) >= (it + 300) // 100

@@ -16,7 +16,11 @@ processing; bytes such as ^C, ^D, DEL and CR reach the job as they are), then "C
 in the pair's queues at most moments. Every byte the parent reads from the master goes into a
 digest: after a move, any change in echo, line editing or output processing changes it. The
 parent checks each answer (BAD if wrong). Prints "start pid=N", "it=N digest=<hex>" every 100
-messages, the same in every run."""
+messages, the same in every run.
+
+"pty.py late GO": the child makes its session at once but takes its controlling terminal (and
+starts the job) only once the file GO exists, so that a migration can see the session leader
+get its terminal between two rounds."""
 import ctypes
 import fcntl
 import hashlib
@@ -89,6 +93,9 @@ def job() -> None:
 
 def session_leader(slave: int) -> None:
     os.setsid()
+    if sys.argv[1:2] == ["late"]:
+        while not os.path.exists(sys.argv[2]):
+            time.sleep(0.01)
     fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
     for fd in (0, 1, 2):
         os.dup2(slave, fd)
