@@ -299,7 +299,8 @@ def test_describe_inotify_finds_the_watched_paths(tmp_path, fds):
     fd = libc.inotify_init1(os.O_CLOEXEC)
     fds.append(fd)
     assert libc.inotify_add_watch(fd, str(tmp_path).encode(), 0x100) == 1
-    assert libc.inotify_add_watch(fd, str(tmp_path / "f with space").encode(), 0x2 | 0x80000000) == 2
+    assert libc.inotify_add_watch(fd, str(tmp_path / "f with space").encode(),
+                                  0x2 | 0x80000000) == 2
     assert procfs.describe_fd(os.getpid(), fd) == (procfs.INOTIFY, None)
     f = procfs.describe_inotify(os.getpid(), fd, os.O_CLOEXEC)
     assert f.kind == "inotify"
@@ -310,3 +311,17 @@ def test_describe_inotify_finds_the_watched_paths(tmp_path, fds):
     (tmp_path / "gone").unlink()
     with pytest.raises(UnsupportedState, match="inotify watch 3 .* no path leads to"):
         procfs.describe_inotify(os.getpid(), fd, 0)
+
+
+def test_describe_pty_ends(fds):
+    """Both ends of a pty pair are named by the pair's number: the slave by its device minor,
+    the master (/dev/ptmx) by the tty-index of its fdinfo."""
+    master, slave = os.openpty()
+    fds += [master, slave]
+    number = int(os.ttyname(slave).rsplit("/", 1)[1])
+    _, m = procfs.describe_fd(os.getpid(), master)
+    what, s = procfs.describe_fd(os.getpid(), slave)
+    assert (m.kind, m.dev_inode) == ("pty-master", (0, number))
+    assert (s.kind, s.dev_inode, what) == ("pty-slave", (0, number), os.ttyname(slave))
+    assert procfs.pty_end(os.getpid(), master) == ("master", number)
+    assert procfs.pty_end(os.getpid(), slave) == ("slave", number)

@@ -372,6 +372,11 @@ def describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None]:
     if stat_mod.S_ISCHR(st.st_mode) and target in ("/dev/null", "/dev/zero", "/dev/urandom",
                                                     "/dev/random", "/dev/full"):
         return target, FileDescriptor(fd, "chr", target, flags, offset, (st.st_dev, st.st_ino))
+    end = _pty_end(st, info)
+    if end is not None:
+        # made anew if its master is in the tree, else handed over on one host (see
+        # source.ptys, which looks at the tree's ptys as a whole)
+        return target, FileDescriptor(fd, f"pty-{end[0]}", target, flags, 0, (0, end[1]))
     if stat_mod.S_ISDIR(st.st_mode):
         return f"directory {target}", None
     return target, None
@@ -387,12 +392,18 @@ def pty_end(pid: int, fd: int) -> tuple[str, int] | None:
         st = os.stat(f"/proc/{pid}/fd/{fd}")
     except (FileNotFoundError, ProcessLookupError):
         raise ProcessGone(errno.ESRCH, f"stat /proc/{pid}/fd/{fd}", pid) from None
+    return _pty_end(st, lambda: fdinfo(pid, fd))
+
+
+def _pty_end(st: os.stat_result, info) -> tuple[str, int] | None:
+    """info: the fd's fdinfo, or a function that reads it (only a master needs it: its number
+    is its "tty-index")."""
     if not stat_mod.S_ISCHR(st.st_mode):
         return None
     if os.major(st.st_rdev) == PTY_SLAVE_MAJOR:
         return "slave", os.minor(st.st_rdev)
     if (os.major(st.st_rdev), os.minor(st.st_rdev)) == PTMX:
-        number = fdinfo(pid, fd).get("tty-index")
+        number = (info() if callable(info) else info).get("tty-index")
         return ("master", int(number)) if number is not None else None
     return None
 

@@ -546,8 +546,9 @@ class StagedTree:
             tree = {pid: h.host_pid for pid, h in self.husks.items()}
             for t in final.tasks:
                 if self.husks[t.pid].ctty != t.ctty:
-                    raise RestoreError(f"process {t.pid}: its husk has pty {self.husks[t.pid].ctty} "
-                                       f"as controlling terminal, the final image {t.ctty}")
+                    raise RestoreError(f"process {t.pid}: its husk has pty "
+                                       f"{self.husks[t.pid].ctty} as controlling terminal, the "
+                                       f"final image {t.ctty}")
             # giving a terminal its window size signals its foreground group
             with_tty = {t.pid for t in final.tasks if t.ctty >= 0}
             queued_here = {t.pid: (SIGCHLD, signal.SIGWINCH) if t.sid in with_tty else (SIGCHLD,)

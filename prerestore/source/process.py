@@ -52,8 +52,6 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
             pass
     for fd in procfs.fd_numbers(pid):
         what, desc = procfs.describe_fd(pid, fd)
-        if desc is None and procfs.pty_end(pid, fd):
-            continue       # the tree's ptys are looked at as a whole (ptys.pty_problems)
         if desc is None and what.startswith(("pipe:", "socket:")) and not same_host:
             continue       # carried when its other end is in the tree (see inner_ends)
         if desc is None and what in procfs.CARRIED_ANON and not same_host:
@@ -316,14 +314,9 @@ class ProcessSource:
         fds = []
         for fd in procfs.fd_numbers(pid):
             what, desc = procfs.describe_fd(pid, fd)
-            end = procfs.pty_end(pid, fd) if desc is None else None
             if desc is None:
                 flags = int(procfs.fdinfo(pid, fd).get("flags", "0"), 8)
-                if end is not None:
-                    # made anew if its master is in the tree (session.capture_ptys; else
-                    # handed over on one host)
-                    desc = FileDescriptor(fd, f"pty-{end[0]}", what, flags, 0, (0, end[1]))
-                elif not direct and what.startswith("pipe:"):
+                if not direct and what.startswith("pipe:"):
                     desc = FileDescriptor(fd, "pipe", what, flags, 0,
                                           (0, int(what[6:-1])))
                 elif not direct and what in procfs.CARRIED_ANON:

@@ -46,19 +46,34 @@ def tree_ptys(pids: list[int]) -> TreePtys:
     return found
 
 
+def ptys_of_states(states: list[ProcessState]) -> TreePtys:
+    """The same, from the fds collected with the tree frozen (no second look at /proc)."""
+    found = TreePtys()
+    for s in states:
+        for f in s.fds:
+            if f.kind in ("pty-master", "pty-slave"):
+                (found.masters if f.kind == "pty-master" else found.slaves).setdefault(
+                    f.dev_inode[1], []).append((s.pid, f.fd))
+    return found
+
+
 def _terminal(tty_nr: int) -> str:
     if os.major(tty_nr) == procfs.PTY_SLAVE_MAJOR:
         return f"/dev/pts/{os.minor(tty_nr)}"
     return f"terminal {os.major(tty_nr)}:{os.minor(tty_nr)}" if tty_nr else "none"
 
 
-def pty_problems(tasks: list[procfs.TreeTask], same_host: bool, outside: bool = True
-                 ) -> list[str]:
-    """What about the tree's terminals cannot be carried (see the module's docstring); with
-    `outside`, processes outside the tree that use a pty of the tree are looked for too."""
+def pty_problems(tasks: list[procfs.TreeTask], same_host: bool,
+                 found: TreePtys | None = None) -> list[str]:
+    """What about the tree's terminals cannot be carried (see the module's docstring). found:
+    the tree's pty ends as collected with the tree frozen; without it they are looked up, and
+    so are the processes outside the tree that use a pty of the tree (not on the downtime
+    path: that takes a look at every process)."""
     live = [t for t in tasks if not t.zombie]
     by_pid = {t.pid: t for t in tasks}
-    found = tree_ptys([t.pid for t in live])
+    outside = found is None
+    if found is None:
+        found = tree_ptys([t.pid for t in live])
     problems = []
     if len(found.devpts) > 1:
         problems.append("the tree's ptys come from more than one devpts instance (not carried)")

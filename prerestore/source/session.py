@@ -426,8 +426,7 @@ class SourceSession:
             if frozen_hook:
                 frozen_hook()        # e.g. release the service address: nothing reaches us now
             t_frozen = time.monotonic()
-            problems = tree_problems(tasks) + \
-                ptys.pty_problems(tasks, self.direct, outside=False)  # it may have changed
+            problems = tree_problems(tasks)        # it may have changed since the check
             if problems:
                 raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
             layouts, statuses, inside = {}, {}, {}
@@ -452,6 +451,9 @@ class SourceSession:
             states = [p.collect_state(layouts[p.pid], statuses[p.pid], inside[p.pid],
                                       self.direct) for p in procs]
             share_open_files(states)
+            problems = ptys.pty_problems(tasks, self.direct, ptys.ptys_of_states(states))
+            if problems:
+                raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
             by_pid = {t.pid: t for t in tasks}
             members = {t.pid for t in tasks}
             for st in states:
