@@ -454,11 +454,14 @@ class SourceSession:
             problems = ptys.pty_problems(tasks, self.direct, ptys.ptys_of_states(states))
             if problems:
                 raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
+            # a terminal's foreground group, if that group is still there (a job that ended
+            # before its shell took the terminal back leaves the number of a group gone)
             by_pid = {t.pid: t for t in tasks}
             members = {t.pid for t in tasks}
+            groups = {t.pgid for t in tasks}
             for st in states:
                 t = by_pid[st.pid]
-                if t.sid == t.pid and t.ctty_pty >= 0 and t.tpgid > 0:
+                if t.sid == t.pid and t.ctty_pty >= 0 and t.tpgid in groups:
                     st.tty_pgrp = self._ns_member(t.tpgid, members)
             ptys.capture_ptys(states, self.direct, self.ptys)
             capture_pipes(states)
