@@ -3,6 +3,7 @@ paths with spaces) and raise ProcessGone when the process has vanished."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat as stat_mod
 import struct
@@ -277,10 +278,33 @@ def mounts_by_device(pid: int) -> dict[int, list[tuple[str, str]]]:
     return out
 
 
-def watched_path(pid: int, watch: dict, mounts: dict[int, list[tuple[str, str]]]) -> str:
+# Paths found for watched inodes, by (dev, ino): the check before the freeze finds them, the
+# look at the frozen tree only makes sure each still leads there (one lstat, not four calls).
+_watched: dict[tuple[int, int], str] = {}
+
+
+def watched_path(pid: int, watch: dict, mounts) -> str:
     """The path of the inode an inotify watch is on: its file handle opened through a mount of
-    its filesystem (a mount of the whole filesystem first), the path the kernel gives that
-    open file, checked to lead to that very inode."""
+    its filesystem (a mount of the whole filesystem first; mounts: a function giving
+    mounts_by_device), the path the kernel gives that open file, checked to lead to that very
+    inode."""
+    key = (watch["dev"], watch["ino"])
+    known = _watched.get(key)
+    if known is not None:
+        try:
+            st = os.stat(known, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == key:
+                return known
+        except OSError:
+            pass
+    if len(_watched) > 1 << 16:
+        _watched.clear()
+    path = _find_watched_path(pid, watch, mounts())
+    _watched[key] = path
+    return path
+
+
+def _find_watched_path(pid: int, watch: dict, mounts: dict[int, list[tuple[str, str]]]) -> str:
     candidates = sorted(mounts.get(watch["dev"], []), key=lambda m: m[0] != "/")
     for _, mount_point in candidates:
         try:
@@ -314,7 +338,7 @@ def describe_inotify(pid: int, fd: int, flags: int) -> FileDescriptor:
     """An inotify instance: data is its watches as msgpack [[wd, mask, path], ...] by wd, each
     watched inode found again by path (watched_path). Events queued in it are not carried."""
     watches = parse_inotify_watches(_read(pid, f"fdinfo/{fd}").decode(errors="replace"))
-    mounts = mounts_by_device(pid) if watches else {}
+    mounts = functools.cache(lambda: mounts_by_device(pid))   # read only if a path is new
     items = []
     for w in watches:
         try:
