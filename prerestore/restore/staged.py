@@ -201,7 +201,7 @@ def make_ptys(states: list[ProcessState], made: dict, pairs: dict[int, tuple[int
     source's pty number, our master fd and the new number), else a new one; the bytes queued
     in it refilled, its settings, window size and modes given; the tree's master fd is that
     master, each open file description of the slave a new open of it. Added to `made` like
-    pipes. Returns (master, state) for each, to lock once every husk is done (lock_ptys)."""
+    pipes. Returns (master, state) for each, to lock once every husk is done (tty.lock)."""
     ends = [(s, f) for s in states for f in sorted(s.fds, key=lambda f: f.fd)
             if f.kind in PTY_KINDS]
     firsts: dict[int, tuple[ProcessState, FileDescriptor]] = {}
@@ -551,8 +551,8 @@ class StagedTree:
                                        f"final image {t.ctty}")
             # giving a terminal its window size signals its foreground group
             with_tty = {t.pid for t in final.tasks if t.ctty >= 0}
-            queued_here = {t.pid: (SIGCHLD, signal.SIGWINCH) if t.sid in with_tty else (SIGCHLD,)
-                           for t in final.tasks}
+            queued_here = {t.pid: (SIGCHLD, signal.SIGWINCH) if t.sid in with_tty
+                           else (SIGCHLD,) for t in final.tasks}
             if before_fds:
                 before_fds()         # e.g. claim the service address its sockets bind to
             made = make_pipes(final.states)
