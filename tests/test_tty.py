@@ -145,3 +145,24 @@ def test_state_map_is_checked():
         tty.PtyState.from_map(dict(st.to_map(), slave=3))
     with pytest.raises(ValueError, match="wrong size"):
         tty.PtyState.from_map(dict(st.to_map(), termios=b"\0"))
+
+
+def test_canonical_input_beyond_the_buffer_is_put_back_through_the_master(pairs):
+    """More lines wait than the line discipline holds (the rest in the pair's buffers): such a
+    pair is refused for a move, and putting its bytes back into the source gives the lines
+    that do not fit through the master, in order (echoed a second time)."""
+    m, s = pairs()
+    want = [b"%05d %s\n" % (i, b"x" * 40) for i in range(150)]       # 7200 bytes
+    os.set_blocking(m, False)
+    os.write(m, b"".join(want))
+    time.sleep(0.05)
+    st = tty.read_state(m, s, "open", "test")
+    assert st.input == want and st.stored_input() > tty.N_TTY_BUF - 1
+    assert not tty.transparent_input(st.termios)
+    tty.refill(m, s, st)
+    got = []
+    deadline = time.monotonic() + 5
+    while len(got) < len(want) and time.monotonic() < deadline:
+        got += [x for x in lines(s) if x]
+        master_bytes(m)                                   # the echo must not fill the pair
+    assert got == want

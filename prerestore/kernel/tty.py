@@ -247,7 +247,7 @@ def _refill_termios(saved: bytes) -> bytes:
     the slave)."""
     iflag, oflag, cflag, lflag, line, cc = TERMIOS.unpack(saved)
     cc = bytearray(cc)
-    new_lflag = lflag & (termios.ICANON | lib.EXTPROC)
+    new_lflag = lflag & termios.ICANON
     if lflag & termios.ICANON:
         new_lflag |= termios.IEXTEN
         cc[termios.VEOF] = cc[termios.VEOF] or 4                  # ^D
@@ -267,14 +267,19 @@ def _inject(slave: int, data: bytes) -> None:
 
 def refill(master: int, slave: int | None, st: PtyState) -> None:
     """Queue st's bytes again in a pair whose queues are empty, then give it st's settings
-    (slave: a non-blocking slave fd of our own; None only if there is nothing to queue)."""
+    (slave: a non-blocking slave fd of our own; None only if there is nothing to queue).
+    Input beyond what the line discipline holds (4095 bytes) is written to the master once
+    the settings are set: taken in as the reader makes room, processed once more (exact only
+    for settings that leave input as it is: capture_ptys refuses the others)."""
     if (st.input or st.partial or st.output) and slave is None:
         raise ValueError("a pty's queued bytes need its slave to be refilled")
     if slave is None:
         set_termios(master, st.termios)
         return
+    later = b""
     set_termios(master, _refill_termios(st.termios))
     try:
+        room = N_TTY_BUF - 1
         if st.canonical:
             cc = TERMIOS.unpack(st.termios)[5]
             quote, eof = cc[termios.VLNEXT] or 0x16, cc[termios.VEOF] or 4
@@ -284,18 +289,26 @@ def refill(master: int, slave: int | None, st: PtyState) -> None:
                 return b"".join(bytes((quote, b)) if b in special else bytes((b,))
                                 for b in body)
             for line in st.input:
-                if _ended(line, st.termios):
-                    _inject(slave, quoted(line[:-1]) + line[-1:])
-                else:
-                    _inject(slave, quoted(line) + bytes((eof,)))
-            _inject(slave, quoted(st.partial))
+                ended = _ended(line, st.termios)
+                stored = len(line) + (not ended)        # an EOF keeps a marker byte
+                if later or stored > room:
+                    later += line if ended else line + bytes((eof,))
+                    continue
+                room -= stored
+                _inject(slave, quoted(line[:-1]) + line[-1:] if ended else
+                        quoted(line) + bytes((eof,)))
+            if later or len(st.partial) > room:
+                later += st.partial
+            else:
+                _inject(slave, quoted(st.partial))
         else:
             data = b"".join(st.input)
-            _inject(slave, data[:N_TTY_BUF - 1])
-            _write_all(master, data[N_TTY_BUF - 1:])    # taken in as the reader makes room
+            _inject(slave, data[:room])
+            later = data[room:]
         _write_all(slave, st.output)
     finally:
         set_termios(master, st.termios)
+    _write_all(master, later)
 
 
 def _write_all(fd: int, data: bytes) -> None:

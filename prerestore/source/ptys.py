@@ -192,9 +192,7 @@ def capture_ptys(states: list[ProcessState], direct: bool, captured: list[Captur
         except OSError as e:
             raise UnsupportedState(f"{where}: cannot read its state ({e})") from None
         st = cap.state
-        if st.canonical and st.stored_input() > tty.N_TTY_BUF - 1 or \
-                not st.canonical and st.stored_input() > tty.N_TTY_BUF - 1 and \
-                not tty.transparent_input(st.termios):
+        if st.stored_input() > tty.N_TTY_BUF - 1 and not tty.transparent_input(st.termios):
             raise UnsupportedState(f"{where}: {st.stored_input()} bytes of input wait in it "
                                    "while it processes input (at most "
                                    f"{tty.N_TTY_BUF - 1} are carried then)")
