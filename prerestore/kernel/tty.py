@@ -28,7 +28,6 @@ from .native import lib
 TERMIOS = struct.Struct("=4IB19s")     # the kernel's struct termios: 4 flag words, line, c_cc
 WINSIZE = struct.Struct("=4H")
 N_TTY_BUF = 4096                       # the line discipline's buffer: 4095 bytes wait at most
-PTY_SLAVE_MAJOR = 136                  # UNIX98 pty slaves, /dev/pts/N: minor N
 VDISABLE = 0
 SLAVE_STATES = ("open", "closed", "never")
 _RAW_INPUT = termios.ISTRIP | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IUCLC | \

@@ -29,6 +29,7 @@ class TreePtys:
 
 
 def tree_ptys(pids: list[int]) -> TreePtys:
+    """The pty ends these processes hold, looked up in /proc."""
     found = TreePtys()
     for pid in pids:
         try:
