@@ -13,7 +13,9 @@
 #include <elf.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/inotify.h>
 #include <sys/ioctl.h>
+#include <termios.h>
 #include <sys/prctl.h>
 #include <sys/mman.h>
 #include <sys/ptrace.h>
@@ -764,6 +766,68 @@ int pr_make_epoll(int flags)
 {
     long r = syscall(SYS_epoll_create1, flags);
     return r < 0 ? ERR : (int)r;
+}
+
+/* An inotify instance whose watches have exactly the given wds (ascending): inotify_add_watch
+ * hands out increasing wds (idr_alloc_cyclic, starting at 1), so each number the source had no
+ * watch for is taken by a watch on `spare` (a directory no real watch uses) removed at once.
+ * The IN_IGNORED events those removals queue are read away with everything else queued, so the
+ * instance starts empty. flags: IN_NONBLOCK, IN_CLOEXEC. On failure *failed is the index of the
+ * watch that could not be added (-1: not a watch) or that got another wd (-EEXIST). */
+int pr_make_inotify(int flags, const char *spare, const int *wds, const uint32_t *masks,
+                    const char *const *paths, long n, long *failed)
+{
+    *failed = -1;
+    int fd = inotify_init1(flags | IN_NONBLOCK);
+    if (fd < 0)
+        return ERR;
+    int next = 1, e = 0;
+    for (long i = 0; i < n && !e; i++) {
+        while (next < wds[i] && !e) {
+            int dummy = inotify_add_watch(fd, spare, IN_ATTRIB | IN_DONT_FOLLOW);
+            if (dummy < 0 || inotify_rm_watch(fd, dummy) < 0)
+                e = ERR;
+            else
+                next = dummy + 1;
+        }
+        if (e)
+            break;
+        int wd = inotify_add_watch(fd, paths[i], masks[i]);
+        if (wd < 0)
+            e = ERR;
+        else if (wd != wds[i])
+            e = -EEXIST;
+        else
+            next = wd + 1;
+        if (e)
+            *failed = i;
+    }
+    char buf[4096];
+    while (!e && read(fd, buf, sizeof buf) > 0)
+        ;
+    if (!e && !(flags & IN_NONBLOCK) && fcntl(fd, F_SETFL, 0) < 0)
+        e = ERR;
+    if (e) {
+        close(fd);
+        return e;
+    }
+    return fd;
+}
+
+/* open_by_handle_at: a file handle (from fdinfo) back to an open file, through a directory
+ * of a mount of its filesystem. Needs CAP_DAC_READ_SEARCH. */
+int pr_open_by_handle(int mount_fd, int type, const void *handle, unsigned len, int flags)
+{
+    struct file_handle *fh = malloc(sizeof *fh + len);
+    if (!fh)
+        return -ENOMEM;
+    fh->handle_bytes = len;
+    fh->handle_type = type;
+    memcpy(fh->f_handle, handle, len);
+    int fd = open_by_handle_at(mount_fd, fh, flags);
+    int r = fd < 0 ? ERR : fd;
+    free(fh);
+    return r;
 }
 
 /* Do fd1 of pid1 and fd2 of pid2 refer to the same open file description? 1 yes, 0 no. */

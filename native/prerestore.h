@@ -108,6 +108,9 @@ int pr_make_signalfd(uint64_t mask, int flags);
 int pr_make_timerfd(int clockid, int flags, int64_t value_s, int64_t value_ns,
                     int64_t interval_s, int64_t interval_ns, uint64_t ticks);
 int pr_make_epoll(int flags);
+int pr_make_inotify(int flags, const char *spare, const int *wds, const uint32_t *masks,
+                    const char *const *paths, long n, long *failed);
+int pr_open_by_handle(int mount_fd, int type, const void *handle, unsigned len, int flags);
 int pr_same_file(int pid1, int fd1, int pid2, int fd2);
 int pr_is_epoll_target(int pid1, int fd1, int pid2, int efd, int tfd);
 int pr_pidfd_open(int pid);

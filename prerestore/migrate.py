@@ -186,6 +186,8 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
     except BaseException as e:
         if session is not None:
             session.resume()
+            for lost in session.put_back_errors:
+                e.add_note(f"rolled back, but {lost}")
         log = _tail(os.path.join(wd, "stage-daemon.log"))
         if log and isinstance(e, PrerestoreError):
             e.add_note("stage daemon log:\n" + log)

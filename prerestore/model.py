@@ -225,10 +225,14 @@ class FileDescriptor:
     """An open fd: a regular file, a character device like /dev/null, an end of a pipe whose
     other end is in the tree too ("pipe": path "pipe:[inode]", offset is the pipe's capacity,
     and the pipe's first fd in the tree carries the bytes queued in it), a unix socket ("unix":
-    its first fd in the tree carries its state in `unix`), or, on the same host, any object
-    handed over as it is ("handover")."""
+    its first fd in the tree carries its state in `unix`), a named FIFO ("fifo": likewise,
+    data a msgpack map with its mode, owner and queued bytes), an end of a pty pair whose
+    master is in the tree ("pty-master", "pty-slave": dev_inode (0, N) for /dev/pts/N; the
+    first master fd carries the pair's state, see kernel.tty.PtyState), an inotify instance
+    (data: its watches), or, on the same host, any object handed over as it is
+    ("handover"); see procfs and session for the other kinds."""
     fd: int
-    kind: str          # "file" | "chr" | "pipe" | "unix" | ... | "handover"
+    kind: str          # "file" | "chr" | "pipe" | "fifo" | "unix" | "pty-master" | ... | "handover"
     path: str
     flags: int         # open flags as in fdinfo (O_ACCMODE, O_APPEND, O_CLOEXEC, ...)
     offset: int
@@ -311,6 +315,9 @@ class ProcessState:
     dumpable: int = 1
     pdeathsig: int = 0          # the signal it gets when its parent dies (PR_SET_PDEATHSIG)
     child_subreaper: bool = False
+    # a session leader with a pty of the tree as controlling terminal: the terminal's
+    # foreground process group (0: its own, as TIOCSCTTY leaves it)
+    tty_pgrp: int = 0
 
 
 @dataclass
@@ -350,6 +357,10 @@ class AddressSpaceRound:
     first: bool = True
     exit_signal: int = 17                               # SIGCHLD
     source_pid: int = 0                                 # 0: the same as pid
+    # a session leader's controlling terminal, if it is a pty of the tree: its number N
+    # (/dev/pts/N on the source); -1: none. The husk takes a new pair's slave as its
+    # controlling terminal when it is made, before it forks anyone of its session.
+    ctty: int = -1
 
 
 @dataclass

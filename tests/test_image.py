@@ -522,3 +522,20 @@ def test_unix_socket_without_state_is_refused(tmp_path):
     put_round_bytes(d, raw_image(msgpack.packb(m, use_bin_type=True)))
     with pytest.raises(ImageError, match="fd 6: unix socket without its state"):
         read_round(d)
+
+
+def test_controlling_terminal_fields_round_trip_and_are_checked(tmp_path):
+    """A session leader's controlling pty (task) and its foreground group (state) travel;
+    images without them read as none; a field of the wrong type is named."""
+    r = make_round(final=True)
+    r.tasks[0].ctty = 3
+    r.states[0].tty_pgrp = 4243
+    got = read_round(save(tmp_path / "r", r))
+    assert got.tasks[0].ctty == 3 and got.states[0].tty_pgrp == 4243
+    m = encode_round(r)
+    del m["tasks"][0]["ctty"], m["states"][0]["tty_pgrp"]
+    got = decode_round(m)
+    assert got.tasks[0].ctty == -1 and got.states[0].tty_pgrp == 0
+    m["tasks"][0]["ctty"] = "3"
+    with pytest.raises(ImageError, match="'ctty'"):
+        decode_round(m)

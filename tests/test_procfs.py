@@ -244,3 +244,84 @@ def test_describe_closed_fd_raises_process_gone():
     os.close(fd)
     with pytest.raises(ProcessGone):
         procfs.describe_fd(os.getpid(), fd)
+
+
+def test_describe_fifo(tmp_path, fds):
+    """A named FIFO is named as one (a pipe is not), with its mode, owner and identity; a FIFO
+    deleted while open says so (its path without the suffix)."""
+    import msgpack
+    path = tmp_path / "a fifo"
+    os.mkfifo(path, 0o640)
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    fds.append(fd)
+    what, desc = procfs.describe_fd(os.getpid(), fd)
+    assert (what, desc) == (f"fifo {path}", None)
+    f = procfs.describe_fifo(os.getpid(), fd, str(path), os.O_RDWR)
+    st = os.stat(path)
+    assert (f.kind, f.path, f.dev_inode) == ("fifo", str(path), (st.st_dev, st.st_ino))
+    assert msgpack.unpackb(f.data) == {"mode": 0o640, "uid": st.st_uid, "gid": st.st_gid,
+                                       "deleted": False, "queued": b""}
+    path.unlink()
+    what, _ = procfs.describe_fd(os.getpid(), fd)
+    assert what == f"fifo {path} (deleted)"
+    f = procfs.describe_fifo(os.getpid(), fd, what[len("fifo "):], os.O_RDWR)
+    assert f.path == str(path) and msgpack.unpackb(f.data)["deleted"] is True
+
+
+def test_parse_inotify_watches():
+    text = ("pos:\t0\nflags:\t02004000\nmnt_id:\t17\nino:\t1038\n"
+            "inotify wd:1a ino:20c59e sdev:fe00001 mask:2 ignored_mask:0 fhandle-bytes:8 "
+            "fhandle-type:1 f_handle:9ec52000f5bd8a15\n"
+            "inotify wd:3 ino:3f7e8 sdev:800003 mask:80000300 ignored_mask:0 fhandle-bytes:8 "
+            "fhandle-type:81 f_handle:e8f7030000000000\n")
+    w = procfs.parse_inotify_watches(text)
+    assert [x["wd"] for x in w] == [3, 0x1a]                 # by wd
+    assert w[1] == {"wd": 0x1a, "ino": 0x20c59e, "dev": os.makedev(0xfe, 1), "mask": 2,
+                    "handle_type": 1, "handle": bytes.fromhex("9ec52000f5bd8a15")}
+    assert w[0]["dev"] == os.makedev(8, 3) and w[0]["handle_type"] == 0x81
+
+
+def test_mountinfo_paths_are_unescaped():
+    assert procfs._unescape_mount_path(r"/mnt/a\040b\011c\134d") == "/mnt/a b\tc\\d"
+    assert procfs._unescape_mount_path("/plain") == "/plain"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs CAP_DAC_READ_SEARCH")
+def test_describe_inotify_finds_the_watched_paths(tmp_path, fds):
+    """Each watch's file handle leads back to its path; a watched file deleted while open is
+    named as one no path leads to."""
+    import ctypes
+    import msgpack
+    from prerestore.errors import UnsupportedState
+    libc = ctypes.CDLL(None, use_errno=True)
+    (tmp_path / "f with space").write_text("")
+    (tmp_path / "gone").write_text("")
+    fd = libc.inotify_init1(os.O_CLOEXEC)
+    fds.append(fd)
+    assert libc.inotify_add_watch(fd, str(tmp_path).encode(), 0x100) == 1
+    assert libc.inotify_add_watch(fd, str(tmp_path / "f with space").encode(),
+                                  0x2 | 0x80000000) == 2
+    assert procfs.describe_fd(os.getpid(), fd) == (procfs.INOTIFY, None)
+    f = procfs.describe_inotify(os.getpid(), fd, os.O_CLOEXEC)
+    assert f.kind == "inotify"
+    assert msgpack.unpackb(f.data) == [[1, 0x100, str(tmp_path)],
+                                       [2, 0x2 | 0x80000000, str(tmp_path / "f with space")]]
+    assert libc.inotify_add_watch(fd, str(tmp_path / "gone").encode(), 0x2) == 3
+    fds.append(os.open(tmp_path / "gone", os.O_RDONLY))      # deleted, but alive: watched
+    (tmp_path / "gone").unlink()
+    with pytest.raises(UnsupportedState, match="inotify watch 3 .* no path leads to"):
+        procfs.describe_inotify(os.getpid(), fd, 0)
+
+
+def test_describe_pty_ends(fds):
+    """Both ends of a pty pair are named by the pair's number: the slave by its device minor,
+    the master (/dev/ptmx) by the tty-index of its fdinfo."""
+    master, slave = os.openpty()
+    fds += [master, slave]
+    number = int(os.ttyname(slave).rsplit("/", 1)[1])
+    _, m = procfs.describe_fd(os.getpid(), master)
+    what, s = procfs.describe_fd(os.getpid(), slave)
+    assert (m.kind, m.dev_inode) == ("pty-master", (0, number))
+    assert (s.kind, s.dev_inode, what) == ("pty-slave", (0, number), os.ttyname(slave))
+    assert procfs.pty_end(os.getpid(), master) == ("master", number)
+    assert procfs.pty_end(os.getpid(), slave) == ("slave", number)

@@ -40,7 +40,7 @@ def _task(t: AddressSpaceRound) -> dict:
             "pages": t.pages, "zap": t.zap, "pages_offset": t.pages_offset,
             "pages_from": t.pages_from, "tids": t.tids, "parent": t.parent, "sid": t.sid,
             "pgid": t.pgid, "starttime": t.starttime, "first": t.first,
-            "exit_signal": t.exit_signal, "source_pid": t.source_pid}
+            "exit_signal": t.exit_signal, "source_pid": t.source_pid, "ctty": t.ctty}
 
 
 def _thread(t: ThreadState) -> dict:
@@ -62,7 +62,7 @@ def _state(s: ProcessState) -> dict:
             "threads": [_thread(t) for t in s.threads], "shared_pending": s.shared_pending,
             "cpus": s.cpus, "creds": vars(s.creds) if s.creds else None,
             "dumpable": s.dumpable, "pdeathsig": s.pdeathsig,
-            "child_subreaper": s.child_subreaper}
+            "child_subreaper": s.child_subreaper, "tty_pgrp": s.tty_pgrp}
 
 
 def _unix(u: UnixSocketState) -> dict:
@@ -174,7 +174,15 @@ def _decode_state(s: dict) -> ProcessState:
                  for t in s["threads"]],
         shared_pending=s["shared_pending"], cpus=list(s["cpus"]),
         creds=_creds(s["creds"]), dumpable=s["dumpable"], pdeathsig=s["pdeathsig"],
-        child_subreaper=bool(s["child_subreaper"]))
+        child_subreaper=bool(s["child_subreaper"]), tty_pgrp=_int(s, "tty_pgrp", 0))
+
+
+def _int(m: dict, key: str, default: int) -> int:
+    """An optional int field (added within this version)."""
+    value = m.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"field {key!r} is {type(value).__name__}, expected int")
+    return value
 
 
 def encode_round(r: Round) -> dict:
@@ -209,7 +217,7 @@ def decode_round(m: dict) -> Round:
                                    t["pages"], t["zap"], t["pages_offset"], t["pages_from"],
                                    list(t["tids"]), t["parent"], t["sid"], t["pgid"],
                                    t["starttime"], bool(t["first"]), t["exit_signal"],
-                                   t["source_pid"])
+                                   t["source_pid"], _int(t, "ctty", -1))
                  for t in m["tasks"]]
         states = [_decode_state(s) for s in m["states"]]
         zombies = [Zombie(*z) for z in m["zombies"]]

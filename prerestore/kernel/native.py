@@ -5,6 +5,7 @@ call and the pid; callers above never see raw errnos, cdata or the ffi object.""
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from dataclasses import dataclass
 
@@ -399,6 +400,27 @@ def make_timerfd(clockid: int, flags: int, value: tuple[int, int], interval: tup
 
 def make_epoll(flags: int) -> int:
     return check(lib.pr_make_epoll(flags), "epoll_create1")
+
+
+def make_inotify(flags: int, spare: str, watches: list[tuple[int, int, str]]) -> int:
+    """An inotify instance with these (wd, mask, path) watches at exactly their wds (ascending),
+    nothing queued in it (see pr_make_inotify: `spare` is a directory no watch uses)."""
+    paths = [ffi.new("char[]", os.fsencode(p)) for _, _, p in watches]
+    failed = ffi.new("long *")
+    r = lib.pr_make_inotify(flags, os.fsencode(spare), [w for w, _, _ in watches],
+                            [m for _, m, _ in watches], paths, len(watches), failed)
+    if r < 0 and failed[0] >= 0:
+        wd, mask, path = watches[failed[0]]
+        what = "another inotify watch of the instance is on the same file" \
+            if r == -errno.EEXIST else os.strerror(-r)
+        raise KernelCallError(-r, "inotify_add_watch", None,
+                              f"wd {wd} on {path} (mask {mask:#x}): {what}")
+    return check(r, "inotify_init1/inotify_add_watch")
+
+
+def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int) -> int:
+    return check(lib.pr_open_by_handle(mount_fd, handle_type, handle, len(handle), flags),
+                 "open_by_handle_at")
 
 
 def same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:

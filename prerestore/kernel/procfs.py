@@ -3,12 +3,16 @@ paths with spaces) and raise ProcessGone when the process has vanished."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat as stat_mod
 import struct
 from typing import NamedTuple
 
-from ..errors import ProcessGone
+import msgpack
+
+from ..errors import ProcessGone, UnsupportedState
+from . import native
 from ..model import (Credentials, FileDescriptor, MmFields, Vma, PROT_READ, PROT_WRITE,
                      PROT_EXEC)
 
@@ -104,10 +108,19 @@ class TreeTask(NamedTuple):
     starttime: int
     exit_signal: int
     exit_code: int
+    tty_nr: int = 0         # its controlling terminal's device number (0: none)
+    tpgid: int = -1         # that terminal's foreground process group
 
     @property
     def zombie(self) -> bool:
         return self.state in ("Z", "X")
+
+    @property
+    def ctty_pty(self) -> int:
+        """The number N of its controlling terminal if that is a pty slave /dev/pts/N, else
+        -1 (no controlling terminal: see tty_nr)."""
+        return os.minor(self.tty_nr) if self.tty_nr and \
+            os.major(self.tty_nr) == PTY_SLAVE_MAJOR else -1
 
 
 def ns_pids(pid: int | str) -> list[int]:
@@ -121,7 +134,7 @@ def ns_pids(pid: int | str) -> list[int]:
 def tree_task(pid: int) -> TreeTask:
     f = stat_fields(pid)
     return TreeTask(pid, int(f[4]), f[3], int(f[5]), int(f[6]), int(f[22]), int(f[38]),
-                    int(f[52]) if len(f) > 52 else 0)
+                    int(f[52]) if len(f) > 52 else 0, int(f[7]), int(f[8]))
 
 
 def tree(root: int) -> list[TreeTask]:
@@ -205,13 +218,145 @@ def describe_anon(pid: int, fd: int, what: str) -> FileDescriptor | None:
     return FileDescriptor(fd, kind, what, flags, 0, data=b"".join(items))
 
 
+def describe_fifo(pid: int, fd: int, path: str, flags: int) -> FileDescriptor:
+    """A named FIFO: its path, and in data (msgpack) its mode and owner, to make it again where
+    it is missing, and whether it was deleted while open (then the restorer makes a FIFO of its
+    own and unlinks it). The bytes queued in it and its capacity are added once the tree is
+    frozen (session.capture_pipes)."""
+    st = os.stat(f"/proc/{pid}/fd/{fd}")
+    deleted = st.st_nlink == 0
+    if deleted and path.endswith(" (deleted)"):
+        path = path[:-len(" (deleted)")]
+    meta = {"mode": stat_mod.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+            "deleted": deleted, "queued": b""}
+    return FileDescriptor(fd, "fifo", path, flags, 0, (st.st_dev, st.st_ino),
+                          data=msgpack.packb(meta, use_bin_type=True))
+
+
+INOTIFY = "anon_inode:inotify"
+IN_DONT_FOLLOW, IN_MASK_ADD, IN_MASK_CREATE = 0x02000000, 0x20000000, 0x10000000
+
+
+def parse_inotify_watches(fdinfo_text: str) -> list[dict]:
+    """The "inotify wd:... ino:... sdev:... mask:... fhandle-type:... f_handle:..." lines of an
+    inotify fd's fdinfo (numbers in hex, sdev a kernel dev_t: major << 20 | minor), by wd."""
+    out = []
+    for line in fdinfo_text.splitlines():
+        if not line.startswith("inotify "):
+            continue
+        f = dict(item.split(":", 1) for item in line.split()[1:] if ":" in item)
+        sdev = int(f["sdev"], 16)
+        out.append({"wd": int(f["wd"], 16), "ino": int(f["ino"], 16),
+                    "dev": os.makedev(sdev >> 20, sdev & 0xFFFFF), "mask": int(f["mask"], 16),
+                    "handle_type": int(f["fhandle-type"], 16),
+                    "handle": bytes.fromhex(f["f_handle"])})
+    return sorted(out, key=lambda w: w["wd"])
+
+
+def _unescape_mount_path(field: str) -> str:
+    r"""mountinfo escapes space, tab, newline and backslash as \ooo (octal)."""
+    raw = field.encode(errors="surrogateescape")
+    out, i = bytearray(), 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 3 < len(raw) and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode(errors="surrogateescape")
+
+
+def mounts_by_device(pid: int) -> dict[int, list[tuple[str, str]]]:
+    """The process's mounts by device: [(root of the mount in its filesystem, mount point)]."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    for line in _read(pid, "mountinfo").decode(errors="surrogateescape").splitlines():
+        f = line.split()
+        major, minor = f[2].split(":")
+        out.setdefault(os.makedev(int(major), int(minor)), []).append(
+            (_unescape_mount_path(f[3]), _unescape_mount_path(f[4])))
+    return out
+
+
+# Paths found for watched inodes, by (dev, ino): the check before the freeze finds them, the
+# look at the frozen tree only makes sure each still leads there (one lstat, not four calls).
+_watched: dict[tuple[int, int], str] = {}
+
+
+def watched_path(pid: int, watch: dict, mounts) -> str:
+    """The path of the inode an inotify watch is on: its file handle opened through a mount of
+    its filesystem (a mount of the whole filesystem first; mounts: a function giving
+    mounts_by_device), the path the kernel gives that open file, checked to lead to that very
+    inode."""
+    key = (watch["dev"], watch["ino"])
+    known = _watched.get(key)
+    if known is not None:
+        try:
+            st = os.stat(known, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == key:
+                return known
+        except OSError:
+            pass
+    if len(_watched) > 1 << 16:
+        _watched.clear()
+    path = _find_watched_path(pid, watch, mounts())
+    _watched[key] = path
+    return path
+
+
+def _find_watched_path(pid: int, watch: dict, mounts: dict[int, list[tuple[str, str]]]) -> str:
+    candidates = sorted(mounts.get(watch["dev"], []), key=lambda m: m[0] != "/")
+    for _, mount_point in candidates:
+        try:
+            mount_fd = os.open(f"/proc/{pid}/root{mount_point}", os.O_RDONLY | os.O_DIRECTORY |
+                               os.O_CLOEXEC)      # (open_by_handle_at refuses an O_PATH one)
+        except OSError:
+            continue
+        try:
+            fd = native.open_by_handle(mount_fd, watch["handle_type"], watch["handle"],
+                                       os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        finally:
+            os.close(mount_fd)
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        if (st.st_dev, st.st_ino) == (watch["dev"], watch["ino"]):
+            return path
+    raise UnsupportedState(
+        f"inotify watch {watch['wd']} is on inode {watch['ino']} of device "
+        f"{os.major(watch['dev'])}:{os.minor(watch['dev'])}, which no path leads to (deleted, "
+        "not reachable through a mount, or its name is no longer cached)")
+
+
+def describe_inotify(pid: int, fd: int, flags: int) -> FileDescriptor:
+    """An inotify instance: data is its watches as msgpack [[wd, mask, path], ...] by wd, each
+    watched inode found again by path (watched_path). Events queued in it are not carried."""
+    watches = parse_inotify_watches(_read(pid, f"fdinfo/{fd}").decode(errors="replace"))
+    mounts = functools.cache(lambda: mounts_by_device(pid))   # read only if a path is new
+    items = []
+    for w in watches:
+        try:
+            path = watched_path(pid, w, mounts)
+        except UnsupportedState as e:
+            raise UnsupportedState(f"fd {fd}: {e}") from None
+        items.append([w["wd"], w["mask"] & ~(IN_MASK_ADD | IN_MASK_CREATE), path])
+    return FileDescriptor(fd, "inotify", INOTIFY, flags, 0,
+                          data=msgpack.packb(items, use_bin_type=True,
+                                             unicode_errors="surrogateescape"))
+
+
 DELETED_MAX = 64 << 20      # the most content of a deleted file an image carries
 
 
 def describe_deleted(pid: int, fd: int, path: str, flags: int) -> FileDescriptor:
     """A regular file deleted while open: its content travels in the image (data), and the
     restorer makes a new unlinked file of it (offset: the fd's position)."""
-    from ..errors import UnsupportedState
     info = fdinfo(pid, fd)
     src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -242,6 +387,8 @@ def describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None]:
         st = os.stat(f"/proc/{pid}/fd/{fd}")
     except (FileNotFoundError, ProcessLookupError):
         return target, None
+    if stat_mod.S_ISFIFO(st.st_mode) and not target.startswith("pipe:"):
+        return f"fifo {target}", None
     if target.endswith(" (deleted)"):
         return f"deleted file {target[:-10]}", None
     if stat_mod.S_ISREG(st.st_mode) and target.startswith("/"):
@@ -249,9 +396,40 @@ def describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None]:
     if stat_mod.S_ISCHR(st.st_mode) and target in ("/dev/null", "/dev/zero", "/dev/urandom",
                                                     "/dev/random", "/dev/full"):
         return target, FileDescriptor(fd, "chr", target, flags, offset, (st.st_dev, st.st_ino))
+    end = _pty_end(st, info)
+    if end is not None:
+        # made anew if its master is in the tree, else handed over on one host (see
+        # source.ptys, which looks at the tree's ptys as a whole)
+        return target, FileDescriptor(fd, f"pty-{end[0]}", target, flags, 0, (0, end[1]))
     if stat_mod.S_ISDIR(st.st_mode):
         return f"directory {target}", None
     return target, None
+
+
+PTY_SLAVE_MAJOR = 136          # UNIX98 pty slaves: /dev/pts/N is 136:N
+PTMX = (5, 2)                  # /dev/ptmx (and /dev/pts/ptmx): opening it makes a pair
+
+
+def pty_end(pid: int, fd: int) -> tuple[str, int] | None:
+    """("master", N) or ("slave", N) if the fd is an end of the pty pair /dev/pts/N, else None."""
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGone(errno.ESRCH, f"stat /proc/{pid}/fd/{fd}", pid) from None
+    return _pty_end(st, lambda: fdinfo(pid, fd))
+
+
+def _pty_end(st: os.stat_result, info) -> tuple[str, int] | None:
+    """info: the fd's fdinfo, or a function that reads it (only a master needs it: its number
+    is its "tty-index")."""
+    if not stat_mod.S_ISCHR(st.st_mode):
+        return None
+    if os.major(st.st_rdev) == PTY_SLAVE_MAJOR:
+        return "slave", os.minor(st.st_rdev)
+    if (os.major(st.st_rdev), os.minor(st.st_rdev)) == PTMX:
+        number = (info() if callable(info) else info).get("tty-index")
+        return ("master", int(number)) if number is not None else None
+    return None
 
 
 # Kernel objects that live on their own, not tied to the process's mm or task: on the same host

@@ -24,8 +24,8 @@ from ..image import schema
 from ..kernel import native, procfs
 from ..kernel.native import lib
 from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
-from ..model import (AddressSpaceRound, ProcessState, Vma, Zombie, diff_layout, free_area,
-                     mapped_vmas, memory_vmas, merge_ranges, unpack_ranges, PROT_WRITE)
+from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Vma, Zombie, diff_layout,
+                     free_area, mapped_vmas, memory_vmas, merge_ranges, unpack_ranges, PROT_WRITE)
 
 SPECIAL_ORDER = ("[vvar]", "[vvar_vclock]", "[vdso]")
 PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
@@ -100,6 +100,7 @@ class Husk:
         self.fds: set[int] = set()        # fds open in the husk (to predict openat results)
         self.prepared = False
         self.resumed = False
+        self.ctty = -1                    # the source's pty number its controlling terminal is
 
     # ---- birth ------------------------------------------------------------------------------
 
@@ -235,6 +236,21 @@ class Husk:
     def lead_session(self) -> None:
         """setsid(): it leads a session, as the source did (before it forks any child)."""
         self.remote.call(lib.SYS_setsid)
+
+    def take_ctty(self, number: int, slave_path: str) -> None:
+        """Make the slave at slave_path (a new pair standing for the source's /dev/pts/number)
+        its controlling terminal: it leads a session (lead_session) and has not forked yet, so
+        every husk of its session is forked with it, as the source's processes were."""
+        fd = self._lowest_free_fd()
+        b = self.remote.batch()
+        b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(slave_path),
+               os.O_RDWR | lib.O_NOCTTY | lib.O_CLOEXEC, label=f"openat {slave_path}")
+        b.call(lib.SYS_ioctl, fd, lib.TIOCSCTTY, 0, label=f"ioctl(TIOCSCTTY) {slave_path}")
+        b.call(lib.SYS_close, fd)
+        results = self.remote.run(b)
+        if results[0] != fd:
+            raise RestoreError(f"husk {b.labels[0]} returned fd {results[0]}, expected {fd}")
+        self.ctty = number
 
     def join_group(self, pgid: int) -> None:
         """setpgid(0, pgid) in the husk: pgid is a pid as the restored tree sees it."""
@@ -507,7 +523,7 @@ class Husk:
 
     STARTER_OFFSET = 128       # in the scratch area: the runner is at 0, its table at 256
 
-    def hand_over_fds(self, items: list[tuple[int, int, "FileDescriptor"]],
+    def hand_over_fds(self, items: list[tuple[int, int, FileDescriptor]],
                       all_fds: set[int]) -> None:
         """Give the husk open file descriptions of other processes: items are (host pid,
         its fd, the FileDescriptor to make of it here). From a source on this host: pipes,
@@ -705,12 +721,16 @@ class Husk:
 
     def apply_state(self, state: ProcessState, source_pid: int | None = None,
                     tree: dict[int, int] | None = None,
-                    made: dict[tuple[int, int], int] | None = None) -> dict:
+                    made: dict[tuple[int, int], int] | None = None,
+                    queued_here: tuple[int, ...] = (SIGCHLD,)) -> dict:
         """Everything but the registers: fds, mm fields, signals, rseq... in one batch, after
         creating the other threads. source_pid: the live source on this host, to hand over
         what cannot be reopened; tree: host pids of the tree's husks by the pid they stand
         for, whose states were applied before (for open files shared with them); made:
-        objects the restorer made for the tree (pipes): our own fds, by (pid, fd)."""
+        objects the restorer made for the tree (pipes): our own fds, by (pid, fd);
+        queued_here: signals the restore itself may have queued to the husk (SIGCHLD from
+        its children husks, SIGWINCH from giving its terminal its window size), discarded
+        before the source's pending signals are queued again."""
         t0 = time.perf_counter()
         maybe_fail("apply_state")
         # limits first: RLIMIT_NOFILE bounds the fd numbers we are about to install
@@ -768,6 +788,15 @@ class Husk:
             opened.add(f.fd)
             if f.kind == "file":
                 b.call(lib.SYS_lseek, f.fd, f.offset, 0)
+        if state.tty_pgrp:
+            # its terminal's foreground group (the groups exist by now: StagedTree._set_groups)
+            tty_fd = lowest()
+            b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str("/dev/tty"),
+                   os.O_RDWR | lib.O_NOCTTY | lib.O_CLOEXEC, label="openat /dev/tty")
+            expected.append((len(b) - 1, tty_fd))
+            b.call(lib.SYS_ioctl, tty_fd, lib.TIOCSPGRP, b.put(struct.pack("=i", state.tty_pgrp)),
+                   label=f"ioctl(TIOCSPGRP, {state.tty_pgrp})")
+            b.call(lib.SYS_close, tty_fd)
         exe_fd = lowest()
         b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(state.exe), os.O_RDONLY | lib.O_CLOEXEC,
                label=f"openat exe {state.exe}")
@@ -783,10 +812,12 @@ class Husk:
         th = state.threads[0]
         self._thread_calls(b, th)
         # Children the restored tree made as husks (or removed, or zombies) queued SIGCHLDs
-        # here that the source never had: setting SIG_IGN discards a pending signal. Then
-        # the default, unless the source had an action of its own for it (set just below).
-        b.call(lib.SYS_rt_sigaction, SIGCHLD, b.put(KSIGACTION.pack(1, 0, 0, 0)), 0, 8)
-        b.call(lib.SYS_rt_sigaction, SIGCHLD, b.put(KSIGACTION.pack(0, 0, 0, 0)), 0, 8)
+        # here that the source never had (and its terminal's new window size a SIGWINCH):
+        # setting SIG_IGN discards a pending signal. Then the default, unless the source had
+        # an action of its own for it (set just below).
+        for sig in queued_here:
+            b.call(lib.SYS_rt_sigaction, sig, b.put(KSIGACTION.pack(1, 0, 0, 0)), 0, 8)
+            b.call(lib.SYS_rt_sigaction, sig, b.put(KSIGACTION.pack(0, 0, 0, 0)), 0, 8)
         for sig, a in sorted(state.sigactions.items()):
             if sig in (SIGKILL, SIGSTOP):
                 continue

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
+import socket
+import stat
 import tempfile
 import time
 
@@ -16,9 +19,9 @@ import msgpack
 
 from ..errors import ImageError, PrerestoreError, ProcessGone, RestoreError
 from ..image import schema
-from ..kernel import native, procfs, tcp
-from ..model import AddressSpaceRound, ProcessState, Round
-from .husk import Husk
+from ..kernel import native, procfs, tcp, tty
+from ..model import AddressSpaceRound, FileDescriptor, ProcessState, Round
+from .husk import SIGCHLD, Husk
 from .unixsock import UnixSockets
 
 
@@ -36,6 +39,183 @@ def _to_make(states: list[ProcessState], kinds: tuple[str, ...], made: dict):
                 made[(s.pid, f.fd)] = made[f.same_as]
                 continue
             yield s, f
+
+
+def fd_data(f: FileDescriptor, where: str, fields: dict[str, type]) -> dict:
+    """The msgpack map an fd of these kinds carries in `data`, checked field by field: a
+    corrupt one is an ImageError that names the field."""
+    try:
+        m = msgpack.unpackb(f.data, raw=False)
+    except Exception as e:
+        raise ImageError(f"{where}: corrupt {f.kind} state ({e})") from None
+    if not isinstance(m, dict):
+        raise ImageError(f"{where}: corrupt {f.kind} state (not a map)")
+    for name, kind in fields.items():
+        if not isinstance(m.get(name), kind):
+            raise ImageError(f"{where}: corrupt {f.kind} state: field {name!r} is "
+                             f"{type(m.get(name)).__name__}, expected {kind.__name__}")
+    return m
+
+
+FIFO_FIELDS = {"mode": int, "uid": int, "gid": int, "deleted": bool, "queued": bytes}
+
+
+def make_fifos(states: list[ProcessState], made: dict) -> None:
+    """Named FIFOs: opened at their path (made with mkfifo, with their mode and owner, where
+    missing; a FIFO deleted while open is made beside where it was and unlinked at once), each
+    open file description of the tree opened anew in its mode, the queued bytes written in once
+    per FIFO. A FIFO that already holds them is left as it is: on the same host it is the very
+    FIFO the frozen source still holds open, with its bytes in it."""
+    holders: dict[tuple[int, int], int] = {}
+    for s, f in _to_make(states, ("fifo",), made):
+        where = f"pid {s.pid} fd {f.fd}: FIFO {f.path}"
+        holder = holders.get(f.dev_inode)
+        if holder is None:
+            meta = fd_data(f, where, FIFO_FIELDS)
+            holder = holders[f.dev_inode] = _open_fifo(f.path, meta, where)
+            made[("fifo", holder)] = holder                 # closed with the rest
+            try:
+                if f.offset and fcntl.fcntl(holder, fcntl.F_GETPIPE_SZ) != f.offset:
+                    fcntl.fcntl(holder, fcntl.F_SETPIPE_SZ, f.offset)
+                queued = meta["queued"]
+                if queued and not native.pipe_peek(holder, max(f.offset, len(queued))
+                                                   ).startswith(queued):
+                    if os.write(holder, queued) != len(queued):
+                        raise RestoreError(f"{where}: could not queue its {len(queued)} bytes")
+            except OSError as e:
+                raise RestoreError(f"{where}: cannot give it its {f.offset} bytes of capacity "
+                                   f"and {len(meta['queued'])} queued bytes ({e})") from None
+        mode = f.flags & (os.O_ACCMODE | os.O_PATH | os.O_APPEND)
+        fd = os.open(f"/proc/self/fd/{holder}", mode | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not f.flags & os.O_PATH:
+            fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & (os.O_NONBLOCK | os.O_APPEND))
+        made[(s.pid, f.fd)] = fd
+
+
+def _open_fifo(path: str, meta: dict, where: str) -> int:
+    """Our own read-write fd of the FIFO at path (O_RDWR never waits for a peer), made first
+    if missing, or, for a FIFO deleted while open, a new one made beside it and unlinked."""
+    if meta["deleted"]:
+        where_dir = os.path.dirname(path)
+        path = os.path.join(where_dir if os.path.isdir(where_dir) else "/tmp",
+                            f".prerestore-fifo-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        if meta["deleted"] or not os.path.lexists(path):
+            os.mkfifo(path, 0o600)
+            os.chown(path, meta["uid"], meta["gid"])
+            os.chmod(path, meta["mode"])
+        elif not stat.S_ISFIFO(os.lstat(path).st_mode):
+            raise RestoreError(f"{where}: {path} is not a FIFO here")
+        try:
+            return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        finally:
+            if meta["deleted"]:
+                os.unlink(path)
+    except OSError as e:
+        raise RestoreError(f"{where}: cannot open or make it ({e})") from None
+
+
+def make_inotify(states: list[ProcessState], made: dict) -> None:
+    """inotify instances with their watches, at the paths the source's watched inodes had and
+    with the same wds (see native.make_inotify), nothing queued (events the source had not
+    read yet are not carried); added to `made` like pipes."""
+    todo = list(_to_make(states, ("inotify",), made))
+    if not todo:
+        return
+    spare = tempfile.mkdtemp(prefix=".prerestore-inotify-")   # takes the wds nobody had
+    try:
+        for s, f in todo:
+            where = f"pid {s.pid} fd {f.fd}: inotify"
+            watches = _inotify_watches(f, where)
+            try:
+                fd = native.make_inotify(os.O_CLOEXEC | (f.flags & os.O_NONBLOCK), spare,
+                                         [(wd, mask | procfs.IN_DONT_FOLLOW, path)
+                                          for wd, mask, path in watches])
+            except OSError as e:
+                raise RestoreError(f"{where}: cannot watch again what it watched: {e}") from None
+            made[(s.pid, f.fd)] = fd
+    finally:
+        os.rmdir(spare)
+
+
+def _inotify_watches(f: FileDescriptor, where: str) -> list[tuple[int, int, str]]:
+    try:
+        items = msgpack.unpackb(f.data, raw=False, unicode_errors="surrogateescape")
+    except Exception as e:
+        raise ImageError(f"{where}: corrupt inotify watches ({e})") from None
+    last = 0
+    if not isinstance(items, list):
+        raise ImageError(f"{where}: corrupt inotify watches (not a list)")
+    for i, w in enumerate(items):
+        if not (isinstance(w, list) and len(w) == 3 and isinstance(w[0], int) and
+                isinstance(w[1], int) and isinstance(w[2], str) and w[0] > last and
+                0 <= w[1] < 1 << 32):
+            raise ImageError(f"{where}: corrupt inotify watch {i} ({w!r}): expected "
+                             "[wd, mask, path] with wds ascending")
+        last = w[0]
+    return [tuple(w) for w in items]
+
+
+PTY_KINDS = ("pty-master", "pty-slave")
+
+
+def make_ptys(states: list[ProcessState], made: dict, pairs: dict[int, tuple[int, int]]
+              ) -> list[tuple[int, tty.PtyState]]:
+    """The tree's pty pairs: the pair made when its session leader's husk was (pairs: by the
+    source's pty number, our master fd and the new number), else a new one; the bytes queued
+    in it refilled, its settings, window size and modes given; the tree's master fd is that
+    master, each open file description of the slave a new open of it. Added to `made` like
+    pipes. Returns (master, state) for each, to lock once every husk is done (tty.lock)."""
+    ends = [(s, f) for s in states for f in sorted(s.fds, key=lambda f: f.fd)
+            if f.kind in PTY_KINDS]
+    firsts: dict[int, tuple[ProcessState, FileDescriptor]] = {}
+    for s, f in ends:
+        if f.kind == "pty-master" and not f.same_as:
+            firsts.setdefault(f.dev_inode[1], (s, f))
+    made_here: dict[int, tuple[int, int | None, tty.PtyState]] = {}
+    for number, (s, f) in firsts.items():
+        where = f"pid {s.pid} fd {f.fd}: pty /dev/pts/{number}"
+        try:
+            st = tty.PtyState.from_map(fd_data(f, where, {}))
+        except ValueError as e:
+            raise ImageError(f"{where}: corrupt pty state: {e}") from None
+        master, _ = pairs.pop(number) if number in pairs else tty.make_pair()
+        made[("pty", master)] = master                       # closed with the rest
+        slave = None
+        try:
+            if st.slave != "never":
+                slave = tty.open_slave(master, os.O_RDWR | os.O_NONBLOCK)
+                made[("pty", slave)] = slave
+            tty.refill(master, slave, st)
+            tty.settle(master, slave, st)
+        except OSError as e:
+            raise RestoreError(f"{where}: cannot give the new pair its state ({e})") from None
+        made_here[number] = (master, slave, st)
+    for s, f in ends:
+        if f.same_as:
+            continue
+        number = f.dev_inode[1]
+        where = f"pid {s.pid} fd {f.fd}: pty /dev/pts/{number}"
+        if number not in made_here:
+            raise ImageError(f"{where}: the image has no master fd of that pty")
+        master, _, _ = made_here[number]
+        if f.kind == "pty-master":
+            if firsts[number][1] is not f:
+                raise RestoreError(f"{where}: a second open file description of a pty master "
+                                   "cannot be made (a master is opened once)")
+            fd = master
+        else:
+            try:
+                fd = tty.open_slave(master, f.flags & os.O_ACCMODE)
+            except OSError as e:
+                raise RestoreError(f"{where}: cannot open the new pair's slave ({e})") from None
+            made[("pty", fd)] = fd
+        fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & os.O_NONBLOCK)
+        made[(s.pid, f.fd)] = fd
+    for s, f in ends:
+        if f.same_as:
+            made[(s.pid, f.fd)] = made[f.same_as]
+    return [(master, st) for master, _, st in made_here.values()]
 
 
 def make_deleted_files(states: list[ProcessState], made: dict) -> None:
@@ -156,6 +336,9 @@ class StagedTree:
     def __init__(self, *, pidns: bool = False):
         self.pidns = pidns
         self.husks: dict[int, Husk] = {}
+        # pty pairs made for session leaders' controlling terminals, by the source's pty
+        # number: (our master fd, the new pair's number); their state is given at finalize
+        self.ptys: dict[int, tuple[int, int]] = {}
         self.applied: list[tuple[str, Round]] = []     # rounds applied so far, oldest first
 
     @property
@@ -249,7 +432,16 @@ class StagedTree:
             self.husks[task.pid] = husk
         if task.sid == task.pid:
             husk.lead_session()            # before it forks anything: they inherit it
+            if task.ctty >= 0:
+                if task.ctty not in self.ptys:
+                    self.ptys[task.ctty] = tty.make_pair()
+                husk.take_ctty(task.ctty, f"/dev/pts/{self.ptys[task.ctty][1]}")
         return husk
+
+    def _close_ptys(self) -> None:
+        for master, _ in self.ptys.values():
+            os.close(master)
+        self.ptys = {}
 
     def _descendants(self, pid: int) -> list[int]:
         out, i = [pid], 0
@@ -329,22 +521,37 @@ class StagedTree:
             self._set_groups(final)
             direct = any(t.pages_from == "pid" for t in final.tasks)
             tree = {pid: h.host_pid for pid, h in self.husks.items()}
+            for t in final.tasks:
+                if self.husks[t.pid].ctty != t.ctty:
+                    raise RestoreError(f"process {t.pid}: its husk has pty "
+                                       f"{self.husks[t.pid].ctty} as controlling terminal, the "
+                                       f"final image {t.ctty}")
+            # giving a terminal its window size signals its foreground group
+            with_tty = {t.pid for t in final.tasks if t.ctty >= 0}
+            queued_here = {t.pid: (SIGCHLD, signal.SIGWINCH) if t.sid in with_tty
+                           else (SIGCHLD,) for t in final.tasks}
             made = make_pipes(final.states)
             unix = UnixSockets(final.states)
             try:
+                made_ptys = make_ptys(final.states, made, self.ptys)
                 unix.make()
                 for s, f in _to_make(final.states, ("unix",), made):
                     made[(s.pid, f.fd)] = unix.take(f)
                 make_anon(final.states, made)
                 make_tcp(final.states, made, built, foreign_ok=sockets_live is not None)
                 make_deleted_files(final.states, made)
+                make_fifos(final.states, made)
+                make_inotify(final.states, made)
                 state_stats = [self.husks[s.pid].apply_state(
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
-                    made) for s in final.states]
+                    made, queued_here[s.pid]) for s in final.states]
+                for master, st in made_ptys:       # once no husk opens a slave any more
+                    tty.lock(master, st)
             finally:
                 unix.close()
                 for fd in set(made.values()):
                     os.close(fd)
+                self._close_ptys()              # pairs no longer used (their leader gone)
             t_state = time.monotonic()
             for s in final.states:
                 self.husks[s.pid].load_registers(s)
@@ -407,6 +614,7 @@ class StagedTree:
                 h.kill()
         self.husks = {}
         self.applied = []
+        self._close_ptys()
 
 
 def _sum_stats(stats: list[dict]) -> dict:

@@ -6,6 +6,7 @@ The tree-level work (which processes, freezing them all, writing the round) is S
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import time
 from dataclasses import dataclass
@@ -55,9 +56,19 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
             continue       # carried if it stays inside the tree (see inner_ends)
         if desc is None and what in procfs.CARRIED_ANON and not same_host:
             continue       # made anew by the restorer
-        if desc is None and what.startswith(("directory ", "deleted file ")) and not same_host:
+        if desc is None and what == procfs.INOTIFY and not same_host:
+            try:
+                procfs.describe_inotify(pid, fd, 0)     # every watch must have a path
+            except UnsupportedState as e:
+                problems.append(str(e))
+            continue
+        if desc is None and what.startswith(("directory ", "deleted file ", "fifo ")) and \
+                not same_host:
             continue       # reopened / recreated from the image
-        if desc is None and not (same_host and procfs.can_hand_over(pid, fd, what)):
+        if desc is None and not same_host and _is_terminal(pid, fd):
+            problems.append(f"fd {fd}: {what} is a terminal of this host: a terminal cannot "
+                            "move")
+        elif desc is None and not (same_host and procfs.can_hand_over(pid, fd, what)):
             problems.append(f"fd {fd}: {what} (unsupported file kind"
                             f"{'' if same_host else ' between hosts'})")
     for v in procfs.maps(pid):
@@ -68,6 +79,25 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
         elif v.path.startswith("/") and v.path.endswith(" (deleted)") and not v.is_shmem:
             problems.append(f"mapping of a deleted file {v.path}")
     return problems
+
+
+def _is_terminal(pid: int, fd: int) -> bool:
+    """Is the fd a terminal? Asked of a copy of it: opening a terminal anew can have effects
+    (a serial line's modem signals)."""
+    try:
+        if not stat.S_ISCHR(os.stat(f"/proc/{pid}/fd/{fd}").st_mode):
+            return False
+        pidfd = native.pidfd_open(pid)
+        try:
+            mine = native.pidfd_getfd(pidfd, fd, pid)
+        finally:
+            os.close(pidfd)
+    except OSError:
+        return False
+    try:
+        return os.isatty(mine)
+    finally:
+        os.close(mine)
 
 
 class ProcessSource:
@@ -293,6 +323,10 @@ class ProcessSource:
                     desc = procfs.describe_anon(pid, fd, what)
                 elif not direct and what.startswith("directory "):
                     desc = FileDescriptor(fd, "dir", what[len("directory "):], flags, 0)
+                elif not direct and what == procfs.INOTIFY:
+                    desc = procfs.describe_inotify(pid, fd, flags)
+                elif not direct and what.startswith("fifo "):
+                    desc = procfs.describe_fifo(pid, fd, what[len("fifo "):], flags)
                 elif not direct and what.startswith("deleted file "):
                     desc = procfs.describe_deleted(pid, fd, what[len("deleted file "):],
                                                    flags)

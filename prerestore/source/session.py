@@ -24,7 +24,7 @@ from ..kernel import native, procfs, sockdiag, tcp
 from ..kernel.tracee import Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
-from . import unixsock
+from . import ptys, unixsock
 from .process import ProcessSource, find_unsupported
 
 
@@ -103,7 +103,7 @@ def inner_ends(tasks: list[procfs.TreeTask], external: frozenset[bytes] = frozen
 def find_tree_unsupported(root: int, same_host: bool = False,
                           external_unix: frozenset[bytes] = frozenset()) -> list[str]:
     tasks = procfs.tree(root)
-    problems = tree_problems(tasks)
+    problems = tree_problems(tasks) + ptys.pty_problems(tasks, same_host)
     if not same_host:
         problems += inner_ends(tasks, external_unix)
     for t in tasks:
@@ -152,8 +152,9 @@ def share_open_files(states: list[ProcessState]) -> None:
     seen: dict[tuple, list[tuple[int, FileDescriptor]]] = {}
     for s in states:
         for f in sorted(s.fds, key=lambda f: f.fd):
-            if f.kind not in ("file", "chr", "dir", "deleted", "pipe", "unix", "tcp", "udp",
-                              "eventfd", "timerfd", "signalfd", "epoll"):
+            if f.kind not in ("file", "chr", "dir", "deleted", "pipe", "fifo", "unix", "tcp",
+                              "udp", "eventfd", "timerfd", "signalfd", "epoll", "inotify",
+                              "pty-master", "pty-slave"):
                 continue
             key = (f.kind, f.dev_inode, f.offset, f.flags & ~0o2000000)  # O_CLOEXEC: per fd
             for pid, first in seen.get(key, []):
@@ -216,6 +217,46 @@ def capture_pipes(states: list[ProcessState]) -> None:
                 os.close(peek)
 
 
+def capture_fifos(states: list[ProcessState]) -> None:
+    """For an image: each named FIFO's capacity (on every fd of it) and the bytes queued in it
+    (peeked, not taken; on its first fd in the tree). They are peeked through a copy of a
+    readable fd of the tree where there is one; else through an open of our own, a reader for
+    a moment (which could let a writer outside the tree, waiting in open(2), go on)."""
+    by_fifo: dict[tuple[int, int], list[tuple[int, FileDescriptor]]] = {}
+    for s in states:
+        for f in s.fds:
+            if f.kind == "fifo":
+                by_fifo.setdefault(f.dev_inode, []).append((s.pid, f))
+    for fds in by_fifo.values():
+        readable = [(pid, f) for pid, f in fds if f.flags & os.O_ACCMODE != os.O_WRONLY and
+                    not f.flags & os.O_PATH]
+        pid, f = (readable or fds)[0]
+        try:
+            if readable:
+                pidfd = native.pidfd_open(pid)
+                try:
+                    peek = native.pidfd_getfd(pidfd, f.fd, pid)
+                finally:
+                    os.close(pidfd)
+            else:
+                peek = os.open(f"/proc/{pid}/fd/{f.fd}", os.O_RDONLY | os.O_NONBLOCK |
+                               os.O_CLOEXEC)
+        except OSError as e:
+            raise UnsupportedState(f"pid {pid} fd {f.fd}: FIFO {f.path}: cannot read what is "
+                                   f"queued in it ({e})") from None
+        try:
+            capacity = fcntl.fcntl(peek, fcntl.F_GETPIPE_SZ)
+            queued = native.pipe_peek(peek, capacity)
+        finally:
+            os.close(peek)
+        for _, g in fds:
+            g.offset = capacity
+        first = fds[0][1]
+        meta = msgpack.unpackb(first.data, raw=False)
+        meta["queued"] = queued
+        first.data = msgpack.packb(meta, use_bin_type=True)
+
+
 def capture_sockets(states: list[ProcessState], repaired: list[socket.socket],
                     external_unix: frozenset[bytes] = frozenset()) -> None:
     """For an image: TCP sockets through TCP repair (tcp.dump: established ones are left in
@@ -264,6 +305,8 @@ class SourceSession:
         self.last_round: tuple[str, Round] | None = None
         self.held: list[Tracee] = []      # every thread of the tree while frozen
         self.repaired: list[socket.socket] = []   # the source's TCP sockets in repair mode
+        self.ptys: list[ptys.CapturedPty] = []     # the tree's ptys, their queues read away
+        self.put_back_errors: list[str] = []
         # The image names processes as the tree's own pid namespace sees them (the root's
         # innermost one): a container-style tree is restored with its own pids.
         self.depth = len(procfs.ns_pids(pid)) - 1
@@ -337,8 +380,12 @@ class SourceSession:
                                       tracking=self.tracking, direct=self.direct)
                 except ProcessGone:
                     continue
-            elif parent is not None and parent.first:
-                p.first = True        # its parent's husk is made anew: so is its own
+            elif parent is not None and parent.first or \
+                    t.sid == t.pid and t.tty_nr != p.task.tty_nr:
+                # its parent's husk is made anew: so is its own; or it leads a session whose
+                # controlling terminal changed: its husk takes its terminal as it is made,
+                # and the husks of its session get it as they are forked
+                p.first = True
                 p.last_layout = None
             p.task = t
             keep[t.pid] = p
@@ -412,7 +459,21 @@ class SourceSession:
             share_open_files(states)
             if not self.direct:           # handed over, an epoll keeps its registrations
                 place_epoll_registrations(states)
+            problems = ptys.pty_problems(tasks, self.direct, ptys.ptys_of_states(states))
+            if problems:
+                raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
+            # a terminal's foreground group, if that group is still there (a job that ended
+            # before its shell took the terminal back leaves the number of a group gone)
+            by_pid = {t.pid: t for t in tasks}
+            members = {t.pid for t in tasks}
+            groups = {t.pgid for t in tasks}
+            for st in states:
+                t = by_pid[st.pid]
+                if t.sid == t.pid and t.ctty_pty >= 0 and t.tpgid in groups:
+                    st.tty_pgrp = self._ns_member(t.tpgid, members)
+            ptys.capture_ptys(states, self.direct, self.ptys)
             capture_pipes(states)
+            capture_fifos(states)
             capture_sockets(states, self.repaired, self.external_unix)
             states = [self._to_ns(s) for s in states]
             t_state = time.monotonic()
@@ -542,7 +603,7 @@ class SourceSession:
                     parent=self.ns_pid(t.parent) if parent else 0,
                     sid=self._ns_member(t.sid, members), pgid=self._ns_member(t.pgid, members),
                     starttime=t.starttime, first=p.first, exit_signal=t.exit_signal,
-                    source_pid=p.pid))
+                    source_pid=p.pid, ctty=t.ctty_pty if t.sid == t.pid else -1))
                 if not self.direct:
                     offset += nbytes
                 totals["bytes"] += nbytes
@@ -613,7 +674,23 @@ class SourceSession:
         for s in self.repaired:          # still in repair mode: it closes without a word
             s.close()
         self.repaired = []
+        self._release_ptys(put_back=False)
         self.close()
+
+    def _release_ptys(self, put_back: bool) -> None:
+        """Drop our hold on the source's ptys; with put_back, queue the bytes read from them
+        again first (the source goes on). A pty that cannot take them back does not keep the
+        others or the rollback from going on: what it lost is in self.put_back_errors."""
+        for p in self.ptys:
+            try:
+                if put_back:
+                    p.put_back()
+            except OSError as e:
+                self.put_back_errors.append(f"/dev/pts/{p.number}: the bytes waiting in it "
+                                            f"could not be queued again ({e})")
+            finally:
+                p.close()
+        self.ptys = []
 
     def resume(self) -> None:
         """Roll back: the source tree continues as if nothing happened."""
@@ -621,6 +698,7 @@ class SourceSession:
             tcp.repair_off(s)
             s.close()
         self.repaired = []
+        self._release_ptys(put_back=True)
         for t in self.held:
             try:
                 t.detach()
@@ -636,6 +714,7 @@ class SourceSession:
         for s in self.repaired:
             s.close()
         self.repaired = []
+        self._release_ptys(put_back=True)      # it may be resumed by hand
         for p in self.procs.values():
             if p.frozen:
                 p.frozen[0].detach(19)         # a group stop: every thread stops

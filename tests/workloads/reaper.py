@@ -6,7 +6,6 @@ subreaper. Prints "start pid=N", then "it=N orphans=K parents=ok" every 100 turn
 a wrong parent or a lost subreaper flag)."""
 import ctypes
 import os
-import sys
 import time
 
 libc = ctypes.CDLL(None, use_errno=True)
