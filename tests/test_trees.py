@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -309,3 +310,40 @@ def test_socketpairs_between_parent_and_child(tmp_path, direct):
         cleanup.run()
         src.kill()
         src.wait(10)
+
+
+def test_a_child_that_calls_setsid_between_rounds(tmp_path, cleanup):
+    """Round 0 is staged while the child is in its parent's session; it calls setsid() and
+    forks a grandchild before round 1. Its husk must lead a session of its own from that round
+    on, before the grandchild's husk is forked from it: after the move the child leads its
+    session and the grandchild is in it (each checks every turn)."""
+    import json
+    from migration import prerestore
+    from workloads import kill_pid, wait_for_iteration
+    go = tmp_path / "go"
+    argv = [sys.executable, WORKLOAD_DIR / "latesetsid.py", go]
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    cleanup.sources.append(src.pid)
+    cleanup.add(src)
+    sock = str(tmp_path / "stage.sock")
+    cleanup.sockets.append(sock)
+    wait_for_iteration(log, 100, pid=src.pid)
+    prerestore("predump", "-t", src.pid, "-D", tmp_path / "r0")
+    prerestore("stage", "-D", tmp_path / "r0", "--pidns", "--socket", sock)
+    go.touch()
+    wait_for_iteration(log, last_iteration(log) + 100, pid=src.pid)
+    prerestore("predump", "-t", src.pid, "-D", tmp_path / "r1", "--prev-images-dir",
+               tmp_path / "r0")
+    prerestore("stage", "-D", tmp_path / "r1", "--socket", sock)
+    prerestore("dump", "-t", src.pid, "-D", tmp_path / "final", "--prev-images-dir",
+               tmp_path / "r1", "--leave-stopped")
+    prerestore("finalize", "-D", tmp_path / "final", "--socket", sock)
+    report = json.loads((tmp_path / "final" / "finalize.json").read_text())
+    host = report["finalize"]["host_pid"]
+    cleanup.add(report["finalize"]["init_pid"], *dict(report["finalize"]["tree"]).values())
+    kill_pid(src)
+    it = last_iteration(log)
+    wait_for_iteration(log, it + 200, timeout=60, pid=host)
+    assert len(report["finalize"]["tree"]) == 3
+    assert "BAD" not in open(log).read()

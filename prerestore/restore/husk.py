@@ -233,6 +233,9 @@ class Husk:
         child.prepared = True
         return child
 
+    def leads_session(self) -> bool:
+        return procfs.stat_fields(self.host_pid)[6] == str(self.host_pid)
+
     def lead_session(self) -> None:
         """setsid(): it leads a session, as the source did (before it forks any child)."""
         self.remote.call(lib.SYS_setsid)
