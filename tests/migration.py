@@ -114,3 +114,41 @@ class Cleanup:
             if isinstance(pid, int) and not alive(pid):
                 continue
             kill_pid(pid)
+
+
+def move_and_compare(tmp_path, argv, ref_argv=None, *, direct: bool, cold: bool,
+                     warm_up: int = 300, more: int = 300, check=None, **migrate_kw) -> dict:
+    """The shape of a workload test: start the self-checking workload argv, let it run
+    `warm_up` iterations, migrate it (pre-restore or cold restore, handing objects over on
+    this host or through image files), let the restored tree run `more` iterations; then no
+    BAD line, and its it= lines are those of an unmigrated run of ref_argv (default argv: a
+    workload with paths of its own needs other ones). check(host_pid, log_path) adds the
+    test's own checks. Every process it started or restored is killed at the end. Returns the
+    migration report."""
+    from prerestore.migrate import migrate
+    from prerestore.policy import ConvergencePolicy
+    from workloads import (compare_with_reference, last_iteration, start_workload,
+                           wait_for_iteration)
+    migrate_kw.setdefault("policy", ConvergencePolicy(min_rounds=2, max_rounds=3))
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, warm_up, pid=src.pid)
+        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
+                    **migrate_kw)
+        host = r["restored_host_pid"]
+        cleanup.add(r["namespace_init_pid"], host, *r.get("restored_tree", {}).values())
+        src.wait(10)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + more, timeout=60, pid=host)
+        if check:
+            check(host, log)
+        text = open(log).read()
+        assert "BAD" not in text, [line for line in text.splitlines() if "BAD" in line][:5]
+        assert compare_with_reference(log, ref_argv or argv) >= (it + more) // 100
+        return r
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)

@@ -16,7 +16,7 @@ import sys
 import msgpack
 import pytest
 
-from migration import Cleanup, needs_root, wait_for_line
+from migration import Cleanup, move_and_compare, needs_root, wait_for_line
 from workloads import (WORKLOAD_DIR, compare_with_reference, last_iteration, start_workload,
                        wait_for_iteration)
 
@@ -28,30 +28,24 @@ from prerestore.policy import ConvergencePolicy
 pytestmark = needs_root
 
 
+
+def dir_workload(tmp_path, name: str) -> tuple[list, list]:
+    """(argv, ref_argv) of a workload that works in a directory: one for the migrated run,
+    another for its unmigrated reference."""
+    work, ref = tmp_path / "dir", tmp_path / "ref"
+    work.mkdir()
+    ref.mkdir()
+    return ([sys.executable, WORKLOAD_DIR / name, work],
+            [sys.executable, WORKLOAD_DIR / name, ref])
+
 @pytest.mark.parametrize("cold", [False, True], ids=["prerestore", "cold"])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-files"])
 def test_eventfd_timerfd_signalfd_epoll(tmp_path, direct, cold):
-    argv = [sys.executable, WORKLOAD_DIR / "kernelobjs.py"]
-    log = tmp_path / "out.log"
-    src = start_workload(argv, log)
-    cleanup = Cleanup()
-    try:
-        wait_for_iteration(log, 300, pid=src.pid)
-        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
-                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
-        host = r["restored_host_pid"]
-        cleanup.add(r["namespace_init_pid"], host)
-        src.wait(10)
-        it = last_iteration(log)
-        wait_for_iteration(log, it + 300, timeout=60, pid=host)
+    def signalfd_reads(host, log):
         os.kill(host, signal.SIGUSR1)                 # read through the restored signalfd
         assert wait_for_line(log, "SIGUSR1 count=1")
-        assert "BAD" not in open(log).read()
-        assert compare_with_reference(log, argv) >= (it + 300) // 100
-    finally:
-        cleanup.run()
-        src.kill()
-        src.wait(10)
+    move_and_compare(tmp_path, [sys.executable, WORKLOAD_DIR / "kernelobjs.py"],
+                     direct=direct, cold=cold, check=signalfd_reads)
 
 
 @pytest.mark.parametrize("cold", [False, True], ids=["prerestore", "cold"])
@@ -61,30 +55,7 @@ def test_files_directories_and_devices(tmp_path, direct, cold):
     file keeps its mode), a directory fd, a file deleted while open (its content carried in
     the image and recreated unlinked, at the same offset), /dev/zero, /dev/urandom,
     /dev/null."""
-    work = tmp_path / "dir"
-    work.mkdir()
-    argv = [sys.executable, WORKLOAD_DIR / "files.py", work]
-    log = tmp_path / "out.log"
-    src = start_workload(argv, log)
-    cleanup = Cleanup()
-    try:
-        wait_for_iteration(log, 300, pid=src.pid)
-        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
-                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
-        host = r["restored_host_pid"]
-        cleanup.add(r["namespace_init_pid"], host)
-        src.wait(10)
-        it = last_iteration(log)
-        wait_for_iteration(log, it + 300, timeout=60, pid=host)
-        assert "BAD" not in open(log).read()
-        ref = tmp_path / "ref"
-        ref.mkdir()
-        assert compare_with_reference(log, [sys.executable, WORKLOAD_DIR / "files.py", ref]) \
-            >= (it + 300) // 100
-    finally:
-        cleanup.run()
-        src.kill()
-        src.wait(10)
+    move_and_compare(tmp_path, *dir_workload(tmp_path, "files.py"), direct=direct, cold=cold)
 
 
 @pytest.mark.parametrize("cold", [False, True], ids=["prerestore", "cold"])
@@ -94,30 +65,7 @@ def test_fifos_with_queued_data(tmp_path, direct, cold):
     one shared by both processes (inherited, and opened again by the child), one deleted while
     open, all with messages queued at any moment: handed over on one host, reopened at their
     path (their queued bytes written in once) through images."""
-    work = tmp_path / "dir"
-    work.mkdir()
-    argv = [sys.executable, WORKLOAD_DIR / "fifos.py", work]
-    log = tmp_path / "out.log"
-    src = start_workload(argv, log)
-    cleanup = Cleanup()
-    try:
-        wait_for_iteration(log, 300, pid=src.pid)
-        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
-                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
-        host = r["restored_host_pid"]
-        cleanup.add(r["namespace_init_pid"], host)
-        src.wait(10)
-        it = last_iteration(log)
-        wait_for_iteration(log, it + 300, timeout=60, pid=host)
-        assert "BAD" not in open(log).read()
-        ref = tmp_path / "ref"
-        ref.mkdir()
-        assert compare_with_reference(log, [sys.executable, WORKLOAD_DIR / "fifos.py", ref]) \
-            >= (it + 300) // 100
-    finally:
-        cleanup.run()
-        src.kill()
-        src.wait(10)
+    move_and_compare(tmp_path, *dir_workload(tmp_path, "fifos.py"), direct=direct, cold=cold)
 
 
 def test_fifos_made_again_from_an_image(tmp_path):
@@ -167,32 +115,10 @@ def test_inotify_watches_keep_their_wds(tmp_path, direct, cold):
     with the same wds. The workload checks the wd and name of every event it causes after the
     move. Events queued and unread at the freeze are not carried through images: at most the
     one turn the freeze cut is done again."""
-    work = tmp_path / "dir"
-    work.mkdir()
-    argv = [sys.executable, WORKLOAD_DIR / "inotifywatch.py", work]
-    log = tmp_path / "out.log"
-    src = start_workload(argv, log)
-    cleanup = Cleanup()
-    try:
-        wait_for_iteration(log, 300, pid=src.pid)
-        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
-                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
-        host = r["restored_host_pid"]
-        cleanup.add(r["namespace_init_pid"], host)
-        src.wait(10)
-        it = last_iteration(log)
-        wait_for_iteration(log, it + 300, timeout=60, pid=host)
-        text = open(log).read()
-        assert "BAD" not in text
-        assert text.count("LOST") <= (0 if direct else 1)
-        ref = tmp_path / "ref"
-        ref.mkdir()
-        assert compare_with_reference(
-            log, [sys.executable, WORKLOAD_DIR / "inotifywatch.py", ref]) >= (it + 300) // 100
-    finally:
-        cleanup.run()
-        src.kill()
-        src.wait(10)
+    def at_most_the_cut_turn_lost(host, log):
+        assert open(log).read().count("LOST") <= (0 if direct else 1)
+    move_and_compare(tmp_path, *dir_workload(tmp_path, "inotifywatch.py"), direct=direct,
+                     cold=cold, check=at_most_the_cut_turn_lost)
 
 
 def _state_with(*fds: FileDescriptor) -> ProcessState:
@@ -251,25 +177,8 @@ def test_pty_pair_with_a_session_and_a_foreground_job(tmp_path, direct, cold):
     terminal and its foreground group. The workload checks echo, line editing and raw mode
     through the line discipline after the move, and that the job still is the foreground
     group of its controlling terminal and never saw a SIGWINCH."""
-    argv = [sys.executable, WORKLOAD_DIR / "pty.py"]
-    log = tmp_path / "out.log"
-    src = start_workload(argv, log)
-    cleanup = Cleanup()
-    try:
-        wait_for_iteration(log, 200, pid=src.pid)
-        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
-                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
-        host = r["restored_host_pid"]
-        cleanup.add(r["namespace_init_pid"], host)
-        src.wait(10)
-        it = last_iteration(log)
-        wait_for_iteration(log, it + 300, timeout=60, pid=host)
-        assert "BAD" not in open(log).read()
-        assert compare_with_reference(log, argv) >= (it + 300) // 100
-    finally:
-        cleanup.run()
-        src.kill()
-        src.wait(10)
+    move_and_compare(tmp_path, [sys.executable, WORKLOAD_DIR / "pty.py"], direct=direct,
+                     cold=cold, warm_up=200)
 
 
 def assert_refused(pid: int, match: str, **kwargs) -> None:
@@ -442,22 +351,5 @@ def test_epoll_registration_made_by_another_task(tmp_path, direct, cold):
     """A child's registration in the epoll it shares with its parent (of a socket only the
     child has, at an fd number that is another file in the parent) is made again from the
     child, with the child's fd: the parent's waits go on reporting it."""
-    argv = [sys.executable, WORKLOAD_DIR / "epollshare.py"]
-    log = tmp_path / "out.log"
-    src = start_workload(argv, log)
-    cleanup = Cleanup()
-    try:
-        wait_for_iteration(log, 300, pid=src.pid)
-        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
-                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
-        host = r["restored_host_pid"]
-        cleanup.add(r["namespace_init_pid"], *r["restored_tree"].values())
-        src.wait(10)
-        it = last_iteration(log)
-        wait_for_iteration(log, it + 300, timeout=60, pid=host)
-        assert "BAD" not in open(log).read()
-        assert compare_with_reference(log, argv) >= (it + 300) // 100
-    finally:
-        cleanup.run()
-        src.kill()
-        src.wait(10)
+    move_and_compare(tmp_path, [sys.executable, WORKLOAD_DIR / "epollshare.py"], direct=direct,
+                     cold=cold)

@@ -18,9 +18,8 @@ import time
 
 import pytest
 
-from migration import Cleanup, needs_root, prerestore, wait_for_line
-from workloads import (WORKLOAD_DIR, compare_with_reference, last_iteration, start_workload,
-                       wait_for_iteration)
+from migration import Cleanup, move_and_compare, needs_root, prerestore, wait_for_line
+from workloads import WORKLOAD_DIR, last_iteration, start_workload, wait_for_iteration
 
 from prerestore.errors import RestoreError, UnsupportedState
 from prerestore.migrate import migrate
@@ -40,32 +39,16 @@ def unix_argv(work, direct: bool) -> list:
 @pytest.mark.parametrize("cold", [False, True], ids=["prerestore", "cold"])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-files"])
 def test_unix_sockets_of_every_kind(tmp_path, direct, cold):
-    work = tmp_path / "run"
+    work, ref = tmp_path / "run", tmp_path / "ref"
     work.mkdir()
-    argv = unix_argv(work, direct)
-    log = tmp_path / "out.log"
-    src = start_workload(argv, log)
-    cleanup = Cleanup()
-    try:
-        wait_for_iteration(log, 300, pid=src.pid)
-        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
-                    policy=POLICY)
-        host = r["restored_host_pid"]
-        cleanup.add(r["namespace_init_pid"], host)
-        src.wait(10)
-        it = last_iteration(log)
-        # REQ_STREAM is 20: 500 turns make 25 new connections to the restored listeners
-        wait_for_iteration(log, it + 500, timeout=60, pid=host)
-        assert "BAD" not in open(log).read()
+    ref.mkdir()
+
+    def socket_files_kept(host, log):
         assert sorted(os.listdir(work)) == ["client.sock", "dgram.sock", "leftover.sock",
                                             "stream.sock"]
-        ref = tmp_path / "ref"
-        ref.mkdir()
-        assert compare_with_reference(log, unix_argv(ref, direct)) >= (it + 500) // 100
-    finally:
-        cleanup.run()
-        src.kill()
-        src.wait(10)
+    # REQ_STREAM is 20: 500 turns make 25 new connections to the restored listeners
+    move_and_compare(tmp_path, unix_argv(work, direct), unix_argv(ref, direct), direct=direct,
+                     cold=cold, more=500, policy=POLICY, check=socket_files_kept)
 
 
 @pytest.mark.parametrize("point", ["apply_state", "resume"])
