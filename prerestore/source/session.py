@@ -426,9 +426,11 @@ class SourceSession:
                 return self.dump(directory, write=write, frozen_hook=frozen_hook)
             finally:
                 os.sched_setaffinity(0, mask)
-        t0 = time.monotonic()          # the clock the destination reports resumption in
         try:
             procs, tasks = self._freeze_tree()
+            # the clock the destination reports resumption in: from the first stop (listing
+            # the tree and seizing its threads, before that, leaves it running)
+            t0 = self.stopped_at
             if frozen_hook:
                 frozen_hook()        # e.g. release the service address: nothing reaches us now
             t_frozen = time.monotonic()
@@ -507,6 +509,7 @@ class SourceSession:
         held: dict[int, Tracee] = {}
         owner: dict[int, int] = {}
         self.held = []
+        self.stopped_at = None
         while True:
             new = []
             tasks = procfs.tree(self.pid)
@@ -529,6 +532,8 @@ class SourceSession:
                     new.append(held[tid])
             if not new:
                 break
+            if self.stopped_at is None:
+                self.stopped_at = time.monotonic()     # the tree stops from here on
             # a task may exit as we stop it (its parent, frozen, cannot reap it: the next
             # listing shows it as a zombie)
             for t in Tracee.stop_all(new, exiting_ok=True):
