@@ -468,8 +468,10 @@ def umask(pid: int) -> int:
     return int(status(pid).get("Umask", "0022"), 8)
 
 
+@functools.lru_cache(maxsize=1)
 def boot_id() -> str:
-    """Identifies this boot: monotonic timestamps compare only within one."""
+    """Identifies this boot: monotonic timestamps compare only within one. (Read once: it
+    cannot change under a running process, and the final step asks for it.)"""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
