@@ -379,6 +379,16 @@ def fd_numbers(pid: int) -> list[int]:
 
 def describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None]:
     """(what it is, the FileDescriptor if it is a supported kind, else None)."""
+    return describe_fd_flags(pid, fd)[:2]
+
+
+def describe_fd_flags(pid: int, fd: int) -> tuple[str, FileDescriptor | None, int]:
+    """describe_fd, and the fd's open flags (fdinfo read once: on the downtime path)."""
+    what, desc, info = _describe_fd(pid, fd)
+    return what, desc, int(info.get("flags", "0"), 8)
+
+
+def _describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None, dict[str, str]]:
     target = readlink(pid, f"fd/{fd}")
     info = fdinfo(pid, fd)
     flags = int(info.get("flags", "0"), 8)
@@ -386,24 +396,27 @@ def describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None]:
     try:
         st = os.stat(f"/proc/{pid}/fd/{fd}")
     except (FileNotFoundError, ProcessLookupError):
-        return target, None
+        return target, None, info
     if stat_mod.S_ISFIFO(st.st_mode) and not target.startswith("pipe:"):
-        return f"fifo {target}", None
+        return f"fifo {target}", None, info
     if target.endswith(" (deleted)"):
-        return f"deleted file {target[:-10]}", None
+        return f"deleted file {target[:-10]}", None, info
     if stat_mod.S_ISREG(st.st_mode) and target.startswith("/"):
-        return target, FileDescriptor(fd, "file", target, flags, offset, (st.st_dev, st.st_ino))
+        return target, FileDescriptor(fd, "file", target, flags, offset,
+                                      (st.st_dev, st.st_ino)), info
     if stat_mod.S_ISCHR(st.st_mode) and target in ("/dev/null", "/dev/zero", "/dev/urandom",
                                                     "/dev/random", "/dev/full"):
-        return target, FileDescriptor(fd, "chr", target, flags, offset, (st.st_dev, st.st_ino))
+        return target, FileDescriptor(fd, "chr", target, flags, offset,
+                                      (st.st_dev, st.st_ino)), info
     end = _pty_end(st, info)
     if end is not None:
         # made anew if its master is in the tree, else handed over on one host (see
         # source.ptys, which looks at the tree's ptys as a whole)
-        return target, FileDescriptor(fd, f"pty-{end[0]}", target, flags, 0, (0, end[1]))
+        return target, FileDescriptor(fd, f"pty-{end[0]}", target, flags, 0,
+                                      (0, end[1])), info
     if stat_mod.S_ISDIR(st.st_mode):
-        return f"directory {target}", None
-    return target, None
+        return f"directory {target}", None, info
+    return target, None, info
 
 
 PTY_SLAVE_MAJOR = 136          # UNIX98 pty slaves: /dev/pts/N is 136:N

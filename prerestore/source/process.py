@@ -313,9 +313,10 @@ class ProcessSource:
                 pending=native.peek_siginfo(t.pid, shared=False)))
         fds = []
         for fd in procfs.fd_numbers(pid):
-            what, desc = procfs.describe_fd(pid, fd)
+            what, desc, flags = procfs.describe_fd_flags(pid, fd)
             if desc is None:
-                flags = int(procfs.fdinfo(pid, fd).get("flags", "0"), 8)
+                protocol = tcp.protocol(pid, fd) if not direct and what.startswith("socket:") \
+                    else None
                 if not direct and what.startswith("pipe:"):
                     desc = FileDescriptor(fd, "pipe", what, flags, 0,
                                           (0, int(what[6:-1])))
@@ -330,10 +331,9 @@ class ProcessSource:
                 elif not direct and what.startswith("deleted file "):
                     desc = procfs.describe_deleted(pid, fd, what[len("deleted file "):],
                                                    flags)
-                elif not direct and what.startswith("socket:") and \
-                        tcp.protocol(pid, fd) in ("TCP", "TCPv6", "UDP", "UDPv6"):
+                elif protocol in ("TCP", "TCPv6", "UDP", "UDPv6"):
                     # its state is read from a copy of it (session.capture_sockets)
-                    kind = "tcp" if tcp.protocol(pid, fd).startswith("TCP") else "udp"
+                    kind = "tcp" if protocol.startswith("TCP") else "udp"
                     desc = FileDescriptor(fd, kind, what, flags, 0, (0, int(what[8:-1])))
                 elif not direct and what.startswith("socket:"):
                     # a unix socket (checked before): its state is read on the frozen
