@@ -117,16 +117,27 @@ def silence(sock: socket.socket, state: dict) -> None:
             pass
 
 
+def _new_socket(state: dict, kind: int, table, where: str, foreign_ok: bool) -> socket.socket:
+    """A socket of the state's family with its options set (and a foreign address allowed),
+    not bound yet."""
+    sock = socket.socket(state["family"], kind | socket.SOCK_CLOEXEC)
+    try:
+        _set_options(sock, state["opts"], table, where)
+        if foreign_ok:
+            allow_foreign_address(sock)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
 def restore_udp(state: dict, where: str, foreign_ok: bool = False) -> socket.socket:
     if not isinstance(state.get("family"), int) or not isinstance(state.get("local"), list) or \
             not isinstance(state.get("opts"), dict) or \
             state["family"] not in (socket.AF_INET, socket.AF_INET6):
         raise ImageError(f"{where}: corrupt UDP socket state")
-    sock = socket.socket(state["family"], socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    sock = _new_socket(state, socket.SOCK_DGRAM, UDP_OPTIONS, where, foreign_ok)
     try:
-        _set_options(sock, state["opts"], UDP_OPTIONS, where)
-        if foreign_ok:
-            allow_foreign_address(sock)
         local = tuple(state["local"])
         if local[1]:                                   # bound (an unbound one has port 0)
             sock.bind(local)
@@ -245,11 +256,8 @@ def restore(state: dict, where: str, foreign_ok: bool = False) -> socket.socket:
     the unsent bytes sent as the application had queued them. The local address must exist
     here, unless foreign_ok (allow_foreign_address: it arrives next, then settle())."""
     _check(state, where)
-    sock = socket.socket(state["family"], socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = _new_socket(state, socket.SOCK_STREAM, OPTIONS, where, foreign_ok)
     try:
-        _set_options(sock, state["opts"], OPTIONS, where)
-        if foreign_ok:
-            allow_foreign_address(sock)
         local = tuple(state["local"])
         if state["state"] == "listen":
             sock.bind(local)

@@ -247,12 +247,7 @@ def make_tcp(states: list[ProcessState], made: dict, built: list[tuple[socket.so
     the husks holding them die (tcp.silence)."""
     for s, f in _to_make(states, ("tcp", "udp"), made):
         where = f"pid {s.pid} fd {f.fd}"
-        try:
-            state = msgpack.unpackb(f.data, raw=False)
-        except Exception as e:
-            raise ImageError(f"{where}: corrupt {f.kind.upper()} socket state ({e})") from None
-        if not isinstance(state, dict):
-            raise ImageError(f"{where}: corrupt {f.kind.upper()} socket state")
+        state = fd_data(f, where, {})             # its fields: tcp.restore checks them
         try:
             sock = tcp.restore(state, where, foreign_ok) if f.kind == "tcp" else \
                 tcp.restore_udp(state, where, foreign_ok)
