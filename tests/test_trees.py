@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from migration import Cleanup, helper_processes, needs_root, ns_pids, wait_for_line
+from migration import (Cleanup, helper_processes, move_and_compare, needs_root, ns_pids,
+                       wait_for_line)
 from workloads import (WORKLOAD_DIR, compare_with_reference, last_iteration, start_workload,
                        wait_for_iteration)
 
@@ -237,24 +238,8 @@ def test_tree_in_its_own_pid_namespace(tree_bin, tmp_path):
 def test_child_subreaper_still_adopts_orphans(tmp_path):
     """The reaper relationship: a subreaper root adopts the orphans of its tree, before the
     migration and after it (its PR_SET_CHILD_SUBREAPER flag is carried)."""
-    import sys
-    argv = [sys.executable, WORKLOAD_DIR / "reaper.py"]
-    log = tmp_path / "out.log"
-    src = start_workload(argv, log)
-    cleanup = Cleanup()
-    try:
-        wait_for_iteration(log, 300, pid=src.pid)
-        r = migrate(src.pid, policy=POLICY, work_dir=str(tmp_path / "images"))
-        cleanup.add(r["namespace_init_pid"], r["restored_host_pid"])
-        src.wait(10)
-        it = last_iteration(log)
-        wait_for_iteration(log, it + 300, timeout=60, pid=r["restored_host_pid"])
-        assert "BAD" not in open(log).read()
-        assert compare_with_reference(log, argv) >= (it + 300) // 100
-    finally:
-        cleanup.run()
-        src.kill()
-        src.wait(10)
+    move_and_compare(tmp_path, [sys.executable, WORKLOAD_DIR / "reaper.py"], direct=True,
+                     cold=False, policy=POLICY)
 
 
 def test_dump_then_restore_with_the_same_pids(tree_bin, tmp_path):
@@ -292,24 +277,8 @@ def test_socketpairs_between_parent_and_child(tmp_path, direct):
     """Stream, datagram and seqpacket unix socket pairs between the two processes, with
     messages always queued both ways: handed over on one host, made anew with their queued
     messages through image files. Nothing lost, doubled or reordered."""
-    import sys
-    argv = [sys.executable, WORKLOAD_DIR / "socketpairs.py"]
-    log = tmp_path / "out.log"
-    src = start_workload(argv, log)
-    cleanup = Cleanup()
-    try:
-        wait_for_iteration(log, 300, pid=src.pid)
-        r = migrate(src.pid, policy=POLICY, direct=direct, work_dir=str(tmp_path / "images"))
-        cleanup.add(r["namespace_init_pid"], r["restored_host_pid"])
-        src.wait(10)
-        it = last_iteration(log)
-        wait_for_iteration(log, it + 300, timeout=60, pid=r["restored_host_pid"])
-        assert "BAD" not in open(log).read()
-        assert compare_with_reference(log, argv) >= (it + 300) // 100
-    finally:
-        cleanup.run()
-        src.kill()
-        src.wait(10)
+    move_and_compare(tmp_path, [sys.executable, WORKLOAD_DIR / "socketpairs.py"],
+                     direct=direct, cold=False, policy=POLICY)
 
 
 def test_a_child_that_calls_setsid_between_rounds(tmp_path, cleanup):
