@@ -299,7 +299,7 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
         progress(f"final: {r.stats['pages']} pages; downtime {report['downtime_ms']:.2f} ms (" +
                  ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + ")")
         return report
-    except BaseException:
+    except BaseException as exc:
         if running_there:
             raise
         if released is not None:             # the destination gave it back (or never took it)
@@ -309,6 +309,8 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
                 progress(f"warning: could not take the address {released.a.cidr} back: {e}")
         if session is not None:
             session.resume()                 # a no-op unless it is still frozen
+            for lost in session.put_back_errors:
+                exc.add_note(f"rolled back, but {lost}")
         try:
             ch.send({"op": "abort"})
         except OSError:

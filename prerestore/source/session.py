@@ -418,7 +418,6 @@ class SourceSession:
         cpu: run on that CPU meanwhile. Every injected batch is a round trip to a traced
         task; waking a task on another CPU costs an IPI, which in a VM can take longer than
         the work itself, so the whole final step runs on one CPU."""
-        check_supported(self.pid, self.direct, self.external_unix)   # refuse before freezing
         if cpu is not None:
             mask = os.sched_getaffinity(0)
             os.sched_setaffinity(0, {cpu})
@@ -426,6 +425,7 @@ class SourceSession:
                 return self.dump(directory, write=write, frozen_hook=frozen_hook)
             finally:
                 os.sched_setaffinity(0, mask)
+        check_supported(self.pid, self.direct, self.external_unix)   # refuse before freezing
         try:
             procs, tasks = self._freeze_tree()
             # the clock the destination reports resumption in: from the first stop (listing

@@ -97,7 +97,7 @@ class TrackerService:
                 if not isinstance(external, list) or \
                         not all(isinstance(n, str) for n in external):
                     raise ProtocolError("external_unix must be a list of names")
-                self.session.external_unix = external_names(external)
+                self.session.external_unix |= external_names(external)
             release_ip = msg.get("release_ip")
             if release_ip is not None and not isinstance(release_ip, str):
                 raise ProtocolError("release_ip must be an address")
