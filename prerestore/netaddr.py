@@ -165,49 +165,51 @@ class SwitchForwarder:
         v6 = ipaddress.ip_address(a.ip).version == 6
         self.path = f"/proc/sys/net/ipv6/conf/{a.dev}/force_forwarding" if v6 else \
             f"/proc/sys/net/ipv4/conf/{a.dev}/forwarding"
-        self.was: str | None = None
-        self.demux_was: str | None = None
         self.usable = os.path.exists(self.path) and _covered_by_another(a)
+        self.active = False
+        if self.usable:         # read now: at the freeze, start() only writes
+            self.was, self.demux_was = _read_sysctl(self.path), _read_sysctl(EARLY_DEMUX)
 
     def start(self) -> None:
-        """At the freeze, before the release (this is on the downtime path: one write)."""
-        if self.usable and self.was is None:
-            self.demux_was = _sysctl(EARLY_DEMUX, "0")
-            self.was = _sysctl(self.path, "1")
+        """At the freeze, before the release (this is on the downtime path: two writes)."""
+        if self.usable and not self.active:
+            _write_sysctl(EARLY_DEMUX, "0")
+            _write_sysctl(self.path, "1")
+            self.active = True
 
     def hand_over(self) -> None:
         """The destination runs: what still waits for the address goes to it."""
-        if self.was is not None and self.to_mac:
+        if self.active and self.to_mac:
             mac = ":".join(f"{b:02x}" for b in self.to_mac)
             _ip("neigh", "replace", self.a.ip, "lladdr", mac, "dev", self.a.dev, "nud", "stale")
 
     def close(self, handed_over: bool) -> None:
         """Forwarding back as it was; if the migration failed, what was held is dropped
         (silently: the peers retransmit to the source, which has its address back)."""
-        if self.was is None:
+        if not self.active:
             return
         if not handed_over:
             try:
                 _ip("neigh", "del", self.a.ip, "dev", self.a.dev)
             except PrerestoreError:
                 pass                               # nothing was queued
-        _sysctl(self.path, self.was)
-        self.was = None
-        if self.demux_was is not None:
-            _sysctl(EARLY_DEMUX, self.demux_was)
-            self.demux_was = None
+        _write_sysctl(self.path, self.was)
+        _write_sysctl(EARLY_DEMUX, self.demux_was)
+        self.active = False
 
 
 EARLY_DEMUX = "/proc/sys/net/ipv4/ip_early_demux"     # IPv4 and IPv6 alike
 
 
-def _sysctl(path: str, value: str) -> str:
-    """Set a sysctl (of this network namespace); returns what it was."""
+def _read_sysctl(path: str) -> str:
+    """A sysctl of this network namespace."""
     with open(path) as f:
-        was = f.read().strip()
+        return f.read().strip()
+
+
+def _write_sysctl(path: str, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
-    return was
 
 
 def _covered_by_another(a: Address) -> bool:

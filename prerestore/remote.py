@@ -269,7 +269,7 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
                 "destination, then kill the source or resume it with SIGCONT") from None
         t_acked = time.monotonic()
         running_there.append(True)          # from here on nothing may bring the source back
-        if forwarder is not None and forwarder.was is not None:
+        if forwarder is not None and forwarder.active:
             try:
                 forwarder.hand_over()
             except PrerestoreError as e:
@@ -279,7 +279,7 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
             ch.send({"op": "done"})
         except OSError:
             pass
-        if forwarder is not None and forwarder.was is not None:
+        if forwarder is not None and forwarder.active:
             time.sleep(SWITCH_LINGER)       # packets on their way here, or from stale caches
         phases = dict(r.stats["phases_ms"])
         phases["send_and_apply"] = (t_acked - r.stats["frozen_at"]) * 1e3 - sum(phases.values())
