@@ -207,7 +207,7 @@ def cmd_migrate(args) -> int:
                      direct=not args.via_files, tracking=args.tracking, work_dir=args.work_dir,
                      policy=policy, round_interval=args.round_interval / 1e3,
                      keep_images=args.keep_images, external_unix=args.external_unix,
-                     progress=lambda m: print(m, flush=True) if not args.quiet else None)
+                     progress=progress)
     print(f"migrated pid {args.tree} ({report['mode']}): downtime {report['downtime_ms']:.2f} ms, "
           f"total {report['total_ms']:.0f} ms, {len(report['rounds'])} pre-copy rounds; "
           f"running as host pid {report['restored_host_pid']}")

@@ -100,6 +100,7 @@ class Husk:
         self.fds: set[int] = set()        # fds open in the husk (to predict openat results)
         self.prepared = False
         self.resumed = False
+        self.leads_session = False        # only lead_session() makes a husk lead one
         self.ctty = -1                    # the source's pty number its controlling terminal is
 
     # ---- birth ------------------------------------------------------------------------------
@@ -233,12 +234,10 @@ class Husk:
         child.prepared = True
         return child
 
-    def leads_session(self) -> bool:
-        return procfs.stat_fields(self.host_pid)[6] == str(self.host_pid)
-
     def lead_session(self) -> None:
         """setsid(): it leads a session, as the source did (before it forks any child)."""
         self.remote.call(lib.SYS_setsid)
+        self.leads_session = True
 
     def take_ctty(self, number: int, slave_path: str) -> None:
         """Make the slave at slave_path (a new pair standing for the source's /dev/pts/number)
@@ -850,8 +849,8 @@ class Husk:
         for i, fd in expected:
             if results[i] != fd:
                 raise RestoreError(f"husk {b.labels[i]} returned fd {results[i]}, expected {fd}")
-        self.fds = {f.fd for f in state.fds if f.kind != "handover" and f.fd not in
-                    {f2.fd for _, _, f2 in items}}
+        handed = {f.fd for _, _, f in items}
+        self.fds = {f.fd for f in state.fds if f.kind != "handover" and f.fd not in handed}
         t_batch = time.perf_counter()
         if items:
             self.hand_over_fds(items, {f.fd for f in state.fds})

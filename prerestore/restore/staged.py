@@ -402,7 +402,7 @@ class StagedTree:
                 t0 = time.perf_counter()
                 husk = self._create(task)
                 created_ms += (time.perf_counter() - t0) * 1e3
-            elif task.sid == task.pid and not husk.leads_session():
+            elif task.sid == task.pid and not husk.leads_session:
                 # it called setsid() since its husk was made: so does the husk, before any
                 # child of this round is forked from it (they are in the new session)
                 husk.lead_session()
