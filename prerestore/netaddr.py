@@ -117,7 +117,8 @@ def claim(a: Address) -> None:
 class AddressStep:
     """One side's part of the address's move, as a hook that does it when called; undo()
     reverses it if it was done (the migration failed: the address goes back to the source).
-    releasing(a) is the source's freeze hook, claiming(a) the destination's sockets_live hook."""
+    releasing(a) is the source's freeze hook, claiming(a) the destination's (used by
+    StagedTree.finalize)."""
 
     def __init__(self, a: Address, do, undo):
         self.a, self._do, self._undo, self.done = a, do, undo, False

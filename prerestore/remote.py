@@ -111,13 +111,7 @@ class Receiver:
                     stats = self.staged.stage(directory)
                 else:                                   # final
                     directory = self._receive_round(msg, "final")
-                    claim = netaddr.claiming(self.claim_ip) if self.claim_ip else None
-                    try:
-                        stats = self.staged.finalize(directory, sockets_live=claim)
-                    except BaseException:
-                        if claim:                 # give the address back to the source
-                            claim.undo()
-                        raise
+                    stats = self.staged.finalize(directory, claim_ip=self.claim_ip)
                     self.finished = stats
                     self.log(f"running: pid {stats['pid']} (host pid {stats['host_pid']}), "
                              f"{stats['processes']} processes, finalize "

@@ -56,13 +56,8 @@ class StageService:
             claim_ip = msg.get("claim_ip")
             if claim_ip is not None and not isinstance(claim_ip, str):
                 raise ProtocolError("claim_ip must be ADDR/PREFIX@DEV")
-            claim = netaddr.claiming(netaddr.parse_claim(claim_ip)) if claim_ip else None
-            try:
-                stats = self.staged.finalize(directory, image, sockets_live=claim)
-            except BaseException:
-                if claim:
-                    claim.undo()
-                raise
+            stats = self.staged.finalize(
+                directory, image, claim_ip=netaddr.parse_claim(claim_ip) if claim_ip else None)
             return {"ok": True, "stats": stats}, True
         except PrerestoreError as e:
             print(f"{op} {directory}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ import time
 
 import msgpack
 
+from .. import netaddr
 from ..errors import ImageError, PrerestoreError, ProcessGone, RestoreError
 from ..image import schema
 from ..kernel import native, procfs, tcp, tty
@@ -488,15 +489,18 @@ class StagedTree:
             self.abort()
             raise
 
-    def finalize(self, directory: str, image: bytes | None = None, sockets_live=None) -> dict:
+    def finalize(self, directory: str, image: bytes | None = None,
+                 claim_ip: "netaddr.Address | None" = None) -> dict:
         """Apply the final image (read from directory, or handed over in-band as the bytes
         of its round.img) and resume. Returns timings (monotonic clock).
-        sockets_live: called once the tree's sockets are rebuilt and live and everything but
-        letting the tree go is done: where the service's address is claimed. Until then the
-        sockets are bound to it as a foreign address, so that no packet for the address
-        arrives here before its socket does (the kernel would answer it with a reset), and
-        none is taken in here that the source would miss if this restore failed."""
+        claim_ip: the service's address, claimed here once the tree's sockets are rebuilt
+        and live and everything but letting the tree go is done, given back if the restore
+        fails before the tree runs. Until then the sockets are bound to it as a foreign
+        address, so that no packet for the address arrives here before its socket does (the
+        kernel would answer it with a reset), and none is taken in here that the source
+        would miss if this restore failed."""
         t0 = time.monotonic()
+        claim = netaddr.claiming(claim_ip) if claim_ip else None
         built: list[tuple[socket.socket, dict]] = []
         unix = None
         try:
@@ -537,7 +541,7 @@ class StagedTree:
                 for s, f in _to_make(final.states, ("unix",), made):
                     made[(s.pid, f.fd)] = unix.take(f)
                 make_anon(final.states, made)
-                make_tcp(final.states, made, built, foreign_ok=sockets_live is not None)
+                make_tcp(final.states, made, built, foreign_ok=claim is not None)
                 make_deleted_files(final.states, made)
                 make_fifos(final.states, made)
                 make_inotify(final.states, made)
@@ -554,10 +558,10 @@ class StagedTree:
             t_state = time.monotonic()
             for s in final.states:
                 self.husks[s.pid].load_registers(s)
-            if sockets_live:
+            if claim:
                 # last, when nothing is left that may fail: from here on the peers talk to
                 # these sockets, and what they take in could not be given back to the source
-                sockets_live()
+                claim()
                 for sock, state in built:
                     tcp.settle(sock, state)
             for s in reversed(final.states):
@@ -566,6 +570,11 @@ class StagedTree:
         except BaseException:
             for sock, state in built:       # the source may resume: no FIN, no reset from here
                 tcp.silence(sock, state)
+            if claim:
+                try:
+                    claim.undo()          # the address back to the source
+                except PrerestoreError:
+                    pass
             if unix is not None:
                 unix.rollback()           # the source's socket files back where they were
             self.abort()
@@ -628,14 +637,6 @@ def _sum_stats(stats: list[dict]) -> dict:
 def cold_restore(directory: str, *, pidns: bool = False, claim_ip=None) -> dict:
     """Restore from a full image chain in one go: the baseline pre-restore is compared with.
     claim_ip: the service address (netaddr.Address) to take once the sockets are live."""
-    from .. import netaddr
     if not os.path.isdir(directory):
         raise ImageError(f"{directory}: no such image directory")
-    staged = StagedTree(pidns=pidns)
-    claim = netaddr.claiming(claim_ip) if claim_ip else None
-    try:
-        return staged.finalize(directory, sockets_live=claim)
-    except BaseException:
-        if claim:
-            claim.undo()
-        raise
+    return StagedTree(pidns=pidns).finalize(directory, claim_ip=claim_ip)
