@@ -170,12 +170,22 @@ def readlink(pid: int, name: str) -> str:
         raise ProcessGone(errno.ESRCH, f"readlink /proc/{pid}/{name}", pid) from None
 
 
-def fdinfo(pid: int, fd: int) -> dict[str, str]:
-    out = {}
-    for line in _read(pid, f"fdinfo/{fd}").decode(errors="replace").splitlines():
+def fdinfo_text(pid: int, fd: int) -> str:
+    return _read(pid, f"fdinfo/{fd}").decode(errors="replace")
+
+
+def parse_fdinfo(text: str) -> dict[str, str]:
+    """The fields of an fdinfo (the first of a repeated key: epoll's tfd, inotify's wd lines
+    are read from the text itself)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
         key, _, value = line.partition(":")
-        out[key] = value.strip()
+        out.setdefault(key.strip(), value.strip())
     return out
+
+
+def fdinfo(pid: int, fd: int) -> dict[str, str]:
+    return parse_fdinfo(fdinfo_text(pid, fd))
 
 
 # Kernel objects an image can carry (the restorer makes them anew): their /proc fdinfo says
@@ -186,18 +196,16 @@ TIMERFD = struct.Struct("=iqqqqQ")     # clockid, value s/ns, interval s/ns, tic
 EPOLL_ITEM = struct.Struct("=iIQ")     # target fd, events, data
 
 
-def describe_anon(pid: int, fd: int, what: str) -> FileDescriptor | None:
+def describe_anon(pid: int, fd: int, what: str, text: str | None = None
+                  ) -> FileDescriptor | None:
     """An eventfd (offset: its counter; data b"S" if in semaphore mode), timerfd (data:
     TIMERFD), signalfd (offset: its mask) or epoll (data: EPOLL_ITEMs, its registrations) from
-    fdinfo; None for other kinds."""
+    fdinfo (its text, if read already); None for other kinds."""
     kind = CARRIED_ANON.get(what)
     if kind is None:
         return None
-    raw = _read(pid, f"fdinfo/{fd}").decode(errors="replace")
-    info = {}
-    for line in raw.splitlines():
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
+    raw = text if text is not None else fdinfo_text(pid, fd)
+    info = parse_fdinfo(raw)
     flags = int(info.get("flags", "0"), 8)
     if kind == "eventfd":
         return FileDescriptor(fd, kind, what, flags, int(info["eventfd-count"], 16),
@@ -334,10 +342,11 @@ def _find_watched_path(pid: int, watch: dict, mounts: dict[int, list[tuple[str, 
         "not reachable through a mount, or its name is no longer cached)")
 
 
-def describe_inotify(pid: int, fd: int, flags: int) -> FileDescriptor:
+def describe_inotify(pid: int, fd: int, flags: int, text: str | None = None
+                     ) -> FileDescriptor:
     """An inotify instance: data is its watches as msgpack [[wd, mask, path], ...] by wd, each
     watched inode found again by path (watched_path). Events queued in it are not carried."""
-    watches = parse_inotify_watches(_read(pid, f"fdinfo/{fd}").decode(errors="replace"))
+    watches = parse_inotify_watches(text if text is not None else fdinfo_text(pid, fd))
     mounts = functools.cache(lambda: mounts_by_device(pid))   # read only if a path is new
     items = []
     for w in watches:
@@ -354,10 +363,11 @@ def describe_inotify(pid: int, fd: int, flags: int) -> FileDescriptor:
 DELETED_MAX = 64 << 20      # the most content of a deleted file an image carries
 
 
-def describe_deleted(pid: int, fd: int, path: str, flags: int) -> FileDescriptor:
+def describe_deleted(pid: int, fd: int, path: str, flags: int, text: str | None = None
+                     ) -> FileDescriptor:
     """A regular file deleted while open: its content travels in the image (data), and the
     restorer makes a new unlinked file of it (offset: the fd's position)."""
-    info = fdinfo(pid, fd)
+    info = parse_fdinfo(text if text is not None else fdinfo_text(pid, fd))
     src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(src).st_size
@@ -379,44 +389,42 @@ def fd_numbers(pid: int) -> list[int]:
 
 def describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None]:
     """(what it is, the FileDescriptor if it is a supported kind, else None)."""
-    return describe_fd_flags(pid, fd)[:2]
+    what, desc, _ = describe_fd_text(pid, fd)
+    return what, desc
 
 
-def describe_fd_flags(pid: int, fd: int) -> tuple[str, FileDescriptor | None, int]:
-    """describe_fd, and the fd's open flags (fdinfo read once: on the downtime path)."""
-    what, desc, info = _describe_fd(pid, fd)
-    return what, desc, int(info.get("flags", "0"), 8)
-
-
-def _describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None, dict[str, str]]:
+def describe_fd_text(pid: int, fd: int) -> tuple[str, FileDescriptor | None, str]:
+    """describe_fd, and the text of its fdinfo (read once: the final step describes the
+    kinds it carries from it)."""
     target = readlink(pid, f"fd/{fd}")
-    info = fdinfo(pid, fd)
+    text = fdinfo_text(pid, fd)
+    info = parse_fdinfo(text)
     flags = int(info.get("flags", "0"), 8)
     offset = int(info.get("pos", "0"))
     try:
         st = os.stat(f"/proc/{pid}/fd/{fd}")
     except (FileNotFoundError, ProcessLookupError):
-        return target, None, info
+        return target, None, text
     if stat_mod.S_ISFIFO(st.st_mode) and not target.startswith("pipe:"):
-        return f"fifo {target}", None, info
+        return f"fifo {target}", None, text
     if target.endswith(" (deleted)"):
-        return f"deleted file {target[:-10]}", None, info
+        return f"deleted file {target[:-10]}", None, text
     if stat_mod.S_ISREG(st.st_mode) and target.startswith("/"):
         return target, FileDescriptor(fd, "file", target, flags, offset,
-                                      (st.st_dev, st.st_ino)), info
+                                      (st.st_dev, st.st_ino)), text
     if stat_mod.S_ISCHR(st.st_mode) and target in ("/dev/null", "/dev/zero", "/dev/urandom",
                                                     "/dev/random", "/dev/full"):
         return target, FileDescriptor(fd, "chr", target, flags, offset,
-                                      (st.st_dev, st.st_ino)), info
+                                      (st.st_dev, st.st_ino)), text
     end = _pty_end(st, info)
     if end is not None:
         # made anew if its master is in the tree, else handed over on one host (see
         # source.ptys, which looks at the tree's ptys as a whole)
         return target, FileDescriptor(fd, f"pty-{end[0]}", target, flags, 0,
-                                      (0, end[1])), info
+                                      (0, end[1])), text
     if stat_mod.S_ISDIR(st.st_mode):
-        return f"directory {target}", None, info
-    return target, None, info
+        return f"directory {target}", None, text
+    return target, None, text
 
 
 PTY_SLAVE_MAJOR = 136          # UNIX98 pty slaves: /dev/pts/N is 136:N

@@ -313,24 +313,25 @@ class ProcessSource:
                 pending=native.peek_siginfo(t.pid, shared=False)))
         fds = []
         for fd in procfs.fd_numbers(pid):
-            what, desc, flags = procfs.describe_fd_flags(pid, fd)
+            what, desc, text = procfs.describe_fd_text(pid, fd)
             if desc is None:
+                flags = int(procfs.parse_fdinfo(text).get("flags", "0"), 8)
                 protocol = tcp.protocol(pid, fd) if not direct and what.startswith("socket:") \
                     else None
                 if not direct and what.startswith("pipe:"):
                     desc = FileDescriptor(fd, "pipe", what, flags, 0,
                                           (0, int(what[6:-1])))
                 elif not direct and what in procfs.CARRIED_ANON:
-                    desc = procfs.describe_anon(pid, fd, what)
+                    desc = procfs.describe_anon(pid, fd, what, text)
                 elif not direct and what.startswith("directory "):
                     desc = FileDescriptor(fd, "dir", what[len("directory "):], flags, 0)
                 elif not direct and what == procfs.INOTIFY:
-                    desc = procfs.describe_inotify(pid, fd, flags)
+                    desc = procfs.describe_inotify(pid, fd, flags, text)
                 elif not direct and what.startswith("fifo "):
                     desc = procfs.describe_fifo(pid, fd, what[len("fifo "):], flags)
                 elif not direct and what.startswith("deleted file "):
                     desc = procfs.describe_deleted(pid, fd, what[len("deleted file "):],
-                                                   flags)
+                                                   flags, text)
                 elif protocol in ("TCP", "TCPv6", "UDP", "UDPv6"):
                     # its state is read from a copy of it (session.capture_sockets)
                     kind = "tcp" if protocol.startswith("TCP") else "udp"
@@ -345,7 +346,7 @@ class ProcessSource:
                     desc = FileDescriptor(fd, "handover", what, flags, 0)
                     if what == "anon_inode:[eventpoll]":
                         # its registrations: those of signalfds are made again in the husk
-                        desc.data = procfs.describe_anon(pid, fd, what).data
+                        desc.data = procfs.describe_anon(pid, fd, what, text).data
             fds.append(desc)
         numbers = {f.fd for f in fds}
         for f in fds:
