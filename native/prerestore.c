@@ -70,6 +70,7 @@ const long PR_CHUNK = COPY_CHUNK;
 
 _Static_assert(sizeof(struct pr_regs) == sizeof(struct user_regs_struct), "regs layout");
 _Static_assert(sizeof(struct pr_call) == 64, "batch table entry is 64 bytes");
+_Static_assert(sizeof(struct pr_saved) <= PR_SAVED_BELOW, "saved context fits below the table");
 
 /* ---- ptrace ---------------------------------------------------------------------------- */
 
@@ -229,33 +230,56 @@ int pr_inject_syscall(int pid, uint64_t insn, int64_t nr, const uint64_t *args, 
 }
 
 /* The batch runner: position-independent code copied into a scratch page of the tracee.
- * It walks a table of struct pr_call (rbx = table, r12 = count), runs each system call, stores
- * the result, and stops at the end or at the first error with int3. One ptrace round trip runs
- * the whole batch, instead of one (16-80 us) per call. */
+ * It walks a table of struct pr_call (rbx = table, left as it is; r15 walks it; r12 = count),
+ * runs each system call, stores the result, and stops at the end or at the first error:
+ *   r13 == 0 (husks): with int3;
+ *   r13 != 0 (a source process): by sending itself SIGSTOP, then again and again.
+ * Why a source never meets int3: if our tracer dies while the task sits in (or is on its way
+ * to) a SIGTRAP stop, the kernel delivers the SIGTRAP and the task dies with it (issue: kill -9
+ * of migrate killed the source). A SIGSTOP delivered without a tracer only stops it, durably:
+ * the task never runs a user instruction of ours again, and whoever finds it restores the
+ * registers saved in the struct pr_saved at rbx - PR_SAVED_BELOW (`prerestore recover`).
+ * One ptrace round trip runs the whole batch, instead of one (16-80 us) per call. */
 __asm__(".pushsection .rodata\n"
         ".globl pr_runner_start\n"
         "pr_runner_start:\n"
+        "   mov %rbx, %r15\n"
         "1: test %r12, %r12\n"
         "   jz 2f\n"
-        "   mov 0(%rbx), %rax\n"
-        "   mov 8(%rbx), %rdi\n"
-        "   mov 16(%rbx), %rsi\n"
-        "   mov 24(%rbx), %rdx\n"
-        "   mov 32(%rbx), %r10\n"
-        "   mov 40(%rbx), %r8\n"
-        "   mov 48(%rbx), %r9\n"
+        "   mov 0(%r15), %rax\n"
+        "   mov 8(%r15), %rdi\n"
+        "   mov 16(%r15), %rsi\n"
+        "   mov 24(%r15), %rdx\n"
+        "   mov 32(%r15), %r10\n"
+        "   mov 40(%r15), %r8\n"
+        "   mov 48(%r15), %r9\n"
         "   syscall\n"
-        "   mov %rax, 56(%rbx)\n"
+        "   mov %rax, 56(%r15)\n"
         "   cmp $-4095, %rax\n"
         "   jae 2f\n"
-        "   add $64, %rbx\n"
+        "   add $64, %r15\n"
         "   dec %r12\n"
         "   jmp 1b\n"
-        "2: int3\n"
+        "2: test %r13, %r13\n"
+        "   jz 4f\n"
+        "3: mov $39, %eax\n"           /* getpid, gettid: our own ids in our namespace */
+        "   syscall\n"
+        "   mov %rax, %r14\n"
+        "   mov $186, %eax\n"
+        "   syscall\n"
+        "   mov %rax, %rsi\n"
+        "   mov %r14, %rdi\n"
+        "   mov $19, %edx\n"
+        "   mov $234, %eax\n"          /* tgkill(pid, tid, SIGSTOP) */
+        "   syscall\n"
+        ".globl pr_runner_parked\n"
+        "pr_runner_parked:\n"
+        "   jmp 3b\n"
+        "4: int3\n"
         ".globl pr_runner_end\n"
         "pr_runner_end:\n"
         ".popsection\n");
-extern const char pr_runner_start[], pr_runner_end[];
+extern const char pr_runner_start[], pr_runner_parked[], pr_runner_end[];
 
 /* The thread starter, copied into the scratch area next to the runner: clone3 (its arguments
  * set by the caller), then the parent traps, and the new thread parks in pause() (all signals
@@ -345,13 +369,33 @@ size_t pr_batch_runner(const void **code)
 /* Start `n` calls in the tracee with the runner already copied to `runner`, and return at
  * once: the tracee runs them while we do other work; pr_finish_batch waits for the end.
  * `data` (call arguments that are buffers) is written to `data_addr` and the table to `table`
- * in the same process_vm_writev. Registers are the caller's to save and restore. */
+ * in the same process_vm_writev.
+ *
+ * park (a source process, see the runner): the task sits in a SIGSTOP delivery stop (parked)
+ * and must end in one again. Its registers and signal mask are first saved in the tracee at
+ * table - PR_SAVED_BELOW, then the registers are pointed at the runner, then every signal is
+ * blocked (so that only our SIGSTOP stops it): in that order, a task left by a dead tracer at
+ * any step either has its own registers and mask, or points into the runner with them saved.
+ * Registers and mask are the caller's to restore: the mask first, then the registers. */
 int pr_start_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
-                   const void *data, size_t data_len, uint64_t data_addr)
+                   const void *data, size_t data_len, uint64_t data_addr, int park)
 {
-    struct iovec l[2], r[2];
+    struct iovec l[3], r[3];
     int k = 0;
     struct user_regs_struct regs;
+    struct pr_saved saved;
+    if (ptrace(PTRACE_GETREGS, pid, 0, &regs))
+        return ERR;
+    if (park) {
+        memset(&saved, 0, sizeof saved);
+        saved.magic = PR_SAVED_MAGIC;
+        saved.runner = runner;
+        memcpy(&saved.regs, &regs, sizeof regs);
+        if (ptrace(PTRACE_GETSIGMASK, pid, (void *)8, &saved.sigmask))
+            return ERR;
+        l[k] = (struct iovec){&saved, sizeof saved};
+        r[k++] = (struct iovec){(void *)(table - PR_SAVED_BELOW), sizeof saved};
+    }
     for (long i = 0; i < n; i++)
         calls[i].ret = -ENOEXEC;
     l[k] = (struct iovec){calls, n * sizeof *calls};
@@ -360,32 +404,55 @@ int pr_start_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *cal
         l[k] = (struct iovec){(void *)data, data_len};
         r[k++] = (struct iovec){(void *)data_addr, data_len};
     }
-    ssize_t want = n * sizeof *calls + data_len;
+    ssize_t want = n * sizeof *calls + data_len + (park ? sizeof saved : 0);
     if (process_vm_writev(pid, l, k, r, k, 0) != want)
         return errno ? ERR : -EIO;
-    if (ptrace(PTRACE_GETREGS, pid, 0, &regs))
-        return ERR;
     regs.rip = runner;
     regs.rbx = table;
     regs.r12 = n;
+    regs.r13 = park;
     regs.orig_rax = -1;
-    if (ptrace(PTRACE_SETREGS, pid, 0, &regs) || ptrace(PTRACE_CONT, pid, 0, 0))
+    uint64_t all = ~0ULL;
+    if (ptrace(PTRACE_SETREGS, pid, 0, &regs))
+        return ERR;
+    if (park && ptrace(PTRACE_SETSIGMASK, pid, (void *)8, &all))
+        return ERR;
+    if (ptrace(PTRACE_CONT, pid, 0, 0))   /* parked: 0 suppresses the SIGSTOP it stops in */
         return ERR;
     return 0;
 }
 
 /* Wait for a batch started by pr_start_batch. Results come back in calls[i].ret; *done is the
- * number of calls run (the last one failed if its ret is an error). */
-int pr_finish_batch(int pid, uint64_t table, struct pr_call *calls, long n, long *done)
+ * number of calls run (the last one failed if its ret is an error). A SIGSTOP that someone
+ * else sent while a parked batch ran is taken (it cannot be told from ours otherwise) and
+ * counted in *foreign_stops: the caller owes the task that stop. */
+int pr_finish_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
+                    int park, long *done, long *foreign_stops)
 {
     int st;
     struct user_regs_struct regs;
-    if (waitpid(pid, &st, __WALL) < 0)
-        return ERR;
-    if (!WIFSTOPPED(st) || WSTOPSIG(st) != SIGTRAP)
-        return -ECHILD;
-    if (ptrace(PTRACE_GETREGS, pid, 0, &regs))
-        return ERR;
+    uint64_t parked = runner + (pr_runner_parked - pr_runner_start);
+    for (;;) {
+        if (waitpid(pid, &st, __WALL) < 0)
+            return ERR;
+        if (!WIFSTOPPED(st))
+            return -ESRCH;
+        if (ptrace(PTRACE_GETREGS, pid, 0, &regs))
+            return ERR;
+        if (!park) {
+            if (WSTOPSIG(st) != SIGTRAP)
+                return -ECHILD;
+            break;
+        }
+        if (st >> 16 == 0 && WSTOPSIG(st) == SIGSTOP && regs.rip == parked)
+            break;
+        if (st >> 16 == 0 && WSTOPSIG(st) == SIGSTOP)
+            (*foreign_stops)++;
+        else if (st >> 16 == 0)
+            return -ECHILD;             /* every other signal is blocked: not ours to judge */
+        if (ptrace(PTRACE_CONT, pid, 0, 0))
+            return ERR;
+    }
     struct iovec l = {calls, n * sizeof *calls}, r = {(void *)table, n * sizeof *calls};
     if (process_vm_readv(pid, &l, 1, &r, 1, 0) != (ssize_t)(n * sizeof *calls))
         return errno ? ERR : -EIO;
@@ -395,10 +462,45 @@ int pr_finish_batch(int pid, uint64_t table, struct pr_call *calls, long n, long
 
 /* Both at once: one ptrace round trip for the whole batch. */
 int pr_run_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
-                 const void *data, size_t data_len, uint64_t data_addr, long *done)
+                 const void *data, size_t data_len, uint64_t data_addr, int park, long *done,
+                 long *foreign_stops)
 {
-    int r = pr_start_batch(pid, runner, table, calls, n, data, data_len, data_addr);
-    return r < 0 ? r : pr_finish_batch(pid, table, calls, n, done);
+    int r = pr_start_batch(pid, runner, table, calls, n, data, data_len, data_addr, park);
+    return r < 0 ? r : pr_finish_batch(pid, runner, table, calls, n, park, done, foreign_stops);
+}
+
+/* Park a task we SEIZEd: SIGSTOP it (thread-directed) and wait until it sits in that SIGSTOP's
+ * delivery stop. Why not PTRACE_INTERRUPT: a task in an INTERRUPT stop runs on when its tracer
+ * dies; a task in a SIGSTOP delivery stop then takes the SIGSTOP and stays stopped, whatever we
+ * were doing to it (see the runner). Other signals met on the way are delivered as if we were
+ * not there; a task already stopped (group stop) is let through to our SIGSTOP. */
+int pr_park(int pid, int tgid)
+{
+    if (syscall(SYS_tgkill, tgid, pid, SIGSTOP))
+        return ERR;
+    return 0;
+}
+
+int pr_wait_parked(int pid)
+{
+    for (;;) {
+        int st;
+        if (waitpid(pid, &st, __WALL) < 0)
+            return ERR;
+        if (!WIFSTOPPED(st))
+            return -ESRCH;
+        int sig = WSTOPSIG(st), event = st >> 16;
+        if (event == 0 && sig == SIGSTOP)
+            return 0;
+        /* a group stop (it was stopped already) or another signal on its way: go on to ours */
+        if (ptrace(PTRACE_CONT, pid, 0, (void *)(long)(event ? 0 : sig)))
+            return ERR;
+    }
+}
+
+long pr_runner_parked_offset(void)
+{
+    return pr_runner_parked - pr_runner_start;
 }
 
 /* ---- memory -------------------------------------------------------------------------------- */

@@ -28,6 +28,15 @@ struct pr_call {
     int64_t ret;
 };
 
+/* What a parked batch saves in the tracee, PR_SAVED_BELOW bytes below its call table, before
+ * it points the task at the runner: enough for anyone to put the task back as it was. */
+struct pr_saved {
+    uint64_t magic, runner, sigmask, pad;
+    struct pr_regs regs;
+};
+#define PR_SAVED_BELOW 256
+#define PR_SAVED_MAGIC 0x5052534156454431
+
 /* A half-open address range. */
 struct pr_range {
     uint64_t start, end;
@@ -61,10 +70,15 @@ size_t pr_thread_starter(const void **code);
 int pr_clone_thread(int pid, uint64_t starter, uint64_t args, uint64_t args_size, int *child);
 int pr_set_options(int pid, uint64_t options);
 int pr_start_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
-                   const void *data, size_t data_len, uint64_t data_addr);
-int pr_finish_batch(int pid, uint64_t table, struct pr_call *calls, long n, long *done);
+                   const void *data, size_t data_len, uint64_t data_addr, int park);
+int pr_finish_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
+                    int park, long *done, long *foreign_stops);
 int pr_run_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
-                 const void *data, size_t data_len, uint64_t data_addr, long *done);
+                 const void *data, size_t data_len, uint64_t data_addr, int park, long *done,
+                 long *foreign_stops);
+int pr_park(int pid, int tgid);
+int pr_wait_parked(int pid);
+long pr_runner_parked_offset(void);
 
 /* ---- memory -------------------------------------------------------------------------------- */
 long pr_read_mem(int pid, uint64_t addr, void *buf, size_t len);

@@ -231,6 +231,28 @@ def _unix_summary(u) -> str:
     return "(" + ", ".join(parts) + ")"
 
 
+def cmd_recover(args) -> int:
+    from . import recovery
+    found = [j for j in recovery.journals()
+             if args.target is None or j.get("pid") == args.target]
+    if not found:
+        print("nothing to recover" + (f" for pid {args.target}" if args.target else ""))
+        return 0
+    failed = 0
+    for j in found:
+        if "error" in j:
+            print(f"{j['path']}: unreadable journal ({j['error']}); left as it is",
+                  file=sys.stderr)
+            failed += 1
+            continue
+        try:
+            print(recovery.recover(j, keep=args.keep))
+        except PrerestoreError as e:
+            print(f"prerestore: {e}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
 def cmd_inspect(args) -> int:
     chain = schema.read_chain(args.images_dir)
     for d, r in chain:
@@ -373,6 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the service address to take over when a migration is finalized, "
                         "before its TCP sockets are rebuilt (announced by gratuitous ARP)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("recover", help="settle migrations whose process died: keep exactly one "
+                       "copy of each tree running (the destination's if it runs, else the source)")
+    p.add_argument("-t", "--tree", dest="target", type=int,
+                   help="only the migration of this source pid")
+    p.add_argument("--keep", choices=("source", "destination"),
+                   help="which copy to keep when it cannot be told from here (a destination on "
+                        "another host, after the final step had begun)")
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("inspect", help="summarize an image and its parents")
     p.add_argument("-D", "--images-dir", required=True)

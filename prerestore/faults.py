@@ -12,3 +12,17 @@ POINTS = ("stage", "apply_state", "resume")
 def maybe_fail(point: str) -> None:
     if os.environ.get("PRERESTORE_FAULT") == point:
         raise RestoreError(f"injected fault at {point} (PRERESTORE_FAULT)")
+
+
+PAUSE_POINTS = ("tracker", "round", "parked_batch", "frozen", "finalized")
+
+
+def maybe_pause(point: str) -> None:
+    """PRERESTORE_PAUSE=<point>: say so on stderr and wait there for ever, so that a test can
+    kill this process (kill -9) at exactly that instant of a migration."""
+    if os.environ.get("PRERESTORE_PAUSE") == point:
+        import sys
+        import time
+        print(f"prerestore: paused at {point} (PRERESTORE_PAUSE)", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)

@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict
 
 from .errors import PrerestoreError, ProtocolError, UnsupportedState
+from .faults import maybe_pause
+from .recovery import Journal
 from .kernel import procfs
 from .image import schema
 from .policy import ConvergencePolicy, estimate_after, is_last_round
@@ -102,6 +104,8 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
     t_start = time.monotonic()
     wd = _work_dir(work_dir)
     daemon = session = None
+    # if we are killed, `prerestore recover` finds the tree here and settles it
+    journal = Journal(pid, "migrate", {"kind": "local"})
     report: dict = {"pid": pid, "mode": "cold" if cold else "prerestore",
                     "pages_via": "direct" if direct else "files", "rounds": [],
                     "policy": asdict(policy), "work_dir": wd}
@@ -137,15 +141,18 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
             if last:
                 report["stop_reason"] = why
                 break
+            maybe_pause("round")
             if round_interval:
                 time.sleep(round_interval)
         final_dir = os.path.join(wd, "final")
         cpu = session.last_cpu()
         daemon.request("pin", cpu=cpu)       # the final step runs on the source's CPU
         husk_pid = daemon.request("status").get("husk")
+        journal.update(destination={"kind": "local", "host_pid": husk_pid}, phase="final")
         r = session.dump(final_dir, write=False, cpu=cpu)
         image = schema.encode_image(r)          # handed over in-band, written afterwards
         t_dumped = time.monotonic()
+        session.hold()                  # from here, our death must not let the source run
         try:
             fin = daemon.request("finalize", dir=final_dir, image=image)["stats"]
         except ProtocolError:
@@ -159,6 +166,7 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
         except BaseException:
             session.resume()
             raise
+        maybe_pause("finalized")
         session.kill_frozen()
         r.stats["phases_ms"]["encode_image"] = (t_dumped - r.stats["frozen_at"]) * 1e3 - \
             sum(r.stats["phases_ms"].values())
@@ -193,6 +201,7 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
             e.add_note("stage daemon log:\n" + log)
         raise
     finally:
+        journal.settle()
         if session is not None:
             session.close()
         if daemon is not None:

@@ -31,6 +31,7 @@ from dataclasses import asdict
 from . import netaddr
 from .errors import PrerestoreError, ProtocolError
 from .image import schema
+from .recovery import Journal
 from .policy import ConvergencePolicy, estimate_after, is_last_round
 from .source.session import SourceSession, check_supported, external_names
 from .transport.channel import AuthError, Channel
@@ -218,6 +219,8 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
     report: dict = {"pid": pid, "mode": "cold" if cold else "prerestore", "to": address,
                     "rounds": [], "policy": asdict(policy)}
     running_there: list = []
+    # if we are killed, `prerestore recover` finds the tree here and settles it
+    journal = Journal(pid, "migrate", {"kind": "remote", "address": address})
     try:
         ch.send({"op": "begin", "pidns": pidns})
         if not ch.recv().get("ok"):
@@ -250,6 +253,8 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
             if round_interval:
                 time.sleep(round_interval)
         r = session.dump(f"{wd}/final", write=False, frozen_hook=release)
+        session.hold()                  # from here, our death must not let the source run
+        journal.update(phase="final")
         try:
             fin = _send_round(ch, session, r, "final")
         except (ProtocolError, OSError) as e:
@@ -311,6 +316,7 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
             pass
         raise
     finally:
+        journal.settle()
         if forwarder is not None:
             try:
                 forwarder.close(handed_over=bool(running_there))

@@ -160,29 +160,46 @@ def _call_table(calls):
 
 
 def run_batch(pid: int, runner: int, table: int, calls: list[tuple[int, tuple[int, ...]]],
-              data: bytes, data_addr: int) -> tuple[list[int], int]:
-    """Run calls [(nr, args)] through the runner; returns (results, how many ran)."""
+              data: bytes, data_addr: int, park: bool = False) -> tuple[list[int], int, int]:
+    """Run calls [(nr, args)] through the runner; returns (results, how many ran, SIGSTOPs
+    sent by others meanwhile). park: the tracee is a parked source task (see pr_start_batch)."""
     table_c = _call_table(calls)
-    done = ffi.new("long *")
+    done, foreign = ffi.new("long *"), ffi.new("long *")
     check(lib.pr_run_batch(pid, runner, table, table_c, len(calls), data, len(data), data_addr,
-                           done), "run injected batch", pid)
-    return [table_c[i].ret for i in range(len(calls))], done[0]
+                           int(park), done, foreign), "run injected batch", pid)
+    return [table_c[i].ret for i in range(len(calls))], done[0], foreign[0]
 
 
 class StartedBatch:
     """A batch running in the tracee while we do something else; finish() waits for it."""
 
-    def __init__(self, pid: int, runner: int, table: int, calls, data: bytes, data_addr: int):
-        self.pid, self.table, self.n = pid, table, len(calls)
+    def __init__(self, pid: int, runner: int, table: int, calls, data: bytes, data_addr: int,
+                 park: bool = False):
+        self.pid, self.runner, self.table, self.n, self.park = pid, runner, table, len(calls), park
         self.table_c = _call_table(calls)
         check(lib.pr_start_batch(pid, runner, table, self.table_c, self.n, data, len(data),
-                                 data_addr), "start injected batch", pid)
+                                 data_addr, int(park)), "start injected batch", pid)
 
     def finish(self) -> tuple[list[int], int]:
-        done = ffi.new("long *")
-        check(lib.pr_finish_batch(self.pid, self.table, self.table_c, self.n, done),
+        done, foreign = ffi.new("long *"), ffi.new("long *")
+        check(lib.pr_finish_batch(self.pid, self.runner, self.table, self.table_c, self.n,
+                                  int(self.park), done, foreign),
               "wait for injected batch", self.pid)
         return [self.table_c[i].ret for i in range(self.n)], done[0]
+
+
+def park(pid: int, tgid: int) -> None:
+    """Send the seized task `pid` of thread group `tgid` the SIGSTOP it will be parked in."""
+    check(lib.pr_park(pid, tgid), "tgkill(SIGSTOP)", pid)
+
+
+def wait_parked(pid: int) -> None:
+    check(lib.pr_wait_parked(pid), "wait for the SIGSTOP stop", pid)
+
+
+RUNNER_PARKED_OFFSET = lib.pr_runner_parked_offset()
+SAVED_BELOW = lib.PR_SAVED_BELOW
+SAVED_MAGIC = lib.PR_SAVED_MAGIC
 
 
 # ---- memory -----------------------------------------------------------------------------------

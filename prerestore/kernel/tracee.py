@@ -1,29 +1,41 @@
 """Typed ptrace control of one task, and system calls run inside it.
 
-SEIZE + INTERRUPT rather than ATTACH: ATTACH sends a SIGSTOP that the task (and its parent)
-can observe and that would stay queued; SEIZE stops it silently and lets us resume it with its
-signal state untouched."""
+SEIZE rather than ATTACH: ATTACH sends a process-wide SIGSTOP that the task (and its parent)
+can observe and that would stay queued. A husk is stopped with PTRACE_INTERRUPT. A source task
+is *parked*: stopped by a SIGSTOP sent to that thread alone and held in that signal's delivery
+stop, which we suppress when we let it go (nothing stays queued, its parent sees nothing). Why
+not INTERRUPT for a source: if we die, a task in an INTERRUPT stop runs on, with whatever
+registers we left it; a parked task takes its SIGSTOP and stays stopped (see native/prerestore.c,
+the batch runner, and `prerestore recover`)."""
 from __future__ import annotations
 
+import errno
+import os
 import struct
 from dataclasses import dataclass, field
 
-from ..errors import KernelCallError, ProcessGone
+from ..errors import KernelCallError, ProcessGone, UnsupportedState
 from . import native
+from ..faults import maybe_pause
 from .native import lib
 
 KSIGACTION = struct.Struct("=QQQQ")      # struct sigaction as the kernel takes it
 STACK_T = struct.Struct("=QiiQ")         # stack_t: ss_sp, ss_flags, pad, ss_size
 SYSCALL_NAMES = {getattr(lib, n): n[4:] for n in dir(lib) if n.startswith("SYS_")}
 ALL_SIGNALS = (1 << 64) - 1
+REG_NAMES = native.REG_NAMES            # struct pr_regs, in order
 
 
 class Tracee:
     """A task under our ptrace, stopped while we hold it (use as a context manager or call
     detach). `exitkill` makes the kernel kill the task if we die: used for husks."""
 
-    def __init__(self, pid: int, *, exitkill: bool = False):
+    def __init__(self, pid: int, *, exitkill: bool = False, park: bool = False,
+                 tgid: int | None = None):
         self.pid = pid
+        self.park = park                   # a source task: stopped by parking, see above
+        self.tgid = tgid or pid
+        self.foreign_stops = 0             # SIGSTOPs others sent while we held it: owed to it
         native.seize(pid, lib.PTRACE_O_EXITKILL if exitkill else 0)
         self.attached = True
         self.stopped = False
@@ -34,12 +46,25 @@ class Tracee:
         create under PTRACE_O_TRACECLONE)."""
         t = cls.__new__(cls)
         t.pid, t.attached, t.stopped = pid, True, True
+        t.park, t.tgid, t.foreign_stops = False, pid, 0
         return t
+
+    def _halt(self) -> None:
+        if self.park:
+            native.park(self.pid, self.tgid)
+        else:
+            native.interrupt(self.pid)
+
+    def _wait(self) -> None:
+        if self.park:
+            native.wait_parked(self.pid)
+        else:
+            native.wait_stop(self.pid)
 
     def stop(self) -> None:
         if not self.stopped:
-            native.interrupt(self.pid)
-            native.wait_stop(self.pid)
+            self._halt()
+            self._wait()
             self.stopped = True
 
     @staticmethod
@@ -50,7 +75,7 @@ class Tracee:
         gone = []
         for t in running:
             try:
-                native.interrupt(t.pid)
+                t._halt()
             except ProcessGone:
                 if not exiting_ok:
                     raise
@@ -59,7 +84,7 @@ class Tracee:
             if t in gone:
                 continue
             try:
-                native.wait_stop(t.pid)
+                t._wait()
                 t.stopped = True
             except ProcessGone:
                 if not exiting_ok:
@@ -70,6 +95,7 @@ class Tracee:
         return gone
 
     def detach(self, sig: int = 0) -> None:
+        """Let it go; a parked task's SIGSTOP is suppressed unless sig says otherwise."""
         if self.attached:
             native.detach(self.pid, sig)
             self.attached = self.stopped = False
@@ -140,7 +166,7 @@ class Scratch:
     """A private RWX area in the tracee: the batch runner, the call table, then data."""
     addr: int
     size: int
-    TABLE_OFFSET = 256
+    TABLE_OFFSET = 1024        # the runner, then (parked batches) the saved context below it
     TABLE_SIZE = 128 * 1024
 
     @property
@@ -163,28 +189,40 @@ class Scratch:
 class RemoteSyscalls:
     """Runs system calls inside a stopped tracee.
 
-    Single calls single-step over a `syscall` instruction found in the tracee's [vdso] (no code
-    is written). Batches run through a small runner copied into a scratch mapping: one ptrace
-    round trip for the whole batch. The caller saves and restores registers around its work."""
+    Batches run through a small runner copied into a scratch mapping: one ptrace round trip
+    for the whole batch. In a husk, single calls single-step over a `syscall` instruction found
+    in the tracee's [vdso] (no code is written), and the caller saves and restores registers
+    around its work.
+
+    In a parked source task nothing may single-step or trap (a trap outlives a dead tracer and
+    kills the task): every call, single ones too, runs through the runner, which ends parked
+    again, and each call or batch gives the task back its own registers and signal mask. Single
+    calls, before there is a scratch area, run from a copy of the runner in the zero-filled tail
+    of the task's [vdso] page (written through /proc/PID/mem, which copies that page for the
+    task alone) with their table on the task's stack, below its red zone."""
 
     SCRATCH_SIZE = 512 * 1024
+    STUB_ROOM = 1024           # the [vdso] tail the runner copy needs (the runner is < 256 bytes)
 
     def __init__(self, tracee: Tracee, vdso: tuple[int, int]):
         self.tracee = tracee
-        self.insn = native.find_syscall_insn(tracee.pid, *vdso)
+        self.vdso = vdso
+        self.insn = 0 if tracee.park else native.find_syscall_insn(tracee.pid, *vdso)
+        self.stub = 0
         self.scratch: Scratch | None = None
 
     def sharing(self, tracee: Tracee) -> "RemoteSyscalls":
         """Calls in another thread of the same process, through our scratch area (one mm)."""
         other = RemoteSyscalls.__new__(RemoteSyscalls)
         other.tracee, other.insn, other.scratch = tracee, self.insn, self.scratch
+        other.vdso, other.stub = self.vdso, self.stub
         return other
 
     def forked(self, tracee: Tracee) -> "RemoteSyscalls":
         """Calls in a child forked from our tracee: same code addresses, its own copy of the
         scratch area at the same address."""
         other = RemoteSyscalls.__new__(RemoteSyscalls)
-        other.tracee, other.insn = tracee, self.insn
+        other.tracee, other.insn, other.vdso, other.stub = tracee, self.insn, self.vdso, 0
         other.scratch = Scratch(self.scratch.addr, self.scratch.size) if self.scratch else None
         return other
 
@@ -192,8 +230,69 @@ class RemoteSyscalls:
         """The [vdso] moved (mremap), and our syscall instruction with it."""
         self.insn += new_vdso - old_vdso
 
+    def _place_stub(self) -> int:
+        """The runner in the [vdso]'s zero-filled tail (once per process)."""
+        if self.stub:
+            return self.stub
+        code = native.batch_runner_code()
+        addr = self.vdso[1] - self.STUB_ROOM
+        have = native.read_mem(self.tracee.pid, addr, self.STUB_ROOM)
+        if have[:len(code)] != code:
+            if have.strip(b"\0"):
+                raise UnsupportedState(
+                    f"pid {self.tracee.pid}: its [vdso] has no zero-filled tail to run system "
+                    "calls from (this kernel's vdso layout is not supported)")
+            fd = os.open(f"/proc/{self.tracee.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, code, addr)
+            finally:
+                os.close(fd)
+        self.stub = addr
+        return addr
+
+    def _parked_run(self, runner: int, table: int, calls, data: bytes, data_addr: int
+                    ) -> tuple[list[int], int]:
+        """A batch in a parked task; its registers and mask are its own again afterwards."""
+        t = self.tracee
+        regs, mask = t.regs(), t.sigmask()
+        try:
+            res, done, foreign = native.run_batch(t.pid, runner, table, calls, data, data_addr,
+                                                  park=True)
+            t.foreign_stops += foreign
+            maybe_pause("parked_batch")    # tests: the task sits at the runner's end
+        finally:
+            t.set_sigmask(mask)        # the mask first: see pr_start_batch
+            t.set_regs(regs)
+        return res, done
+
+    def hold(self) -> tuple[dict, int]:
+        """Point a parked task at the runner's parking loop, its own registers and mask saved
+        beside it, every signal blocked. Nothing runs now; but if we die, the task does not
+        run on as itself: it keeps stopping itself (a real, durable stop) until `prerestore
+        recover` puts it back. Returns (regs, mask) to give back with unhold()."""
+        t = self.tracee
+        regs, mask = t.regs(), t.sigmask()
+        table = (regs["rsp"] - 128 - 64 - native.SAVED_BELOW) & ~63
+        saved = struct.pack("=QQQQ", native.SAVED_MAGIC, self._place_stub(), mask, 0) + \
+            struct.pack("=27Q", *(regs[k] for k in REG_NAMES))
+        native.write_mem(t.pid, table - native.SAVED_BELOW, saved)
+        t.set_regs({**regs, "rip": self.stub + native.RUNNER_PARKED_OFFSET, "rbx": table,
+                    "r12": 0, "r13": 1, "orig_rax": 2 ** 64 - 1})
+        t.set_sigmask(ALL_SIGNALS)
+        return regs, mask
+
+    def unhold(self, regs: dict, mask: int) -> None:
+        self.tracee.set_sigmask(mask)      # the mask first: see pr_start_batch
+        self.tracee.set_regs(regs)
+
     def call(self, nr: int, *args: int, check: bool = True) -> int:
-        ret = native.inject_syscall(self.tracee.pid, self.insn, nr, *args)
+        if self.tracee.park:
+            # the table goes on its stack, below the red zone and the saved context
+            table = (self.tracee.regs()["rsp"] - 128 - 64 - native.SAVED_BELOW) & ~63
+            res, done = self._parked_run(self._place_stub(), table, [(nr, args)], b"", 0)
+            ret = res[0] if done else -errno.ENOEXEC
+        else:
+            ret = native.inject_syscall(self.tracee.pid, self.insn, nr, *args)
         if check and -4096 < ret < 0:
             raise KernelCallError(-ret, f"injected {SYSCALL_NAMES.get(nr, nr)}", self.tracee.pid,
                                   "args " + ", ".join(hex(a) for a in args))
@@ -226,8 +325,11 @@ class RemoteSyscalls:
         for first in range(0, len(batch.calls), sc.max_calls):
             chunk = batch.calls[first:first + sc.max_calls]
             data = bytes(batch.data) if first == 0 else b""
-            res, done = native.run_batch(self.tracee.pid, sc.addr, sc.table_addr, chunk, data,
-                                         sc.data_addr)
+            if self.tracee.park:
+                res, done = self._parked_run(sc.addr, sc.table_addr, chunk, data, sc.data_addr)
+            else:
+                res, done, _ = native.run_batch(self.tracee.pid, sc.addr, sc.table_addr, chunk,
+                                                data, sc.data_addr)
             results += res[:done]
             if done < len(chunk) or (done and -4096 < res[done - 1] < 0):
                 i = first + done - 1
@@ -243,6 +345,7 @@ class RemoteSyscalls:
     def start(self, batch: Batch) -> native.StartedBatch:
         """Let the tracee run a batch (of at most max_calls) while we do other work."""
         sc = self.scratch
+        assert not self.tracee.park, "a parked task runs its batches whole (run)"
         if len(batch.calls) > sc.max_calls:
             raise ValueError("a started batch must fit in one call table")
         return native.StartedBatch(self.tracee.pid, sc.addr, sc.table_addr, batch.calls,

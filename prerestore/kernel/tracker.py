@@ -16,8 +16,9 @@ import os
 
 from ..errors import KernelCallError, UnsupportedState
 from . import native, procfs
+from ..faults import maybe_pause
 from .native import lib
-from .tracee import ALL_SIGNALS, RemoteSyscalls, Tracee
+from .tracee import RemoteSyscalls, Tracee
 
 DIRTY_FLAGS = native.PM_SCAN_WP_MATCHING | native.PM_SCAN_CHECK_WPASYNC
 
@@ -48,23 +49,20 @@ class DirtyTracker:
         uid = int(procfs.status(self.pid)["Uid"].split()[1])
         flags = lib.O_CLOEXEC | lib.O_NONBLOCK | (native.UFFD_USER_MODE_ONLY if uid else 0)
         vdso = next(v for v in procfs.maps(self.pid) if v.path == "[vdso]")
-        with Tracee(self.pid) as t:
-            saved, mask = t.regs(), t.sigmask()
-            # a signal arriving mid-injection would stop it for delivery instead: block them
-            # all meanwhile (they stay pending, and are delivered once we let go)
-            t.set_sigmask(ALL_SIGNALS)
+        # parked (see kernel/tracee.py): if we die at any instant, the target is left running
+        # as it was or stopped with its own registers within reach of `prerestore recover`
+        with Tracee(self.pid, park=True) as t:
+            remote = RemoteSyscalls(t, (vdso.start, vdso.end))
+            remote_fd = remote.call(lib.SYS_userfaultfd, flags)
+            maybe_pause("tracker")
             try:
-                remote = RemoteSyscalls(t, (vdso.start, vdso.end))
-                remote_fd = remote.call(lib.SYS_userfaultfd, flags)
                 pidfd = native.pidfd_open(self.pid)
                 try:
                     self.uffd = native.pidfd_getfd(pidfd, remote_fd, self.pid)
                 finally:
                     os.close(pidfd)
-                remote.call(lib.SYS_close, remote_fd)
             finally:
-                t.set_regs(saved)
-                t.set_sigmask(mask)
+                remote.call(lib.SYS_close, remote_fd)
 
     def protect(self, ranges: list[tuple[int, int]]) -> int:
         """Start tracking these ranges: register them and write-protect every page.

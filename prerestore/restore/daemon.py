@@ -56,8 +56,21 @@ class StageService:
             claim_ip = msg.get("claim_ip")
             if claim_ip is not None and not isinstance(claim_ip, str):
                 raise ProtocolError("claim_ip must be ADDR/PREFIX@DEV")
-            stats = self.staged.finalize(
-                directory, image, claim_ip=netaddr.parse_claim(claim_ip) if claim_ip else None)
+            # From here the tree may start running: finish whatever happens to the process
+            # that asked (it may be killed meanwhile; the source it froze then stays stopped,
+            # see recovery.py), and let no Ctrl-C stop us halfway through a tree.
+            try:
+                native.set_pdeathsig(0, os.getppid())
+            except PrerestoreError:
+                pass
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM,
+                                                             signal.SIGHUP})
+            try:
+                stats = self.staged.finalize(
+                    directory, image,
+                    claim_ip=netaddr.parse_claim(claim_ip) if claim_ip else None)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
             return {"ok": True, "stats": stats}, True
         except PrerestoreError as e:
             print(f"{op} {directory}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..errors import KernelCallError, ProcessGone, UnsupportedState
 from ..kernel import native, procfs, tcp
 from ..kernel.native import lib
-from ..kernel.tracee import ALL_SIGNALS, KSIGACTION, STACK_T, RemoteSyscalls, Tracee
+from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..kernel.tracker import make_tracker, scan_present
 from ..model import (FileDescriptor, ProcessState, SigAction, ThreadState, Vma, diff_layout,
                      free_area, intersect_ranges, memory_vmas, merge_ranges, pack_ranges,
@@ -241,9 +241,10 @@ class ProcessSource:
         signals = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1]
         vdso = next(v for v in layout if v.path == "[vdso]")
         main = RemoteSyscalls(self.frozen[0], (vdso.start, vdso.end))
+        # Parked tasks (kernel/tracee.py): each batch blocks every signal of its thread and
+        # gives the thread its own registers and mask back as soon as it is done, so that
+        # whenever we die, no thread is left with a state that only we knew.
         saved = [(t, t.regs(), t.sigmask()) for t in self.frozen]
-        for t in self.frozen:
-            t.set_sigmask(ALL_SIGNALS)     # nothing gets delivered while we run calls in it
         main.map_scratch(free_area([layout], RemoteSyscalls.SCRATCH_SIZE))
         out: dict = {"threads": {}}
         try:
@@ -286,9 +287,6 @@ class ProcessSource:
                             data, rel(sa_addr + KSIGACTION.size * sig))) for sig in signals}
         finally:
             main.unmap_scratch()
-            for t, regs, mask in saved:
-                t.set_sigmask(mask)
-                t.set_regs(regs)
         return out
 
     def collect_state(self, layout: list[Vma], status: dict[str, str], inside: dict,

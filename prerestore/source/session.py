@@ -19,9 +19,10 @@ from dataclasses import replace
 import msgpack
 
 from ..errors import KernelCallError, ProcessGone, UnsupportedState
+from ..faults import maybe_pause
 from ..image import schema
 from ..kernel import native, procfs, sockdiag, tcp
-from ..kernel.tracee import Tracee
+from ..kernel.tracee import RemoteSyscalls, Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
 from . import ptys, unixsock
@@ -304,6 +305,7 @@ class SourceSession:
         self.zombies: list[Zombie] = []
         self.last_round: tuple[str, Round] | None = None
         self.held: list[Tracee] = []      # every thread of the tree while frozen
+        self.holds: list = []             # (remote, regs, mask) of threads held for the switch
         self.repaired: list[socket.socket] = []   # the source's TCP sockets in repair mode
         self.ptys: list[ptys.CapturedPty] = []     # the tree's ptys, their queues read away
         self.put_back_errors: list[str] = []
@@ -434,6 +436,7 @@ class SourceSession:
             if frozen_hook:
                 frozen_hook()        # e.g. release the service address: nothing reaches us now
             t_frozen = time.monotonic()
+            maybe_pause("frozen")
             problems = tree_problems(tasks)        # it may have changed since the check
             if problems:
                 raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
@@ -524,7 +527,7 @@ class SourceSession:
                     if tid in held:
                         continue
                     try:
-                        held[tid] = Tracee(tid)
+                        held[tid] = Tracee(tid, park=True, tgid=t.pid)
                     except (KernelCallError, ProcessGone):
                         continue          # gone meanwhile: the next listing tells
                     owner[tid] = t.pid
@@ -674,6 +677,7 @@ class SourceSession:
                     pass
             t.attached = False
         self.held = []
+        self.holds = []
         for p in self.procs.values():
             p.frozen = []
         for s in self.repaired:          # still in repair mode: it closes without a word
@@ -681,6 +685,27 @@ class SourceSession:
         self.repaired = []
         self._release_ptys(put_back=False)
         self.close()
+
+    def hold(self) -> None:
+        """Before the destination may resume: make the frozen tree stay stopped even if we die
+        from here on (RemoteSyscalls.hold), so that it never runs beside its restored copy.
+        A few microseconds a thread; undone by resume()."""
+        for p in self.procs.values():
+            if not p.frozen:
+                continue
+            vdso = next(v for v in p.layout() if v.path == "[vdso]")
+            remote = RemoteSyscalls(p.frozen[0], (vdso.start, vdso.end))
+            for t in p.frozen:
+                r = remote.sharing(t)
+                self.holds.append((r, *r.hold()))
+
+    def _unhold(self) -> None:
+        for r, regs, mask in self.holds:
+            try:
+                r.unhold(regs, mask)
+            except KernelCallError:
+                pass
+        self.holds = []
 
     def _release_ptys(self, put_back: bool) -> None:
         """Drop our hold on the source's ptys; with put_back, queue the bytes read from them
@@ -699,6 +724,7 @@ class SourceSession:
 
     def resume(self) -> None:
         """Roll back: the source tree continues as if nothing happened."""
+        self._unhold()
         for s in self.repaired:
             tcp.repair_off(s)
             s.close()
@@ -720,6 +746,7 @@ class SourceSession:
             s.close()
         self.repaired = []
         self._release_ptys(put_back=True)      # it may be resumed by hand
+        self._unhold()
         for p in self.procs.values():
             if p.frozen:
                 p.frozen[0].detach(19)         # a group stop: every thread stops
