@@ -326,7 +326,8 @@ def test_pages_file_missing(tmp_path):
 
 def test_unknown_pages_from(tmp_path):
     d = save(tmp_path / "r0", make_round(pages_from="carrier-pigeon"))
-    with pytest.raises(ImageError, match="unknown page source 'carrier-pigeon'"):
+    with pytest.raises(ImageError, match="tasks\\[0\\].pages_from: expected one of file, pid, "
+                                         "got str 'carrier-pigeon'"):
         read_round(d)
 
 
@@ -370,14 +371,14 @@ def test_header_layout():
 # ---- once bugs -------------------------------------------------------------------------------
 
 def test_non_utf8_path_round_trips(tmp_path):
-    (v,) = parse_maps(b"7f0000000000-7f0000001000 r--p 00000000 fd:01 42 /tmp/caf\xe9.so\n")
+    (v,) = parse_maps(b"7e0000000000-7e0000001000 r--p 00000000 fd:01 42 /tmp/caf\xe9.so\n")
     assert v.path == "/tmp/caf\udce9.so"
     r = make_round()
-    r.tasks[0].layout.append(v)
+    r.tasks[0].layout = sorted(r.tasks[0].layout + [v])
     d = save(tmp_path / "r0", r)
-    got = read_round(str(d))
-    assert got.tasks[0].layout[-1] == v
-    assert os.fsencode(got.tasks[0].layout[-1].path) == b"/tmp/caf\xe9.so"
+    (got,) = [g for g in read_round(str(d)).tasks[0].layout if g.start == v.start]
+    assert got == v
+    assert os.fsencode(got.path) == b"/tmp/caf\xe9.so"
 
 
 def test_ragged_page_ranges_are_image_error(tmp_path):
@@ -537,5 +538,5 @@ def test_controlling_terminal_fields_round_trip_and_are_checked(tmp_path):
     got = decode_round(m)
     assert got.tasks[0].ctty == -1 and got.states[0].tty_pgrp == 0
     m["tasks"][0]["ctty"] = "3"
-    with pytest.raises(ImageError, match="'ctty'"):
+    with pytest.raises(ImageError, match=re.escape("tasks[0].ctty: expected int")):
         decode_round(m)
