@@ -11,6 +11,7 @@ old readers would misread bumps VERSION."""
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import zlib
 
@@ -493,20 +494,36 @@ def encode_image(r: Round) -> bytes:
     return HEADER.pack(MAGIC, VERSION, len(body), zlib.crc32(body)) + body
 
 
-def decode_image(data: bytes, where: str) -> Round:
-    """Check and decode the bytes of a round.img; `where` names it in errors."""
-    if len(data) < HEADER.size:
-        raise ImageError(f"{where}: truncated ({len(data)} bytes, header alone is {HEADER.size})")
-    magic, version, length, crc = HEADER.unpack_from(data)
+MAX_METADATA = 1 << 30       # round.img bodies are kilobytes to megabytes: a bigger length lies
+
+
+def _check_header(head: bytes, where: str, available: int) -> int:
+    """The body length the header of a round.img announces, checked against the `available`
+    bytes that follow it."""
+    if len(head) < HEADER.size:
+        raise ImageError(f"{where}: truncated ({len(head)} bytes, header alone is {HEADER.size})")
+    magic, version, length, _ = HEADER.unpack_from(head)
     if magic != MAGIC:
         raise ImageError(f"{where}: not a prerestore image (magic {magic!r})")
     if version != VERSION:
         raise ImageError(f"{where}: image format version {version}; this prerestore reads "
                          f"version {VERSION}")
-    body = data[HEADER.size:]
-    if len(body) < length:
-        raise ImageError(f"{where}: truncated (metadata is {len(body)} of {length} bytes)")
-    body = body[:length]
+    if length > MAX_METADATA:
+        raise ImageError(f"{where}: corrupt (the header announces {length} bytes of metadata, "
+                         f"more than the {MAX_METADATA >> 20} MiB limit)")
+    if available < length:
+        raise ImageError(f"{where}: truncated (metadata is {available} of {length} bytes)")
+    return length
+
+
+def decode_image(data: bytes, where: str) -> Round:
+    """Check and decode the bytes of a round.img; `where` names it in errors."""
+    length = _check_header(data[:HEADER.size], where, len(data) - HEADER.size)
+    return _decode_body(data[HEADER.size:HEADER.size + length],
+                        HEADER.unpack_from(data)[3], where)
+
+
+def _decode_body(body: bytes, crc: int, where: str) -> Round:
     if zlib.crc32(body) != crc:
         raise ImageError(f"{where}: corrupt (metadata checksum mismatch)")
     try:
@@ -526,15 +543,49 @@ def write_round(directory: str, r: Round) -> None:
     os.rename(tmp, os.path.join(directory, ROUND_FILE))   # a round exists only once complete
 
 
+_FILE_TYPES = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def open_image_file(path: str):
+    """An image file opened for reading (symbolic links followed) once it is known to be a
+    regular file: a device or a FIFO put in its place (/dev/urandom, /dev/zero) would be read
+    without end, or block. Returns (file, size)."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer before we can refuse it
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ImageError(f"{path}: cannot open: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = next((name for test, name in _FILE_TYPES if test(st.st_mode)), "not a file")
+        raise ImageError(f"{path}: {kind}, not a regular file: refused")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb"), st.st_size
+
+
 def read_round(directory: str) -> Round:
+    if not os.path.isdir(directory):
+        raise ImageError(f"{directory}: " + ("not a directory: -D names an image directory"
+                                             if os.path.exists(directory) else
+                                             "no such image directory"))
     path = os.path.join(directory, ROUND_FILE)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        f, size = open_image_file(path)
     except FileNotFoundError:
         raise ImageError(f"{directory}: no {ROUND_FILE}: not an image directory "
                          "(or the round was never completed)") from None
-    r = decode_image(data, path)
+    with f:
+        head = f.read(HEADER.size)
+        length = _check_header(head, path, size - len(head))
+        body = f.read(length)
+        if len(body) < length:          # shrunk as we read
+            raise ImageError(f"{path}: truncated (metadata is {len(body)} of {length} bytes)")
+    r = _decode_body(body, HEADER.unpack_from(head)[3], path)
     check_pages_file(directory, r)
     return r
 
@@ -544,20 +595,41 @@ def pages_size(r: Round) -> int:
 
 
 def check_pages_file(directory: str, r: Round) -> None:
-    for t in r.tasks:
-        if t.pages_from not in ("file", "pid"):
-            raise ImageError(f"{directory}: unknown page source {t.pages_from!r}")
-        for name in ("pages", "fresh", "zap"):
-            if len(getattr(t, name)) % 16:
-                raise ImageError(f"{directory}: corrupt {name} ranges of task {t.pid} "
-                                 f"({len(getattr(t, name))} bytes is not whole ranges)")
-    want = max((t.pages_offset + ranges_bytes(t.pages) for t in r.tasks
-                if t.pages_from == "file"), default=0)
+    """pages.img holds the pages of the round's tasks that come from the file, back to back in
+    task order: exactly as many bytes as their ranges list, in a regular file."""
+    want = 0
+    for i, t in enumerate(r.tasks):
+        if t.pages_from != "file":
+            continue
+        if t.pages_offset != want:
+            raise ImageError(f"{os.path.join(directory, ROUND_FILE)}: tasks[{i}].pages_offset: "
+                             f"expected {want} (the pages of the tasks before it), got "
+                             f"{t.pages_offset}")
+        want += ranges_bytes(t.pages)
     path = os.path.join(directory, PAGES_FILE)
-    have = os.path.getsize(path) if os.path.exists(path) else -1
-    if want and have < want:
-        raise ImageError(f"{path}: truncated or missing: {max(have, 0)} bytes, the metadata "
-                         f"lists {want} bytes of pages")
+    if not os.path.lexists(path) and not want:
+        return
+    open_pages(path, want, exact=True).close()
+
+
+def open_pages(path: str, need: int, exact: bool = False):
+    """A round's pages.img, open, refused by name unless it is a regular file of `need` bytes
+    (at least, unless exact)."""
+    try:
+        f, have = open_image_file(path)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: missing: the metadata lists {need} bytes of pages") from None
+    if have < need or (exact and have != need):
+        f.close()
+        raise ImageError(f"{path}: {'truncated' if have < need else 'overlong'}: {have} bytes, "
+                         f"the metadata lists {need} bytes of pages")
+    return f
+
+
+def resolve_prev(images_dir: str, prev: str) -> str:
+    """--prev-images-dir as CRIU reads it: a relative path is relative to the image directory
+    (-D), not to the current one (scripts written for CRIU and runc pass `../1`). Absolute."""
+    return os.path.normpath(os.path.join(os.path.abspath(images_dir), prev))
 
 
 def parent_dir(directory: str, r: Round) -> str | None:
@@ -571,7 +643,13 @@ def read_chain(directory: str) -> list[tuple[str, Round]]:
     chain = []
     d: str | None = directory
     while d is not None:
-        r = read_round(d)
+        try:
+            r = read_round(d)
+        except ImageError as e:
+            if not chain:
+                raise
+            raise ImageError(f"{chain[-1][0]}: its parent round (parent_path "
+                             f"{chain[-1][1].parent_path}): {e}") from None
         if chain and chain[-1][1].parent_id != r.id:
             raise ImageError(f"{chain[-1][0]}: parent image {d} has id {r.id}, expected "
                              f"{chain[-1][1].parent_id} (mismatched parent)")
