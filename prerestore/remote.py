@@ -40,8 +40,8 @@ OPS = ("begin", "round", "final", "abort", "done")
 
 def parse_address(text: str, default_host: str = "") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise PrerestoreError(f"{text!r}: expected HOST:PORT (port 1..65535)")
+    if not sep or not port.isdigit() or int(port) > 65535:      # 0: any free port (serve)
+        raise PrerestoreError(f"{text!r}: expected HOST:PORT (port 0..65535)")
     return (host.strip("[]") or default_host), int(port)
 
 
