@@ -21,12 +21,74 @@ def _duration_ms(text: str) -> float:
     t = text.strip().lower()
     try:
         if t.endswith("ms"):
-            return float(t[:-2])
-        if t.endswith("s"):
-            return float(t[:-1]) * 1e3
-        return float(t)
+            ms = float(t[:-2])
+        elif t.endswith("s"):
+            ms = float(t[:-1]) * 1e3
+        else:
+            ms = float(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: a duration like 20ms or 0.5s") from None
+        ms = -1.0
+    if not 0 <= ms < float("inf"):          # nan too
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration like 20ms or 0.5s")
+    return ms
+
+
+def _pid(text: str) -> int:
+    """-t: a process id, a positive number."""
+    try:
+        pid = int(text)
+    except ValueError:
+        pid = 0
+    if pid <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a pid (a positive number)")
+    return pid
+
+
+def _count(least: int):
+    """An int option that must be at least `least`."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = least - 1
+        if n < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= {least}")
+        return n
+    return parse
+
+
+def _check_out_dir(option: str, path: str | None) -> None:
+    """A directory we will write round images into: absent (made) or a directory."""
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise PrerestoreError(f"{option} {path}: exists and is not a directory")
+
+
+def _check_out_file(option: str, path: str | None) -> None:
+    """A report file we will write once the work is done: checked before, so that a migration
+    that succeeded does not end in an error about where its report goes."""
+    if not path:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise PrerestoreError(f"{option} {path}: is a directory")
+    if not os.path.isdir(parent):
+        raise PrerestoreError(f"{option} {path}: no such directory {parent}")
+
+
+def _check_names(names: list[str]) -> None:
+    for n in names:
+        if n in ("", "@") or len(os.fsencode(n)) > 108:
+            raise PrerestoreError(f"--external-unix {n!r}: expected /path or @name "
+                                  "(at most 107 bytes)")
+
+
+def _check_ip(option: str, text: str | None) -> None:
+    import ipaddress
+    if text:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise PrerestoreError(f"{option} {text!r}: not an IP address") from None
 
 
 def _print_json(path: str | None, report: dict) -> None:
@@ -37,18 +99,38 @@ def _print_json(path: str | None, report: dict) -> None:
 
 # ---- source side --------------------------------------------------------------------------------
 
+def _prev_dir(args) -> str:
+    """--prev-images-dir as an absolute path: relative to -D, as CRIU has it (scripts written
+    for CRIU and runc pass `../1`). Refused by name when no round is there, with a hint when
+    the path was meant relative to the current directory."""
+    prev = schema.resolve_prev(args.images_dir, args.prev_images_dir)
+    if not os.path.isfile(os.path.join(prev, schema.ROUND_FILE)):
+        hint = ""
+        if not os.path.isabs(args.prev_images_dir) and \
+                os.path.isfile(os.path.join(args.prev_images_dir, schema.ROUND_FILE)):
+            rel = os.path.relpath(os.path.abspath(args.prev_images_dir),
+                                  os.path.abspath(args.images_dir))
+            hint = f"; a relative path is relative to -D: did you mean {rel}?"
+        raise PrerestoreError(f"--prev-images-dir {args.prev_images_dir}: no round image in "
+                              f"{prev}{hint}")
+    return prev
+
+
 def cmd_predump(args) -> int:
     from .source.session import check_supported, external_names
     from .source.trackerd import tracker_socket
     from .transport import control
+    _check_out_dir("-D", args.images_dir)
+    _check_names(args.external_unix)
     path = tracker_socket(args.tree)
     client = control.ControlClient(path)
     if args.prev_images_dir:
+        prev = _prev_dir(args)
         if not client.alive():
             raise PrerestoreError(f"no tracker is following pid {args.tree}: the first predump "
                                   "(without --prev-images-dir) starts it")
         stats = client.request("predump", dir=os.path.abspath(args.images_dir),
-                               prev=os.path.abspath(args.prev_images_dir))["stats"]
+                               prev=prev)["stats"]
     else:
         check_supported(args.tree, external_unix=external_names(args.external_unix))
         if client.alive():                 # a new chain: the old tracker goes
@@ -82,13 +164,17 @@ def cmd_dump(args) -> int:
     from .source.trackerd import dump_and_leave, tracker_socket
     from .transport import control
     leave = "stopped" if args.leave_stopped else "running" if args.leave_running else "kill"
+    _check_out_dir("-D", args.images_dir)
+    _check_names(args.external_unix)
+    _check_ip("--release-ip", args.release_ip)
     if args.prev_images_dir:
+        prev = _prev_dir(args)
         client = control.ControlClient(tracker_socket(args.tree))
         if not client.alive():
             raise PrerestoreError(f"no tracker is following pid {args.tree}: was "
-                                  f"{args.prev_images_dir} written by `prerestore predump`?")
+                                  f"{prev} written by `prerestore predump`?")
         stats = client.request("dump", dir=os.path.abspath(args.images_dir),
-                               prev=os.path.abspath(args.prev_images_dir), leave=leave,
+                               prev=prev, leave=leave,
                                release_ip=args.release_ip,
                                **({"external_unix": args.external_unix}
                                   if args.external_unix else {}))["stats"]
@@ -152,6 +238,7 @@ def cmd_finalize(args) -> int:
     from . import netaddr
     if args.claim_ip:
         netaddr.parse_claim(args.claim_ip)         # a bad one is refused here, not mid-way
+    _check_out_file("--json", args.json)
     client = _stage_client(args.images_dir, args.socket)
     if not client.alive():
         raise PrerestoreError("no staged process for this image chain: run `prerestore stage` "
@@ -167,6 +254,7 @@ def cmd_finalize(args) -> int:
 def cmd_restore(args) -> int:
     from .restore.staged import cold_restore
     from . import netaddr
+    _check_out_file("--json", args.json)
     fin = cold_restore(args.images_dir, pidns=args.pidns,
                        claim_ip=netaddr.parse_claim(args.claim_ip) if args.claim_ip else None)
     report = _downtime_report(args.images_dir, fin)
@@ -179,12 +267,20 @@ def cmd_restore(args) -> int:
 
 def cmd_serve(args) -> int:
     from .remote import main_serve
+    _check_out_dir("--work-dir", args.work_dir)
     return main_serve(args)
 
 
 def cmd_migrate(args) -> int:
     from .migrate import migrate
     from .policy import ConvergencePolicy
+    if args.min_rounds > args.max_rounds:
+        raise PrerestoreError(f"--min-rounds {args.min_rounds} is more than --max-rounds "
+                              f"{args.max_rounds}")
+    _check_out_file("--json", args.json)
+    _check_out_dir("--work-dir", args.work_dir)
+    _check_names(args.external_unix)
+    _check_ip("--release-ip", args.release_ip)
     policy = ConvergencePolicy(max_rounds=args.max_rounds, min_rounds=args.min_rounds,
                                target_pages=args.target_pages,
                                max_downtime_ms=args.max_downtime)
@@ -306,19 +402,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("predump", help="one pre-copy round while the process keeps running")
-    p.add_argument("-t", "--tree", type=int, required=True,
+    p.add_argument("-t", "--tree", type=_pid, required=True,
                    help="pid of the root of the process tree")
     p.add_argument("-D", "--images-dir", required=True)
-    p.add_argument("--prev-images-dir", help="the previous round (omit for round 0)")
+    p.add_argument("--prev-images-dir", metavar="DIR",
+                   help="the previous round (omit for round 0); a relative DIR is relative to "
+                        "-D, as in CRIU (-D r1 --prev-images-dir ../r0)")
     p.add_argument("--tracking", choices=("auto", "uffd-wp", "page-hash"), default="auto",
                    help="dirty-page tracking for this chain (with round 0)")
     _external_unix_option(p)
     p.set_defaults(func=cmd_predump)
 
     p = sub.add_parser("dump", help="freeze the process and write the final image")
-    p.add_argument("-t", "--tree", type=int, required=True)
+    p.add_argument("-t", "--tree", type=_pid, required=True)
     p.add_argument("-D", "--images-dir", required=True)
-    p.add_argument("--prev-images-dir")
+    p.add_argument("--prev-images-dir", metavar="DIR",
+                   help="the last predump round; a relative DIR is relative to -D, as in CRIU "
+                        "(-D final --prev-images-dir ../r1)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--leave-stopped", action="store_true",
                    help="keep the source stopped (SIGSTOP) instead of killing it")
@@ -352,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("migrate", help="live-migrate a process tree, on this host or --to another")
-    p.add_argument("-t", "--tree", type=int, required=True)
+    p.add_argument("-t", "--tree", type=_pid, required=True)
     p.add_argument("--to", metavar="HOST:PORT",
                    help="migrate to a `prerestore serve` there (else: on this host)")
     p.add_argument("--secret-file", help="the secret shared with the destination (--to; or "
@@ -368,14 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "straight from the source")
     p.add_argument("--tracking", choices=("auto", "uffd-wp", "page-hash"), default="auto",
                    help="dirty-page tracking (auto: uffd-wp where the kernel has it)")
-    p.add_argument("--max-rounds", type=int, default=8)
-    p.add_argument("--min-rounds", type=int, default=2)
-    p.add_argument("--target-pages", type=int, default=256)
+    p.add_argument("--max-rounds", type=_count(1), default=8)
+    p.add_argument("--min-rounds", type=_count(1), default=2)
+    p.add_argument("--target-pages", type=_count(0), default=256)
     p.add_argument("--max-downtime", type=_duration_ms, metavar="TIME",
                    help="stop pre-copying once the final step is estimated to fit (e.g. 20ms, "
                         "0.5s; from the measured dirty set, bandwidth and tree size) instead "
                         "of at --target-pages")
-    p.add_argument("--round-interval", type=float, default=0.0, help="ms between rounds")
+    p.add_argument("--round-interval", type=_duration_ms, default=0.0, metavar="TIME",
+                   help="time between rounds (ms, or e.g. 0.5s)")
     p.add_argument("--work-dir", help="where round images go (default: a temp dir in /dev/shm)")
     p.add_argument("--keep-images", action="store_true")
     p.add_argument("--json", help="write the migration report here")
@@ -412,15 +513,36 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. What goes wrong is one line on stderr and exit status 1: our own
+    errors (PrerestoreError) say what is wrong; an OSError names the file it concerns; anything
+    else is a bug of ours, reported as an internal error (its traceback with
+    PRERESTORE_DEBUG=1)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except PrerestoreError as e:
-        print(f"prerestore {args.command}: error: {e}", file=sys.stderr)
+        print(f"prerestore {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        if os.environ.get("PRERESTORE_DEBUG"):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"prerestore {args.command}: error: {where}{e.strerror or _one_line(e)}",
+              file=sys.stderr)
+        return 1
+    except Exception as e:
+        if os.environ.get("PRERESTORE_DEBUG"):
+            raise
+        print(f"prerestore {args.command}: internal error: {type(e).__name__}: "
+              f"{_one_line(e)[:300]} (a bug: PRERESTORE_DEBUG=1 shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,6 +28,13 @@ class ProcessGone(KernelCallError):
     """The process exited (or was never there) while we worked on it."""
 
 
+class NoSuchProcess(ProcessGone):
+    """The pid given to prerestore names no process."""
+
+    def __str__(self):
+        return f"no process with pid {self.pid}" + (f" {self.detail}" if self.detail else "")
+
+
 class UnsupportedState(PrerestoreError):
     """The process holds kernel state this version cannot checkpoint (named in the message)."""
 

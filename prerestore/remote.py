@@ -41,8 +41,8 @@ OPS = ("begin", "round", "final", "abort", "done")
 
 def parse_address(text: str, default_host: str = "") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise PrerestoreError(f"{text!r}: expected HOST:PORT")
+    if not sep or not port.isdigit() or int(port) > 65535:      # 0: any free port (serve)
+        raise PrerestoreError(f"{text!r}: expected HOST:PORT (port 0..65535)")
     return (host.strip("[]") or default_host), int(port)
 
 

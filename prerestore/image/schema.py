@@ -11,13 +11,14 @@ old readers would misread bumps VERSION."""
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import zlib
 
 import msgpack
 
 from ..errors import ImageError
-from ..model import (UNIX_STATES, AddressSpaceRound, Credentials, FileDescriptor, MmFields,
+from ..model import (RANGE, UNIX_STATES, AddressSpaceRound, Credentials, FileDescriptor, MmFields,
                      ProcessState, Round, SigAction, ThreadState, UnixSocketState, Vma, Zombie,
                      ranges_bytes)
 
@@ -149,40 +150,276 @@ def _check_unix(states: list[ProcessState]) -> None:
                                  "queue, which is not a client of it waiting in the image")
 
 
-def _creds(m: dict | None) -> Credentials | None:
+# ---- checked decoding ------------------------------------------------------------------------
+# Every field is checked on read for its type and range, and a bad one is named by its place in
+# the image (`tasks[0].layout[3].prot: expected int 0..7, got None`): an image that passes the
+# checksum may still come from a buggy or hostile writer, and what it says is given to
+# mmap, ptrace and prctl in the husk.
+
+class _Bad(ValueError):
+    """A field of the metadata is wrong; the message names it."""
+
+
+_MISSING = object()
+U64 = (0, 2**64 - 1)
+U32 = (0, 2**32 - 1)
+PID = (1, 4194304)              # PID_MAX_LIMIT
+PAGE = 4096
+SIGNALS = (1, 64)
+RLIMIT_COUNT = 16
+SIGINFO_SIZE = 128
+FD_KINDS = ("file", "chr", "dir", "deleted", "pipe", "fifo", "unix", "tcp", "udp", "eventfd",
+            "timerfd", "signalfd", "epoll", "inotify", "pty-master", "pty-slave", "handover")
+ROUND_KINDS = ("predump", "dump")
+PAGE_SOURCES = ("file", "pid")
+MM_FIELDS = tuple(MmFields.__dataclass_fields__)
+CRED_CAPS = ("cap_inheritable", "cap_permitted", "cap_effective", "cap_bounding",
+             "cap_ambient")
+REG_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
+             "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base",
+             "gs_base", "ds", "es", "fs", "gs")      # user_regs_struct (kernel.native's too)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return text if value is None or isinstance(value, (bool, int, float)) else \
+        f"{type(value).__name__} {text}"
+
+
+def _bad(path: str, what: str, value) -> _Bad:
+    return _Bad(f"{path}: expected {what}, got {_show(value)}")
+
+
+def _field(m: dict, key, path: str, default=_MISSING):
+    if key in m:
+        return m[key]
+    if default is _MISSING:
+        raise _Bad(f"{path}.{key}: missing")
+    return default
+
+
+def _int(value, path: str, span: tuple[int, int] = U64, what: str = "") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or \
+            not span[0] <= value <= span[1]:
+        raise _bad(path, what or f"int {span[0]}..{span[1]}", value)
+    return value
+
+
+def _pid(value, path: str) -> int:
+    return _int(value, path, PID, "a pid (int 1..4194304)")
+
+
+def _of(value, kinds, path: str, what: str):
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise _bad(path, what, value)
+    return value
+
+
+def _list(value, path: str, length: int | None = None, what: str = "a list") -> list:
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        raise _bad(path, what if length is None else f"a list of {length}", value)
+    return value
+
+
+def _map(value, path: str) -> dict:
+    return _of(value, dict, path, "a map")
+
+
+def _ints(value, path: str, spans: tuple) -> tuple:
+    """A list of len(spans) ints, each within its span."""
+    _list(value, path, len(spans))
+    return tuple(_int(v, f"{path}[{i}]", span) for i, (v, span) in enumerate(zip(value, spans)))
+
+
+def _enum(value, path: str, allowed: tuple):
+    if not isinstance(value, str) or value not in allowed:
+        raise _bad(path, "one of " + ", ".join(allowed), value)
+    return value
+
+
+def _ranges(value, path: str) -> bytes:
+    """Packed page ranges: whole (start, end) pairs, page-aligned, start < end."""
+    raw = _of(value, bytes, path, "packed (start, end) ranges")
+    if len(raw) % RANGE.size:
+        raise _bad(path, f"whole {RANGE.size}-byte ranges", f"{len(raw)} bytes")
+    for i, (s, e) in enumerate(RANGE.iter_unpack(raw)):
+        if s >= e or s % PAGE or e % PAGE:
+            raise _Bad(f"{path}[{i}]: expected a page-aligned range with start < end, got "
+                       f"{s:#x}-{e:#x}")
+    return raw
+
+
+def _decode_vma(v, path: str) -> Vma:
+    _list(v, path, 8, "a list of 8 [start, end, prot, shared, offset, path, inode, dev]")
+    start = _int(v[0], f"{path}.start")
+    end = _int(v[1], f"{path}.end")
+    if start % PAGE or end % PAGE or start >= end:
+        raise _Bad(f"{path}: expected page-aligned bounds with start < end, got "
+                   f"{start:#x}-{end:#x}")
+    return Vma(start, end, _int(v[2], f"{path}.prot", (0, 7)),
+               _of(v[3], bool, f"{path}.shared", "bool"),
+               _int(v[4], f"{path}.offset", (0, 2**63 - 1)),
+               _of(v[5], str, f"{path}.path", "str"),
+               _int(v[6], f"{path}.inode"), _of(v[7], str, f"{path}.dev", "str"))
+
+
+def _decode_task(t, path: str) -> AddressSpaceRound:
+    _map(t, path)
+    get = lambda key, default=_MISSING: _field(t, key, path, default)  # noqa: E731
+    layout = [_decode_vma(v, f"{path}.layout[{i}]")
+              for i, v in enumerate(_list(get("layout"), f"{path}.layout"))]
+    for i in range(1, len(layout)):
+        if layout[i].start < layout[i - 1].end:
+            raise _Bad(f"{path}.layout[{i}]: starts at {layout[i].start:#x}, inside or before "
+                       f"the one before it (ends {layout[i - 1].end:#x})")
+    return AddressSpaceRound(
+        pid=_pid(get("pid"), f"{path}.pid"), layout=layout,
+        fresh=_ranges(get("fresh"), f"{path}.fresh"),
+        pages=_ranges(get("pages"), f"{path}.pages"),
+        zap=_ranges(get("zap"), f"{path}.zap"),
+        pages_offset=_int(get("pages_offset"), f"{path}.pages_offset", (0, 2**63 - 1)),
+        pages_from=_enum(get("pages_from"), f"{path}.pages_from", PAGE_SOURCES),
+        tids=[_pid(x, f"{path}.tids[{i}]")
+              for i, x in enumerate(_list(get("tids"), f"{path}.tids"))],
+        parent=_int(get("parent"), f"{path}.parent", (0, PID[1])),
+        sid=_int(get("sid"), f"{path}.sid", (0, PID[1])),
+        pgid=_int(get("pgid"), f"{path}.pgid", (0, PID[1])),
+        starttime=_int(get("starttime"), f"{path}.starttime"),
+        first=_of(get("first"), bool, f"{path}.first", "bool"),
+        exit_signal=_int(get("exit_signal"), f"{path}.exit_signal", (0, SIGNALS[1])),
+        source_pid=_int(get("source_pid"), f"{path}.source_pid", (0, PID[1])),
+        ctty=_int(get("ctty", -1), f"{path}.ctty", (-1, 2**20)))
+
+
+def _siginfos(value, path: str) -> list[bytes]:
+    for i, x in enumerate(_list(value, path)):
+        if not isinstance(x, bytes) or len(x) != SIGINFO_SIZE:
+            raise _bad(f"{path}[{i}]", f"a {SIGINFO_SIZE}-byte siginfo", x)
+    return value
+
+
+def _decode_thread(t, path: str) -> ThreadState:
+    _map(t, path)
+    get = lambda key, default=_MISSING: _field(t, key, path, default)  # noqa: E731
+    regs = _map(get("regs"), f"{path}.regs")
+    for name in REG_NAMES:
+        _int(_field(regs, name, f"{path}.regs"), f"{path}.regs.{name}")
+    rseq = get("rseq")
+    return ThreadState(
+        tid=_pid(get("tid"), f"{path}.tid"), regs={n: regs[n] for n in REG_NAMES},
+        xstate=_of(get("xstate"), bytes, f"{path}.xstate", "bytes"),
+        sigmask=_int(get("sigmask"), f"{path}.sigmask"),
+        rseq=None if rseq is None else _ints(rseq, f"{path}.rseq", (U64, U32, U32)),
+        robust_list=_ints(get("robust_list"), f"{path}.robust_list", (U64, U64)),
+        clear_child_tid=_int(get("clear_child_tid"), f"{path}.clear_child_tid"),
+        sigaltstack=_ints(get("sigaltstack"), f"{path}.sigaltstack", (U64, U32, U64)),
+        pending=_siginfos(get("pending", []), f"{path}.pending"))
+
+
+def _decode_fd(f, path: str, where: str) -> FileDescriptor:
+    if not isinstance(f, list) or len(f) not in (8, 9):
+        raise _bad(path, "a list of 8 or 9 [fd, kind, path, flags, offset, dev_inode, "
+                         "same_as, data, unix]", f)
+    fd = _int(f[0], f"{path}.fd", (0, 2**31 - 1))
+    same_as = f[6]
+    unix = f[8] if len(f) > 8 else None
+    return FileDescriptor(
+        fd, _enum(f[1], f"{path}.kind", FD_KINDS), _of(f[2], str, f"{path}.path", "str"),
+        _int(f[3], f"{path}.flags", U32), _int(f[4], f"{path}.offset"),
+        _ints(f[5], f"{path}.dev_inode", (U64, U64)),
+        None if same_as is None else _ints(same_as, f"{path}.same_as", (PID, (0, 2**31 - 1))),
+        _of(f[7], bytes, f"{path}.data", "bytes"),
+        None if unix is None else _decode_unix(unix, f"{where} fd {fd}"))
+
+
+def _creds(m, path: str) -> Credentials | None:
     if m is None:
         return None
-    return Credentials(**{**m, "uids": tuple(m["uids"]), "gids": tuple(m["gids"]),
-                          "groups": list(m["groups"])})
+    _map(m, path)
+    get = lambda key: _field(m, key, path)  # noqa: E731
+    return Credentials(
+        uids=_ints(get("uids"), f"{path}.uids", (U32,) * 3),
+        gids=_ints(get("gids"), f"{path}.gids", (U32,) * 3),
+        groups=[_int(g, f"{path}.groups[{i}]", U32)
+                for i, g in enumerate(_list(get("groups"), f"{path}.groups"))],
+        **{c: _int(get(c), f"{path}.{c}") for c in CRED_CAPS},
+        no_new_privs=_of(get("no_new_privs"), bool, f"{path}.no_new_privs", "bool"))
 
 
-def _decode_state(s: dict) -> ProcessState:
+def _decode_state(s, path: str) -> ProcessState:
+    _map(s, path)
+    get = lambda key, default=_MISSING: _field(s, key, path, default)  # noqa: E731
+    pid = _pid(get("pid"), f"{path}.pid")
+    mm = _map(get("mm"), f"{path}.mm")
+    rlimits = _map(get("rlimits"), f"{path}.rlimits")
+    sigactions = _map(get("sigactions"), f"{path}.sigactions")
+    auxv = _of(get("auxv"), bytes, f"{path}.auxv", "bytes")
+    if len(auxv) % 16:
+        raise _bad(f"{path}.auxv", "whole (type, value) pairs", f"{len(auxv)} bytes")
+    threads = _list(get("threads"), f"{path}.threads")
+    if not threads:
+        raise _bad(f"{path}.threads", "at least one thread", threads)
     return ProcessState(
-        pid=s["pid"], comm=s["comm"], exe=s["exe"], cwd=s["cwd"], umask=s["umask"],
-        mm=MmFields(**s["mm"]), auxv=s["auxv"],
-        rlimits={int(r): tuple(v) for r, v in s["rlimits"].items()},
-        sigactions={int(n): SigAction(*a) for n, a in s["sigactions"].items()},
-        fds=[FileDescriptor(f[0], f[1], f[2], f[3], f[4], tuple(f[5]),
-                            tuple(f[6]) if f[6] else None, f[7],
-                            _decode_unix(f[8], f"pid {s['pid']} fd {f[0]}")
-                            if len(f) > 8 and f[8] is not None else None)
-             for f in s["fds"]],
-        threads=[ThreadState(t["tid"], t["regs"], t["xstate"], t["sigmask"],
-                             tuple(t["rseq"]) if t["rseq"] else None,
-                             tuple(t["robust_list"]), t["clear_child_tid"],
-                             tuple(t["sigaltstack"]), t["pending"])
-                 for t in s["threads"]],
-        shared_pending=s["shared_pending"], cpus=list(s["cpus"]),
-        creds=_creds(s["creds"]), dumpable=s["dumpable"], pdeathsig=s["pdeathsig"],
-        child_subreaper=bool(s["child_subreaper"]), tty_pgrp=_int(s, "tty_pgrp", 0))
+        pid=pid, comm=_of(get("comm"), str, f"{path}.comm", "str"),
+        exe=_of(get("exe"), str, f"{path}.exe", "str"),
+        cwd=_of(get("cwd"), str, f"{path}.cwd", "str"),
+        umask=_int(get("umask"), f"{path}.umask", (0, 0o777)),
+        mm=MmFields(**{k: _int(_field(mm, k, f"{path}.mm"), f"{path}.mm.{k}")
+                       for k in MM_FIELDS}),
+        auxv=auxv,
+        rlimits={_int(r, f"{path}.rlimits key", (0, RLIMIT_COUNT - 1)):
+                 _ints(v, f"{path}.rlimits[{r}]", (U64, U64)) for r, v in rlimits.items()},
+        sigactions={_int(n, f"{path}.sigactions key", SIGNALS):
+                    SigAction(*_ints(a, f"{path}.sigactions[{n}]", (U64,) * 4))
+                    for n, a in sigactions.items()},
+        fds=[_decode_fd(f, f"{path}.fds[{i}]", f"pid {pid}")
+             for i, f in enumerate(_list(get("fds"), f"{path}.fds"))],
+        threads=[_decode_thread(t, f"{path}.threads[{i}]") for i, t in enumerate(threads)],
+        shared_pending=_siginfos(get("shared_pending"), f"{path}.shared_pending"),
+        cpus=[_int(c, f"{path}.cpus[{i}]", (0, 8191))
+              for i, c in enumerate(_list(get("cpus"), f"{path}.cpus"))],
+        creds=_creds(get("creds"), f"{path}.creds"),
+        dumpable=_int(get("dumpable"), f"{path}.dumpable", (0, 2)),
+        pdeathsig=_int(get("pdeathsig"), f"{path}.pdeathsig", (0, SIGNALS[1])),
+        child_subreaper=_of(get("child_subreaper"), bool, f"{path}.child_subreaper", "bool"),
+        tty_pgrp=_int(get("tty_pgrp", 0), f"{path}.tty_pgrp", (0, PID[1])))
 
 
-def _int(m: dict, key: str, default: int) -> int:
-    """An optional int field (added within this version)."""
-    value = m.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"field {key!r} is {type(value).__name__}, expected int")
-    return value
+def _check_states(states: list[ProcessState], tasks: list[AddressSpaceRound]) -> None:
+    """Pids and fds named across the states exist: a state per task at most, once each; a
+    shared open file description names an fd met before it."""
+    known = {t.pid for t in tasks}
+    seen: set[tuple[int, int]] = set()
+    pids: set[int] = set()
+    for i, s in enumerate(states):
+        if s.pid not in known or s.pid in pids:
+            raise _Bad(f"states[{i}].pid: {s.pid} is not a task of the round, or has two states")
+        pids.add(s.pid)
+        fds: set[int] = set()
+        for j, f in enumerate(s.fds):
+            if f.fd in fds:
+                raise _Bad(f"states[{i}].fds[{j}].fd: {f.fd} is listed twice")
+            fds.add(f.fd)
+            if f.same_as and f.same_as not in seen:
+                raise _Bad(f"states[{i}].fds[{j}].same_as: {list(f.same_as)} is not an fd "
+                           "listed before it")
+            seen.add((s.pid, f.fd))
+
+
+def _stats(m, path: str) -> dict:
+    """stats is free-form, but what is shown or computed from it has its type."""
+    _map(m, path)
+    for key in ("pages", "bytes"):
+        if key in m:
+            _int(m[key], f"{path}.{key}")
+    if "frozen_at" in m:
+        _of(m["frozen_at"], (int, float), f"{path}.frozen_at", "a number")
+    for k, v in _map(m.get("phases_ms", {}), f"{path}.phases_ms").items():
+        _of(k, str, f"{path}.phases_ms key", "str")
+        _of(v, (int, float), f"{path}.phases_ms.{k}", "a number")
+    return m
 
 
 def encode_round(r: Round) -> dict:
@@ -211,26 +448,41 @@ def _check_tree(tasks: list[AddressSpaceRound], zombies: list[Zombie]) -> None:
                              "(or its pid is a live task's)")
 
 
-def decode_round(m: dict) -> Round:
+def decode_round(m, where: str = ROUND_FILE) -> Round:
+    """The Round a decoded round.img body describes, every field checked (ImageError naming
+    the field otherwise)."""
     try:
-        tasks = [AddressSpaceRound(t["pid"], [Vma(*v) for v in t["layout"]], t["fresh"],
-                                   t["pages"], t["zap"], t["pages_offset"], t["pages_from"],
-                                   list(t["tids"]), t["parent"], t["sid"], t["pgid"],
-                                   t["starttime"], bool(t["first"]), t["exit_signal"],
-                                   t["source_pid"], _int(t, "ctty", -1))
-                 for t in m["tasks"]]
-        states = [_decode_state(s) for s in m["states"]]
-        zombies = [Zombie(*z) for z in m["zombies"]]
-        if m["kind"] not in ("predump", "dump"):
-            raise ValueError(f"unknown round kind {m['kind']!r}")
+        _map(m, "metadata")
+        get = lambda key, default=_MISSING: _field(m, key, "metadata", default)  # noqa: E731
+        kind = _enum(get("kind"), "kind", ROUND_KINDS)
+        tasks = [_decode_task(t, f"tasks[{i}]") for i, t in enumerate(_list(get("tasks"), "tasks"))]
+        if not tasks:
+            raise _bad("tasks", "at least one task", [])
+        states = [_decode_state(s, f"states[{i}]")
+                  for i, s in enumerate(_list(get("states"), "states"))]
+        zombies = [Zombie(*_ints(z, f"zombies[{i}]", (PID, PID, (0, PID[1]), (0, PID[1]),
+                                                      (0, 0xffff))))
+                   for i, z in enumerate(_list(get("zombies"), "zombies"))]
+        parent_id, parent_path = get("parent_id"), get("parent_path")
+        if (parent_id is None) != (parent_path is None):
+            raise _Bad("parent_id, parent_path: expected both or neither")
+        if parent_id is not None:
+            _of(parent_id, str, "parent_id", "str")
+            _of(parent_path, str, "parent_path", "str")
+            if not parent_path or "\0" in parent_path:
+                raise _bad("parent_path", "a directory path", parent_path)
         _check_tree(tasks, zombies)
-        if m["kind"] == "dump" and sorted(s.pid for s in states) != sorted(t.pid for t in tasks):
+        _check_states(states, tasks)
+        if kind == "dump" and sorted(s.pid for s in states) != sorted(t.pid for t in tasks):
             raise ValueError("the final round's process states do not match its tasks")
         _check_unix(states)
-        return Round(m["id"], m["index"], m["parent_id"], m["parent_path"], m["kind"],
-                     m["source"], tasks, states, zombies, m.get("stats", {}))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ImageError(f"image metadata is malformed: {type(e).__name__}: {e}") from None
+        return Round(_of(get("id"), str, "id", "str"), _int(get("index"), "index", (0, 2**31)),
+                     parent_id, parent_path, kind, _map(get("source"), "source"), tasks,
+                     states, zombies, _stats(get("stats", {}), "stats"))
+    except _Bad as e:
+        raise ImageError(f"{where}: {e}") from None
+    except ValueError as e:
+        raise ImageError(f"{where}: malformed metadata: {e}") from None
 
 
 # ---- files ------------------------------------------------------------------------------------
@@ -242,20 +494,36 @@ def encode_image(r: Round) -> bytes:
     return HEADER.pack(MAGIC, VERSION, len(body), zlib.crc32(body)) + body
 
 
-def decode_image(data: bytes, where: str) -> Round:
-    """Check and decode the bytes of a round.img; `where` names it in errors."""
-    if len(data) < HEADER.size:
-        raise ImageError(f"{where}: truncated ({len(data)} bytes, header alone is {HEADER.size})")
-    magic, version, length, crc = HEADER.unpack_from(data)
+MAX_METADATA = 1 << 30       # round.img bodies are kilobytes to megabytes: a bigger length lies
+
+
+def _check_header(head: bytes, where: str, available: int) -> int:
+    """The body length the header of a round.img announces, checked against the `available`
+    bytes that follow it."""
+    if len(head) < HEADER.size:
+        raise ImageError(f"{where}: truncated ({len(head)} bytes, header alone is {HEADER.size})")
+    magic, version, length, _ = HEADER.unpack_from(head)
     if magic != MAGIC:
         raise ImageError(f"{where}: not a prerestore image (magic {magic!r})")
     if version != VERSION:
         raise ImageError(f"{where}: image format version {version}; this prerestore reads "
                          f"version {VERSION}")
-    body = data[HEADER.size:]
-    if len(body) < length:
-        raise ImageError(f"{where}: truncated (metadata is {len(body)} of {length} bytes)")
-    body = body[:length]
+    if length > MAX_METADATA:
+        raise ImageError(f"{where}: corrupt (the header announces {length} bytes of metadata, "
+                         f"more than the {MAX_METADATA >> 20} MiB limit)")
+    if available < length:
+        raise ImageError(f"{where}: truncated (metadata is {available} of {length} bytes)")
+    return length
+
+
+def decode_image(data: bytes, where: str) -> Round:
+    """Check and decode the bytes of a round.img; `where` names it in errors."""
+    length = _check_header(data[:HEADER.size], where, len(data) - HEADER.size)
+    return _decode_body(data[HEADER.size:HEADER.size + length],
+                        HEADER.unpack_from(data)[3], where)
+
+
+def _decode_body(body: bytes, crc: int, where: str) -> Round:
     if zlib.crc32(body) != crc:
         raise ImageError(f"{where}: corrupt (metadata checksum mismatch)")
     try:
@@ -265,7 +533,7 @@ def decode_image(data: bytes, where: str) -> Round:
         raise ImageError(f"{where}: corrupt metadata ({e})") from None
     if not isinstance(m, dict):
         raise ImageError(f"{where}: corrupt metadata (not a map)")
-    return decode_round(m)
+    return decode_round(m, where)
 
 
 def write_round(directory: str, r: Round) -> None:
@@ -275,15 +543,49 @@ def write_round(directory: str, r: Round) -> None:
     os.rename(tmp, os.path.join(directory, ROUND_FILE))   # a round exists only once complete
 
 
+_FILE_TYPES = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def open_image_file(path: str):
+    """An image file opened for reading (symbolic links followed) once it is known to be a
+    regular file: a device or a FIFO put in its place (/dev/urandom, /dev/zero) would be read
+    without end, or block. Returns (file, size)."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer before we can refuse it
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ImageError(f"{path}: cannot open: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = next((name for test, name in _FILE_TYPES if test(st.st_mode)), "not a file")
+        raise ImageError(f"{path}: {kind}, not a regular file: refused")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb"), st.st_size
+
+
 def read_round(directory: str) -> Round:
+    if not os.path.isdir(directory):
+        raise ImageError(f"{directory}: " + ("not a directory: -D names an image directory"
+                                             if os.path.exists(directory) else
+                                             "no such image directory"))
     path = os.path.join(directory, ROUND_FILE)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        f, size = open_image_file(path)
     except FileNotFoundError:
         raise ImageError(f"{directory}: no {ROUND_FILE}: not an image directory "
                          "(or the round was never completed)") from None
-    r = decode_image(data, path)
+    with f:
+        head = f.read(HEADER.size)
+        length = _check_header(head, path, size - len(head))
+        body = f.read(length)
+        if len(body) < length:          # shrunk as we read
+            raise ImageError(f"{path}: truncated (metadata is {len(body)} of {length} bytes)")
+    r = _decode_body(body, HEADER.unpack_from(head)[3], path)
     check_pages_file(directory, r)
     return r
 
@@ -293,20 +595,41 @@ def pages_size(r: Round) -> int:
 
 
 def check_pages_file(directory: str, r: Round) -> None:
-    for t in r.tasks:
-        if t.pages_from not in ("file", "pid"):
-            raise ImageError(f"{directory}: unknown page source {t.pages_from!r}")
-        for name in ("pages", "fresh", "zap"):
-            if len(getattr(t, name)) % 16:
-                raise ImageError(f"{directory}: corrupt {name} ranges of task {t.pid} "
-                                 f"({len(getattr(t, name))} bytes is not whole ranges)")
-    want = max((t.pages_offset + ranges_bytes(t.pages) for t in r.tasks
-                if t.pages_from == "file"), default=0)
+    """pages.img holds the pages of the round's tasks that come from the file, back to back in
+    task order: exactly as many bytes as their ranges list, in a regular file."""
+    want = 0
+    for i, t in enumerate(r.tasks):
+        if t.pages_from != "file":
+            continue
+        if t.pages_offset != want:
+            raise ImageError(f"{os.path.join(directory, ROUND_FILE)}: tasks[{i}].pages_offset: "
+                             f"expected {want} (the pages of the tasks before it), got "
+                             f"{t.pages_offset}")
+        want += ranges_bytes(t.pages)
     path = os.path.join(directory, PAGES_FILE)
-    have = os.path.getsize(path) if os.path.exists(path) else -1
-    if want and have < want:
-        raise ImageError(f"{path}: truncated or missing: {max(have, 0)} bytes, the metadata "
-                         f"lists {want} bytes of pages")
+    if not os.path.lexists(path) and not want:
+        return
+    open_pages(path, want, exact=True).close()
+
+
+def open_pages(path: str, need: int, exact: bool = False):
+    """A round's pages.img, open, refused by name unless it is a regular file of `need` bytes
+    (at least, unless exact)."""
+    try:
+        f, have = open_image_file(path)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: missing: the metadata lists {need} bytes of pages") from None
+    if have < need or (exact and have != need):
+        f.close()
+        raise ImageError(f"{path}: {'truncated' if have < need else 'overlong'}: {have} bytes, "
+                         f"the metadata lists {need} bytes of pages")
+    return f
+
+
+def resolve_prev(images_dir: str, prev: str) -> str:
+    """--prev-images-dir as CRIU reads it: a relative path is relative to the image directory
+    (-D), not to the current one (scripts written for CRIU and runc pass `../1`). Absolute."""
+    return os.path.normpath(os.path.join(os.path.abspath(images_dir), prev))
 
 
 def parent_dir(directory: str, r: Round) -> str | None:
@@ -320,7 +643,13 @@ def read_chain(directory: str) -> list[tuple[str, Round]]:
     chain = []
     d: str | None = directory
     while d is not None:
-        r = read_round(d)
+        try:
+            r = read_round(d)
+        except ImageError as e:
+            if not chain:
+                raise
+            raise ImageError(f"{chain[-1][0]}: its parent round (parent_path "
+                             f"{chain[-1][1].parent_path}): {e}") from None
         if chain and chain[-1][1].parent_id != r.id:
             raise ImageError(f"{chain[-1][0]}: parent image {d} has id {r.id}, expected "
                              f"{chain[-1][1].parent_id} (mismatched parent)")

@@ -137,6 +137,29 @@ def tree_task(pid: int) -> TreeTask:
                     int(f[52]) if len(f) > 52 else 0, int(f[7]), int(f[8]))
 
 
+PF_KTHREAD = 0x00200000        # /proc/PID/stat field 9 (flags): a kernel thread
+
+
+def is_kernel_thread(pid: int) -> bool:
+    return bool(int(stat_fields(pid)[9]) & PF_KTHREAD)
+
+
+def cmdline(pid: int) -> list[bytes]:
+    """The process's argv (empty for a kernel thread or a zombie)."""
+    return _read(pid, "cmdline").split(b"\0")[:-1]
+
+
+def ancestors(pid: int) -> list[int]:
+    """pid, its parent, its parent's parent... up to the init of our pid namespace."""
+    out = [pid]
+    while out[-1] > 1:
+        parent = int(stat_fields(out[-1])[4])
+        if parent <= 0 or parent in out:
+            break
+        out.append(parent)
+    return out
+
+
 def tree(root: int) -> list[TreeTask]:
     """The process tree under root (root first, every parent before its children); tasks that
     vanish while we look are left out. Raises ProcessGone if root itself is gone."""

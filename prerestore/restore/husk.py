@@ -25,7 +25,8 @@ from ..kernel import native, procfs
 from ..kernel.native import lib
 from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Vma, Zombie, diff_layout,
-                     free_area, mapped_vmas, memory_vmas, merge_ranges, unpack_ranges, PROT_WRITE)
+                     free_area, mapped_vmas, memory_vmas, merge_ranges, ranges_bytes, unpack_ranges,
+                     PROT_WRITE)
 
 SPECIAL_ORDER = ("[vvar]", "[vvar_vclock]", "[vdso]")
 PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
@@ -390,7 +391,8 @@ class Husk:
             if task.pages and task.pages_from == "pid":
                 nbytes, forced = self._copy_from_source(task)
             elif task.pages:
-                with open(os.path.join(round_dir, schema.PAGES_FILE), "rb") as f:
+                with schema.open_pages(os.path.join(round_dir, schema.PAGES_FILE),
+                                       task.pages_offset + ranges_bytes(task.pages)) as f:
                     nbytes, forced = native.load_pages(self.host_pid, self.mem_fd, f.fileno(),
                                                        task.pages_offset, task.pages)
         finally:

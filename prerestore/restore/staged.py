@@ -638,5 +638,7 @@ def cold_restore(directory: str, *, pidns: bool = False, claim_ip=None) -> dict:
     """Restore from a full image chain in one go: the baseline pre-restore is compared with.
     claim_ip: the service address (netaddr.Address) to take once the sockets are live."""
     if not os.path.isdir(directory):
-        raise ImageError(f"{directory}: no such image directory")
+        raise ImageError(f"{directory}: " + ("not a directory: -D names an image directory"
+                                             if os.path.exists(directory) else
+                                             "no such image directory"))
     return StagedTree(pidns=pidns).finalize(directory, claim_ip=claim_ip)

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import msgpack
 
-from ..errors import KernelCallError, ProcessGone, UnsupportedState
+from ..errors import KernelCallError, NoSuchProcess, ProcessGone, UnsupportedState
 from ..faults import maybe_pause
 from ..image import schema
 from ..kernel import native, procfs, sockdiag, tcp
@@ -101,10 +101,81 @@ def inner_ends(tasks: list[procfs.TreeTask], external: frozenset[bytes] = frozen
     return problems
 
 
+# ---- who may be migrated ------------------------------------------------------------------
+
+HELPER_COMMS = {"prerestore-husk": "husk", "prerestore-init": "pid namespace init"}
+DAEMONS = {b"prerestore.source.trackerd": "tracker daemon",
+           b"prerestore.restore.daemon": "stage daemon"}
+
+
+def prerestore_role(pid: int) -> str | None:
+    """What part of prerestore the process is ("husk", "stage daemon", "command"...), or None.
+    Known by its comm (the husk program) or its argv (`python -m prerestore.x`, the
+    `prerestore` script)."""
+    comm = procfs.comm(pid)
+    if comm in HELPER_COMMS:
+        return HELPER_COMMS[comm]
+    argv = procfs.cmdline(pid)
+    for i, arg in enumerate(argv[:3]):
+        if os.path.basename(arg) == b"prerestore":
+            return "command"
+        if arg == b"-m" and i + 1 < len(argv):
+            module = argv[i + 1]
+            if module == b"prerestore" or module.startswith(b"prerestore."):
+                return DAEMONS.get(module, "command")
+    return None
+
+
+def check_target(pid: int) -> None:
+    """Refuse, by name, a root that must never be seized: the init of our pid namespace (the
+    host's, usually), a kernel thread, this very process or any in its parent chain (the tree
+    would hold the tool that freezes it), a process of prerestore's own (a daemon, a husk, a
+    running command). Raises UnsupportedState; ProcessGone becomes a plain "no process"."""
+    if pid <= 0:
+        raise UnsupportedState(f"pid {pid}: not a process id (a positive number)")
+    try:
+        name = procfs.comm(pid)
+        if pid == 1:
+            raise UnsupportedState(f"pid 1 ({name}) is the init of this host (or of this pid "
+                                   "namespace): it cannot be migrated")
+        if procfs.is_kernel_thread(pid):
+            raise UnsupportedState(f"pid {pid} ({name}) is a kernel thread: it cannot be "
+                                   "migrated")
+        if pid == os.getpid():
+            raise UnsupportedState(f"pid {pid} is this prerestore process itself: it cannot "
+                                   "migrate itself")
+        if pid in procfs.ancestors(os.getpid()):
+            raise UnsupportedState(f"pid {pid} ({name}) runs this prerestore (it is in its "
+                                   "parent chain): its tree would hold prerestore itself")
+        role = prerestore_role(pid)
+    except ProcessGone:
+        raise NoSuchProcess(3, "find the process", pid) from None
+    if role:
+        raise UnsupportedState(f"pid {pid} ({name}) is a prerestore {role}: prerestore does "
+                               "not migrate its own processes")
+
+
+def tree_helpers(tasks: list[procfs.TreeTask]) -> list[str]:
+    """Processes of prerestore's own inside the tree (a tracker daemon started from a shell
+    of the tree, a husk): refused by name, like the root itself would be."""
+    problems = []
+    for t in tasks[1:]:
+        if t.zombie:
+            continue
+        try:
+            role = prerestore_role(t.pid)
+        except ProcessGone:
+            continue
+        if role or t.pid == os.getpid():
+            problems.append(f"pid {t.pid} in the tree is a prerestore {role or 'command'}: "
+                            "prerestore does not migrate its own processes")
+    return problems
+
+
 def find_tree_unsupported(root: int, same_host: bool = False,
                           external_unix: frozenset[bytes] = frozenset()) -> list[str]:
     tasks = procfs.tree(root)
-    problems = tree_problems(tasks) + ptys.pty_problems(tasks, same_host)
+    problems = tree_helpers(tasks) + tree_problems(tasks) + ptys.pty_problems(tasks, same_host)
     if not same_host:
         problems += inner_ends(tasks, external_unix)
     for t in tasks:
@@ -129,6 +200,7 @@ def check_supported(pid: int, same_host: bool = False,
     between connect() and its server's accept(). A problem must be there, the same, on
     `looks` looks in a row (a busy tree shows a different passing one at each look); the
     frozen tree is checked again exactly (unixsock.capture)."""
+    check_target(pid)
     lasting: set[str] | None = None
     for look in range(looks):
         problems = find_tree_unsupported(pid, same_host, external_unix)

@@ -43,8 +43,11 @@ def load_secret(path: str | None = None) -> bytes:
     $PRERESTORE_SECRET. At least 16 bytes; whitespace around it is ignored."""
     path = path or os.environ.get("PRERESTORE_SECRET_FILE")
     if path:
-        with open(path, "rb") as f:
-            secret = f.read().strip()
+        try:
+            with open(path, "rb") as f:
+                secret = f.read(1 << 16).strip()
+        except OSError as e:
+            raise AuthError(f"secret file {path}: {e.strerror}") from None
     else:
         secret = os.environ.get("PRERESTORE_SECRET", "").strip().encode()
     if len(secret) < 16:
