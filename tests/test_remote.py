@@ -41,6 +41,7 @@ class Server:
     def __init__(self, tmp_path, env=None):
         secret = tmp_path / "secret"
         secret.write_bytes(SECRET)
+        secret.chmod(0o600)
         self.log = tmp_path / "serve.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "prerestore.cli", "serve", "--listen", "127.0.0.1:0",
