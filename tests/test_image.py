@@ -539,3 +539,29 @@ def test_controlling_terminal_fields_round_trip_and_are_checked(tmp_path):
     m["tasks"][0]["ctty"] = "3"
     with pytest.raises(ImageError, match="'ctty'"):
         decode_round(m)
+
+
+@pytest.mark.parametrize("where, mangle, named", [
+    ("VMA prot", lambda m: m["tasks"][0]["layout"][0].__setitem__(2, None),
+     r"task 4242 VMA #0 field 'prot' is None \(NoneType\), expected int"),
+    ("VMA path", lambda m: m["tasks"][0]["layout"][1].__setitem__(5, True),
+     r"task 4242 VMA #1 field 'path' is True \(bool\), expected str"),
+    ("VMA bounds", lambda m: m["tasks"][0]["layout"][1].__setitem__(1, 0),
+     r"task 4242 VMA #1 .* not a mapping"),
+    ("fd path", lambda m: m["states"][0]["fds"][1].__setitem__(2, False),
+     r"state #0 \(pid 4242\) fd #1 field 'path' is False"),
+    ("cwd", lambda m: m["states"][0].__setitem__("cwd", 7), r"field 'cwd' is 7 \(int\)"),
+    ("register", lambda m: m["states"][0]["threads"][1]["regs"].__setitem__("rip", "x"),
+     r"thread #1 register 'rip' is 'x'"),
+    ("tids", lambda m: m["tasks"][0].__setitem__("tids", [1, None]), r"'tids'\[1\] is None"),
+    ("pid", lambda m: m["tasks"][0].__setitem__("pid", 1.5), r"task #0 field 'pid' is 1.5"),
+    ("zombie", lambda m: m["zombies"].append([1, 2, 3, 4, "x"]), r"zombie #0\[4\] is 'x'"),
+])
+def test_fields_of_the_wrong_type_are_named(where, mangle, named):
+    """A map from a file or a peer is typed field by field before anything is built from it:
+    the wrong field is named (never a TypeError from deep inside staging)."""
+    m = encode_round(make_round(final=True))
+    m = msgpack.unpackb(msgpack.packb(m, use_bin_type=True), raw=False, strict_map_key=False)
+    mangle(m)
+    with pytest.raises(ImageError, match="malformed: ValueError: .*" + named):
+        decode_round(m)

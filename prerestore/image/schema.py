@@ -185,6 +185,128 @@ def _int(m: dict, key: str, default: int) -> int:
     return value
 
 
+# ---- field types: a map from a file or a peer is checked before any object is built ---------
+
+INT, STR, BYTES, BOOL, NONE = int, str, bytes, bool, type(None)
+FLAG = (bool, int)                  # written as bool, read leniently (older images: 0/1)
+
+
+def _typed(value, kinds, what: str):
+    """value is one of kinds (bool counts as an int only where FLAG says so): else a
+    ValueError that names the field."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join("None" if k is NONE else k.__name__ for k in kinds)
+        raise ValueError(f"{what} is {value!r:.40} ({type(value).__name__}), expected {names}")
+    return value
+
+
+def _ints(value, what: str, n: int | None = None) -> None:
+    """A list of ints (of length n if given)."""
+    _typed(value, list, what)
+    if n is not None and len(value) != n:
+        raise ValueError(f"{what} has {len(value)} items, expected {n}")
+    for i, x in enumerate(value):
+        _typed(x, INT, f"{what}[{i}]")
+
+
+def _fields(m, spec: dict, what: str) -> None:
+    """Every key of spec that m has is of its kinds (missing keys: KeyError or defaults later)."""
+    _typed(m, dict, what)
+    for key, kinds in spec.items():
+        if key in m:
+            if kinds == "ints":
+                _ints(m[key], f"{what} field {key!r}")
+            else:
+                _typed(m[key], kinds, f"{what} field {key!r}")
+
+
+VMA_FIELDS = (("start", INT), ("end", INT), ("prot", INT), ("shared", FLAG), ("offset", INT),
+              ("path", STR), ("inode", INT), ("dev", STR))
+TASK_FIELDS = {"pid": INT, "layout": list, "fresh": BYTES, "pages": BYTES, "zap": BYTES,
+               "pages_offset": INT, "pages_from": STR, "tids": "ints", "parent": INT,
+               "sid": INT, "pgid": INT, "starttime": INT, "first": FLAG, "exit_signal": INT,
+               "source_pid": INT, "ctty": INT}
+STATE_FIELDS = {"pid": INT, "comm": STR, "exe": STR, "cwd": STR, "umask": INT, "mm": dict,
+                "auxv": BYTES, "rlimits": dict, "sigactions": dict, "fds": list,
+                "threads": list, "shared_pending": list, "cpus": "ints", "creds": (dict, NONE),
+                "dumpable": INT, "pdeathsig": INT, "child_subreaper": FLAG, "tty_pgrp": INT}
+THREAD_FIELDS = {"tid": INT, "regs": dict, "xstate": BYTES, "sigmask": INT,
+                 "rseq": (list, NONE), "robust_list": "ints", "clear_child_tid": INT,
+                 "sigaltstack": "ints", "pending": list}
+FD_FIELDS = (("fd", INT), ("kind", STR), ("path", STR), ("flags", INT), ("offset", INT),
+             ("dev_inode", list), ("same_as", (list, NONE)), ("data", BYTES),
+             ("unix", (dict, NONE)))
+CREDS_FIELDS = {"uids": "ints", "gids": "ints", "groups": "ints", "cap_inheritable": INT,
+                "cap_permitted": INT, "cap_effective": INT, "cap_bounding": INT,
+                "cap_ambient": INT, "no_new_privs": FLAG}
+
+
+def _check_vma(v, what: str) -> None:
+    _typed(v, list, what)
+    if not 6 <= len(v) <= len(VMA_FIELDS):
+        raise ValueError(f"{what} has {len(v)} fields, expected 6 to {len(VMA_FIELDS)}")
+    for x, (name, kinds) in zip(v, VMA_FIELDS):
+        _typed(x, kinds, f"{what} field {name!r}")
+    if not 0 <= v[0] < v[1] < 1 << 64 or v[2] < 0 or v[4] < 0:
+        raise ValueError(f"{what} is {v[0]:#x}-{v[1]:#x} prot {v[2]} offset {v[4]}: not a "
+                         "mapping")
+
+
+def _check_state(s, what: str) -> None:
+    _fields(s, STATE_FIELDS, what)
+    what = f"{what} (pid {s.get('pid')})"
+    for key, value in s.get("mm", {}).items():
+        _typed(value, INT, f"{what} mm field {key!r}")
+    for r, limits in s.get("rlimits", {}).items():
+        _ints(limits, f"{what} rlimit {r!r:.20}", 2)
+    for n, action in s.get("sigactions", {}).items():
+        _ints(action, f"{what} signal action {n!r:.20}", 4)
+    for i, f in enumerate(s.get("fds", [])):
+        where = f"{what} fd #{i}"
+        _typed(f, list, where)
+        if not 8 <= len(f) <= len(FD_FIELDS):
+            raise ValueError(f"{where} has {len(f)} fields, expected 8 to {len(FD_FIELDS)}")
+        for x, (name, kinds) in zip(f, FD_FIELDS):
+            _typed(x, kinds, f"{where} field {name!r}")
+        _ints(f[5], f"{where} field 'dev_inode'", 2)
+        if f[6] is not None:
+            _ints(f[6], f"{where} field 'same_as'", 2)
+    for i, t in enumerate(s.get("threads", [])):
+        where = f"{what} thread #{i}"
+        _fields(t, THREAD_FIELDS, where)
+        for reg, value in t.get("regs", {}).items():
+            _typed(reg, STR, f"{where} register name")
+            _typed(value, INT, f"{where} register {reg!r}")
+        if t.get("rseq") is not None:
+            _ints(t["rseq"], f"{where} field 'rseq'", 3)
+        for x in t.get("pending", []):
+            _typed(x, BYTES, f"{where} pending signal")
+    for x in s.get("shared_pending", []):
+        _typed(x, BYTES, f"{what} pending signal")
+    if s.get("creds") is not None:
+        _fields(s["creds"], CREDS_FIELDS, f"{what} credentials")
+
+
+def _check_types(m) -> None:
+    """Every field a decoder reads is of the type it expects: a wrong one (a protection that is
+    None, a path that is a boolean) is named here as a ValueError, instead of surfacing as a
+    TypeError deep in staging (or worse, as a wrong value handed to the kernel)."""
+    _fields(m, {"id": STR, "index": INT, "parent_id": (STR, NONE), "parent_path": (STR, NONE),
+                "kind": STR, "source": dict, "tasks": list, "states": list, "zombies": list,
+                "stats": dict}, "the round")
+    for i, t in enumerate(m.get("tasks", [])):
+        what = f"task #{i}"
+        _fields(t, TASK_FIELDS, what)
+        what = f"task {t.get('pid')}"
+        for j, v in enumerate(t.get("layout", [])):
+            _check_vma(v, f"{what} VMA #{j}")
+    for i, s in enumerate(m.get("states", [])):
+        _check_state(s, f"state #{i}")
+    for i, z in enumerate(m.get("zombies", [])):
+        _ints(z, f"zombie #{i}", 5)
+
+
 def encode_round(r: Round) -> dict:
     return {"id": r.id, "index": r.index, "parent_id": r.parent_id, "parent_path": r.parent_path,
             "kind": r.kind, "source": r.source, "tasks": [_task(t) for t in r.tasks],
@@ -213,6 +335,7 @@ def _check_tree(tasks: list[AddressSpaceRound], zombies: list[Zombie]) -> None:
 
 def decode_round(m: dict) -> Round:
     try:
+        _check_types(m)
         tasks = [AddressSpaceRound(t["pid"], [Vma(*v) for v in t["layout"]], t["fresh"],
                                    t["pages"], t["zap"], t["pages_offset"], t["pages_from"],
                                    list(t["tids"]), t["parent"], t["sid"], t["pgid"],
