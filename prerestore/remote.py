@@ -221,7 +221,12 @@ def _fork_connection(conn: socket.socket, who: str, secret: bytes, opts: dict, l
     auth_r, auth_w = os.pipe()                     # close-on-exec: no husk inherits them
     parent = os.getpid()
     sys.stderr.flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(auth_r)
+        os.close(auth_w)
+        raise
     if pid:
         os.close(auth_w)
         return pid, auth_r
@@ -287,7 +292,12 @@ def serve(listen: str, secret: bytes, *, pidns: bool = True, work_dir: str | Non
                 if fd in closed:
                     continue
                 if accepting and fd == srv.fileno():
-                    conn, peer = srv.accept()
+                    try:
+                        conn, peer = srv.accept()
+                    except OSError as e:           # out of fds, aborted: not the end of us
+                        log(f"accept failed: {e}")
+                        time.sleep(0.1)
+                        continue
                     who = f"{peer[0]}:{peer[1]}"
                     waiting = [c for c in conns.values() if not c.authenticated]
                     from_peer = sum(c.ip == peer[0] for c in waiting)
@@ -304,6 +314,9 @@ def serve(listen: str, secret: bytes, *, pidns: bool = True, work_dir: str | Non
                             pid, auth_fd = _fork_connection(
                                 conn, who, secret, opts, log,
                                 [srv, *conns, *by_auth_fd])
+                        except OSError as e:       # no process to serve it: refuse it
+                            log(f"refused {who}: {e}")
+                            continue
                         finally:
                             conn.close()
                         c = _Connection(pid, os.pidfd_open(pid), auth_fd, peer[0])
