@@ -185,6 +185,9 @@ def _serve_connection(conn: socket.socket, who: str, secret: bytes, opts: dict, 
     try:
         receiver.serve()
     except BaseException as e:             # contained: the server goes on
+        if receiver.finished is not None:  # the tree runs: only the goodbye was lost
+            log(f"migration from {who}: the tree runs; then {_one_line(e)}")
+            return
         try:
             if receiver.staged is not None and receiver.finished is None:
                 receiver.staged.abort()    # before the source hears of it and resumes
