@@ -54,6 +54,7 @@ def one_run(kind: str, mb: int, mode: str, work: Path) -> dict:
     try:
         secret = work / "secret"
         secret.write_bytes(SECRET)
+        secret.chmod(0o600)
         src = hosts.run("a", SERVICES[kind](hosts, mb), stdout=open(work / "svc.log", "wb"),
                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                         start_new_session=True)

@@ -91,6 +91,40 @@ def _check_ip(option: str, text: str | None) -> None:
             raise PrerestoreError(f"{option} {text!r}: not an IP address") from None
 
 
+def _seconds(text: str) -> float:
+    """'10', '2.5' or '500ms' -> seconds (more than 0)."""
+    ms = _duration_ms(text if text.strip().lower().endswith("s") else text + "s")
+    if ms <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration above 0 (e.g. 10 or 500ms)")
+    return ms / 1e3
+
+
+def _bytes(text: str) -> int:
+    """'1073741824', '512M', '2G', '1T' (powers of 1024) -> bytes; 0 keeps the default."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    if t and t[-1] in "KMGT":
+        scale, t = 1024 ** ("KMGT".index(t[-1]) + 1), t[:-1]
+    try:
+        value = float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size like 512M, 8G or a byte count") \
+            from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size cannot be negative")
+    return int(value * scale)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a count of at least 1")
+    return value
+
+
 def _print_json(path: str | None, report: dict) -> None:
     if path:
         with open(path, "w") as f:
@@ -292,7 +326,7 @@ def cmd_migrate(args) -> int:
                             pidns=not args.no_pidns, cold=args.cold, tracking=args.tracking,
                             policy=policy, round_interval=args.round_interval / 1e3,
                             release_ip=args.release_ip, external_unix=args.external_unix,
-                            progress=progress)
+                            connect_timeout=args.connect_timeout, progress=progress)
         print(f"migrated pid {args.tree} to {args.to} ({report['mode']}): downtime "
               f"{report['downtime_ms']:.2f} ms, total {report['total_ms']:.0f} ms, "
               f"{len(report['rounds'])} pre-copy rounds, {report['bytes_sent'] / 2**20:.1f} MiB "
@@ -460,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--release-ip", metavar="ADDR",
                    help="(--to) the service address, released here once the tree is frozen "
                         "(the destination claims it: serve --claim-ip)")
+    p.add_argument("--connect-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="(--to) give up on a destination that does not connect and complete "
+                        "the handshake within this time, before the tree is touched "
+                        "(default: 10)")
     p.add_argument("--cold", action="store_true", help="no pre-copy: dump and cold restore")
     p.add_argument("--no-pidns", action="store_true",
                    help="restore in this pid namespace (needs the pid free: not for local moves)")
@@ -484,7 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     _external_unix_option(p)
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("serve", help="receive migrations from other hosts (migrate --to)")
+    p = sub.add_parser("serve", help="receive migrations from other hosts (migrate --to)",
+                       description="Receive migrations from other hosts (migrate --to). Each "
+                                   "connection is served in a process of its own: several "
+                                   "migrations (of different trees) run at once, and one that "
+                                   "fails is refused to its peer and cleaned up while the "
+                                   "server goes on.")
     p.add_argument("--listen", required=True, metavar="ADDR:PORT")
     p.add_argument("--secret-file", help="the shared secret (or PRERESTORE_SECRET_FILE / "
                                          "PRERESTORE_SECRET); peers without it are refused")
@@ -492,6 +535,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default for senders that do not say: restore in this pid namespace")
     p.add_argument("--work-dir", help="where received rounds go (default: a temp dir)")
     p.add_argument("--once", action="store_true", help="exit after one migration")
+    p.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="a connection that has not proved it knows the secret within this "
+                        "time is closed (default: 10)")
+    p.add_argument("--max-unauthenticated", type=_count, default=64, metavar="N",
+                   help="connections not authenticated yet, in all: more are closed at once "
+                        "(default: 64)")
+    p.add_argument("--max-unauthenticated-per-peer", type=_count, default=8, metavar="N",
+                   help="the same, per peer address (default: 8)")
+    p.add_argument("--max-stage-bytes", type=_bytes, default=0, metavar="SIZE",
+                   help="page bytes one migration may bring here over all its rounds, e.g. "
+                        "8G; a round beyond it is refused (default: RAM + swap)")
     p.add_argument("--claim-ip", metavar="ADDR/PREFIX@DEV",
                    help="the service address to take over when a migration is finalized, "
                         "before its TCP sockets are rebuilt (announced by gratuitous ARP)")
@@ -527,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except PrerestoreError as e:
         print(f"prerestore {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except OSError as e:            # a socket or file the command used failed: one line too
+        print(f"prerestore {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

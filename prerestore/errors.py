@@ -53,3 +53,7 @@ class RestoreError(PrerestoreError):
 
 class ProtocolError(PrerestoreError):
     """A peer or control socket sent something we did not expect, or did not authenticate."""
+
+
+class TooLarge(PrerestoreError):
+    """A peer wants to stage more than this host allows it (serve --max-stage-bytes)."""

@@ -21,20 +21,23 @@ step is applied, the source cannot know whether the tree runs there: it is left 
 from __future__ import annotations
 
 import os
+import select
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from . import netaddr
-from .errors import PrerestoreError, ProtocolError
+from .errors import PrerestoreError, ProtocolError, TooLarge
 from .image import schema
+from .kernel import procfs
 from .recovery import Journal
 from .policy import ConvergencePolicy, estimate_after, is_last_round
 from .source.session import SourceSession, check_supported, external_names
-from .transport.channel import AuthError, Channel
+from .transport.channel import HANDSHAKE_TIMEOUT, Channel
 
 OPS = ("begin", "round", "final", "abort", "done")
 
@@ -48,11 +51,33 @@ def parse_address(text: str, default_host: str = "") -> tuple[str, int]:
 
 # ---- destination ---------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class ServeLimits:
+    """What peers may hold on the destination. Every connection is served in a process of its
+    own; until it is authenticated it counts against max_unauthenticated (in all) and
+    max_unauthenticated_per_peer (per peer address), and a new connection beyond either is
+    closed at once. handshake_timeout (s) bounds the whole handshake. max_stage_bytes bounds
+    the page bytes one migration may bring here over all its rounds (0: RAM + swap)."""
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    max_unauthenticated: int = 64
+    max_unauthenticated_per_peer: int = 8
+    max_stage_bytes: int = 0
+
+    def stage_limit(self) -> int:
+        return self.max_stage_bytes or procfs.memory_and_swap()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or "(no detail)"
+    return f"{type(e).__name__}: {text[:400]}"
+
+
 class Receiver:
-    """One incoming migration: writes each round where staging reads it, and stages it."""
+    """One incoming migration: writes each round where staging reads it, and stages it.
+    Any error ends it (raised to the caller, who refuses it to the peer)."""
 
     def __init__(self, channel: Channel, work_dir: str, pidns_default: bool, log=print,
-                 claim_ip: "netaddr.Address | None" = None):
+                 claim_ip: "netaddr.Address | None" = None, max_stage_bytes: int = 1 << 62):
         from .restore.staged import StagedTree
         self.ch = channel
         self.claim_ip = claim_ip
@@ -62,11 +87,29 @@ class Receiver:
         self.finished: dict | None = None          # finalize's stats once the tree runs
         self.rounds = 0
         self.log = log
+        self.max_stage_bytes = max_stage_bytes
+        self.staged_bytes = 0                      # page bytes taken in so far, all rounds
 
     def _receive_round(self, msg: dict, name: str) -> str:
+        """Check a round's metadata, then take in its pages: the announced size must be what
+        the metadata lists, and within what this migration may still stage, before a byte of
+        it is written."""
         meta, size = msg.get("meta"), msg.get("pages")
-        if not isinstance(meta, bytes) or not isinstance(size, int) or size < 0:
+        if not isinstance(meta, bytes) or not isinstance(size, int) or isinstance(size, bool) \
+                or size < 0:
             raise ProtocolError("a round needs meta (bytes) and pages (a byte count)")
+        r = schema.decode_image(meta, name)        # every field typed and checked
+        if any(t.pages_from != "file" for t in r.tasks):
+            raise ProtocolError(f"{name}: its pages must come with it (pages_from 'file')")
+        listed = schema.pages_size(r)
+        if size != listed:
+            raise ProtocolError(f"{name}: announces {size} bytes of pages, its metadata lists "
+                                f"{listed}")
+        if self.staged_bytes + size > self.max_stage_bytes:
+            raise TooLarge(f"{name}: {size} bytes of pages would bring this migration to "
+                           f"{self.staged_bytes + size} bytes staged here, over the limit of "
+                           f"{self.max_stage_bytes} (serve --max-stage-bytes)")
+        self.staged_bytes += size
         directory = os.path.join(self.work_dir, name)
         os.makedirs(directory, exist_ok=True)
         got = 0
@@ -87,8 +130,8 @@ class Receiver:
         while True:
             msg = self.ch.recv()
             op = msg.get("op")
-            if op not in OPS:
-                raise ProtocolError(f"unknown operation {op!r}")
+            if not isinstance(op, str) or op not in OPS:
+                raise ProtocolError(f"unknown operation {op!r:.40}")
             if op == "begin":
                 if self.staged is not None:
                     raise ProtocolError("begin twice")
@@ -105,65 +148,213 @@ class Receiver:
                 return None
             if op == "done":
                 return self.finished
+            if self.finished is not None:
+                raise ProtocolError(f"{op} after the final step")
+            if op == "round":
+                directory = self._receive_round(msg, f"round-{self.rounds}")
+                self.rounds += 1
+                stats = self.staged.stage(directory)
+                # staged: the husks hold these pages now, the file is no longer needed
+                os.unlink(os.path.join(directory, schema.PAGES_FILE))
+            else:                                   # final
+                directory = self._receive_round(msg, "final")
+                stats = self.staged.finalize(directory, claim_ip=self.claim_ip)
+                self.finished = stats
+                self.log(f"running: pid {stats['pid']} (host pid {stats['host_pid']}), "
+                         f"{stats['processes']} processes, finalize "
+                         f"{stats['finalize_ms']:.2f} ms")
+            self.ch.send({"ok": True, "stats": stats})
+
+
+def _serve_connection(conn: socket.socket, who: str, secret: bytes, opts: dict, log,
+                      authenticated) -> None:
+    """One connection, from the handshake to the end of its migration (in a process of its
+    own). Whatever goes wrong ends this migration only: it is refused to the peer in one line
+    and logged, its husks are killed and its files removed."""
+    limits: ServeLimits = opts["limits"]
+    try:
+        ch = Channel.accept(conn, secret, timeout=limits.handshake_timeout)
+    except (ProtocolError, OSError) as e:
+        log(f"refused {who}: {e}")
+        return
+    authenticated()
+    log(f"migration from {who}")
+    # received rounds are staged from files: in memory (tmpfs), not on a disk
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    wd = tempfile.mkdtemp(prefix="prerestore-in-", dir=opts["work_dir"] or shm)
+    receiver = Receiver(ch, wd, opts["pidns"], log, opts["claim_ip"], opts["max_stage_bytes"])
+    try:
+        receiver.serve()
+    except BaseException as e:             # contained: the server goes on
+        if receiver.finished is not None:  # the tree runs: only the goodbye was lost
+            log(f"migration from {who}: the tree runs; then {_one_line(e)}")
+            return
+        try:
+            if receiver.staged is not None and receiver.finished is None:
+                receiver.staged.abort()    # before the source hears of it and resumes
+        finally:
+            log(f"migration from {who} refused: {_one_line(e)}")
             try:
-                if op == "round":
-                    directory = self._receive_round(msg, f"round-{self.rounds}")
-                    self.rounds += 1
-                    stats = self.staged.stage(directory)
-                else:                                   # final
-                    directory = self._receive_round(msg, "final")
-                    stats = self.staged.finalize(directory, claim_ip=self.claim_ip)
-                    self.finished = stats
-                    self.log(f"running: pid {stats['pid']} (host pid {stats['host_pid']}), "
-                             f"{stats['processes']} processes, finalize "
-                             f"{stats['finalize_ms']:.2f} ms")
-                self.ch.send({"ok": True, "stats": stats})
-            except PrerestoreError as e:
-                self.log(f"{op}: {type(e).__name__}: {e}")
-                self.staged.abort()
-                self.ch.send({"ok": False, "error": str(e), "kind": type(e).__name__})
-                return None
+                ch.send({"ok": False, "error": _one_line(e).partition(": ")[2],
+                         "kind": type(e).__name__})
+            except Exception:              # the peer may be gone: nothing more to say
+                pass
+    finally:
+        try:
+            if receiver.staged is not None and receiver.finished is None:
+                receiver.staged.abort()
+        finally:
+            ch.close()
+            shutil.rmtree(wd, ignore_errors=True)
+
+
+class _Connection:
+    """A connection's process, as the serving process tracks it."""
+
+    def __init__(self, pid: int, pidfd: int, auth_fd: int, ip: str):
+        self.pid, self.pidfd, self.auth_fd, self.ip = pid, pidfd, auth_fd, ip
+        self.authenticated = False
+
+
+def _fork_connection(conn: socket.socket, who: str, secret: bytes, opts: dict, log,
+                     inherited: list) -> tuple[int, int]:
+    """Serve conn in a child process; returns (pid, the read end of its 'authenticated'
+    pipe). The child dies with us (PR_SET_PDEATHSIG), and its husks with it
+    (PTRACE_O_EXITKILL). inherited: the server's sockets and fds the child closes."""
+    from .kernel import native
+    auth_r, auth_w = os.pipe()                     # close-on-exec: no husk inherits them
+    parent = os.getpid()
+    sys.stderr.flush()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(auth_r)
+        os.close(auth_w)
+        raise
+    if pid:
+        os.close(auth_w)
+        return pid, auth_r
+    code = 1
+    try:
+        os.close(auth_r)
+        for f in inherited:
+            f.close() if isinstance(f, socket.socket) else os.close(f)
+        native.set_pdeathsig(signal.SIGKILL, parent)
+
+        def authenticated():
+            os.write(auth_w, b"A")
+            os.close(auth_w)
+
+        _serve_connection(conn, who, secret, opts, log, authenticated)
+        code = 0
+    except BaseException as e:                     # noqa: BLE001 - nothing may escape a fork
+        try:
+            log(f"connection from {who}: {_one_line(e)}")
+        except BaseException:
+            pass
+    finally:
+        os._exit(code)
 
 
 def serve(listen: str, secret: bytes, *, pidns: bool = True, work_dir: str | None = None,
           once: bool = False, log=print, ready=None,
-          claim_ip: "netaddr.Address | None" = None) -> None:
-    """Receive migrations on listen (HOST:PORT), one at a time."""
+          claim_ip: "netaddr.Address | None" = None, limits: ServeLimits = ServeLimits()
+          ) -> None:
+    """Receive migrations on listen (HOST:PORT), each connection in a process of its own:
+    several migrations (of different trees) run at once, and nothing a peer sends or fails
+    at ends the server. once: return after the first authenticated connection ended."""
     host, port = parse_address(listen, "0.0.0.0")
+    opts = {"pidns": pidns, "work_dir": work_dir, "claim_ip": claim_ip, "limits": limits,
+            "max_stage_bytes": limits.stage_limit()}
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     srv = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((host, port))
-    srv.listen(4)
+    srv.listen(128)
     log(f"serving on {host}:{srv.getsockname()[1]}")
     if ready:
         ready(srv.getsockname()[1])
-    try:
-        while True:
-            conn, peer = srv.accept()
-            try:
-                ch = Channel.accept(conn, secret)
-            except (AuthError, ProtocolError, OSError) as e:
-                log(f"refused {peer[0]}:{peer[1]}: {e}")
-                continue
-            log(f"migration from {peer[0]}:{peer[1]}")
-            # received rounds are staged from files: in memory (tmpfs), not on a disk
-            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            wd = tempfile.mkdtemp(prefix="prerestore-in-", dir=work_dir or shm)
-            receiver = Receiver(ch, wd, pidns, log, claim_ip)
-            try:
-                receiver.serve()
-            except (PrerestoreError, OSError) as e:
-                log(f"migration from {peer[0]}:{peer[1]} ended: {type(e).__name__}: {e}")
-            finally:
-                if receiver.staged is not None and receiver.finished is None:
-                    receiver.staged.abort()
-                ch.close()
-                shutil.rmtree(wd, ignore_errors=True)
-            if once:
-                return
-    finally:
+    conns: dict[int, _Connection] = {}          # by pidfd
+    by_auth_fd: dict[int, _Connection] = {}
+    poller = select.poll()
+    poller.register(srv, select.POLLIN)
+    accepting = True
+
+    def stop_accepting():
+        nonlocal accepting
+        accepting = False
+        poller.unregister(srv)
         srv.close()
+        for c in conns.values():
+            if not c.authenticated:
+                os.kill(c.pid, signal.SIGKILL)
+
+    try:
+        while accepting or conns:
+            closed: set[int] = set()      # fds closed while handling this batch: stale events
+            for fd, _ in poller.poll():
+                if fd in closed:
+                    continue
+                if accepting and fd == srv.fileno():
+                    try:
+                        conn, peer = srv.accept()
+                    except OSError as e:           # out of fds, aborted: not the end of us
+                        log(f"accept failed: {e}")
+                        time.sleep(0.1)
+                        continue
+                    who = f"{peer[0]}:{peer[1]}"
+                    waiting = [c for c in conns.values() if not c.authenticated]
+                    from_peer = sum(c.ip == peer[0] for c in waiting)
+                    if len(waiting) >= limits.max_unauthenticated:
+                        log(f"refused {who}: {len(waiting)} connections are not authenticated "
+                            "yet (--max-unauthenticated)")
+                        conn.close()
+                    elif from_peer >= limits.max_unauthenticated_per_peer:
+                        log(f"refused {who}: {from_peer} connections from {peer[0]} are not "
+                            "authenticated yet (--max-unauthenticated-per-peer)")
+                        conn.close()
+                    else:
+                        try:
+                            pid, auth_fd = _fork_connection(
+                                conn, who, secret, opts, log,
+                                [srv, *conns, *by_auth_fd])
+                        except OSError as e:       # no process to serve it: refuse it
+                            log(f"refused {who}: {e}")
+                            continue
+                        finally:
+                            conn.close()
+                        c = _Connection(pid, os.pidfd_open(pid), auth_fd, peer[0])
+                        conns[c.pidfd] = by_auth_fd[auth_fd] = c
+                        poller.register(c.pidfd, select.POLLIN)
+                        poller.register(auth_fd, select.POLLIN)
+                elif fd in by_auth_fd:                     # authenticated, or gone
+                    c = by_auth_fd.pop(fd)
+                    c.authenticated = os.read(fd, 1) == b"A"
+                    poller.unregister(fd)
+                    os.close(fd)
+                    closed.add(fd)
+                elif fd in conns:                          # the connection's process ended
+                    c = conns.pop(fd)
+                    poller.unregister(fd)
+                    os.close(fd)
+                    closed.add(fd)
+                    if by_auth_fd.pop(c.auth_fd, None) is not None:   # its writer is gone
+                        c.authenticated = os.read(c.auth_fd, 1) == b"A"
+                        poller.unregister(c.auth_fd)
+                        os.close(c.auth_fd)
+                        closed.add(c.auth_fd)
+                    os.waitpid(c.pid, 0)
+                    if once and c.authenticated and accepting:
+                        stop_accepting()
+    finally:
+        if accepting:
+            srv.close()
+        for c in conns.values():              # a stopped server ends what it was serving
+            try:
+                os.kill(c.pid, signal.SIGKILL)
+                os.waitpid(c.pid, 0)
+            except ChildProcessError:
+                pass
 
 
 # ---- source --------------------------------------------------------------------------------------
@@ -172,9 +363,13 @@ def _send_round(ch: Channel, session: SourceSession, r, op: str) -> dict:
     meta = schema.encode_image(r)
     ch.send({"op": op, "meta": meta, "pages": r.stats["bytes"]})
     sent = 0
-    for chunk in session.stream_pages(r):
-        ch.send_data(chunk)
-        sent += len(chunk)
+    try:
+        for chunk in session.stream_pages(r):
+            ch.send_data(chunk)
+            sent += len(chunk)
+    except OSError:
+        _refusal(ch, r.index)            # it may have refused the round before its pages
+        raise
     if sent != r.stats["bytes"]:
         raise PrerestoreError(f"round {r.index}: read {sent} bytes of pages, listed "
                               f"{r.stats['bytes']}")
@@ -186,6 +381,18 @@ def _send_round(ch: Channel, session: SourceSession, r, op: str) -> dict:
     return stats if isinstance(stats, dict) else {}
 
 
+def _refusal(ch: Channel, index: int) -> None:
+    """If the destination hung up because it refused round index, raise its reason."""
+    try:
+        ch.sock.settimeout(2.0)
+        reply = ch.recv()
+    except (OSError, PrerestoreError):
+        return
+    if reply.get("ok") is False:
+        raise PrerestoreError(f"the destination refused round {index}: "
+                              f"{reply.get('kind', 'error')}: {reply.get('error')}")
+
+
 SWITCH_LINGER = 0.25    # s the source keeps forwarding to the address after the destination runs
 
 
@@ -193,11 +400,13 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
                cold: bool = False, tracking: str = "auto",
                policy: ConvergencePolicy = ConvergencePolicy(), round_interval: float = 0.0,
                release_ip: str | None = None, external_unix=(),
+               connect_timeout: float = HANDSHAKE_TIMEOUT,
                progress=lambda msg: None) -> dict:
     """Migrate the tree under pid to a `prerestore serve` at address; returns the report.
     release_ip: the service address, released here once the tree is frozen (the destination
     claims it: serve --claim-ip), given back here if the migration fails. external_unix:
-    names through which unix connections may leave the tree (source/unixsock.py)."""
+    names through which unix connections may leave the tree (source/unixsock.py).
+    connect_timeout: seconds for the connection and handshake (before the tree is touched)."""
     external_unix = external_names(external_unix)
     check_supported(pid, same_host=False, external_unix=external_unix)   # before anything
     moving = netaddr.find(release_ip) if release_ip else None
@@ -211,7 +420,7 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
             released()
 
     t_start = time.monotonic()
-    ch = Channel.connect(parse_address(address), secret)
+    ch = Channel.connect(parse_address(address), secret, timeout=connect_timeout)
     if moving is not None:
         forwarder = netaddr.SwitchForwarder(
             moving, netaddr.neighbour_mac(ch.sock.getpeername()[0], moving.dev))
@@ -330,7 +539,17 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
 def main_serve(args) -> int:
     from .transport.channel import load_secret
     secret = load_secret(args.secret_file)
+    claim_ip = netaddr.parse_claim(args.claim_ip) if args.claim_ip else None
+    limits = ServeLimits(handshake_timeout=args.handshake_timeout,
+                         max_unauthenticated=args.max_unauthenticated,
+                         max_unauthenticated_per_peer=args.max_unauthenticated_per_peer,
+                         max_stage_bytes=args.max_stage_bytes)
+
+    def stop(signum, frame):
+        raise SystemExit(0)                 # through serve's cleanup: its connections end
+
+    signal.signal(signal.SIGTERM, stop)
     serve(args.listen, secret, pidns=not args.no_pidns, work_dir=args.work_dir,
           once=args.once, log=lambda m: print(m, flush=True, file=sys.stderr),
-          claim_ip=netaddr.parse_claim(args.claim_ip) if args.claim_ip else None)
+          claim_ip=claim_ip, limits=limits)
     return 0

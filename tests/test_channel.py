@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from prerestore.errors import ProtocolError
+from prerestore.errors import PrerestoreError, ProtocolError
 from prerestore.transport import channel
 from prerestore.transport.channel import AuthError, Channel
 
@@ -105,4 +105,73 @@ def test_short_secrets_are_refused(tmp_path, monkeypatch):
         channel.load_secret()
     f = tmp_path / "secret"
     f.write_bytes(b"  0123456789abcdefXYZ \n")
+    f.chmod(0o600)
     assert channel.load_secret(str(f)) == b"0123456789abcdefXYZ"
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620])
+def test_a_secret_file_others_may_use_is_refused(tmp_path, mode):
+    f = tmp_path / "secret"
+    f.write_bytes(b"0123456789abcdefXYZ")
+    f.chmod(mode)
+    with pytest.raises(PrerestoreError, match=f"mode {mode:04o}.*chmod 600 {f}"):
+        channel.load_secret(str(f))
+
+
+def test_a_missing_or_odd_secret_file_is_named(tmp_path):
+    with pytest.raises(PrerestoreError, match="No such file"):
+        channel.load_secret(str(tmp_path / "nothing"))
+    with pytest.raises(PrerestoreError, match="not a regular file"):
+        channel.load_secret(str(tmp_path))
+
+
+def test_a_trickling_peer_is_cut_off_at_the_handshake_deadline():
+    """One byte now and then renews no timeout: the whole handshake has one deadline."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    client = socket.create_connection(srv.getsockname())
+    conn, _ = srv.accept()
+    stop = threading.Event()
+
+    def trickle():
+        client.settimeout(30)
+        client.recv(4096)                                   # the server's hello
+        for byte in struct.pack("!I", 64) + b"x" * 64:      # never done before the deadline
+            if stop.wait(0.2):
+                return
+            try:
+                client.send(bytes([byte]))
+            except OSError:
+                return
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    try:
+        with pytest.raises(ProtocolError, match="did not complete the handshake within 1 s"):
+            Channel.accept(conn, SECRET, timeout=1)
+    finally:
+        stop.set()
+        t.join(10)
+        client.close()
+        srv.close()
+
+
+def test_a_silent_server_is_given_up_on():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)                     # the kernel completes the connection; nobody answers
+    try:
+        with pytest.raises(ProtocolError, match="did not complete the handshake within 0.5 s"):
+            Channel.connect(srv.getsockname(), SECRET, timeout=0.5)
+    finally:
+        srv.close()
+
+
+def test_connection_refused_is_one_line():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                         # nobody listens there
+    with pytest.raises(ProtocolError, match=f"cannot connect to 127.0.0.1:{port}: "):
+        Channel.connect(("127.0.0.1", port), SECRET, timeout=5)

@@ -44,6 +44,7 @@ class Move:
         self.hosts, self.tmp, self.kind = hosts, tmp_path, kind
         self.secret = tmp_path / "secret"
         self.secret.write_bytes(SECRET)
+        self.secret.chmod(0o600)          # refused if others may read it
         log = tmp_path / "service.log"
         self.src = hosts.run("a", SERVICES[kind](hosts), stdout=open(log, "wb"),
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -6,19 +6,26 @@ A stranger without the secret cannot push a process; a failure on the destinatio
 source untouched."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
+import zlib
 
+import msgpack
 import pytest
 
-from migration import alive, helper_processes, needs_root, ns_pids, wait_for_line
+from migration import alive, helper_processes, needs_root, ns_pids, prerestore, wait_for_line
 from workloads import WORKLOAD_DIR, compare_with_reference, last_iteration, wait_for_iteration
 
 from prerestore.errors import PrerestoreError, ProtocolError
+from prerestore.image import schema
 from prerestore.policy import ConvergencePolicy
 from prerestore.remote import migrate_to
 from prerestore.transport.channel import AuthError, Channel
@@ -38,13 +45,15 @@ def tree_bin(tmp_path_factory):
 class Server:
     """`prerestore serve` on a free loopback port, killed at the end with what it restored."""
 
-    def __init__(self, tmp_path, env=None):
+    def __init__(self, tmp_path, env=None, args=()):
         secret = tmp_path / "secret"
         secret.write_bytes(SECRET)
+        secret.chmod(0o600)
         self.log = tmp_path / "serve.log"
+        self.work = tmp_path
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "prerestore.cli", "serve", "--listen", "127.0.0.1:0",
-             "--secret-file", str(secret), "--work-dir", str(tmp_path)],
+             "--secret-file", str(secret), "--work-dir", str(tmp_path), *args],
             stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"), stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})}, start_new_session=True)
         deadline = time.monotonic() + 20
@@ -61,8 +70,37 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, TypeError):
                 pass
+        # its connections' processes die with it (PR_SET_PDEATHSIG), their husks with them;
+        # the group is killed too, so that nothing it started outlives a failed test
         self.proc.kill()
         self.proc.wait(10)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def port(self) -> tuple[str, int]:
+        host, port = self.address.split(":")
+        return host, int(port)
+
+    def children(self) -> list[int]:
+        """The connection processes serving right now."""
+        out = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                        out.append(int(entry))
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def wait_idle(self, timeout: float = 30) -> bool:
+        """Every connection process has ended (its husks with it)."""
+        deadline = time.monotonic() + timeout
+        while self.children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.children()
 
 
 @pytest.fixture
@@ -170,3 +208,315 @@ def test_a_failure_on_the_destination_resumes_the_source(tree_bin, tmp_path):
         src.kill()
         src.wait(10)
         server.stop()
+
+
+# ---- hostile or broken peers --------------------------------------------------------------------
+
+def _hello(sock: socket.socket) -> bytes:
+    """What the server says first on a connection it serves (b"" if it closed it at once)."""
+    sock.settimeout(30)
+    try:
+        return sock.recv(4096)
+    except ConnectionResetError:
+        return b""
+
+
+def _connect_from(address: str, source_ip: str) -> socket.socket:
+    host, port = address.split(":")
+    s = socket.socket()
+    s.bind((source_ip, 0))
+    s.connect((host, int(port)))
+    return s
+
+
+def test_idle_connections_and_a_slow_loris_do_not_block_a_migration(tree_bin, tmp_path):
+    """Three connections that say nothing and one trickling its handshake a byte at a time,
+    with a handshake timeout far longer than the migration: served one after the other they
+    would hold it back for minutes; served each in its own process they do not."""
+    server = Server(tmp_path, args=["--handshake-timeout", "300"])
+    idle = [_connect_from(server.address, "127.0.0.1") for _ in range(3)]
+    loris = _connect_from(server.address, "127.0.0.1")
+    stop = threading.Event()
+
+    def trickle():
+        for byte in struct.pack("!I", 200) + b"x" * 200:
+            if stop.wait(0.5):
+                return
+            try:
+                loris.send(bytes([byte]))
+            except OSError:
+                return
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    log = tmp_path / "out.log"
+    src = start([tree_bin, "fork3"], log)
+    try:
+        wait_for_iteration(log, 300, pid=src.pid)
+        r = migrate_to(src.pid, server.address, SECRET, policy=POLICY, connect_timeout=20)
+        server.restored += [r["namespace_init_pid"], r["restored_host_pid"]]
+        src.wait(10)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, timeout=60, pid=r["restored_host_pid"])
+        assert "BAD" not in log.read_text()
+        assert t.is_alive()                 # still trickling: it never held the migration up
+    finally:
+        stop.set()
+        t.join(10)
+        for s in idle + [loris]:
+            s.close()
+        src.kill()
+        src.wait(10)
+        server.stop()
+
+
+def test_unauthenticated_connections_are_capped_and_cut_off(tmp_path):
+    """Beyond the caps (per peer address, in all) a connection is closed at once, before any
+    hello; the ones served are closed once the handshake deadline passes."""
+    server = Server(tmp_path, args=["--handshake-timeout", "1", "--max-unauthenticated", "3",
+                                    "--max-unauthenticated-per-peer", "2"])
+    socks = []
+    try:
+        for ip in ("127.0.0.1", "127.0.0.1"):
+            socks.append(_connect_from(server.address, ip))
+            assert _hello(socks[-1])                      # served
+        socks.append(_connect_from(server.address, "127.0.0.1"))
+        assert _hello(socks[-1]) == b""                   # a third from 127.0.0.1: closed
+        socks.append(_connect_from(server.address, "127.0.0.2"))
+        assert _hello(socks[-1])                          # another peer: served
+        socks.append(_connect_from(server.address, "127.0.0.3"))
+        assert _hello(socks[-1]) == b""                   # a fourth in all: closed
+        text = server.log.read_text()
+        assert "2 connections from 127.0.0.1 are not authenticated yet" in text
+        assert "3 connections are not authenticated yet" in text
+        for s in (socks[0], socks[1], socks[3]):          # then the deadline ends them
+            assert _hello(s) == b""
+        assert server.wait_idle()
+        assert server.log.read_text().count("did not complete the handshake within 1 s") == 3
+        assert server.proc.poll() is None
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()
+
+
+def _forged_round(mangle=None, final=False) -> bytes:
+    """A round's round.img as a source would send it, with a field or two changed after
+    encoding (what a broken or hostile peer that knows the secret could send)."""
+    from test_image import make_round
+    m = schema.encode_round(make_round(final=final))
+    m = msgpack.unpackb(msgpack.packb(m, use_bin_type=True), raw=False, strict_map_key=False)
+    if mangle:
+        mangle(m)
+    body = msgpack.packb(m, use_bin_type=True)
+    return schema.HEADER.pack(schema.MAGIC, schema.VERSION, len(body), zlib.crc32(body)) + body
+
+
+def _send_forged(server: Server, meta: bytes, pages: int, op: str = "round") -> dict:
+    ch = Channel.connect(server.port(), SECRET, timeout=20)
+    try:
+        ch.send({"op": "begin", "pidns": True})
+        assert ch.recv() == {"ok": True}
+        ch.send({"op": op, "meta": meta, "pages": pages})
+        ch.sock.settimeout(60)
+        return ch.recv()           # no page byte sent: the reply must come before any
+    finally:
+        ch.close()
+
+
+LISTED = 3 * 4096                  # the page bytes test_image.make_round lists
+
+
+@pytest.mark.parametrize("op, final, mangle, named", [
+    ("round", False, lambda m: m["tasks"][0]["layout"][0].__setitem__(2, None),
+     "VMA #0 field 'prot' is None"),
+    ("round", False, lambda m: m["tasks"][0]["layout"][2].__setitem__(5, True),
+     "VMA #2 field 'path' is True"),
+    ("final", True, lambda m: m["states"][0]["fds"][1].__setitem__(2, True),
+     "fd #1 field 'path' is True"),
+    ("round", False, lambda m: m["tasks"][0].__setitem__("pages_offset", "0"),
+     "field 'pages_offset' is '0'"),
+    ("round", False, lambda m: m.__setitem__("tasks", [{"pid": 1}]), "KeyError: 'layout'"),
+])
+def test_a_round_with_fields_of_the_wrong_type_is_refused_and_serving_goes_on(
+        server, tree_bin, tmp_path, op, final, mangle, named):
+    reply = _send_forged(server, _forged_round(mangle, final), LISTED, op)
+    assert reply["ok"] is False and named in reply["error"]
+    assert "\n" not in reply["error"] and reply["kind"] == "ImageError"
+    assert server.wait_idle()                 # its process ended, nothing staged is left
+    assert server.proc.poll() is None
+    assert "refused: ImageError: " in server.log.read_text()
+    assert not list(tmp_path.glob("prerestore-in-*"))
+    # and the next migration is served
+    log = tmp_path / "out.log"
+    src = start([tree_bin, "fork3"], log)
+    try:
+        wait_for_iteration(log, 200, pid=src.pid)
+        r = migrate_to(src.pid, server.address, SECRET, policy=POLICY)
+        server.restored += [r["namespace_init_pid"], r["restored_host_pid"]]
+        src.wait(10)
+        assert r["processes"] == 7
+    finally:
+        src.kill()
+        src.wait(10)
+
+
+def test_a_crash_while_staging_is_contained_to_its_migration(tree_bin, tmp_path):
+    """PRERESTORE_FAULT=stage:crash: staging raises a RuntimeError (as a bug would), not a
+    PrerestoreError. The round is refused in one line, the husks made for it die, the source
+    resumes, and the server answers the next migration."""
+    server = Server(tmp_path, env={"PRERESTORE_FAULT": "stage:crash"})
+    log = tmp_path / "out.log"
+    src = start([tree_bin, "fork3"], log)
+    try:
+        wait_for_iteration(log, 200, pid=src.pid)
+        for _ in range(2):
+            with pytest.raises(PrerestoreError, match="the destination refused round 0: "
+                                                      "RuntimeError: injected crash at stage"):
+                migrate_to(src.pid, server.address, SECRET, policy=POLICY)
+            assert server.wait_idle() and server.proc.poll() is None
+            assert not helper_processes(src.pid)
+            assert _state(src.pid) in "RS"
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 200, timeout=60, pid=src.pid)
+        assert "BAD" not in log.read_text()
+        assert "refused: RuntimeError: injected crash at stage" in server.log.read_text()
+    finally:
+        src.kill()
+        src.wait(10)
+        server.stop()
+
+
+def test_an_announced_size_beyond_the_metadata_is_refused_before_any_byte(server, tmp_path):
+    reply = _send_forged(server, _forged_round(), 1 << 40)
+    assert reply == {"ok": False, "kind": "ProtocolError",
+                     "error": f"round-0: announces {1 << 40} bytes of pages, its metadata "
+                              f"lists {LISTED}"}
+    assert server.wait_idle() and server.proc.poll() is None
+
+
+def test_what_one_migration_may_stage_is_bounded(tmp_path):
+    server = Server(tmp_path, args=["--max-stage-bytes", "8K"])
+    try:
+        reply = _send_forged(server, _forged_round(), LISTED)
+        assert reply["ok"] is False and reply["kind"] == "TooLarge"
+        assert f"over the limit of 8192 (serve --max-stage-bytes)" in reply["error"]
+        assert server.wait_idle() and server.proc.poll() is None
+    finally:
+        server.stop()
+
+
+# ---- the command line: one-line errors ---------------------------------------------------------
+
+def _one_line_error(res, *texts):
+    assert res.returncode == 1, res
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    for text in texts:
+        assert text in lines[0], lines[0]
+
+
+def test_a_secret_file_others_may_read_is_refused_by_both_ends(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o640)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        _one_line_error(prerestore("serve", "--listen", "127.0.0.1:0", "--secret-file", secret,
+                                   check=False, timeout=60),
+                        "mode 0640", f"chmod 600 {secret}")
+        _one_line_error(prerestore("migrate", "-t", sleeper.pid, "--to", "127.0.0.1:1",
+                                   "--secret-file", secret, check=False, timeout=60),
+                        "mode 0640", f"chmod 600 {secret}")
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_missing_secret_file_is_one_line(tmp_path):
+    missing = tmp_path / "no-such-secret"
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        _one_line_error(prerestore("serve", "--listen", "127.0.0.1:0", "--secret-file",
+                                   missing, check=False, timeout=60),
+                        f"secret file {missing}: No such file or directory")
+        _one_line_error(prerestore("migrate", "-t", sleeper.pid, "--to", "127.0.0.1:1",
+                                   "--secret-file", missing, check=False, timeout=60),
+                        f"secret file {missing}: No such file or directory")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_silent_destination_fails_migrate_in_its_timeout_and_the_source_runs_on(
+        tree_bin, tmp_path):
+    """A destination that accepts (the kernel completes the connection) and never answers:
+    migrate --to gives up after --connect-timeout, in one line, and the source never stopped."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o600)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    log = tmp_path / "out.log"
+    src = start([tree_bin, "fork3"], log)
+    try:
+        wait_for_iteration(log, 200, pid=src.pid)
+        res = prerestore("migrate", "-t", src.pid, "--to",
+                         f"127.0.0.1:{silent.getsockname()[1]}", "--secret-file", secret,
+                         "--connect-timeout", "1", check=False, timeout=60)
+        _one_line_error(res, "did not complete the handshake within 1 s")
+        assert _state(src.pid) in "RS"
+        with open(f"/proc/{src.pid}/status") as f:
+            assert "TracerPid:\t0" in f.read()
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 200, timeout=60, pid=src.pid)
+        assert "BAD" not in log.read_text()
+    finally:
+        silent.close()
+        src.kill()
+        src.wait(10)
+
+
+def test_two_trees_migrate_at_once(server, tree_bin, tmp_path):
+    """Each connection has its own process on the destination: two migrations (from two
+    `prerestore migrate --to` runs) are staged side by side, and both trees run there."""
+    secret = tmp_path / "secret"               # the server's
+    srcs, logs, runs = [], [], []
+    try:
+        for i in range(2):
+            logs.append(tmp_path / f"out{i}.log")
+            srcs.append(start([tree_bin, "fork3"], logs[i]))
+        for i in range(2):
+            wait_for_iteration(logs[i], 200, pid=srcs[i].pid)
+        for i in range(2):
+            runs.append(subprocess.Popen(
+                [sys.executable, "-m", "prerestore.cli", "migrate", "-t", str(srcs[i].pid),
+                 "--to", server.address, "--secret-file", str(secret), "--min-rounds", "3",
+                 "--json", str(tmp_path / f"report{i}.json")],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for i in range(2):
+            out, err = runs[i].communicate(timeout=120)
+            assert runs[i].returncode == 0, err
+            r = json.loads((tmp_path / f"report{i}.json").read_text())
+            server.restored += [r["namespace_init_pid"], r["restored_host_pid"]]
+            srcs[i].wait(10)
+            it = last_iteration(logs[i])
+            wait_for_iteration(logs[i], it + 200, timeout=60, pid=r["restored_host_pid"])
+            assert "BAD" not in logs[i].read_text()
+        assert server.log.read_text().count("running: pid") == 2
+    finally:
+        for p in runs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for src in srcs:
+            src.kill()
+            src.wait(10)

@@ -521,3 +521,14 @@ def boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def memory_and_swap() -> int:
+    """Bytes of RAM plus swap on this host (/proc/meminfo MemTotal + SwapTotal)."""
+    total = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("MemTotal", "SwapTotal"):
+                total += int(value.split()[0]) * 1024
+    return total

@@ -20,11 +20,13 @@ import hashlib
 import hmac
 import os
 import socket
+import stat
 import struct
+import time
 
 import msgpack
 
-from ..errors import ProtocolError
+from ..errors import PrerestoreError, ProtocolError
 
 PROTOCOL = "prerestore-wire/1"
 HEADER = struct.Struct("!IB")
@@ -32,6 +34,7 @@ TAG = 32
 MESSAGE, DATA = 1, 2
 MAX_FRAME = 64 << 20
 HANDSHAKE_MAX = 4096
+HANDSHAKE_TIMEOUT = 10.0      # s for the whole handshake (and the TCP connect, client side)
 
 
 class AuthError(ProtocolError):
@@ -40,20 +43,39 @@ class AuthError(ProtocolError):
 
 def load_secret(path: str | None = None) -> bytes:
     """The shared secret: the file named by path (or $PRERESTORE_SECRET_FILE), or
-    $PRERESTORE_SECRET. At least 16 bytes; whitespace around it is ignored."""
+    $PRERESTORE_SECRET. At least 16 bytes; whitespace around it is ignored. Like ssh with a
+    private key, a file that anyone but its owner (root or us) may read or write is refused."""
     path = path or os.environ.get("PRERESTORE_SECRET_FILE")
     if path:
-        try:
-            with open(path, "rb") as f:
-                secret = f.read(1 << 16).strip()
-        except OSError as e:
-            raise AuthError(f"secret file {path}: {e.strerror}") from None
+        secret = _read_secret_file(path)
     else:
         secret = os.environ.get("PRERESTORE_SECRET", "").strip().encode()
     if len(secret) < 16:
         raise AuthError("a shared secret of at least 16 bytes is needed: --secret-file FILE "
                         "(or PRERESTORE_SECRET_FILE / PRERESTORE_SECRET)")
     return secret
+
+
+def _read_secret_file(path: str) -> bytes:
+    try:                            # O_NONBLOCK: a FIFO planted there must not hang us
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise PrerestoreError(f"secret file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PrerestoreError(f"secret file {path}: not a regular file")
+        if st.st_uid not in (0, os.geteuid()):
+            raise PrerestoreError(f"secret file {path} belongs to uid {st.st_uid}: it must "
+                                  f"belong to root or to the user running prerestore (uid "
+                                  f"{os.geteuid()}): chown {os.geteuid()} {path}")
+        if st.st_mode & 0o077:
+            raise PrerestoreError(f"secret file {path} has mode "
+                                  f"{stat.S_IMODE(st.st_mode):04o}: others than its owner may "
+                                  f"read or write it; make it private: chmod 600 {path}")
+        return os.read(fd, 1 << 16).strip()
+    finally:
+        os.close(fd)
 
 
 def _mac(key: bytes, *parts) -> bytes:
@@ -78,44 +100,73 @@ class Channel:
     # ---- handshake ------------------------------------------------------------------------------
 
     @classmethod
-    def connect(cls, address: tuple[str, int], secret: bytes, timeout: float = 30.0) -> "Channel":
-        sock = socket.create_connection(address, timeout=timeout)
+    def connect(cls, address: tuple[str, int], secret: bytes,
+                timeout: float = HANDSHAKE_TIMEOUT) -> "Channel":
+        """Connect and authenticate; the TCP connect and the handshake together get timeout
+        seconds (a peer that accepts and never answers is given up on, ProtocolError)."""
+        where = f"{address[0]}:{address[1]}"
+        deadline = time.monotonic() + timeout
+        try:
+            sock = socket.create_connection(address, timeout=timeout)
+        except TimeoutError:
+            raise ProtocolError(f"cannot connect to {where}: no answer within {timeout:g} s") \
+                from None
+        except OSError as e:
+            raise ProtocolError(f"cannot connect to {where}: {e.strerror or e}") from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            hello = _plain_recv(sock)
+            hello = _plain_recv(sock, deadline)
             if hello.get("hello") != PROTOCOL or not isinstance(hello.get("nonce"), bytes):
-                raise ProtocolError(f"{address[0]}:{address[1]} does not speak {PROTOCOL}")
+                raise ProtocolError(f"{where} does not speak {PROTOCOL}")
             ns, nc = hello["nonce"], os.urandom(32)
-            _plain_send(sock, {"nonce": nc, "proof": _mac(secret, b"client", ns, nc)})
-            reply = _plain_recv(sock)
+            _plain_send(sock, {"nonce": nc, "proof": _mac(secret, b"client", ns, nc)}, deadline)
+            reply = _plain_recv(sock, deadline)
             proof = reply.get("proof")
             if not isinstance(proof, bytes) or \
                     not hmac.compare_digest(proof, _mac(secret, b"server", nc, ns)):
-                raise AuthError(f"{address[0]}:{address[1]} did not prove it knows the shared "
-                                "secret")
+                raise AuthError(f"{where} did not prove it knows the shared secret")
             sock.settimeout(None)
             return cls(sock, _mac(secret, b"session", ns, nc), "client")
+        except TimeoutError:
+            sock.close()
+            raise ProtocolError(f"{where} accepted the connection but did not complete the "
+                                f"handshake within {timeout:g} s") from None
+        except ProtocolError as e:             # AuthError too: say who it was
+            sock.close()
+            if where in str(e):
+                raise
+            raise type(e)(f"{where}: {e}") from None
+        except OSError as e:
+            sock.close()
+            raise ProtocolError(f"{where}: handshake failed: {e.strerror or e}") from None
         except BaseException:
             sock.close()
             raise
 
     @classmethod
-    def accept(cls, sock: socket.socket, secret: bytes, timeout: float = 30.0) -> "Channel":
+    def accept(cls, sock: socket.socket, secret: bytes,
+               timeout: float = HANDSHAKE_TIMEOUT) -> "Channel":
         """Authenticate a connection just accepted; closes it and raises AuthError if the
-        peer does not know the secret."""
+        peer does not know the secret, ProtocolError if the whole handshake takes longer
+        than timeout seconds (a peer trickling bytes is cut off at the deadline, not given
+        a fresh timeout per read)."""
+        deadline = time.monotonic() + timeout
         try:
-            sock.settimeout(timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             ns = os.urandom(32)
-            _plain_send(sock, {"hello": PROTOCOL, "nonce": ns})
-            answer = _plain_recv(sock)
+            _plain_send(sock, {"hello": PROTOCOL, "nonce": ns}, deadline)
+            answer = _plain_recv(sock, deadline)
             nc, proof = answer.get("nonce"), answer.get("proof")
             if not isinstance(nc, bytes) or len(nc) != 32 or not isinstance(proof, bytes) or \
                     not hmac.compare_digest(proof, _mac(secret, b"client", ns, nc)):
                 raise AuthError("the peer did not prove it knows the shared secret")
-            _plain_send(sock, {"proof": _mac(secret, b"server", nc, ns)})
+            _plain_send(sock, {"proof": _mac(secret, b"server", nc, ns)}, deadline)
             sock.settimeout(None)
             return cls(sock, _mac(secret, b"session", ns, nc), "server")
+        except TimeoutError:
+            sock.close()
+            raise ProtocolError(f"the peer did not complete the handshake within {timeout:g} s") \
+                from None
         except BaseException:
             sock.close()
             raise
@@ -199,10 +250,11 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
+        _until(sock, deadline)
         k = sock.recv_into(view[got:], n - got)
         if not k:
             raise ProtocolError(f"connection closed after {got} of {n} bytes")
@@ -210,13 +262,23 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _plain_send(sock: socket.socket, obj: dict) -> None:
+def _until(sock: socket.socket, deadline: float | None) -> None:
+    """Let the next socket call wait only until deadline (TimeoutError past it)."""
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        sock.settimeout(left)
+
+
+def _plain_send(sock: socket.socket, obj: dict, deadline: float | None = None) -> None:
     body = msgpack.packb(obj, use_bin_type=True)
+    _until(sock, deadline)
     sock.sendall(struct.pack("!I", len(body)) + body)
 
 
-def _plain_recv(sock: socket.socket) -> dict:
-    (length,) = struct.unpack("!I", _recv_exact(sock, 4))
+def _plain_recv(sock: socket.socket, deadline: float | None = None) -> dict:
+    (length,) = struct.unpack("!I", _recv_exact(sock, 4, deadline))
     if length > HANDSHAKE_MAX:
         raise ProtocolError(f"handshake message of {length} bytes")
-    return _decode(_recv_exact(sock, length))
+    return _decode(_recv_exact(sock, length, deadline))
