@@ -115,16 +115,6 @@ def _bytes(text: str) -> int:
     return int(value * scale)
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a count of at least 1")
-    return value
-
-
 def _print_json(path: str | None, report: dict) -> None:
     if path:
         with open(path, "w") as f:
@@ -538,10 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="a connection that has not proved it knows the secret within this "
                         "time is closed (default: 10)")
-    p.add_argument("--max-unauthenticated", type=_count, default=64, metavar="N",
+    p.add_argument("--max-unauthenticated", type=_count(1), default=64, metavar="N",
                    help="connections not authenticated yet, in all: more are closed at once "
                         "(default: 64)")
-    p.add_argument("--max-unauthenticated-per-peer", type=_count, default=8, metavar="N",
+    p.add_argument("--max-unauthenticated-per-peer", type=_count(1), default=8, metavar="N",
                    help="the same, per peer address (default: 8)")
     p.add_argument("--max-stage-bytes", type=_bytes, default=0, metavar="SIZE",
                    help="page bytes one migration may bring here over all its rounds, e.g. "

@@ -329,14 +329,14 @@ LISTED = 3 * 4096                  # the page bytes test_image.make_round lists
 
 @pytest.mark.parametrize("op, final, mangle, named", [
     ("round", False, lambda m: m["tasks"][0]["layout"][0].__setitem__(2, None),
-     "VMA #0 field 'prot' is None"),
+     "tasks[0].layout[0].prot: expected int 0..7, got None"),
     ("round", False, lambda m: m["tasks"][0]["layout"][2].__setitem__(5, True),
-     "VMA #2 field 'path' is True"),
+     "tasks[0].layout[2].path: expected"),
     ("final", True, lambda m: m["states"][0]["fds"][1].__setitem__(2, True),
-     "fd #1 field 'path' is True"),
+     "states[0].fds[1].path: expected"),
     ("round", False, lambda m: m["tasks"][0].__setitem__("pages_offset", "0"),
-     "field 'pages_offset' is '0'"),
-    ("round", False, lambda m: m.__setitem__("tasks", [{"pid": 1}]), "KeyError: 'layout'"),
+     "tasks[0].pages_offset: expected int"),
+    ("round", False, lambda m: m.__setitem__("tasks", [{"pid": 1}]), "tasks[0].layout: missing"),
 ])
 def test_a_round_with_fields_of_the_wrong_type_is_refused_and_serving_goes_on(
         server, tree_bin, tmp_path, op, final, mangle, named):
