@@ -152,7 +152,7 @@ class Husk:
         try:
             husk.tracee = Tracee(host_pid, exitkill=True)
             husk.tracee.stop()
-            husk.mem_fd = os.open(f"/proc/{host_pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            husk.mem_fd = procfs.open_file(host_pid, "mem", os.O_RDWR)
         except BaseException:
             husk.kill()
             raise
@@ -223,7 +223,7 @@ class Husk:
         child.parent = self
         child.tracee = Tracee.adopt(host_pid)
         try:
-            child.mem_fd = os.open(f"/proc/{host_pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            child.mem_fd = procfs.open_file(host_pid, "mem", os.O_RDWR)
             native.set_options(host_pid, lib.PTRACE_O_EXITKILL)
         except BaseException:
             child.kill()
@@ -441,8 +441,8 @@ class Husk:
         unmapped since its round was scanned is written as zeros: the next round's layout
         drops it."""
         if self.source_mem_fd < 0:
-            self.source_mem_fd = os.open(f"/proc/{task.source_pid or task.pid}/mem",
-                                         os.O_RDONLY | os.O_CLOEXEC)
+            self.source_mem_fd = procfs.open_file(task.source_pid or task.pid, "mem",
+                                                  os.O_RDONLY)
         nbytes, forced, self.skipped = native.copy_pages(task.source_pid or task.pid,
                                                          self.source_mem_fd,
                                                          self.host_pid, self.mem_fd, task.pages)
@@ -457,7 +457,7 @@ class Husk:
         compare every readable private page of the husk with the source's. Returns the
         differing pages as (address, VMA description)."""
         diffs: list[tuple[int, str]] = []
-        src_mem = os.open(f"/proc/{source_pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        src_mem = procfs.open_file(source_pid, "mem", os.O_RDONLY)
         try:
             for v in memory_vmas(layout, shmem=True):
                 for a in range(v.start, v.end, 8 << 20):
@@ -919,8 +919,8 @@ class Husk:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                tids = {int(t) for t in os.listdir(f"/proc/{self.host_pid}/task")}
-            except FileNotFoundError:
+                tids = set(procfs.threads(self.host_pid))
+            except ProcessGone:
                 tids = set()
             for tid in tids | {t.pid for t in self.threads.values()} - {self.host_pid}:
                 try:
