@@ -267,17 +267,26 @@ class Husk:
         if z.pgid == z.pid:
             self.join_group(0)
         sig = z.exit_code & 0x7F
-        if sig:
+        if sig == SIGKILL:
+            # it acts at once, on a stopped tracee too; its exit is ours to collect first
+            os.kill(self.host_pid, SIGKILL)
+            try:
+                os.waitpid(self.host_pid, WALL)
+            except ChildProcessError:
+                pass
+            self.tracee.attached = False
+        elif sig:
+            # A signal given with PTRACE_DETACH is only delivered from a signal-delivery stop,
+            # and the husk is in a ptrace-event stop: it would be dropped (the husk went on
+            # living). Queued before the detach, it is delivered as the husk runs on.
             self.tracee.set_sigmask(0)
-            native.detach(self.host_pid, sig)      # no longer ours: its parent gets it
+            os.kill(self.host_pid, sig)
+            native.detach(self.host_pid)           # no longer ours: its parent gets it
             self.tracee.attached = False
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                try:
-                    if procfs.stat_fields(self.host_pid)[3] in ("Z", "X"):
-                        break
-                except ProcessGone:
-                    break
+            while self._alive():
+                if time.monotonic() > deadline:
+                    raise RestoreError(f"the zombie {self.pid} (signal {sig}) did not die")
                 time.sleep(0.001)
         else:
             try:
@@ -290,6 +299,12 @@ class Husk:
                 pass
             self.tracee.attached = False
         self.close()
+
+    def _alive(self) -> bool:
+        try:
+            return procfs.stat_fields(self.host_pid)[3] not in ("Z", "X")
+        except ProcessGone:
+            return False
 
     def reap_child(self, child: "Husk") -> None:
         """Collect a removed child husk's zombie in this husk (an injected wait4), so that the
