@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -316,3 +317,68 @@ def test_a_child_that_calls_setsid_between_rounds(tmp_path, cleanup):
     wait_for_iteration(log, it + 200, timeout=60, pid=host)
     assert len(report["finalize"]["tree"]) == 3
     assert "BAD" not in open(log).read()
+
+
+@pytest.mark.parametrize("run_no", range(10))
+def test_churning_tree_moves_every_time(tree_bin, tmp_path, run_no):
+    """churn forks a short-lived child every few iterations: some exit between a round and
+    its staging (about 2 migrations in 9 met one under load). Each of 10 runs must pass."""
+    run(tree_bin, tmp_path, "churn", False)
+
+
+def _kill_child_around_predump(monkeypatch, round_no: int, when: str, killed: list[int]):
+    """Make SourceSession.predump kill the root's (live) children with SIGKILL just `before`
+    or `after` round `round_no`: after = between the round and its staging (the destination
+    reads the pages of a process that is gone), before = between a staged round and the next
+    (the source finds it gone). Waits until each is gone or a zombie."""
+    from prerestore.kernel import procfs
+    from prerestore.source.session import SourceSession
+    from migration import alive
+    real = SourceSession.predump
+    calls = []
+
+    def kill_children(root):
+        for pid in procfs.children(root):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                while alive(pid):
+                    time.sleep(0.002)
+
+    def predump(self, directory):
+        k = len(calls)
+        calls.append(directory)
+        if when == "before" and k == round_no:
+            kill_children(self.pid)
+        r = real(self, directory)
+        if when == "after" and k == round_no:
+            kill_children(self.pid)
+        return r
+    monkeypatch.setattr(SourceSession, "predump", predump)
+
+
+@pytest.mark.parametrize("reap", ["reaped", "zombie"])
+@pytest.mark.parametrize("when", ["after", "before"])
+def test_a_child_that_exits_between_a_round_and_its_staging(tmp_path, monkeypatch, when, reap):
+    """The child (with its own child) is killed right after round 0 is read and before it is
+    staged (after: their husks cannot be filled), or right after round 0 is staged (before). Its parent ignores SIGCHLD
+    (reaped: gone at once) or never reaps it (zombie). The destination cannot read a vanished
+    process's pages: it drops it from the staged tree, as the source drops it from its next
+    round; the migration succeeds and the parent's output matches an unmigrated run."""
+    killed: list[int] = []
+    _kill_child_around_predump(monkeypatch, 0 if when == "after" else 1, when, killed)
+    argv = [sys.executable, WORKLOAD_DIR / "leaving.py", reap]
+
+    def check(host, log):
+        assert killed
+        for pid in killed:
+            assert not helper_processes(pid), tree_of(host)     # no husk left for it
+        tree = tree_of(host)
+        assert [st for st in tree.values() if st[0] != "Z"] and len(
+            [st for st in tree.values() if st[0] != "Z"]) == 1
+    r = move_and_compare(tmp_path, argv, direct=True, cold=False, check=check,
+                         policy=ConvergencePolicy(min_rounds=3, max_rounds=3))
+    vanished = sum(x["stage"].get("vanished", 0) for x in r["rounds"])
+    if when == "after" and reap == "reaped":
+        assert vanished >= 1
+    assert r["processes"] == 1
