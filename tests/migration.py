@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+import leftovers
+
 from workloads import kill_pid, start_workload, wait_for_iteration
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, pid namespaces)")
@@ -99,6 +101,9 @@ class Cleanup:
     def add(self, *pids):
         """pids (or Popen objects) to kill at the end, if they still run."""
         self.pids += [p for p in pids if p]
+        for p in pids:
+            if p:
+                leftovers.watch(p.pid if isinstance(p, subprocess.Popen) else int(p))
 
     def run(self):
         from prerestore.errors import PrerestoreError

@@ -289,7 +289,7 @@ def test_a_child_that_calls_setsid_between_rounds(tmp_path, cleanup):
     session and the grandchild is in it (each checks every turn)."""
     import json
     from migration import prerestore
-    from workloads import kill_pid, wait_for_iteration
+    from workloads import kill_tree, wait_for_iteration
     go = tmp_path / "go"
     argv = [sys.executable, WORKLOAD_DIR / "latesetsid.py", go]
     log = tmp_path / "out.log"
@@ -312,7 +312,7 @@ def test_a_child_that_calls_setsid_between_rounds(tmp_path, cleanup):
     report = json.loads((tmp_path / "final" / "finalize.json").read_text())
     host = report["finalize"]["host_pid"]
     cleanup.add(report["finalize"]["init_pid"], *dict(report["finalize"]["tree"]).values())
-    kill_pid(src)
+    kill_tree(src)            # left stopped by dump: the whole tree, not only its root
     it = last_iteration(log)
     wait_for_iteration(log, it + 200, timeout=60, pid=host)
     assert len(report["finalize"]["tree"]) == 3
