@@ -108,7 +108,9 @@ class Husk:
     @classmethod
     def spawn(cls, pid: int, *, pidns: bool) -> "Husk":
         """A husk that will have `pid`: in our pid namespace (the pid must be free), or as that
-        pid inside a new pid namespace whose init is a second husk program."""
+        pid inside a new pid namespace whose init is a second husk program. Either is spawned
+        leading a session of its own (native.spawn): nothing of the restored tree shares the
+        restoring tool's session or process group."""
         if not pidns and not _pid_free(pid):
             raise PidTaken(f"pid {pid} is in use on this host: cannot restore with the same pid "
                            "(use --pidns to restore inside a new pid namespace)")
@@ -149,6 +151,7 @@ class Husk:
                 raise RestoreError(f"pid namespace init {init} has no husk child")
             host_pid = kids[0]
         husk = cls(host_pid, pid, init)
+        husk.leads_session = init is None            # else it is in its init's session
         try:
             husk.tracee = Tracee(host_pid, exitkill=True)
             husk.tracee.stop()

@@ -468,8 +468,13 @@ class StagedTree:
                 raise ImageError(f"process {task.pid}: its parent {task.parent} is not staged")
             husk = parent.fork_child(task.pid, task.exit_signal)
             self.husks[task.pid] = husk
+        if task.sid == task.pid or not task.parent:
+            # before it forks anything: they inherit it. The root leads a session even when
+            # its source's session was led outside the tree (by a shell, a supervisor): the
+            # restored tree must not be in the session of the tool that restored it
+            if not husk.leads_session:
+                husk.lead_session()
         if task.sid == task.pid:
-            husk.lead_session()            # before it forks anything: they inherit it
             if task.ctty >= 0:
                 if task.ctty not in self.ptys:
                     self.ptys[task.ctty] = tty.make_pair()
@@ -499,12 +504,12 @@ class StagedTree:
 
     def _set_groups(self, final: Round) -> None:
         """Process groups as the source had them: leaders first, then members (a group must
-        exist before others join it). Groups inherited from outside the tree stay as the
-        destination gives them."""
+        exist before others join it). A group inherited from outside the tree is the root's
+        own here (the root leads a session of its own)."""
         pids = {t.pid for t in final.tasks} | {z.pid for z in final.zombies}
         order = sorted(final.tasks, key=lambda t: t.pgid != t.pid)
         for t in order:
-            if t.pgid in pids and t.sid != t.pid:      # a session leader leads its group
+            if t.pgid in pids and not self.husks[t.pid].leads_session:   # leads its group
                 self.husks[t.pid].join_group(0 if t.pgid == t.pid else t.pgid)
 
     def stage(self, directory: str) -> dict:
