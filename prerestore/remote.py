@@ -21,6 +21,7 @@ step is applied, the source cannot know whether the tree runs there: it is left 
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
 import sys
@@ -137,8 +138,20 @@ def serve(listen: str, secret: bytes, *, pidns: bool = True, work_dir: str | Non
     log(f"serving on {host}:{srv.getsockname()[1]}")
     if ready:
         ready(srv.getsockname()[1])
+    # Trees restored here are our children (their root, or their namespace's init) until we
+    # exit: reap each when it ends, or it would stay a zombie as long as we serve.
+    released: dict[int, int] = {}            # pidfd -> pid
     try:
         while True:
+            ready_fds, _, _ = select.select([srv, *released], [], [])
+            for fd in [f for f in ready_fds if f in released]:
+                try:
+                    os.waitpid(released.pop(fd), os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                os.close(fd)
+            if srv not in ready_fds:
+                continue
             conn, peer = srv.accept()
             try:
                 ch = Channel.accept(conn, secret)
@@ -159,9 +172,17 @@ def serve(listen: str, secret: bytes, *, pidns: bool = True, work_dir: str | Non
                     receiver.staged.abort()
                 ch.close()
                 shutil.rmtree(wd, ignore_errors=True)
+            if receiver.finished:
+                child = receiver.finished.get("init_pid") or receiver.finished["host_pid"]
+                try:
+                    released[os.pidfd_open(child)] = child
+                except ProcessLookupError:
+                    pass
             if once:
                 return
     finally:
+        for fd in released:
+            os.close(fd)
         srv.close()
 
 
