@@ -200,11 +200,14 @@ def test_open_file_shared_by_fork_keeps_one_offset(tmp_path, direct):
 
 
 def test_tree_in_its_own_pid_namespace(tree_bin, tmp_path):
-    """A container-style tree: its root is the init (pid 1) of its own pid namespace. It is
-    restored as the init of a new one, every process with its pid there."""
+    """A container-style tree: its root is the init (pid 1) of its own pid namespace, leading
+    its session (as runc makes a container's init). It is restored as the init of a new one,
+    every process with its pid there. (An init whose session is led outside its namespace,
+    getsid() 0, leads one of its own once restored, like any root whose session is led outside
+    the tree: tree.c would flag that change.)"""
     log = tmp_path / "out.log"
     with open(log, "wb") as out:
-        outer = subprocess.Popen(["unshare", "--pid", "--fork", str(tree_bin), "fork3"],
+        outer = subprocess.Popen(["unshare", "--pid", "--fork", "setsid", str(tree_bin), "fork3"],
                                  stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                  start_new_session=True)
     cleanup = Cleanup()
@@ -382,3 +385,74 @@ def test_a_child_that_exits_between_a_round_and_its_staging(tmp_path, monkeypatc
     if when == "after" and reap == "reaped":
         assert vanished >= 1
     assert r["processes"] == 1
+
+
+def _stage_daemon(sock: str) -> int:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if sock.encode() in f.read().split(b"\0"):
+                        return int(entry)
+            except OSError:
+                pass
+    raise AssertionError(f"no stage daemon on {sock}")
+
+
+@pytest.mark.parametrize("how", ["stage-finalize", "restore"])
+def test_a_tree_restored_from_a_terminal_outlives_its_tools(tmp_path, cleanup, how):
+    """`stage`/`finalize` (with their stage daemon) or a cold `restore`, each run in a
+    terminal: the restored tree shares no session or group with any of them and has no
+    controlling terminal; ending their sessions (Ctrl-C, SIGTERM, SIGHUP, SIGKILL to each
+    group and session) leaves it running, its output still that of an unmigrated run."""
+    import json
+    from migration import (assert_detached, end_session, prerestore, proc_stat,
+                           start_in_terminal)
+    from workloads import kill_tree
+
+    def in_terminal(*args):
+        with open(tmp_path / "tool.log", "ab") as out:
+            tool, master = start_in_terminal(
+                [sys.executable, "-m", "prerestore.cli", *args], stdout=out, stderr=out)
+        assert tool.wait(120) == 0, (tmp_path / "tool.log").read_text()
+        tools.append((tool.pid, master))
+
+    tools: list[tuple[int, int]] = []
+    argv = [sys.executable, WORKLOAD_DIR / "leaving.py", "reaped"]
+    log = tmp_path / "out.log"
+    src = cleanup.start(argv, log)
+    sock = str(tmp_path / "stage.sock")
+    cleanup.sockets.append(sock)
+    try:
+        if how == "stage-finalize":
+            prerestore("predump", "-t", src.pid, "-D", tmp_path / "r0")
+            in_terminal("stage", "-D", tmp_path / "r0", "--pidns", "--socket", sock)
+            tools.append((_stage_daemon(sock), -1))
+            prerestore("dump", "-t", src.pid, "-D", tmp_path / "final", "--prev-images-dir",
+                       tmp_path / "r0", "--leave-stopped")
+            in_terminal("finalize", "-D", tmp_path / "final", "--socket", sock)
+            report = json.loads((tmp_path / "final" / "finalize.json").read_text())
+        else:
+            prerestore("dump", "-t", src.pid, "-D", tmp_path / "final", "--leave-stopped")
+            in_terminal("restore", "-D", tmp_path / "final", "--pidns", "--json",
+                        tmp_path / "restore.json")
+            report = json.loads((tmp_path / "restore.json").read_text())
+        fin = report["finalize"]
+        restored = [p for p in [fin["init_pid"], *dict(fin["tree"]).values()] if p]
+        cleanup.add(*restored)
+        kill_tree(src)
+        host = fin["host_pid"]
+        for tool, master in tools:
+            assert_detached(tool, restored)
+            if master >= 0:
+                os.write(master, b"\x03")
+            end_session(tool)
+        assert proc_stat(host)["sid"] == proc_stat(host)["pgid"] == host
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 200, timeout=60, pid=host)
+        assert compare_with_reference(log, argv) >= (it + 200) // 100
+    finally:
+        for _, master in tools:
+            if master >= 0:
+                os.close(master)
+
