@@ -972,6 +972,10 @@ int pr_setns(int fd, int nstype)
 
 /* clone3 + execve, with chosen pids (set_tid, innermost namespace first) and optionally a new
  * pid namespace. keep_fd (if >= 0) becomes fd 3 of the child; the child's environment is empty.
+ * The child leads a new session (and process group), without a controlling terminal: what it
+ * becomes (a restored tree, or its namespace's init) must outlive the tool that spawned it, so
+ * a signal to that tool's group or session (Ctrl-C, a terminal hangup, a service manager
+ * stopping it) must not reach it.
  * Between clone3 and execve the child makes raw system calls only (it is a copy of a possibly
  * multi-threaded Python process). Returns the child's pid in our namespace. */
 int pr_spawn(const char *path, char *const *argv, const int *set_tid, long set_tid_size,
@@ -995,6 +999,7 @@ int pr_spawn(const char *path, char *const *argv, const int *set_tid, long set_t
         static char *const envp[] = {NULL};
         if (keep_fd >= 0 && keep_fd != 3)
             syscall(SYS_dup2, keep_fd, 3);
+        syscall(SYS_setsid);
         syscall(SYS_execve, path, argv, envp);
         syscall(SYS_exit_group, 127);
     }

@@ -22,6 +22,19 @@ def workload_bins(tmp_path_factory):
     return build_workloads(tmp_path_factory.mktemp("workload_bins"))
 
 
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    """Fail a test that leaves a process of its trees running or stopped: every process it
+    started or restored, and their descendants (tests/leftovers.py). They are killed first,
+    so that later tests do not inherit them."""
+    import leftovers
+    leftovers.reset()
+    yield
+    left = leftovers.left_behind()
+    leftovers.reset()
+    assert not left, "processes left behind (killed now):\n" + "\n".join(left)
+
+
 @pytest.fixture
 def cleanup():
     """Processes, stage daemons and sources a test owns; all gone at its end, or it fails."""

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+import leftovers
+
 from workloads import kill_pid, start_workload, wait_for_iteration
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, pid namespaces)")
@@ -49,6 +51,60 @@ def ns_pids(pid: int) -> list[int]:
             if line.startswith("NSpid:"):
                 return [int(x) for x in line.split()[1:]]
     return []
+
+
+def start_in_terminal(argv, **popen_kw) -> tuple[subprocess.Popen, int]:
+    """argv as a terminal runs a command: a session of its own whose controlling terminal is
+    a new pty, its process group that terminal's foreground group (Ctrl-C written to the
+    returned master signals it). popen_kw: stdout, stderr, env..."""
+    import fcntl
+    import termios
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen([str(a) for a in argv], stdin=slave, start_new_session=True,
+                                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+                                **popen_kw)
+    finally:
+        os.close(slave)
+    leftovers.watch(proc.pid)
+    return proc, master
+
+
+def end_session(sid: int) -> None:
+    """What a service manager or a closing terminal does to a tool's session: SIGINT, SIGTERM,
+    SIGHUP, then SIGKILL to its process group (the tool's pid) and to every process in it."""
+    import signal
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL):
+        try:
+            os.killpg(sid, sig)
+        except ProcessLookupError:
+            pass
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and proc_stat(int(entry)).get("sid") == sid:
+                try:
+                    os.kill(int(entry), sig)
+                except ProcessLookupError:
+                    pass
+
+
+def assert_detached(tool_sid: int, pids) -> None:
+    """None of pids shares the session or group led by a tool (tool_sid: its pid, leading
+    both as a terminal's job), or has a controlling terminal."""
+    for pid in pids:
+        st = proc_stat(pid)
+        assert st["sid"] != tool_sid and st["pgid"] != tool_sid, (pid, st)
+        assert st["tty_nr"] == 0, (pid, st)
+
+
+def proc_stat(pid: int) -> dict:
+    """state, ppid, pgid, sid and tty_nr of pid as /proc shows them to us ({} if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    return {"state": fields[0], "ppid": int(fields[1]), "pgid": int(fields[2]),
+            "sid": int(fields[3]), "tty_nr": int(fields[4])}
 
 
 def rss_kib(pid: int) -> int:
@@ -99,6 +155,9 @@ class Cleanup:
     def add(self, *pids):
         """pids (or Popen objects) to kill at the end, if they still run."""
         self.pids += [p for p in pids if p]
+        for p in pids:
+            if p:
+                leftovers.watch(p.pid if isinstance(p, subprocess.Popen) else int(p))
 
     def run(self):
         from prerestore.errors import PrerestoreError

@@ -520,3 +520,52 @@ def test_two_trees_migrate_at_once(server, tree_bin, tmp_path):
         for src in srcs:
             src.kill()
             src.wait(10)
+
+
+def test_a_tree_served_from_a_terminal_outlives_serve(tmp_path, cleanup):
+    """`serve` run in a terminal, the source a shell's job (its own process group in a session
+    led outside the tree). The restored tree is in a session of its own, led by its root,
+    without a controlling terminal: Ctrl-C on serve's terminal, then SIGTERM, SIGHUP and
+    SIGKILL to serve's group and every process of its session, leave it running, its output
+    still that of an unmigrated run."""
+    from migration import assert_detached, end_session, proc_stat, start_in_terminal
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    serve_log = tmp_path / "serve.log"
+    with open(serve_log, "wb") as err:
+        serve, master = start_in_terminal(
+            [sys.executable, "-m", "prerestore.cli", "serve", "--listen", "127.0.0.1:0",
+             "--secret-file", secret, "--work-dir", tmp_path], stdout=err, stderr=err)
+    cleanup.add(serve)
+    try:
+        deadline = time.monotonic() + 20
+        while not (m := re.search(r"serving on 127.0.0.1:(\d+)", serve_log.read_text())):
+            assert serve.poll() is None and time.monotonic() < deadline, serve_log.read_text()
+            time.sleep(0.02)
+        log = tmp_path / "out.log"
+        argv = [sys.executable, WORKLOAD_DIR / "leaving.py", "reaped"]
+        with open(log, "wb") as out:
+            src = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL,
+                                   stdout=out, stderr=out, process_group=0)
+        cleanup.add(src)
+        assert wait_for_line(log, f"start pid={src.pid}")
+        wait_for_iteration(log, 200, pid=src.pid)
+        r = migrate_to(src.pid, f"127.0.0.1:{m.group(1)}", SECRET, policy=POLICY)
+        host = r["restored_host_pid"]
+        restored = [r["namespace_init_pid"], *r["restored_tree"].values()]
+        cleanup.add(*restored)
+        src.wait(10)
+        assert proc_stat(host)["sid"] == proc_stat(host)["pgid"] == host   # leads its own
+        assert_detached(serve.pid, [p for p in restored if p])
+        os.write(master, b"\x03")                                          # Ctrl-C
+        serve.wait(10)
+        end_session(serve.pid)
+        os.close(master)
+        master = -1
+        assert proc_stat(host)["ppid"] != serve.pid
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 200, timeout=60, pid=host)
+        assert compare_with_reference(log, argv) >= (it + 200) // 100
+    finally:
+        if master >= 0:
+            os.close(master)

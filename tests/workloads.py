@@ -20,6 +20,8 @@ import time
 import weakref
 from pathlib import Path
 
+import leftovers
+
 WORKLOAD_DIR = Path(__file__).resolve().parent / "workloads"
 COUNTERS_SRC = WORKLOAD_DIR / "counters.c"
 PYCOUNTERS_SRC = WORKLOAD_DIR / "pycounters.py"
@@ -98,6 +100,7 @@ def start_workload(argv, log_path, env=None, timeout: float = 10.0) -> subproces
     finally:
         os.close(fd)
     _children[proc.pid] = proc
+    leftovers.watch(proc.pid)
     marker = f"start pid={proc.pid}\n"
     deadline = time.monotonic() + timeout
     while True:
@@ -189,6 +192,33 @@ def kill_pid(pid, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid now (not pid itself), parents first."""
+    out, i = [pid], 0
+    while i < len(out):
+        try:
+            tids = os.listdir(f"/proc/{out[i]}/task")
+        except (FileNotFoundError, ProcessLookupError):
+            tids = []
+        for tid in tids:
+            try:
+                with open(f"/proc/{out[i]}/task/{tid}/children") as f:
+                    out += [int(x) for x in f.read().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        i += 1
+    return out[1:]
+
+
+def kill_tree(pid, timeout: float = 5.0) -> None:
+    """SIGKILL pid (int or Popen) and every process below it (listed first: once the root is
+    gone they are orphans nobody knows), and reap what is ours."""
+    below = descendants(pid.pid if isinstance(pid, subprocess.Popen) else int(pid))
+    kill_pid(pid, timeout)
+    for p in below:
+        kill_pid(p, timeout)
 
 
 def compare_with_reference(log_path, argv, env=None, timeout: float = 60) -> int:

@@ -25,6 +25,27 @@ def _read(pid: int, name: str) -> bytes:
         raise ProcessGone(errno.ESRCH, f"read /proc/{pid}/{name}", pid) from None
 
 
+def open_file(pid: int, name: str, flags: int) -> int:
+    """os.open of /proc/PID/name (close-on-exec); ProcessGone if the process has vanished (the
+    kernel says ESRCH once it is exiting, ENOENT once it is reaped)."""
+    try:
+        return os.open(f"/proc/{pid}/{name}", flags | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGone(errno.ESRCH, f"open /proc/{pid}/{name}", pid) from None
+
+
+def stat_file(pid: int, name: str, *, follow: bool = True) -> os.stat_result:
+    """os.stat (or lstat) of /proc/PID/name; ProcessGone if the process has vanished."""
+    try:
+        return os.stat(f"/proc/{pid}/{name}", follow_symlinks=follow)
+    except ProcessLookupError:
+        raise ProcessGone(errno.ESRCH, f"stat /proc/{pid}/{name}", pid) from None
+    except FileNotFoundError:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise ProcessGone(errno.ESRCH, f"stat /proc/{pid}/{name}", pid) from None
+        raise
+
+
 _PERMS = {}
 for _r in "r-":
     for _w in "w-":

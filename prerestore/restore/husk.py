@@ -109,7 +109,9 @@ class Husk:
     @classmethod
     def spawn(cls, pid: int, *, pidns: bool) -> "Husk":
         """A husk that will have `pid`: in our pid namespace (the pid must be free), or as that
-        pid inside a new pid namespace whose init is a second husk program."""
+        pid inside a new pid namespace whose init is a second husk program. Either is spawned
+        leading a session of its own (native.spawn): nothing of the restored tree shares the
+        restoring tool's session or process group."""
         if not pidns and not _pid_free(pid):
             raise PidTaken(f"pid {pid} is in use on this host: cannot restore with the same pid "
                            "(use --pidns to restore inside a new pid namespace)")
@@ -150,10 +152,11 @@ class Husk:
                 raise RestoreError(f"pid namespace init {init} has no husk child")
             host_pid = kids[0]
         husk = cls(host_pid, pid, init)
+        husk.leads_session = init is None            # else it is in its init's session
         try:
             husk.tracee = Tracee(host_pid, exitkill=True)
             husk.tracee.stop()
-            husk.mem_fd = os.open(f"/proc/{host_pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            husk.mem_fd = procfs.open_file(host_pid, "mem", os.O_RDWR)
         except BaseException:
             husk.kill()
             raise
@@ -224,7 +227,7 @@ class Husk:
         child.parent = self
         child.tracee = Tracee.adopt(host_pid)
         try:
-            child.mem_fd = os.open(f"/proc/{host_pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            child.mem_fd = procfs.open_file(host_pid, "mem", os.O_RDWR)
             native.set_options(host_pid, lib.PTRACE_O_EXITKILL)
         except BaseException:
             child.kill()
@@ -268,17 +271,26 @@ class Husk:
         if z.pgid == z.pid:
             self.join_group(0)
         sig = z.exit_code & 0x7F
-        if sig:
+        if sig == SIGKILL:
+            # it acts at once, on a stopped tracee too; its exit is ours to collect first
+            os.kill(self.host_pid, SIGKILL)
+            try:
+                os.waitpid(self.host_pid, WALL)
+            except ChildProcessError:
+                pass
+            self.tracee.attached = False
+        elif sig:
+            # A signal given with PTRACE_DETACH is only delivered from a signal-delivery stop,
+            # and the husk is in a ptrace-event stop: it would be dropped (the husk went on
+            # living). Queued before the detach, it is delivered as the husk runs on.
             self.tracee.set_sigmask(0)
-            native.detach(self.host_pid, sig)      # no longer ours: its parent gets it
+            os.kill(self.host_pid, sig)
+            native.detach(self.host_pid)           # no longer ours: its parent gets it
             self.tracee.attached = False
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                try:
-                    if procfs.stat_fields(self.host_pid)[3] in ("Z", "X"):
-                        break
-                except ProcessGone:
-                    break
+            while self._alive():
+                if time.monotonic() > deadline:
+                    raise RestoreError(f"the zombie {self.pid} (signal {sig}) did not die")
                 time.sleep(0.001)
         else:
             try:
@@ -291,6 +303,12 @@ class Husk:
                 pass
             self.tracee.attached = False
         self.close()
+
+    def _alive(self) -> bool:
+        try:
+            return procfs.stat_fields(self.host_pid)[3] not in ("Z", "X")
+        except ProcessGone:
+            return False
 
     def reap_child(self, child: "Husk") -> None:
         """Collect a removed child husk's zombie in this husk (an injected wait4), so that the
@@ -443,8 +461,8 @@ class Husk:
         unmapped since its round was scanned is written as zeros: the next round's layout
         drops it."""
         if self.source_mem_fd < 0:
-            self.source_mem_fd = os.open(f"/proc/{task.source_pid or task.pid}/mem",
-                                         os.O_RDONLY | os.O_CLOEXEC)
+            self.source_mem_fd = procfs.open_file(task.source_pid or task.pid, "mem",
+                                                  os.O_RDONLY)
         nbytes, forced, self.skipped = native.copy_pages(task.source_pid or task.pid,
                                                          self.source_mem_fd,
                                                          self.host_pid, self.mem_fd, task.pages)
@@ -459,7 +477,7 @@ class Husk:
         compare every readable private page of the husk with the source's. Returns the
         differing pages as (address, VMA description)."""
         diffs: list[tuple[int, str]] = []
-        src_mem = os.open(f"/proc/{source_pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        src_mem = procfs.open_file(source_pid, "mem", os.O_RDONLY)
         try:
             for v in memory_vmas(layout, shmem=True):
                 for a in range(v.start, v.end, 8 << 20):
@@ -921,8 +939,8 @@ class Husk:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                tids = {int(t) for t in os.listdir(f"/proc/{self.host_pid}/task")}
-            except FileNotFoundError:
+                tids = set(procfs.threads(self.host_pid))
+            except ProcessGone:
                 tids = set()
             for tid in tids | {t.pid for t in self.threads.values()} - {self.host_pid}:
                 try:

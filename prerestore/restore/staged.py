@@ -326,6 +326,19 @@ def make_pipes(states: list[ProcessState]) -> dict[tuple[int, int], int]:
     return made
 
 
+def _source_vanished(task: AddressSpaceRound) -> bool:
+    """Has the live source process a round reads its pages from (same host) exited since
+    the round was made (gone, a zombie, exiting, or its pid taken by another process)?"""
+    if task.pages_from != "pid":
+        return False
+    try:
+        fields = procfs.stat_fields(task.source_pid or task.pid)
+    except ProcessGone:
+        return True
+    return int(fields[22]) != task.starttime or fields[3] in ("Z", "X") or \
+        bool(int(fields[9]) & 0x4)                       # PF_EXITING
+
+
 class StagedTree:
     """The husks of one image chain's process tree, by the pid they stand for, parents first."""
 
@@ -390,28 +403,53 @@ class StagedTree:
         created_ms = 0.0
         wanted = {t.pid for t in r.tasks}
         for pid in [p for p in self.husks if p not in wanted]:
-            self._remove(pid)
+            if pid in self.husks:                # not removed with its parent already
+                self._remove(pid)
+        vanished: set[int] = set()
         for task in r.tasks:
-            husk = self.husks.get(task.pid)
-            if husk is not None and task.first:
-                self._remove(task.pid)           # a new process with a reused pid
-                husk = None
-            if husk is None:
-                if not task.first:
-                    raise ImageError(f"{directory}: process {task.pid} continues from a round "
-                                     "that was not staged")
-                t0 = time.perf_counter()
-                husk = self._create(task)
-                created_ms += (time.perf_counter() - t0) * 1e3
-            elif task.sid == task.pid and not husk.leads_session:
-                # it called setsid() since its husk was made: so does the husk, before any
-                # child of this round is forked from it (they are in the new session)
-                husk.lead_session()
-            stats.append(husk.apply_round(task, directory))
+            if task.parent in vanished:          # gone with its parent (reparented out)
+                vanished.add(task.pid)
+                continue
+            try:
+                applied, create_ms = self._apply_task(directory, task)
+                stats.append(applied)
+                created_ms += create_ms
+            except (PrerestoreError, OSError):
+                # A process of a running tree may exit between its round and this staging
+                # (a short-lived child): its pages cannot be read any more. The source drops
+                # such a process from its next round; so does the staged tree now, with its
+                # children. The root, the final step, or a source that still runs: a failure.
+                if r.is_final or not task.parent or not _source_vanished(task):
+                    raise
+                vanished.add(task.pid)
+                if task.pid in self.husks:
+                    self._remove(task.pid)
         out = _sum_stats(stats)
         out["processes"] = len(self.husks)
+        out["vanished"] = len(vanished)
         out["create_ms"] = created_ms          # spawning the root, forking the others
         return out
+
+    def _apply_task(self, directory: str, task: AddressSpaceRound) -> tuple[dict, float]:
+        """One process of a round: its husk made (or made anew) if need be, then its memory.
+        Returns the round's stats and the milliseconds making the husk took."""
+        create_ms = 0.0
+        husk = self.husks.get(task.pid)
+        if husk is not None and task.first:
+            self._remove(task.pid)               # a new process with a reused pid
+            husk = None
+        if husk is None:
+            if not task.first:
+                raise ImageError(f"{directory}: process {task.pid} continues from a round "
+                                 "that was not staged")
+            t0 = time.perf_counter()
+            husk = self._create(task)
+            create_ms = (time.perf_counter() - t0) * 1e3
+        elif task.sid == task.pid and not husk.leads_session:
+            # it called setsid() since its husk was made: so does the husk, before any
+            # child of this round is forked from it (they are in the new session)
+            husk.lead_session()
+        return husk.apply_round(task, directory), create_ms
 
     def _create(self, task: AddressSpaceRound) -> Husk:
         if not task.parent:
@@ -430,8 +468,13 @@ class StagedTree:
                 raise ImageError(f"process {task.pid}: its parent {task.parent} is not staged")
             husk = parent.fork_child(task.pid, task.exit_signal)
             self.husks[task.pid] = husk
+        if task.sid == task.pid or not task.parent:
+            # before it forks anything: they inherit it. The root leads a session even when
+            # its source's session was led outside the tree (by a shell, a supervisor): the
+            # restored tree must not be in the session of the tool that restored it
+            if not husk.leads_session:
+                husk.lead_session()
         if task.sid == task.pid:
-            husk.lead_session()            # before it forks anything: they inherit it
             if task.ctty >= 0:
                 if task.ctty not in self.ptys:
                     self.ptys[task.ctty] = tty.make_pair()
@@ -461,12 +504,12 @@ class StagedTree:
 
     def _set_groups(self, final: Round) -> None:
         """Process groups as the source had them: leaders first, then members (a group must
-        exist before others join it). Groups inherited from outside the tree stay as the
-        destination gives them."""
+        exist before others join it). A group inherited from outside the tree is the root's
+        own here (the root leads a session of its own)."""
         pids = {t.pid for t in final.tasks} | {z.pid for z in final.zombies}
         order = sorted(final.tasks, key=lambda t: t.pgid != t.pid)
         for t in order:
-            if t.pgid in pids and t.sid != t.pid:      # a session leader leads its group
+            if t.pgid in pids and not self.husks[t.pid].leads_session:   # leads its group
                 self.husks[t.pid].join_group(0 if t.pgid == t.pid else t.pgid)
 
     def stage(self, directory: str) -> dict:

@@ -85,7 +85,7 @@ def _is_terminal(pid: int, fd: int) -> bool:
     """Is the fd a terminal? Asked of a copy of it: opening a terminal anew can have effects
     (a serial line's modem signals)."""
     try:
-        if not stat.S_ISCHR(os.stat(f"/proc/{pid}/fd/{fd}").st_mode):
+        if not stat.S_ISCHR(procfs.stat_file(pid, f"fd/{fd}").st_mode):
             return False
         pidfd = native.pidfd_open(pid)
         try:
@@ -113,8 +113,8 @@ class ProcessSource:
         self.pagemap_fd = self.mem_fd = -1
         try:
             self.tracker = make_tracker(task.pid, tracking) if track else None
-            self.pagemap_fd = os.open(f"/proc/{task.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-            self.mem_fd = os.open(f"/proc/{task.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            self.pagemap_fd = procfs.open_file(task.pid, "pagemap", os.O_RDONLY)
+            self.mem_fd = procfs.open_file(task.pid, "mem", os.O_RDONLY)
         except BaseException as e:
             self.close()
             if self.gone(e):

@@ -41,7 +41,7 @@ def tree_ptys(pids: list[int]) -> TreePtys:
                 (found.masters if kind == "master" else found.slaves).setdefault(
                     number, []).append((pid, fd))
                 if kind == "slave":
-                    found.devpts.add(os.stat(f"/proc/{pid}/fd/{fd}").st_dev)
+                    found.devpts.add(procfs.stat_file(pid, f"fd/{fd}").st_dev)
         except (ProcessGone, FileNotFoundError):
             continue
     return found

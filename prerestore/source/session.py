@@ -276,8 +276,9 @@ def capture_pipes(states: list[ProcessState]) -> None:
             if f.kind != "pipe":
                 continue
             try:
-                peek = os.open(f"/proc/{s.pid}/fd/{f.fd}", os.O_RDONLY | os.O_NONBLOCK |
-                               os.O_CLOEXEC)
+                peek = procfs.open_file(s.pid, f"fd/{f.fd}", os.O_RDONLY | os.O_NONBLOCK)
+            except ProcessGone:
+                raise
             except OSError as e:
                 raise UnsupportedState(f"pid {s.pid} fd {f.fd}: {f.path}: cannot open it to "
                                        f"read what is queued ({e})") from None
@@ -312,8 +313,9 @@ def capture_fifos(states: list[ProcessState]) -> None:
                 finally:
                     os.close(pidfd)
             else:
-                peek = os.open(f"/proc/{pid}/fd/{f.fd}", os.O_RDONLY | os.O_NONBLOCK |
-                               os.O_CLOEXEC)
+                peek = procfs.open_file(pid, f"fd/{f.fd}", os.O_RDONLY | os.O_NONBLOCK)
+        except ProcessGone:
+            raise
         except OSError as e:
             raise UnsupportedState(f"pid {pid} fd {f.fd}: FIFO {f.path}: cannot read what is "
                                    f"queued in it ({e})") from None
@@ -661,6 +663,7 @@ class SourceSession:
                         layout, final=final, written=(written or {}).get(p.pid),
                         parent=parent, parent_layout=parent and scans[parent.pid][0],
                         parent_copy=scans[parent.pid][1].copy if parent else b"")
+                    tids = [t.pid for t in p.frozen] if p.frozen else procfs.threads(p.pid)
                 except Exception as e:
                     # a process may exit while the tree runs: it leaves this round (and the
                     # staged tree) with its children, which are reparented out of the tree
@@ -676,7 +679,6 @@ class SourceSession:
                     nbytes = native.dump_pages(p.pid, p.mem_fd, scan.copy, pages_file.fileno())
                 copy_ms += (time.perf_counter() - tc) * 1e3
                 t = p.task
-                tids = [t.pid for t in p.frozen] if p.frozen else procfs.threads(p.pid)
                 tasks.append(AddressSpaceRound(
                     self.ns_pid(p.pid), layout, scan.fresh, scan.copy, scan.zap, offset,
                     "pid" if self.direct else "file", [self.ns_pid(tid) for tid in tids],

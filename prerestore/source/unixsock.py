@@ -143,8 +143,8 @@ def holder(ino: int) -> str:
         if not entry.isdigit():
             continue
         try:
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                if os.readlink(f"/proc/{entry}/fd/{fd}") == want:
+            for fd in procfs.fd_numbers(int(entry)):
+                if procfs.readlink(int(entry), f"fd/{fd}") == want:
                     return f" held by pid {entry} ({procfs.comm(int(entry))}) fd {fd}"
         except (OSError, ProcessGone):
             continue
@@ -170,7 +170,7 @@ def socket_file(pid: int, u: UnixSocket) -> tuple[str, os.stat_result]:
     base = "" if path.startswith("/") else procfs.readlink(pid, "cwd")
     full = os.path.join(base, path)
     try:
-        st = os.lstat(f"/proc/{pid}/root{full}")
+        st = procfs.stat_file(pid, f"root{full}", follow=False)
     except (FileNotFoundError, NotADirectoryError):
         st = None
     # inodes only: st_dev of btrfs subvolumes and overlayfs is not the superblock's dev_t
