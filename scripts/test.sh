@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-# services the tests migrate (skipped by the tests if missing; installed here when possible)
+# services the tests migrate (installed here; under CI=true their absence fails the run)
 need=()
 command -v memcached >/dev/null 2>&1 || need+=(memcached)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
@@ -14,7 +14,10 @@ if [ ${#need[@]} -gt 0 ]; then
   own_policy=0
   [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; own_policy=1; }
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; } \
-    >/dev/null 2>&1 || echo "test: could not install ${need[*]}; their tests will be skipped"
+    >/dev/null 2>&1 || {
+      # under CI a missing service must fail the run, not pass it without its tests
+      if [ -n "${CI:-}" ]; then echo "test: could not install ${need[*]} (needed under CI)" >&2; exit 1; fi
+      echo "test: could not install ${need[*]}; their tests will be skipped"; }
   [ "$own_policy" = 1 ] && rm -f "$policy"
 fi
 exec .venv/bin/python -m pytest -q tests "$@"
