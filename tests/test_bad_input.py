@@ -98,6 +98,7 @@ def test_targets_that_must_never_be_seized(tmp_path):
 def test_bad_arguments_are_one_line(tmp_path, args, words):
     f = tmp_path / "a-file"
     f.write_text("x")
+    f.chmod(0o600)                 # a private file: refused for what it holds, not its mode
     fill = lambda s: str(s).replace("{file}", str(f)).replace("{tmp}", str(tmp_path))  # noqa
     refused(run(*map(fill, args)), *map(fill, words))
 
