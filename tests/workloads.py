@@ -105,6 +105,7 @@ def start_workload(argv, log_path, env=None, timeout: float = 10.0) -> subproces
     deadline = time.monotonic() + timeout
     while True:
         if marker in _read(log_path):
+            leftovers.snapshot()             # the children it made before it said so
             return proc
         rc = proc.poll()
         if rc is not None:
@@ -163,6 +164,7 @@ def kill_pid(pid, timeout: float = 5.0) -> None:
 
     For a non-child, wait (up to timeout) until it is gone or a zombie.
     """
+    leftovers.snapshot()                     # its children, before they are orphans
     if isinstance(pid, subprocess.Popen):
         proc = pid
         if proc.returncode is None:

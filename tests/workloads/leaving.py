@@ -2,8 +2,8 @@
 any moment, as a test does between a round and its staging. The parent keeps a 4 MiB buffer
 it writes a little of every turn and prints "it=N sum=S" every 100 turns (N and S depend only
 on N, child or no child). reaped: the parent ignores SIGCHLD, so a killed child is gone at
-once; zombie: it never reaps, so a killed child stays a zombie. The grandchild leaves when its
-parent does (it checks getppid every turn): nothing of the tree is left outside it."""
+once; zombie: it never reaps, so a killed child stays a zombie. Child and grandchild leave when
+their parent does (each checks getppid every turn): nothing of the tree is left outside it."""
 import hashlib
 import os
 import signal
@@ -16,7 +16,7 @@ if mode == "reaped":
 
 
 def sub_tree() -> None:
-    me = os.getpid()
+    me, parent = os.getpid(), os.getppid()
     if os.fork() == 0:
         junk = bytearray(1 << 20)
         n = 0
@@ -27,10 +27,11 @@ def sub_tree() -> None:
         os._exit(0)
     junk = bytearray(1 << 20)
     n = 0
-    while True:
+    while os.getppid() == parent:
         junk[n % len(junk)] = n & 0xFF
         n += 1
         time.sleep(0.002)
+    os._exit(0)
 
 
 if os.fork() == 0:
