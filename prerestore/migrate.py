@@ -152,7 +152,6 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
         r = session.dump(final_dir, write=False, cpu=cpu)
         image = schema.encode_image(r)          # handed over in-band, written afterwards
         t_dumped = time.monotonic()
-        session.hold()                  # from here, our death must not let the source run
         try:
             fin = daemon.request("finalize", dir=final_dir, image=image)["stats"]
         except ProtocolError:

@@ -40,7 +40,9 @@ class Journal:
         self.path = os.path.join(JOURNAL_DIR, f"{pid}.json")
         self.data = {"pid": pid, "starttime": int(procfs.stat_fields(pid)[22]), "tool": tool,
                      "tool_pid": os.getpid(), "destination": destination,
-                     "started": time.time(), "phase": "rounds"}
+                     "started": time.time(), "phase": "rounds",
+                     # stopped by someone else already: recover must not continue these
+                     "stopped_before": [t.pid for t in procfs.tree(pid) if _stopped(t.pid)]}
         self._write()
 
     def update(self, **fields) -> None:
@@ -81,6 +83,13 @@ def journals() -> list[dict]:
         data["path"] = path
         out.append(data)
     return out
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return procfs.stat_fields(pid)[3] in ("T", "t")
+    except ProcessGone:
+        return False
 
 
 def _alive(pid: int, starttime: int | None = None) -> bool:
@@ -137,7 +146,7 @@ def _scratch_areas(pid: int, runner_code: bytes) -> list[tuple[int, int]]:
     return out
 
 
-def put_back_tree(root: int) -> list[str]:
+def put_back_tree(root: int, stopped_before=()) -> list[str]:
     """Resume a source tree a dead migration left: each process's threads get their own
     registers back, our scratch areas go, and every stopped process continues. Returns what
     was done, one line per process."""
@@ -154,10 +163,7 @@ def put_back_tree(root: int) -> list[str]:
         fixed = 0
         # stopped when the migration died (its tasks stopped themselves): continued below,
         # once every thread has its own registers back
-        try:
-            stopped = procfs.stat_fields(task.pid)[3] in ("T", "t")
-        except ProcessGone:
-            continue
+        stopped = _stopped(task.pid)
         try:
             for tid in tids:
                 try:
@@ -186,7 +192,7 @@ def put_back_tree(root: int) -> list[str]:
                     pass
         # a stop that outlived the migration (its tasks took their SIGSTOP when it died)
         try:
-            if stopped or procfs.stat_fields(task.pid)[3] in ("T", "t"):
+            if task.pid not in stopped_before and (stopped or _stopped(task.pid)):
                 os.kill(task.pid, signal.SIGCONT)
         except (ProcessGone, ProcessLookupError):
             pass
@@ -230,7 +236,7 @@ def recover(journal: dict, *, keep: str | None = None) -> str:
                    + (f" (host pid {dest['host_pid']})" if dest.get("host_pid") else "")
                    + ("; the stopped source was killed" if source else ""))
     elif source:
-        lines = put_back_tree(pid)
+        lines = put_back_tree(pid, journal.get("stopped_before") or ())
         outcome = f"pid {pid}: the source runs again" + "".join("\n  " + x for x in lines)
     else:
         outcome = f"pid {pid}: neither the source nor a copy at the destination exists"

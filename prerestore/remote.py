@@ -462,7 +462,6 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
             if round_interval:
                 time.sleep(round_interval)
         r = session.dump(f"{wd}/final", write=False, frozen_hook=release)
-        session.hold()                  # from here, our death must not let the source run
         journal.update(phase="final")
         try:
             fin = _send_round(ch, session, r, "final")

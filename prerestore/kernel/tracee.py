@@ -95,8 +95,11 @@ class Tracee:
         return gone
 
     def detach(self, sig: int = 0) -> None:
-        """Let it go; a parked task's SIGSTOP is suppressed unless sig says otherwise."""
+        """Let it go; a parked task's SIGSTOP is suppressed unless sig says otherwise. A
+        SIGSTOP someone else sent while we held it (taken for ours) is given to it now."""
         if self.attached:
+            if not sig and self.foreign_stops:
+                sig = 19
             native.detach(self.pid, sig)
             self.attached = self.stopped = False
 

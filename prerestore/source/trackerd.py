@@ -64,6 +64,7 @@ def dump_and_leave(session: SourceSession, directory: str, leave: str,
 class TrackerService:
     def __init__(self, pid: int, tracking: str = "auto", external_unix=()):
         self.session = SourceSession(pid, tracking=tracking, external_unix=external_unix)
+        self.dumping = False             # the final dump began: we end with its answer
 
     def _check_parent(self, prev: str | None) -> None:
         last = self.session.last_round
@@ -89,6 +90,7 @@ class TrackerService:
             self._check_parent(prev)
             if op == "predump":
                 return {"ok": True, "stats": self.session.predump(directory).stats}, False
+            self.dumping = True
             leave = msg.get("leave", "kill")
             if leave not in LEAVE:
                 raise ProtocolError(f"unknown leave mode {leave!r}")
@@ -104,6 +106,7 @@ class TrackerService:
             return {"ok": True, "stats": dump_and_leave(self.session, directory, leave,
                                                         release_ip)}, True
         except PrerestoreError as e:
+            self.dumping = False
             return control.error_reply(e), False
         except Exception as e:
             traceback.print_exc()
@@ -111,10 +114,15 @@ class TrackerService:
             return control.error_reply(PrerestoreError(f"internal error: {e!r}")), True
 
 
-def exit_with_source(pid: int, socket_path: str) -> None:
-    """Nothing is left to track once the source is gone: leave with it."""
+def exit_with_source(pid: int, socket_path: str, busy: threading.Lock, service) -> None:
+    """Nothing is left to track once the source is gone: leave with it, but not in the middle
+    of a request, nor after the final dump began (it kills the source, and its caller still
+    waits for the answer; the daemon ends once it is sent)."""
     pidfd = native.pidfd_open(pid)
     select.select([pidfd], [], [])
+    with busy:
+        if service.dumping:
+            return
     try:
         os.unlink(socket_path)
     except FileNotFoundError:
@@ -142,13 +150,19 @@ def main(argv: list[str] | None = None) -> int:
         os.unlink(args.socket + ".starting")
         return 2
     os.rename(args.socket + ".starting", args.socket)
-    threading.Thread(target=exit_with_source, args=(args.pid, args.socket), daemon=True).start()
+    busy = threading.Lock()
+    threading.Thread(target=exit_with_source, args=(args.pid, args.socket, busy, service),
+                     daemon=True).start()
+
+    def dispatch(msg: dict) -> tuple[dict, bool]:
+        with busy:
+            return service.dispatch(msg)
 
     def cleanup():
         service.session.resume()
         service.session.close()
 
-    control.serve_and_remove(sock, args.socket, service.dispatch, args.idle_timeout, cleanup)
+    control.serve_and_remove(sock, args.socket, dispatch, args.idle_timeout, cleanup)
     return 0
 
 
