@@ -20,16 +20,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import time
 
 from .errors import KernelCallError, PrerestoreError, ProcessGone
 from .kernel import native, procfs
-from .kernel.tracee import REG_NAMES, RemoteSyscalls, Tracee
+from .kernel.tracee import REG_NAMES, SAVED, RemoteSyscalls, Tracee
 from .transport.control import RUN_DIR
 
 JOURNAL_DIR = os.path.join(RUN_DIR, "journal")
-SAVED = struct.Struct("=QQQQ27Q")       # struct pr_saved
 
 
 class Journal:

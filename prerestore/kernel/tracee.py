@@ -24,6 +24,7 @@ STACK_T = struct.Struct("=QiiQ")         # stack_t: ss_sp, ss_flags, pad, ss_siz
 SYSCALL_NAMES = {getattr(lib, n): n[4:] for n in dir(lib) if n.startswith("SYS_")}
 ALL_SIGNALS = (1 << 64) - 1
 REG_NAMES = native.REG_NAMES            # struct pr_regs, in order
+SAVED = struct.Struct("=QQQQ27Q")       # struct pr_saved: magic, runner, sigmask, pad, regs
 
 
 class Tracee:
@@ -268,6 +269,12 @@ class RemoteSyscalls:
             t.set_regs(regs)
         return res, done
 
+    @staticmethod
+    def _stack_table(regs: dict) -> int:
+        """Room for a one-call table and the saved context on the task's stack, below its red
+        zone (nothing of the program lives there)."""
+        return (regs["rsp"] - 128 - 64 - native.SAVED_BELOW) & ~63
+
     def hold(self) -> tuple[dict, int]:
         """Point a parked task at the runner's parking loop, its own registers and mask saved
         beside it, every signal blocked. Nothing runs now; but if we die, the task does not
@@ -275,9 +282,9 @@ class RemoteSyscalls:
         recover` puts it back. Returns (regs, mask) to give back with unhold()."""
         t = self.tracee
         regs, mask = t.regs(), t.sigmask()
-        table = (regs["rsp"] - 128 - 64 - native.SAVED_BELOW) & ~63
-        saved = struct.pack("=QQQQ", native.SAVED_MAGIC, self._place_stub(), mask, 0) + \
-            struct.pack("=27Q", *(regs[k] for k in REG_NAMES))
+        table = self._stack_table(regs)
+        saved = SAVED.pack(native.SAVED_MAGIC, self._place_stub(), mask, 0,
+                           *(regs[k] for k in REG_NAMES))
         native.write_mem(t.pid, table - native.SAVED_BELOW, saved)
         t.set_regs({**regs, "rip": self.stub + native.RUNNER_PARKED_OFFSET, "rbx": table,
                     "r12": 0, "r13": 1, "orig_rax": 2 ** 64 - 1})
@@ -290,8 +297,7 @@ class RemoteSyscalls:
 
     def call(self, nr: int, *args: int, check: bool = True) -> int:
         if self.tracee.park:
-            # the table goes on its stack, below the red zone and the saved context
-            table = (self.tracee.regs()["rsp"] - 128 - 64 - native.SAVED_BELOW) & ~63
+            table = self._stack_table(self.tracee.regs())
             res, done = self._parked_run(self._place_stub(), table, [(nr, args)], b"", 0)
             ret = res[0] if done else -errno.ENOEXEC
         else:
