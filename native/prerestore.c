@@ -70,7 +70,7 @@ const long PR_CHUNK = COPY_CHUNK;
 
 _Static_assert(sizeof(struct pr_regs) == sizeof(struct user_regs_struct), "regs layout");
 _Static_assert(sizeof(struct pr_call) == 64, "batch table entry is 64 bytes");
-_Static_assert(sizeof(struct pr_saved) <= PR_SAVED_BELOW, "saved context fits below the table");
+_Static_assert(sizeof(struct pr_saved) <= PR_SAVED_SIZE, "saved context fits its slot");
 
 /* ---- ptrace ---------------------------------------------------------------------------- */
 
@@ -238,7 +238,7 @@ int pr_inject_syscall(int pid, uint64_t insn, int64_t nr, const uint64_t *args, 
  * to) a SIGTRAP stop, the kernel delivers the SIGTRAP and the task dies with it (issue: kill -9
  * of migrate killed the source). A SIGSTOP delivered without a tracer only stops it, durably:
  * the task never runs a user instruction of ours again, and whoever finds it restores the
- * registers saved in the struct pr_saved at rbx - PR_SAVED_BELOW (`prerestore recover`).
+ * registers saved in the struct pr_saved that rbp points at (`prerestore recover`).
  * One ptrace round trip runs the whole batch, instead of one (16-80 us) per call. */
 __asm__(".pushsection .rodata\n"
         ".globl pr_runner_start\n"
@@ -372,29 +372,24 @@ size_t pr_batch_runner(const void **code)
  * in the same process_vm_writev.
  *
  * park (a source process, see the runner): the task sits in a SIGSTOP delivery stop (parked)
- * and must end in one again. Its registers and signal mask are first saved in the tracee at
- * table - PR_SAVED_BELOW, then the registers are pointed at the runner, then every signal is
- * blocked (so that only our SIGSTOP stops it): in that order, a task left by a dead tracer at
- * any step either has its own registers and mask, or points into the runner with them saved.
- * Registers and mask are the caller's to restore: the mask first, then the registers. */
+ * and ends in one again, at the runner's parking loop: *held*. Its own registers and signal
+ * mask (`saved`, as the caller knows them from before it first touched the task) are written at
+ * saved_addr and rbp points there; then the registers are pointed at the runner, then every
+ * signal is blocked (so that only our SIGSTOP stops it): in that order, a task left by a dead
+ * tracer at any step either has its own registers and mask, or stops itself inside the runner
+ * with them saved where rbp says. Giving them back (the mask first) is the caller's. */
 int pr_start_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
-                   const void *data, size_t data_len, uint64_t data_addr, int park)
+                   const void *data, size_t data_len, uint64_t data_addr, int park,
+                   uint64_t saved_addr, const struct pr_saved *saved)
 {
     struct iovec l[3], r[3];
     int k = 0;
     struct user_regs_struct regs;
-    struct pr_saved saved;
     if (ptrace(PTRACE_GETREGS, pid, 0, &regs))
         return ERR;
     if (park) {
-        memset(&saved, 0, sizeof saved);
-        saved.magic = PR_SAVED_MAGIC;
-        saved.runner = runner;
-        memcpy(&saved.regs, &regs, sizeof regs);
-        if (ptrace(PTRACE_GETSIGMASK, pid, (void *)8, &saved.sigmask))
-            return ERR;
-        l[k] = (struct iovec){&saved, sizeof saved};
-        r[k++] = (struct iovec){(void *)(table - PR_SAVED_BELOW), sizeof saved};
+        l[k] = (struct iovec){(void *)saved, sizeof *saved};
+        r[k++] = (struct iovec){(void *)saved_addr, sizeof *saved};
     }
     for (long i = 0; i < n; i++)
         calls[i].ret = -ENOEXEC;
@@ -404,13 +399,15 @@ int pr_start_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *cal
         l[k] = (struct iovec){(void *)data, data_len};
         r[k++] = (struct iovec){(void *)data_addr, data_len};
     }
-    ssize_t want = n * sizeof *calls + data_len + (park ? sizeof saved : 0);
+    ssize_t want = n * sizeof *calls + data_len + (park ? sizeof *saved : 0);
     if (process_vm_writev(pid, l, k, r, k, 0) != want)
         return errno ? ERR : -EIO;
     regs.rip = runner;
     regs.rbx = table;
     regs.r12 = n;
     regs.r13 = park;
+    if (park)
+        regs.rbp = saved_addr;
     regs.orig_rax = -1;
     uint64_t all = ~0ULL;
     if (ptrace(PTRACE_SETREGS, pid, 0, &regs))
@@ -462,10 +459,12 @@ int pr_finish_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *ca
 
 /* Both at once: one ptrace round trip for the whole batch. */
 int pr_run_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
-                 const void *data, size_t data_len, uint64_t data_addr, int park, long *done,
+                 const void *data, size_t data_len, uint64_t data_addr, int park,
+                 uint64_t saved_addr, const struct pr_saved *saved, long *done,
                  long *foreign_stops)
 {
-    int r = pr_start_batch(pid, runner, table, calls, n, data, data_len, data_addr, park);
+    int r = pr_start_batch(pid, runner, table, calls, n, data, data_len, data_addr, park,
+                           saved_addr, saved);
     return r < 0 ? r : pr_finish_batch(pid, runner, table, calls, n, park, done, foreign_stops);
 }
 
@@ -792,6 +791,16 @@ int pr_uffd_wp_range(int uffd, uint64_t start, uint64_t len)
 /* Split regions (start, end, categories) into packed ranges, merging neighbours: those whose
  * categories & mask == value into `yes`, the others into `no` (either may be NULL: dropped).
  * Both outputs need room for n ranges. Keeps per-range work out of Python. */
+/* The index of the first of n packed ranges that is not page-aligned with start < end, or -1:
+ * an image's ranges are checked before use, and a final image's can be many. */
+long pr_check_ranges(const struct pr_range *r, long n)
+{
+    for (long i = 0; i < n; i++)
+        if (r[i].start >= r[i].end || (r[i].start | r[i].end) & (PAGE - 1))
+            return i;
+    return -1;
+}
+
 void pr_split_regions(const struct pr_page_region *in, long n, uint64_t mask, uint64_t value,
                       struct pr_range *yes, long *n_yes, struct pr_range *no, long *n_no)
 {

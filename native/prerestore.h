@@ -28,13 +28,13 @@ struct pr_call {
     int64_t ret;
 };
 
-/* What a parked batch saves in the tracee, PR_SAVED_BELOW bytes below its call table, before
- * it points the task at the runner: enough for anyone to put the task back as it was. */
+/* What a parked batch saves in the tracee (where rbp then points) before it points the task at
+ * the runner: enough for anyone to put the task back as it was. */
 struct pr_saved {
     uint64_t magic, runner, sigmask, pad;
     struct pr_regs regs;
 };
-#define PR_SAVED_BELOW 256
+#define PR_SAVED_SIZE 256
 #define PR_SAVED_MAGIC 0x5052534156454431
 
 /* A half-open address range. */
@@ -70,11 +70,13 @@ size_t pr_thread_starter(const void **code);
 int pr_clone_thread(int pid, uint64_t starter, uint64_t args, uint64_t args_size, int *child);
 int pr_set_options(int pid, uint64_t options);
 int pr_start_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
-                   const void *data, size_t data_len, uint64_t data_addr, int park);
+                   const void *data, size_t data_len, uint64_t data_addr, int park,
+                   uint64_t saved_addr, const struct pr_saved *saved);
 int pr_finish_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
                     int park, long *done, long *foreign_stops);
 int pr_run_batch(int pid, uint64_t runner, uint64_t table, struct pr_call *calls, long n,
-                 const void *data, size_t data_len, uint64_t data_addr, int park, long *done,
+                 const void *data, size_t data_len, uint64_t data_addr, int park,
+                 uint64_t saved_addr, const struct pr_saved *saved, long *done,
                  long *foreign_stops);
 int pr_park(int pid, int tgid);
 int pr_wait_parked(int pid);
@@ -113,6 +115,8 @@ long pr_split_present(int pagemap_fd, const struct pr_range *in, long n, struct 
 long pr_pagemap_present(int pagemap_fd, uint64_t start, uint64_t end,
                         struct pr_page_region *out, long cap);
 int pr_uffd_wp_range(int uffd, uint64_t start, uint64_t len);
+
+long pr_check_ranges(const struct pr_range *r, long n);
 
 /* ---- processes ----------------------------------------------------------------------------- */
 void pr_split_regions(const struct pr_page_region *in, long n, uint64_t mask, uint64_t value,

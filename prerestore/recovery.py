@@ -117,7 +117,7 @@ def _put_back_thread(t: Tracee, runner_code: bytes) -> bool:
     the batch's table. True if it was inside one."""
     regs = t.regs()
     try:
-        raw = native.read_mem(t.pid, regs["rbx"] - native.SAVED_BELOW, SAVED.size)
+        raw = native.read_mem(t.pid, regs["rbp"], SAVED.size)
     except KernelCallError:
         return False
     if len(raw) < SAVED.size:
@@ -130,14 +130,15 @@ def _put_back_thread(t: Tracee, runner_code: bytes) -> bool:
     return True
 
 
-def _scratch_areas(pid: int, runner_code: bytes) -> list[tuple[int, int]]:
-    """Our scratch mappings left in the process (anonymous, rwx, starting with the runner)."""
+def _scratch_areas(pid: int) -> list[tuple[int, int]]:
+    """Our scratch mappings left in the process (anonymous, starting with our mark)."""
     out = []
+    mark = RemoteSyscalls.SCRATCH_MARK
     for v in procfs.maps(pid):
         if v.path or v.end - v.start != RemoteSyscalls.SCRATCH_SIZE:
             continue
         try:
-            if native.read_mem(pid, v.start, len(runner_code)) == runner_code:
+            if native.read_mem(pid, v.start, len(mark)) == mark:
                 out.append((v.start, v.end))
         except KernelCallError:
             continue
@@ -175,11 +176,14 @@ def put_back_tree(root: int, stopped_before=()) -> list[str]:
                 fixed += _put_back_thread(t, code)
             if held:
                 vdso = next((v for v in procfs.maps(task.pid) if v.path == "[vdso]"), None)
-                areas = _scratch_areas(task.pid, code)
+                areas = _scratch_areas(task.pid)
                 if areas and vdso is not None:
                     remote = RemoteSyscalls(held[0], (vdso.start, vdso.end))
-                    for start, end in areas:
-                        remote.call(native.lib.SYS_munmap, start, end - start)
+                    try:
+                        for start, end in areas:
+                            remote.call(native.lib.SYS_munmap, start, end - start)
+                    finally:
+                        remote.release()
                 done.append(f"pid {task.pid}: {fixed} thread(s) put back from an injected "
                             f"call, {len(areas)} scratch area(s) removed")
         finally:

@@ -72,9 +72,9 @@ def test_migrate_killed_before_the_switch_keeps_the_source(workload_bins, tmp_pa
         assert src.poll() is None, f"the source died: status {src.returncode}"
         # the stage daemon follows us, and the husks follow it: no second copy
         assert wait_gone(lambda: helper_processes(src.pid)), "a husk outlived migrate"
-        # inside an injected batch it stops itself (to be put back by recover); anywhere
-        # else it was left with its own registers and simply runs on
-        if point == "parked_batch":
+        # held by injected calls it stops itself (to be put back by recover); anywhere else
+        # it was left with its own registers and simply runs on
+        if point in ("tracker", "parked_batch"):
             assert wait_gone(lambda: state(src.pid) != "T"), "stopped inside the batch"
         else:
             assert state(src.pid) in ("S", "R")

@@ -18,6 +18,7 @@ import zlib
 import msgpack
 
 from ..errors import ImageError
+from ..kernel.native import first_bad_range
 from ..model import (RANGE, UNIX_STATES, AddressSpaceRound, Credentials, FileDescriptor, MmFields,
                      ProcessState, Round, SigAction, ThreadState, UnixSocketState, Vma, Zombie,
                      ranges_bytes)
@@ -229,6 +230,14 @@ def _map(value, path: str) -> dict:
 
 def _ints(value, path: str, spans: tuple) -> tuple:
     """A list of len(spans) ints, each within its span."""
+    # the common case first, without building a path per field (the final image is decoded
+    # inside the downtime): only a bad value pays for naming it
+    if type(value) is list and len(value) == len(spans):
+        for v, (lo, hi) in zip(value, spans):
+            if type(v) is not int or not lo <= v <= hi:
+                break
+        else:
+            return tuple(value)
     _list(value, path, len(spans))
     return tuple(_int(v, f"{path}[{i}]", span) for i, (v, span) in enumerate(zip(value, spans)))
 
@@ -244,14 +253,23 @@ def _ranges(value, path: str) -> bytes:
     raw = _of(value, bytes, path, "packed (start, end) ranges")
     if len(raw) % RANGE.size:
         raise _bad(path, f"whole {RANGE.size}-byte ranges", f"{len(raw)} bytes")
-    for i, (s, e) in enumerate(RANGE.iter_unpack(raw)):
-        if s >= e or s % PAGE or e % PAGE:
-            raise _Bad(f"{path}[{i}]: expected a page-aligned range with start < end, got "
-                       f"{s:#x}-{e:#x}")
+    i = first_bad_range(raw)                 # native: a final image's ranges can be many
+    if i >= 0:
+        s, e = RANGE.unpack_from(raw, i * RANGE.size)
+        raise _Bad(f"{path}[{i}]: expected a page-aligned range with start < end, got "
+                   f"{s:#x}-{e:#x}")
     return raw
 
 
+_VMA_TYPES = (int, int, int, bool, int, str, int, str)
+_REG_TYPES = [int] * len(REG_NAMES)
+
+
 def _decode_vma(v, path: str) -> Vma:
+    if type(v) is list and tuple(map(type, v)) == _VMA_TYPES and \
+            0 <= v[0] < v[1] <= U64[1] and not v[0] % PAGE and not v[1] % PAGE and \
+            0 <= v[2] <= 7 and 0 <= v[4] <= 2**63 - 1 and 0 <= v[6] <= U64[1]:
+        return Vma(*v)                   # the common case, checked without naming anything
     _list(v, path, 8, "a list of 8 [start, end, prot, shared, offset, path, inode, dev]")
     start = _int(v[0], f"{path}.start")
     end = _int(v[1], f"{path}.end")
@@ -304,11 +322,13 @@ def _decode_thread(t, path: str) -> ThreadState:
     _map(t, path)
     get = lambda key, default=_MISSING: _field(t, key, path, default)  # noqa: E731
     regs = _map(get("regs"), f"{path}.regs")
-    for name in REG_NAMES:
-        _int(_field(regs, name, f"{path}.regs"), f"{path}.regs.{name}")
+    values = [regs.get(name) for name in REG_NAMES]
+    if list(map(type, values)) != _REG_TYPES or min(values) < 0 or max(values) > U64[1]:
+        for name in REG_NAMES:          # name the bad one
+            _int(_field(regs, name, f"{path}.regs"), f"{path}.regs.{name}")
     rseq = get("rseq")
     return ThreadState(
-        tid=_pid(get("tid"), f"{path}.tid"), regs={n: regs[n] for n in REG_NAMES},
+        tid=_pid(get("tid"), f"{path}.tid"), regs=dict(zip(REG_NAMES, values)),
         xstate=_of(get("xstate"), bytes, f"{path}.xstate", "bytes"),
         sigmask=_int(get("sigmask"), f"{path}.sigmask"),
         rseq=None if rseq is None else _ints(rseq, f"{path}.rseq", (U64, U32, U32)),

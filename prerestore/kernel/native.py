@@ -160,25 +160,28 @@ def _call_table(calls):
 
 
 def run_batch(pid: int, runner: int, table: int, calls: list[tuple[int, tuple[int, ...]]],
-              data: bytes, data_addr: int, park: bool = False) -> tuple[list[int], int, int]:
+              data: bytes, data_addr: int, saved: bytes | None = None, saved_addr: int = 0
+              ) -> tuple[list[int], int, int]:
     """Run calls [(nr, args)] through the runner; returns (results, how many ran, SIGSTOPs
-    sent by others meanwhile). park: the tracee is a parked source task (see pr_start_batch)."""
+    sent by others meanwhile). saved (a struct pr_saved) makes it a parked batch in a source
+    task, which ends held (see pr_start_batch)."""
     table_c = _call_table(calls)
     done, foreign = ffi.new("long *"), ffi.new("long *")
+    saved_c = ffi.cast("struct pr_saved *", ffi.from_buffer(saved)) if saved else ffi.NULL
     check(lib.pr_run_batch(pid, runner, table, table_c, len(calls), data, len(data), data_addr,
-                           int(park), done, foreign), "run injected batch", pid)
+                           int(saved is not None), saved_addr, saved_c, done, foreign),
+          "run injected batch", pid)
     return [table_c[i].ret for i in range(len(calls))], done[0], foreign[0]
 
 
 class StartedBatch:
     """A batch running in the tracee while we do something else; finish() waits for it."""
 
-    def __init__(self, pid: int, runner: int, table: int, calls, data: bytes, data_addr: int,
-                 park: bool = False):
-        self.pid, self.runner, self.table, self.n, self.park = pid, runner, table, len(calls), park
+    def __init__(self, pid: int, runner: int, table: int, calls, data: bytes, data_addr: int):
+        self.pid, self.runner, self.table, self.n, self.park = pid, runner, table, len(calls), False
         self.table_c = _call_table(calls)
         check(lib.pr_start_batch(pid, runner, table, self.table_c, self.n, data, len(data),
-                                 data_addr, int(park)), "start injected batch", pid)
+                                 data_addr, 0, 0, ffi.NULL), "start injected batch", pid)
 
     def finish(self) -> tuple[list[int], int]:
         done, foreign = ffi.new("long *"), ffi.new("long *")
@@ -186,6 +189,14 @@ class StartedBatch:
                                   int(self.park), done, foreign),
               "wait for injected batch", self.pid)
         return [self.table_c[i].ret for i in range(self.n)], done[0]
+
+
+def first_bad_range(packed: bytes) -> int:
+    """Index of the first packed (start, end) range that is not page-aligned with start < end,
+    or -1 (len(packed) must be a whole number of ranges)."""
+    n = len(packed) // 16
+    return lib.pr_check_ranges(ffi.cast("struct pr_range *", ffi.from_buffer(packed)), n) \
+        if n else -1
 
 
 def park(pid: int, tgid: int) -> None:
@@ -198,7 +209,7 @@ def wait_parked(pid: int) -> None:
 
 
 RUNNER_PARKED_OFFSET = lib.pr_runner_parked_offset()
-SAVED_BELOW = lib.PR_SAVED_BELOW
+SAVED_SIZE = lib.PR_SAVED_SIZE
 SAVED_MAGIC = lib.PR_SAVED_MAGIC
 
 

@@ -167,10 +167,11 @@ class Batch:
 
 @dataclass
 class Scratch:
-    """A private RWX area in the tracee: the batch runner, the call table, then data."""
+    """A private area in the tracee: the batch runner (husks: RWX) or a mark, the call table,
+    then data."""
     addr: int
     size: int
-    TABLE_OFFSET = 1024        # the runner, then (parked batches) the saved context below it
+    TABLE_OFFSET = 256         # the runner (a husk's) or a mark (a source's), then the table
     TABLE_SIZE = 128 * 1024
 
     @property
@@ -193,20 +194,23 @@ class Scratch:
 class RemoteSyscalls:
     """Runs system calls inside a stopped tracee.
 
-    Batches run through a small runner copied into a scratch mapping: one ptrace round trip
-    for the whole batch. In a husk, single calls single-step over a `syscall` instruction found
-    in the tracee's [vdso] (no code is written), and the caller saves and restores registers
-    around its work.
+    Batches run through a small runner: one ptrace round trip for the whole batch. In a husk,
+    the runner is copied into a scratch mapping, single calls single-step over a `syscall`
+    instruction found in the tracee's [vdso] (no code is written), and the caller saves and
+    restores registers around its work.
 
     In a parked source task nothing may single-step or trap (a trap outlives a dead tracer and
-    kills the task): every call, single ones too, runs through the runner, which ends parked
-    again, and each call or batch gives the task back its own registers and signal mask. Single
-    calls, before there is a scratch area, run from a copy of the runner in the zero-filled tail
-    of the task's [vdso] page (written through /proc/PID/mem, which copies that page for the
-    task alone) with their table on the task's stack, below its red zone."""
+    kills the task). Every call runs through the runner, copied once into the zero-filled tail
+    of the task's [vdso] page (through /proc/PID/mem, which copies that page for the task
+    alone); the scratch area then holds only tables and data, and is not executable. Before the
+    first call the task's own registers and mask are read; every batch saves them on the task's
+    stack below its red zone and ends *held*: parked in the runner's loop, rbp pointing at them,
+    so that if we die it stops itself rather than run on with registers of ours (`prerestore
+    recover` puts it back). release() gives the task its own registers and mask again."""
 
     SCRATCH_SIZE = 512 * 1024
     STUB_ROOM = 1024           # the [vdso] tail the runner copy needs (the runner is < 256 bytes)
+    SCRATCH_MARK = b"prerestore scratch area\0"   # how `prerestore recover` knows one
 
     def __init__(self, tracee: Tracee, vdso: tuple[int, int]):
         self.tracee = tracee
@@ -214,12 +218,14 @@ class RemoteSyscalls:
         self.insn = 0 if tracee.park else native.find_syscall_insn(tracee.pid, *vdso)
         self.stub = 0
         self.scratch: Scratch | None = None
+        self.own: tuple[dict, int] | None = None   # parked: its registers and mask, untouched
+        self.held = False
 
     def sharing(self, tracee: Tracee) -> "RemoteSyscalls":
         """Calls in another thread of the same process, through our scratch area (one mm)."""
         other = RemoteSyscalls.__new__(RemoteSyscalls)
         other.tracee, other.insn, other.scratch = tracee, self.insn, self.scratch
-        other.vdso, other.stub = self.vdso, self.stub
+        other.vdso, other.stub, other.own, other.held = self.vdso, self.stub, None, False
         return other
 
     def forked(self, tracee: Tracee) -> "RemoteSyscalls":
@@ -227,6 +233,7 @@ class RemoteSyscalls:
         scratch area at the same address."""
         other = RemoteSyscalls.__new__(RemoteSyscalls)
         other.tracee, other.insn, other.vdso, other.stub = tracee, self.insn, self.vdso, 0
+        other.own, other.held = None, False
         other.scratch = Scratch(self.scratch.addr, self.scratch.size) if self.scratch else None
         return other
 
@@ -254,51 +261,61 @@ class RemoteSyscalls:
         self.stub = addr
         return addr
 
-    def _parked_run(self, runner: int, table: int, calls, data: bytes, data_addr: int
+    def own_state(self) -> tuple[dict, int]:
+        """A parked task's own registers and mask, read before we first change them."""
+        if self.own is None:
+            self.own = (self.tracee.regs(), self.tracee.sigmask())
+        return self.own
+
+    def _slot(self) -> int:
+        """Where its own registers are saved: on its stack, below the red zone (nothing of the
+        program lives there), with room for a one-call table below."""
+        return (self.own_state()[0]["rsp"] - 128 - native.SAVED_SIZE) & ~63
+
+    def _saved(self) -> bytes:
+        regs, mask = self.own_state()
+        return SAVED.pack(native.SAVED_MAGIC, self._place_stub(), mask, 0,
+                          *(regs[k] for k in REG_NAMES))
+
+    def _parked_run(self, table: int, calls, data: bytes, data_addr: int
                     ) -> tuple[list[int], int]:
-        """A batch in a parked task; its registers and mask are its own again afterwards."""
+        """A batch in a parked task, from the runner in its [vdso]; it ends held."""
         t = self.tracee
-        regs, mask = t.regs(), t.sigmask()
-        try:
-            res, done, foreign = native.run_batch(t.pid, runner, table, calls, data, data_addr,
-                                                  park=True)
-            t.foreign_stops += foreign
-            maybe_pause("parked_batch")    # tests: the task sits at the runner's end
-        finally:
-            t.set_sigmask(mask)        # the mask first: see pr_start_batch
-            t.set_regs(regs)
+        saved = self._saved()
+        res, done, foreign = native.run_batch(t.pid, self.stub, table, calls, data, data_addr,
+                                              saved, self._slot())
+        self.held = True
+        t.foreign_stops += foreign
+        maybe_pause("parked_batch")        # tests: the task is held at the runner's end
         return res, done
 
-    @staticmethod
-    def _stack_table(regs: dict) -> int:
-        """Room for a one-call table and the saved context on the task's stack, below its red
-        zone (nothing of the program lives there)."""
-        return (regs["rsp"] - 128 - 64 - native.SAVED_BELOW) & ~63
-
-    def hold(self) -> tuple[dict, int]:
-        """Point a parked task at the runner's parking loop, its own registers and mask saved
-        beside it, every signal blocked. Nothing runs now; but if we die, the task does not
-        run on as itself: it keeps stopping itself (a real, durable stop) until `prerestore
-        recover` puts it back. Returns (regs, mask) to give back with unhold()."""
+    def hold(self) -> None:
+        """Hold a parked task that ran no batch yet (see the class): its registers and mask
+        saved, pointed at the runner's parking loop, every signal blocked. Nothing runs now;
+        if we die, it stops itself until `prerestore recover` puts it back."""
+        if self.held:
+            return
         t = self.tracee
-        regs, mask = t.regs(), t.sigmask()
-        table = self._stack_table(regs)
-        saved = SAVED.pack(native.SAVED_MAGIC, self._place_stub(), mask, 0,
-                           *(regs[k] for k in REG_NAMES))
-        native.write_mem(t.pid, table - native.SAVED_BELOW, saved)
-        t.set_regs({**regs, "rip": self.stub + native.RUNNER_PARKED_OFFSET, "rbx": table,
+        regs = self.own_state()[0]
+        native.write_mem(t.pid, self._slot(), self._saved())
+        t.set_regs({**regs, "rip": self.stub + native.RUNNER_PARKED_OFFSET, "rbp": self._slot(),
                     "r12": 0, "r13": 1, "orig_rax": 2 ** 64 - 1})
         t.set_sigmask(ALL_SIGNALS)
-        return regs, mask
+        self.held = True
 
-    def unhold(self, regs: dict, mask: int) -> None:
-        self.tracee.set_sigmask(mask)      # the mask first: see pr_start_batch
-        self.tracee.set_regs(regs)
+    def release(self) -> None:
+        """A held task gets its own registers and mask back (the mask first: a task left with
+        our mask but its own registers would run on with every signal blocked)."""
+        if self.held and self.own is not None:
+            regs, mask = self.own
+            self.tracee.set_sigmask(mask)
+            self.tracee.set_regs(regs)
+        self.held = False
+        self.own = None
 
     def call(self, nr: int, *args: int, check: bool = True) -> int:
         if self.tracee.park:
-            table = self._stack_table(self.tracee.regs())
-            res, done = self._parked_run(self._place_stub(), table, [(nr, args)], b"", 0)
+            res, done = self._parked_run(self._slot() - 64, [(nr, args)], b"", 0)
             ret = res[0] if done else -errno.ENOEXEC
         else:
             ret = native.inject_syscall(self.tracee.pid, self.insn, nr, *args)
@@ -308,12 +325,14 @@ class RemoteSyscalls:
         return ret
 
     def map_scratch(self, addr: int) -> Scratch:
-        prot = 7  # rwx: the runner executes from it
+        park = self.tracee.park
+        prot = 3 if park else 7  # a husk's runner executes from it; a source's from its [vdso]
         flags = lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_FIXED
         got = self.call(lib.SYS_mmap, addr, self.SCRATCH_SIZE, prot, flags, -1, 0)
         if got != addr:
             raise KernelCallError(14, "injected mmap(scratch)", self.tracee.pid, hex(got))
-        native.write_mem(self.tracee.pid, addr, native.batch_runner_code())
+        native.write_mem(self.tracee.pid, addr,
+                         self.SCRATCH_MARK if park else native.batch_runner_code())
         self.scratch = Scratch(addr, self.SCRATCH_SIZE)
         return self.scratch
 
@@ -335,7 +354,7 @@ class RemoteSyscalls:
             chunk = batch.calls[first:first + sc.max_calls]
             data = bytes(batch.data) if first == 0 else b""
             if self.tracee.park:
-                res, done = self._parked_run(sc.addr, sc.table_addr, chunk, data, sc.data_addr)
+                res, done = self._parked_run(sc.table_addr, chunk, data, sc.data_addr)
             else:
                 res, done, _ = native.run_batch(self.tracee.pid, sc.addr, sc.table_addr, chunk,
                                                 data, sc.data_addr)

@@ -62,7 +62,10 @@ class DirtyTracker:
                 finally:
                     os.close(pidfd)
             finally:
-                remote.call(lib.SYS_close, remote_fd)
+                try:
+                    remote.call(lib.SYS_close, remote_fd)
+                finally:
+                    remote.release()
 
     def protect(self, ranges: list[tuple[int, int]]) -> int:
         """Start tracking these ranges: register them and write-protect every page.

@@ -126,6 +126,7 @@ class ProcessSource:
         # round checks once more against what the parent wrote meanwhile (see scan_memory).
         self.inherited: list[tuple[int, int]] = []
         self.frozen: list[Tracee] = []     # every thread, the main one first, while frozen
+        self.remotes: dict = {}            # tid -> RemoteSyscalls of a thread we injected into
         self._maps_raw, self._maps_parsed = b"", []
 
     def gone(self, error: BaseException | None = None) -> bool:
@@ -241,15 +242,18 @@ class ProcessSource:
         signals = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1]
         vdso = next(v for v in layout if v.path == "[vdso]")
         main = RemoteSyscalls(self.frozen[0], (vdso.start, vdso.end))
-        # Parked tasks (kernel/tracee.py): each batch blocks every signal of its thread and
-        # gives the thread its own registers and mask back as soon as it is done, so that
-        # whenever we die, no thread is left with a state that only we knew.
-        saved = [(t, t.regs(), t.sigmask()) for t in self.frozen]
+        # Parked tasks (kernel/tracee.py): each thread's batch saves its own registers and mask
+        # on its stack and leaves it held (it stops itself if we die, never runs on as
+        # someone else); SourceSession.resume() gives them back, a kill needs nothing.
+        main.own_state()                   # before its first call changes anything
         main.map_scratch(free_area([layout], RemoteSyscalls.SCRATCH_SIZE))
+        self.remotes = {t.pid: main if t is self.frozen[0] else main.sharing(t)
+                        for t in self.frozen}
+        saved = [(t, *self.remotes[t.pid].own_state()) for t in self.frozen]
         out: dict = {"threads": {}}
         try:
             for t, regs, mask in saved:
-                remote = main if t is self.frozen[0] else main.sharing(t)
+                remote = self.remotes[t.pid]
                 b = remote.batch()
                 tid_addr = b.put(b"\0" * 8)
                 ss_addr = b.put(b"\0" * STACK_T.size)

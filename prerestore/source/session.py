@@ -758,6 +758,7 @@ class SourceSession:
         self.holds = []
         for p in self.procs.values():
             p.frozen = []
+            p.remotes = {}
         for s in self.repaired:          # still in repair mode: it closes without a word
             s.close()
         self.repaired = []
@@ -767,22 +768,23 @@ class SourceSession:
     def hold(self) -> None:
         """Before the destination may resume: make the frozen tree stay stopped even if we die
         from here on (RemoteSyscalls.hold), so that it never runs beside its restored copy.
-        A few microseconds a thread; undone by resume(). dump() holds the tree itself."""
+        Threads that ran an injected batch (query_inside) are held already; the others cost a
+        few microseconds each. Undone by resume(). dump() holds the tree itself."""
         if self.holds:
             return
         for p in self.procs.values():
-            if not p.frozen:
-                continue
-            vdso = next(v for v in p.layout() if v.path == "[vdso]")
-            remote = RemoteSyscalls(p.frozen[0], (vdso.start, vdso.end))
             for t in p.frozen:
-                r = remote.sharing(t)
-                self.holds.append((r, *r.hold()))
+                r = p.remotes.get(t.pid)
+                if r is None:
+                    vdso = next(v for v in p.layout() if v.path == "[vdso]")
+                    r = RemoteSyscalls(t, (vdso.start, vdso.end))
+                r.hold()
+                self.holds.append(r)
 
     def _unhold(self) -> None:
-        for r, regs, mask in self.holds:
+        for r in self.holds:
             try:
-                r.unhold(regs, mask)
+                r.release()
             except KernelCallError:
                 pass
         self.holds = []
