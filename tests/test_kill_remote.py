@@ -193,7 +193,8 @@ class Cast:
         parents = {_stat(pid)[1]}
         ns = {self.hosts.host_netns(h) for h in ("a", "b")}
         husks = [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
-                 if _comm(p) == "prerestore-husk" and _netns(p) in ns and p not in parents]
+                 if _comm(p) in ("prerestore-husk", "prerestore-init") and _netns(p) in ns and
+                 p not in parents]
         assert not husks, husks
         assert self.journal() is None
         # the client goes on with the one copy: every answer checked
@@ -367,3 +368,97 @@ def test_serve_remembers_outcomes_privately(cast):
     assert cast.mig.wait(120) == 0, cast.mig_err.read_text() + cast.serve_log.read_text()
     assert os.stat(SERVE_DIR).st_mode & 0o077 == 0
     cast.check("b")
+
+
+# ---- on loopback: a workload compared with an unmigrated run ---------------------------------
+
+@pytest.mark.parametrize("point,want", [("frozen", "source"), ("final_sent", "destination")])
+def test_migrate_to_killed_on_loopback_output_matches_reference(workload_bins, tmp_path, point,
+                                                                 want):
+    """counters (self-checking, output compared line by line with an unmigrated run) moved
+    to a serve on loopback; migrate --to killed while the tree is frozen (the source goes on
+    after recover) or after its final round (the copy goes on, the source is killed)."""
+    from test_remote import Server
+    from workloads import (compare_with_reference, kill_pid, last_iteration, start_workload,
+                           wait_for_iteration, workload_argv)
+    env = {"MB": "16"}
+    argv = workload_argv(workload_bins, "counters", "sleep")
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log, env=env)
+    server = Server(tmp_path)
+    err = tmp_path / "migrate.err"
+    restored = []
+    try:
+        wait_for_iteration(log, 100, pid=src.pid)
+        with open(err, "w") as f:
+            mig = subprocess.Popen(
+                [sys.executable, "-m", "prerestore.cli", "migrate", "-t", str(src.pid), "--to",
+                 server.address, "--secret-file", str(tmp_path / "secret"),
+                 "--min-rounds", "2", "--max-rounds", "3"],
+                stdout=subprocess.DEVNULL, stderr=f,
+                env={**os.environ, "PRERESTORE_PAUSE": point})
+        try:
+            assert wait_for_line(err, f"paused at {point}", timeout=60), err.read_text()
+        finally:
+            mig.send_signal(signal.SIGKILL)
+            mig.wait(10)
+        mid = json.load(open(os.path.join(JOURNAL_DIR, f"{src.pid}.json")))["destination"]["id"]
+        res = subprocess.run([sys.executable, "-m", "prerestore.cli", "recover", "-t",
+                              str(src.pid)], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr + server.log.read_text()
+        if want == "source":
+            assert "the source runs again" in res.stdout, res.stdout
+            runner = src.pid
+        else:
+            assert "the copy at the destination runs" in res.stdout, res.stdout
+            assert src.wait(10) == -signal.SIGKILL
+            with open(os.path.join(SERVE_DIR, f"{mid}.json")) as f:
+                runner = json.load(f)["host_pid"]
+            restored += [runner, _stat(runner)[1]]
+            assert _comm(_stat(runner)[1]) == "prerestore-init"     # its namespace's init
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 200, timeout=30, pid=runner)
+        assert "BAD" not in log.read_text()
+        assert compare_with_reference(log, argv, env=env) >= 3
+    finally:
+        for pid in restored:
+            kill_pid(pid)
+        src.kill()
+        src.wait(10)
+        server.stop()
+
+
+# ---- the pieces --------------------------------------------------------------------------------
+
+def test_status_requests_are_checked_by_the_schema():
+    from prerestore.errors import ProtocolError
+    from prerestore.image import schema
+    good = "0123456789abcdef" * 2
+    assert schema.decode_request({"op": "status", "id": good}) == {"op": "status", "id": good}
+    assert schema.decode_request({"op": "begin", "pidns": True})["id"] is None   # older source
+    for bad in ({"op": "status"}, {"op": "status", "id": "../../etc/passwd"},
+                {"op": "status", "id": good.upper()}, {"op": "begin", "id": 5},
+                {"op": "round", "meta": "x", "pages": 1}, {"op": "nope"}):
+        with pytest.raises(ProtocolError, match="bad message"):
+            schema.decode_request(bad)
+    with pytest.raises(ProtocolError, match="outcome"):
+        schema.decode_outcome({"ok": True, "outcome": "maybe"})
+
+
+def test_an_orphaned_record_is_settled_by_the_question():
+    """A record whose writer died: aborted unless its root runs; an id never seen: unknown;
+    an id is used once."""
+    import secrets as _secrets
+    from prerestore import outcomes
+    from prerestore.errors import PrerestoreError
+    mid = _secrets.token_hex(16)
+    assert outcomes.outcome(mid)[0] == "unknown"
+    child = subprocess.Popen([sys.executable, "-c", "import sys; from prerestore import outcomes;"
+                              f" outcomes.Record({mid!r}, None)"])
+    assert child.wait(30) == 0
+    try:
+        assert outcomes.outcome(mid)[0] == "aborted"        # its writer is gone, no tree runs
+        with pytest.raises(PrerestoreError, match="begun here before"):
+            outcomes.Record(mid, None)
+    finally:
+        os.unlink(os.path.join(SERVE_DIR, f"{mid}.json"))
