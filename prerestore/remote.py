@@ -2,7 +2,8 @@
 --to HOST:PORT` on the source, over one authenticated connection (transport/channel.py).
 
     source                                         destination (serve)
-    begin {pidns, source}                    ->    a work directory, an empty StagedTree
+    begin {pidns, id}                        ->    a work directory, an empty StagedTree,
+                                                   a record of the id (outcomes.py)
     round {meta, pages N} + N bytes of DATA  ->    round-k/round.img + pages.img; stage it
                                              <-    {ok, stats} (or {ok: false, error})
     ... as many rounds as the policy wants ...
@@ -10,13 +11,18 @@
                                              <-    {ok, stats}
     done                                     ->    (the source is killed first)
 
+    status {id}  (alone on a connection)     ->    what became of migration id
+                                             <-    {ok, outcome: running | aborted |
+                                                    pending | unknown, detail}
+
 The pages of a round are read from the source processes as they are sent, never written to a
 file on the source. The destination names its directories itself; nothing received picks a
 path, a code path or an object to build beyond the fixed operations above, and every frame is
 authenticated. Until the destination says the tree runs, the source is only frozen: any error
 resumes it and the destination kills its husks. If the connection is lost while the final
-step is applied, the source cannot know whether the tree runs there: it is left stopped
-(SIGSTOP) for the operator rather than resumed, so that it never runs twice.
+step is applied, the source asks the destination (status, over a new connection); if it cannot
+be asked or cannot tell, the source is left stopped (SIGSTOP) with its journal for `prerestore
+recover` rather than resumed, so that it never runs twice.
 """
 from __future__ import annotations
 
