@@ -316,7 +316,9 @@ def cmd_migrate(args) -> int:
                             pidns=not args.no_pidns, cold=args.cold, tracking=args.tracking,
                             policy=policy, round_interval=args.round_interval / 1e3,
                             release_ip=args.release_ip, external_unix=args.external_unix,
-                            connect_timeout=args.connect_timeout, progress=progress)
+                            connect_timeout=args.connect_timeout,
+                            secret_file=args.secret_file or
+                            os.environ.get("PRERESTORE_SECRET_FILE"), progress=progress)
         print(f"migrated pid {args.tree} to {args.to} ({report['mode']}): downtime "
               f"{report['downtime_ms']:.2f} ms, total {report['total_ms']:.0f} ms, "
               f"{len(report['rounds'])} pre-copy rounds, {report['bytes_sent'] / 2**20:.1f} MiB "
@@ -366,7 +368,7 @@ def cmd_recover(args) -> int:
             failed += 1
             continue
         try:
-            print(recovery.recover(j, keep=args.keep))
+            print(recovery.recover(j, keep=args.keep, secret_file=args.secret_file))
         except PrerestoreError as e:
             print(f"prerestore: {e}", file=sys.stderr)
             failed += 1
@@ -547,7 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the migration of this source pid")
     p.add_argument("--keep", choices=("source", "destination"),
                    help="which copy to keep when it cannot be told from here (a destination on "
-                        "another host, after the final step had begun)")
+                        "another host that cannot be reached or cannot tell, after the final "
+                        "step had begun)")
+    p.add_argument("--secret-file", help="the secret shared with a destination on another "
+                                         "host, to ask it (default: the file the migration "
+                                         "used, as its journal records)")
     p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("inspect", help="summarize an image and its parents")

@@ -19,15 +19,22 @@ def maybe_fail(point: str) -> None:
         raise RestoreError(f"injected fault at {point} (PRERESTORE_FAULT)")
 
 
-PAUSE_POINTS = ("tracker", "round", "parked_batch", "frozen", "finalized")
+# migrate: tracker, round, parked_batch, frozen, final_sent (migrate --to: the final round is
+# sent, its answer not read yet), finalized (the destination runs, the source not killed yet);
+# serve's connection process: staged (a round staged, not answered yet), final_received (the
+# final round's message is in, nothing of it applied), running (the tree runs, not answered)
+PAUSE_POINTS = ("tracker", "round", "parked_batch", "frozen", "final_sent", "finalized",
+                "staged", "final_received", "running")
 
 
 def maybe_pause(point: str) -> None:
-    """PRERESTORE_PAUSE=<point>: say so on stderr and wait there for ever, so that a test can
-    kill this process (kill -9) at exactly that instant of a migration."""
+    """PRERESTORE_PAUSE=<point>: say so on stderr and wait there, so that a test can kill this
+    process (kill -9) or cut its connection at exactly that instant of a migration. It waits
+    for ever, or, with PRERESTORE_PAUSE_UNTIL=FILE, until FILE exists (then goes on)."""
     if os.environ.get("PRERESTORE_PAUSE") == point:
         import sys
         import time
         print(f"prerestore: paused at {point} (PRERESTORE_PAUSE)", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(3600)
+        until = os.environ.get("PRERESTORE_PAUSE_UNTIL")
+        while not (until and os.path.exists(until)):
+            time.sleep(0.05 if until else 3600)

@@ -202,6 +202,22 @@ class SwitchForwarder:
 EARLY_DEMUX = "/proc/sys/net/ipv4/ip_early_demux"     # IPv4 and IPv6 alike
 
 
+def forget_held(a: Address) -> None:
+    """Drop the neighbour entry (and what it holds) a SwitchForwarder left for a.ip."""
+    try:
+        _ip("neigh", "del", a.ip, "dev", a.dev)
+    except PrerestoreError:
+        pass                                   # none: nothing was held
+
+
+def put_sysctl(path: str, value: str) -> bool:
+    """Set a sysctl of this network namespace back to value; True if it had another."""
+    if _read_sysctl(path) == value:
+        return False
+    _write_sysctl(path, value)
+    return True
+
+
 def _read_sysctl(path: str) -> str:
     """A sysctl of this network namespace."""
     with open(path) as f:

@@ -13,18 +13,30 @@ migrations whose process is gone and, for each:
   - it does not: every source task is put back as it was (registers, signal mask, no scratch
     area) and the tree continues (never zero copies).
 
-A destination on another host cannot be asked from here yet: for such a journal past its final
-step, recover says what it found and does nothing unless told which copy to keep."""
+A destination on another host is asked (an authenticated "status" request naming the
+migration's id, with the secret file the journal names): it remembers what became of each
+migration it received (outcomes.py). If it cannot be reached, or cannot tell, recover says so
+and does nothing unless told which copy to keep.
+
+What `migrate --to` changes on the source host for the switch is recorded in the journal
+before it is changed ("undo"): the service address it releases, the forwarding and early demux
+settings, and that the tree's TCP sockets may be left in repair mode. recover puts the settings
+back in every case; when the source resumes it also takes repair mode off the tree's sockets
+and adds the address again (when the copy runs at the destination, the address is its)."""
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import time
 
+from . import netaddr, outcomes
 from .errors import KernelCallError, PrerestoreError, ProcessGone
-from .kernel import native, procfs
+from .image import schema
+from .kernel import native, procfs, tcp
 from .kernel.tracee import REG_NAMES, SAVED, RemoteSyscalls, Tracee
+from .transport.channel import Channel, load_secret, parse_address
 from .transport.control import RUN_DIR
 
 JOURNAL_DIR = os.path.join(RUN_DIR, "journal")
@@ -33,12 +45,12 @@ JOURNAL_DIR = os.path.join(RUN_DIR, "journal")
 class Journal:
     """The journal of one migration of the tree rooted at pid."""
 
-    def __init__(self, pid: int, tool: str, destination: dict):
+    def __init__(self, pid: int, tool: str, destination: dict, undo: dict | None = None):
         os.makedirs(JOURNAL_DIR, mode=0o700, exist_ok=True)
         self.path = os.path.join(JOURNAL_DIR, f"{pid}.json")
         self.data = {"pid": pid, "starttime": int(procfs.stat_fields(pid)[22]), "tool": tool,
                      "tool_pid": os.getpid(), "destination": destination,
-                     "started": time.time(), "phase": "rounds",
+                     "started": time.time(), "phase": "rounds", "undo": undo,
                      # stopped by someone else already: recover must not continue these
                      "stopped_before": [t.pid for t in procfs.tree(pid) if _stopped(t.pid)]}
         self._write()
@@ -58,6 +70,104 @@ class Journal:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _netns() -> str:
+    return os.readlink("/proc/self/ns/net")
+
+
+def source_undo_record(moving: "netaddr.Address | None", forwarder) -> dict:
+    """What a migration to another host may change on this host, as it is now (before the
+    freeze): the address it will release, the settings its SwitchForwarder will change (with
+    their values now), and that the tree's TCP sockets will be put in repair mode."""
+    undo: dict = {"netns": _netns(), "tcp_repair": True, "address": None, "sysctls": {}}
+    if moving is not None:
+        undo["address"] = [moving.ip, moving.prefix, moving.dev]
+    if forwarder is not None and forwarder.usable:
+        undo["sysctls"] = {forwarder.path: forwarder.was, netaddr.EARLY_DEMUX: forwarder.demux_was}
+    return undo
+
+
+def ask_destination(address: str, secret: bytes, mid: str,
+                    timeout: float = 10.0) -> tuple[str, str]:
+    """Ask the `serve` at address what became of migration mid: (running | aborted | pending |
+    unknown, detail). PrerestoreError if it cannot be reached or answers nonsense."""
+    ch = Channel.connect(parse_address(address), secret, timeout=timeout)
+    try:
+        ch.sock.settimeout(outcomes.STATUS_WAIT + timeout)
+        ch.send({"op": "status", "id": mid})
+        return schema.decode_outcome(ch.recv())
+    except OSError as e:
+        raise PrerestoreError(f"{address}: status request failed: {e}") from None
+    finally:
+        ch.close()
+
+
+def repair_off_tree(root: int) -> int:
+    """Take repair mode off every TCP socket of the tree that is in it (a dead migration left
+    them so: silent, neither sending nor answering). Returns how many."""
+    count = 0
+    for task in procfs.tree(root):
+        try:
+            names = os.listdir(f"/proc/{task.pid}/fd")
+            pidfd = native.pidfd_open(task.pid)
+        except (OSError, PrerestoreError):
+            continue
+        seen: set[str] = set()
+        try:
+            for name in names:
+                try:
+                    target = os.readlink(f"/proc/{task.pid}/fd/{name}")
+                except OSError:
+                    continue
+                if not target.startswith("socket:[") or target in seen:
+                    continue
+                seen.add(target)
+                try:
+                    sock = socket.socket(fileno=native.pidfd_getfd(pidfd, int(name), task.pid))
+                except (OSError, PrerestoreError):
+                    continue
+                try:
+                    if tcp.in_repair(sock):
+                        tcp.repair_off(sock)
+                        count += 1
+                finally:
+                    sock.close()
+        finally:
+            os.close(pidfd)
+    return count
+
+
+def undo_source_host(undo: dict | None, source: int | None, give_back_address: bool
+                     ) -> list[str]:
+    """Put back what a dead migration to another host changed here (see source_undo_record).
+    source: the resumed source's root (its sockets leave repair mode); give_back_address:
+    the address comes back here (no copy runs at the destination)."""
+    if not undo:
+        return []
+    done = []
+    if source is not None and undo.get("tcp_repair"):
+        n = repair_off_tree(source)
+        if n:
+            done.append(f"repair mode taken off {n} TCP socket(s)")
+    address = undo.get("address")
+    if address and give_back_address:
+        a = netaddr.Address(*address)
+        try:
+            here = netaddr.find(a.ip)
+        except PrerestoreError:
+            here = None
+        if here is None:
+            netaddr.forget_held(a)
+            netaddr.claim(a)
+            done.append(f"address {a.cidr} added on {a.dev} again")
+    for path, value in (undo.get("sysctls") or {}).items():
+        try:
+            if netaddr.put_sysctl(path, value):
+                done.append(f"{path} back to {value}")
+        except OSError as e:
+            done.append(f"{path}: could not be put back to {value}: {e.strerror}")
+    return done
 
 
 def journals() -> list[dict]:
@@ -209,9 +319,39 @@ def kill_tree(root: int) -> None:
             pass
 
 
-def recover(journal: dict, *, keep: str | None = None) -> str:
-    """Settle one journal; returns what was done. keep: "source" or "destination" when the
-    outcome cannot be told from here (a remote destination after the final step)."""
+def _remote_outcome(journal: dict, keep: str | None, secret_file: str | None,
+                    source: bool) -> bool:
+    """Does the copy at a remote destination run? Asks it; keep decides when it cannot tell."""
+    pid, dest = journal["pid"], journal.get("destination") or {}
+    if journal.get("phase") in ("rounds", "frozen"):
+        return False                   # the destination is resumed only after the final step
+    where = dest.get("address", "another host")
+    mid = dest.get("id")
+    if isinstance(mid, str):
+        try:
+            secret = load_secret(secret_file or dest.get("secret_file"))
+            outcome, detail = ask_destination(where, secret, mid)
+        except PrerestoreError as e:
+            outcome, detail = "unreachable", str(e)
+        if outcome == "running":
+            return True
+        if outcome == "aborted":
+            return False
+    else:
+        detail = "the migration has no id to ask about"
+    if keep:
+        return keep == "destination"
+    raise PrerestoreError(
+        f"pid {pid} was being moved to {where}; its final step had begun when the migration "
+        f"died, and the destination cannot tell what became of it ({detail}). If the copy "
+        f"there runs, run `prerestore recover --keep destination` (the source "
+        f"{'is stopped' if source else 'is gone'}), else `prerestore recover --keep source`")
+
+
+def recover(journal: dict, *, keep: str | None = None, secret_file: str | None = None) -> str:
+    """Settle one journal; returns what was done. For a destination on another host, the
+    destination is asked (secret_file: the secret to ask with, if not the journal's); keep,
+    "source" or "destination", decides when it cannot be asked or cannot tell."""
     pid, start = journal["pid"], journal.get("starttime")
     tool = journal.get("tool_pid")
     if isinstance(tool, int) and _alive(tool) and tool != os.getpid():
@@ -219,28 +359,28 @@ def recover(journal: dict, *, keep: str | None = None) -> str:
                               "nothing to recover")
     source = _alive(pid, start)
     dest = journal.get("destination") or {}
+    undo = journal.get("undo")
+    if undo and undo.get("netns") and undo["netns"] != _netns():
+        raise PrerestoreError(f"the migration of pid {pid} ran in network namespace "
+                              f"{undo['netns']}, not this one ({_netns()}): run recover there "
+                              "(e.g. ip netns exec NAME prerestore recover)")
     if dest.get("kind") == "local":
         runs = local_copy_runs(dest)
-    elif journal.get("phase") in ("rounds", "frozen"):
-        runs = False                   # the destination is resumed only after the final step
-    elif keep:
-        runs = keep == "destination"
     else:
-        raise PrerestoreError(
-            f"pid {pid} was being moved to {dest.get('address', 'another host')}; its final step "
-            f"had begun when the migration died. If the copy there runs, run `prerestore recover "
-            f"--keep destination` (the source {'is stopped' if source else 'is gone'}), else "
-            "`prerestore recover --keep source`")
+        runs = _remote_outcome(journal, keep, secret_file, source)
     if runs:
         if source:
             kill_tree(pid)
         outcome = (f"pid {pid}: the copy at the destination runs"
                    + (f" (host pid {dest['host_pid']})" if dest.get("host_pid") else "")
                    + ("; the stopped source was killed" if source else ""))
+        lines = undo_source_host(undo, None, give_back_address=False)
     elif source:
-        lines = put_back_tree(pid, journal.get("stopped_before") or ())
+        lines = undo_source_host(undo, pid, give_back_address=True) + \
+            put_back_tree(pid, journal.get("stopped_before") or ())
         outcome = f"pid {pid}: the source runs again" + "".join("\n  " + x for x in lines)
     else:
+        lines = undo_source_host(undo, None, give_back_address=True)
         outcome = f"pid {pid}: neither the source nor a copy at the destination exists"
     os.unlink(journal["path"])
-    return outcome
+    return outcome + "".join("\n  " + x for x in lines)

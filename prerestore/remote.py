@@ -2,7 +2,8 @@
 --to HOST:PORT` on the source, over one authenticated connection (transport/channel.py).
 
     source                                         destination (serve)
-    begin {pidns, source}                    ->    a work directory, an empty StagedTree
+    begin {pidns, id}                        ->    a work directory, an empty StagedTree,
+                                                   a record of the id (outcomes.py)
     round {meta, pages N} + N bytes of DATA  ->    round-k/round.img + pages.img; stage it
                                              <-    {ok, stats} (or {ok: false, error})
     ... as many rounds as the policy wants ...
@@ -10,19 +11,25 @@
                                              <-    {ok, stats}
     done                                     ->    (the source is killed first)
 
+    status {id}  (alone on a connection)     ->    what became of migration id
+                                             <-    {ok, outcome: running | aborted |
+                                                    pending | unknown, detail}
+
 The pages of a round are read from the source processes as they are sent, never written to a
 file on the source. The destination names its directories itself; nothing received picks a
 path, a code path or an object to build beyond the fixed operations above, and every frame is
 authenticated. Until the destination says the tree runs, the source is only frozen: any error
 resumes it and the destination kills its husks. If the connection is lost while the final
-step is applied, the source cannot know whether the tree runs there: it is left stopped
-(SIGSTOP) for the operator rather than resumed, so that it never runs twice.
+step is applied, the source asks the destination (status, over a new connection); if it cannot
+be asked or cannot tell, the source is left stopped (SIGSTOP) with its journal for `prerestore
+recover` rather than resumed, so that it never runs twice.
 """
 from __future__ import annotations
 
 import os
 import select
 import shutil
+import secrets
 import signal
 import socket
 import sys
@@ -30,23 +37,16 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from . import netaddr
+from . import netaddr, outcomes
 from .errors import PrerestoreError, ProtocolError, TooLarge
 from .image import schema
+from .faults import maybe_pause
 from .kernel import procfs
-from .recovery import Journal
+from .recovery import Journal, ask_destination, source_undo_record
 from .policy import ConvergencePolicy, estimate_after, is_last_round
 from .source.session import SourceSession, check_supported, external_names
-from .transport.channel import HANDSHAKE_TIMEOUT, Channel
+from .transport.channel import HANDSHAKE_TIMEOUT, Channel, parse_address
 
-OPS = ("begin", "round", "final", "abort", "done")
-
-
-def parse_address(text: str, default_host: str = "") -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:      # 0: any free port (serve)
-        raise PrerestoreError(f"{text!r}: expected HOST:PORT (port 0..65535)")
-    return (host.strip("[]") or default_host), int(port)
 
 
 # ---- destination ---------------------------------------------------------------------------------
@@ -89,15 +89,14 @@ class Receiver:
         self.log = log
         self.max_stage_bytes = max_stage_bytes
         self.staged_bytes = 0                      # page bytes taken in so far, all rounds
+        self.record: outcomes.Record | None = None  # what a later status request is told
+        self.queried = False                       # a status request, not a migration
 
     def _receive_round(self, msg: dict, name: str) -> str:
         """Check a round's metadata, then take in its pages: the announced size must be what
         the metadata lists, and within what this migration may still stage, before a byte of
         it is written."""
-        meta, size = msg.get("meta"), msg.get("pages")
-        if not isinstance(meta, bytes) or not isinstance(size, int) or isinstance(size, bool) \
-                or size < 0:
-            raise ProtocolError("a round needs meta (bytes) and pages (a byte count)")
+        meta, size = msg["meta"], msg["pages"]         # typed by schema.decode_request
         r = schema.decode_image(meta, name)        # every field typed and checked
         if any(t.pages_from != "file" for t in r.tasks):
             raise ProtocolError(f"{name}: its pages must come with it (pages_from 'file')")
@@ -125,19 +124,28 @@ class Receiver:
         return directory
 
     def serve(self) -> dict | None:
-        """Handle the migration to its end; returns the finalize stats if the tree runs."""
+        """Handle the migration to its end; returns the finalize stats if the tree runs.
+        A connection that asks for a migration's status instead gets its answer and ends
+        (self.queried)."""
         from .restore.staged import StagedTree
         while True:
-            msg = self.ch.recv()
-            op = msg.get("op")
-            if not isinstance(op, str) or op not in OPS:
-                raise ProtocolError(f"unknown operation {op!r:.40}")
+            msg = schema.decode_request(self.ch.recv())      # every field checked
+            op = msg["op"]
+            if op == "status":
+                if self.staged is not None:
+                    raise ProtocolError("status inside a migration: it has a connection of "
+                                        "its own")
+                outcome, detail = outcomes.outcome(msg["id"])
+                self.queried = True
+                self.log(f"status of migration {msg['id']}: {outcome} ({detail})")
+                self.ch.send({"ok": True, "outcome": outcome, "detail": detail})
+                return None
             if op == "begin":
                 if self.staged is not None:
                     raise ProtocolError("begin twice")
-                pidns = msg.get("pidns", self.pidns_default)
-                if not isinstance(pidns, bool):
-                    raise ProtocolError("pidns must be true or false")
+                pidns = msg["pidns"] if msg["pidns"] is not None else self.pidns_default
+                if msg["id"] is not None:       # before the source may go on: it may ask
+                    self.record = outcomes.Record(msg["id"], self.claim_ip)
                 self.staged = StagedTree(pidns=pidns)
                 self.ch.send({"ok": True})
                 continue
@@ -145,6 +153,7 @@ class Receiver:
                 raise ProtocolError(f"{op} before begin")
             if op == "abort":
                 self.staged.abort()
+                self.gave_up("the source aborted the migration")
                 return None
             if op == "done":
                 return self.finished
@@ -156,27 +165,46 @@ class Receiver:
                 stats = self.staged.stage(directory)
                 # staged: the husks hold these pages now, the file is no longer needed
                 os.unlink(os.path.join(directory, schema.PAGES_FILE))
+                if self.record is not None and self.staged.husk is not None:
+                    self.record.staged(self.staged.husk.host_pid)
+                maybe_pause("staged")
+                self.ch.send({"ok": True, "stats": stats})
             else:                                   # final
+                maybe_pause("final_received")
                 directory = self._receive_round(msg, "final")
                 stats = self.staged.finalize(directory, claim_ip=self.claim_ip)
                 self.finished = stats
                 self.log(f"running: pid {stats['pid']} (host pid {stats['host_pid']}), "
                          f"{stats['processes']} processes, finalize "
                          f"{stats['finalize_ms']:.2f} ms")
-            self.ch.send({"ok": True, "stats": stats})
+                maybe_pause("running")
+                try:
+                    self.ch.send({"ok": True, "stats": stats})
+                finally:                            # after the answer: not in the downtime
+                    if self.record is not None:
+                        self.record.running(stats["host_pid"])
+
+    def gave_up(self, why: str) -> None:
+        """The migration ends here without its tree running (its husks are gone)."""
+        if self.record is not None and self.finished is None:
+            try:
+                self.record.aborted(why)
+            except OSError as e:
+                self.log(f"could not record the outcome of the migration: {e}")
 
 
 def _serve_connection(conn: socket.socket, who: str, secret: bytes, opts: dict, log,
-                      authenticated) -> None:
+                      authenticated) -> bool:
     """One connection, from the handshake to the end of its migration (in a process of its
     own). Whatever goes wrong ends this migration only: it is refused to the peer in one line
-    and logged, its husks are killed and its files removed."""
+    and logged, its husks are killed and its files removed. True if it only asked for a
+    migration's status."""
     limits: ServeLimits = opts["limits"]
     try:
         ch = Channel.accept(conn, secret, timeout=limits.handshake_timeout)
     except (ProtocolError, OSError) as e:
         log(f"refused {who}: {e}")
-        return
+        return False
     authenticated()
     log(f"migration from {who}")
     # received rounds are staged from files: in memory (tmpfs), not on a disk
@@ -188,10 +216,11 @@ def _serve_connection(conn: socket.socket, who: str, secret: bytes, opts: dict, 
     except BaseException as e:             # contained: the server goes on
         if receiver.finished is not None:  # the tree runs: only the goodbye was lost
             log(f"migration from {who}: the tree runs; then {_one_line(e)}")
-            return
+            return False
         try:
             if receiver.staged is not None and receiver.finished is None:
                 receiver.staged.abort()    # before the source hears of it and resumes
+            receiver.gave_up(_one_line(e))
         finally:
             log(f"migration from {who} refused: {_one_line(e)}")
             try:
@@ -203,9 +232,14 @@ def _serve_connection(conn: socket.socket, who: str, secret: bytes, opts: dict, 
         try:
             if receiver.staged is not None and receiver.finished is None:
                 receiver.staged.abort()
+                receiver.gave_up("the migration ended before its final step")
         finally:
             ch.close()
             shutil.rmtree(wd, ignore_errors=True)
+    return receiver.queried
+
+
+QUERY_EXIT = 3          # a connection's process that only answered a status request
 
 
 class _Connection:
@@ -245,8 +279,8 @@ def _fork_connection(conn: socket.socket, who: str, secret: bytes, opts: dict, l
             os.write(auth_w, b"A")
             os.close(auth_w)
 
-        _serve_connection(conn, who, secret, opts, log, authenticated)
-        code = 0
+        code = QUERY_EXIT if _serve_connection(conn, who, secret, opts, log,
+                                               authenticated) else 0
     except BaseException as e:                     # noqa: BLE001 - nothing may escape a fork
         try:
             log(f"connection from {who}: {_one_line(e)}")
@@ -262,7 +296,8 @@ def serve(listen: str, secret: bytes, *, pidns: bool = True, work_dir: str | Non
           ) -> None:
     """Receive migrations on listen (HOST:PORT), each connection in a process of its own:
     several migrations (of different trees) run at once, and nothing a peer sends or fails
-    at ends the server. once: return after the first authenticated connection ended."""
+    at ends the server. once: return after the first authenticated connection ended (one
+    that only asked for a migration's status does not count)."""
     host, port = parse_address(listen, "0.0.0.0")
     opts = {"pidns": pidns, "work_dir": work_dir, "claim_ip": claim_ip, "limits": limits,
             "max_stage_bytes": limits.stage_limit()}
@@ -343,8 +378,9 @@ def serve(listen: str, secret: bytes, *, pidns: bool = True, work_dir: str | Non
                         poller.unregister(c.auth_fd)
                         os.close(c.auth_fd)
                         closed.add(c.auth_fd)
-                    os.waitpid(c.pid, 0)
-                    if once and c.authenticated and accepting:
+                    _, status = os.waitpid(c.pid, 0)
+                    queried = os.WIFEXITED(status) and os.WEXITSTATUS(status) == QUERY_EXIT
+                    if once and c.authenticated and accepting and not queried:
                         stop_accepting()
     finally:
         if accepting:
@@ -359,7 +395,7 @@ def serve(listen: str, secret: bytes, *, pidns: bool = True, work_dir: str | Non
 
 # ---- source --------------------------------------------------------------------------------------
 
-def _send_round(ch: Channel, session: SourceSession, r, op: str) -> dict:
+def _send_round(ch: Channel, session: SourceSession, r, op: str, pause: str = "") -> dict:
     meta = schema.encode_image(r)
     ch.send({"op": op, "meta": meta, "pages": r.stats["bytes"]})
     sent = 0
@@ -373,6 +409,8 @@ def _send_round(ch: Channel, session: SourceSession, r, op: str) -> dict:
     if sent != r.stats["bytes"]:
         raise PrerestoreError(f"round {r.index}: read {sent} bytes of pages, listed "
                               f"{r.stats['bytes']}")
+    if pause:
+        maybe_pause(pause)
     reply = ch.recv()
     if not reply.get("ok"):
         raise PrerestoreError(f"the destination refused round {r.index}: "
@@ -393,6 +431,22 @@ def _refusal(ch: Channel, index: int) -> None:
                               f"{reply.get('kind', 'error')}: {reply.get('error')}")
 
 
+def _ask_after_loss(address: str, secret: bytes, mid: str, timeout: float,
+                    progress) -> tuple[str, str]:
+    """The connection was lost during the final step: what became of migration mid there?
+    A destination still applying it is asked again (each answer waits up to
+    outcomes.STATUS_WAIT); one that cannot be reached is asked once."""
+    for _ in range(3):
+        try:
+            outcome, detail = ask_destination(address, secret, mid, timeout)
+        except PrerestoreError as e:
+            return "unreachable", f"the destination cannot be asked: {e}"
+        if outcome != "pending":
+            return outcome, detail
+        progress(f"the destination is still applying the final step: {detail}")
+    return outcome, detail
+
+
 SWITCH_LINGER = 0.25    # s the source keeps forwarding to the address after the destination runs
 
 
@@ -400,13 +454,15 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
                cold: bool = False, tracking: str = "auto",
                policy: ConvergencePolicy = ConvergencePolicy(), round_interval: float = 0.0,
                release_ip: str | None = None, external_unix=(),
-               connect_timeout: float = HANDSHAKE_TIMEOUT,
+               connect_timeout: float = HANDSHAKE_TIMEOUT, secret_file: str | None = None,
                progress=lambda msg: None) -> dict:
     """Migrate the tree under pid to a `prerestore serve` at address; returns the report.
     release_ip: the service address, released here once the tree is frozen (the destination
     claims it: serve --claim-ip), given back here if the migration fails. external_unix:
     names through which unix connections may leave the tree (source/unixsock.py).
-    connect_timeout: seconds for the connection and handshake (before the tree is touched)."""
+    connect_timeout: seconds for the connection and handshake (before the tree is touched).
+    secret_file: where the secret came from, recorded (never the secret) in the journal so
+    that `prerestore recover` can ask the destination if we die."""
     external_unix = external_names(external_unix)
     check_supported(pid, same_host=False, external_unix=external_unix)   # before anything
     moving = netaddr.find(release_ip) if release_ip else None
@@ -428,10 +484,17 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
     report: dict = {"pid": pid, "mode": "cold" if cold else "prerestore", "to": address,
                     "rounds": [], "policy": asdict(policy)}
     running_there: list = []
-    # if we are killed, `prerestore recover` finds the tree here and settles it
-    journal = Journal(pid, "migrate", {"kind": "remote", "address": address})
+    keep_journal = False
+    # if we are killed, `prerestore recover` finds the tree here and settles it: it asks the
+    # destination about this id, and puts back what the switch changes here (recorded now,
+    # before any of it is changed: nothing is written to the journal during the switch)
+    mid = secrets.token_hex(16)
+    journal = Journal(pid, "migrate", {"kind": "remote", "address": address, "id": mid,
+                                       "secret_file": os.path.abspath(secret_file)
+                                       if secret_file else None},
+                      undo=source_undo_record(moving, forwarder))
     try:
-        ch.send({"op": "begin", "pidns": pidns})
+        ch.send({"op": "begin", "pidns": pidns, "id": mid})
         if not ch.recv().get("ok"):
             raise PrerestoreError("the destination refused the migration")
         session = SourceSession(pid, track=not cold, tracking=tracking, stream=True,
@@ -459,23 +522,37 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
             if last:
                 report["stop_reason"] = why
                 break
+            maybe_pause("round")
             if round_interval:
                 time.sleep(round_interval)
         r = session.dump(f"{wd}/final", write=False, frozen_hook=release)
         journal.update(phase="final")
         try:
-            fin = _send_round(ch, session, r, "final")
+            fin = _send_round(ch, session, r, "final", pause="final_sent")
         except (ProtocolError, OSError) as e:
-            # lost while the destination applied the final step: it may run there already
-            if released is not None:          # and it may hold the address: do not take it back
-                released.done = False
-            session.leave_stopped()
-            raise PrerestoreError(
-                f"the connection to {address} was lost during the final step ({e}); the tree "
-                f"may run there: the source (pid {pid}) is left stopped (SIGSTOP). Check the "
-                "destination, then kill the source or resume it with SIGCONT") from None
+            # lost while the destination applied the final step: it may run there already.
+            # Ask it, over a new connection, what became of this migration
+            outcome, detail = _ask_after_loss(address, secret, mid, connect_timeout, progress)
+            if outcome == "aborted":       # it did not run there: roll back (below)
+                raise PrerestoreError(f"the connection to {address} was lost during the final "
+                                      f"step ({e}); the destination says: {detail}") from None
+            if outcome != "running":
+                # it cannot tell, or cannot be asked: the source must not run beside a copy
+                if released is not None:      # which may hold the address: do not take it
+                    released.done = False
+                session.leave_stopped()
+                keep_journal = True
+                raise PrerestoreError(
+                    f"the connection to {address} was lost during the final step ({e}); the "
+                    f"tree may run there ({detail}): the source (pid {pid}) is left stopped "
+                    f"(SIGSTOP). Run `prerestore recover -t {pid}` once the destination can "
+                    "be reached: it asks it and keeps the copy that runs") from None
+            progress(f"the connection to {address} was lost after the final step; the "
+                     f"destination says: {detail}")
+            fin = {}
         t_acked = time.monotonic()
         running_there.append(True)          # from here on nothing may bring the source back
+        maybe_pause("finalized")
         if forwarder is not None and forwarder.active:
             try:
                 forwarder.hand_over()
@@ -524,7 +601,8 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
             pass
         raise
     finally:
-        journal.settle()
+        if not keep_journal:
+            journal.settle()
         if forwarder is not None:
             try:
                 forwarder.close(handed_over=bool(running_there))

@@ -531,7 +531,7 @@ def test_a_tree_served_from_a_terminal_outlives_serve(tmp_path, cleanup):
     from migration import assert_detached, end_session, proc_stat, start_in_terminal
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
-    secret.chmod(0o600)
+    secret.chmod(0o600)               # refused if others may read it
     serve_log = tmp_path / "serve.log"
     with open(serve_log, "wb") as err:
         serve, master = start_in_terminal(

@@ -7,7 +7,10 @@ body      = msgpack map, described field by field by the encode_*/decode_* pairs
 Readers refuse another magic ("not a prerestore image"), another version (naming both), a
 short file ("truncated"), a bad checksum ("corrupt") and a pages file shorter than the ranges
 the metadata lists. New fields are added as optional map keys within a version; a change that
-old readers would misread bumps VERSION."""
+old readers would misread bumps VERSION.
+
+The messages of the host-to-host wire (transport/channel.py carries them, authenticated) are
+checked here too, before anything acts on them (see "wire messages" at the end)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +20,7 @@ import zlib
 
 import msgpack
 
-from ..errors import ImageError
+from ..errors import ImageError, ProtocolError
 from ..kernel.native import first_bad_range
 from ..model import (RANGE, UNIX_STATES, AddressSpaceRound, Credentials, FileDescriptor, MmFields,
                      ProcessState, Round, SigAction, ThreadState, UnixSocketState, Vma, Zombie,
@@ -678,3 +681,58 @@ def read_chain(directory: str) -> list[tuple[str, Round]]:
         if len(chain) > 10000:
             raise ImageError(f"{directory}: parent chain loops")
     return chain[::-1]
+
+
+# ---- wire messages ----------------------------------------------------------------------------
+# source -> destination (remote.py):
+#   begin  {pidns: bool, id: MIGRATION_ID (optional: older sources send none)}
+#   round  {meta: bytes (a round.img), pages: int}, then `pages` bytes of DATA frames
+#   final  {meta, pages}, the same
+#   abort  {}            done {}
+#   status {id}          alone on its connection: what became of migration `id`?
+# destination -> source: {ok: true, stats: map} | {ok: false, error: str, kind: str} | for
+#   status, {ok: true, outcome: one of OUTCOMES, detail: str}
+
+OPS = ("begin", "round", "final", "abort", "done", "status")
+OUTCOMES = ("running", "aborted", "pending", "unknown")
+ID_CHARS = frozenset("0123456789abcdef")
+ID_LENGTH = 32                     # 128 random bits, hex
+
+
+def migration_id(value, path: str = "id") -> str:
+    """A migration's id: 32 lowercase hex digits (it names a file on the destination)."""
+    if not isinstance(value, str) or len(value) != ID_LENGTH or not set(value) <= ID_CHARS:
+        raise _bad(path, f"{ID_LENGTH} hex digits", value)
+    return value
+
+
+def decode_request(msg: dict) -> dict:
+    """A message from the source, its fields checked for its op (ProtocolError naming the
+    field otherwise). Fields an op does not know are dropped."""
+    try:
+        op = _enum(_field(msg, "op", "message"), "op", OPS)
+        out = {"op": op}
+        if op == "begin":
+            out["pidns"] = _of(msg.get("pidns"), (bool, type(None)), "begin.pidns",
+                               "true or false")
+            out["id"] = None if msg.get("id") is None else migration_id(msg["id"], "begin.id")
+        elif op in ("round", "final"):
+            out["meta"] = _of(_field(msg, "meta", op), bytes, f"{op}.meta", "bytes")
+            out["pages"] = _int(_field(msg, "pages", op), f"{op}.pages")
+        elif op == "status":
+            out["id"] = migration_id(_field(msg, "id", "status"), "status.id")
+        return out
+    except _Bad as e:
+        raise ProtocolError(f"bad message: {e}") from None
+
+
+def decode_outcome(msg: dict) -> tuple[str, str]:
+    """The destination's answer to status: (outcome, detail)."""
+    try:
+        if msg.get("ok") is not True:
+            raise _Bad(f"status refused: {msg.get('kind', 'error')}: {msg.get('error')}")
+        outcome = _enum(_field(msg, "outcome", "status reply"), "outcome", OUTCOMES)
+        detail = _of(msg.get("detail", ""), str, "detail", "str")
+        return outcome, detail[:400]
+    except _Bad as e:
+        raise ProtocolError(f"bad status reply: {e}") from None

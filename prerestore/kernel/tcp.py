@@ -230,6 +230,16 @@ def repair_off(sock: socket.socket) -> None:
         pass
 
 
+def in_repair(sock: socket.socket) -> bool:
+    """Is sock a TCP socket in repair mode (left so by a migration that died)?"""
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) != socket.IPPROTO_TCP:
+            return False
+        return sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR) == 1
+    except OSError:
+        return False
+
+
 def _check(state: dict, where: str) -> None:
     def need(key, kind):
         if not isinstance(state.get(key), kind):

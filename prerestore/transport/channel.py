@@ -37,6 +37,14 @@ HANDSHAKE_MAX = 4096
 HANDSHAKE_TIMEOUT = 10.0      # s for the whole handshake (and the TCP connect, client side)
 
 
+def parse_address(text: str, default_host: str = "") -> tuple[str, int]:
+    """HOST:PORT ([v6]:PORT too) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:      # 0: any free port (serve)
+        raise PrerestoreError(f"{text!r}: expected HOST:PORT (port 0..65535)")
+    return (host.strip("[]") or default_host), int(port)
+
+
 class AuthError(ProtocolError):
     """The peer does not know the shared secret (or the stream was tampered with)."""
 
