@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from migration import alive, helper_processes, needs_root
+from migration import alive, needs_root
 from workloads import compare_with_reference, last_iteration, wait_for_iteration, workload_argv
 
 pytestmark = needs_root

@@ -400,7 +400,7 @@ def test_what_one_migration_may_stage_is_bounded(tmp_path):
     try:
         reply = _send_forged(server, _forged_round(), LISTED)
         assert reply["ok"] is False and reply["kind"] == "TooLarge"
-        assert f"over the limit of 8192 (serve --max-stage-bytes)" in reply["error"]
+        assert "over the limit of 8192 (serve --max-stage-bytes)" in reply["error"]
         assert server.wait_idle() and server.proc.poll() is None
     finally:
         server.stop()
