@@ -24,7 +24,7 @@ import struct
 import time
 
 from .errors import KernelCallError, PrerestoreError, ProcessGone
-from .kernel import native, procfs
+from .kernel import cgroup, native, procfs
 from .kernel.tracee import REG_NAMES, RemoteSyscalls, Tracee
 from .transport.control import RUN_DIR
 
@@ -92,17 +92,49 @@ def _alive(pid: int, starttime: int | None = None) -> bool:
                                             int(fields[22]) == starttime)
 
 
+SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+
 def local_copy_runs(dest: dict) -> bool:
-    """Does the destination's copy of a local migration run (no husk, no tracer)?"""
+    """Does the destination's copy of a local migration run (no husk, no tracer, not dying:
+    the husks of a daemon that died before letting them go are being killed by
+    PTRACE_O_EXITKILL)?"""
     pid = dest.get("host_pid")
     if not isinstance(pid, int) or not _alive(pid):
         return False
     try:
         status = procfs.status(pid)
+        exiting = int(procfs.stat_fields(pid)[9]) & 0x4          # PF_EXITING
     except ProcessGone:
         return False
-    return status.get("TracerPid", "0").strip() == "0" and \
+    killed = any(int(status.get(k, "0"), 16) & SIGKILL_BIT for k in ("SigPnd", "ShdPnd"))
+    return status.get("TracerPid", "0").strip() == "0" and not killed and not exiting and \
         status.get("Name", "").strip() != "prerestore-husk"
+
+
+def settle_local_copy(dest: dict) -> bool:
+    """The restorer of a local migration is gone (or never answered): does its copy run?
+    Decided by the tree's gate (kernel/cgroup.py) while it exists: thawed, the whole copy
+    runs (its processes leave the gate); frozen, none of it ever ran (all killed). Without
+    one, by the root. A copy that does not run is killed, whatever is left of it."""
+    gate = cgroup.Gate(dest["gate"]) if isinstance(dest.get("gate"), str) else None
+    state = gate.state() if gate else None
+    if state == "open":
+        try:
+            gate.leave()
+        except OSError:
+            pass                 # it runs all the same, in the gate
+        return True
+    if state == "frozen":
+        gate.destroy()
+    runs = state is None and local_copy_runs(dest)
+    pid = dest.get("host_pid")
+    if not runs and isinstance(pid, int) and _alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)        # a husk the restorer no longer holds
+        except ProcessLookupError:
+            pass
+    return runs
 
 
 def _put_back_thread(t: Tracee, runner_code: bytes) -> bool:
@@ -124,13 +156,16 @@ def _put_back_thread(t: Tracee, runner_code: bytes) -> bool:
 
 
 def _scratch_areas(pid: int, runner_code: bytes) -> list[tuple[int, int]]:
-    """Our scratch mappings left in the process (anonymous, rwx, starting with the runner)."""
+    """Our scratch mappings left in the process (anonymous, rwx, starting with the runner;
+    or still blank: a migration killed between the injected mmap of its scratch area and
+    writing the runner into it leaves it so)."""
     out = []
     for v in procfs.maps(pid):
-        if v.path or v.end - v.start != RemoteSyscalls.SCRATCH_SIZE:
+        if v.path or v.end - v.start != RemoteSyscalls.SCRATCH_SIZE or v.prot != 7:
             continue
         try:
-            if native.read_mem(pid, v.start, len(runner_code)) == runner_code:
+            if native.read_mem(pid, v.start, len(runner_code)) in (
+                    runner_code, bytes(len(runner_code))):
                 out.append((v.start, v.end))
         except KernelCallError:
             continue
@@ -209,14 +244,34 @@ def recover(journal: dict, *, keep: str | None = None) -> str:
     if isinstance(tool, int) and _alive(tool) and tool != os.getpid():
         raise PrerestoreError(f"the migration of pid {pid} is still running (pid {tool}); "
                               "nothing to recover")
-    source = _alive(pid, start)
     dest = journal.get("destination") or {}
+    daemon = dest.get("daemon_pid")
+    if isinstance(daemon, int) and _alive(daemon) and daemon != os.getpid():
+        raise PrerestoreError(f"the restorer of pid {pid} is still running (stage daemon pid "
+                              f"{daemon}); nothing to recover yet")
+    source = _alive(pid, start)
     if dest.get("kind") == "local":
-        runs = local_copy_runs(dest)
+        runs = settle_local_copy(dest)
+    elif dest.get("kind") == "images":
+        # a tracker daemon's images: no copy runs until someone restores them, and whoever
+        # does knows it; the source is kept unless told otherwise
+        runs = keep == "destination"
+        sock = dest.get("socket")
+        if isinstance(sock, str) and os.path.basename(sock).startswith("track-"):
+            try:
+                os.unlink(sock)        # its control socket, nobody listening
+            except FileNotFoundError:
+                pass
     elif journal.get("phase") in ("rounds", "frozen"):
         runs = False                   # the destination is resumed only after the final step
     elif keep:
         runs = keep == "destination"
+        sock = dest.get("socket")
+        if isinstance(sock, str) and os.path.basename(sock).startswith("track-"):
+            try:
+                os.unlink(sock)        # its control socket, nobody listening
+            except FileNotFoundError:
+                pass
     else:
         raise PrerestoreError(
             f"pid {pid} was being moved to {dest.get('address', 'another host')}; its final step "
