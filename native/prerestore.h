@@ -31,7 +31,7 @@ struct pr_call {
 /* What a parked batch saves in the tracee (where rbp then points) before it points the task at
  * the runner: enough for anyone to put the task back as it was. */
 struct pr_saved {
-    uint64_t magic, runner, sigmask, pad;
+    uint64_t magic, runner, sigmask, scratch;   /* scratch: our scratch area's address, or 0 */
     struct pr_regs regs;
 };
 #define PR_SAVED_SIZE 256

@@ -265,6 +265,10 @@ def cmd_finalize(args) -> int:
     _check_out_file("--json", args.json)
     client = _stage_client(args.images_dir, args.socket)
     if not client.alive():
+        try:
+            os.unlink(client.path)     # a daemon that was killed: its husks died with it
+        except FileNotFoundError:
+            pass
         raise PrerestoreError("no staged process for this image chain: run `prerestore stage` "
                               "first (or `prerestore restore` for a cold restore)")
     fin = client.request("finalize", dir=os.path.abspath(args.images_dir),

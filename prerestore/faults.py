@@ -4,6 +4,7 @@ PRERESTORE_FAULT=<point>:crash raises a RuntimeError there instead, as a bug wou
 not a PrerestoreError must be contained all the same)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 from .errors import RestoreError
@@ -22,19 +23,43 @@ def maybe_fail(point: str) -> None:
 # migrate: tracker, round, parked_batch, frozen, final_sent (migrate --to: the final round is
 # sent, its answer not read yet), finalized (the destination runs, the source not killed yet);
 # serve's connection process: staged (a round staged, not answered yet), final_received (the
-# final round's message is in, nothing of it applied), running (the tree runs, not answered)
+# final round's message is in, nothing of it applied), running (the tree runs, not answered);
+# the stage daemon: staging (round 0 staged), finalize (all prepared), resuming (one process
+# let go), resumed (the tree runs); the tracker daemon: tracked (a round written, not yet
+# answered); any point as <phase>/<point> within faults.phase(<phase>) (e.g. dump/frozen)
 PAUSE_POINTS = ("tracker", "round", "parked_batch", "frozen", "final_sent", "finalized",
-                "staged", "final_received", "running")
+                "staged", "final_received", "running", "staging", "finalize", "resuming",
+                "resumed", "tracked")
+
+
+_phase = ""
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """Within it, PRERESTORE_PAUSE=<name>/<point> pauses at point too (e.g. dump/parked_batch:
+    inside an injected batch of the final dump, not of a round)."""
+    global _phase
+    outer, _phase = _phase, name
+    try:
+        yield
+    finally:
+        _phase = outer
 
 
 def maybe_pause(point: str) -> None:
-    """PRERESTORE_PAUSE=<point>: say so on stderr and wait there, so that a test can kill this
-    process (kill -9) or cut its connection at exactly that instant of a migration. It waits
-    for ever, or, with PRERESTORE_PAUSE_UNTIL=FILE, until FILE exists (then goes on)."""
-    if os.environ.get("PRERESTORE_PAUSE") == point:
+    """PRERESTORE_PAUSE=<point>: say so on stderr and wait there for ever, so that a test can
+    kill this process (kill -9) or cut its connection at exactly that instant of a migration.
+    PRERESTORE_PAUSE=<phase>/<point>: only within faults.phase(<phase>).
+    PRERESTORE_PAUSE=<point>:<file>: wait there only while <file> exists (a test that kills
+    another party meanwhile removes it to let this one go on); PRERESTORE_PAUSE_UNTIL=FILE:
+    wait until FILE exists."""
+    where, _, while_file = os.environ.get("PRERESTORE_PAUSE", "").partition(":")
+    if where == point or (_phase and where == f"{_phase}/{point}"):
         import sys
         import time
         print(f"prerestore: paused at {point} (PRERESTORE_PAUSE)", file=sys.stderr, flush=True)
         until = os.environ.get("PRERESTORE_PAUSE_UNTIL")
-        while not (until and os.path.exists(until)):
-            time.sleep(0.05 if until else 3600)
+        while (not while_file or os.path.exists(while_file)) and \
+                not (until and os.path.exists(until)):
+            time.sleep(0.05 if until or while_file else 3600)

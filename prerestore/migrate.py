@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from .errors import PrerestoreError, ProtocolError, UnsupportedState
 from .faults import maybe_pause
-from .recovery import Journal
+from .recovery import Journal, settle_local_copy
 from .kernel import procfs
 from .image import schema
 from .policy import ConvergencePolicy, estimate_after, is_last_round
@@ -63,25 +63,17 @@ def _tail(path: str, lines: int = 15) -> str:
         return ""
 
 
-def _settle_unknown_outcome(husk_pid: int | None) -> bool:
-    """After losing the daemon during finalize: True if the restored process runs (it is no
-    longer traced and no longer a husk), else make sure the husk is gone and return False."""
-    if not husk_pid:
-        return False
+def _settle_unknown_outcome(daemon: StageDaemonClient, dest: dict) -> bool:
+    """After losing the daemon during finalize: True if the restored tree runs (all of it:
+    the daemon lets a tree go through a gate, all or nothing, see kernel/cgroup.py), else
+    make sure no part of it is left and return False."""
     try:
-        with open(f"/proc/{husk_pid}/status") as f:
-            status = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
-    except OSError:
+        daemon.proc.wait(10)          # dead, not dying: its tracees are let go or killed
+    except Exception:
+        pass
+    if not dest.get("host_pid"):
         return False
-    running = status.get("TracerPid", "0").strip() == "0" and \
-        status.get("Name", "").strip() != "prerestore-husk" and \
-        not status.get("State", "").startswith(("Z", "X"))
-    if not running:
-        try:
-            os.kill(husk_pid, 9)
-        except ProcessLookupError:
-            pass
-    return running
+    return settle_local_copy(dest)
 
 
 def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = True,
@@ -147,8 +139,11 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
         final_dir = os.path.join(wd, "final")
         cpu = session.last_cpu()
         daemon.request("pin", cpu=cpu)       # the final step runs on the source's CPU
-        husk_pid = daemon.request("status").get("husk")
-        journal.update(destination={"kind": "local", "host_pid": husk_pid}, phase="final")
+        status = daemon.request("status")
+        husk_pid = status.get("husk")
+        dest = {"kind": "local", "host_pid": husk_pid, "gate": status.get("gate"),
+                "daemon_pid": daemon.proc.pid}
+        journal.update(destination=dest, phase="final")
         r = session.dump(final_dir, write=False, cpu=cpu)
         image = schema.encode_image(r)          # handed over in-band, written afterwards
         t_dumped = time.monotonic()
@@ -156,7 +151,7 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
             fin = daemon.request("finalize", dir=final_dir, image=image)["stats"]
         except ProtocolError:
             # the daemon went away mid-finalize: did the process start on the destination?
-            if not _settle_unknown_outcome(husk_pid):
+            if not _settle_unknown_outcome(daemon, dest):
                 session.resume()
                 raise
             session.kill_frozen()               # it did: the source must never run again

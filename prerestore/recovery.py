@@ -34,7 +34,7 @@ import time
 from . import netaddr, outcomes
 from .errors import KernelCallError, PrerestoreError, ProcessGone
 from .image import schema
-from .kernel import native, procfs, tcp
+from .kernel import cgroup, native, procfs, tcp
 from .kernel.tracee import REG_NAMES, SAVED, RemoteSyscalls, Tracee
 from .transport.channel import Channel, load_secret, parse_address
 from .transport.control import RUN_DIR
@@ -209,49 +209,85 @@ def _alive(pid: int, starttime: int | None = None) -> bool:
                                             int(fields[22]) == starttime)
 
 
+SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+
 def local_copy_runs(dest: dict) -> bool:
-    """Does the destination's copy of a local migration run (no husk, no tracer)?"""
+    """Does the destination's copy of a local migration run (no husk, no tracer, not dying:
+    the husks of a daemon that died before letting them go are being killed by
+    PTRACE_O_EXITKILL)?"""
     pid = dest.get("host_pid")
     if not isinstance(pid, int) or not _alive(pid):
         return False
     try:
         status = procfs.status(pid)
+        exiting = int(procfs.stat_fields(pid)[9]) & 0x4          # PF_EXITING
     except ProcessGone:
         return False
-    return status.get("TracerPid", "0").strip() == "0" and \
+    killed = any(int(status.get(k, "0"), 16) & SIGKILL_BIT for k in ("SigPnd", "ShdPnd"))
+    return status.get("TracerPid", "0").strip() == "0" and not killed and not exiting and \
         status.get("Name", "").strip() != "prerestore-husk"
 
 
-def _put_back_thread(t: Tracee, runner_code: bytes) -> bool:
-    """A thread stopped inside an injected batch: give it the registers and mask saved next to
-    the batch's table. True if it was inside one."""
+def settle_local_copy(dest: dict) -> bool:
+    """The restorer of a local migration is gone (or never answered): does its copy run?
+    Decided by the tree's gate (kernel/cgroup.py) while it exists: thawed, the whole copy
+    runs (its processes leave the gate); frozen, none of it ever ran (all killed). Without
+    one, by the root. A copy that does not run is killed, whatever is left of it."""
+    gate = cgroup.Gate(dest["gate"]) if isinstance(dest.get("gate"), str) else None
+    state = gate.state() if gate else None
+    if state == "open":
+        try:
+            gate.leave()
+        except OSError:
+            pass                 # it runs all the same, in the gate
+        return True
+    if state == "frozen":
+        gate.destroy()
+    runs = state is None and local_copy_runs(dest)
+    pid = dest.get("host_pid")
+    if not runs and isinstance(pid, int) and _alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)        # a husk the restorer no longer holds
+        except ProcessLookupError:
+            pass
+    return runs
+
+
+def _put_back_thread(t: Tracee, runner_code: bytes) -> tuple[bool, int]:
+    """A thread stopped inside an injected batch (held): give it the registers and mask saved
+    where rbp points. Returns (whether it was held, the scratch area address saved with them)."""
     regs = t.regs()
     try:
         raw = native.read_mem(t.pid, regs["rbp"], SAVED.size)
     except KernelCallError:
-        return False
+        return False, 0
     if len(raw) < SAVED.size:
-        return False
-    magic, runner, mask, _pad, *saved = SAVED.unpack(raw)
+        return False, 0
+    magic, runner, mask, scratch, *saved = SAVED.unpack(raw)
     if magic != native.SAVED_MAGIC or not runner <= regs["rip"] < runner + len(runner_code):
-        return False
+        return False, 0
     t.set_sigmask(mask)
     t.set_regs(dict(zip(REG_NAMES, saved)))
-    return True
+    return True, scratch
 
 
-def _scratch_areas(pid: int) -> list[tuple[int, int]]:
-    """Our scratch mappings left in the process (anonymous, starting with our mark)."""
+def _scratch_areas(pid: int, named: set[int]) -> list[tuple[int, int]]:
+    """Our scratch mappings left in the process: anonymous, of our size, starting with our
+    mark, or still blank at an address a held thread's saved state names (a migration killed
+    between the injected mmap and writing the mark leaves it so; a blank area of the program's
+    own is never taken for ours)."""
     out = []
     mark = RemoteSyscalls.SCRATCH_MARK
     for v in procfs.maps(pid):
         if v.path or v.end - v.start != RemoteSyscalls.SCRATCH_SIZE:
             continue
         try:
-            if native.read_mem(pid, v.start, len(mark)) == mark:
-                out.append((v.start, v.end))
+            head = native.read_mem(pid, v.start, len(mark))
         except KernelCallError:
             continue
+        if head == mark or (v.start in named and head == bytes(len(mark))):
+            out.append((v.start, v.end))
     return out
 
 
@@ -282,11 +318,15 @@ def put_back_tree(root: int, stopped_before=()) -> list[str]:
                 held.append(t)
             Tracee.stop_all(held, exiting_ok=True)
             held = [t for t in held if t.attached]
+            named: set[int] = set()
             for t in held:
-                fixed += _put_back_thread(t, code)
+                was_held, scratch = _put_back_thread(t, code)
+                fixed += was_held
+                if scratch:
+                    named.add(scratch)
             if held:
                 vdso = next((v for v in procfs.maps(task.pid) if v.path == "[vdso]"), None)
-                areas = _scratch_areas(task.pid)
+                areas = _scratch_areas(task.pid, named)
                 if areas and vdso is not None:
                     remote = RemoteSyscalls(held[0], (vdso.start, vdso.end))
                     try:
@@ -357,15 +397,29 @@ def recover(journal: dict, *, keep: str | None = None, secret_file: str | None =
     if isinstance(tool, int) and _alive(tool) and tool != os.getpid():
         raise PrerestoreError(f"the migration of pid {pid} is still running (pid {tool}); "
                               "nothing to recover")
-    source = _alive(pid, start)
     dest = journal.get("destination") or {}
     undo = journal.get("undo")
     if undo and undo.get("netns") and undo["netns"] != _netns():
         raise PrerestoreError(f"the migration of pid {pid} ran in network namespace "
                               f"{undo['netns']}, not this one ({_netns()}): run recover there "
                               "(e.g. ip netns exec NAME prerestore recover)")
+    daemon = dest.get("daemon_pid")
+    if isinstance(daemon, int) and _alive(daemon) and daemon != os.getpid():
+        raise PrerestoreError(f"the restorer of pid {pid} is still running (stage daemon pid "
+                              f"{daemon}); nothing to recover yet")
+    source = _alive(pid, start)
     if dest.get("kind") == "local":
-        runs = local_copy_runs(dest)
+        runs = settle_local_copy(dest)
+    elif dest.get("kind") == "images":
+        # a tracker daemon's images: no copy runs until someone restores them, and whoever
+        # does knows it; the source is kept unless told otherwise
+        runs = keep == "destination"
+        sock = dest.get("socket")
+        if isinstance(sock, str) and os.path.basename(sock).startswith("track-"):
+            try:
+                os.unlink(sock)        # its control socket, nobody listening
+            except FileNotFoundError:
+                pass
     else:
         runs = _remote_outcome(journal, keep, secret_file, source)
     if runs:
@@ -378,7 +432,7 @@ def recover(journal: dict, *, keep: str | None = None, secret_file: str | None =
     elif source:
         lines = undo_source_host(undo, pid, give_back_address=True) + \
             put_back_tree(pid, journal.get("stopped_before") or ())
-        outcome = f"pid {pid}: the source runs again" + "".join("\n  " + x for x in lines)
+        outcome = f"pid {pid}: the source runs again"
     else:
         lines = undo_source_host(undo, None, give_back_address=True)
         outcome = f"pid {pid}: neither the source nor a copy at the destination exists"

@@ -24,7 +24,7 @@ STACK_T = struct.Struct("=QiiQ")         # stack_t: ss_sp, ss_flags, pad, ss_siz
 SYSCALL_NAMES = {getattr(lib, n): n[4:] for n in dir(lib) if n.startswith("SYS_")}
 ALL_SIGNALS = (1 << 64) - 1
 REG_NAMES = native.REG_NAMES            # struct pr_regs, in order
-SAVED = struct.Struct("=QQQQ27Q")       # struct pr_saved: magic, runner, sigmask, pad, regs
+SAVED = struct.Struct("=QQQQ27Q")       # struct pr_saved: magic, runner, sigmask, scratch, regs
 
 
 class Tracee:
@@ -220,12 +220,14 @@ class RemoteSyscalls:
         self.scratch: Scratch | None = None
         self.own: tuple[dict, int] | None = None   # parked: its registers and mask, untouched
         self.held = False
+        self.scratch_at = 0                          # where our scratch area is or will be
 
     def sharing(self, tracee: Tracee) -> "RemoteSyscalls":
         """Calls in another thread of the same process, through our scratch area (one mm)."""
         other = RemoteSyscalls.__new__(RemoteSyscalls)
         other.tracee, other.insn, other.scratch = tracee, self.insn, self.scratch
         other.vdso, other.stub, other.own, other.held = self.vdso, self.stub, None, False
+        other.scratch_at = self.scratch_at
         return other
 
     def forked(self, tracee: Tracee) -> "RemoteSyscalls":
@@ -233,7 +235,7 @@ class RemoteSyscalls:
         scratch area at the same address."""
         other = RemoteSyscalls.__new__(RemoteSyscalls)
         other.tracee, other.insn, other.vdso, other.stub = tracee, self.insn, self.vdso, 0
-        other.own, other.held = None, False
+        other.own, other.held, other.scratch_at = None, False, 0
         other.scratch = Scratch(self.scratch.addr, self.scratch.size) if self.scratch else None
         return other
 
@@ -274,7 +276,9 @@ class RemoteSyscalls:
 
     def _saved(self) -> bytes:
         regs, mask = self.own_state()
-        return SAVED.pack(native.SAVED_MAGIC, self._place_stub(), mask, 0,
+        # the scratch area's address too, from before it is mapped: an area mapped and not yet
+        # marked is known as ours only through this
+        return SAVED.pack(native.SAVED_MAGIC, self._place_stub(), mask, self.scratch_at,
                           *(regs[k] for k in REG_NAMES))
 
     def _parked_run(self, table: int, calls, data: bytes, data_addr: int
@@ -328,6 +332,7 @@ class RemoteSyscalls:
         park = self.tracee.park
         prot = 3 if park else 7  # a husk's runner executes from it; a source's from its [vdso]
         flags = lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_FIXED
+        self.scratch_at = addr
         got = self.call(lib.SYS_mmap, addr, self.SCRATCH_SIZE, prot, flags, -1, 0)
         if got != addr:
             raise KernelCallError(14, "injected mmap(scratch)", self.tracee.pid, hex(got))

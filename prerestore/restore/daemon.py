@@ -34,7 +34,8 @@ class StageService:
             raise ProtocolError(f"unknown operation {op!r}")
         if op == "status":
             return {"ok": True, "rounds": [d for d, _ in self.staged.applied],
-                    "husk": self.staged.husk.host_pid if self.staged.husk else None}, False
+                    "husk": self.staged.husk.host_pid if self.staged.husk else None,
+                    "gate": self.staged.gate_path}, False
         if op == "pin":
             cpu = msg.get("cpu")
             if not isinstance(cpu, int) or cpu not in os.sched_getaffinity(0):

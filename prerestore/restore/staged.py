@@ -20,7 +20,8 @@ import msgpack
 from .. import netaddr
 from ..errors import ImageError, PrerestoreError, ProcessGone, RestoreError
 from ..image import schema
-from ..kernel import native, procfs, tcp, tty
+from ..faults import maybe_pause
+from ..kernel import cgroup, native, procfs, tcp, tty
 from ..model import AddressSpaceRound, FileDescriptor, ProcessState, Round
 from .husk import SIGCHLD, Husk
 from .unixsock import UnixSockets
@@ -349,6 +350,8 @@ class StagedTree:
         # number: (our master fd, the new pair's number); their state is given at finalize
         self.ptys: dict[int, tuple[int, int]] = {}
         self.applied: list[tuple[str, Round]] = []     # rounds applied so far, oldest first
+        # the cgroup the tree is let go through at finalize (kernel/cgroup.py), made then
+        self.gate_path = cgroup.gate_path()
 
     @property
     def husk(self) -> Husk | None:
@@ -525,6 +528,8 @@ class StagedTree:
             stats = []
             for d, r in pending:
                 stats.append(self._apply(d, r))
+                if not self.applied:
+                    maybe_pause("staging")           # round 0 staged, not yet answered
                 self.applied.append((d, r))
             return _sum_stats(stats) | {"rounds": [r.index for _, r in pending],
                                         "processes": len(self.husks)}
@@ -546,6 +551,7 @@ class StagedTree:
         claim = netaddr.claiming(claim_ip) if claim_ip else None
         built: list[tuple[socket.socket, dict]] = []
         unix = None
+        gate = None
         try:
             final = None
             if image is not None:
@@ -607,10 +613,34 @@ class StagedTree:
                 claim()
                 for sock, state in built:
                     tcp.settle(sock, state)
-            for s in reversed(final.states):
+            maybe_pause("finalize")             # all prepared, nothing let go yet
+            root = self.husk
+            # The namespace's init must outlive us once the tree runs: its parent-death
+            # signal goes first (were we to die before the commit, the tree's husks die with
+            # us and it exits with the root's). Then the tree is let go all or nothing: each
+            # process detached into a frozen gate, all thawed at once (kernel/cgroup.py).
+            release_error = None
+            try:
+                root.release_namespace()
+            except PrerestoreError as e:       # only its namespace init stays tied to us
+                release_error = str(e)
+            gate = cgroup.Gate.make(self.gate_path)
+            if gate is not None:
+                gate.close_behind([p for p in [root.init_pid] if p] +
+                                  [h.host_pid for h in self.husks.values()])
+            for i, s in enumerate(reversed(final.states)):
                 self.husks[s.pid].let_go()
+                if i == 0:
+                    maybe_pause("resuming")     # one process let go (into the gate), not all
+            if gate is not None:
+                gate.open()                     # the commit: the whole tree runs from here
             t_resumed = time.monotonic()
         except BaseException:
+            if gate is not None:
+                try:
+                    gate.destroy()              # processes let go but frozen: never ran
+                except OSError:
+                    pass
             for sock, state in built:       # the source may resume: no FIN, no reset from here
                 tcp.silence(sock, state)
             if claim:
@@ -625,13 +655,16 @@ class StagedTree:
         finally:
             for sock, _ in built:
                 sock.close()
-        unix.commit()
-        root = self.husk
+        maybe_pause("resumed")
         state_sum = _sum_stats(state_stats)
-        try:
-            root.release_namespace()
-        except PrerestoreError as e:   # it runs; only its namespace init stays tied to us
-            state_sum["release_error"] = str(e)
+        if release_error:
+            state_sum["release_error"] = release_error
+        if gate is not None:
+            try:
+                gate.leave()               # the tree back into our cgroup, the gate removed
+            except OSError as e:           # it runs all the same: never a reason to fail now
+                state_sum["gate_error"] = f"{gate.path}: {e}"
+        unix.commit()
         for h in self.husks.values():
             h.close()
         return {"started_at": t0, "resumed_at": t_resumed,

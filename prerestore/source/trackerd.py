@@ -18,7 +18,9 @@ import traceback
 
 from .. import netaddr
 from ..errors import PrerestoreError, ProtocolError
+from ..faults import maybe_pause, phase
 from ..kernel import native
+from ..recovery import Journal
 from ..transport import control
 from .session import SourceSession, external_names
 
@@ -52,7 +54,8 @@ def dump_and_leave(session: SourceSession, directory: str, leave: str,
                               "(--release-ip with --leave-running)")
     release = netaddr.releasing(netaddr.find(release_ip)) if release_ip else None
     try:
-        stats = session.dump(directory, frozen_hook=release).stats
+        with phase("dump"):
+            stats = session.dump(directory, frozen_hook=release).stats
     except BaseException:
         if release:
             release.undo()
@@ -62,9 +65,18 @@ def dump_and_leave(session: SourceSession, directory: str, leave: str,
 
 
 class TrackerService:
-    def __init__(self, pid: int, tracking: str = "auto", external_unix=()):
-        self.session = SourceSession(pid, tracking=tracking, external_unix=external_unix)
+    def __init__(self, pid: int, tracking: str = "auto", external_unix=(),
+                 socket_path: str | None = None):
+        # If we are killed, `prerestore recover` finds the tree here: nothing of it runs
+        # elsewhere until someone restores the images, so it puts the source back and
+        # continues it (see recovery.py, destination kind "images").
+        self.journal = Journal(pid, "trackerd", {"kind": "images", "socket": socket_path})
         self.dumping = False             # the final dump began: we end with its answer
+        try:
+            self.session = SourceSession(pid, tracking=tracking, external_unix=external_unix)
+        except BaseException:
+            self.journal.settle()
+            raise
 
     def _check_parent(self, prev: str | None) -> None:
         last = self.session.last_round
@@ -89,7 +101,10 @@ class TrackerService:
         try:
             self._check_parent(prev)
             if op == "predump":
-                return {"ok": True, "stats": self.session.predump(directory).stats}, False
+                with phase("predump"):
+                    stats = self.session.predump(directory).stats
+                maybe_pause("tracked")
+                return {"ok": True, "stats": stats}, False
             self.dumping = True
             leave = msg.get("leave", "kill")
             if leave not in LEAVE:
@@ -103,8 +118,11 @@ class TrackerService:
             release_ip = msg.get("release_ip")
             if release_ip is not None and not isinstance(release_ip, str):
                 raise ProtocolError("release_ip must be an address")
-            return {"ok": True, "stats": dump_and_leave(self.session, directory, leave,
-                                                        release_ip)}, True
+            self.journal.update(phase="final", leave=leave, images=directory)
+            stats = dump_and_leave(self.session, directory, leave, release_ip)
+            # the source is killed, left stopped or running, as asked: nothing to settle
+            self.journal.settle()
+            return {"ok": True, "stats": stats}, True
         except PrerestoreError as e:
             self.dumping = False
             return control.error_reply(e), False
@@ -127,6 +145,7 @@ def exit_with_source(pid: int, socket_path: str, busy: threading.Lock, service) 
         os.unlink(socket_path)
     except FileNotFoundError:
         pass
+    service.journal.settle()
     os._exit(0)
 
 
@@ -140,12 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--external-unix", action="append", default=[], metavar="NAME")
     args = ap.parse_args(argv)
     sock = control.listen(args.socket + ".starting")
+    service = None
     try:
-        service = TrackerService(args.pid, args.tracking, args.external_unix)
-        stats = service.session.predump(args.first_round).stats
+        service = TrackerService(args.pid, args.tracking, args.external_unix, args.socket)
+        with phase("predump"):
+            stats = service.session.predump(args.first_round).stats
         print(f"round 0 of pid {args.pid}: {stats}", flush=True)
     except PrerestoreError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        if service is not None:
+            service.session.resume()
+            service.session.close()
+            service.journal.settle()
         sock.close()
         os.unlink(args.socket + ".starting")
         return 2
@@ -161,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     def cleanup():
         service.session.resume()
         service.session.close()
+        service.journal.settle()
 
     control.serve_and_remove(sock, args.socket, dispatch, args.idle_timeout, cleanup)
     return 0
