@@ -135,7 +135,7 @@ int pr_pidfd_open(int pid);
 int pr_pidfd_getfd(int pidfd, int fd);
 int pr_setns(int fd, int nstype);
 int pr_spawn(const char *path, char *const *argv, const int *set_tid, long set_tid_size,
-             int new_pidns, int keep_fd);
+             int new_pidns, int keep_fd, int cgroup_fd);
 int pr_set_pdeathsig(int sig, int parent);
 int pr_prlimit(int pid, int resource, const uint64_t *new_lim, uint64_t *old_lim);
 

@@ -269,6 +269,8 @@ def cmd_finalize(args) -> int:
             os.unlink(client.path)     # a daemon that was killed: its husks died with it
         except FileNotFoundError:
             pass
+        from .kernel import cgroup
+        cgroup.sweep()                 # and the empty gate they were born in
         raise PrerestoreError("no staged process for this image chain: run `prerestore stage` "
                               "first (or `prerestore restore` for a cold restore)")
     fin = client.request("finalize", dir=os.path.abspath(args.images_dir),
@@ -581,9 +583,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except PrerestoreError as e:
         print(f"prerestore {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except OSError as e:            # a socket or file the command used failed: one line too
-        print(f"prerestore {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

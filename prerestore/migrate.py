@@ -13,7 +13,7 @@ from dataclasses import asdict
 from .errors import PrerestoreError, ProtocolError, UnsupportedState
 from .faults import maybe_pause
 from .recovery import Journal, settle_local_copy
-from .kernel import procfs
+from .kernel import cgroup, procfs
 from .image import schema
 from .policy import ConvergencePolicy, estimate_after, is_last_round
 from .source.session import SourceSession, check_supported, external_names
@@ -200,5 +200,13 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
             session.close()
         if daemon is not None:
             daemon.stop()
+            # a daemon that died before its tree ran leaves its gate: whatever is in it
+            # never ran (after a commit, the settling above has removed it)
+            gate = cgroup.gate_path(daemon.proc.pid)
+            if gate and cgroup.Gate(gate).state() == "closed":
+                try:
+                    cgroup.Gate(gate).destroy()
+                except OSError:
+                    pass
         if not keep_images:
             shutil.rmtree(wd, ignore_errors=True)

@@ -231,18 +231,20 @@ def local_copy_runs(dest: dict) -> bool:
 
 def settle_local_copy(dest: dict) -> bool:
     """The restorer of a local migration is gone (or never answered): does its copy run?
-    Decided by the tree's gate (kernel/cgroup.py) while it exists: thawed, the whole copy
-    runs (its processes leave the gate); frozen, none of it ever ran (all killed). Without
-    one, by the root. A copy that does not run is killed, whatever is left of it."""
+    Decided by the tree's gate (kernel/cgroup.py) while it exists: committed, the whole copy
+    runs (thawed if need be; its processes leave the gate); not committed, none of it ever
+    ran (all killed). Without one, by the root. A copy that does not run is killed, whatever
+    is left of it."""
     gate = cgroup.Gate(dest["gate"]) if isinstance(dest.get("gate"), str) else None
     state = gate.state() if gate else None
-    if state == "open":
+    if state == "open":          # committed: thawed whole (or thawed now, if it died in between)
         try:
+            gate.open()
             gate.leave()
         except OSError:
             pass                 # it runs all the same, in the gate
         return True
-    if state == "frozen":
+    if state == "closed":        # never committed: nothing of it ever ran
         gate.destroy()
     runs = state is None and local_copy_runs(dest)
     pid = dest.get("host_pid")

@@ -1,14 +1,22 @@
-"""The gate a restored tree is let go through: a cgroup v2 of its own, frozen while its
-processes are detached one by one, then thawed with one write.
+"""The gate a restored tree is let go through: a cgroup v2 of its own, made when its first
+husk is, frozen while its processes are detached one by one, then committed and thawed.
 
 Why: a tree is let go process by process. If the restoring daemon dies halfway (kill -9, OOM),
 the processes it still traces die with it (PTRACE_O_EXITKILL) while those already detached run
 on: half a tree, beside a source that must then be resumed. In a frozen cgroup a detached
-process stays frozen (the freezer traps it before it returns to user space), and writing 0 to
-cgroup.freeze thaws every process of the cgroup in one system call: the commit point of a
-restore. Whoever survives the daemon reads it from the gate: frozen, the copy never ran
-(cgroup.kill ends it); thawed, it runs (its processes go back to the daemon's cgroup and the
-gate is removed). Unlike SIGSTOP/SIGCONT, the freezer sends the tree's parents no SIGCHLD.
+process stays frozen (the freezer traps it before it returns to user space), and thawing the
+cgroup lets every process of it run in one system call.
+
+The husks are born in the gate (CLONE_INTO_CGROUP, and every process forked from them follows):
+moving a process between cgroups costs milliseconds, never paid inside the downtime. The gate
+is thawed while the rounds are staged (a frozen husk could run no injected call). At the final
+step: freeze (every traced husk counts as frozen at once), let each process go, then *commit*
+by one write that marks the gate (cgroup v2 has no rename; its cgroup.max.descendants, which
+nothing else sets here, goes from "max" to COMMITTED), then thaw. That write is the commit
+point, and whoever outlives the daemon reads it: a marked gate holds a tree that was let go
+whole (thawed now if it is not yet); an unmarked one a tree that never ran (cgroup.kill). After the
+commit its processes go back to the daemon's cgroup and the gate is removed. Unlike
+SIGSTOP/SIGCONT, the freezer sends the tree's parents no SIGCHLD.
 
 Only cgroup v2 has a freezer with these semantics; without a cgroup2 mount (or where we may
 not make a cgroup) there is no gate, and a tree is let go as before (gate_path() is None)."""
@@ -53,10 +61,11 @@ def own_cgroup() -> str | None:
     return path if os.path.isfile(os.path.join(path, "cgroup.procs")) else None
 
 
-def gate_path() -> str | None:
-    """Where this process makes its gate: a child of its own cgroup."""
+def gate_path(pid: int | None = None) -> str | None:
+    """Where process pid (default: this one), in our own cgroup, makes its gate: a child of
+    that cgroup."""
     parent = own_cgroup()
-    return os.path.join(parent, f"{GATE_PREFIX}{os.getpid()}") if parent else None
+    return os.path.join(parent, f"{GATE_PREFIX}{pid or os.getpid()}") if parent else None
 
 
 def _write(path: str, text: str) -> None:
@@ -68,51 +77,50 @@ def _write(path: str, text: str) -> None:
 
 
 class Gate:
-    """One gate, by its directory. Every method may be called by another process than the
-    one that made it (migrate and recover settle what a dead daemon left)."""
+    """One gate, by the directory it is made as. Every method may be called by another process
+    than the one that made it (migrate and recover settle what a dead daemon left)."""
+
+    COMMITTED = "2147483646"     # cgroup.max.descendants, INT_MAX - 1 ("max" until then)
 
     def __init__(self, path: str):
         self.path = path
 
     @classmethod
     def make(cls, path: str | None) -> "Gate | None":
-        """Make the gate, frozen and empty; None where no cgroup can be made."""
+        """Make the gate, thawed and empty; None where no cgroup can be made. Gates that
+        daemons killed earlier left empty beside it are removed first."""
         if not path:
             return None
+        sweep(os.path.dirname(path))
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
-            pass                   # a gate of a dead daemon with our pid: reused, emptied
+            pass                   # a gate of a dead daemon with our pid: reused
         except OSError:
             return None
-        gate = cls(path)
-        try:
-            _write(os.path.join(path, "cgroup.freeze"), "1")
-        except OSError:
-            gate.remove()
-            return None
-        return gate
+        return cls(path)
 
-    def close_behind(self, pids: list[int]) -> None:
-        """Move these processes (every thread of each) into the frozen gate: once let go by
-        their tracer, they stay frozen until open(). A zombie cannot move, nor needs to."""
-        for pid in pids:
-            try:
-                _write(os.path.join(self.path, "cgroup.procs"), str(pid))
-            except OSError as e:
-                if e.errno != errno.ESRCH and not _zombie(pid):
-                    raise
+    def fd(self) -> int:
+        """An fd of its directory, for clone3(CLONE_INTO_CGROUP)."""
+        return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def state(self) -> str | None:
-        """"frozen" (not committed), "open" (committed: the tree runs) or None (no gate)."""
+        """"open" (committed: the tree was let go whole), "closed" (not committed: staging,
+        or letting go, or frozen) or None (no gate)."""
         try:
-            with open(os.path.join(self.path, "cgroup.freeze")) as f:
-                return "frozen" if f.read().strip() == "1" else "open"
+            with open(os.path.join(self.path, "cgroup.max.descendants")) as f:
+                return "open" if f.read().strip() == self.COMMITTED else "closed"
         except FileNotFoundError:
             return None
 
+    def close(self) -> None:
+        """Before letting the tree go: frozen from here, what is let go stays frozen."""
+        _write(os.path.join(self.path, "cgroup.freeze"), "1")
+
     def open(self) -> None:
-        """The commit: every process in the gate runs, all at once."""
+        """The commit (the mark), then every process in the gate runs, all at once. Also
+        finishes a commit that a dead daemon left frozen."""
+        _write(os.path.join(self.path, "cgroup.max.descendants"), self.COMMITTED)
         _write(os.path.join(self.path, "cgroup.freeze"), "0")
 
     def pids(self) -> list[int]:
@@ -137,7 +145,7 @@ class Gate:
         self.remove()
 
     def destroy(self, timeout: float = 5.0) -> None:
-        """Before open(): kill everything in the gate, then remove it."""
+        """Not committed: kill everything in the gate, then remove it."""
         if self.state() is None:
             return
         try:
@@ -159,6 +167,28 @@ class Gate:
                 if e.errno != errno.EBUSY or time.monotonic() > deadline:
                     raise
             time.sleep(0.005)
+
+
+def sweep(parent: str | None = None) -> None:
+    """Remove the empty gates of dead daemons (their pid is in the name) under parent (default:
+    our own cgroup, where the daemons we start make theirs)."""
+    parent = parent or own_cgroup()
+    if parent is None:
+        return
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(GATE_PREFIX):
+            continue
+        pid = name[len(GATE_PREFIX):]
+        if not pid.isdigit() or not _zombie(int(pid)):     # its daemon still lives
+            continue
+        try:
+            os.rmdir(os.path.join(parent, name))           # only if empty (else EBUSY)
+        except OSError:
+            pass
 
 
 def _zombie(pid: int) -> bool:

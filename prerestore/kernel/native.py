@@ -478,13 +478,14 @@ def setns(fd: int, nstype: int) -> None:
     check(lib.pr_setns(fd, nstype), "setns")
 
 
-def spawn(path: str, argv: list[str], set_tid: list[int], new_pidns: bool, keep_fd: int) -> int:
+def spawn(path: str, argv: list[str], set_tid: list[int], new_pidns: bool, keep_fd: int,
+          cgroup_fd: int = -1) -> int:
     args = [ffi.new("char[]", a.encode()) for a in argv]
     argv_c = ffi.new("char *[]", args + [ffi.NULL])
     tids = ffi.new("int[]", set_tid or [0])
     what = f"clone3(set_tid={set_tid}{', CLONE_NEWPID' if new_pidns else ''})"
-    return check(lib.pr_spawn(path.encode(), argv_c, tids, len(set_tid), int(new_pidns), keep_fd),
-                 what)
+    return check(lib.pr_spawn(path.encode(), argv_c, tids, len(set_tid), int(new_pidns), keep_fd,
+                              cgroup_fd), what)
 
 
 def prlimit(pid: int, resource: int, limits: tuple[int, int] | None) -> tuple[int, int]:

@@ -107,7 +107,7 @@ class Husk:
     # ---- birth ------------------------------------------------------------------------------
 
     @classmethod
-    def spawn(cls, pid: int, *, pidns: bool) -> "Husk":
+    def spawn(cls, pid: int, *, pidns: bool, cgroup_fd: int = -1) -> "Husk":
         """A husk that will have `pid`: in our pid namespace (the pid must be free), or as that
         pid inside a new pid namespace whose init is a second husk program. Either is spawned
         leading a session of its own (native.spawn): nothing of the restored tree shares the
@@ -120,16 +120,17 @@ class Husk:
             prog = husk_program()
             init = None
             if pid == 1:       # the root is its namespace's init: pid 1 of a new one, no helper
-                host_pid = native.spawn(prog, [prog, "husk", "1"], [], True, wfd)
+                host_pid = native.spawn(prog, [prog, "husk", "1"], [], True, wfd,
+                                        cgroup_fd)
             elif pidns:
-                init = native.spawn(prog, [prog, "init", str(pid)], [], True, wfd)
+                init = native.spawn(prog, [prog, "init", str(pid)], [], True, wfd, cgroup_fd)
                 host_pid = None
             else:
                 t0 = time.monotonic()
                 while True:
                     try:
                         host_pid = native.spawn(prog, [prog, "husk", str(pid)], [pid], False,
-                                                wfd)
+                                                wfd, cgroup_fd)
                         break
                     except KernelCallError as e:
                         if e.errno != errno.EEXIST:
@@ -904,7 +905,7 @@ class Husk:
         self.resumed = True
 
     def release_namespace(self) -> None:
-        """After resume: the namespace's init must no longer die with us."""
+        """The namespace's init must not die with us once the tree runs (see StagedTree)."""
         if self.init_pid:
             with Tracee(self.init_pid) as t:
                 saved = t.regs()

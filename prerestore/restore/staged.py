@@ -350,8 +350,9 @@ class StagedTree:
         # number: (our master fd, the new pair's number); their state is given at finalize
         self.ptys: dict[int, tuple[int, int]] = {}
         self.applied: list[tuple[str, Round]] = []     # rounds applied so far, oldest first
-        # the cgroup the tree is let go through at finalize (kernel/cgroup.py), made then
+        # the cgroup its husks are born in and the tree let go through (kernel/cgroup.py)
         self.gate_path = cgroup.gate_path()
+        self.gate: cgroup.Gate | None = None
 
     @property
     def husk(self) -> Husk | None:
@@ -462,8 +463,18 @@ class StagedTree:
             if task.pid == 1 and not self.pidns:
                 raise ImageError("the tree's root is the init of its own pid namespace: it can "
                                  "only be restored as one (--pidns)")
-            husk = Husk.spawn(task.pid, pidns=self.pidns)
+            self.gate = self.gate or cgroup.Gate.make(self.gate_path)
+            fd = self.gate.fd() if self.gate else -1
+            try:
+                husk = Husk.spawn(task.pid, pidns=self.pidns, cgroup_fd=fd)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
             self.husks[task.pid] = husk
+            # its namespace's init must outlive us once the tree runs: its parent-death signal
+            # goes now (should we die before the tree runs, the husks die with us, traced with
+            # EXITKILL, and the init exits with the root husk)
+            husk.release_namespace()
             husk.prepare(task.layout)
         else:
             parent = self.husks.get(task.parent)
@@ -615,19 +626,11 @@ class StagedTree:
                     tcp.settle(sock, state)
             maybe_pause("finalize")             # all prepared, nothing let go yet
             root = self.husk
-            # The namespace's init must outlive us once the tree runs: its parent-death
-            # signal goes first (were we to die before the commit, the tree's husks die with
-            # us and it exits with the root's). Then the tree is let go all or nothing: each
-            # process detached into a frozen gate, all thawed at once (kernel/cgroup.py).
-            release_error = None
-            try:
-                root.release_namespace()
-            except PrerestoreError as e:       # only its namespace init stays tied to us
-                release_error = str(e)
-            gate = cgroup.Gate.make(self.gate_path)
+            # Let the tree go all or nothing: the gate it was born in frozen, each process
+            # let go into it, then the commit, which thaws it whole (kernel/cgroup.py).
+            gate = self.gate
             if gate is not None:
-                gate.close_behind([p for p in [root.init_pid] if p] +
-                                  [h.host_pid for h in self.husks.values()])
+                gate.close()
             for i, s in enumerate(reversed(final.states)):
                 self.husks[s.pid].let_go()
                 if i == 0:
@@ -657,8 +660,6 @@ class StagedTree:
                 sock.close()
         maybe_pause("resumed")
         state_sum = _sum_stats(state_stats)
-        if release_error:
-            state_sum["release_error"] = release_error
         if gate is not None:
             try:
                 gate.leave()               # the tree back into our cgroup, the gate removed
@@ -697,6 +698,12 @@ class StagedTree:
             if not h.resumed:
                 h.kill()
         self.husks = {}
+        if self.gate is not None and self.gate.state() == "closed":
+            try:
+                self.gate.destroy()          # whatever of the tree is left in it never ran
+            except OSError:
+                pass
+            self.gate = None
         self.applied = []
         self._close_ptys()
 
