@@ -38,7 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from . import netaddr, outcomes
-from .errors import PrerestoreError, ProtocolError, TooLarge
+from .errors import ImageError, PrerestoreError, ProtocolError, TooLarge
 from .image import schema
 from .faults import maybe_pause
 from .kernel import procfs
@@ -98,6 +98,13 @@ class Receiver:
         it is written."""
         meta, size = msg["meta"], msg["pages"]         # typed by schema.decode_request
         r = schema.decode_image(meta, name)        # every field typed and checked
+        # Rounds from the wire come in order, each after the last one staged here: staging
+        # never follows a peer's parent_path (that would read a round.img of the peer's
+        # choosing, outside this migration's directory).
+        last = self.staged.last_id if self.staged is not None and self.staged.applied else None
+        if r.parent_id != last:
+            raise ImageError(f"{name}: it follows round {r.parent_id!r}, not the last one "
+                                f"staged here ({last!r}): rounds must come in order")
         if any(t.pages_from != "file" for t in r.tasks):
             raise ProtocolError(f"{name}: its pages must come with it (pages_from 'file')")
         listed = schema.pages_size(r)

@@ -337,6 +337,9 @@ LISTED = 3 * 4096                  # the page bytes test_image.make_round lists
     ("round", False, lambda m: m["tasks"][0].__setitem__("pages_offset", "0"),
      "tasks[0].pages_offset: expected int"),
     ("round", False, lambda m: m.__setitem__("tasks", [{"pid": 1}]), "tasks[0].layout: missing"),
+    # a round naming a parent elsewhere: staging would read that parent's round.img
+    ("round", False, lambda m: m.update(parent_id="x", parent_path="../../../tmp/elsewhere"),
+     "it follows round 'x', not the last one staged here (None): rounds must come in order"),
 ])
 def test_a_round_with_fields_of_the_wrong_type_is_refused_and_serving_goes_on(
         server, tree_bin, tmp_path, op, final, mangle, named):
