@@ -323,6 +323,7 @@ def cmd_migrate(args) -> int:
                             policy=policy, round_interval=args.round_interval / 1e3,
                             release_ip=args.release_ip, external_unix=args.external_unix,
                             connect_timeout=args.connect_timeout,
+                            link_timeout=args.link_timeout,
                             secret_file=args.secret_file or
                             os.environ.get("PRERESTORE_SECRET_FILE"), progress=progress)
         print(f"migrated pid {args.tree} to {args.to} ({report['mode']}): downtime "
@@ -492,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--release-ip", metavar="ADDR",
                    help="(--to) the service address, released here once the tree is frozen "
                         "(the destination claims it: serve --claim-ip)")
+    p.add_argument("--link-timeout", type=_seconds, default=20.0, metavar="SECONDS",
+                   help="(--to) a connection whose link died (no answer, not even to TCP "
+                        "keepalives) ends after about this time (default: 20)")
     p.add_argument("--connect-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="(--to) give up on a destination that does not connect and complete "
                         "the handshake within this time, before the tree is touched "
@@ -533,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default for senders that do not say: restore in this pid namespace")
     p.add_argument("--work-dir", help="where received rounds go (default: a temp dir)")
     p.add_argument("--once", action="store_true", help="exit after one migration")
+    p.add_argument("--link-timeout", type=_seconds, default=20.0, metavar="SECONDS",
+                   help="an authenticated migration: a connection whose link died (no answer, not even to TCP "
+                        "keepalives) ends after about this time (default: 20)")
     p.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="a connection that has not proved it knows the secret within this "
                         "time is closed (default: 10)")

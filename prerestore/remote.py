@@ -45,7 +45,7 @@ from .kernel import procfs
 from .recovery import Journal, ask_destination, source_undo_record
 from .policy import ConvergencePolicy, estimate_after, is_last_round
 from .source.session import SourceSession, check_supported, external_names
-from .transport.channel import HANDSHAKE_TIMEOUT, Channel, parse_address
+from .transport.channel import HANDSHAKE_TIMEOUT, LINK_TIMEOUT, Channel, parse_address
 
 
 
@@ -59,6 +59,7 @@ class ServeLimits:
     closed at once. handshake_timeout (s) bounds the whole handshake. max_stage_bytes bounds
     the page bytes one migration may bring here over all its rounds (0: RAM + swap)."""
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    link_timeout: float = LINK_TIMEOUT          # a dead link ends a migration (watch_link)
     max_unauthenticated: int = 64
     max_unauthenticated_per_peer: int = 8
     max_stage_bytes: int = 0
@@ -208,7 +209,8 @@ def _serve_connection(conn: socket.socket, who: str, secret: bytes, opts: dict, 
     migration's status."""
     limits: ServeLimits = opts["limits"]
     try:
-        ch = Channel.accept(conn, secret, timeout=limits.handshake_timeout)
+        ch = Channel.accept(conn, secret, timeout=limits.handshake_timeout,
+                            link_timeout=limits.link_timeout)
     except (ProtocolError, OSError) as e:
         log(f"refused {who}: {e}")
         return False
@@ -462,12 +464,14 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
                policy: ConvergencePolicy = ConvergencePolicy(), round_interval: float = 0.0,
                release_ip: str | None = None, external_unix=(),
                connect_timeout: float = HANDSHAKE_TIMEOUT, secret_file: str | None = None,
-               progress=lambda msg: None) -> dict:
+               link_timeout: float = LINK_TIMEOUT, progress=lambda msg: None) -> dict:
     """Migrate the tree under pid to a `prerestore serve` at address; returns the report.
     release_ip: the service address, released here once the tree is frozen (the destination
     claims it: serve --claim-ip), given back here if the migration fails. external_unix:
     names through which unix connections may leave the tree (source/unixsock.py).
     connect_timeout: seconds for the connection and handshake (before the tree is touched).
+    link_timeout: seconds after which a dead link ends the migration (transport/channel.py
+    watch_link: rounds roll back; in the final step the destination is asked afterwards).
     secret_file: where the secret came from, recorded (never the secret) in the journal so
     that `prerestore recover` can ask the destination if we die."""
     external_unix = external_names(external_unix)
@@ -483,7 +487,8 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
             released()
 
     t_start = time.monotonic()
-    ch = Channel.connect(parse_address(address), secret, timeout=connect_timeout)
+    ch = Channel.connect(parse_address(address), secret, timeout=connect_timeout,
+                         link_timeout=link_timeout)
     if moving is not None:
         forwarder = netaddr.SwitchForwarder(
             moving, netaddr.neighbour_mac(ch.sock.getpeername()[0], moving.dev))
@@ -625,6 +630,7 @@ def main_serve(args) -> int:
     secret = load_secret(args.secret_file)
     claim_ip = netaddr.parse_claim(args.claim_ip) if args.claim_ip else None
     limits = ServeLimits(handshake_timeout=args.handshake_timeout,
+                         link_timeout=args.link_timeout,
                          max_unauthenticated=args.max_unauthenticated,
                          max_unauthenticated_per_peer=args.max_unauthenticated_per_peer,
                          max_stage_bytes=args.max_stage_bytes)

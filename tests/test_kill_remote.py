@@ -107,24 +107,24 @@ class Cast:
         self.mig_err = tmp_path / "migrate.err"
         self.release = tmp_path / "go-on"          # PRERESTORE_PAUSE_UNTIL
 
-    def start_serve(self, **env) -> None:
+    def start_serve(self, *args, **env) -> None:
         """serve on B, not --once: it must still answer status requests afterwards."""
         self.serve = self.hosts.run(
             "b", [sys.executable, "-m", "prerestore.cli", "serve", "--listen",
                   f"{self.hosts.addr['b']}:7077", "--secret-file", self.secret,
-                  "--claim-ip", f"{self.hosts.service}/{self.hosts.prefix}@eth0"],
+                  "--claim-ip", f"{self.hosts.service}/{self.hosts.prefix}@eth0", *args],
             stdout=subprocess.DEVNULL, stderr=open(self.serve_log, "ab"),
             stdin=subprocess.DEVNULL, start_new_session=True, env=dict(os.environ, **env))
         self.serves += 1                  # the log is appended to: count its starts
         assert _wait(lambda: self.serve_log.read_text().count("serving on") >= self.serves), \
             self.serve_log.read_text()
 
-    def start_migrate(self, **env) -> None:
+    def start_migrate(self, *args, **env) -> None:
         self.mig = subprocess.Popen(
             ["ip", "netns", "exec", self.hosts.ns["a"], sys.executable, "-m", "prerestore.cli",
              "migrate", "-t", str(self.src.pid), "--to", f"{self.hosts.addr['b']}:7077",
              "--secret-file", str(self.secret), "--release-ip", self.hosts.service,
-             "--min-rounds", "2", "--max-rounds", "3"],
+             "--min-rounds", "2", "--max-rounds", "3", *args],
             stdout=subprocess.DEVNULL, stderr=open(self.mig_err, "wb"),
             env=dict(os.environ, **env))
         self.hosts.pids.append(self.mig.pid)
@@ -363,6 +363,35 @@ def test_connection_cut(cast, point):
     assert code == (0 if want == "b" else 1), cast.mig_err.read_text()
     assert cast.journal() is None
     cast.check(want)
+
+
+def test_link_down_between_rounds(cast):
+    """A's link goes down while a round is on its way (no reset, nothing answers): both ends
+    give up within their --link-timeout (keepalives, TCP_USER_TIMEOUT), instead of the many
+    minutes TCP retransmits for; migrate rolls back, serve's process kills its husks. Once the
+    link is back, the service runs on A alone, its client unharmed."""
+    cast.start_serve("--link-timeout", "2")
+    cast.start_migrate("--link-timeout", "2", PRERESTORE_PAUSE="round",
+                       PRERESTORE_PAUSE_UNTIL=str(cast.release))
+    assert wait_for_line(cast.mig_err, "paused at round", timeout=60), \
+        cast.mig_err.read_text() + cast.serve_log.read_text()
+    link = ["ip", "netns", "exec", cast.hosts.ns["a"], "ip", "link", "set", "eth0"]
+    subprocess.run(link + ["down"], check=True)
+    try:
+        t0 = time.monotonic()
+        cast.release.touch()
+        code = cast.mig.wait(60)
+        took = time.monotonic() - t0
+        err = cast.mig_err.read_text()
+        assert code == 1 and "Traceback" not in err, err
+        assert took < 30, f"migrate gave up on the dead link only after {took:.0f} s"
+        assert _wait(lambda: "ended" in cast.serve_log.read_text() or
+                     "refused" in cast.serve_log.read_text(), 30), cast.serve_log.read_text()
+    finally:
+        subprocess.run(link + ["up"], check=True)
+    time.sleep(5)                        # the client's connection retransmits, then goes on
+    assert cast.journal() is None
+    cast.check("a")
 
 
 def test_serve_remembers_outcomes_privately(cast):

@@ -93,6 +93,22 @@ def _mac(key: bytes, *parts) -> bytes:
     return m.digest()
 
 
+LINK_TIMEOUT = 20.0
+
+
+def watch_link(sock: socket.socket, timeout: float) -> None:
+    """A link that dies (a cable, a host gone, `ip link set down`) ends the connection within
+    about timeout seconds, with an error on either end, instead of the many minutes TCP's own
+    retransmissions take: keepalive probes after timeout/4 s of silence, and TCP_USER_TIMEOUT
+    for data (or probes) left unanswered. A peer that is merely slow (staging a large round)
+    still answers keepalives from its kernel, so it is not cut off."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(timeout / 4)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(timeout / 8)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 8)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(timeout * 1000)))
+
+
 class Channel:
     """One authenticated connection. Use Channel.accept / Channel.connect."""
 
@@ -109,9 +125,11 @@ class Channel:
 
     @classmethod
     def connect(cls, address: tuple[str, int], secret: bytes,
-                timeout: float = HANDSHAKE_TIMEOUT) -> "Channel":
+                timeout: float = HANDSHAKE_TIMEOUT,
+                link_timeout: float = LINK_TIMEOUT) -> "Channel":
         """Connect and authenticate; the TCP connect and the handshake together get timeout
-        seconds (a peer that accepts and never answers is given up on, ProtocolError)."""
+        seconds (a peer that accepts and never answers is given up on, ProtocolError). After
+        that, a dead link ends the connection within link_timeout seconds (watch_link)."""
         where = f"{address[0]}:{address[1]}"
         deadline = time.monotonic() + timeout
         try:
@@ -134,6 +152,7 @@ class Channel:
                     not hmac.compare_digest(proof, _mac(secret, b"server", nc, ns)):
                 raise AuthError(f"{where} did not prove it knows the shared secret")
             sock.settimeout(None)
+            watch_link(sock, link_timeout)
             return cls(sock, _mac(secret, b"session", ns, nc), "client")
         except TimeoutError:
             sock.close()
@@ -153,7 +172,8 @@ class Channel:
 
     @classmethod
     def accept(cls, sock: socket.socket, secret: bytes,
-               timeout: float = HANDSHAKE_TIMEOUT) -> "Channel":
+               timeout: float = HANDSHAKE_TIMEOUT,
+               link_timeout: float = LINK_TIMEOUT) -> "Channel":
         """Authenticate a connection just accepted; closes it and raises AuthError if the
         peer does not know the secret, ProtocolError if the whole handshake takes longer
         than timeout seconds (a peer trickling bytes is cut off at the deadline, not given
@@ -170,6 +190,7 @@ class Channel:
                 raise AuthError("the peer did not prove it knows the shared secret")
             _plain_send(sock, {"proof": _mac(secret, b"server", nc, ns)}, deadline)
             sock.settimeout(None)
+            watch_link(sock, link_timeout)
             return cls(sock, _mac(secret, b"session", ns, nc), "server")
         except TimeoutError:
             sock.close()
