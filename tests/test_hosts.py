@@ -133,11 +133,16 @@ def test_tcp_service_moves_with_its_address_and_client(hosts, tmp_path):
     assert probe.stdout.startswith("ping42 "), probe.stdout + probe.stderr
     out = move.client_result()                                 # the client talks to B
     assert out["batches"] > 50
-    # IPv6: a request in flight at the switch is still lost in about 1 run in 4 and waits one
-    # retransmission timeout (cause not found yet: see the README); IPv4 holds every one
-    slack = 250 if ":" in hosts.service else 15
-    assert out["max_stall_ms"] < report["downtime_ms"] + slack, (out, report["downtime_ms"])
     move.serve.wait(10)
+    # the client waits no longer than the downtime (plus its own scheduling): what it sent
+    # during the switch was held, not dropped
+    if out["max_stall_ms"] >= report["downtime_ms"] + 15 and ":" in hosts.service:
+        # Known failure, kept visible (XFAIL in the summary), not hidden by a wider
+        # tolerance: over IPv6 a request in flight at the switch is lost in about 1 run in 4
+        # and waits one retransmission timeout (~200 ms); cause not found yet (README)
+        pytest.xfail(f"IPv6: a held request was lost (stall {out['max_stall_ms']:.0f} ms, "
+                     f"downtime {report['downtime_ms']:.1f} ms)")
+    assert out["max_stall_ms"] < report["downtime_ms"] + 15, (out, report["downtime_ms"])
 
 
 @pytest.mark.parametrize("kind", ["memcached", "redis"])
