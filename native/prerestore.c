@@ -1020,6 +1020,39 @@ int pr_spawn(const char *path, char *const *argv, const int *set_tid, long set_t
     return (int)pid;
 }
 
+/* struct sched_attr (uapi/linux/sched/types.h, SCHED_ATTR_SIZE_VER1): read and set from
+ * outside, per thread (a tid), with no code run in the task. */
+struct pr_sched_attr {
+    uint32_t size, policy;
+    uint64_t flags;
+    int32_t nice;
+    uint32_t priority;
+    uint64_t runtime, deadline, period;
+    uint32_t util_min, util_max;
+};
+
+int pr_sched_get(int tid, struct pr_sched *out)
+{
+    struct pr_sched_attr a;
+    memset(&a, 0, sizeof a);
+    if (syscall(SYS_sched_getattr, tid, &a, sizeof a, 0))
+        return ERR;
+    out->policy = a.policy, out->flags = a.flags, out->nice = a.nice;
+    out->priority = a.priority, out->runtime = a.runtime, out->deadline = a.deadline;
+    out->period = a.period;
+    return 0;
+}
+
+int pr_sched_set(int tid, const struct pr_sched *in)
+{
+    struct pr_sched_attr a;
+    memset(&a, 0, sizeof a);
+    a.size = sizeof a;
+    a.policy = in->policy, a.flags = in->flags, a.nice = in->nice, a.priority = in->priority;
+    a.runtime = in->runtime, a.deadline = in->deadline, a.period = in->period;
+    return syscall(SYS_sched_setattr, tid, &a, 0) ? ERR : 0;
+}
+
 int pr_prlimit(int pid, int resource, const uint64_t *new_lim, uint64_t *old_lim)
 {
     return syscall(SYS_prlimit64, pid, resource, new_lim, old_lim) ? ERR : 0;

@@ -37,6 +37,14 @@ struct pr_saved {
 #define PR_SAVED_SIZE 256
 #define PR_SAVED_MAGIC 0x5052534156454431
 
+/* A thread's scheduling (struct sched_attr, less its size and utilization clamps). */
+struct pr_sched {
+    uint32_t policy, priority;
+    int32_t nice;
+    uint32_t pad;
+    uint64_t flags, runtime, deadline, period;
+};
+
 /* A half-open address range. */
 struct pr_range {
     uint64_t start, end;
@@ -138,6 +146,8 @@ int pr_spawn(const char *path, char *const *argv, const int *set_tid, long set_t
              int new_pidns, int keep_fd, int cgroup_fd);
 int pr_set_pdeathsig(int sig, int parent);
 int pr_prlimit(int pid, int resource, const uint64_t *new_lim, uint64_t *old_lim);
+int pr_sched_get(int tid, struct pr_sched *out);
+int pr_sched_set(int tid, const struct pr_sched *in);
 
 /* UAPI numbers the system headers may not have yet, read from C so Python never copies them. */
 extern const uint64_t PR_PAGE_IS_WPALLOWED, PR_PAGE_IS_WRITTEN, PR_PAGE_IS_FILE,

@@ -293,6 +293,11 @@ class ThreadState:
     clear_child_tid: int
     sigaltstack: tuple[int, int, int]           # (sp, flags, size)
     pending: list[bytes] = field(default_factory=list)    # siginfo records, thread queue
+    # its scheduling, as native.SCHED_FIELDS (policy, flags, nice, priority, runtime,
+    # deadline, period: runtime 0 for a fair policy on the kernel's default slice); None:
+    # leave it to the destination
+    sched: tuple[int, ...] | None = None
+    cpus: list[int] = field(default_factory=list)         # its CPU affinity; empty: leave it
 
 
 @dataclass
@@ -318,6 +323,9 @@ class ProcessState:
     # a session leader with a pty of the tree as controlling terminal: the terminal's
     # foreground process group (0: its own, as TIOCSCTTY leaves it)
     tty_pgrp: int = 0
+    oom_score_adj: int = 0      # /proc/PID/oom_score_adj
+    personality: int = 0        # personality(2) flags
+    thp_disable: bool = False   # PR_SET_THP_DISABLE
 
 
 @dataclass

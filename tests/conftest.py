@@ -44,3 +44,21 @@ def cleanup():
     c.run()
     for src in c.sources:
         assert not helper_processes(src), f"a husk or namespace init of {src} was left behind"
+
+
+@pytest.fixture(scope="session")
+def cbin(tmp_path_factory):
+    """cbin("name"): tests/workloads/name.c built once for the session (-pthread); its path."""
+    import subprocess
+    from workloads import WORKLOAD_DIR
+    out_dir = tmp_path_factory.mktemp("cbins")
+    built = {}
+
+    def build(name: str):
+        if name not in built:
+            out = out_dir / name
+            subprocess.run(["cc", "-O2", "-Wall", "-pthread", "-o", str(out),
+                            str(WORKLOAD_DIR / f"{name}.c")], check=True)
+            built[name] = out
+        return built[name]
+    return build

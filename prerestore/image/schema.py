@@ -27,8 +27,9 @@ from ..model import (RANGE, UNIX_STATES, AddressSpaceRound, Credentials, FileDes
                      ranges_bytes)
 
 MAGIC = b"PRRSTIMG"
-VERSION = 3          # 2: process trees (task tree fields, states, zombies)
+VERSION = 4          # 2: process trees (task tree fields, states, zombies)
                      # 3: unix sockets carry a state map of their own (fd field 9)
+                     # 4: threads' scheduling and CPUs; oom_score_adj, personality, THP
 HEADER = struct.Struct("=8sIQI")
 ROUND_FILE = "round.img"
 PAGES_FILE = "pages.img"
@@ -52,7 +53,7 @@ def _thread(t: ThreadState) -> dict:
     return {"tid": t.tid, "regs": t.regs, "xstate": t.xstate, "sigmask": t.sigmask,
             "rseq": list(t.rseq) if t.rseq else None, "robust_list": list(t.robust_list),
             "clear_child_tid": t.clear_child_tid, "sigaltstack": list(t.sigaltstack),
-            "pending": t.pending}
+            "pending": t.pending, "sched": list(t.sched) if t.sched else None, "cpus": t.cpus}
 
 
 def _state(s: ProcessState) -> dict:
@@ -67,7 +68,9 @@ def _state(s: ProcessState) -> dict:
             "threads": [_thread(t) for t in s.threads], "shared_pending": s.shared_pending,
             "cpus": s.cpus, "creds": vars(s.creds) if s.creds else None,
             "dumpable": s.dumpable, "pdeathsig": s.pdeathsig,
-            "child_subreaper": s.child_subreaper, "tty_pgrp": s.tty_pgrp}
+            "child_subreaper": s.child_subreaper, "tty_pgrp": s.tty_pgrp,
+            "oom_score_adj": s.oom_score_adj, "personality": s.personality,
+            "thp_disable": s.thp_disable}
 
 
 def _unix(u: UnixSocketState) -> dict:
@@ -265,6 +268,8 @@ def _ranges(value, path: str) -> bytes:
 
 
 _VMA_TYPES = (int, int, int, bool, int, str, int, str)
+# policy (SCHED_OTHER..SCHED_EXT), flags, nice, priority, runtime, deadline, period
+SCHED_SPANS = ((0, 7), (0, 0xff), (-20, 19), (0, 99), U64, U64, U64)
 _REG_TYPES = [int] * len(REG_NAMES)
 
 
@@ -329,7 +334,7 @@ def _decode_thread(t, path: str) -> ThreadState:
     if list(map(type, values)) != _REG_TYPES or min(values) < 0 or max(values) > U64[1]:
         for name in REG_NAMES:          # name the bad one
             _int(_field(regs, name, f"{path}.regs"), f"{path}.regs.{name}")
-    rseq = get("rseq")
+    rseq, sched = get("rseq"), get("sched")
     return ThreadState(
         tid=_pid(get("tid"), f"{path}.tid"), regs=dict(zip(REG_NAMES, values)),
         xstate=_of(get("xstate"), bytes, f"{path}.xstate", "bytes"),
@@ -338,7 +343,10 @@ def _decode_thread(t, path: str) -> ThreadState:
         robust_list=_ints(get("robust_list"), f"{path}.robust_list", (U64, U64)),
         clear_child_tid=_int(get("clear_child_tid"), f"{path}.clear_child_tid"),
         sigaltstack=_ints(get("sigaltstack"), f"{path}.sigaltstack", (U64, U32, U64)),
-        pending=_siginfos(get("pending", []), f"{path}.pending"))
+        pending=_siginfos(get("pending", []), f"{path}.pending"),
+        sched=None if sched is None else _ints(sched, f"{path}.sched", SCHED_SPANS),
+        cpus=[_int(c, f"{path}.cpus[{i}]", (0, 8191))
+              for i, c in enumerate(_list(get("cpus"), f"{path}.cpus"))])
 
 
 def _decode_fd(f, path: str, where: str) -> FileDescriptor:
@@ -407,7 +415,10 @@ def _decode_state(s, path: str) -> ProcessState:
         dumpable=_int(get("dumpable"), f"{path}.dumpable", (0, 2)),
         pdeathsig=_int(get("pdeathsig"), f"{path}.pdeathsig", (0, SIGNALS[1])),
         child_subreaper=_of(get("child_subreaper"), bool, f"{path}.child_subreaper", "bool"),
-        tty_pgrp=_int(get("tty_pgrp", 0), f"{path}.tty_pgrp", (0, PID[1])))
+        tty_pgrp=_int(get("tty_pgrp", 0), f"{path}.tty_pgrp", (0, PID[1])),
+        oom_score_adj=_int(get("oom_score_adj"), f"{path}.oom_score_adj", (-1000, 1000)),
+        personality=_int(get("personality"), f"{path}.personality", U32),
+        thp_disable=_of(get("thp_disable"), bool, f"{path}.thp_disable", "bool"))
 
 
 def _check_states(states: list[ProcessState], tasks: list[AddressSpaceRound]) -> None:

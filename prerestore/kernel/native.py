@@ -488,6 +488,24 @@ def spawn(path: str, argv: list[str], set_tid: list[int], new_pidns: bool, keep_
                               cgroup_fd), what)
 
 
+SCHED_FIELDS = ("policy", "flags", "nice", "priority", "runtime", "deadline", "period")
+
+
+def sched_get(tid: int) -> tuple[int, ...]:
+    """A thread's scheduling, as SCHED_FIELDS (sched_getattr, from outside)."""
+    out = ffi.new("struct pr_sched *")
+    check(lib.pr_sched_get(tid, out), "sched_getattr", tid)
+    return tuple(getattr(out, f) for f in SCHED_FIELDS)
+
+
+def sched_set(tid: int, values: tuple[int, ...]) -> None:
+    attr = ffi.new("struct pr_sched *")
+    for f, v in zip(SCHED_FIELDS, values):
+        setattr(attr, f, v)
+    check(lib.pr_sched_set(tid, attr), "sched_setattr", tid,
+          ", ".join(f"{f}={v}" for f, v in zip(SCHED_FIELDS, values)))
+
+
 def prlimit(pid: int, resource: int, limits: tuple[int, int] | None) -> tuple[int, int]:
     new = ffi.new("uint64_t[2]", list(limits)) if limits else ffi.NULL
     old = ffi.new("uint64_t[2]")

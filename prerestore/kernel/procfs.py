@@ -553,3 +553,11 @@ def memory_and_swap() -> int:
             if key in ("MemTotal", "SwapTotal"):
                 total += int(value.split()[0]) * 1024
     return total
+
+
+def oom_score_adj(pid: int) -> int:
+    return int(_read(pid, "oom_score_adj"))
+
+
+def personality(pid: int) -> int:
+    return int(_read(pid, "personality"), 16)

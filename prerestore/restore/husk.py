@@ -756,6 +756,13 @@ class Husk:
         before the source's pending signals are queued again."""
         t0 = time.perf_counter()
         maybe_fail("apply_state")
+        if state.oom_score_adj:
+            try:
+                with open(f"/proc/{self.host_pid}/oom_score_adj", "w") as f:
+                    f.write(str(state.oom_score_adj))
+            except OSError as e:
+                raise RestoreError(f"cannot restore oom_score_adj {state.oom_score_adj}: "
+                                   f"{e.strerror}") from None
         # limits first: RLIMIT_NOFILE bounds the fd numbers we are about to install
         for res, (soft, hard) in sorted(state.rlimits.items(), key=lambda x: x[0] != 7):
             try:
@@ -859,6 +866,10 @@ class Husk:
                 b.call(lib.SYS_rt_tgsigqueueinfo, self.pid, thread.tid, sig, b.put(info))
         if state.child_subreaper:
             b.call(lib.SYS_prctl, lib.PR_SET_CHILD_SUBREAPER, 1)
+        if state.personality:
+            b.call(lib.SYS_personality, state.personality, label="personality")
+        if state.thp_disable:
+            b.call(lib.SYS_prctl, lib.PR_SET_THP_DISABLE, 1, 0, 0, 0)
         b.call(lib.SYS_prctl, lib.PR_SET_PDEATHSIG, 0)
         self._cred_calls(b, state.creds)
         b.call(lib.SYS_prctl, lib.PR_SET_DUMPABLE, state.dumpable)   # a uid change reset it
@@ -893,8 +904,16 @@ class Husk:
         tracees = [(self.tracee, state.threads[0])] + \
             [(self.threads[th.tid], th) for th in state.threads[1:]]
         for t, th in tracees:
-            if state.cpus:
-                os.sched_setaffinity(t.pid, state.cpus)
+            cpus = th.cpus or state.cpus
+            if cpus:
+                os.sched_setaffinity(t.pid, cpus)
+            if th.sched:
+                # last: a real-time policy would let it crowd out our own work on its CPU
+                try:
+                    native.sched_set(t.pid, th.sched)
+                except KernelCallError as e:
+                    raise RestoreError(f"thread {th.tid}: cannot restore its scheduling "
+                                       f"{th.sched}: {e}") from None
             t.set_sigmask(th.sigmask)
             t.set_regs(resumable_regs(th.regs))
             t.set_xstate(th.xstate)

@@ -100,6 +100,29 @@ def _is_terminal(pid: int, fd: int) -> bool:
         os.close(mine)
 
 
+_FAIR = (0, 3, 5)                   # SCHED_OTHER, SCHED_BATCH, SCHED_IDLE
+
+
+def default_slice() -> int:
+    """The time slice a fair thread gets unless it asked for one (sched_runtime): ours."""
+    global _DEFAULT_SLICE
+    if _DEFAULT_SLICE is None:
+        _DEFAULT_SLICE = native.sched_get(0)[4]
+    return _DEFAULT_SLICE
+
+
+_DEFAULT_SLICE: int | None = None
+
+
+def thread_sched(tid: int) -> tuple[int, ...]:
+    """A thread's scheduling, with a fair policy's slice 0 where it is the kernel's default
+    (sched_getattr reports the slice in use either way; setting it would make it custom)."""
+    policy, flags, nice, prio, runtime, deadline, period = native.sched_get(tid)
+    if policy in _FAIR and runtime == default_slice():
+        runtime = 0
+    return policy, flags, nice, prio, runtime, deadline, period
+
+
 class ProcessSource:
     """The source side of one process (pid) of the tree."""
 
@@ -312,7 +335,8 @@ class ProcessSource:
                 tid=t.pid, regs=mine["regs"], xstate=t.xstate(), sigmask=mine["sigmask"],
                 rseq=rseq, robust_list=native.get_robust_list(t.pid),
                 clear_child_tid=mine["clear_child_tid"], sigaltstack=(ss_sp, ss_flags, ss_size),
-                pending=native.peek_siginfo(t.pid, shared=False)))
+                pending=native.peek_siginfo(t.pid, shared=False), sched=thread_sched(t.pid),
+                cpus=sorted(os.sched_getaffinity(t.pid))))
         fds = []
         for fd in procfs.fd_numbers(pid):
             what, desc, text = procfs.describe_fd_text(pid, fd)
@@ -366,7 +390,9 @@ class ProcessSource:
             shared_pending=native.peek_siginfo(pid, shared=True),
             cpus=sorted(os.sched_getaffinity(pid)), creds=procfs.credentials(status),
             dumpable=inside["dumpable"], pdeathsig=inside["pdeathsig"],
-            child_subreaper=bool(inside["child_subreaper"]))
+            child_subreaper=bool(inside["child_subreaper"]),
+            oom_score_adj=procfs.oom_score_adj(pid), personality=procfs.personality(pid),
+            thp_disable=status.get("THP_enabled", "1").strip() == "0")
 
     def close(self) -> None:
         if self.tracker:
