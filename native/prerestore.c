@@ -53,6 +53,10 @@ const uint64_t PR_UFFD_USER_MODE_ONLY = 1;
 #endif
 
 #define PR_CLONE_INTO_CGROUP 0x200000000ULL   /* linux/sched.h, 5.7+ */
+#ifndef PR_TIMER_CREATE_RESTORE_IDS
+#define PR_TIMER_CREATE_RESTORE_IDS 77        /* linux/prctl.h, 6.16+ */
+#endif
+const long PR_TIMER_RESTORE_IDS = PR_TIMER_CREATE_RESTORE_IDS;
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23

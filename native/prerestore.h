@@ -93,7 +93,8 @@ long pr_runner_parked_offset(void);
 /* ---- memory -------------------------------------------------------------------------------- */
 long pr_read_mem(int pid, uint64_t addr, void *buf, size_t len);
 long pr_write_mem(int pid, uint64_t addr, const void *buf, size_t len);
-extern const long PR_CHUNK;     /* the most pr_read_pages reads in one call */
+extern const long PR_CHUNK;
+extern const long PR_TIMER_RESTORE_IDS;   /* prctl: timer_create takes the id it is given */     /* the most pr_read_pages reads in one call */
 long pr_read_pages(int pid, int mem_fd, const struct pr_range *ranges, long n, long *i,
                    uint64_t *off, char *out);
 long pr_dump_pages(int pid, int mem_fd, const struct pr_range *ranges, long n, int out_fd,

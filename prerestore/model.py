@@ -269,6 +269,20 @@ class SigAction:
 
 
 @dataclass
+class PosixTimer:
+    """A timer_create() timer, as /proc/PID/timers and timer_gettime() show it."""
+    id: int
+    clock: int
+    signo: int
+    value: int                  # sigev_value (the pointer-sized union)
+    notify: int                 # SIGEV_SIGNAL, SIGEV_NONE, or either | SIGEV_THREAD_ID
+    thread: int                 # SIGEV_THREAD_ID: the index in ProcessState.threads of its target
+    interval: tuple[int, int]   # (s, ns)
+    remaining: tuple[int, int]  # (s, ns) until it fires next; (0, 0): disarmed
+    overrun: int = 0            # timer_getoverrun() at the freeze (not given back: see README)
+
+
+@dataclass
 class Credentials:
     """Who the process is: ids, groups, capability sets, no_new_privs (all its threads)."""
     uids: tuple[int, int, int]          # real, effective, saved
@@ -323,6 +337,10 @@ class ProcessState:
     # a session leader with a pty of the tree as controlling terminal: the terminal's
     # foreground process group (0: its own, as TIOCSCTTY leaves it)
     tty_pgrp: int = 0
+    # POSIX timers, and the interval timers ITIMER_REAL, VIRTUAL, PROF as (interval s, us,
+    # remaining s, us)
+    timers: list[PosixTimer] = field(default_factory=list)
+    itimers: list[tuple[int, int, int, int]] = field(default_factory=list)
     oom_score_adj: int = 0      # /proc/PID/oom_score_adj
     personality: int = 0        # personality(2) flags
     thp_disable: bool = False   # PR_SET_THP_DISABLE

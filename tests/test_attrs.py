@@ -22,3 +22,12 @@ def test_scheduling_and_process_attributes(cbin, tmp_path, cold, direct):
     CPU 0, IDLE, FIFO at priority 3) and CPUs; oom_score_adj, personality, THP disabled."""
     move_and_compare(tmp_path, [cbin("schedattrs")], direct=direct, cold=cold, warm_up=200,
                      more=300)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_posix_and_interval_timers(cbin, tmp_path, cold, direct):
+    """Timers keep their ids, clocks, signals, values, target thread and intervals, and go
+    on firing: ITIMER_REAL, a process-directed and a thread-directed periodic POSIX timer, a
+    one-shot one due in an hour and one never armed."""
+    move_and_compare(tmp_path, [cbin("timers")], direct=direct, cold=cold, warm_up=200,
+                     more=300)

@@ -23,8 +23,8 @@ import msgpack
 from ..errors import ImageError, ProtocolError
 from ..kernel.native import first_bad_range
 from ..model import (RANGE, UNIX_STATES, AddressSpaceRound, Credentials, FileDescriptor, MmFields,
-                     ProcessState, Round, SigAction, ThreadState, UnixSocketState, Vma, Zombie,
-                     ranges_bytes)
+                     PosixTimer, ProcessState, Round, SigAction, ThreadState, UnixSocketState,
+                     Vma, Zombie, ranges_bytes)
 
 MAGIC = b"PRRSTIMG"
 VERSION = 4          # 2: process trees (task tree fields, states, zombies)
@@ -70,7 +70,10 @@ def _state(s: ProcessState) -> dict:
             "dumpable": s.dumpable, "pdeathsig": s.pdeathsig,
             "child_subreaper": s.child_subreaper, "tty_pgrp": s.tty_pgrp,
             "oom_score_adj": s.oom_score_adj, "personality": s.personality,
-            "thp_disable": s.thp_disable}
+            "thp_disable": s.thp_disable,
+            "timers": [[t.id, t.clock, t.signo, t.value, t.notify, t.thread, *t.interval,
+                        *t.remaining, t.overrun] for t in s.timers],
+            "itimers": [list(i) for i in s.itimers]}
 
 
 def _unix(u: UnixSocketState) -> dict:
@@ -418,7 +421,29 @@ def _decode_state(s, path: str) -> ProcessState:
         tty_pgrp=_int(get("tty_pgrp", 0), f"{path}.tty_pgrp", (0, PID[1])),
         oom_score_adj=_int(get("oom_score_adj"), f"{path}.oom_score_adj", (-1000, 1000)),
         personality=_int(get("personality"), f"{path}.personality", U32),
-        thp_disable=_of(get("thp_disable"), bool, f"{path}.thp_disable", "bool"))
+        thp_disable=_of(get("thp_disable"), bool, f"{path}.thp_disable", "bool"),
+        timers=[_decode_timer(t, f"{path}.timers[{i}]", len(threads))
+                for i, t in enumerate(_list(get("timers"), f"{path}.timers"))],
+        itimers=[_ints(v, f"{path}.itimers[{i}]", (I64P, US, I64P, US))
+                 for i, v in enumerate(_list(get("itimers"), f"{path}.itimers", 3)
+                                       if get("itimers") else [])])
+
+
+# timer_create's clocks (CLOCK_REALTIME..CLOCK_TAI), sigev_notify values (SIGEV_SIGNAL,
+# SIGEV_NONE, SIGEV_THREAD_ID | SIGEV_SIGNAL), seconds and sub-second parts
+TIMER_CLOCKS, TIMER_NOTIFY = (0, 11), (0, 6)
+I64P, NS, US = (0, 2**63 - 1), (0, 999_999_999), (0, 999_999)
+
+
+def _decode_timer(t, path: str, threads: int) -> PosixTimer:
+    tid, clock, signo, value, notify, thread, i_s, i_ns, r_s, r_ns, overrun = _ints(
+        t, path, ((0, 2**31 - 1), TIMER_CLOCKS, (0, SIGNALS[1]), U64, TIMER_NOTIFY,
+                  (0, max(0, threads - 1)), I64P, NS, I64P, NS, (0, 2**31 - 1)))
+    if notify not in (0, 1, 4):
+        raise _bad(f"{path}.notify", "SIGEV_SIGNAL (0), SIGEV_NONE (1) or SIGEV_THREAD_ID (4)",
+                   notify)
+    return PosixTimer(tid, clock, signo, value, notify, thread, (i_s, i_ns), (r_s, r_ns),
+                      overrun)
 
 
 def _check_states(states: list[ProcessState], tasks: list[AddressSpaceRound]) -> None:

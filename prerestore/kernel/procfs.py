@@ -561,3 +561,34 @@ def oom_score_adj(pid: int) -> int:
 
 def personality(pid: int) -> int:
     return int(_read(pid, "personality"), 16)
+
+
+class TimerEntry(NamedTuple):
+    """One timer of /proc/PID/timers: id, clock, signal, sigev_value, sigev_notify (with
+    SIGEV_THREAD_ID), and the pid or tid it signals (in our pid namespace)."""
+    id: int
+    clock: int
+    signo: int
+    value: int
+    notify: int
+    target: int
+
+
+_NOTIFY = {"signal": 0, "none": 1, "thread": 0}     # glibc's SIGEV_THREAD is a tid target
+
+
+def timers(pid: int) -> list[TimerEntry]:
+    out: list[TimerEntry] = []
+    cur: dict[str, str] = {}
+    for line in _read(pid, "timers").decode().splitlines() + ["ID: end"]:
+        key, _, value = line.partition(": ")
+        if key == "ID" and cur:
+            signo, sival = cur["signal"].split("/")
+            how, _, who = cur["notify"].partition("/")
+            kind, _, target = who.partition(".")
+            out.append(TimerEntry(int(cur["ID"]), int(cur["ClockID"]), int(signo),
+                                  int(sival, 16), _NOTIFY[how] | (4 if kind == "tid" else 0),
+                                  int(target)))
+            cur = {}
+        cur[key] = value
+    return out

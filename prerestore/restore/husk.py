@@ -30,6 +30,8 @@ from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Vma, Zombi
 
 SPECIAL_ORDER = ("[vvar]", "[vvar_vclock]", "[vdso]")
 PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
+# struct sigevent (64 bytes): sigev_value, sigev_signo, sigev_notify, then the target tid
+SIGEVENT = struct.Struct("=Qiii44x")
 OPEN_DROP = lib.O_CREAT | lib.O_TRUNC | lib.O_EXCL | lib.O_NOCTTY
 SIGKILL, SIGSTOP, SIGCHLD = 9, 19, 17
 WALL = 0x40000000                         # __WALL: wait for any kind of child
@@ -868,6 +870,7 @@ class Husk:
             b.call(lib.SYS_prctl, lib.PR_SET_CHILD_SUBREAPER, 1)
         if state.personality:
             b.call(lib.SYS_personality, state.personality, label="personality")
+        self._timer_calls(b, state)
         if state.thp_disable:
             b.call(lib.SYS_prctl, lib.PR_SET_THP_DISABLE, 1, 0, 0, 0)
         b.call(lib.SYS_prctl, lib.PR_SET_PDEATHSIG, 0)
@@ -891,6 +894,34 @@ class Husk:
         self.remote.unmap_scratch()
         return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(items),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),
                 "state_ms": (time.perf_counter() - t0) * 1e3}
+
+    def _timer_calls(self, b, state: ProcessState) -> None:
+        """POSIX timers with the ids the program holds (PR_TIMER_CREATE_RESTORE_IDS: the
+        kernel takes the id timer_create is given; Linux 6.16+), armed with what remained of
+        them at the freeze; then the interval timers."""
+        if state.timers:
+            b.call(lib.SYS_prctl, lib.PR_TIMER_RESTORE_IDS, 1, 0, 0, 0,
+                   label="prctl(PR_TIMER_CREATE_RESTORE_IDS) (Linux 6.16+)")
+            for tm in state.timers:
+                target = state.threads[tm.thread].tid if tm.notify & 4 else 0
+                sev = b.put(SIGEVENT.pack(tm.value, tm.signo, tm.notify, target))
+                b.call(lib.SYS_timer_create, tm.clock, sev, b.put(struct.pack("=i", tm.id)),
+                       label=f"timer_create(id {tm.id})")
+            b.call(lib.SYS_prctl, lib.PR_TIMER_RESTORE_IDS, 0, 0, 0, 0)
+            for tm in state.timers:
+                # a periodic timer that expired with its signal still pending shows (0, 0)
+                # left: the kernel arms it again only as that signal is delivered, which
+                # the signal queued again here is not; so it goes on from one interval on
+                remaining = tm.remaining if tm.remaining != (0, 0) else tm.interval
+                if remaining != (0, 0):
+                    its = b.put(struct.pack("=qqqq", *tm.interval, *remaining))
+                    b.call(lib.SYS_timer_settime, tm.id, 0, its, 0,
+                           label=f"timer_settime(id {tm.id})")
+        for which, it in enumerate(state.itimers):
+            value = it[2:] if it[2:] != (0, 0) else it[:2]     # as above
+            if value != (0, 0):
+                b.call(lib.SYS_setitimer, which, b.put(struct.pack("=qqqq", *it[:2], *value)),
+                       0, label=f"setitimer({which})")
 
     def resume(self, state: ProcessState) -> None:
         """Registers last, then let it run."""

@@ -16,11 +16,14 @@ from ..kernel import native, procfs, tcp
 from ..kernel.native import lib
 from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..kernel.tracker import make_tracker, scan_present
-from ..model import (FileDescriptor, ProcessState, SigAction, ThreadState, Vma, diff_layout,
-                     free_area, intersect_ranges, memory_vmas, merge_ranges, pack_ranges,
-                     ranges_bytes, subtract_ranges, unpack_ranges)
+from ..model import (FileDescriptor, PosixTimer, ProcessState, SigAction, ThreadState, Vma,
+                     diff_layout, free_area, intersect_ranges, memory_vmas, merge_ranges,
+                     pack_ranges, ranges_bytes, subtract_ranges, unpack_ranges)
 
 RLIMITS = 16          # RLIM_NLIMITS
+
+
+TIMEVALS = struct.Struct("=qqqq")         # itimerval / itimerspec: interval, then value
 
 
 @dataclass
@@ -262,6 +265,7 @@ class ProcessSource:
         thread), clear_child_tid and sigaltstack (each thread's own). It maps and unmaps a
         scratch area (an mmap_lock writer), so it runs before the last dirty scan starts."""
         handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
+        timers = procfs.timers(self.pid)
         signals = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1]
         vdso = next(v for v in layout if v.path == "[vdso]")
         main = RemoteSyscalls(self.frozen[0], (vdso.start, vdso.end))
@@ -296,6 +300,14 @@ class ProcessSource:
                         b.call(lib.SYS_prlimit64, 0, res, 0, rl_addr + 16 * res)
                     for sig in signals:
                         b.call(lib.SYS_rt_sigaction, sig, 0, sa_addr + KSIGACTION.size * sig, 8)
+                    it_addr = b.put(b"\0" * 32 * 3)
+                    for which in range(3):
+                        b.call(lib.SYS_getitimer, which, it_addr + 32 * which)
+                    tm_addr = b.put(b"\0" * 32 * len(timers))
+                    overruns = []
+                    for i, tm in enumerate(timers):
+                        b.call(lib.SYS_timer_gettime, tm.id, tm_addr + 32 * i)
+                        overruns.append(b.call(lib.SYS_timer_getoverrun, tm.id))
                 results = remote.run(b)
                 data = remote.read(tid_addr, len(b.data) - (tid_addr - main.scratch.data_addr))
                 rel = lambda addr: addr - tid_addr  # noqa: E731  (offsets in what we read)
@@ -312,6 +324,17 @@ class ProcessSource:
                     out["sigactions"] = {
                         sig: SigAction(*KSIGACTION.unpack_from(
                             data, rel(sa_addr + KSIGACTION.size * sig))) for sig in signals}
+                    # itimerval: interval (s, us), then value (s, us)
+                    out["itimers"] = [TIMEVALS.unpack_from(data, rel(it_addr + 32 * w))
+                                      for w in range(3)]
+                    index = {th.pid: i for i, th in enumerate(self.frozen)}
+                    out["timers"] = []
+                    for i, tm in enumerate(timers):
+                        i_s, i_ns, r_s, r_ns = TIMEVALS.unpack_from(data, rel(tm_addr + 32 * i))
+                        out["timers"].append(PosixTimer(
+                            tm.id, tm.clock, tm.signo, tm.value, tm.notify,
+                            index.get(tm.target, 0) if tm.notify & 4 else 0, (i_s, i_ns),
+                            (r_s, r_ns), results[overruns[i]]))
         finally:
             main.unmap_scratch()
         return out
@@ -391,6 +414,8 @@ class ProcessSource:
             cpus=sorted(os.sched_getaffinity(pid)), creds=procfs.credentials(status),
             dumpable=inside["dumpable"], pdeathsig=inside["pdeathsig"],
             child_subreaper=bool(inside["child_subreaper"]),
+            timers=inside["timers"],
+            itimers=list(inside["itimers"]) if any(map(any, inside["itimers"])) else [],
             oom_score_adj=procfs.oom_score_adj(pid), personality=procfs.personality(pid),
             thp_disable=status.get("THP_enabled", "1").strip() == "0")
 
