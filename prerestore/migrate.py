@@ -205,7 +205,7 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
             gate = cgroup.gate_path(daemon.proc.pid)
             if gate and cgroup.Gate(gate).state() == "closed":
                 try:
-                    cgroup.Gate(gate).destroy()
+                    cgroup.Gate(gate).destroy(timeout=15)   # orphaned husks: init reaps them
                 except OSError:
                     pass
         if not keep_images:

@@ -341,6 +341,7 @@ class ProcessState:
     # remaining s, us)
     timers: list[PosixTimer] = field(default_factory=list)
     itimers: list[tuple[int, int, int, int]] = field(default_factory=list)
+    stopped: bool = False       # stopped (SIGSTOP, job control) when frozen: so it comes back
     oom_score_adj: int = 0      # /proc/PID/oom_score_adj
     personality: int = 0        # personality(2) flags
     thp_disable: bool = False   # PR_SET_THP_DISABLE

@@ -31,3 +31,50 @@ def test_posix_and_interval_timers(cbin, tmp_path, cold, direct):
     one-shot one due in an hour and one never armed."""
     move_and_compare(tmp_path, [cbin("timers")], direct=direct, cold=cold, warm_up=200,
                      more=300)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_a_stopped_process_comes_back_stopped(cbin, tmp_path, cold, direct):
+    """Stopped by SIGSTOP (as job control does) when migrated: the restored process is
+    stopped too, and SIGCONT lets it go on as if it had never moved."""
+    import os
+    import signal
+    import time
+
+    from migration import Cleanup
+    from prerestore.migrate import migrate
+    from prerestore.policy import ConvergencePolicy
+    from workloads import (compare_with_reference, last_iteration, start_workload,
+                           wait_for_iteration)
+    argv = [cbin("schedattrs")]
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 200, pid=src.pid)
+        os.kill(src.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while _state(src.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
+                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
+        host = r["restored_host_pid"]
+        cleanup.add(r["namespace_init_pid"], host)
+        src.wait(10)
+        it = last_iteration(log)
+        time.sleep(0.5)
+        assert _state(host) == "T", "the restored process runs: it was stopped"
+        assert last_iteration(log) == it
+        os.kill(host, signal.SIGCONT)
+        wait_for_iteration(log, it + 300, timeout=60, pid=host)
+        assert "BAD" not in log.read_text()
+        assert compare_with_reference(log, argv) >= 3
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)

@@ -70,7 +70,7 @@ def _state(s: ProcessState) -> dict:
             "dumpable": s.dumpable, "pdeathsig": s.pdeathsig,
             "child_subreaper": s.child_subreaper, "tty_pgrp": s.tty_pgrp,
             "oom_score_adj": s.oom_score_adj, "personality": s.personality,
-            "thp_disable": s.thp_disable,
+            "thp_disable": s.thp_disable, "stopped": s.stopped,
             "timers": [[t.id, t.clock, t.signo, t.value, t.notify, t.thread, *t.interval,
                         *t.remaining, t.overrun] for t in s.timers],
             "itimers": [list(i) for i in s.itimers]}
@@ -422,6 +422,7 @@ def _decode_state(s, path: str) -> ProcessState:
         oom_score_adj=_int(get("oom_score_adj"), f"{path}.oom_score_adj", (-1000, 1000)),
         personality=_int(get("personality"), f"{path}.personality", U32),
         thp_disable=_of(get("thp_disable"), bool, f"{path}.thp_disable", "bool"),
+        stopped=_of(get("stopped"), bool, f"{path}.stopped", "bool"),
         timers=[_decode_timer(t, f"{path}.timers[{i}]", len(threads))
                 for i, t in enumerate(_list(get("timers"), f"{path}.timers"))],
         itimers=[_ints(v, f"{path}.itimers[{i}]", (I64P, US, I64P, US))

@@ -926,7 +926,7 @@ class Husk:
     def resume(self, state: ProcessState) -> None:
         """Registers last, then let it run."""
         self.load_registers(state)
-        self.let_go()
+        self.let_go(state.stopped)
 
     def load_registers(self, state: ProcessState) -> None:
         """Every thread's registers, xstate, signal mask and CPUs: the last step before it
@@ -949,9 +949,11 @@ class Husk:
             t.set_regs(resumable_regs(th.regs))
             t.set_xstate(th.xstate)
 
-    def let_go(self) -> None:
-        for t in [self.tracee] + list(self.threads.values()):
-            t.detach()
+    def let_go(self, stopped: bool = False) -> None:
+        """Detach every thread. stopped: the process was stopped (SIGSTOP, job control) on
+        the source, and stops here too (a group stop, which SIGCONT ends)."""
+        for i, t in enumerate([self.tracee] + list(self.threads.values())):
+            t.detach(SIGSTOP if stopped and i == 0 else 0)
         self.resumed = True
 
     def release_namespace(self) -> None:

@@ -632,7 +632,7 @@ class StagedTree:
             if gate is not None:
                 gate.close()
             for i, s in enumerate(reversed(final.states)):
-                self.husks[s.pid].let_go()
+                self.husks[s.pid].let_go(s.stopped)
                 if i == 0:
                     maybe_pause("resuming")     # one process let go (into the gate), not all
             if gate is not None:

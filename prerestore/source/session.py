@@ -539,6 +539,8 @@ class SourceSession:
                 worker.start()
             states = [p.collect_state(layouts[p.pid], statuses[p.pid], inside[p.pid],
                                       self.direct) for p in procs]
+            for st in states:
+                st.stopped = st.pid in self.stopped_before
             share_open_files(states)
             if not self.direct:           # handed over, an epoll keeps its registrations
                 place_epoll_registrations(states)
@@ -591,9 +593,18 @@ class SourceSession:
         owner: dict[int, int] = {}
         self.held = []
         self.stopped_at = None
+        # processes stopped by someone else (SIGSTOP, job control) when we first saw them,
+        # before we stopped them ourselves (then /proc shows our tracing stop instead)
+        self.stopped_before: set[int] = set()
+        seen: set[int] = set()
         while True:
             new = []
             tasks = procfs.tree(self.pid)
+            for t in tasks:
+                if t.pid not in seen:
+                    seen.add(t.pid)
+                    if t.state == "T":
+                        self.stopped_before.add(t.pid)
             for t in tasks:
                 if t.zombie:
                     continue
