@@ -294,6 +294,8 @@ class Credentials:
     cap_bounding: int
     cap_ambient: int
     no_new_privs: bool
+    fsuid: int = -1             # the file system uid and gid; -1: the effective ones
+    fsgid: int = -1
 
 
 @dataclass
@@ -312,6 +314,7 @@ class ThreadState:
     # leave it to the destination
     sched: tuple[int, ...] | None = None
     cpus: list[int] = field(default_factory=list)         # its CPU affinity; empty: leave it
+    creds: "Credentials | None" = None     # its own, where they differ from the process's
 
 
 @dataclass

@@ -78,3 +78,11 @@ def test_a_stopped_process_comes_back_stopped(cbin, tmp_path, cold, direct):
         cleanup.run()
         src.kill()
         src.wait(10)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_threads_with_credentials_of_their_own(cbin, tmp_path, cold, direct):
+    """A thread with its own uids and gids, another with only its file system ids changed:
+    each comes back with its own (they were refused before)."""
+    move_and_compare(tmp_path, [cbin("threadcreds")], direct=direct, cold=cold, warm_up=200,
+                     more=300)

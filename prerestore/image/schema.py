@@ -53,7 +53,8 @@ def _thread(t: ThreadState) -> dict:
     return {"tid": t.tid, "regs": t.regs, "xstate": t.xstate, "sigmask": t.sigmask,
             "rseq": list(t.rseq) if t.rseq else None, "robust_list": list(t.robust_list),
             "clear_child_tid": t.clear_child_tid, "sigaltstack": list(t.sigaltstack),
-            "pending": t.pending, "sched": list(t.sched) if t.sched else None, "cpus": t.cpus}
+            "pending": t.pending, "sched": list(t.sched) if t.sched else None, "cpus": t.cpus,
+            "creds": vars(t.creds) if t.creds else None}
 
 
 def _state(s: ProcessState) -> dict:
@@ -349,7 +350,8 @@ def _decode_thread(t, path: str) -> ThreadState:
         pending=_siginfos(get("pending", []), f"{path}.pending"),
         sched=None if sched is None else _ints(sched, f"{path}.sched", SCHED_SPANS),
         cpus=[_int(c, f"{path}.cpus[{i}]", (0, 8191))
-              for i, c in enumerate(_list(get("cpus"), f"{path}.cpus"))])
+              for i, c in enumerate(_list(get("cpus"), f"{path}.cpus"))],
+        creds=_creds(get("creds"), f"{path}.creds"))
 
 
 def _decode_fd(f, path: str, where: str) -> FileDescriptor:
@@ -379,7 +381,9 @@ def _creds(m, path: str) -> Credentials | None:
         groups=[_int(g, f"{path}.groups[{i}]", U32)
                 for i, g in enumerate(_list(get("groups"), f"{path}.groups"))],
         **{c: _int(get(c), f"{path}.{c}") for c in CRED_CAPS},
-        no_new_privs=_of(get("no_new_privs"), bool, f"{path}.no_new_privs", "bool"))
+        no_new_privs=_of(get("no_new_privs"), bool, f"{path}.no_new_privs", "bool"),
+        fsuid=_int(get("fsuid"), f"{path}.fsuid", (-1, U32[1])),
+        fsgid=_int(get("fsgid"), f"{path}.fsgid", (-1, U32[1])))
 
 
 def _decode_state(s, path: str) -> ProcessState:

@@ -505,8 +505,9 @@ HANDOVER_ANON = ("[eventfd]", "[eventpoll]", "[signalfd]", "[timerfd]", "inotify
 def credentials(status_fields: dict[str, str]) -> Credentials:
     """The credentials in a parsed /proc/PID/status (or /proc/PID/task/TID/status)."""
     ids = lambda key: tuple(int(x) for x in status_fields[key].split()[:3])  # noqa: E731
+    fs = lambda key: int(status_fields[key].split()[3])  # noqa: E731
     cap = lambda key: int(status_fields.get(key, "0"), 16)  # noqa: E731
-    return Credentials(uids=ids("Uid"), gids=ids("Gid"),
+    return Credentials(uids=ids("Uid"), gids=ids("Gid"), fsuid=fs("Uid"), fsgid=fs("Gid"),
                        groups=[int(g) for g in status_fields.get("Groups", "").split()],
                        cap_inheritable=cap("CapInh"), cap_permitted=cap("CapPrm"),
                        cap_effective=cap("CapEff"), cap_bounding=cap("CapBnd"),

@@ -678,6 +678,8 @@ class Husk:
         groups = struct.pack(f"={len(creds.groups)}I", *creds.groups)
         b.call(lib.SYS_setgroups, len(creds.groups), b.put(groups or b"\0" * 4))
         b.call(lib.SYS_setresgid, *creds.gids)
+        if creds.fsgid not in (-1, creds.gids[1]):
+            b.call(lib.SYS_setfsgid, creds.fsgid)          # still root: any gid
         b.call(lib.SYS_prctl, lib.PR_SET_KEEPCAPS, 1)
         b.call(lib.SYS_setresuid, *creds.uids)
         header = b.put(struct.pack("=Ii", self.CAPS_V3, 0))
@@ -687,6 +689,10 @@ class Husk:
                                  hi(creds.cap_permitted), hi(creds.cap_inheritable)))
         b.call(lib.SYS_capset, header, data)
         b.call(lib.SYS_prctl, lib.PR_SET_KEEPCAPS, 0)
+        if creds.fsuid not in (-1, creds.uids[1]):
+            # after setresuid (which sets it to the effective uid): allowed as one of the
+            # thread's uids, or with CAP_SETUID in the capabilities just set
+            b.call(lib.SYS_setfsuid, creds.fsuid)
         for cap in range(self.CAP_LAST + 1):
             if creds.cap_ambient >> cap & 1:
                 b.call(lib.SYS_prctl, lib.PR_CAP_AMBIENT, lib.PR_CAP_AMBIENT_RAISE, cap, 0, 0)
@@ -776,7 +782,7 @@ class Husk:
             remote = self.remote.sharing(self.threads[th.tid])
             b = remote.batch()
             self._thread_calls(b, th)
-            self._cred_calls(b, state.creds)
+            self._cred_calls(b, th.creds or state.creds)
             remote.run(b)
         b = self.remote.batch()
         opened = set(self.fds)

@@ -16,7 +16,7 @@ from ..kernel import native, procfs, tcp
 from ..kernel.native import lib
 from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..kernel.tracker import make_tracker, scan_present
-from ..model import (FileDescriptor, PosixTimer, ProcessState, SigAction, ThreadState, Vma,
+from ..model import (Credentials, FileDescriptor, PosixTimer, ProcessState, SigAction, ThreadState, Vma,
                      diff_layout, free_area, intersect_ranges, memory_vmas, merge_ranges,
                      pack_ranges, ranges_bytes, subtract_ranges, unpack_ranges)
 
@@ -46,13 +46,6 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
     if st.get("Seccomp", "0") != "0":
         problems.append("seccomp filters (not carried yet: the restored process would run "
                         "without them)")
-    creds = procfs.credentials(st)
-    for tid in procfs.threads(pid)[1:]:
-        try:
-            if procfs.credentials(procfs.status(f"{pid}/task/{tid}")) != creds:
-                problems.append(f"thread {tid} has credentials of its own")
-        except ProcessGone:
-            pass
     for fd in procfs.fd_numbers(pid):
         what, desc = procfs.describe_fd(pid, fd)
         if desc is None and what.startswith(("pipe:", "socket:")) and not same_host:
@@ -115,6 +108,13 @@ def default_slice() -> int:
 
 
 _DEFAULT_SLICE: int | None = None
+
+
+def thread_creds(pid: int, tid: int, process: Credentials) -> Credentials | None:
+    """A thread's credentials where they differ from its process's (a thread may change its
+    own with the raw system calls), else None."""
+    mine = procfs.credentials(procfs.status(f"{pid}/task/{tid}"))
+    return None if mine == process else mine
 
 
 def thread_sched(tid: int) -> tuple[int, ...]:
@@ -345,6 +345,7 @@ class ProcessSource:
         /proc for the rest."""
         pid = self.pid
         threads = []
+        process_creds = procfs.credentials(status)
         for t in self.frozen:
             mine = inside["threads"][t.pid]
             ss_sp, ss_flags, _, ss_size = mine["sigaltstack"]
@@ -359,7 +360,8 @@ class ProcessSource:
                 rseq=rseq, robust_list=native.get_robust_list(t.pid),
                 clear_child_tid=mine["clear_child_tid"], sigaltstack=(ss_sp, ss_flags, ss_size),
                 pending=native.peek_siginfo(t.pid, shared=False), sched=thread_sched(t.pid),
-                cpus=sorted(os.sched_getaffinity(t.pid))))
+                cpus=sorted(os.sched_getaffinity(t.pid)),
+                creds=None if t.pid == pid else thread_creds(pid, t.pid, process_creds)))
         fds = []
         for fd in procfs.fd_numbers(pid):
             what, desc, text = procfs.describe_fd_text(pid, fd)
