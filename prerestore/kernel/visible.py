@@ -170,6 +170,8 @@ def snapshot(pid: int, names: dict[int, int]) -> VisibleState:
             _status(text, STATUS_THREAD, t)
             nspid = next((line.split()[-1] for line in text.splitlines()
                           if line.startswith("NSpid:")), str(tid))
+            # the call it is stopped in (its number, or "running"): see restore/verify.py
+            t["syscall"] = _read(pid, f"task/{tid}/syscall").split(" ", 1)[0].strip()
             tst = _stat(_read(pid, f"task/{tid}/stat"))
             for i, name in STAT_THREAD.items():
                 t[f"stat.{name}"] = tst[i]

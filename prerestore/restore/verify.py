@@ -70,8 +70,20 @@ def _fd_link(value: str, _fields) -> str:
 
 def _epoll_items(value: str, _fields) -> str:
     # each registration shows its target's file position, inode and device: those of a
-    # target made anew differ; the fd, events and data are the registration
-    return re.sub(r"\s+pos:\S+\s+ino:\S+\s+sdev:\S+", "", value)
+    # target made anew differ; the fd, events and data are the registration. They are listed
+    # in the order of the kernel's tree, by file address: sorted here
+    return " | ".join(sorted(re.sub(r"\s+pos:\S+\s+ino:\S+\s+sdev:\S+", "", item)
+                             for item in value.split(" | ")))
+
+
+def _deleted(value: str, fields) -> str:
+    # a file deleted while open is made anew beside where it was, under another name, and
+    # unlinked at once (README: State carried): its directory and that it is deleted are
+    # compared, not its old name
+    value = _fd_link(value, fields)
+    if value.endswith(" (deleted)"):
+        return value[:value.rfind("/") + 1] + "... (deleted)"
+    return value
 
 
 def _inotify_watches(value: str, _fields) -> str:
@@ -101,7 +113,7 @@ LEGIT = {
     # registered with its dirty tracker's userfaultfd (write-protect mode); the husk's are
     # not, and the source's registration ends with it
     "maps.vmflag.uw": _drop,
-    "fd.link": _fd_link,
+    "fd.link": _deleted,
     # kernel objects made anew have new inodes; a file reopened by path on another host is
     # on another mount
     "fd.ino": _drop,
@@ -116,9 +128,23 @@ LEGIT = {
     "fd.ticks": _drop,
     "stat.tty_nr": _tty_nr,
     "cgroup": _gate_free,
+    # the call a thread is stopped in: the husk waits in our runner; the source's call is
+    # restarted from its registers (compared page by page and by the restore itself)
+    "syscall": _drop,
     # the restored root is spawned by the restorer, which reaps it (or the namespace init
     # made for it); the source's parent is outside the tree as well: both read "outside"
 }
+
+
+# calls that install a temporary signal mask: a thread frozen inside one shows that mask;
+# its saved one is restored, and the restarted call installs the temporary one again
+# (README: sigsuspend) - rt_sigsuspend, pselect6, ppoll, epoll_pwait, epoll_pwait2
+MASKING_CALLS = ("130", "270", "271", "281", "441")
+
+
+def _in_masking_call(d: Difference, source: VisibleState) -> bool:
+    return d.field == "status.SigBlk" and \
+        source.threads.get(d.thread, {}).get("syscall") in MASKING_CALLS
 
 
 def _detached(d: Difference, root: int) -> bool:
@@ -230,7 +256,8 @@ def compare(source: list[VisibleState], restored: list[VisibleState]
                 out.append(Difference(v.pid, tid, "thread", "present" if tid in v.threads
                                       else None, "present" if tid in r.threads else None))
                 continue
-            out += _diff(v.pid, tid, v.threads[tid], r.threads[tid])
+            out += [d for d in _diff(v.pid, tid, v.threads[tid], r.threads[tid])
+                    if not _in_masking_call(d, v)]
     out += [Difference(pid, 0, "process", None, "present") for pid in theirs]
     return [d for d in out if not _detached(d, root)]
 
