@@ -199,13 +199,14 @@ def cmd_dump(args) -> int:
                                   f"{prev} written by `prerestore predump`?")
         stats = client.request("dump", dir=os.path.abspath(args.images_dir),
                                prev=prev, leave=leave,
-                               release_ip=args.release_ip,
+                               release_ip=args.release_ip, verify=args.verify,
                                **({"external_unix": args.external_unix}
                                   if args.external_unix else {}))["stats"]
     else:
         session = SourceSession(args.tree, track=False, external_unix=args.external_unix)
         try:
-            stats = dump_and_leave(session, args.images_dir, leave, args.release_ip)
+            stats = dump_and_leave(session, args.images_dir, leave, args.release_ip,
+                                   args.verify)
         finally:
             session.close()
     phases = ", ".join(f"{k} {v:.2f} ms" for k, v in stats["phases_ms"].items())
@@ -274,7 +275,7 @@ def cmd_finalize(args) -> int:
         raise PrerestoreError("no staged process for this image chain: run `prerestore stage` "
                               "first (or `prerestore restore` for a cold restore)")
     fin = client.request("finalize", dir=os.path.abspath(args.images_dir),
-                         claim_ip=args.claim_ip)["stats"]
+                         claim_ip=args.claim_ip, verify=args.verify)["stats"]
     report = _downtime_report(args.images_dir, fin)
     _print_finalize(report, "finalize")
     _print_json(args.json or os.path.join(args.images_dir, "finalize.json"), report)
@@ -325,7 +326,8 @@ def cmd_migrate(args) -> int:
                             connect_timeout=args.connect_timeout,
                             link_timeout=args.link_timeout,
                             secret_file=args.secret_file or
-                            os.environ.get("PRERESTORE_SECRET_FILE"), progress=progress)
+                            os.environ.get("PRERESTORE_SECRET_FILE"), verify=args.verify,
+                            progress=progress)
         print(f"migrated pid {args.tree} to {args.to} ({report['mode']}): downtime "
               f"{report['downtime_ms']:.2f} ms, total {report['total_ms']:.0f} ms, "
               f"{len(report['rounds'])} pre-copy rounds, {report['bytes_sent'] / 2**20:.1f} MiB "
@@ -336,7 +338,7 @@ def cmd_migrate(args) -> int:
                      direct=not args.via_files, tracking=args.tracking, work_dir=args.work_dir,
                      policy=policy, round_interval=args.round_interval / 1e3,
                      keep_images=args.keep_images, external_unix=args.external_unix,
-                     progress=progress)
+                     verify=args.verify, progress=progress)
     print(f"migrated pid {args.tree} ({report['mode']}): downtime {report['downtime_ms']:.2f} ms, "
           f"total {report['total_ms']:.0f} ms, {len(report['rounds'])} pre-copy rounds; "
           f"running as host pid {report['restored_host_pid']}")
@@ -429,6 +431,10 @@ def _external_unix_option(p: argparse.ArgumentParser) -> None:
                         "outside are refused. Repeatable")
 
 
+VERIFY_HELP = ("before letting the restored tree go, compare what /proc shows of it with the "
+               "frozen source (and, on one host, every page); any difference rolls back")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prerestore", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -459,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--release-ip", metavar="ADDR",
                    help="the service address: released here at the freeze, for the destination "
                         "to take (finalize/restore --claim-ip)")
+    p.add_argument("--verify", action="store_true",
+                   help="carry what /proc shows of the frozen tree in the image, for "
+                        "`finalize --verify` to compare the restored tree with")
     _external_unix_option(p)
     p.set_defaults(func=cmd_dump)
 
@@ -475,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", help="write the downtime report here "
                                           "(default: IMAGES_DIR/finalize.json)")
             p.add_argument("--claim-ip", metavar="ADDR/PREFIX@DEV", help=CLAIM_HELP)
+            p.add_argument("--verify", action="store_true", help=VERIFY_HELP)
         p.set_defaults(func=func)
 
     p = sub.add_parser("restore", help="cold restore from a full image chain")
@@ -520,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="where round images go (default: a temp dir in /dev/shm)")
     p.add_argument("--keep-images", action="store_true")
     p.add_argument("--json", help="write the migration report here")
+    p.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     p.add_argument("-q", "--quiet", action="store_true")
     _external_unix_option(p)
     p.set_defaults(func=cmd_migrate)

@@ -20,6 +20,13 @@ def maybe_fail(point: str) -> None:
         raise RestoreError(f"injected fault at {point} (PRERESTORE_FAULT)")
 
 
+def tamper(point: str) -> str | None:
+    """PRERESTORE_FAULT=<point>:<what>: what a test asks to be changed at point (e.g.
+    verify:rlimit, a husk's limit changed right before --verify compares), else None."""
+    where, _, what = os.environ.get("PRERESTORE_FAULT", "").partition(":")
+    return what or None if where == point else None
+
+
 # migrate: tracker, round, parked_batch, frozen, final_sent (migrate --to: the final round is
 # sent, its answer not read yet), finalized (the destination runs, the source not killed yet);
 # serve's connection process: staged (a round staged, not answered yet), final_received (the

@@ -79,14 +79,18 @@ def _settle_unknown_outcome(daemon: StageDaemonClient, dest: dict) -> bool:
 def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = True,
             tracking: str = "auto", work_dir: str | None = None,
             policy: ConvergencePolicy = ConvergencePolicy(), round_interval: float = 0.0,
-            keep_images: bool = False, external_unix=(), progress=lambda msg: None) -> dict:
+            keep_images: bool = False, external_unix=(), verify: bool = False,
+            progress=lambda msg: None) -> dict:
     """Migrate pid; returns the report (rounds, downtime and its phases, totals).
 
     external_unix: names ("/path" or "@abstract") through which unix connections may leave
     the tree; through image files such a connection is made again on restore (to a server
     outside the tree bound to that name) or ends (a client outside the tree connected to a
     listener of ours with that name): see source/unixsock.py. Other connections to the
-    outside are refused. On one host (direct) every socket is handed over as it is."""
+    outside are refused. On one host (direct) every socket is handed over as it is.
+
+    verify: before the restored tree is let go, check it against the frozen source page by
+    page and by what /proc shows of both (restore/verify.py); any difference rolls back."""
     external_unix = external_names(external_unix)
     check_supported(pid, direct, external_unix)       # refuse before touching anything
     levels = procfs.ns_pids(pid)
@@ -144,11 +148,12 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
         dest = {"kind": "local", "host_pid": husk_pid, "gate": status.get("gate"),
                 "daemon_pid": daemon.proc.pid}
         journal.update(destination=dest, phase="final")
-        r = session.dump(final_dir, write=False, cpu=cpu)
+        r = session.dump(final_dir, write=False, cpu=cpu, verify=verify or None)
         image = schema.encode_image(r)          # handed over in-band, written afterwards
         t_dumped = time.monotonic()
         try:
-            fin = daemon.request("finalize", dir=final_dir, image=image)["stats"]
+            fin = daemon.request("finalize", dir=final_dir, image=image,
+                                 verify=verify)["stats"]
         except ProtocolError:
             # the daemon went away mid-finalize: did the process start on the destination?
             if not _settle_unknown_outcome(daemon, dest):
@@ -171,6 +176,8 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
         phases["apply_memory"] = fin["apply_memory_ms"]
         phases["apply_state"] = fin["apply_state_ms"]
         phases["resume"] = fin["resume_ms"]
+        if "verify_ms" in fin:
+            phases["verify"] = fin["verify_ms"]
         report.update({
             "final": {"pages": r.stats["pages"], "bytes": r.stats["bytes"], "source": r.stats,
                       "stopped_in": r.stats["stopped_in"],

@@ -404,6 +404,17 @@ class Zombie:
 
 
 @dataclass
+class VisibleState:
+    """What /proc shows of one process of a frozen tree (kernel/visible.py reads it,
+    restore/verify.py compares the source's with its restored copy's): fields by name
+    (`status.SigCgt`, `fd[3].pos`...) for the process, and for each of its threads by tid;
+    pids and tids as the tree's own pid namespace names them."""
+    pid: int
+    fields: dict[str, str]
+    threads: dict[int, dict[str, str]]
+
+
+@dataclass
 class Round:
     """One image directory: a pre-copy round, or the final dump (kind "dump") with the state
     of every process (`states`, in the order of `tasks`) and the tree's zombies."""
@@ -417,6 +428,9 @@ class Round:
     states: list[ProcessState] = field(default_factory=list)
     zombies: list[Zombie] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    # a final round made for `--verify`: what /proc showed of each process of the frozen
+    # source, which the destination compares with the husks before letting them go
+    visible: list[VisibleState] = field(default_factory=list)
 
     @property
     def is_final(self) -> bool:

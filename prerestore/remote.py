@@ -464,7 +464,8 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
                policy: ConvergencePolicy = ConvergencePolicy(), round_interval: float = 0.0,
                release_ip: str | None = None, external_unix=(),
                connect_timeout: float = HANDSHAKE_TIMEOUT, secret_file: str | None = None,
-               link_timeout: float = LINK_TIMEOUT, progress=lambda msg: None) -> dict:
+               link_timeout: float = LINK_TIMEOUT, verify: bool = False,
+               progress=lambda msg: None) -> dict:
     """Migrate the tree under pid to a `prerestore serve` at address; returns the report.
     release_ip: the service address, released here once the tree is frozen (the destination
     claims it: serve --claim-ip), given back here if the migration fails. external_unix:
@@ -537,7 +538,10 @@ def migrate_to(pid: int, address: str, secret: bytes, *, pidns: bool = True,
             maybe_pause("round")
             if round_interval:
                 time.sleep(round_interval)
-        r = session.dump(f"{wd}/final", write=False, frozen_hook=release)
+        # verify: the final round carries what /proc shows of the frozen tree, and the
+        # destination compares its husks with it before letting them go
+        r = session.dump(f"{wd}/final", write=False, frozen_hook=release,
+                         verify=verify or None)
         journal.update(phase="final")
         try:
             fin = _send_round(ch, session, r, "final", pause="final_sent")

@@ -10,9 +10,11 @@ if _TESTS_DIR not in sys.path:
 
 from workloads import build_workloads  # noqa: E402
 
-# Every same-host migration in the tests is checked page by page against the frozen source
-# before the restored process may run (prerestore.restore.staged; the stage daemons inherit
-# this): a page the rounds failed to carry fails the migration, and the test, at once.
+# Every migration in the tests is checked before the restored tree may run (the stage,
+# tracker and serve daemons inherit this): page by page against the frozen source on one
+# host (prerestore.restore.staged), and by what /proc shows of the source and the husks
+# everywhere (prerestore.restore.verify, --verify): a page or a field the restore failed to
+# carry fails the migration, and the test, at once.
 os.environ.setdefault("PRERESTORE_VERIFY", "1")
 
 

@@ -24,7 +24,7 @@ from ..errors import ImageError, ProtocolError
 from ..kernel.native import first_bad_range
 from ..model import (RANGE, UNIX_STATES, AddressSpaceRound, Credentials, FileDescriptor, MmFields,
                      PosixTimer, ProcessState, Round, SigAction, ThreadState, UnixSocketState,
-                     Vma, Zombie, ranges_bytes)
+                     VisibleState, Vma, Zombie, ranges_bytes)
 
 MAGIC = b"PRRSTIMG"
 VERSION = 4          # 2: process trees (task tree fields, states, zombies)
@@ -491,7 +491,25 @@ def encode_round(r: Round) -> dict:
             "kind": r.kind, "source": r.source, "tasks": [_task(t) for t in r.tasks],
             "states": [_state(s) for s in r.states],
             "zombies": [[z.pid, z.parent, z.sid, z.pgid, z.exit_code] for z in r.zombies],
-            "stats": r.stats}
+            "stats": r.stats} | \
+        ({"visible": [[v.pid, v.fields, v.threads] for v in r.visible]} if r.visible else {})
+
+
+def _texts(value, path: str) -> dict[str, str]:
+    """A map of str field names to str values (a VisibleState's fields)."""
+    m = _map(value, path)
+    for k, v in m.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise _bad(f"{path}[{k!r}]", "str: str", v)
+    return m
+
+
+def _decode_visible(v, path: str) -> VisibleState:
+    pid, fields, threads = _list(v, path, 3)
+    threads = _map(threads, f"{path}[2]")
+    return VisibleState(_pid(pid, f"{path}[0]"), _texts(fields, f"{path}[1]"),
+                        {_pid(tid, f"{path}[2] key"): _texts(t, f"{path}[2][{tid}]")
+                         for tid, t in threads.items()})
 
 
 def _check_tree(tasks: list[AddressSpaceRound], zombies: list[Zombie]) -> None:
@@ -540,9 +558,12 @@ def decode_round(m, where: str = ROUND_FILE) -> Round:
         if kind == "dump" and sorted(s.pid for s in states) != sorted(t.pid for t in tasks):
             raise ValueError("the final round's process states do not match its tasks")
         _check_unix(states)
+        # optional (a final round made for --verify): older images have none
+        visible = [_decode_visible(v, f"visible[{i}]")
+                   for i, v in enumerate(_list(get("visible", []), "visible"))]
         return Round(_of(get("id"), str, "id", "str"), _int(get("index"), "index", (0, 2**31)),
                      parent_id, parent_path, kind, _map(get("source"), "source"), tasks,
-                     states, zombies, _stats(get("stats", {}), "stats"))
+                     states, zombies, _stats(get("stats", {}), "stats"), visible)
     except _Bad as e:
         raise ImageError(f"{where}: {e}") from None
     except ValueError as e:

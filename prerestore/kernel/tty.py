@@ -108,7 +108,11 @@ def index(master: int) -> int:
 
 def open_slave(master: int, flags: int) -> int:
     """A new open file description of the pair's slave (TIOCGPTPEER: no path needed)."""
-    return fcntl.ioctl(master, lib.TIOCGPTPEER, flags | os.O_NOCTTY | os.O_CLOEXEC)
+    # not O_CLOEXEC in the call: the new file would keep it in its status flags (F_GETFL,
+    # fdinfo), and the restored process's fds are that file (found by --verify)
+    fd = fcntl.ioctl(master, lib.TIOCGPTPEER, flags | os.O_NOCTTY)
+    os.set_inheritable(fd, False)
+    return fd
 
 
 def open_slave_even_locked(master: int, flags: int) -> int:

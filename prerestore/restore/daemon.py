@@ -54,6 +54,9 @@ class StageService:
             image = msg.get("image")
             if image is not None and not isinstance(image, bytes):
                 raise ProtocolError("in-band image must be bytes")
+            verify = msg.get("verify", False)
+            if not isinstance(verify, bool):
+                raise ProtocolError("verify must be true or false")
             claim_ip = msg.get("claim_ip")
             if claim_ip is not None and not isinstance(claim_ip, str):
                 raise ProtocolError("claim_ip must be ADDR/PREFIX@DEV")
@@ -69,7 +72,7 @@ class StageService:
             try:
                 stats = self.staged.finalize(
                     directory, image,
-                    claim_ip=netaddr.parse_claim(claim_ip) if claim_ip else None)
+                    claim_ip=netaddr.parse_claim(claim_ip) if claim_ip else None, verify=verify)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
             return {"ok": True, "stats": stats}, True

@@ -856,6 +856,13 @@ class Husk:
         for sig in queued_here:
             b.call(lib.SYS_rt_sigaction, sig, b.put(KSIGACTION.pack(1, 0, 0, 0)), 0, 8)
             b.call(lib.SYS_rt_sigaction, sig, b.put(KSIGACTION.pack(0, 0, 0, 0)), 0, 8)
+        # A signal the source left at its default may be ignored here: the husk inherits the
+        # dispositions its spawner ignored across exec (Python ignores SIGPIPE and SIGXFSZ),
+        # and a restored process that ignored SIGPIPE would get EPIPE where its source died.
+        ignored = int(procfs.status(self.host_pid).get("SigIgn", "0"), 16)
+        for sig in range(1, 65):
+            if ignored >> (sig - 1) & 1 and sig not in state.sigactions:
+                b.call(lib.SYS_rt_sigaction, sig, b.put(KSIGACTION.pack(0, 0, 0, 0)), 0, 8)
         for sig, a in sorted(state.sigactions.items()):
             if sig in (SIGKILL, SIGSTOP):
                 continue

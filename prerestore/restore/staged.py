@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import signal
 import socket
 import stat
@@ -20,9 +21,10 @@ import msgpack
 from .. import netaddr
 from ..errors import ImageError, PrerestoreError, ProcessGone, RestoreError
 from ..image import schema
-from ..faults import maybe_pause
-from ..kernel import cgroup, native, procfs, tcp, tty
-from ..model import AddressSpaceRound, FileDescriptor, ProcessState, Round
+from ..faults import maybe_pause, tamper
+from ..kernel import cgroup, native, procfs, tcp, tty, visible
+from ..model import AddressSpaceRound, FileDescriptor, ProcessState, Round, VisibleState
+from . import verify as verify_mod
 from .husk import SIGCHLD, Husk
 from .unixsock import UnixSockets
 
@@ -549,7 +551,7 @@ class StagedTree:
             raise
 
     def finalize(self, directory: str, image: bytes | None = None,
-                 claim_ip: "netaddr.Address | None" = None) -> dict:
+                 claim_ip: "netaddr.Address | None" = None, verify: bool = False) -> dict:
         """Apply the final image (read from directory, or handed over in-band as the bytes
         of its round.img) and resume. Returns timings (monotonic clock).
         claim_ip: the service's address, claimed here once the tree's sockets are rebuilt
@@ -557,8 +559,18 @@ class StagedTree:
         fails before the tree runs. Until then the sockets are bound to it as a foreign
         address, so that no packet for the address arrives here before its socket does (the
         kernel would answer it with a reset), and none is taken in here that the source
-        would miss if this restore failed."""
+        would miss if this restore failed.
+        verify: before letting the tree go, check it page by page against a source on this
+        host and compare what /proc shows of it with the source (restore/verify.py), from
+        the final image's snapshot or, lacking one, the frozen source itself if it is on
+        this host; fail (the source resumes) on any difference. Without it, each check runs
+        if PRERESTORE_VERIFY asks for it, the /proc one also when the image carries a
+        snapshot (its source asked for it)."""
         t0 = time.monotonic()
+        asked = visible.modes()
+        page_ms = proc_ms = 0.0
+        checked = False
+        gaps: list[str] = []
         claim = netaddr.claiming(claim_ip) if claim_ip else None
         built: list[tuple[socket.socket, dict]] = []
         unix = None
@@ -571,14 +583,18 @@ class StagedTree:
             pending = self._pending_rounds(directory, final)
             if not pending or not pending[-1][1].is_final:
                 raise ImageError(f"{directory}: not a final image (made by `dump`)")
+            t_read = time.monotonic()
+            seen = self._source_seen(pending[-1][1], verify or "proc" in asked, verify)
+            read_ms = (time.monotonic() - t_read) * 1e3
             mem = []
             for d, r in pending:
                 mem.append(self._apply(d, r))
                 self.applied.append((d, r))
             t_mem = time.monotonic()
             final = pending[-1][1]
-            if os.environ.get("PRERESTORE_VERIFY"):
+            if verify or "pages" in asked:
                 self._verify(final)
+                page_ms, checked = (time.monotonic() - t_mem) * 1e3, True
             for z in final.zombies:
                 self.husks[z.parent].fork_child(z.pid).become_zombie(z)
             self._set_groups(final)
@@ -618,6 +634,13 @@ class StagedTree:
             t_state = time.monotonic()
             for s in final.states:
                 self.husks[s.pid].load_registers(s)
+            if seen:
+                # the husks as they will run, before any peer may reach them (the claim)
+                t_check = time.monotonic()
+                self._tamper(final)
+                gaps = verify_mod.check(seen, visible.snapshot_tree(
+                    [self.husks[s.pid].host_pid for s in final.states]))
+                proc_ms, checked = (time.monotonic() - t_check) * 1e3 + read_ms, True
             if claim:
                 # last, when nothing is left that may fail: from here on the peers talk to
                 # these sockets, and what they take in could not be given back to the source
@@ -668,13 +691,55 @@ class StagedTree:
         unix.commit()
         for h in self.husks.values():
             h.close()
-        return {"started_at": t0, "resumed_at": t_resumed,
-                "apply_memory_ms": (t_mem - t0) * 1e3, "apply_state_ms": (t_state - t_mem) * 1e3,
-                "resume_ms": (t_resumed - t_state) * 1e3, "finalize_ms": (t_resumed - t0) * 1e3,
-                "memory": _sum_stats(mem), "state": state_sum,
-                "processes": len(final.states), "zombies": len(final.zombies),
-                "pid": root.pid, "host_pid": root.host_pid, "init_pid": root.init_pid,
-                "tree": [[s.pid, self.husks[s.pid].host_pid] for s in final.states]}
+        # the checks' time apart (a verified restore's downtime, phase by phase, is what it
+        # would be without them plus verify_ms)
+        out = {"verify_ms": page_ms + proc_ms, "verify_pages_ms": page_ms,
+               "verify_proc_ms": proc_ms, "verify_gaps": gaps} if checked else {}
+        return out | {
+            "started_at": t0, "resumed_at": t_resumed,
+            "apply_memory_ms": (t_mem - t0) * 1e3 - read_ms,
+            "apply_state_ms": (t_state - t_mem) * 1e3 - page_ms,
+            "resume_ms": (t_resumed - t_state) * 1e3 - proc_ms + read_ms,
+            "finalize_ms": (t_resumed - t0) * 1e3,
+            "memory": _sum_stats(mem), "state": state_sum,
+            "processes": len(final.states), "zombies": len(final.zombies),
+            "pid": root.pid, "host_pid": root.host_pid, "init_pid": root.init_pid,
+            "tree": [[s.pid, self.husks[s.pid].host_pid] for s in final.states]}
+
+    def _source_seen(self, final: Round, wanted: bool, required: bool
+                     ) -> list[VisibleState]:
+        """What /proc showed of the frozen source: the final image's snapshot, or if wanted,
+        the source itself read now if it is a process of this host (e.g. `dump
+        --leave-stopped`); [] if not wanted or (unless required) not to be had."""
+        if final.visible:                 # its source asked for the check: it runs
+            return final.visible
+        if not wanted:
+            return []
+        pids = [t.source_pid or t.pid for t in final.tasks]
+        try:
+            here = final.source.get("boot_id") == procfs.boot_id() and \
+                procfs.stat_fields(final.source["pid"])[22] == str(final.source.get("starttime"))
+            if here:
+                return visible.snapshot_tree(pids)
+        except (ProcessGone, KeyError):
+            pass
+        if required:
+            raise RestoreError("--verify: the final image carries no snapshot of the source "
+                               "(`dump --verify` makes one) and the source is not a process of "
+                               "this host to read")
+        return []
+
+    def _tamper(self, final: Round) -> None:
+        """PRERESTORE_FAULT=verify:rlimit|nice: change a husk as a faulty restore would, so
+        that tests see the comparison catch it."""
+        how = tamper("verify")
+        host_pid = self.husks[final.states[0].pid].host_pid
+        if how == "rlimit":
+            soft, hard = resource.prlimit(host_pid, resource.RLIMIT_NOFILE)
+            resource.prlimit(host_pid, resource.RLIMIT_NOFILE, (soft - 1, hard))
+        elif how == "nice":
+            os.setpriority(os.PRIO_PROCESS, host_pid, os.getpriority(os.PRIO_PROCESS,
+                                                                     host_pid) + 1)
 
     def _verify(self, final: Round) -> None:
         for task in final.tasks:

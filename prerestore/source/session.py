@@ -21,7 +21,7 @@ import msgpack
 from ..errors import KernelCallError, NoSuchProcess, ProcessGone, UnsupportedState
 from ..faults import maybe_pause
 from ..image import schema
-from ..kernel import native, procfs, sockdiag, tcp
+from ..kernel import native, procfs, sockdiag, tcp, visible
 from ..kernel.tracee import RemoteSyscalls, Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
@@ -486,19 +486,25 @@ class SourceSession:
         return int(procfs.stat_fields(self.pid)[39])
 
     def dump(self, directory: str, *, write: bool = True, cpu: int | None = None,
-             frozen_hook=None) -> Round:
+             frozen_hook=None, verify: bool | None = None) -> Round:
         """Freeze the whole tree and make the final image (written to directory unless
         write=False: the caller hands it over in-band and writes it after the switch).
         The tree stays frozen until kill_frozen() or resume().
 
         cpu: run on that CPU meanwhile. Every injected batch is a round trip to a traced
         task; waking a task on another CPU costs an IPI, which in a VM can take longer than
-        the work itself, so the whole final step runs on one CPU."""
+        the work itself, so the whole final step runs on one CPU.
+
+        verify: carry in the image what /proc shows of every frozen process (Round.visible),
+        for the destination to compare its restored tree with before letting it go
+        (default: as PRERESTORE_VERIFY says, see kernel/visible.modes)."""
+        if verify is None:
+            verify = "proc" in visible.modes()
         if cpu is not None:
             mask = os.sched_getaffinity(0)
             os.sched_setaffinity(0, {cpu})
             try:
-                return self.dump(directory, write=write, frozen_hook=frozen_hook)
+                return self.dump(directory, write=write, frozen_hook=frozen_hook, verify=verify)
             finally:
                 os.sched_setaffinity(0, mask)
         check_supported(self.pid, self.direct, self.external_unix)   # refuse before freezing
@@ -514,6 +520,10 @@ class SourceSession:
             problems = tree_problems(tasks)        # it may have changed since the check
             if problems:
                 raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
+            # what the tree shows before anything of ours is injected into it (a held
+            # thread's mask is all blocked; a batch maps a scratch area)
+            seen = visible.snapshot_tree([p.pid for p in procs]) if verify else []
+            t_seen = time.monotonic()
             layouts, statuses, inside = {}, {}, {}
             for p in procs:
                 layouts[p.pid] = p.layout()
@@ -569,10 +579,13 @@ class SourceSession:
             t_scanned = time.monotonic()
             r = self._write_round(directory, "dump", states=states, write=False,
                                   layouts=layouts, written=scanned.get("result", {}))
+            r.visible = seen
             t_pages = time.monotonic()
             r.stats["phases_ms"] = {"freeze": (t_frozen - t0) * 1e3,
-                                    "collect_state": (t_state - t_frozen) * 1e3,
+                                    "collect_state": (t_state - t_seen) * 1e3,
                                     "last_pages": (t_pages - t_state) * 1e3}
+            if verify:
+                r.stats["phases_ms"]["verify_snapshot"] = (t_seen - t_frozen) * 1e3
             r.stats["scan_wait_ms"] = (t_scanned - t_state) * 1e3
             orig_rax = states[0].threads[0].regs["orig_rax"]
             r.stats["stopped_in"] = f"syscall {orig_rax}" if orig_rax < 2 ** 63 else "user code"

@@ -45,17 +45,18 @@ def finish_dump(session: SourceSession, leave: str) -> None:
 
 
 def dump_and_leave(session: SourceSession, directory: str, leave: str,
-                   release_ip: str | None = None) -> dict:
+                   release_ip: str | None = None, verify: bool = False) -> dict:
     """The final image, then the source as `leave` says. release_ip: the service address,
     released at the freeze (the destination claims it: finalize --claim-ip), given back if
-    the dump fails."""
+    the dump fails. verify: the image carries what /proc shows of the frozen tree, for
+    `finalize` to compare the restored tree with (see SourceSession.dump)."""
     if release_ip and leave == "running":
         raise PrerestoreError("the service address cannot leave a source that runs on "
                               "(--release-ip with --leave-running)")
     release = netaddr.releasing(netaddr.find(release_ip)) if release_ip else None
     try:
         with phase("dump"):
-            stats = session.dump(directory, frozen_hook=release).stats
+            stats = session.dump(directory, frozen_hook=release, verify=verify or None).stats
     except BaseException:
         if release:
             release.undo()
@@ -119,7 +120,10 @@ class TrackerService:
             if release_ip is not None and not isinstance(release_ip, str):
                 raise ProtocolError("release_ip must be an address")
             self.journal.update(phase="final", leave=leave, images=directory)
-            stats = dump_and_leave(self.session, directory, leave, release_ip)
+            verify = msg.get("verify", False)
+            if not isinstance(verify, bool):
+                raise ProtocolError("verify must be true or false")
+            stats = dump_and_leave(self.session, directory, leave, release_ip, verify)
             # the source is killed, left stopped or running, as asked: nothing to settle
             self.journal.settle()
             return {"ok": True, "stats": stats}, True

@@ -1,0 +1,275 @@
+"""`--verify`: compare what /proc shows of the frozen source with the restored tree, field by
+field, before the tree is let go (kernel/visible.py reads both sides).
+
+Every field read is compared, except those listed below as differing for a reason (LEGIT,
+each with its why) and those that name state not carried yet (KNOWN_GAPS: a difference there is
+reported, not fatal, so that the gap shows in every report until it is closed). Any other
+difference fails the restore (the source resumes), naming pid, thread, field and both values."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import RestoreError
+from ..model import VisibleState
+
+
+@dataclass(frozen=True)
+class Difference:
+    pid: int
+    thread: int            # 0: the process as a whole
+    field: str
+    source: str | None     # None: the field is not there
+    restored: str | None
+
+    def __str__(self) -> str:
+        who = f"pid {self.pid}" + (f" thread {self.thread}" if self.thread else "")
+        return f"{who} {self.field}: source {_show(self.source)}, restored {_show(self.restored)}"
+
+
+def _show(value: str | None) -> str:
+    if value is None:
+        return "(none)"
+    return repr(value if len(value) <= 72 else value[:69] + "...")
+
+
+def field_kind(name: str) -> str:
+    """A field's kind, its place taken out: `fd[3].pos` -> `fd.pos`."""
+    return re.sub(r"\[[^]]*\]", "", name)
+
+
+# ---- what legitimately differs -------------------------------------------------------------
+# Each entry maps a field kind to how its value is read for the comparison (None: not
+# compared), with the reason it may differ between a source and a correct restore.
+
+_ANON_TARGET = re.compile(r"^([a-z_]+):\[\d+\]$")     # pipe:[123], socket:[456]
+_PTS = re.compile(r"^/dev/pts/\d+")
+_PAGE_NAMES = ("", "[heap]", "[stack]", "[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
+
+
+def _gate_free(value: str, _fields) -> str:
+    # the husks are born in the restorer's gate cgroup, a child of its own cgroup, and are
+    # moved back into that one as the gate is removed (kernel/cgroup.py): the gate is where
+    # they wait, not where they run
+    return re.sub(r"/prerestore-gate-\d+$", "", value) or "/"
+
+
+def _map_offset(value: str, fields, key: str) -> str | None:
+    # the page offset of anonymous memory is the address it was first mapped at (>> 12),
+    # kept through mremap and merges: the husk maps each area where it is now
+    path = fields.get(key[:key.rindex(".")] + ".path", "")
+    return None if path in _PAGE_NAMES else value
+
+
+def _fd_link(value: str, _fields) -> str:
+    # pipes, sockets and other kernel objects of an image are made anew (new inode numbers;
+    # on one host the very object is handed over, but the rule is one for both); the tree's
+    # ptys are made anew with another number (README: Pseudo-terminals)
+    return _PTS.sub("/dev/pts/N", _ANON_TARGET.sub(r"\1:[]", value))
+
+
+def _epoll_items(value: str, _fields) -> str:
+    # each registration shows its target's file position, inode and device: those of a
+    # target made anew differ; the fd, events and data are the registration. They are listed
+    # in the order of the kernel's tree, by file address: sorted here
+    return " | ".join(sorted(re.sub(r"\s+pos:\S+\s+ino:\S+\s+sdev:\S+", "", item)
+                             for item in value.split(" | ")))
+
+
+def _deleted(value: str, fields) -> str:
+    # a file deleted while open is made anew beside where it was, under another name, and
+    # unlinked at once (README: State carried): its directory and that it is deleted are
+    # compared, not its old name
+    value = _fd_link(value, fields)
+    if value.endswith(" (deleted)"):
+        return value[:value.rfind("/") + 1] + "... (deleted)"
+    return value
+
+
+def _inotify_watches(value: str, _fields) -> str:
+    # a watch shows the watched inode and its device and file handle: on another host the
+    # same path is another inode; the wd, mask and ignored mask are the watch
+    return re.sub(r"\s+(ino|sdev|fhandle-bytes|fhandle-type|f_handle):\S+", "", value)
+
+
+def _tty_nr(value: str, _fields) -> str:
+    # the controlling terminal, if one of the tree's ptys, is a new pair with another
+    # number (minor); that there is one, and its kind (major), are compared
+    nr = int(value)
+    return str((nr >> 8) & 0xfff) if nr else "0"
+
+
+def _drop(_value: str, _fields) -> None:
+    return None
+
+
+LEGIT = {
+    # a file is mapped again by its path: on another host (or for memory made anew through
+    # an image) it is another inode, maybe on another device
+    "maps.dev": _drop,
+    "maps.inode": _drop,
+    "maps.offset": _map_offset,
+    # VmFlags are compared flag by flag (maps[A-B].vmflag.rd). uw: the source's areas are
+    # registered with its dirty tracker's userfaultfd (write-protect mode); the husk's are
+    # not, and the source's registration ends with it
+    "maps.vmflag.uw": _drop,
+    "fd.link": _deleted,
+    # kernel objects made anew have new inodes; a file reopened by path on another host is
+    # on another mount
+    "fd.ino": _drop,
+    "fd.mnt_id": _drop,
+    "fd.eventfd-id": _drop,         # an eventfd's id numbers the object: made anew in images
+    "fd.tty-index": _drop,          # a pty master's pair number (made anew)
+    "fd.tfd": _epoll_items,
+    "fd.inotify": _inotify_watches,
+    # a timerfd keeps running while the tree is frozen: time left and expirations counted
+    # change between the two snapshots (its clock, interval and flags are compared)
+    "fd.it_value": _drop,
+    "fd.ticks": _drop,
+    "stat.tty_nr": _tty_nr,
+    "cgroup": _gate_free,
+    # the call a thread is stopped in: the husk waits in our runner; the source's call is
+    # restarted from its registers (compared page by page and by the restore itself)
+    "syscall": _drop,
+    # the restored root is spawned by the restorer, which reaps it (or the namespace init
+    # made for it); the source's parent is outside the tree as well: both read "outside"
+}
+
+
+# calls that install a temporary signal mask: a thread frozen inside one shows that mask;
+# its saved one is restored, and the restarted call installs the temporary one again
+# (README: sigsuspend) - rt_sigsuspend, pselect6, ppoll, epoll_pwait, epoll_pwait2
+MASKING_CALLS = ("130", "270", "271", "281", "441")
+
+
+def _in_masking_call(d: Difference, source: VisibleState) -> bool:
+    return d.field == "status.SigBlk" and \
+        source.threads.get(d.thread, {}).get("syscall") in MASKING_CALLS
+
+
+def _detached(d: Difference, root: int) -> bool:
+    """A root whose session or group was led outside the tree leads its own after a restore
+    (README: Detached from the tools that restore it); so is it for the terminal's group."""
+    return d.thread == 0 and d.field in ("stat.session", "stat.pgrp") and \
+        d.source == "outside" and d.restored == str(root)
+
+
+# ---- state /proc shows that a restore does not carry yet ------------------------------------
+# A difference in one of these is reported (finalize's stats: verify.gaps), not fatal; remove
+# an entry when its state is carried, and the comparison holds the restore to it.
+KNOWN_GAPS: dict[str, str] = {
+    # VM_ACCOUNT: a private mapping made writable at mmap time (a library's RELRO, later
+    # made read-only) has its memory charged to the commit limit for good; the husk maps it
+    # as it is now, read-only, uncharged: a later mprotect(PROT_WRITE) is charged then, and
+    # may fail under strict overcommit where the source's would not
+    "maps.vmflag.ac": "writable-at-mmap accounting of now read-only private mappings",
+    # VM_NORESERVE: MAP_NORESERVE (glibc's malloc arenas, thread stacks' reservations) is
+    # not in /proc/PID/maps, which is what the layout is read from: the husk's areas are
+    # charged to the commit limit where the source's were not
+    "maps.vmflag.nr": "MAP_NORESERVE of a mapping",
+    # VM_NOHUGEPAGE / VM_HUGEPAGE: madvise(MADV_NOHUGEPAGE / MADV_HUGEPAGE) of an area
+    # (glibc's thread stacks) is not read nor made again: the restored area follows the
+    # system's transparent-huge-page default
+    "maps.vmflag.nh": "madvise(MADV_NOHUGEPAGE) of an area",
+    "maps.vmflag.hg": "madvise(MADV_HUGEPAGE) of an area",
+    # a thread's own name (pthread_setname_np, or the name it was created under): only the
+    # process's (main thread's) comm is carried; the other threads are created by the husk
+    # and keep its name, "prerestore-husk"
+    "stat.comm": "names of threads other than the main one",
+}
+
+
+def _normal(fields: dict[str, str]) -> dict[str, str]:
+    out = {}
+    for key, value in _split_vmflags(fields).items():
+        rule = LEGIT.get(field_kind(key))
+        if rule is _map_offset:
+            value = _map_offset(value, fields, key)
+        elif rule is not None:
+            value = rule(value, fields)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+_MAP = re.compile(r"^maps\[([0-9a-f]+)-([0-9a-f]+)\]\.(.*)$")
+
+
+def _split_vmflags(fields: dict[str, str]) -> dict[str, str]:
+    """The mappings as the kernel would merge them, VmFlags flag by flag: `maps[A-B].vmflags:
+    "rd wr"` as `maps[A-B].vmflag.rd`, `...wr` (a difference names the flag, and a gap may
+    be one flag). A flag that is a known gap (or legitimately differs) splits an area on one
+    side and not on the other: neighbours equal but for such flags are taken as one area,
+    which has such a flag if any part of it has."""
+    out, areas = {}, {}
+    for key, value in fields.items():
+        m = _MAP.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        area = areas.setdefault((int(m.group(1), 16), int(m.group(2), 16)), {})
+        if m.group(3) == "vmflags":
+            area |= {f"vmflag.{f}": f for f in value.split()}
+        else:
+            area[m.group(3)] = value
+    loose = {k for k in LEGIT if k.startswith("maps.vmflag.")} | \
+        {k for k in KNOWN_GAPS if k.startswith("maps.vmflag.")}
+    merged: list[list] = []
+    for (start, end), area in sorted(areas.items()):
+        # what the kernel merges anonymous areas by (their page offset aside, see
+        # _map_offset): protections, name, and the flags that are compared
+        strict = {k: v for k, v in area.items()
+                  if f"maps.{k}" not in loose and k not in ("offset", "dev", "inode")}
+        if merged and merged[-1][1] == start and merged[-1][3] == strict and \
+                area.get("path", "") in _PAGE_NAMES:
+            merged[-1][1] = end
+            merged[-1][2] = area | merged[-1][2]        # the first part's offset
+        else:
+            merged.append([start, end, dict(area), strict])
+    for start, end, area, _ in merged:
+        out |= {f"maps[{start:x}-{end:x}].{k}": v for k, v in area.items()}
+    return out
+
+
+def _diff(pid: int, thread: int, src: dict[str, str], dst: dict[str, str]
+          ) -> list[Difference]:
+    src, dst = _normal(src), _normal(dst)
+    return [Difference(pid, thread, k, src.get(k), dst.get(k))
+            for k in sorted(src.keys() | dst.keys()) if src.get(k) != dst.get(k)]
+
+
+def compare(source: list[VisibleState], restored: list[VisibleState]
+            ) -> list[Difference]:
+    """Every difference between the source's snapshot and the restored tree's, by process
+    (the root first, as listed), then thread; legit ones left out."""
+    out: list[Difference] = []
+    theirs = {v.pid: v for v in restored}
+    root = source[0].pid if source else 0
+    for v in source:
+        r = theirs.pop(v.pid, None)
+        if r is None:
+            out.append(Difference(v.pid, 0, "process", "present", None))
+            continue
+        out += _diff(v.pid, 0, v.fields, r.fields)
+        for tid in sorted(v.threads.keys() | r.threads.keys()):
+            if tid not in r.threads or tid not in v.threads:
+                out.append(Difference(v.pid, tid, "thread", "present" if tid in v.threads
+                                      else None, "present" if tid in r.threads else None))
+                continue
+            out += [d for d in _diff(v.pid, tid, v.threads[tid], r.threads[tid])
+                    if not _in_masking_call(d, v)]
+    out += [Difference(pid, 0, "process", None, "present") for pid in theirs]
+    return [d for d in out if not _detached(d, root)]
+
+
+def check(source: list[VisibleState], restored: list[VisibleState]) -> list[str]:
+    """Raise RestoreError naming the first differences, if any is not a known gap; returns
+    the known gaps' differences, one line each."""
+    diffs = compare(source, restored)
+    gaps = [d for d in diffs if field_kind(d.field) in KNOWN_GAPS]
+    real = [d for d in diffs if field_kind(d.field) not in KNOWN_GAPS]
+    if real:
+        more = f" (and {len(real) - 5} more)" if len(real) > 5 else ""
+        raise RestoreError("verify: the restored tree differs from the source: " +
+                           "; ".join(str(d) for d in real[:5]) + more)
+    return [str(d) for d in gaps]
