@@ -495,3 +495,50 @@ def test_an_orphaned_record_is_settled_by_the_question():
             outcomes.Record(mid, None)
     finally:
         os.unlink(os.path.join(SERVE_DIR, f"{mid}.json"))
+
+
+# ---- the tracker daemon of predump/dump ------------------------------------------------------
+
+def _tracker_daemon(src_pid: int) -> int:
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        args = _cmdline(int(entry)).split()
+        if "prerestore.source.trackerd" in args and str(src_pid) in args:
+            return int(entry)
+    raise AssertionError(f"no tracker daemon for pid {src_pid}")
+
+
+@pytest.mark.parametrize("point", ["dump/frozen", "dump/parked_batch"])
+def test_tracker_daemon_killed_after_the_dump_released_the_address(cast, point):
+    """`dump --release-ip` through the tracker daemon, killed once the tree is frozen and its
+    address released (and inside an injected batch): its journal recorded the address and the
+    TCP sockets' repair mode before either changed, so `prerestore recover` on A gives the
+    address back, takes repair mode off (if the dump got that far) and resumes the source;
+    the client on C, whose
+    connection was silent meanwhile, goes on without an error."""
+    images = cast.tmp / "images"
+    on_a = ["ip", "netns", "exec", cast.hosts.ns["a"], sys.executable, "-m", "prerestore.cli"]
+    env = dict(os.environ, PRERESTORE_PAUSE=point)       # the daemon predump starts has it
+    res = subprocess.run(on_a + ["predump", "-t", str(cast.src.pid), "-D", str(images / "0")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    daemon = _tracker_daemon(cast.src.pid)
+    cast.hosts.pids.append(daemon)
+    with open(cast.mig_err, "wb") as err:
+        cast.mig = subprocess.Popen(
+            on_a + ["dump", "-t", str(cast.src.pid), "-D", str(images / "1"),
+                    "--prev-images-dir", "../0", "--leave-stopped",
+                    "--release-ip", cast.hosts.service],
+            stdout=subprocess.DEVNULL, stderr=err)
+    assert wait_for_line(images / "0" / "tracker.log", "paused at", 60), \
+        (images / "0" / "tracker.log").read_text()
+    assert not cast.holds_address("a")          # released at the freeze
+    j = cast.journal()
+    assert j["undo"]["address"][0] == cast.hosts.service and j["undo"]["tcp_repair"], j
+    os.kill(daemon, signal.SIGKILL)
+    assert cast.mig.wait(30) == 1, cast.mig_err.read_text()
+    res = cast.recover()
+    print(res.stdout)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "the source runs again" in res.stdout, res.stdout
+    assert f"address {cast.hosts.service}/{cast.hosts.prefix} added" in res.stdout, res.stdout
+    cast.check("a")

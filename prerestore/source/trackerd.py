@@ -20,7 +20,7 @@ from .. import netaddr
 from ..errors import PrerestoreError, ProtocolError
 from ..faults import maybe_pause, phase
 from ..kernel import native
-from ..recovery import Journal
+from ..recovery import Journal, source_undo_record
 from ..transport import control
 from .session import SourceSession, external_names
 
@@ -45,14 +45,20 @@ def finish_dump(session: SourceSession, leave: str) -> None:
 
 
 def dump_and_leave(session: SourceSession, directory: str, leave: str,
-                   release_ip: str | None = None) -> dict:
+                   release_ip: str | None = None, journal: Journal | None = None) -> dict:
     """The final image, then the source as `leave` says. release_ip: the service address,
     released at the freeze (the destination claims it: finalize --claim-ip), given back if
-    the dump fails."""
+    the dump fails. journal: told, before the freeze, what the dump will change on this
+    host (the address, the tree's TCP sockets in repair mode), so that `prerestore recover`
+    puts it back should we die in between."""
     if release_ip and leave == "running":
         raise PrerestoreError("the service address cannot leave a source that runs on "
                               "(--release-ip with --leave-running)")
-    release = netaddr.releasing(netaddr.find(release_ip)) if release_ip else None
+    moving = netaddr.find(release_ip) if release_ip else None
+    if journal is not None:
+        # no forwarding here (nobody holds what peers send meanwhile), so no sysctl changes
+        journal.update(undo=source_undo_record(moving, None))
+    release = netaddr.releasing(moving) if moving else None
     try:
         with phase("dump"):
             stats = session.dump(directory, frozen_hook=release).stats
@@ -119,7 +125,7 @@ class TrackerService:
             if release_ip is not None and not isinstance(release_ip, str):
                 raise ProtocolError("release_ip must be an address")
             self.journal.update(phase="final", leave=leave, images=directory)
-            stats = dump_and_leave(self.session, directory, leave, release_ip)
+            stats = dump_and_leave(self.session, directory, leave, release_ip, self.journal)
             # the source is killed, left stopped or running, as asked: nothing to settle
             self.journal.settle()
             return {"ok": True, "stats": stats}, True
