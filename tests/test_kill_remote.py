@@ -11,7 +11,9 @@ client on host C, one connection kept open across it all, saw every answer in or
     round 0        tracker                          -
     between rounds round                            staged
     frozen         frozen                           final_received
-    final sent     final_sent (the answer unread)   -
+    final sent     final_sent (the answer unread)   finalize, resuming (sockets rebuilt in
+                                                    repair mode), live (sockets live, the
+                                                    address claimed, the tree frozen)
     tree runs      finalized (source not killed)    running (not answered yet)
 """
 from __future__ import annotations
@@ -304,7 +306,12 @@ def test_recover_cannot_reach_the_destination(cast):
 # ---- serve killed ----------------------------------------------------------------------------
 
 SERVE_KILLED = {            # pause point -> where the one copy runs in the end
-    "staged": "a", "final_received": "a", "running": "b",
+    "staged": "a", "final_received": "a",
+    # the TCP connections rebuilt, in repair mode (finalize: all prepared; resuming: let go
+    # into the frozen gate), or live and the address claimed, the tree not committed (live):
+    # they must close without a FIN or a reset, which the client would see
+    "finalize": "a", "resuming": "a", "live": "a",
+    "running": "b",
 }
 
 
