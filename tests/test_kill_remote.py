@@ -401,6 +401,40 @@ def test_link_down_between_rounds(cast):
     cast.check("a")
 
 
+def test_link_down_in_the_final_step(cast):
+    """A's link goes down after the final round reached B, whose tree runs (serve paused
+    before its answer, so that the answer is what the dead link loses): migrate gives up on
+    the link within its --link-timeout, cannot ask B over a new connection either, and leaves
+    the source stopped with its journal. Once the link is back, recover asks B: the tree runs
+    there, the source is killed; the client on C goes on with B, unharmed."""
+    cast.start_serve("--link-timeout", "2",
+                     PRERESTORE_PAUSE=f"running:{cast.release}")
+    cast.release.touch()                 # serve waits while it exists
+    cast.start_migrate("--link-timeout", "2", "--connect-timeout", "2")
+    assert wait_for_line(cast.serve_log, "paused at running", timeout=60), \
+        cast.serve_log.read_text() + cast.mig_err.read_text()
+    link = ["ip", "netns", "exec", cast.hosts.ns["a"], "ip", "link", "set", "eth0"]
+    subprocess.run(link + ["down"], check=True)
+    try:
+        t0 = time.monotonic()
+        cast.release.unlink()            # serve answers, into the dead link
+        code = cast.mig.wait(60)
+        took = time.monotonic() - t0
+        err = cast.mig_err.read_text()
+        assert code == 1 and "Traceback" not in err, err
+        assert "left stopped" in err and "prerestore recover" in err, err
+        assert took < 20, f"migrate gave up on the dead link only after {took:.0f} s"
+        assert _wait(lambda: cast.copies()["a"] and cast.copies()["a"][0][1] == "T")
+        assert cast.journal()["phase"] == "final"
+    finally:
+        subprocess.run(link + ["up"], check=True)
+    res = cast.recover()
+    print(res.stdout)
+    assert res.returncode == 0, res.stdout + res.stderr + cast.serve_log.read_text()
+    assert "the copy at the destination runs" in res.stdout, res.stdout
+    cast.check("b")
+
+
 def test_serve_remembers_outcomes_privately(cast):
     """The records serve keeps are root's alone, and name no secret."""
     cast.start_serve()
