@@ -366,7 +366,7 @@ def cmd_recover(args) -> int:
              if args.target is None or j.get("pid") == args.target]
     # trees a dead restorer (`restore`, a stage daemon, serve's connection) left in their
     # gate: those that journals name are settled with them, the others here
-    gates = recovery.settle_gates() if args.target is None else []
+    gates = recovery.settle_gates()
     for line in gates:
         print(line)
     if not found:
