@@ -366,8 +366,14 @@ def cmd_recover(args) -> int:
     from . import recovery
     found = [j for j in recovery.journals()
              if args.target is None or j.get("pid") == args.target]
+    # trees a dead restorer (`restore`, a stage daemon, serve's connection) left in their
+    # gate: those that journals name are settled with them, the others here
+    gates = recovery.settle_gates()
+    for line in gates:
+        print(line)
     if not found:
-        print("nothing to recover" + (f" for pid {args.target}" if args.target else ""))
+        if not gates:
+            print("nothing to recover" + (f" for pid {args.target}" if args.target else ""))
         return 0
     failed = 0
     for j in found:

@@ -31,12 +31,14 @@ def tamper(point: str) -> str | None:
 # sent, its answer not read yet), finalized (the destination runs, the source not killed yet);
 # serve's connection process: staged (a round staged, not answered yet), final_received (the
 # final round's message is in, nothing of it applied), running (the tree runs, not answered);
-# the stage daemon: staging (round 0 staged), finalize (all prepared), resuming (one process
-# let go), resumed (the tree runs); the tracker daemon: tracked (a round written, not yet
+# the stage daemon (and serve's connection process, `restore`): staging (round 0 staged),
+# finalize (all prepared, TCP connections in repair mode), resuming (one process let go),
+# live (all let go, frozen in the gate, TCP connections live and the address claimed, not
+# committed), resumed (the tree runs); the tracker daemon: tracked (a round written, not yet
 # answered); any point as <phase>/<point> within faults.phase(<phase>) (e.g. dump/frozen)
 PAUSE_POINTS = ("tracker", "round", "parked_batch", "frozen", "final_sent", "finalized",
                 "staged", "final_received", "running", "staging", "finalize", "resuming",
-                "resumed", "tracked")
+                "live", "resumed", "tracked")
 
 
 _phase = ""

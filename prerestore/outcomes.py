@@ -22,7 +22,7 @@ import time
 
 from . import netaddr
 from .errors import PrerestoreError, ProcessGone
-from .kernel import procfs
+from .kernel import cgroup, procfs
 from .transport.control import RUN_DIR
 
 SERVE_DIR = os.path.join(RUN_DIR, "serve")
@@ -72,10 +72,11 @@ class Record:
     def _write(self) -> None:
         _write(self.path, self.data)
 
-    def staged(self, host_pid: int) -> None:
-        """Round 0 made the root's husk: the pid to look at if we die."""
-        if self.data["host_pid"] != host_pid:
-            self.data.update(host_pid=host_pid, host_start=_starttime(host_pid))
+    def staged(self, host_pid: int, gate: str | None = None) -> None:
+        """Round 0 made the root's husk: the pid to look at if we die, and the gate its tree
+        is let go through (kernel/cgroup.py), which says whether it ran."""
+        if self.data["host_pid"] != host_pid or self.data.get("gate") != gate:
+            self.data.update(host_pid=host_pid, host_start=_starttime(host_pid), gate=gate)
             self._write()
 
     def running(self, host_pid: int) -> None:
@@ -145,21 +146,34 @@ def outcome(mid: str, wait: float = STATUS_WAIT) -> tuple[str, str]:
 
 
 def _settle_orphan(path: str, data: dict) -> tuple[str, str]:
-    """A record whose writer died before it said how the migration ended."""
+    """A record whose writer died before it said how the migration ended. Its tree's gate
+    decides, while it exists: committed, the tree runs (thawed, let out of the gate); not
+    committed, nothing of it ran, and what is left of it is killed, its TCP connections
+    silenced first. Without one, its root does."""
     host = data.get("host_pid")
-    if copy_runs(host, data.get("host_start")):
+    gate = cgroup.Gate(data["gate"]) if isinstance(data.get("gate"), str) else None
+    state = gate.state() if gate is not None else None
+    if state is not None:
+        cgroup.settle_orphan(gate)
+    claim = data.get("claim")
+    a = netaddr.Address(*claim) if claim else None
+    try:
+        here = netaddr.find(a.ip) if a else None
+    except PrerestoreError:
+        here = None
+    if state == "open" or state is None and copy_runs(host, data.get("host_start")):
+        detail = f"the tree runs here (host pid {host}); its restorer died after letting it go"
+        if a is not None and here is None:     # committed before the address was claimed
+            try:
+                netaddr.claim(a)
+                detail += f"; {a.cidr} claimed here"
+            except PrerestoreError as e:
+                detail += f"; could not claim {a.cidr}: {e}"
         data.update(state="running", settled=time.time())
         _write(path, data)
-        return "running", f"the tree runs here (host pid {host}); its restorer died after " \
-                          "letting it go"
+        return "running", detail
     why = "the process serving it died before the tree ran (its husks died with it)"
-    claim = data.get("claim")
-    if claim:
-        a = netaddr.Address(*claim)
-        try:
-            here = netaddr.find(a.ip)
-        except PrerestoreError:
-            here = None
+    if a is not None:
         if here == a:                   # claimed for a tree that never ran: the source's again
             try:
                 netaddr.release(a)

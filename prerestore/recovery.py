@@ -256,6 +256,16 @@ def settle_local_copy(dest: dict) -> bool:
     return runs
 
 
+def settle_gates() -> list[str]:
+    """The gates of restorers that died with no journal to settle them (a cold `restore`, the
+    stage daemon of `finalize`, serve's connection process; kernel/cgroup.py): a committed one
+    is thawed and its tree let out of it, an uncommitted one killed (nothing of it ever ran).
+    A gate that a journal of a dead migration names is left to that journal's recover."""
+    named = {(j.get("destination") or {}).get("gate") for j in journals()}
+    return [line for gate in cgroup.all_orphans() if gate.path not in named
+            for line in [cgroup.settle_orphan(gate)] if line]
+
+
 def _put_back_thread(t: Tracee, runner_code: bytes) -> tuple[bool, int]:
     """A thread stopped inside an injected batch (held): give it the registers and mask saved
     where rbp points. Returns (whether it was held, the scratch area address saved with them)."""

@@ -174,7 +174,8 @@ class Receiver:
                 # staged: the husks hold these pages now, the file is no longer needed
                 os.unlink(os.path.join(directory, schema.PAGES_FILE))
                 if self.record is not None and self.staged.husk is not None:
-                    self.record.staged(self.staged.husk.host_pid)
+                    self.record.staged(self.staged.husk.host_pid,
+                                       self.staged.gate.path if self.staged.gate else None)
                 maybe_pause("staged")
                 self.ch.send({"ok": True, "stats": stats})
             else:                                   # final

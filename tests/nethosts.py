@@ -65,8 +65,13 @@ class NetHosts:
             raise
 
     def run(self, host: str, argv, **kw) -> subprocess.Popen:
-        """Start argv on a host (its pid is the process's own: ip netns exec execs it)."""
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns[host], *map(str, argv)], **kw)
+        """Start argv on a host (its pid is the process's own: ip netns exec execs it, then
+        sh). `ip netns exec` mounts a sysfs of the namespace's own, which hides the cgroup2
+        mount: it is mounted again there (in that process's private mount namespace), as a
+        host has it, so that a restorer there lets its tree go through a gate."""
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[host], "sh", "-c",
+                              'mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null; exec "$@"',
+                              "sh", *map(str, argv)], **kw)
         self.pids.append(p.pid)
         return p
 

@@ -320,3 +320,124 @@ def test_stage_daemon_killed_between_stage_calls(workload_bins, tmp_path):
     finally:
         src.kill()
         src.wait(10)
+
+
+# ---- a cold restore, and the finalize of the stage/finalize flow ---------------------------------
+
+def stage_daemon(first_round) -> int:
+    """The stage daemon of the image chain that starts at first_round (its socket names it)."""
+    from prerestore.transport.control import socket_path
+    sock = socket_path("stage", os.path.realpath(first_round)).encode()
+    for e in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{e}/cmdline", "rb") as f:
+                if sock in f.read().split(b"\0"):
+                    return int(e)
+        except OSError:
+            pass
+    raise AssertionError(f"no stage daemon for {first_round}")
+
+
+def restored_at(pids: list[int]) -> set[int]:
+    """The live processes at these pids (the source tree is gone: restored ones)."""
+    return {p for p in pids if alive(p)}
+
+
+def frozen_in_gates(pids: list[int]) -> set[int]:
+    """Restored processes at these pids that sit in a gate."""
+    out = set()
+    for p in restored_at(pids):
+        try:
+            with open(f"/proc/{p}/cgroup") as f:
+                if cgroup.GATE_PREFIX in f.read():
+                    out.add(p)
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("point", ["finalize", "resuming", "resumed"])
+@pytest.mark.parametrize("tool", ["restore", "finalize"])
+def test_restore_or_finalize_killed(workload_bins, tree_bin, tmp_path, tool, point):
+    """A cold `restore` (it restores in its own process), or the stage daemon of the CLI flow's
+    `finalize`, killed with SIGKILL with everything prepared (finalize), with one process of a
+    3-process tree let go into its frozen gate (resuming), or after the gate was opened
+    (resumed). The source is gone (dump killed it). Before the tree runs: no husk is left,
+    and `prerestore recover` kills what was let go (frozen, it never ran) and removes the gate;
+    the images are as they were: a second restore makes the one copy. (Restored with the
+    source's pids: with --pidns, the namespace dies with its traced root, and with it what
+    was let go.) After: recover lets the
+    tree out of its gate; it is the one copy. Each copy's output is an unmigrated run's."""
+    log = tmp_path / "out.log"
+    src, argv, env = start("fork3", workload_bins, tree_bin, log)
+    images = tmp_path / "images"
+    restored: list[int] = []
+    pids: list[int] = []
+    try:
+        pids = tree_pids(src.pid)
+        prerestore("predump", "-t", src.pid, "-D", images / "0")
+        prerestore("dump", "-t", src.pid, "-D", images / "1", "--prev-images-dir", "../0")
+        src.wait(10)
+        pause = {"PRERESTORE_PAUSE": point}
+        err = tmp_path / "cli.err"
+        if tool == "restore":
+            where = err
+            cmd = ["restore", "-D", str(images / "1")]
+        else:
+            prerestore("stage", "-D", images / "0", env=pause)
+            where = images / "stage-daemon.log"
+            cmd = ["finalize", "-D", str(images / "1")]
+        with open(err, "w") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "prerestore.cli", *cmd],
+                                    stdout=subprocess.DEVNULL, stderr=f,
+                                    env={**os.environ, **(pause if tool == "restore" else {})})
+        try:
+            assert wait_for_line(where, f"paused at {point}", 60), where.read_text()
+            if tool == "restore":
+                proc.kill()
+            else:
+                os.kill(stage_daemon(images / "0"), signal.SIGKILL)
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if tool == "finalize":
+            assert proc.returncode == 1 and "Traceback" not in err.read_text(), err.read_text()
+            assert len(err.read_text().strip().splitlines()) == 1, err.read_text()
+        # whatever was still traced died with its restorer
+        assert wait_until(lambda: not helper_processes(src.pid))
+        left = restored_at(pids)
+        if point == "finalize":
+            assert not left, left
+        elif point == "resuming":
+            # no half tree runs: what was let go is frozen in the gate (tree.c's children
+            # have PR_SET_PDEATHSIG, so they die with their traced parent here)
+            assert left == frozen_in_gates(pids), left
+            assert all(state(p) != "R" for p in left)
+        rec = prerestore("recover", "-t", src.pid)      # no other migration's journal
+        print(rec.stdout)
+        if point == "resuming" and left:
+            assert "never ran" in rec.stdout, rec.stdout
+        if point == "resumed":
+            assert "its tree runs" in rec.stdout, rec.stdout
+        else:
+            assert wait_until(lambda: not restored_at(pids)), restored_at(pids)
+            prerestore("restore", "-D", images / "1")
+        assert not gates(), "a gate was left"
+        assert wait_until(lambda: len(restored_at(pids)) == len(pids)), restored_at(pids)
+        restored = sorted(restored_at(pids))
+        assert not frozen_in_gates(pids)
+        assert all(wait_until(lambda: state(p) in ("S", "R")) for p in restored)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 200, timeout=30, pid=src.pid)
+        assert "BAD" not in log.read_text()
+        assert compare_with_reference(log, argv, env=env) >= 3
+        assert not os.path.exists(os.path.join(JOURNAL_DIR, f"{src.pid}.json"))
+    finally:
+        for p in reversed(sorted(set(restored) | restored_at(pids))):
+            kill_pid(p)
+        if src.poll() is None:
+            src.kill()
+            src.wait(10)
+        assert wait_until(lambda: not helper_processes(src.pid))

@@ -11,7 +11,9 @@ client on host C, one connection kept open across it all, saw every answer in or
     round 0        tracker                          -
     between rounds round                            staged
     frozen         frozen                           final_received
-    final sent     final_sent (the answer unread)   -
+    final sent     final_sent (the answer unread)   finalize, resuming (sockets rebuilt in
+                                                    repair mode), live (sockets live, the
+                                                    address claimed, the tree frozen)
     tree runs      finalized (source not killed)    running (not answered yet)
 """
 from __future__ import annotations
@@ -304,7 +306,12 @@ def test_recover_cannot_reach_the_destination(cast):
 # ---- serve killed ----------------------------------------------------------------------------
 
 SERVE_KILLED = {            # pause point -> where the one copy runs in the end
-    "staged": "a", "final_received": "a", "running": "b",
+    "staged": "a", "final_received": "a",
+    # the TCP connections rebuilt, in repair mode (finalize: all prepared; resuming: let go
+    # into the frozen gate), or live and the address claimed, the tree not committed (live):
+    # they must close without a FIN or a reset, which the client would see
+    "finalize": "a", "resuming": "a", "live": "a",
+    "running": "b",
 }
 
 
@@ -392,6 +399,40 @@ def test_link_down_between_rounds(cast):
     time.sleep(5)                        # the client's connection retransmits, then goes on
     assert cast.journal() is None
     cast.check("a")
+
+
+def test_link_down_in_the_final_step(cast):
+    """A's link goes down after the final round reached B, whose tree runs (serve paused
+    before its answer, so that the answer is what the dead link loses): migrate gives up on
+    the link within its --link-timeout, cannot ask B over a new connection either, and leaves
+    the source stopped with its journal. Once the link is back, recover asks B: the tree runs
+    there, the source is killed; the client on C goes on with B, unharmed."""
+    cast.start_serve("--link-timeout", "2",
+                     PRERESTORE_PAUSE=f"running:{cast.release}")
+    cast.release.touch()                 # serve waits while it exists
+    cast.start_migrate("--link-timeout", "2", "--connect-timeout", "2")
+    assert wait_for_line(cast.serve_log, "paused at running", timeout=60), \
+        cast.serve_log.read_text() + cast.mig_err.read_text()
+    link = ["ip", "netns", "exec", cast.hosts.ns["a"], "ip", "link", "set", "eth0"]
+    subprocess.run(link + ["down"], check=True)
+    try:
+        t0 = time.monotonic()
+        cast.release.unlink()            # serve answers, into the dead link
+        code = cast.mig.wait(60)
+        took = time.monotonic() - t0
+        err = cast.mig_err.read_text()
+        assert code == 1 and "Traceback" not in err, err
+        assert "left stopped" in err and "prerestore recover" in err, err
+        assert took < 20, f"migrate gave up on the dead link only after {took:.0f} s"
+        assert _wait(lambda: cast.copies()["a"] and cast.copies()["a"][0][1] == "T")
+        assert cast.journal()["phase"] == "final"
+    finally:
+        subprocess.run(link + ["up"], check=True)
+    res = cast.recover()
+    print(res.stdout)
+    assert res.returncode == 0, res.stdout + res.stderr + cast.serve_log.read_text()
+    assert "the copy at the destination runs" in res.stdout, res.stdout
+    cast.check("b")
 
 
 def test_serve_remembers_outcomes_privately(cast):
@@ -495,3 +536,50 @@ def test_an_orphaned_record_is_settled_by_the_question():
             outcomes.Record(mid, None)
     finally:
         os.unlink(os.path.join(SERVE_DIR, f"{mid}.json"))
+
+
+# ---- the tracker daemon of predump/dump ------------------------------------------------------
+
+def _tracker_daemon(src_pid: int) -> int:
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        args = _cmdline(int(entry)).split()
+        if "prerestore.source.trackerd" in args and str(src_pid) in args:
+            return int(entry)
+    raise AssertionError(f"no tracker daemon for pid {src_pid}")
+
+
+@pytest.mark.parametrize("point", ["dump/frozen", "dump/parked_batch"])
+def test_tracker_daemon_killed_after_the_dump_released_the_address(cast, point):
+    """`dump --release-ip` through the tracker daemon, killed once the tree is frozen and its
+    address released (and inside an injected batch): its journal recorded the address and the
+    TCP sockets' repair mode before either changed, so `prerestore recover` on A gives the
+    address back, takes repair mode off (if the dump got that far) and resumes the source;
+    the client on C, whose
+    connection was silent meanwhile, goes on without an error."""
+    images = cast.tmp / "images"
+    on_a = ["ip", "netns", "exec", cast.hosts.ns["a"], sys.executable, "-m", "prerestore.cli"]
+    env = dict(os.environ, PRERESTORE_PAUSE=point)       # the daemon predump starts has it
+    res = subprocess.run(on_a + ["predump", "-t", str(cast.src.pid), "-D", str(images / "0")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    daemon = _tracker_daemon(cast.src.pid)
+    cast.hosts.pids.append(daemon)
+    with open(cast.mig_err, "wb") as err:
+        cast.mig = subprocess.Popen(
+            on_a + ["dump", "-t", str(cast.src.pid), "-D", str(images / "1"),
+                    "--prev-images-dir", "../0", "--leave-stopped",
+                    "--release-ip", cast.hosts.service],
+            stdout=subprocess.DEVNULL, stderr=err)
+    assert wait_for_line(images / "0" / "tracker.log", "paused at", 60), \
+        (images / "0" / "tracker.log").read_text()
+    assert not cast.holds_address("a")          # released at the freeze
+    j = cast.journal()
+    assert j["undo"]["address"][0] == cast.hosts.service and j["undo"]["tcp_repair"], j
+    os.kill(daemon, signal.SIGKILL)
+    assert cast.mig.wait(30) == 1, cast.mig_err.read_text()
+    res = cast.recover()
+    print(res.stdout)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "the source runs again" in res.stdout, res.stdout
+    assert f"address {cast.hosts.service}/{cast.hosts.prefix} added" in res.stdout, res.stdout
+    cast.check("a")

@@ -27,7 +27,7 @@ import os
 import time
 
 from ..errors import ProcessGone
-from . import procfs
+from . import procfs, tcp
 
 GATE_PREFIX = "prerestore-gate-"
 
@@ -120,7 +120,14 @@ class Gate:
     def open(self) -> None:
         """The commit (the mark), then every process in the gate runs, all at once. Also
         finishes a commit that a dead daemon left frozen."""
+        self.commit()
+        self.thaw()
+
+    def commit(self) -> None:
+        """The mark alone: from here the tree is to run (whoever outlives us thaws it)."""
         _write(os.path.join(self.path, "cgroup.max.descendants"), self.COMMITTED)
+
+    def thaw(self) -> None:
         _write(os.path.join(self.path, "cgroup.freeze"), "0")
 
     def pids(self) -> list[int]:
@@ -145,9 +152,13 @@ class Gate:
         self.remove()
 
     def destroy(self, timeout: float = 5.0) -> None:
-        """Not committed: kill everything in the gate, then remove it."""
+        """Not committed: kill everything in the gate, then remove it. Its TCP connections are
+        put in repair mode first (tcp.silence_held): they may have been made live already
+        (between letting the tree go and the commit), and the peer must not get a FIN or a
+        reset from a copy that never ran: the source resumes with these connections."""
         if self.state() is None:
             return
+        tcp.silence_held(self.pids())
         try:
             _write(os.path.join(self.path, "cgroup.kill"), "1")
         except FileNotFoundError:
@@ -169,26 +180,65 @@ class Gate:
             time.sleep(0.005)
 
 
-def sweep(parent: str | None = None) -> None:
-    """Remove the empty gates of dead daemons (their pid is in the name) under parent (default:
-    our own cgroup, where the daemons we start make theirs)."""
+def sweep(parent: str | None = None) -> list[str]:
+    """Settle the gates of dead restorers (their pid is in the name) under parent (default:
+    our own cgroup, where the daemons we start make theirs): see settle_orphan. Returns what
+    was done, one line per gate that held processes."""
     parent = parent or own_cgroup()
     if parent is None:
-        return
+        return []
     try:
         names = os.listdir(parent)
     except OSError:
-        return
+        return []
+    done = []
     for name in names:
         if not name.startswith(GATE_PREFIX):
             continue
         pid = name[len(GATE_PREFIX):]
         if not pid.isdigit() or not _zombie(int(pid)):     # its daemon still lives
             continue
-        try:
-            os.rmdir(os.path.join(parent, name))           # only if empty (else EBUSY)
-        except OSError:
-            pass
+        line = settle_orphan(Gate(os.path.join(parent, name)))
+        if line:
+            done.append(line)
+    return done
+
+
+def settle_orphan(gate: Gate) -> str:
+    """A gate whose restorer died (a stage daemon, `restore`, serve's connection process):
+    committed, its whole tree runs (thawed if need be, moved out of the gate); not committed,
+    nothing of it ever ran, and what is left of it (processes let go, frozen in it) is killed.
+    The gate is removed either way. Returns what was done ("" for an empty gate)."""
+    state, pids = gate.state(), gate.pids()
+    try:
+        if state == "open":
+            gate.open()
+            gate.leave()
+            what = f"its tree runs ({len(pids)} processes, thawed and let out of the gate)"
+        elif state == "closed":
+            gate.destroy()
+            what = f"its tree never ran: {len(pids)} frozen processes killed"
+        else:
+            return ""
+    except OSError as e:
+        return f"{gate.path}: could not be settled: {e}"
+    return f"gate {os.path.basename(gate.path)} of a restorer that died: {what}" if pids else ""
+
+
+def all_orphans() -> list[Gate]:
+    """Every gate under the cgroup v2 mount whose restorer is dead (wherever it ran)."""
+    mount = _v2_mount()
+    out = []
+    if mount is None:
+        return out
+    for top, dirs, _ in os.walk(mount):
+        for d in list(dirs):
+            if d.startswith(GATE_PREFIX):
+                dirs.remove(d)                         # nothing of ours below a gate
+                pid = d[len(GATE_PREFIX):]
+                if pid.isdigit() and _zombie(int(pid)):
+                    out.append(Gate(os.path.join(top, d)))
+    return out
 
 
 def _zombie(pid: int) -> bool:

@@ -15,7 +15,8 @@ import os
 import socket
 import struct
 
-from ..errors import ImageError, UnsupportedState
+from ..errors import ImageError, PrerestoreError, UnsupportedState
+from . import native
 
 TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS = 19, 20, 21, 22
 TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 24, 29
@@ -260,11 +261,14 @@ def _check(state: dict, where: str) -> None:
         raise ImageError(f"{where}: inconsistent TCP queues")
 
 
-def restore(state: dict, where: str, foreign_ok: bool = False) -> socket.socket:
+def restore(state: dict, where: str, foreign_ok: bool = False, live: bool = True
+            ) -> socket.socket:
     """A socket in the state dump() described: listening, or established through repair mode
     (sequence numbers, options, timestamp, both queues, window), then out of repair mode with
     the unsent bytes sent as the application had queued them. The local address must exist
-    here, unless foreign_ok (allow_foreign_address: it arrives next, then settle())."""
+    here, unless foreign_ok (allow_foreign_address: it arrives next, then settle()).
+    live=False: an established one is left in repair mode, silent (go_live() lets it go on):
+    if its last holder dies meanwhile, the kernel closes it without a FIN or a reset."""
     _check(state, where)
     sock = _new_socket(state, socket.SOCK_STREAM, OPTIONS, where, foreign_ok)
     try:
@@ -307,12 +311,67 @@ def restore(state: dict, where: str, foreign_ok: bool = False) -> socket.socket:
             sock.sendall(sendq[:sent])
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, 0)
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, state["window"])
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,
-                        int(state["opts"].get("reuseaddr", 0)))
-        if state["unsent"]:
-            sock.sendall(sendq[sent:])
+        if live:
+            go_live(sock, state)
         return sock
     except BaseException:
         sock.close()
         raise
+
+
+def go_live(sock: socket.socket, state: dict) -> None:
+    """A connection restore(live=False) rebuilt: out of repair mode (from here it sends and
+    answers, and closing it sends a FIN), SO_REUSEADDR as the application had it, and the bytes
+    it had queued but not sent yet sent. A listening socket is live already."""
+    if state.get("state") != "established":
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,
+                    int(state["opts"].get("reuseaddr", 0)))
+    if state["unsent"]:
+        flags = fcntl.fcntl(sock.fileno(), fcntl.F_GETFL)      # shared with the husk's fd
+        fcntl.fcntl(sock.fileno(), fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+        try:
+            sock.sendall(state["send_queue"][len(state["send_queue"]) - state["unsent"]:])
+        finally:
+            fcntl.fcntl(sock.fileno(), fcntl.F_SETFL, flags)
+
+
+def silence_held(pids) -> int:
+    """Put every established TCP socket that these processes hold into repair mode (taken
+    with pidfd_getfd), so that when they are killed their connections close without a FIN or
+    a reset: a restored tree that never ran (its gate is destroyed) must not end the
+    connections of the source, which resumes. Returns how many."""
+    count = 0
+    seen: set[str] = set()
+    for pid in pids:
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+            pidfd = native.pidfd_open(pid)
+        except (OSError, PrerestoreError):
+            continue
+        try:
+            for name in names:
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{name}")
+                except OSError:
+                    continue
+                if not target.startswith("socket:[") or target in seen:
+                    continue
+                seen.add(target)
+                try:
+                    sock = socket.socket(fileno=native.pidfd_getfd(pidfd, int(name), pid))
+                except (OSError, PrerestoreError):
+                    continue
+                try:
+                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == \
+                            socket.IPPROTO_TCP and _info(sock)[0] != 10:      # not LISTEN
+                        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+                        count += 1
+                except OSError:
+                    pass
+                finally:
+                    sock.close()
+        finally:
+            os.close(pidfd)
+    return count

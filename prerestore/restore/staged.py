@@ -242,9 +242,10 @@ def make_deleted_files(states: list[ProcessState], made: dict) -> None:
 
 
 def make_tcp(states: list[ProcessState], made: dict, built: list[tuple[socket.socket, dict]],
-             foreign_ok: bool = False) -> None:
+             foreign_ok: bool = False, live: bool = True) -> None:
     """TCP and UDP sockets of an image: listening ones bound again, established ones rebuilt
-    through TCP repair and live. Their addresses must be local here, unless foreign_ok: then
+    through TCP repair and live (live=False: left in repair mode, for the caller to make live
+    with tcp.go_live). Their addresses must be local here, unless foreign_ok: then
     they are built before the service's address arrives (tcp.allow_foreign_address), and the
     caller settles them once it has (tcp.settle). Each one built is added to `built` (a socket
     object on it of our own, and its state): if the restore fails, they are silenced before
@@ -253,7 +254,7 @@ def make_tcp(states: list[ProcessState], made: dict, built: list[tuple[socket.so
         where = f"pid {s.pid} fd {f.fd}"
         state = fd_data(f, where, {})             # its fields: tcp.restore checks them
         try:
-            sock = tcp.restore(state, where, foreign_ok) if f.kind == "tcp" else \
+            sock = tcp.restore(state, where, foreign_ok, live) if f.kind == "tcp" else \
                 tcp.restore_udp(state, where, foreign_ok)
         except OSError as e:
             raise RestoreError(f"{where}: cannot rebuild the {f.kind.upper()} socket "
@@ -263,6 +264,19 @@ def make_tcp(states: list[ProcessState], made: dict, built: list[tuple[socket.so
         fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & os.O_NONBLOCK)
         made[(s.pid, f.fd)] = fd
         built.append((socket.socket(fileno=os.dup(fd)), state))
+
+
+def _make_live(built: list[tuple[socket.socket, dict]], claim) -> None:
+    """The rebuilt connections out of repair mode, then the service's address claimed: last,
+    when nothing is left that may fail: from here on the peers talk to these sockets, and
+    what they take in could not be given back to the source."""
+    for sock, state in built:
+        if sock.type == socket.SOCK_STREAM:
+            tcp.go_live(sock, state)
+    if claim:
+        claim()
+        for sock, state in built:
+            tcp.settle(sock, state)
 
 
 def make_anon(states: list[ProcessState], made: dict) -> None:
@@ -617,7 +631,12 @@ class StagedTree:
                 for s, f in _to_make(final.states, ("unix",), made):
                     made[(s.pid, f.fd)] = unix.take(f)
                 make_anon(final.states, made)
-                make_tcp(final.states, made, built, foreign_ok=claim is not None)
+                # with a gate, the connections stay in repair mode until the whole tree is
+                # let go, frozen in it: should we die before, they close with the husks
+                # holding them, silently (the kernel sends nothing when a socket in repair
+                # mode is closed); after, whoever destroys the gate silences them first
+                make_tcp(final.states, made, built, foreign_ok=claim is not None,
+                         live=self.gate is None)
                 make_deleted_files(final.states, made)
                 make_fifos(final.states, made)
                 make_inotify(final.states, made)
@@ -641,12 +660,8 @@ class StagedTree:
                 gaps = verify_mod.check(seen, visible.snapshot_tree(
                     [self.husks[s.pid].host_pid for s in final.states]))
                 proc_ms, checked = (time.monotonic() - t_check) * 1e3 + read_ms, True
-            if claim:
-                # last, when nothing is left that may fail: from here on the peers talk to
-                # these sockets, and what they take in could not be given back to the source
-                claim()
-                for sock, state in built:
-                    tcp.settle(sock, state)
+            if self.gate is None:               # let go one by one: live before
+                _make_live(built, claim)
             maybe_pause("finalize")             # all prepared, nothing let go yet
             root = self.husk
             # Let the tree go all or nothing: the gate it was born in frozen, each process
@@ -659,7 +674,17 @@ class StagedTree:
                 if i == 0:
                     maybe_pause("resuming")     # one process let go (into the gate), not all
             if gate is not None:
-                gate.open()                     # the commit: the whole tree runs from here
+                _make_live(built, None)         # the whole tree frozen in its gate, let go
+                maybe_pause("live")             # its connections live, not committed yet
+                gate.commit()                   # the commit: the whole tree runs from here
+                if claim:
+                    # only now: once the address is here, the peers' bytes are taken in by
+                    # these sockets, and could not be given back to the source (a settler
+                    # that finds the gate committed claims it: outcomes.py)
+                    _make_live([], claim)
+                    for sock, state in built:
+                        tcp.settle(sock, state)
+                gate.thaw()
             t_resumed = time.monotonic()
         except BaseException:
             if gate is not None:

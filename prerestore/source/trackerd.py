@@ -20,7 +20,7 @@ from .. import netaddr
 from ..errors import PrerestoreError, ProtocolError
 from ..faults import maybe_pause, phase
 from ..kernel import native
-from ..recovery import Journal
+from ..recovery import Journal, source_undo_record
 from ..transport import control
 from .session import SourceSession, external_names
 
@@ -45,15 +45,23 @@ def finish_dump(session: SourceSession, leave: str) -> None:
 
 
 def dump_and_leave(session: SourceSession, directory: str, leave: str,
-                   release_ip: str | None = None, verify: bool = False) -> dict:
+                   release_ip: str | None = None, verify: bool = False,
+                   journal: Journal | None = None) -> dict:
     """The final image, then the source as `leave` says. release_ip: the service address,
     released at the freeze (the destination claims it: finalize --claim-ip), given back if
     the dump fails. verify: the image carries what /proc shows of the frozen tree, for
-    `finalize` to compare the restored tree with (see SourceSession.dump)."""
+    `finalize` to compare the restored tree with (see SourceSession.dump). journal: told,
+    before the freeze, what the dump will change on this host (the address, the tree's TCP
+    sockets in repair mode), so that `prerestore recover` puts it back should we die in
+    between."""
     if release_ip and leave == "running":
         raise PrerestoreError("the service address cannot leave a source that runs on "
                               "(--release-ip with --leave-running)")
-    release = netaddr.releasing(netaddr.find(release_ip)) if release_ip else None
+    moving = netaddr.find(release_ip) if release_ip else None
+    if journal is not None:
+        # no forwarding here (nobody holds what peers send meanwhile), so no sysctl changes
+        journal.update(undo=source_undo_record(moving, None))
+    release = netaddr.releasing(moving) if moving else None
     try:
         with phase("dump"):
             stats = session.dump(directory, frozen_hook=release, verify=verify or None).stats
@@ -123,7 +131,8 @@ class TrackerService:
             verify = msg.get("verify", False)
             if not isinstance(verify, bool):
                 raise ProtocolError("verify must be true or false")
-            stats = dump_and_leave(self.session, directory, leave, release_ip, verify)
+            stats = dump_and_leave(self.session, directory, leave, release_ip, verify,
+                                   self.journal)
             # the source is killed, left stopped or running, as asked: nothing to settle
             self.journal.settle()
             return {"ok": True, "stats": stats}, True
