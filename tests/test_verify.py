@@ -83,6 +83,22 @@ def test_areas_split_by_a_gap_flag_are_compared_as_merged():
     assert [verify.field_kind(d.field) for d in diffs] == ["maps.vmflag.nh"]
 
 
+def test_a_stack_in_two_parts_is_compared_as_one():
+    """A forked process's stack can be two VMAs on the destination (the part inherited from
+    its parent's husk and the part made for it have different anon_vmas, so the kernel does
+    not merge them): only the part holding the stack's start is named [stack]."""
+    flags = "rd wr mr mw me gd ac"
+    src = _state(**{"maps[7000-9000].perms": "rw-p", "maps[7000-9000].path": "[stack]",
+                    "maps[7000-9000].vmflags": flags})
+    dst = _state(**{"maps[7000-8000].perms": "rw-p", "maps[7000-8000].path": "",
+                    "maps[7000-8000].vmflags": flags,
+                    "maps[8000-9000].perms": "rw-p", "maps[8000-9000].path": "[stack]",
+                    "maps[8000-9000].vmflags": flags})
+    assert verify.compare([src], [dst]) == []
+    dst.fields["maps[7000-8000].perms"] = "r--p"          # not the same memory any more
+    assert verify.compare([src], [dst])
+
+
 def test_snapshot_travels_in_the_image():
     from test_image import make_round
     snap = visible.snapshot_tree([os.getpid()])

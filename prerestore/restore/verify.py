@@ -7,6 +7,7 @@ reported, not fatal, so that the gap shows in every report until it is closed). 
 difference fails the restore (the source resumes), naming pid, thread, field and both values."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -250,10 +251,21 @@ def _split_vmflags(fields: dict[str, str]) -> dict[str, str]:
         # _map_offset): protections, name, and the flags that are compared
         strict = {k: v for k, v in area.items()
                   if f"maps.{k}" not in loose and k not in ("offset", "dev", "inode")}
-        if merged and merged[-1][1] == start and merged[-1][3] == strict and \
-                area.get("path", "") in _PAGE_NAMES:
-            merged[-1][1] = end
-            merged[-1][2] = area | merged[-1][2]        # the first part's offset
+        # An anonymous area the kernel could not merge with its neighbour (the two parts
+        # have different anon_vmas: one inherited from the husk a process was forked from,
+        # one made for it) shows as two lines, of which only the part holding the stack's
+        # start is named [stack] (or the heap's [heap]): the same memory, taken as one.
+        prev = merged[-1] if merged else None
+        unnamed = {"", "[stack]", "[heap]"}
+        same = prev is not None and (prev[3] == strict or (
+            prev[2].get("path", "") in unnamed and area.get("path", "") in unnamed and
+            {k: v for k, v in prev[3].items() if k != "path"} ==
+            {k: v for k, v in strict.items() if k != "path"}))
+        if prev and prev[1] == start and same and area.get("path", "") in _PAGE_NAMES:
+            prev[1] = end
+            name = prev[2].get("path", "") or area.get("path", "")
+            prev[2] = area | prev[2] | {"path": name}      # the first part's offset
+            prev[3] = dict(prev[3], path=name)
         else:
             merged.append([start, end, dict(area), strict])
     for start, end, area, _ in merged:
@@ -299,7 +311,8 @@ def check(source: list[VisibleState], restored: list[VisibleState]) -> list[str]
     gaps = [d for d in diffs if field_kind(d.field) in KNOWN_GAPS]
     real = [d for d in diffs if field_kind(d.field) not in KNOWN_GAPS]
     if real:
-        more = f" (and {len(real) - 5} more)" if len(real) > 5 else ""
+        shown = int(os.environ.get("PRERESTORE_VERIFY_SHOW", "5"))
+        more = f" (and {len(real) - shown} more)" if len(real) > shown else ""
         raise RestoreError("verify: the restored tree differs from the source: " +
-                           "; ".join(str(d) for d in real[:5]) + more)
+                           "; ".join(str(d) for d in real[:shown]) + more)
     return [str(d) for d in gaps]
