@@ -84,6 +84,27 @@ class Gate:
 
     def __init__(self, path: str):
         self.path = path
+        self._fds: dict[str, int] = {}
+
+    def prepare(self) -> None:
+        """Open the files the final step writes, now (opening a cgroup file costs ~30 us,
+        and the final step writes three: freeze, mark, thaw)."""
+        for name in ("cgroup.freeze", "cgroup.max.descendants"):
+            if name not in self._fds:
+                self._fds[name] = os.open(os.path.join(self.path, name),
+                                          os.O_WRONLY | os.O_CLOEXEC)
+
+    def _set(self, name: str, text: str) -> None:
+        fd = self._fds.get(name)
+        if fd is None:
+            _write(os.path.join(self.path, name), text)
+        else:
+            os.write(fd, text.encode())
+
+    def forget(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
     @classmethod
     def make(cls, path: str | None) -> "Gate | None":
@@ -115,7 +136,7 @@ class Gate:
 
     def close(self) -> None:
         """Before letting the tree go: frozen from here, what is let go stays frozen."""
-        _write(os.path.join(self.path, "cgroup.freeze"), "1")
+        self._set("cgroup.freeze", "1")
 
     def open(self) -> None:
         """The commit (the mark), then every process in the gate runs, all at once. Also
@@ -125,10 +146,10 @@ class Gate:
 
     def commit(self) -> None:
         """The mark alone: from here the tree is to run (whoever outlives us thaws it)."""
-        _write(os.path.join(self.path, "cgroup.max.descendants"), self.COMMITTED)
+        self._set("cgroup.max.descendants", self.COMMITTED)
 
     def thaw(self) -> None:
-        _write(os.path.join(self.path, "cgroup.freeze"), "0")
+        self._set("cgroup.freeze", "0")
 
     def pids(self) -> list[int]:
         try:
@@ -167,6 +188,7 @@ class Gate:
 
     def remove(self, timeout: float = 5.0) -> None:
         """rmdir, once the processes killed or moved out are gone from it."""
+        self.forget()
         deadline = time.monotonic() + timeout
         while True:
             try:

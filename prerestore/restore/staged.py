@@ -479,7 +479,10 @@ class StagedTree:
             if task.pid == 1 and not self.pidns:
                 raise ImageError("the tree's root is the init of its own pid namespace: it can "
                                  "only be restored as one (--pidns)")
-            self.gate = self.gate or cgroup.Gate.make(self.gate_path)
+            if self.gate is None:
+                self.gate = cgroup.Gate.make(self.gate_path)
+                if self.gate is not None:
+                    self.gate.prepare()
             fd = self.gate.fd() if self.gate else -1
             try:
                 husk = Husk.spawn(task.pid, pidns=self.pidns, cgroup_fd=fd)
