@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 
 from . import netaddr, outcomes
@@ -107,34 +106,10 @@ def repair_off_tree(root: int) -> int:
     """Take repair mode off every TCP socket of the tree that is in it (a dead migration left
     them so: silent, neither sending nor answering). Returns how many."""
     count = 0
-    for task in procfs.tree(root):
-        try:
-            names = os.listdir(f"/proc/{task.pid}/fd")
-            pidfd = native.pidfd_open(task.pid)
-        except (OSError, PrerestoreError):
-            continue
-        seen: set[str] = set()
-        try:
-            for name in names:
-                try:
-                    target = os.readlink(f"/proc/{task.pid}/fd/{name}")
-                except OSError:
-                    continue
-                if not target.startswith("socket:[") or target in seen:
-                    continue
-                seen.add(target)
-                try:
-                    sock = socket.socket(fileno=native.pidfd_getfd(pidfd, int(name), task.pid))
-                except (OSError, PrerestoreError):
-                    continue
-                try:
-                    if tcp.in_repair(sock):
-                        tcp.repair_off(sock)
-                        count += 1
-                finally:
-                    sock.close()
-        finally:
-            os.close(pidfd)
+    for sock in tcp.held_sockets(task.pid for task in procfs.tree(root)):
+        if tcp.in_repair(sock):
+            tcp.repair_off(sock)
+            count += 1
     return count
 
 

@@ -337,12 +337,10 @@ def go_live(sock: socket.socket, state: dict) -> None:
             fcntl.fcntl(sock.fileno(), fcntl.F_SETFL, flags)
 
 
-def silence_held(pids) -> int:
-    """Put every established TCP socket that these processes hold into repair mode (taken
-    with pidfd_getfd), so that when they are killed their connections close without a FIN or
-    a reset: a restored tree that never ran (its gate is destroyed) must not end the
-    connections of the source, which resumes. Returns how many."""
-    count = 0
+def held_sockets(pids):
+    """Each socket these processes hold, once (by inode), as our own copy taken with
+    pidfd_getfd (closed when the caller moves on); processes and fds that vanish meanwhile
+    are passed over."""
     seen: set[str] = set()
     for pid in pids:
         try:
@@ -364,14 +362,25 @@ def silence_held(pids) -> int:
                 except (OSError, PrerestoreError):
                     continue
                 try:
-                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == \
-                            socket.IPPROTO_TCP and _info(sock)[0] != 10:      # not LISTEN
-                        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
-                        count += 1
-                except OSError:
-                    pass
+                    yield sock
                 finally:
                     sock.close()
         finally:
             os.close(pidfd)
+
+
+def silence_held(pids) -> int:
+    """Put every established TCP socket that these processes hold into repair mode, so that
+    when they are killed their connections close without a FIN or a reset: a restored tree
+    that never ran (its gate is destroyed) must not end the connections of the source, which
+    resumes. Returns how many."""
+    count = 0
+    for sock in held_sockets(pids):
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == socket.IPPROTO_TCP \
+                    and _info(sock)[0] != 10:                          # not LISTEN
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+                count += 1
+        except OSError:
+            pass
     return count
