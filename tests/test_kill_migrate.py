@@ -152,3 +152,37 @@ def test_recover_refuses_while_the_migration_runs(workload_bins, tmp_path):
         src.kill()
         src.wait(10)
         assert wait_gone(lambda: helper_processes(src.pid))
+
+
+def test_a_failure_after_the_injected_query_leaves_the_source_running(workload_bins, tmp_path,
+                                                                       monkeypatch):
+    """The injected query leaves each thread held (it would stop itself if we died); a
+    failure right after it, before the tree is held as a whole, must still give every thread
+    its own registers back: the source runs on, unharmed."""
+    from prerestore.errors import RestoreError
+    from prerestore.migrate import migrate
+    from prerestore.policy import ConvergencePolicy
+    from prerestore.source.process import ProcessSource
+
+    query = ProcessSource.query_inside
+
+    def query_then_fail(self, *args, **kw):
+        query(self, *args, **kw)
+        raise RestoreError("injected failure after the query")
+    monkeypatch.setattr(ProcessSource, "query_inside", query_then_fail)
+    argv = workload_argv(workload_bins, "counters", "sleep")
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log, env=ENV)
+    try:
+        wait_for_iteration(log, 100, pid=src.pid)
+        with pytest.raises(RestoreError, match="injected failure after the query"):
+            migrate(src.pid, policy=ConvergencePolicy(min_rounds=2, max_rounds=2),
+                    work_dir=str(tmp_path / "images"))
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 200, timeout=30, pid=src.pid)
+        assert state(src.pid) in ("S", "R")
+        assert "BAD" not in log.read_text()
+        assert compare_with_reference(log, argv, env=ENV) >= 3
+    finally:
+        src.kill()
+        src.wait(10)

@@ -806,7 +806,13 @@ class SourceSession:
                 self.holds.append(r)
 
     def _unhold(self) -> None:
-        for r in self.holds:
+        """Every thread we left held gets its own registers and mask back: those hold() held,
+        and those an injected query left held before hold() ran (a failure in between)."""
+        remotes = {id(r): r for r in self.holds}
+        for p in self.procs.values():
+            remotes |= {id(r): r for r in p.remotes.values()}
+            p.remotes = {}
+        for r in remotes.values():
             try:
                 r.release()
             except KernelCallError:
