@@ -8,19 +8,14 @@ import os
 import pytest
 
 from migration import helper_processes, needs_root, prerestore
-from workloads import (compare_with_reference, last_iteration, start_workload,
-                       wait_for_iteration, workload_argv)
 
 from prerestore.errors import ImageError, RestoreError
 from prerestore.image import schema
 from prerestore.kernel import visible
 from prerestore.migrate import migrate
 from prerestore.model import VisibleState
-from prerestore.policy import ConvergencePolicy
 from prerestore.restore import verify
 
-ENV = {"MB": "16"}
-POLICY = ConvergencePolicy(min_rounds=2, max_rounds=3)
 
 
 # ---- the comparison alone ------------------------------------------------------------------
@@ -124,21 +119,9 @@ def test_modes(monkeypatch):
 
 # ---- a migration that verifies ---------------------------------------------------------------
 
-@pytest.fixture
-def source(workload_bins, tmp_path):
-    argv = workload_argv(workload_bins, "counters", "sleep")
-    log = tmp_path / "out.log"
-    src = start_workload(argv, log, env=ENV)
-    wait_for_iteration(log, 100, pid=src.pid)
-    yield src, log, argv
-    src.kill()
-    src.wait(10)
-
-
-def _intact(src, log, argv):
-    it = last_iteration(log)
-    wait_for_iteration(log, it + 200, timeout=30, pid=src.pid)
-    assert compare_with_reference(log, argv, env=ENV) >= 3
+# the same counters workload, fixture and check as the failure tests (test_failures.py)
+from test_failures import POLICY, source  # noqa: E402,F401  (source: a fixture)
+from test_failures import assert_source_intact as _intact  # noqa: E402
 
 
 @needs_root
