@@ -145,7 +145,11 @@ def snapshot(pid: int, names: dict[int, int]) -> VisibleState:
         st = _stat(_read(pid, "stat"))
         for i, name in STAT_PROCESS.items():
             value = st[i]
-            if name in STAT_PIDS and value != "-1":        # tpgid -1: no terminal
+            if name in STAT_PIDS and value == "0":
+                # a process led (or parented) from a pid namespace above the reader's reads 0:
+                # outside, as a pid of a process not in the tree (CI runs in a container)
+                value = "outside"
+            elif name in STAT_PIDS and value != "-1":      # tpgid -1: no terminal
                 value = _name(value, names)
             fields[f"stat.{name}"] = value
         fields["comm"] = _read(pid, "comm").rstrip("\n")
