@@ -71,6 +71,17 @@ def _pid_lingers(pid: int, since: float, wait: float = 5.0) -> bool:
     return True
 
 
+def wait_exit(pid: int) -> None:
+    """Collect the exit of a task we trace. A stop it had pending is reported to its tracer
+    first (without WUNTRACED): that report is not the exit, wait on."""
+    while True:
+        try:
+            if not os.WIFSTOPPED(os.waitpid(pid, WALL)[1]):
+                return
+        except ChildProcessError:
+            return
+
+
 def resumable_regs(saved: dict[str, int]) -> dict[str, int]:
     """The registers to resume with: a thread stopped inside a system call restarts it, as
     the kernel would have on its way back to user space."""
@@ -277,10 +288,7 @@ class Husk:
         if sig == SIGKILL:
             # it acts at once, on a stopped tracee too; its exit is ours to collect first
             os.kill(self.host_pid, SIGKILL)
-            try:
-                os.waitpid(self.host_pid, WALL)
-            except ChildProcessError:
-                pass
+            wait_exit(self.host_pid)
             self.tracee.attached = False
         elif sig:
             # A signal given with PTRACE_DETACH is only delivered from a signal-delivery stop,
@@ -300,10 +308,7 @@ class Husk:
                 self.remote.call(lib.SYS_exit_group, z.exit_code >> 8 & 0xFF, check=False)
             except KernelCallError:
                 pass                                 # it exits: no trap to report
-            try:
-                os.waitpid(self.host_pid, WALL)
-            except ChildProcessError:
-                pass
+            wait_exit(self.host_pid)
             self.tracee.attached = False
         self.close()
 
@@ -713,10 +718,7 @@ class Husk:
             self.remote.sharing(t).call(lib.SYS_exit, 0, check=False)
         except KernelCallError:
             pass                                      # it exits: no trap to report
-        try:
-            os.waitpid(t.pid, 0x40000000)             # __WALL: collect it, we trace it
-        except ChildProcessError:
-            pass
+        wait_exit(t.pid)                              # we trace it: collect it
         t.attached = False
 
     def _create_threads(self, tids: list[int]) -> None:
@@ -1014,7 +1016,12 @@ class Husk:
                 except ChildProcessError:
                     pass
             try:
-                if os.waitpid(self.host_pid, wall | nohang)[0] == self.host_pid:
+                # A report of a stop it had pending when it was killed (a tracee's stop is
+                # reported to its tracer without WUNTRACED) is not its exit: only the exit
+                # lets a namespace init, which waits for it, die (then _reap would wait
+                # for that init forever).
+                pid, status = os.waitpid(self.host_pid, wall | nohang)
+                if pid == self.host_pid and not os.WIFSTOPPED(status):
                     return
             except ChildProcessError:
                 return
