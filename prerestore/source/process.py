@@ -153,6 +153,7 @@ class ProcessSource:
         self.inherited: list[tuple[int, int]] = []
         self.frozen: list[Tracee] = []     # every thread, the main one first, while frozen
         self.remotes: dict = {}            # tid -> RemoteSyscalls of a thread we injected into
+        self.scratch_remote = None         # the one whose scratch area query_inside left mapped
         self._maps_raw, self._maps_parsed = b"", []
 
     def gone(self, error: BaseException | None = None) -> bool:
@@ -262,8 +263,9 @@ class ProcessSource:
     def query_inside(self, layout: list[Vma], status: dict[str, str]) -> dict:
         """What only the process can tell, in one injected batch per thread: brk and the
         actions of the signals it catches or ignores (process-wide, asked in the main
-        thread), clear_child_tid and sigaltstack (each thread's own). It maps and unmaps a
-        scratch area (an mmap_lock writer), so it runs before the last dirty scan starts."""
+        thread), clear_child_tid and sigaltstack (each thread's own). It maps a scratch area
+        (an mmap_lock writer), so it runs before the last dirty scan starts, and leaves it
+        mapped (see the end)."""
         handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
         timers = procfs.timers(self.pid)
         signals = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1]
@@ -335,8 +337,13 @@ class ProcessSource:
                             tm.id, tm.clock, tm.signo, tm.value, tm.notify,
                             index.get(tm.target, 0) if tm.notify & 4 else 0, (i_s, i_ns),
                             (r_s, r_ns), results[overruns[i]]))
-        finally:
+        except BaseException:
             main.unmap_scratch()
+            raise
+        # Left mapped (a round trip less in the downtime): the layout was read before it was
+        # mapped, so no round carries it; the source is killed once its copy runs, a
+        # rollback unmaps it (SourceSession._unhold), `recover` finds it by its mark.
+        self.scratch_remote = main
         return out
 
     def collect_state(self, layout: list[Vma], status: dict[str, str], inside: dict,

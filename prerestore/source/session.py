@@ -785,6 +785,7 @@ class SourceSession:
         for p in self.procs.values():
             p.frozen = []
             p.remotes = {}
+            p.scratch_remote = None
         for s in self.repaired:          # still in repair mode: it closes without a word
             s.close()
         self.repaired = []
@@ -812,6 +813,12 @@ class SourceSession:
         and those an injected query left held before hold() ran (a failure in between)."""
         remotes = {id(r): r for r in self.holds}
         for p in self.procs.values():
+            if p.scratch_remote is not None:       # left mapped by query_inside
+                try:
+                    p.scratch_remote.unmap_scratch()
+                except KernelCallError:
+                    pass
+                p.scratch_remote = None
             remotes |= {id(r): r for r in p.remotes.values()}
             p.remotes = {}
         for r in remotes.values():
