@@ -62,10 +62,27 @@ def own_cgroup() -> str | None:
 
 
 def gate_path(pid: int | None = None) -> str | None:
-    """Where process pid (default: this one), in our own cgroup, makes its gate: a child of
-    that cgroup."""
+    """Where process pid (default: this one; a process of our pid namespace), in our own
+    cgroup, makes its gate: a child of that cgroup, named by the pid and the pid namespace
+    it is a pid of."""
     parent = own_cgroup()
-    return os.path.join(parent, f"{GATE_PREFIX}{pid or os.getpid()}") if parent else None
+    return os.path.join(parent, f"{GATE_PREFIX}{pid or os.getpid()}-{_pidns()}") \
+        if parent else None
+
+
+def _pidns() -> int:
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
+def _orphaned(name: str) -> bool:
+    """Is the gate `name` one whose restorer is dead? Only a gate of our own pid namespace can
+    tell (cgroups are seen from every namespace; a pid of another one means nothing here:
+    restorers in two containers, or a test run in a pid namespace of its own beside others,
+    must not settle each other's gates). A name without a namespace is taken as ours."""
+    pid, _, ns = name[len(GATE_PREFIX):].partition("-")
+    if not pid.isdigit() or (ns and ns != str(_pidns())):
+        return False
+    return _zombie(int(pid))
 
 
 def _write(path: str, text: str) -> None:
@@ -203,7 +220,7 @@ class Gate:
 
 
 def sweep(parent: str | None = None) -> list[str]:
-    """Settle the gates of dead restorers (their pid is in the name) under parent (default:
+    """Settle the gates of dead restorers (their pid is in the name: _orphaned) under parent (default:
     our own cgroup, where the daemons we start make theirs): see settle_orphan. Returns what
     was done, one line per gate that held processes."""
     parent = parent or own_cgroup()
@@ -217,8 +234,7 @@ def sweep(parent: str | None = None) -> list[str]:
     for name in names:
         if not name.startswith(GATE_PREFIX):
             continue
-        pid = name[len(GATE_PREFIX):]
-        if not pid.isdigit() or not _zombie(int(pid)):     # its daemon still lives
+        if not _orphaned(name):          # its daemon still lives (or is not ours to judge)
             continue
         line = settle_orphan(Gate(os.path.join(parent, name)))
         if line:
@@ -257,8 +273,7 @@ def all_orphans() -> list[Gate]:
         for d in list(dirs):
             if d.startswith(GATE_PREFIX):
                 dirs.remove(d)                         # nothing of ours below a gate
-                pid = d[len(GATE_PREFIX):]
-                if pid.isdigit() and _zombie(int(pid)):
+                if _orphaned(d):
                     out.append(Gate(os.path.join(top, d)))
     return out
 

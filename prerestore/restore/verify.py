@@ -52,7 +52,7 @@ def _gate_free(value: str, _fields) -> str:
     # the husks are born in the restorer's gate cgroup, a child of its own cgroup, and are
     # moved back into that one as the gate is removed (kernel/cgroup.py): the gate is where
     # they wait, not where they run
-    return re.sub(r"/prerestore-gate-\d+$", "", value) or "/"
+    return re.sub(r"/prerestore-gate-[0-9-]+$", "", value) or "/"
 
 
 def _map_offset(value: str, fields, key: str) -> str | None:
