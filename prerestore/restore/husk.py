@@ -283,6 +283,15 @@ class Husk:
                 pass
             self.tracee.attached = False
         elif sig:
+            # Its death by that signal: the husk may ignore it (dispositions its spawner
+            # ignored across exec: Python ignores SIGPIPE and SIGXFSZ, a shell's background
+            # job SIGINT), and must not dump a core (of the parent husk's memory; the
+            # source's core, if any, is refused by name before the freeze: tree_problems)
+            b = self.remote.batch()
+            b.call(lib.SYS_rt_sigaction, sig, b.put(KSIGACTION.pack(0, 0, 0, 0)), 0, 8,
+                   label=f"rt_sigaction({sig}, SIG_DFL)")
+            b.call(lib.SYS_prctl, lib.PR_SET_DUMPABLE, 0)
+            self.remote.run(b)
             # A signal given with PTRACE_DETACH is only delivered from a signal-delivery stop,
             # and the husk is in a ptrace-event stop: it would be dropped (the husk went on
             # living). Queued before the detach, it is delivered as the husk runs on.

@@ -1,0 +1,127 @@
+"""Exact or refused: process state a program sets on itself, and a parent waiting for its
+children. zdtm-like: each workload sets one kind of state up, checks it itself every
+iteration (printing BAD and exiting if it changed), and its output is compared with an
+unmigrated run's; by pre-restore and cold restore, on one host and through image files.
+Every migration is also compared through /proc (PRERESTORE_VERIFY, conftest)."""
+from __future__ import annotations
+
+import pytest
+
+from migration import move_and_compare, needs_root
+
+pytestmark = needs_root
+
+HOW = [pytest.param(False, True, id="prerestore-direct"),
+       pytest.param(True, True, id="cold-direct"),
+       pytest.param(False, False, id="prerestore-files"),
+       pytest.param(True, False, id="cold-files")]
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_a_parent_waiting_with_a_zombie_child(cbin, tmp_path, cold, direct):
+    """The root blocks in waitpid(worker) with a zombie child it has not reaped: the zombie
+    comes back a zombie of the root (status kept), the root still waits, and the migration
+    takes no longer than another."""
+    r = move_and_compare(tmp_path, [cbin("zombiewait"), "zombie"], direct=direct, cold=cold,
+                         warm_up=200, more=300)
+    assert r["downtime_ms"] < 2000, r["downtime_ms"]
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_a_parent_reaping_children_all_the_time(cbin, tmp_path, cold, direct):
+    """The root forks a child and waits for it in waitpid, over and over: a freeze finds it
+    in wait4 with a child running, exiting or a zombie; it goes on reaping after the move."""
+    r = move_and_compare(tmp_path, [cbin("zombiewait"), "churn"], direct=direct, cold=cold,
+                         warm_up=200, more=300)
+    assert r["downtime_ms"] < 2000, r["downtime_ms"]
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _wait_state(pid: int, want: str, timeout: float = 10.0) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while _state(pid) != want:
+        assert time.monotonic() < deadline, f"pid {pid} is {_state(pid)}, not {want}"
+        time.sleep(0.01)
+
+
+# exits; dies of SIGPIPE (which the restorer ignores), of SIGSEGV (no core), of SIGKILL
+@pytest.mark.parametrize("death", ["exit", "13", "11", "9"])
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_a_parent_in_wait_for_a_child_that_exited_meanwhile(cbin, tmp_path, cold, direct,
+                                                            death):
+    """The root blocks in waitpid(C); it is stopped (SIGSTOP) and C exits meanwhile: a
+    zombie whose parent is in wait4, about to reap it. Migrated like that, the restored root
+    reaps C with its status once it goes on (SIGCONT), and the move is not slower for it."""
+    import os
+    import re
+    import signal
+
+    from migration import Cleanup, wait_for_line
+    from prerestore.migrate import migrate
+    from prerestore.policy import ConvergencePolicy
+    from workloads import last_iteration, start_workload, wait_for_iteration
+    log = tmp_path / "out.log"
+    src = start_workload([cbin("zombiewait"), "reap", "0" if death == "exit" else death], log)
+    cleanup = Cleanup()
+    try:
+        child = int(re.search(r"child=(\d+)", log.read_text()).group(1))
+        wait_for_iteration(log, 200, pid=src.pid)
+        os.kill(src.pid, signal.SIGSTOP)
+        _wait_state(src.pid, "T")
+        os.kill(child, signal.SIGUSR1)
+        _wait_state(child, "Z")
+        r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
+                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
+        host = r["restored_host_pid"]
+        cleanup.add(r["namespace_init_pid"], host, *r.get("restored_tree", {}).values())
+        src.wait(10)
+        assert r["downtime_ms"] < 2000, r["downtime_ms"]
+        assert "reaped" not in log.read_text()
+        os.kill(host, signal.SIGCONT)
+        reaped = "reaped status=42" if death == "exit" else f"reaped signal={death}"
+        assert wait_for_line(log, reaped), log.read_text()[-500:]
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 200, timeout=60, pid=host)
+        assert "BAD" not in log.read_text()
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)
+
+
+def test_a_zombie_that_dumped_core_is_refused(cbin, tmp_path):
+    """A zombie whose status says it dumped a core: the husk cannot die with that bit
+    without dumping one. Refused before the freeze, naming the zombie; the source goes on
+    (its root reaps it with the bit)."""
+    import os
+    import re
+    import signal
+
+    from migration import wait_for_line
+    from prerestore.errors import UnsupportedState
+    from prerestore.migrate import migrate
+    from workloads import kill_pid, start_workload, wait_for_iteration
+    log = tmp_path / "out.log"
+    cores = tmp_path / "cores"
+    cores.mkdir()
+    src = start_workload([cbin("zombiewait"), "reap", "-11", str(cores)], log)
+    try:
+        child = int(re.search(r"child=(\d+)", log.read_text()).group(1))
+        wait_for_iteration(log, 100, pid=src.pid)
+        os.kill(src.pid, signal.SIGSTOP)
+        _wait_state(src.pid, "T")
+        os.kill(child, signal.SIGUSR1)
+        _wait_state(child, "Z")
+        with pytest.raises(UnsupportedState, match=rf"zombie {child} died of signal 11 with a "
+                                                   "core dump"):
+            migrate(src.pid, direct=True, work_dir=str(tmp_path / "images"))
+        os.kill(src.pid, signal.SIGCONT)
+        assert wait_for_line(log, "reaped signal=11 core"), log.read_text()[-500:]
+        assert "BAD" not in log.read_text()
+    finally:
+        kill_pid(src)
