@@ -73,6 +73,8 @@ long pr_peek_siginfo(int pid, int shared, void *buf, long max);
 /* ---- syscall injection ------------------------------------------------------------------- */
 long pr_find_syscall_insn(int pid, uint64_t start, uint64_t end, uint64_t *addr);
 int pr_inject_syscall(int pid, uint64_t insn, int64_t nr, const uint64_t *args, int64_t *ret);
+int pr_inject_syscall_quiet(int pid, uint64_t insn, int64_t nr, const uint64_t *args,
+                            int64_t *ret);
 size_t pr_batch_runner(const void **code);
 size_t pr_thread_starter(const void **code);
 int pr_clone_thread(int pid, uint64_t starter, uint64_t args, uint64_t args_size, int *child);

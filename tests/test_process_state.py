@@ -125,3 +125,13 @@ def test_a_zombie_that_dumped_core_is_refused(cbin, tmp_path):
         assert "BAD" not in log.read_text()
     finally:
         kill_pid(src)
+
+
+@pytest.mark.parametrize("mode", ["handler", "ignored", "blocked"])
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_the_action_of_sigtrap(cbin, tmp_path, cold, direct, mode):
+    """A SIGTRAP handler (its flags and mask), an ignored SIGTRAP, a handled and blocked
+    one: each as it was after the move (the restorer's own traps in the husk must not reset
+    it), the workload trapping (int3, raise) every iteration before and after."""
+    move_and_compare(tmp_path, [cbin("sigtrap"), mode], direct=direct, cold=cold,
+                     warm_up=200, more=300)

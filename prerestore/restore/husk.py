@@ -33,7 +33,7 @@ PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
 # struct sigevent (64 bytes): sigev_value, sigev_signo, sigev_notify, then the target tid
 SIGEVENT = struct.Struct("=Qiii44x")
 OPEN_DROP = lib.O_CREAT | lib.O_TRUNC | lib.O_EXCL | lib.O_NOCTTY
-SIGKILL, SIGSTOP, SIGCHLD = 9, 19, 17
+SIGTRAP, SIGKILL, SIGSTOP, SIGCHLD = 5, 9, 19, 17
 WALL = 0x40000000                         # __WALL: wait for any kind of child
 
 
@@ -913,9 +913,31 @@ class Husk:
             self.hand_over_fds(items, {f.fd for f in state.fds})
         self._register_epoll(state)
         t_handed = time.perf_counter()
-        self.remote.unmap_scratch()
+        self._last_calls(state)
         return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(items),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),
                 "state_ms": (time.perf_counter() - t0) * 1e3}
+
+    def _last_calls(self, state: ProcessState) -> None:
+        """The scratch area away, last. A SIGTRAP action of the source's is set here, after
+        the last trap the restore causes in the husk, and neither call traps: a trap (our
+        batches end in int3, single calls single-step) in a task that ignores SIGTRAP, or
+        blocks it as a husk does, makes the kernel reset SIGTRAP's action to the default
+        (force_sig_info_to_task); the restored program would die of its next SIGTRAP."""
+        trap = state.sigactions.get(SIGTRAP)
+        if trap is None:
+            self.remote.unmap_scratch()
+            return
+        sc = self.remote.scratch
+        native.write_mem(self.host_pid, sc.data_addr,
+                         KSIGACTION.pack(trap.handler, trap.flags, trap.restorer, trap.mask))
+        for label, nr, args in (("rt_sigaction(SIGTRAP)", lib.SYS_rt_sigaction,
+                                 (SIGTRAP, sc.data_addr, 0, 8)),
+                                ("munmap(scratch)", lib.SYS_munmap, (sc.addr, sc.size))):
+            ret = native.inject_syscall_quiet(self.host_pid, self.remote.insn, nr, *args)
+            if -4096 < ret < 0:
+                raise RestoreError(f"husk {self.pid}: injected {label} failed: "
+                                   f"{os.strerror(-ret)}")
+        self.remote.scratch = None
 
     def _timer_calls(self, b, state: ProcessState) -> None:
         """POSIX timers with the ids the program holds (PR_TIMER_CREATE_RESTORE_IDS: the
