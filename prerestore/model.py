@@ -315,6 +315,8 @@ class ThreadState:
     sched: tuple[int, ...] | None = None
     cpus: list[int] = field(default_factory=list)         # its CPU affinity; empty: leave it
     creds: "Credentials | None" = None     # its own, where they differ from the process's
+    name: str = ""             # its comm (PR_SET_NAME, pthread_setname_np); "": leave it
+    timerslack: int = 0        # its timer slack in ns (PR_SET_TIMERSLACK); 0: leave it
 
 
 @dataclass

@@ -135,3 +135,12 @@ def test_the_action_of_sigtrap(cbin, tmp_path, cold, direct, mode):
     it), the workload trapping (int3, raise) every iteration before and after."""
     move_and_compare(tmp_path, [cbin("sigtrap"), mode], direct=direct, cold=cold,
                      warm_up=200, more=300)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_thread_names_timer_slack_and_memory_names(cbin, tmp_path, cold, direct):
+    """Each thread's name and timer slack (the main thread's, one thread's own, one left at
+    its default), and the names of anonymous areas (part of a mapping, a whole one) come
+    back as they were; --verify compares each thread's name, the timer slack and maps."""
+    move_and_compare(tmp_path, [cbin("procattrs")], direct=direct, cold=cold, warm_up=200,
+                     more=300)

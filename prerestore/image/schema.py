@@ -54,7 +54,8 @@ def _thread(t: ThreadState) -> dict:
             "rseq": list(t.rseq) if t.rseq else None, "robust_list": list(t.robust_list),
             "clear_child_tid": t.clear_child_tid, "sigaltstack": list(t.sigaltstack),
             "pending": t.pending, "sched": list(t.sched) if t.sched else None, "cpus": t.cpus,
-            "creds": vars(t.creds) if t.creds else None}
+            "creds": vars(t.creds) if t.creds else None, "name": t.name,
+            "timerslack": t.timerslack}
 
 
 def _state(s: ProcessState) -> dict:
@@ -351,7 +352,17 @@ def _decode_thread(t, path: str) -> ThreadState:
         sched=None if sched is None else _ints(sched, f"{path}.sched", SCHED_SPANS),
         cpus=[_int(c, f"{path}.cpus[{i}]", (0, 8191))
               for i, c in enumerate(_list(get("cpus"), f"{path}.cpus"))],
-        creds=_creds(get("creds"), f"{path}.creds"))
+        creds=_creds(get("creds"), f"{path}.creds"),
+        name=_comm(get("name", ""), f"{path}.name"),
+        timerslack=_int(get("timerslack", 0), f"{path}.timerslack", U64))
+
+
+def _comm(value, path: str) -> str:
+    """A task's name: at most 15 bytes (TASK_COMM_LEN), no NUL."""
+    if not isinstance(value, str) or "\0" in value or \
+            len(value.encode(errors="surrogateescape")) > 15:
+        raise _bad(path, "a task name of at most 15 bytes", value)
+    return value
 
 
 def _decode_fd(f, path: str, where: str) -> FileDescriptor:

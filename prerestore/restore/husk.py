@@ -670,6 +670,15 @@ class Husk:
         sp, flags, size = th.sigaltstack
         if not flags & 2:          # SS_DISABLE: nothing to install
             b.call(lib.SYS_sigaltstack, b.put(STACK_T.pack(sp, flags & ~1, 0, size)), 0)
+        if th.name:
+            b.call(lib.SYS_prctl, lib.PR_SET_NAME,
+                   b.put(th.name.encode(errors="surrogateescape")[:15] + b"\0"),
+                   label=f"prctl(PR_SET_NAME) thread {th.tid}")
+        if th.timerslack:
+            # a thread's own (timerslack_ns shows the main one's); a real-time thread's is 0
+            # and stays 0: its policy is set last (load_registers), which zeroes it
+            b.call(lib.SYS_prctl, lib.PR_SET_TIMERSLACK, th.timerslack,
+                   label=f"prctl(PR_SET_TIMERSLACK) thread {th.tid}")
 
     CAP_LAST = 40                                       # CAP_CHECKPOINT_RESTORE
     CAPS_V3 = 0x20080522                                # _LINUX_CAPABILITY_VERSION_3
@@ -877,6 +886,12 @@ class Husk:
                 continue
             act = b.put(KSIGACTION.pack(a.handler, a.flags, a.restorer, a.mask))
             b.call(lib.SYS_rt_sigaction, sig, act, 0, 8, label=f"rt_sigaction({sig})")
+        for v in self.layout:
+            if v.path.startswith("[anon:") and v.path.endswith("]") and not v.shared:
+                # an anonymous area's name (PR_SET_VMA_ANON_NAME), as maps shows it
+                b.call(lib.SYS_prctl, lib.PR_SET_VMA, lib.PR_SET_VMA_ANON_NAME, v.start, v.size,
+                       b.put_str(v.path[len("[anon:"):-1]),
+                       label=f"prctl(PR_SET_VMA_ANON_NAME) {v.start:#x}-{v.end:#x} {v.path}")
         comm = state.comm.encode()[:15]
         b.call(lib.SYS_prctl, lib.PR_SET_NAME, b.put(comm + b"\0"), label="prctl(PR_SET_NAME)")
         b.call(lib.SYS_umask, state.umask)

@@ -285,8 +285,11 @@ class ProcessSource:
                 tid_addr = b.put(b"\0" * 8)
                 ss_addr = b.put(b"\0" * STACK_T.size)
                 sa_addr = b.put(b"\0" * KSIGACTION.size * 65)
+                name_addr = b.put(b"\0" * 16)
                 b.call(lib.SYS_prctl, lib.PR_GET_TID_ADDRESS, tid_addr)
                 b.call(lib.SYS_sigaltstack, 0, ss_addr)
+                b.call(lib.SYS_prctl, lib.PR_GET_NAME, name_addr)
+                slack = b.call(lib.SYS_prctl, lib.PR_GET_TIMERSLACK)
                 if t is self.frozen[0]:
                     pdeath_addr = b.put(b"\0" * 8)
                     b.call(lib.SYS_brk, 0)
@@ -314,9 +317,12 @@ class ProcessSource:
                 out["threads"][t.pid] = {
                     "regs": regs, "sigmask": mask,
                     "clear_child_tid": struct.unpack_from("=Q", data, rel(tid_addr))[0],
-                    "sigaltstack": STACK_T.unpack_from(data, rel(ss_addr))}
+                    "sigaltstack": STACK_T.unpack_from(data, rel(ss_addr)),
+                    "name": data[rel(name_addr):rel(name_addr) + 16].split(b"\0")[0].decode(
+                        errors="surrogateescape"),
+                    "timerslack": results[slack] & 0xFFFFFFFFFFFFFFFF}
                 if t is self.frozen[0]:
-                    out["brk"], out["dumpable"] = results[2], results[3]
+                    out["brk"], out["dumpable"] = results[4], results[5]
                     out["pdeathsig"], out["child_subreaper"] = struct.unpack_from(
                         "=ii", data, rel(pdeath_addr))
                     out["rlimits"] = {res: struct.unpack_from("=QQ", data, rel(rl_addr + 16 * res))
@@ -361,7 +367,8 @@ class ProcessSource:
                 clear_child_tid=mine["clear_child_tid"], sigaltstack=(ss_sp, ss_flags, ss_size),
                 pending=native.peek_siginfo(t.pid, shared=False), sched=thread_sched(t.pid),
                 cpus=sorted(os.sched_getaffinity(t.pid)),
-                creds=None if t.pid == pid else thread_creds(pid, t.pid, process_creds)))
+                creds=None if t.pid == pid else thread_creds(pid, t.pid, process_creds),
+                name=mine["name"], timerslack=mine["timerslack"]))
         fds = []
         for fd in procfs.fd_numbers(pid):
             what, desc, text = procfs.describe_fd_text(pid, fd)
