@@ -58,6 +58,11 @@ const uint64_t PR_UFFD_USER_MODE_ONLY = 1;
 #endif
 const long PR_TIMER_RESTORE_IDS = PR_TIMER_CREATE_RESTORE_IDS;
 
+/* linux/prctl.h 6.3+ (memory-deny-write-execute), 6.4+ (KSM for the whole process);
+ * linux/membarrier.h 6.3+ (the registrations a process made) */
+const long PR_SET_MDWE_ = 65, PR_GET_MDWE_ = 66, PR_SET_MEMORY_MERGE_ = 67,
+           PR_GET_MEMORY_MERGE_ = 68, MEMBARRIER_GET_REGISTRATIONS = 1 << 9;
+
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif

@@ -96,6 +96,8 @@ long pr_runner_parked_offset(void);
 long pr_read_mem(int pid, uint64_t addr, void *buf, size_t len);
 long pr_write_mem(int pid, uint64_t addr, const void *buf, size_t len);
 extern const long PR_CHUNK;
+extern const long PR_SET_MDWE_, PR_GET_MDWE_, PR_SET_MEMORY_MERGE_, PR_GET_MEMORY_MERGE_,
+    MEMBARRIER_GET_REGISTRATIONS;
 extern const long PR_TIMER_RESTORE_IDS;   /* prctl: timer_create takes the id it is given */     /* the most pr_read_pages reads in one call */
 long pr_read_pages(int pid, int mem_fd, const struct pr_range *ranges, long n, long *i,
                    uint64_t *off, char *out);

@@ -144,3 +144,12 @@ def test_thread_names_timer_slack_and_memory_names(cbin, tmp_path, cold, direct)
     back as they were; --verify compares each thread's name, the timer slack and maps."""
     move_and_compare(tmp_path, [cbin("procattrs")], direct=direct, cold=cold, warm_up=200,
                      more=300)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_prctl_attributes_and_membarrier_registrations(cbin, tmp_path, cold, direct):
+    """Securebits, each thread's rdtsc policy and machine-check kill policy, KSM for all
+    memory, memory-deny-write-execute, membarrier registrations (the expedited barriers a
+    program registered for keep working) and the audit login uid come back as they were."""
+    move_and_compare(tmp_path, [cbin("prctlattrs")], direct=direct, cold=cold, warm_up=200,
+                     more=300)

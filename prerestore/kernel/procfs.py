@@ -566,6 +566,11 @@ def oom_score_adj(pid: int) -> int:
     return int(_read(pid, "oom_score_adj"))
 
 
+def loginuid(pid: int) -> int:
+    """The audit login uid (4294967295: never set)."""
+    return int(_read(pid, "loginuid"))
+
+
 def personality(pid: int) -> int:
     return int(_read(pid, "personality"), 16)
 

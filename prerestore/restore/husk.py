@@ -37,6 +37,22 @@ SIGTRAP, SIGKILL, SIGSTOP, SIGCHLD = 5, 9, 19, 17
 WALL = 0x40000000                         # __WALL: wait for any kind of child
 
 
+PR_TSC_SIGSEGV = 2                        # PR_SET_TSC: rdtsc raises SIGSEGV
+PR_SPEC_PRCTL = 1                         # PR_GET_SPECULATION_CTRL: the thread may set it
+SECBIT_KEEP_CAPS = 1 << 4
+# securebits that would stop the husk becoming the source: keep-caps locked, no ambient raise
+# (and its lock)
+SECBITS_LATE = 1 << 5 | 1 << 6 | 1 << 7
+_LOGINUID: list[int] = []
+
+
+def _own_loginuid() -> int:
+    """Ours, which a husk inherits."""
+    if not _LOGINUID:
+        _LOGINUID.append(procfs.loginuid(os.getpid()))
+    return _LOGINUID[0]
+
+
 def husk_program() -> str:
     return str(resources.files("prerestore") / "prerestore-husk")
 
@@ -679,17 +695,37 @@ class Husk:
             # and stays 0: its policy is set last (load_registers), which zeroes it
             b.call(lib.SYS_prctl, lib.PR_SET_TIMERSLACK, th.timerslack,
                    label=f"prctl(PR_SET_TIMERSLACK) thread {th.tid}")
+        if th.tsc == PR_TSC_SIGSEGV:
+            b.call(lib.SYS_prctl, lib.PR_SET_TSC, PR_TSC_SIGSEGV, 0, 0, 0,
+                   label=f"prctl(PR_SET_TSC, SIGSEGV) thread {th.tid}")
+        for which, value in enumerate(th.spec):
+            if value & PR_SPEC_PRCTL and value & ~PR_SPEC_PRCTL:
+                # a control this thread may set (PR_SPEC_PRCTL): its state, exactly
+                b.call(lib.SYS_prctl, lib.PR_SET_SPECULATION_CTRL, which,
+                       value & ~PR_SPEC_PRCTL, 0, 0,
+                       label=f"prctl(PR_SET_SPECULATION_CTRL, {which}, {value:#x}) thread "
+                             f"{th.tid}")
+        if th.mce_kill in (0, 1):                           # late, early; 2: the default
+            b.call(lib.SYS_prctl, lib.PR_MCE_KILL, 1, th.mce_kill, 0, 0,   # PR_MCE_KILL_SET
+                   label=f"prctl(PR_MCE_KILL, {th.mce_kill}) thread {th.tid}")
 
     CAP_LAST = 40                                       # CAP_CHECKPOINT_RESTORE
     CAPS_V3 = 0x20080522                                # _LINUX_CAPABILITY_VERSION_3
 
-    def _cred_calls(self, b, creds) -> None:
+    def _cred_calls(self, b, creds, securebits: int = 0) -> None:
         """Become who the source was, in the thread running the batch (credentials are
         per-thread in the kernel): bounding set, groups, gids, then uids keeping the
-        capabilities to set them exactly, ambient set, no_new_privs. Run last: the husk loses
-        its root powers here."""
+        capabilities to set them exactly, ambient set, no_new_privs, securebits. Run last:
+        the husk loses its root powers here. Securebits: those that would stop us (keep-caps
+        locked, no ambient raise) are set last, which takes CAP_SETPCAP in the source's own
+        effective set (else refused at the source: process.securebits_problem); the others
+        before the uid change, while the husk is root."""
         if creds is None:
             return
+        early = securebits & ~SECBITS_LATE
+        if early:
+            b.call(lib.SYS_prctl, lib.PR_SET_SECUREBITS, early, 0, 0, 0,
+                   label=f"prctl(PR_SET_SECUREBITS, {early:#x})")
         for cap in range(self.CAP_LAST + 1):
             if not creds.cap_bounding >> cap & 1:
                 b.call(lib.SYS_prctl, lib.PR_CAPBSET_DROP, cap, label=f"drop cap {cap}")
@@ -706,7 +742,7 @@ class Husk:
                                  lo(creds.cap_inheritable), hi(creds.cap_effective),
                                  hi(creds.cap_permitted), hi(creds.cap_inheritable)))
         b.call(lib.SYS_capset, header, data)
-        b.call(lib.SYS_prctl, lib.PR_SET_KEEPCAPS, 0)
+        b.call(lib.SYS_prctl, lib.PR_SET_KEEPCAPS, 1 if securebits & SECBIT_KEEP_CAPS else 0)
         if creds.fsuid not in (-1, creds.uids[1]):
             # after setresuid (which sets it to the effective uid): allowed as one of the
             # thread's uids, or with CAP_SETUID in the capabilities just set
@@ -716,6 +752,9 @@ class Husk:
                 b.call(lib.SYS_prctl, lib.PR_CAP_AMBIENT, lib.PR_CAP_AMBIENT_RAISE, cap, 0, 0)
         if creds.no_new_privs:
             b.call(lib.SYS_prctl, lib.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        if securebits & SECBITS_LATE:
+            b.call(lib.SYS_prctl, lib.PR_SET_SECUREBITS, securebits, 0, 0, 0,
+                   label=f"prctl(PR_SET_SECUREBITS, {securebits:#x})")
 
     def sync_threads(self, tids: list[int]) -> None:
         """Have exactly the source's threads: create the new ones, end those that exited."""
@@ -800,7 +839,7 @@ class Husk:
             remote = self.remote.sharing(self.threads[th.tid])
             b = remote.batch()
             self._thread_calls(b, th)
-            self._cred_calls(b, th.creds or state.creds)
+            self._cred_calls(b, th.creds or state.creds, state.securebits)
             remote.run(b)
         b = self.remote.batch()
         opened = set(self.fds)
@@ -911,7 +950,8 @@ class Husk:
         if state.thp_disable:
             b.call(lib.SYS_prctl, lib.PR_SET_THP_DISABLE, 1, 0, 0, 0)
         b.call(lib.SYS_prctl, lib.PR_SET_PDEATHSIG, 0)
-        self._cred_calls(b, state.creds)
+        self._process_attr_calls(b, state, lowest, expected)
+        self._cred_calls(b, state.creds, state.securebits)
         b.call(lib.SYS_prctl, lib.PR_SET_DUMPABLE, state.dumpable)   # a uid change reset it
         if state.pdeathsig and self.parent is not None:
             # after the uid change, which clears it; the root's parent is another process
@@ -953,6 +993,31 @@ class Husk:
                 raise RestoreError(f"husk {self.pid}: injected {label} failed: "
                                    f"{os.strerror(-ret)}")
         self.remote.scratch = None
+
+    def _process_attr_calls(self, b, state: ProcessState, lowest, expected: list) -> None:
+        """What a process sets on itself that holds for its whole address space or task
+        group: its audit login uid (only the process itself may write it, and only once
+        unless it has CAP_AUDIT_CONTROL: the husk still does), KSM for all its memory,
+        membarrier registrations, memory-deny-write-execute (after the last mapping: the
+        husk maps exec areas and its scratch area is RWX; no mapping follows this batch)."""
+        if state.loginuid >= 0 and state.loginuid != _own_loginuid():
+            fd = lowest()
+            b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str("/proc/self/loginuid"),
+                   os.O_WRONLY | lib.O_CLOEXEC, label="openat /proc/self/loginuid")
+            expected.append((len(b) - 1, fd))
+            text = str(state.loginuid).encode()
+            b.call(lib.SYS_write, fd, b.put(text), len(text),
+                   label=f"write loginuid {state.loginuid}")
+            b.call(lib.SYS_close, fd)
+        if state.memory_merge:
+            b.call(lib.SYS_prctl, lib.PR_SET_MEMORY_MERGE_, 1, 0, 0, 0,
+                   label="prctl(PR_SET_MEMORY_MERGE)")
+        for bit in (4, 16, 64, 256):            # the MEMBARRIER_CMD_REGISTER_* commands
+            if state.membarrier & bit:
+                b.call(lib.SYS_membarrier, bit, 0, 0, label=f"membarrier(register {bit})")
+        if state.mdwe:
+            b.call(lib.SYS_prctl, lib.PR_SET_MDWE_, state.mdwe, 0, 0, 0,
+                   label=f"prctl(PR_SET_MDWE, {state.mdwe})")
 
     def _timer_calls(self, b, state: ProcessState) -> None:
         """POSIX timers with the ids the program holds (PR_TIMER_CREATE_RESTORE_IDS: the

@@ -209,6 +209,10 @@ KNOWN_GAPS: dict[str, str] = {
     # system's transparent-huge-page default
     "maps.vmflag.nh": "madvise(MADV_NOHUGEPAGE) of an area",
     "maps.vmflag.hg": "madvise(MADV_HUGEPAGE) of an area",
+    # the audit session id: the kernel numbers sessions itself (a new one each time a
+    # process sets its login uid, which the husk does to carry a login uid other than the
+    # restorer's); it cannot be given
+    "sessionid": "the audit session id",
 }
 
 
