@@ -153,3 +153,11 @@ def test_prctl_attributes_and_membarrier_registrations(cbin, tmp_path, cold, dir
     program registered for keep working) and the audit login uid come back as they were."""
     move_and_compare(tmp_path, [cbin("prctlattrs")], direct=direct, cold=cold, warm_up=200,
                      more=300)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_a_pty_slave_keeps_its_owner_group_and_mode(cbin, tmp_path, cold, direct):
+    """A pty pair made anew gets the slave's owner, group and mode that the program gave
+    it (as `script` or sshd do); --verify compares them for every terminal fd."""
+    move_and_compare(tmp_path, [cbin("ptyowner")], direct=direct, cold=cold, warm_up=200,
+                     more=300)

@@ -52,6 +52,7 @@ FILES = ("personality", "timerslack_ns", "oom_score_adj", "coredump_filter", "lo
          "sessionid")
 LINKS = ("cwd", "root", "exe")
 
+_PTS = re.compile(r"^/dev/pts/\d+$")
 _LOCK_PID = re.compile(r"^(lock:\s+\d+:\s+\S+\s+\S+\s+\S+\s+)(-?\d+)")
 _TIMER_PID = re.compile(r"((?:pid|tid)\.)(\d+)")
 
@@ -103,6 +104,9 @@ def _fds(pid: int, names: dict[int, int], out: dict[str, str]) -> None:
         except FileNotFoundError:
             continue                       # cannot be: the process is frozen
         out[f"fd[{fd}].link"] = link
+        if _PTS.match(link):               # a terminal's owner, group and mode (grantpt)
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+            out[f"fd[{fd}].owner"] = f"{st.st_uid} {st.st_gid} {st.st_mode & 0o7777:o}"
         lines: dict[str, list[str]] = {}
         for line in text.splitlines():
             key, _, value = line.partition(":")
