@@ -161,3 +161,79 @@ def test_a_pty_slave_keeps_its_owner_group_and_mode(cbin, tmp_path, cold, direct
     it (as `script` or sshd do); --verify compares them for every terminal fd."""
     move_and_compare(tmp_path, [cbin("ptyowner")], direct=direct, cold=cold, warm_up=200,
                      more=300)
+
+
+def test_securebits_that_cannot_be_set_again_are_refused(cbin, tmp_path):
+    """Securebits the restored process could only be given with CAP_SETPCAP (no ambient
+    raise), which it dropped from its effective set: refused naming the pid and the bits;
+    the source goes on."""
+    from prerestore.errors import UnsupportedState
+    from prerestore.migrate import migrate
+    from workloads import kill_pid, last_iteration, start_workload, wait_for_iteration
+    log = tmp_path / "out.log"
+    src = start_workload([cbin("prctlattrs"), "nosetpcap"], log)
+    try:
+        wait_for_iteration(log, 100, pid=src.pid)
+        with pytest.raises(UnsupportedState, match=rf"pid {src.pid}: securebits 0x40 .*"
+                                                   "CAP_SETPCAP"):
+            migrate(src.pid, direct=True, work_dir=str(tmp_path / "images"))
+        wait_for_iteration(log, last_iteration(log) + 100, pid=src.pid)
+    finally:
+        kill_pid(src)
+
+
+def test_refusals_of_state_this_host_cannot_show():
+    """x86 user shadow stack and PR_SET_IO_FLUSHER are refused by name (this kernel can set
+    neither: the checks are given what /proc would show)."""
+    from prerestore.source.process import io_flusher_problem, shadow_stack_problem
+    assert shadow_stack_problem(7, {"x86_Thread_features": "\tshstk wrss"}) == \
+        "pid 7: x86 user shadow stack enabled (x86_Thread_features: shstk wrss): not carried"
+    assert shadow_stack_problem(7, {"x86_Thread_features": ""}) is None
+    assert shadow_stack_problem(7, {}) is None
+    assert io_flusher_problem(7, 8, 0x00180000 | 0x40) == \
+        "pid 7 thread 8: PR_SET_IO_FLUSHER (not carried)"
+    assert io_flusher_problem(7, 8, 0x00080000) is None      # NOIO alone: a kernel section
+
+
+def test_image_carries_the_new_fields_and_refuses_bad_ones(tmp_path):
+    """The thread and process attributes travel in the image (v4's records, extended) and
+    each is checked by type and range."""
+    import dataclasses
+
+    from prerestore.errors import ImageError
+    from prerestore.image import schema
+    from test_image import make_tree_round
+    r = make_tree_round()
+    s = r.states[0]
+    s.threads[0] = dataclasses.replace(s.threads[0], name="worker-1", timerslack=777, tsc=2,
+                                       spec=(0, 5, 9), mce_kill=1)
+    r.states[0] = dataclasses.replace(s, securebits=0x51, mdwe=1, memory_merge=True,
+                                      membarrier=4 | 16 | 256, loginuid=4242)
+    d = tmp_path / "ok"
+    d.mkdir()
+    schema.write_round(str(d), r)
+    got = schema.read_round(str(d)).states[0]
+    assert (got.securebits, got.mdwe, got.memory_merge, got.membarrier, got.loginuid) == \
+        (0x51, 1, True, 4 | 16 | 256, 4242)
+    t = got.threads[0]
+    assert (t.name, t.timerslack, t.tsc, t.spec, t.mce_kill) == ("worker-1", 777, 2, (0, 5, 9), 1)
+    for field, value, where in (("membarrier", 8, "membarrier"), ("securebits", 1 << 12,
+                                                                 "securebits"),
+                                ("loginuid", -2, "loginuid"), ("mdwe", 4, "mdwe")):
+        bad = dataclasses.replace(r, states=[dataclasses.replace(r.states[0], **{field: value})]
+                                  + r.states[1:])
+        d = tmp_path / field
+        d.mkdir()
+        schema.write_round(str(d), bad)
+        with pytest.raises(ImageError, match=where):
+            schema.read_round(str(d))
+    for field, value in (("name", "sixteen-bytes-xx"), ("tsc", 3), ("mce_kill", 5),
+                         ("spec", (0, 0, 64))):
+        th = dataclasses.replace(r.states[0].threads[0], **{field: value})
+        bad = dataclasses.replace(r, states=[dataclasses.replace(r.states[0], threads=[th])]
+                                  + r.states[1:])
+        d = tmp_path / f"t-{field}"
+        d.mkdir()
+        schema.write_round(str(d), bad)
+        with pytest.raises(ImageError, match=field):
+            schema.read_round(str(d))

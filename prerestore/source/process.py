@@ -51,6 +51,14 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
     shstk = shadow_stack_problem(pid, st)
     if shstk:
         problems.append(shstk)
+    for tid in procfs.threads(pid):
+        try:
+            flags = int(procfs.stat_fields(f"{pid}/task/{tid}")[9])
+        except ProcessGone:
+            continue
+        problem = io_flusher_problem(pid, tid, flags)
+        if problem:
+            problems.append(problem)
     for fd in procfs.fd_numbers(pid):
         what, desc = procfs.describe_fd(pid, fd)
         if desc is None and what.startswith(("pipe:", "socket:")) and not same_host:
@@ -103,6 +111,18 @@ def shadow_stack_problem(pid: int, status: dict[str, str]) -> str | None:
     if "shstk" in status.get("x86_Thread_features", "").split():
         return (f"pid {pid}: x86 user shadow stack enabled (x86_Thread_features: "
                 f"{status['x86_Thread_features'].strip()}): not carried")
+    return None
+
+
+PR_IO_FLUSHER = 0x00080000 | 0x00100000       # PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE
+
+
+def io_flusher_problem(pid: int, tid: int, flags: int) -> str | None:
+    """A thread marked PR_SET_IO_FLUSHER (a userspace block or file system server: both
+    task flags, /proc/PID/task/TID/stat field 9): not carried (setting it takes
+    CAP_SYS_RESOURCE, which a restorer may lack)."""
+    if flags & PR_IO_FLUSHER == PR_IO_FLUSHER:
+        return f"pid {pid} thread {tid}: PR_SET_IO_FLUSHER (not carried)"
     return None
 
 

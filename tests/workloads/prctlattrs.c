@@ -20,6 +20,7 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/capability.h>
 
 #define SECBITS (1 | 1 << 4 | 1 << 6)   /* NOROOT, KEEP_CAPS, NO_CAP_AMBIENT_RAISE */
 #define PR_SET_MDWE 65
@@ -99,9 +100,30 @@ static int loginuid(void)
     return (int)strtoul(buf, NULL, 10);
 }
 
-int main(void)
+/* Mode "nosetpcap": securebits NO_CAP_AMBIENT_RAISE, then CAP_SETPCAP dropped from the
+ * effective set: a restore could not set them again (refused); it only prints the lines. */
+static int nosetpcap(void)
+{
+    struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct d[2];
+    if (prctl(PR_SET_SECUREBITS, 1 << 6) || syscall(SYS_capget, &h, d))
+        return 2;
+    d[0].effective &= ~(1u << CAP_SETPCAP);
+    if (syscall(SYS_capset, &h, d))
+        return 2;
+    printf("start pid=%d\n", getpid());
+    for (long it = 1;; it++) {
+        if (it % 100 == 0)
+            printf("it=%ld ok\n", it);
+        nap(2000);
+    }
+}
+
+int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc > 1 && !strcmp(argv[1], "nosetpcap"))
+        return nosetpcap();
     FILE *f = fopen("/proc/self/loginuid", "w");
     if (!f || fprintf(f, "%d", LOGINUID) < 0 || fclose(f)) {
         perror("loginuid");
