@@ -58,6 +58,11 @@ const uint64_t PR_UFFD_USER_MODE_ONLY = 1;
 #endif
 const long PR_TIMER_RESTORE_IDS = PR_TIMER_CREATE_RESTORE_IDS;
 
+/* linux/prctl.h 6.3+ (memory-deny-write-execute), 6.4+ (KSM for the whole process);
+ * linux/membarrier.h 6.3+ (the registrations a process made) */
+const long PR_SET_MDWE_ = 65, PR_GET_MDWE_ = 66, PR_SET_MEMORY_MERGE_ = 67,
+           PR_GET_MEMORY_MERGE_ = 68, MEMBARRIER_GET_REGISTRATIONS = 1 << 9;
+
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
@@ -229,6 +234,40 @@ int pr_inject_syscall(int pid, uint64_t insn, int64_t nr, const uint64_t *args, 
         return ERR;
     if (!WIFSTOPPED(st) || WSTOPSIG(st) != SIGTRAP)
         return -ECHILD;
+    if (ptrace(PTRACE_GETREGS, pid, 0, &r))
+        return ERR;
+    *ret = (int64_t)r.rax;
+    return 0;
+}
+
+/* The same without a trap: the call runs between its syscall-entry and syscall-exit stops
+ * (PTRACE_SYSCALL), where pr_inject_syscall single-steps. Why: a trap (int3, a single step)
+ * in a task that blocks or ignores SIGTRAP makes the kernel reset SIGTRAP's action to the
+ * default (force_sig_info_to_task), so calls that must leave a restored SIGTRAP action as
+ * set (the husk's last ones) cannot end in one. A syscall stop is a ptrace notification, not
+ * a signal. The task is left in its syscall-exit stop. */
+int pr_inject_syscall_quiet(int pid, uint64_t insn, int64_t nr, const uint64_t *args,
+                            int64_t *ret)
+{
+    struct user_regs_struct r;
+    int st;
+    if (ptrace(PTRACE_GETREGS, pid, 0, &r))
+        return ERR;
+    r.rax = nr;
+    r.orig_rax = -1;
+    r.rdi = args[0], r.rsi = args[1], r.rdx = args[2], r.r10 = args[3], r.r8 = args[4],
+    r.r9 = args[5];
+    r.rip = insn;
+    if (ptrace(PTRACE_SETREGS, pid, 0, &r))
+        return ERR;
+    for (int stop = 0; stop < 2; stop++) {          /* entry, then exit */
+        if (ptrace(PTRACE_SYSCALL, pid, 0, 0))
+            return ERR;
+        if (waitpid(pid, &st, __WALL) < 0)
+            return ERR;
+        if (!WIFSTOPPED(st) || (WSTOPSIG(st) & 0x7f) != SIGTRAP || st >> 16)
+            return -ECHILD;
+    }
     if (ptrace(PTRACE_GETREGS, pid, 0, &r))
         return ERR;
     *ret = (int64_t)r.rax;

@@ -73,6 +73,8 @@ long pr_peek_siginfo(int pid, int shared, void *buf, long max);
 /* ---- syscall injection ------------------------------------------------------------------- */
 long pr_find_syscall_insn(int pid, uint64_t start, uint64_t end, uint64_t *addr);
 int pr_inject_syscall(int pid, uint64_t insn, int64_t nr, const uint64_t *args, int64_t *ret);
+int pr_inject_syscall_quiet(int pid, uint64_t insn, int64_t nr, const uint64_t *args,
+                            int64_t *ret);
 size_t pr_batch_runner(const void **code);
 size_t pr_thread_starter(const void **code);
 int pr_clone_thread(int pid, uint64_t starter, uint64_t args, uint64_t args_size, int *child);
@@ -94,6 +96,8 @@ long pr_runner_parked_offset(void);
 long pr_read_mem(int pid, uint64_t addr, void *buf, size_t len);
 long pr_write_mem(int pid, uint64_t addr, const void *buf, size_t len);
 extern const long PR_CHUNK;
+extern const long PR_SET_MDWE_, PR_GET_MDWE_, PR_SET_MEMORY_MERGE_, PR_GET_MEMORY_MERGE_,
+    MEMBARRIER_GET_REGISTRATIONS;
 extern const long PR_TIMER_RESTORE_IDS;   /* prctl: timer_create takes the id it is given */     /* the most pr_read_pages reads in one call */
 long pr_read_pages(int pid, int mem_fd, const struct pr_range *ranges, long n, long *i,
                    uint64_t *off, char *out);

@@ -315,6 +315,13 @@ class ThreadState:
     sched: tuple[int, ...] | None = None
     cpus: list[int] = field(default_factory=list)         # its CPU affinity; empty: leave it
     creds: "Credentials | None" = None     # its own, where they differ from the process's
+    name: str = ""             # its comm (PR_SET_NAME, pthread_setname_np); "": leave it
+    timerslack: int = 0        # its timer slack in ns (PR_SET_TIMERSLACK); 0: leave it
+    tsc: int = 0               # PR_GET_TSC: 1 rdtsc allowed, 2 SIGSEGV; 0: leave it
+    # PR_GET_SPECULATION_CTRL of the store bypass, indirect branch and L1D flush controls
+    # (PR_SPEC_* bits; set again only where PR_SPEC_PRCTL says a thread may); 0: leave it
+    spec: tuple[int, int, int] = (0, 0, 0)
+    mce_kill: int = 2          # PR_MCE_KILL_GET: 0 late, 1 early, 2 the system's default
 
 
 @dataclass
@@ -348,6 +355,11 @@ class ProcessState:
     oom_score_adj: int = 0      # /proc/PID/oom_score_adj
     personality: int = 0        # personality(2) flags
     thp_disable: bool = False   # PR_SET_THP_DISABLE
+    securebits: int = 0         # PR_GET_SECUREBITS (keep-caps, noroot... and their locks)
+    mdwe: int = 0               # PR_GET_MDWE: memory-deny-write-execute flags
+    memory_merge: bool = False  # PR_SET_MEMORY_MERGE: KSM for all its memory
+    membarrier: int = 0         # membarrier registrations (MEMBARRIER_CMD_REGISTER_* bits)
+    loginuid: int = -1          # /proc/PID/loginuid (4294967295: unset); -1: leave it
 
 
 @dataclass

@@ -54,7 +54,9 @@ def _thread(t: ThreadState) -> dict:
             "rseq": list(t.rseq) if t.rseq else None, "robust_list": list(t.robust_list),
             "clear_child_tid": t.clear_child_tid, "sigaltstack": list(t.sigaltstack),
             "pending": t.pending, "sched": list(t.sched) if t.sched else None, "cpus": t.cpus,
-            "creds": vars(t.creds) if t.creds else None}
+            "creds": vars(t.creds) if t.creds else None, "name": t.name,
+            "timerslack": t.timerslack, "tsc": t.tsc, "spec": list(t.spec),
+            "mce_kill": t.mce_kill}
 
 
 def _state(s: ProcessState) -> dict:
@@ -74,7 +76,9 @@ def _state(s: ProcessState) -> dict:
             "thp_disable": s.thp_disable, "stopped": s.stopped,
             "timers": [[t.id, t.clock, t.signo, t.value, t.notify, t.thread, *t.interval,
                         *t.remaining, t.overrun] for t in s.timers],
-            "itimers": [list(i) for i in s.itimers]}
+            "itimers": [list(i) for i in s.itimers], "securebits": s.securebits,
+            "mdwe": s.mdwe, "memory_merge": s.memory_merge, "membarrier": s.membarrier,
+            "loginuid": s.loginuid}
 
 
 def _unix(u: UnixSocketState) -> dict:
@@ -351,7 +355,20 @@ def _decode_thread(t, path: str) -> ThreadState:
         sched=None if sched is None else _ints(sched, f"{path}.sched", SCHED_SPANS),
         cpus=[_int(c, f"{path}.cpus[{i}]", (0, 8191))
               for i, c in enumerate(_list(get("cpus"), f"{path}.cpus"))],
-        creds=_creds(get("creds"), f"{path}.creds"))
+        creds=_creds(get("creds"), f"{path}.creds"),
+        name=_comm(get("name", ""), f"{path}.name"),
+        timerslack=_int(get("timerslack", 0), f"{path}.timerslack", U64),
+        tsc=_int(get("tsc", 0), f"{path}.tsc", (0, 2)),
+        spec=_ints(get("spec", [0, 0, 0]), f"{path}.spec", (SPEC,) * 3),
+        mce_kill=_int(get("mce_kill", 2), f"{path}.mce_kill", (0, 2)))
+
+
+def _comm(value, path: str) -> str:
+    """A task's name: at most 15 bytes (TASK_COMM_LEN), no NUL."""
+    if not isinstance(value, str) or "\0" in value or \
+            len(value.encode(errors="surrogateescape")) > 15:
+        raise _bad(path, "a task name of at most 15 bytes", value)
+    return value
 
 
 def _decode_fd(f, path: str, where: str) -> FileDescriptor:
@@ -431,7 +448,27 @@ def _decode_state(s, path: str) -> ProcessState:
                 for i, t in enumerate(_list(get("timers"), f"{path}.timers"))],
         itimers=[_ints(v, f"{path}.itimers[{i}]", (I64P, US, I64P, US))
                  for i, v in enumerate(_list(get("itimers"), f"{path}.itimers", 3)
-                                       if get("itimers") else [])])
+                                       if get("itimers") else [])],
+        securebits=_bits(get("securebits", 0), f"{path}.securebits", SECUREBITS),
+        mdwe=_int(get("mdwe", 0), f"{path}.mdwe", (0, 3)),
+        memory_merge=_of(get("memory_merge", False), bool, f"{path}.memory_merge", "bool"),
+        membarrier=_bits(get("membarrier", 0), f"{path}.membarrier", MEMBARRIER_REGISTRATIONS),
+        loginuid=_int(get("loginuid", -1), f"{path}.loginuid", (-1, U32[1])))
+
+
+# PR_GET_SPECULATION_CTRL values (PR_SPEC_PRCTL..PR_SPEC_DISABLE_NOEXEC bits); membarrier
+# registrations (MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, _PRIVATE_EXPEDITED, _SYNC_CORE,
+# _RSEQ: bits 2, 4, 6, 8)
+SPEC = (0, 0x1F)
+MEMBARRIER_REGISTRATIONS = 4 | 16 | 64 | 256
+SECUREBITS = 0xFFF          # SECBIT_NOROOT .. SECBIT_EXEC_DENY_INTERACTIVE_LOCKED (6.14)
+
+
+def _bits(value, path: str, allowed: int) -> int:
+    """An int made of the bits of `allowed` only."""
+    if type(value) is not int or value < 0 or value & ~allowed:
+        raise _bad(path, f"bits of {allowed:#x}", value)
+    return value
 
 
 # timer_create's clocks (CLOCK_REALTIME..CLOCK_TAI), sigev_notify values (SIGEV_SIGNAL,

@@ -126,6 +126,15 @@ def inject_syscall(pid: int, insn: int, nr: int, *args: int) -> int:
     return ret[0]
 
 
+def inject_syscall_quiet(pid: int, insn: int, nr: int, *args: int) -> int:
+    """inject_syscall without a trap (see pr_inject_syscall_quiet): leaves SIGTRAP's action
+    as it is."""
+    argv = ffi.new("uint64_t[6]", [a & 0xFFFFFFFFFFFFFFFF for a in (list(args) + [0] * 6)[:6]])
+    ret = ffi.new("int64_t *")
+    check(lib.pr_inject_syscall_quiet(pid, insn, nr, argv, ret), f"inject syscall {nr}", pid)
+    return ret[0]
+
+
 def thread_starter_code() -> bytes:
     code = ffi.new("void **")
     n = lib.pr_thread_starter(code)

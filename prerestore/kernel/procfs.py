@@ -188,7 +188,13 @@ def tree(root: int) -> list[TreeTask]:
     i = 0
     while i < len(out):
         if not out[i].zombie:
-            for kid in children(out[i].pid):
+            try:
+                kids = children(out[i].pid)
+            except ProcessGone:
+                if i == 0:
+                    raise
+                kids = []           # it exited (and was reaped) since it was listed
+            for kid in kids:
                 try:
                     t = tree_task(kid)
                 except ProcessGone:
@@ -558,6 +564,11 @@ def memory_and_swap() -> int:
 
 def oom_score_adj(pid: int) -> int:
     return int(_read(pid, "oom_score_adj"))
+
+
+def loginuid(pid: int) -> int:
+    """The audit login uid (4294967295: never set)."""
+    return int(_read(pid, "loginuid"))
 
 
 def personality(pid: int) -> int:

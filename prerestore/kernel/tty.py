@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import stat
 import struct
 import termios
 from dataclasses import dataclass, field
@@ -52,12 +53,15 @@ class PtyState:
     input: list[bytes] = field(default_factory=list)
     partial: bytes = b""
     output: bytes = b""
+    # the slave's owner, group and permission bits (grantpt, `script`, sshd set them); ():
+    # not known (an older image), left as a new pair has them
+    owner: tuple = ()
 
     FIELDS = {"termios": bytes, "winsize": bytes, "packet": bool, "locked": bool,
               "exclusive": bool, "slave": str, "input": list, "partial": bytes, "output": bytes}
 
     def to_map(self) -> dict:
-        return {k: getattr(self, k) for k in self.FIELDS}
+        return {k: getattr(self, k) for k in self.FIELDS} | {"owner": list(self.owner)}
 
     @classmethod
     def from_map(cls, m: dict) -> "PtyState":
@@ -70,7 +74,12 @@ class PtyState:
             raise ValueError("field 'termios' or 'winsize' has the wrong size")
         if m["slave"] not in SLAVE_STATES or not all(isinstance(x, bytes) for x in m["input"]):
             raise ValueError("field 'slave' or 'input' is malformed")
-        return cls(**{k: m[k] for k in cls.FIELDS})
+        owner = m.get("owner", [])
+        if not (isinstance(owner, list) and len(owner) in (0, 3) and
+                all(isinstance(x, int) and 0 <= x < 2 ** 32 for x in owner) and
+                (not owner or owner[2] <= 0o7777)):
+            raise ValueError("field 'owner' is not [uid, gid, mode]")
+        return cls(**{k: m[k] for k in cls.FIELDS}, owner=tuple(owner))
 
     @property
     def canonical(self) -> bool:
@@ -125,6 +134,28 @@ def open_slave_even_locked(master: int, flags: int) -> int:
     finally:
         if locked:
             _set_int(master, lib.TIOCSPTLCK, 1)
+
+
+def slave_owner(master: int) -> tuple[int, int, int]:
+    """The slave's owner, group and permission bits, read through an O_PATH peer (which is
+    no open of the slave: a slave never opened stays so)."""
+    fd = open_slave_even_locked(master, os.O_PATH)
+    try:
+        st = os.fstat(fd)
+        return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+    finally:
+        os.close(fd)
+
+
+def set_slave_owner(master: int, owner: tuple) -> None:
+    """Give the pair's slave that owner, group and mode (as root: chown, chmod)."""
+    fd = open_slave_even_locked(master, os.O_PATH)
+    try:
+        path = f"/proc/self/fd/{fd}"        # an O_PATH fd takes no fchown: its inode does
+        os.chown(path, owner[0], owner[1])
+        os.chmod(path, owner[2])
+    finally:
+        os.close(fd)
 
 
 def make_pair() -> tuple[int, int]:

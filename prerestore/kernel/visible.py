@@ -35,7 +35,9 @@ STATUS_PROCESS = ("Umask", "SigQ_limit", "SigCgt", "SigIgn", "ShdPnd", "Uid", "G
                   "Speculation_Store_Bypass", "SpeculationIndirectBranch",
                   "x86_Thread_features", "x86_Thread_features_locked", "Kthread")
 STATUS_THREAD = ("SigBlk", "SigPnd", "Uid", "Gid", "CapEff", "CapPrm", "NoNewPrivs",
-                 "Seccomp", "Cpus_allowed_list", "Mems_allowed_list")
+                 "Seccomp", "Cpus_allowed_list", "Mems_allowed_list",
+                 "Speculation_Store_Bypass", "SpeculationIndirectBranch",
+                 "x86_Thread_features")
 # /proc/PID/stat fields (numbered as in proc(5)) of the process; [ppid, pgrp, session, tpgid]
 # name pids
 STAT_PROCESS = {4: "ppid", 5: "pgrp", 6: "session", 7: "tty_nr", 8: "tpgid", 26: "start_code",
@@ -50,6 +52,7 @@ FILES = ("personality", "timerslack_ns", "oom_score_adj", "coredump_filter", "lo
          "sessionid")
 LINKS = ("cwd", "root", "exe")
 
+_PTS = re.compile(r"^/dev/pts/\d+$")
 _LOCK_PID = re.compile(r"^(lock:\s+\d+:\s+\S+\s+\S+\s+\S+\s+)(-?\d+)")
 _TIMER_PID = re.compile(r"((?:pid|tid)\.)(\d+)")
 
@@ -101,6 +104,9 @@ def _fds(pid: int, names: dict[int, int], out: dict[str, str]) -> None:
         except FileNotFoundError:
             continue                       # cannot be: the process is frozen
         out[f"fd[{fd}].link"] = link
+        if _PTS.match(link):               # a terminal's owner, group and mode (grantpt)
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+            out[f"fd[{fd}].owner"] = f"{st.st_uid} {st.st_gid} {st.st_mode & 0o7777:o}"
         lines: dict[str, list[str]] = {}
         for line in text.splitlines():
             key, _, value = line.partition(":")
@@ -157,6 +163,12 @@ def snapshot(pid: int, names: dict[int, int]) -> VisibleState:
         fields["auxv"] = procfs.auxv(pid).hex()
         for name in FILES:
             fields[name] = _read(pid, name).strip()
+        try:                               # KSM for all its memory (PR_SET_MEMORY_MERGE)
+            for line in _read(pid, "ksm_stat").splitlines():
+                if line.startswith("ksm_merge_any:"):
+                    fields["ksm_merge_any"] = line.split(":", 1)[1].strip()
+        except FileNotFoundError:          # a kernel without KSM
+            pass
         for name in LINKS:
             fields[name] = os.readlink(f"/proc/{pid}/{name}")
         fields["timers"] = _TIMER_PID.sub(lambda m: m.group(1) + _name(m.group(2), names),

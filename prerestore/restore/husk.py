@@ -33,8 +33,24 @@ PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
 # struct sigevent (64 bytes): sigev_value, sigev_signo, sigev_notify, then the target tid
 SIGEVENT = struct.Struct("=Qiii44x")
 OPEN_DROP = lib.O_CREAT | lib.O_TRUNC | lib.O_EXCL | lib.O_NOCTTY
-SIGKILL, SIGSTOP, SIGCHLD = 9, 19, 17
+SIGTRAP, SIGKILL, SIGSTOP, SIGCHLD = 5, 9, 19, 17
 WALL = 0x40000000                         # __WALL: wait for any kind of child
+
+
+PR_TSC_SIGSEGV = 2                        # PR_SET_TSC: rdtsc raises SIGSEGV
+PR_SPEC_PRCTL = 1                         # PR_GET_SPECULATION_CTRL: the thread may set it
+SECBIT_KEEP_CAPS = 1 << 4
+# securebits that would stop the husk becoming the source: keep-caps locked, no ambient raise
+# (and its lock)
+SECBITS_LATE = 1 << 5 | 1 << 6 | 1 << 7
+_LOGINUID: list[int] = []
+
+
+def _own_loginuid() -> int:
+    """Ours, which a husk inherits."""
+    if not _LOGINUID:
+        _LOGINUID.append(procfs.loginuid(os.getpid()))
+    return _LOGINUID[0]
 
 
 def husk_program() -> str:
@@ -291,6 +307,15 @@ class Husk:
             wait_exit(self.host_pid)
             self.tracee.attached = False
         elif sig:
+            # Its death by that signal: the husk may ignore it (dispositions its spawner
+            # ignored across exec: Python ignores SIGPIPE and SIGXFSZ, a shell's background
+            # job SIGINT), and must not dump a core (of the parent husk's memory; the
+            # source's core, if any, is refused by name before the freeze: tree_problems)
+            b = self.remote.batch()
+            b.call(lib.SYS_rt_sigaction, sig, b.put(KSIGACTION.pack(0, 0, 0, 0)), 0, 8,
+                   label=f"rt_sigaction({sig}, SIG_DFL)")
+            b.call(lib.SYS_prctl, lib.PR_SET_DUMPABLE, 0)
+            self.remote.run(b)
             # A signal given with PTRACE_DETACH is only delivered from a signal-delivery stop,
             # and the husk is in a ptrace-event stop: it would be dropped (the husk went on
             # living). Queued before the detach, it is delivered as the husk runs on.
@@ -666,17 +691,46 @@ class Husk:
         sp, flags, size = th.sigaltstack
         if not flags & 2:          # SS_DISABLE: nothing to install
             b.call(lib.SYS_sigaltstack, b.put(STACK_T.pack(sp, flags & ~1, 0, size)), 0)
+        if th.name:
+            b.call(lib.SYS_prctl, lib.PR_SET_NAME,
+                   b.put(th.name.encode(errors="surrogateescape")[:15] + b"\0"),
+                   label=f"prctl(PR_SET_NAME) thread {th.tid}")
+        if th.timerslack:
+            # a thread's own (timerslack_ns shows the main one's); a real-time thread's is 0
+            # and stays 0: its policy is set last (load_registers), which zeroes it
+            b.call(lib.SYS_prctl, lib.PR_SET_TIMERSLACK, th.timerslack,
+                   label=f"prctl(PR_SET_TIMERSLACK) thread {th.tid}")
+        if th.tsc == PR_TSC_SIGSEGV:
+            b.call(lib.SYS_prctl, lib.PR_SET_TSC, PR_TSC_SIGSEGV, 0, 0, 0,
+                   label=f"prctl(PR_SET_TSC, SIGSEGV) thread {th.tid}")
+        for which, value in enumerate(th.spec):
+            if value & PR_SPEC_PRCTL and value & ~PR_SPEC_PRCTL:
+                # a control this thread may set (PR_SPEC_PRCTL): its state, exactly
+                b.call(lib.SYS_prctl, lib.PR_SET_SPECULATION_CTRL, which,
+                       value & ~PR_SPEC_PRCTL, 0, 0,
+                       label=f"prctl(PR_SET_SPECULATION_CTRL, {which}, {value:#x}) thread "
+                             f"{th.tid}")
+        if th.mce_kill in (0, 1):                           # late, early; 2: the default
+            b.call(lib.SYS_prctl, lib.PR_MCE_KILL, 1, th.mce_kill, 0, 0,   # PR_MCE_KILL_SET
+                   label=f"prctl(PR_MCE_KILL, {th.mce_kill}) thread {th.tid}")
 
     CAP_LAST = 40                                       # CAP_CHECKPOINT_RESTORE
     CAPS_V3 = 0x20080522                                # _LINUX_CAPABILITY_VERSION_3
 
-    def _cred_calls(self, b, creds) -> None:
+    def _cred_calls(self, b, creds, securebits: int = 0) -> None:
         """Become who the source was, in the thread running the batch (credentials are
         per-thread in the kernel): bounding set, groups, gids, then uids keeping the
-        capabilities to set them exactly, ambient set, no_new_privs. Run last: the husk loses
-        its root powers here."""
+        capabilities to set them exactly, ambient set, no_new_privs, securebits. Run last:
+        the husk loses its root powers here. Securebits: those that would stop us (keep-caps
+        locked, no ambient raise) are set last, which takes CAP_SETPCAP in the source's own
+        effective set (else refused at the source: process.securebits_problem); the others
+        before the uid change, while the husk is root."""
         if creds is None:
             return
+        early = securebits & ~SECBITS_LATE
+        if early:
+            b.call(lib.SYS_prctl, lib.PR_SET_SECUREBITS, early, 0, 0, 0,
+                   label=f"prctl(PR_SET_SECUREBITS, {early:#x})")
         for cap in range(self.CAP_LAST + 1):
             if not creds.cap_bounding >> cap & 1:
                 b.call(lib.SYS_prctl, lib.PR_CAPBSET_DROP, cap, label=f"drop cap {cap}")
@@ -693,7 +747,7 @@ class Husk:
                                  lo(creds.cap_inheritable), hi(creds.cap_effective),
                                  hi(creds.cap_permitted), hi(creds.cap_inheritable)))
         b.call(lib.SYS_capset, header, data)
-        b.call(lib.SYS_prctl, lib.PR_SET_KEEPCAPS, 0)
+        b.call(lib.SYS_prctl, lib.PR_SET_KEEPCAPS, 1 if securebits & SECBIT_KEEP_CAPS else 0)
         if creds.fsuid not in (-1, creds.uids[1]):
             # after setresuid (which sets it to the effective uid): allowed as one of the
             # thread's uids, or with CAP_SETUID in the capabilities just set
@@ -703,6 +757,9 @@ class Husk:
                 b.call(lib.SYS_prctl, lib.PR_CAP_AMBIENT, lib.PR_CAP_AMBIENT_RAISE, cap, 0, 0)
         if creds.no_new_privs:
             b.call(lib.SYS_prctl, lib.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        if securebits & SECBITS_LATE:
+            b.call(lib.SYS_prctl, lib.PR_SET_SECUREBITS, securebits, 0, 0, 0,
+                   label=f"prctl(PR_SET_SECUREBITS, {securebits:#x})")
 
     def sync_threads(self, tids: list[int]) -> None:
         """Have exactly the source's threads: create the new ones, end those that exited."""
@@ -784,7 +841,7 @@ class Husk:
             remote = self.remote.sharing(self.threads[th.tid])
             b = remote.batch()
             self._thread_calls(b, th)
-            self._cred_calls(b, th.creds or state.creds)
+            self._cred_calls(b, th.creds or state.creds, state.securebits)
             remote.run(b)
         b = self.remote.batch()
         opened = set(self.fds)
@@ -870,6 +927,12 @@ class Husk:
                 continue
             act = b.put(KSIGACTION.pack(a.handler, a.flags, a.restorer, a.mask))
             b.call(lib.SYS_rt_sigaction, sig, act, 0, 8, label=f"rt_sigaction({sig})")
+        for v in self.layout:
+            if v.path.startswith("[anon:") and v.path.endswith("]") and not v.shared:
+                # an anonymous area's name (PR_SET_VMA_ANON_NAME), as maps shows it
+                b.call(lib.SYS_prctl, lib.PR_SET_VMA, lib.PR_SET_VMA_ANON_NAME, v.start, v.size,
+                       b.put_str(v.path[len("[anon:"):-1]),
+                       label=f"prctl(PR_SET_VMA_ANON_NAME) {v.start:#x}-{v.end:#x} {v.path}")
         comm = state.comm.encode()[:15]
         b.call(lib.SYS_prctl, lib.PR_SET_NAME, b.put(comm + b"\0"), label="prctl(PR_SET_NAME)")
         b.call(lib.SYS_umask, state.umask)
@@ -889,7 +952,8 @@ class Husk:
         if state.thp_disable:
             b.call(lib.SYS_prctl, lib.PR_SET_THP_DISABLE, 1, 0, 0, 0)
         b.call(lib.SYS_prctl, lib.PR_SET_PDEATHSIG, 0)
-        self._cred_calls(b, state.creds)
+        self._process_attr_calls(b, state, lowest, expected)
+        self._cred_calls(b, state.creds, state.securebits)
         b.call(lib.SYS_prctl, lib.PR_SET_DUMPABLE, state.dumpable)   # a uid change reset it
         if state.pdeathsig and self.parent is not None:
             # after the uid change, which clears it; the root's parent is another process
@@ -906,9 +970,56 @@ class Husk:
             self.hand_over_fds(items, {f.fd for f in state.fds})
         self._register_epoll(state)
         t_handed = time.perf_counter()
-        self.remote.unmap_scratch()
+        self._last_calls(state)
         return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(items),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),
                 "state_ms": (time.perf_counter() - t0) * 1e3}
+
+    def _last_calls(self, state: ProcessState) -> None:
+        """The scratch area away, last. A SIGTRAP action of the source's is set here, after
+        the last trap the restore causes in the husk, and neither call traps: a trap (our
+        batches end in int3, single calls single-step) in a task that ignores SIGTRAP, or
+        blocks it as a husk does, makes the kernel reset SIGTRAP's action to the default
+        (force_sig_info_to_task); the restored program would die of its next SIGTRAP."""
+        trap = state.sigactions.get(SIGTRAP)
+        if trap is None:
+            self.remote.unmap_scratch()
+            return
+        sc = self.remote.scratch
+        native.write_mem(self.host_pid, sc.data_addr,
+                         KSIGACTION.pack(trap.handler, trap.flags, trap.restorer, trap.mask))
+        for label, nr, args in (("rt_sigaction(SIGTRAP)", lib.SYS_rt_sigaction,
+                                 (SIGTRAP, sc.data_addr, 0, 8)),
+                                ("munmap(scratch)", lib.SYS_munmap, (sc.addr, sc.size))):
+            ret = native.inject_syscall_quiet(self.host_pid, self.remote.insn, nr, *args)
+            if -4096 < ret < 0:
+                raise RestoreError(f"husk {self.pid}: injected {label} failed: "
+                                   f"{os.strerror(-ret)}")
+        self.remote.scratch = None
+
+    def _process_attr_calls(self, b, state: ProcessState, lowest, expected: list) -> None:
+        """What a process sets on itself that holds for its whole address space or task
+        group: its audit login uid (only the process itself may write it, and only once
+        unless it has CAP_AUDIT_CONTROL: the husk still does), KSM for all its memory,
+        membarrier registrations, memory-deny-write-execute (after the last mapping: the
+        husk maps exec areas and its scratch area is RWX; no mapping follows this batch)."""
+        if state.loginuid >= 0 and state.loginuid != _own_loginuid():
+            fd = lowest()
+            b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str("/proc/self/loginuid"),
+                   os.O_WRONLY | lib.O_CLOEXEC, label="openat /proc/self/loginuid")
+            expected.append((len(b) - 1, fd))
+            text = str(state.loginuid).encode()
+            b.call(lib.SYS_write, fd, b.put(text), len(text),
+                   label=f"write loginuid {state.loginuid}")
+            b.call(lib.SYS_close, fd)
+        if state.memory_merge:
+            b.call(lib.SYS_prctl, lib.PR_SET_MEMORY_MERGE_, 1, 0, 0, 0,
+                   label="prctl(PR_SET_MEMORY_MERGE)")
+        for bit in (4, 16, 64, 256):            # the MEMBARRIER_CMD_REGISTER_* commands
+            if state.membarrier & bit:
+                b.call(lib.SYS_membarrier, bit, 0, 0, label=f"membarrier(register {bit})")
+        if state.mdwe:
+            b.call(lib.SYS_prctl, lib.PR_SET_MDWE_, state.mdwe, 0, 0, 0,
+                   label=f"prctl(PR_SET_MDWE, {state.mdwe})")
 
     def _timer_calls(self, b, state: ProcessState) -> None:
         """POSIX timers with the ids the program holds (PR_TIMER_CREATE_RESTORE_IDS: the

@@ -30,6 +30,7 @@ from .unixsock import UnixSockets
 
 
 MADE_ANON = ("eventfd", "timerfd", "signalfd", "epoll")
+O_LARGEFILE = 0o100000           # x86-64 (Python's os.O_LARGEFILE is 0 there)
 
 
 def _to_make(states: list[ProcessState], kinds: tuple[str, ...], made: dict):
@@ -192,6 +193,8 @@ def make_ptys(states: list[ProcessState], made: dict, pairs: dict[int, tuple[int
                 made[("pty", slave)] = slave
             tty.refill(master, slave, st)
             tty.settle(master, slave, st)
+            if st.owner:
+                tty.set_slave_owner(master, st.owner)
         except OSError as e:
             raise RestoreError(f"{where}: cannot give the new pair its state ({e})") from None
         made_here[number] = (master, slave, st)
@@ -210,7 +213,9 @@ def make_ptys(states: list[ProcessState], made: dict, pairs: dict[int, tuple[int
             fd = master
         else:
             try:
-                fd = tty.open_slave(master, f.flags & os.O_ACCMODE)
+                # O_LARGEFILE too: an open() of the slave's path has it (the kernel adds it
+                # on 64-bit), TIOCGPTPEER only if asked
+                fd = tty.open_slave(master, f.flags & (os.O_ACCMODE | O_LARGEFILE))
             except OSError as e:
                 raise RestoreError(f"{where}: cannot open the new pair's slave ({e})") from None
             made[("pty", fd)] = fd

@@ -55,11 +55,17 @@ def _gate_free(value: str, _fields) -> str:
     return re.sub(r"/prerestore-gate-[0-9-]+$", "", value) or "/"
 
 
+def _anonymous(path: str) -> bool:
+    """Private anonymous memory: unnamed, the heap, a stack..., or named by the program
+    (PR_SET_VMA_ANON_NAME shows as [anon:NAME])."""
+    return path in _PAGE_NAMES or path.startswith("[anon:")
+
+
 def _map_offset(value: str, fields, key: str) -> str | None:
     # the page offset of anonymous memory is the address it was first mapped at (>> 12),
     # kept through mremap and merges: the husk maps each area where it is now
     path = fields.get(key[:key.rindex(".")] + ".path", "")
-    return None if path in _PAGE_NAMES else value
+    return None if _anonymous(path) else value
 
 
 def _fd_link(value: str, _fields) -> str:
@@ -203,10 +209,10 @@ KNOWN_GAPS: dict[str, str] = {
     # system's transparent-huge-page default
     "maps.vmflag.nh": "madvise(MADV_NOHUGEPAGE) of an area",
     "maps.vmflag.hg": "madvise(MADV_HUGEPAGE) of an area",
-    # a thread's own name (pthread_setname_np, or the name it was created under): only the
-    # process's (main thread's) comm is carried; the other threads are created by the husk
-    # and keep its name, "prerestore-husk"
-    "stat.comm": "names of threads other than the main one",
+    # the audit session id: the kernel numbers sessions itself (a new one each time a
+    # process sets its login uid, which the husk does to carry a login uid other than the
+    # restorer's); it cannot be given
+    "sessionid": "the audit session id",
 }
 
 
@@ -261,7 +267,7 @@ def _split_vmflags(fields: dict[str, str]) -> dict[str, str]:
             prev[2].get("path", "") in unnamed and area.get("path", "") in unnamed and
             {k: v for k, v in prev[3].items() if k != "path"} ==
             {k: v for k, v in strict.items() if k != "path"}))
-        if prev and prev[1] == start and same and area.get("path", "") in _PAGE_NAMES:
+        if prev and prev[1] == start and same and _anonymous(area.get("path", "")):
             prev[1] = end
             name = prev[2].get("path", "") or area.get("path", "")
             prev[2] = area | prev[2] | {"path": name}      # the first part's offset

@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from ..errors import KernelCallError, ProcessGone, UnsupportedState
 from ..kernel import native, procfs, tcp
 from ..kernel.native import lib
-from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
+from ..kernel.tracee import KSIGACTION, STACK_T, Batch, RemoteSyscalls, Tracee
 from ..kernel.tracker import make_tracker, scan_present
 from ..model import (Credentials, FileDescriptor, PosixTimer, ProcessState, SigAction, ThreadState, Vma,
                      diff_layout, free_area, intersect_ranges, memory_vmas, merge_ranges,
                      pack_ranges, ranges_bytes, subtract_ranges, unpack_ranges)
 
 RLIMITS = 16          # RLIM_NLIMITS
+# PR_GET_SPECULATION_CTRL's kinds: PR_SPEC_STORE_BYPASS, _INDIRECT_BRANCH, _L1D_FLUSH
+SPEC_KINDS = (0, 1, 2)
 
 
 TIMEVALS = struct.Struct("=qqqq")         # itimerval / itimerspec: interval, then value
@@ -46,6 +48,17 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
     if st.get("Seccomp", "0") != "0":
         problems.append("seccomp filters (not carried yet: the restored process would run "
                         "without them)")
+    shstk = shadow_stack_problem(pid, st)
+    if shstk:
+        problems.append(shstk)
+    for tid in procfs.threads(pid):
+        try:
+            flags = int(procfs.stat_fields(f"{pid}/task/{tid}")[9])
+        except ProcessGone:
+            continue
+        problem = io_flusher_problem(pid, tid, flags)
+        if problem:
+            problems.append(problem)
     for fd in procfs.fd_numbers(pid):
         what, desc = procfs.describe_fd(pid, fd)
         if desc is None and what.startswith(("pipe:", "socket:")) and not same_host:
@@ -75,6 +88,42 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
         elif v.path.startswith("/") and v.path.endswith(" (deleted)") and not v.is_shmem:
             problems.append(f"mapping of a deleted file {v.path}")
     return problems
+
+
+# securebits a restored process can only be given with CAP_SETPCAP in its own effective set
+# (the husk sets them last, as the source's credentials): SECBIT_KEEP_CAPS_LOCKED,
+# SECBIT_NO_CAP_AMBIENT_RAISE and its lock
+SECBITS_LATE = 1 << 5 | 1 << 6 | 1 << 7
+CAP_SETPCAP = 8
+
+
+def securebits_problem(pid: int, securebits: int, creds: Credentials | None) -> str | None:
+    if securebits & SECBITS_LATE and creds is not None and \
+            not creds.cap_effective >> CAP_SETPCAP & 1:
+        return (f"pid {pid}: securebits {securebits:#x} (keep-caps locked or no ambient "
+                "raise) without CAP_SETPCAP in its effective set: they cannot be set again")
+    return None
+
+
+def shadow_stack_problem(pid: int, status: dict[str, str]) -> str | None:
+    """x86 user shadow stack (x86_Thread_features: shstk, Linux 6.6+): not carried (its
+    pointer and the shadow stack's contents would have to be rebuilt)."""
+    if "shstk" in status.get("x86_Thread_features", "").split():
+        return (f"pid {pid}: x86 user shadow stack enabled (x86_Thread_features: "
+                f"{status['x86_Thread_features'].strip()}): not carried")
+    return None
+
+
+PR_IO_FLUSHER = 0x00080000 | 0x00100000       # PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE
+
+
+def io_flusher_problem(pid: int, tid: int, flags: int) -> str | None:
+    """A thread marked PR_SET_IO_FLUSHER (a userspace block or file system server: both
+    task flags, /proc/PID/task/TID/stat field 9): not carried (setting it takes
+    CAP_SYS_RESOURCE, which a restorer may lack)."""
+    if flags & PR_IO_FLUSHER == PR_IO_FLUSHER:
+        return f"pid {pid} thread {tid}: PR_SET_IO_FLUSHER (not carried)"
+    return None
 
 
 def _is_terminal(pid: int, fd: int) -> bool:
@@ -287,12 +336,20 @@ class ProcessSource:
                 tid_addr = b.put(b"\0" * 8)
                 ss_addr = b.put(b"\0" * STACK_T.size)
                 sa_addr = b.put(b"\0" * KSIGACTION.size * 65)
+                name_addr = b.put(b"\0" * 16)
                 b.call(lib.SYS_prctl, lib.PR_GET_TID_ADDRESS, tid_addr)
                 b.call(lib.SYS_sigaltstack, 0, ss_addr)
+                b.call(lib.SYS_prctl, lib.PR_GET_NAME, name_addr)
+                slack = b.call(lib.SYS_prctl, lib.PR_GET_TIMERSLACK)
+                tsc_addr = b.put(b"\0" * 8)
+                b.call(lib.SYS_prctl, lib.PR_GET_TSC, tsc_addr)
+                spec = [b.call(lib.SYS_prctl, lib.PR_GET_SPECULATION_CTRL, which, 0, 0, 0)
+                        for which in SPEC_KINDS]
+                mce = b.call(lib.SYS_prctl, lib.PR_MCE_KILL_GET, 0, 0, 0, 0)
                 if t is self.frozen[0]:
                     pdeath_addr = b.put(b"\0" * 8)
-                    b.call(lib.SYS_brk, 0)
-                    b.call(lib.SYS_prctl, lib.PR_GET_DUMPABLE)
+                    brk = b.call(lib.SYS_brk, 0)
+                    dumpable = b.call(lib.SYS_prctl, lib.PR_GET_DUMPABLE)
                     b.call(lib.SYS_prctl, lib.PR_GET_PDEATHSIG, pdeath_addr)
                     b.call(lib.SYS_prctl, lib.PR_GET_CHILD_SUBREAPER, pdeath_addr + 4)
                     # from inside: reading another user's limits from outside needs
@@ -310,15 +367,33 @@ class ProcessSource:
                     for i, tm in enumerate(timers):
                         b.call(lib.SYS_timer_gettime, tm.id, tm_addr + 32 * i)
                         overruns.append(b.call(lib.SYS_timer_getoverrun, tm.id))
-                results = remote.run(b)
+                    securebits = b.call(lib.SYS_prctl, lib.PR_GET_SECUREBITS, 0, 0, 0, 0)
+                    # last, as they may fail on an older kernel (EINVAL: unknown there)
+                    optional = {
+                        b.call(lib.SYS_prctl, lib.PR_GET_MDWE_, 0, 0, 0, 0): "mdwe",
+                        b.call(lib.SYS_prctl, lib.PR_GET_MEMORY_MERGE_, 0, 0, 0, 0):
+                            "memory_merge",
+                        b.call(lib.SYS_membarrier, lib.MEMBARRIER_GET_REGISTRATIONS, 0, 0):
+                            "membarrier"}
+                    results = _run_tolerant(remote, b, optional)
+                    for i, name in optional.items():
+                        out[name] = results[i] or 0
+                else:
+                    results = remote.run(b)
                 data = remote.read(tid_addr, len(b.data) - (tid_addr - main.scratch.data_addr))
                 rel = lambda addr: addr - tid_addr  # noqa: E731  (offsets in what we read)
                 out["threads"][t.pid] = {
                     "regs": regs, "sigmask": mask,
                     "clear_child_tid": struct.unpack_from("=Q", data, rel(tid_addr))[0],
-                    "sigaltstack": STACK_T.unpack_from(data, rel(ss_addr))}
+                    "sigaltstack": STACK_T.unpack_from(data, rel(ss_addr)),
+                    "name": data[rel(name_addr):rel(name_addr) + 16].split(b"\0")[0].decode(
+                        errors="surrogateescape"),
+                    "timerslack": results[slack] & 0xFFFFFFFFFFFFFFFF,
+                    "tsc": struct.unpack_from("=i", data, rel(tsc_addr))[0],
+                    "spec": tuple(results[i] for i in spec), "mce_kill": results[mce]}
                 if t is self.frozen[0]:
-                    out["brk"], out["dumpable"] = results[2], results[3]
+                    out["brk"], out["dumpable"] = results[brk], results[dumpable]
+                    out["securebits"] = results[securebits]
                     out["pdeathsig"], out["child_subreaper"] = struct.unpack_from(
                         "=ii", data, rel(pdeath_addr))
                     out["rlimits"] = {res: struct.unpack_from("=QQ", data, rel(rl_addr + 16 * res))
@@ -368,7 +443,9 @@ class ProcessSource:
                 clear_child_tid=mine["clear_child_tid"], sigaltstack=(ss_sp, ss_flags, ss_size),
                 pending=native.peek_siginfo(t.pid, shared=False), sched=thread_sched(t.pid),
                 cpus=sorted(os.sched_getaffinity(t.pid)),
-                creds=None if t.pid == pid else thread_creds(pid, t.pid, process_creds)))
+                creds=None if t.pid == pid else thread_creds(pid, t.pid, process_creds),
+                name=mine["name"], timerslack=mine["timerslack"], tsc=mine["tsc"],
+                spec=mine["spec"], mce_kill=mine["mce_kill"]))
         fds = []
         for fd in procfs.fd_numbers(pid):
             what, desc, text = procfs.describe_fd_text(pid, fd)
@@ -406,6 +483,9 @@ class ProcessSource:
                         # its registrations: those of signalfds are made again in the husk
                         desc.data = procfs.describe_anon(pid, fd, what, text).data
             fds.append(desc)
+        problem = securebits_problem(pid, inside["securebits"], process_creds)
+        if problem:
+            raise UnsupportedState(problem)
         numbers = {f.fd for f in fds}
         for f in fds:
             if f.kind == "epoll" or f.path == "anon_inode:[eventpoll]":
@@ -426,7 +506,10 @@ class ProcessSource:
             timers=inside["timers"],
             itimers=list(inside["itimers"]) if any(map(any, inside["itimers"])) else [],
             oom_score_adj=procfs.oom_score_adj(pid), personality=procfs.personality(pid),
-            thp_disable=status.get("THP_enabled", "1").strip() == "0")
+            thp_disable=status.get("THP_enabled", "1").strip() == "0",
+            securebits=inside["securebits"], mdwe=inside["mdwe"],
+            memory_merge=bool(inside["memory_merge"]), membarrier=inside["membarrier"],
+            loginuid=procfs.loginuid(pid))
 
     def close(self) -> None:
         if self.tracker:
@@ -439,6 +522,28 @@ class ProcessSource:
                 except OSError:
                     pass
         self.pagemap_fd = self.mem_fd = -1
+
+
+def _run_tolerant(remote: RemoteSyscalls, b, optional: dict[int, str]) -> list:
+    """Run a batch whose calls at the indexes in `optional` may fail (a query an older kernel
+    lacks): such a call's result is None, and the calls after it run in a further batch (a
+    batch stops at its first error). Any other failure raises as run() does."""
+    results: list = remote.run(b, check=False)
+    while results and -4096 < results[-1] < 0:
+        failed = len(results) - 1
+        if failed not in optional:
+            raise KernelCallError(-results[failed], f"injected {b.labels[failed]}",
+                                  remote.tracee.pid,
+                                  "args " + ", ".join(hex(a) for a in b.calls[failed][1]))
+        results[failed] = None
+        if failed + 1 == len(b.calls):
+            break
+        rest = Batch(b.scratch, b.calls[failed + 1:], b.labels[failed + 1:], b.data)
+        more = remote.run(rest, check=False)
+        results += more
+        if not more:
+            break
+    return results
 
 
 def _sorted(parts: list[bytes]) -> bytes:

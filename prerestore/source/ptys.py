@@ -190,6 +190,7 @@ def capture_ptys(states: list[ProcessState], direct: bool, captured: list[Captur
             if state != "never":
                 cap.slave = tty.open_slave_even_locked(master, os.O_RDWR | os.O_NONBLOCK)
             cap.state = tty.read_state(master, cap.slave, state, where)
+            cap.state.owner = tty.slave_owner(master)
         except OSError as e:
             raise UnsupportedState(f"{where}: cannot read its state ({e})") from None
         st = cap.state

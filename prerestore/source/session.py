@@ -41,6 +41,12 @@ def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
     if root.zombie:
         problems.append(f"process {root.pid} is a zombie")
     for t in tasks[1:]:
+        if t.zombie and t.exit_code & 0x80:
+            # WCOREDUMP: its status says a core was dumped; the husk cannot die with that
+            # bit without dumping one (where the host's core_pattern says)
+            problems.append(f"zombie {t.pid} died of signal {t.exit_code & 0x7f} with a core "
+                            "dump (its status's core-dumped bit cannot be made again)")
+    for t in tasks[1:]:
         parent = by_pid[t.parent]
         if t.sid != parent.sid and t.sid != t.pid:
             problems.append(f"pid {t.pid} stayed in session {t.sid} when its parent {parent.pid} "
