@@ -298,6 +298,17 @@ class Credentials:
     fsgid: int = -1
 
 
+@dataclass(frozen=True)
+class SeccompFilter:
+    """One seccomp filter (SECCOMP_MODE_FILTER) as it was installed: its classic BPF program
+    (struct sock_filter instructions, 8 bytes each) and the flags the kernel keeps of it
+    (SECCOMP_FILTER_FLAG_LOG). A filter cannot be removed, only added; threads and children
+    share the ones they inherited. Which ones are shared is not shown by the kernel: filters
+    equal in content at the same place of two threads' lists are taken as one."""
+    program: bytes
+    flags: int = 0
+
+
 @dataclass
 class ThreadState:
     tid: int
@@ -315,6 +326,9 @@ class ThreadState:
     sched: tuple[int, ...] | None = None
     cpus: list[int] = field(default_factory=list)         # its CPU affinity; empty: leave it
     creds: "Credentials | None" = None     # its own, where they differ from the process's
+    # its seccomp filters, oldest first, as indices in ProcessState.seccomp_filters; threads
+    # whose lists start alike share that part (installed once, TSYNC): see SeccompFilter
+    seccomp: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -348,6 +362,8 @@ class ProcessState:
     oom_score_adj: int = 0      # /proc/PID/oom_score_adj
     personality: int = 0        # personality(2) flags
     thp_disable: bool = False   # PR_SET_THP_DISABLE
+    # the distinct seccomp filters of its threads (ThreadState.seccomp names them)
+    seccomp_filters: list[SeccompFilter] = field(default_factory=list)
 
 
 @dataclass

@@ -35,7 +35,7 @@ STATUS_PROCESS = ("Umask", "SigQ_limit", "SigCgt", "SigIgn", "ShdPnd", "Uid", "G
                   "Speculation_Store_Bypass", "SpeculationIndirectBranch",
                   "x86_Thread_features", "x86_Thread_features_locked", "Kthread")
 STATUS_THREAD = ("SigBlk", "SigPnd", "Uid", "Gid", "CapEff", "CapPrm", "NoNewPrivs",
-                 "Seccomp", "Cpus_allowed_list", "Mems_allowed_list")
+                 "Seccomp", "Seccomp_filters", "Cpus_allowed_list", "Mems_allowed_list")
 # /proc/PID/stat fields (numbered as in proc(5)) of the process; [ppid, pgrp, session, tpgid]
 # name pids
 STAT_PROCESS = {4: "ppid", 5: "pgrp", 6: "session", 7: "tty_nr", 8: "tpgid", 26: "start_code",

@@ -778,6 +778,8 @@ class Husk:
             except KernelCallError as e:
                 raise RestoreError(f"cannot restore rlimit {res} = ({soft}, {hard}): {e}") from None
         self.sync_threads([th.tid for th in state.threads])
+        if state.seccomp_filters:
+            self.install_seccomp(state)
         for th in state.threads[1:]:            # each thread's own state, run in it
             remote = self.remote.sharing(self.threads[th.tid])
             b = remote.batch()
@@ -907,6 +909,63 @@ class Husk:
         self.remote.unmap_scratch()
         return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(items),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),
                 "state_ms": (time.perf_counter() - t0) * 1e3}
+
+    SOCK_FPROG = struct.Struct("=H6xQ")     # struct sock_fprog: len, then the instructions
+
+    def install_seccomp(self, state: ProcessState) -> None:
+        """Every thread's seccomp filters, once all its threads exist.
+
+        The husk is ptraced with PTRACE_O_SUSPEND_SECCOMP first: an installed filter applies
+        to every system call after it, ours too, and what the restore still injects (fds,
+        credentials, signals...) is not the program's to be denied, nor killed for. The
+        suspension ends as we let the process go. So the filters go in before the
+        credentials change, as root (installing needs CAP_SYS_ADMIN or no_new_privs, which
+        the source may have had then and dropped since; no_new_privs is set afterwards as the
+        source has it).
+
+        What its threads share (the part their lists start with alike, as a TSYNC or a thread
+        created after its creator's filter makes it) is installed once, with
+        SECCOMP_FILTER_FLAG_TSYNC from the main thread: a later TSYNC by the program needs the
+        other threads' filters to be that very list. Each thread then adds its own in itself.
+        Children processes get theirs in their own husks: an inherited list is copied, not
+        shared, which nothing but the kernel's memory tells."""
+        chains = [th.seccomp for th in state.threads]
+        suspend = lib.PTRACE_O_SUSPEND_SECCOMP
+        for t in [self.tracee] + [self.threads[th.tid] for th in state.threads[1:]]:
+            options = lib.PTRACE_O_EXITKILL | suspend | \
+                (lib.PTRACE_O_TRACECLONE | lib.PTRACE_O_TRACEFORK if t is self.tracee else 0)
+            try:
+                native.set_options(t.pid, options)
+            except KernelCallError as e:
+                raise RestoreError(f"process {self.pid}: cannot suspend seccomp in its husk to "
+                                   f"install its filters (PTRACE_O_SUSPEND_SECCOMP needs "
+                                   f"CAP_SYS_ADMIN and no seccomp of our own): {e}") from None
+        shared = 0
+        while all(len(c) > shared for c in chains) and \
+                len({c[shared] for c in chains}) == 1:
+            shared += 1
+        tsync = lib.SECCOMP_FILTER_FLAG_TSYNC if len(chains) > 1 else 0
+        for i, (th, chain) in enumerate(zip(state.threads, chains)):
+            remote = self.remote if i == 0 else self.remote.sharing(self.threads[th.tid])
+            b = remote.batch()
+            synced = []
+            for n, index in enumerate(chain if i == 0 else chain[shared:]):
+                f = state.seccomp_filters[index]
+                flags = f.flags | (tsync if i == 0 and n < shared else 0)
+                prog = b.put(self.SOCK_FPROG.pack(len(f.program) // 8, b.put(f.program)))
+                call = b.call(lib.SYS_seccomp, lib.SECCOMP_SET_MODE_FILTER, flags, prog,
+                              label=f"seccomp(SET_MODE_FILTER) filter {n} of thread {th.tid}")
+                if flags & tsync:
+                    synced.append(call)
+            if not len(b):
+                continue
+            results = remote.run(b)
+            for call in synced:
+                if results[call]:
+                    # TSYNC names the thread it could not synchronize
+                    raise RestoreError(f"process {self.pid}: {b.labels[call]}: thread "
+                                       f"{results[call]} could not take the filters its "
+                                       "threads share (TSYNC)")
 
     def _timer_calls(self, b, state: ProcessState) -> None:
         """POSIX timers with the ids the program holds (PR_TIMER_CREATE_RESTORE_IDS: the

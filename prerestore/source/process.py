@@ -12,11 +12,12 @@ import time
 from dataclasses import dataclass
 
 from ..errors import KernelCallError, ProcessGone, UnsupportedState
-from ..kernel import native, procfs, tcp
+from ..kernel import native, procfs, seccomp, tcp
 from ..kernel.native import lib
 from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..kernel.tracker import make_tracker, scan_present
-from ..model import (Credentials, FileDescriptor, PosixTimer, ProcessState, SigAction, ThreadState, Vma,
+from ..model import (Credentials, FileDescriptor, PosixTimer, ProcessState, SeccompFilter,
+                     SigAction, ThreadState, Vma,
                      diff_layout, free_area, intersect_ranges, memory_vmas, merge_ranges,
                      pack_ranges, ranges_bytes, subtract_ranges, unpack_ranges)
 
@@ -43,9 +44,7 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
     host (same_host) fds of other kinds are handed over as they are (Husk.hand_over_fds)."""
     problems = []
     st = procfs.status(pid)
-    if st.get("Seccomp", "0") != "0":
-        problems.append("seccomp filters (not carried yet: the restored process would run "
-                        "without them)")
+    problems += seccomp_problems(pid, st)
     for fd in procfs.fd_numbers(pid):
         what, desc = procfs.describe_fd(pid, fd)
         if desc is None and what.startswith(("pipe:", "socket:")) and not same_host:
@@ -74,6 +73,21 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
             problems.append(f"shared memory mapping {v.start:#x}-{v.end:#x} {v.path or '(anon)'}")
         elif v.path.startswith("/") and v.path.endswith(" (deleted)") and not v.is_shmem:
             problems.append(f"mapping of a deleted file {v.path}")
+    return problems
+
+
+def seccomp_problems(pid: int, status: dict[str, str]) -> list[str]:
+    """Threads in seccomp strict mode. Each thread has a mode of its own, so each is looked
+    at (the process's status shows its main thread's)."""
+    problems = []
+    for tid in procfs.threads(pid):
+        try:
+            st = status if tid == pid else procfs.status(f"{pid}/task/{tid}")
+        except ProcessGone:
+            continue                            # it exited meanwhile
+        problem = seccomp.strict_problem(tid, st)
+        if problem:
+            problems.append(problem)
     return problems
 
 
@@ -110,10 +124,11 @@ def default_slice() -> int:
 _DEFAULT_SLICE: int | None = None
 
 
-def thread_creds(pid: int, tid: int, process: Credentials) -> Credentials | None:
+def thread_creds(pid: int, tid: int, process: Credentials,
+                 status: dict[str, str] | None = None) -> Credentials | None:
     """A thread's credentials where they differ from its process's (a thread may change its
-    own with the raw system calls), else None."""
-    mine = procfs.credentials(procfs.status(f"{pid}/task/{tid}"))
+    own with the raw system calls), else None. status: its /proc status, if read already."""
+    mine = procfs.credentials(status or procfs.status(f"{pid}/task/{tid}"))
     return None if mine == process else mine
 
 
@@ -153,6 +168,10 @@ class ProcessSource:
         self.inherited: list[tuple[int, int]] = []
         self.frozen: list[Tracee] = []     # every thread, the main one first, while frozen
         self.remotes: dict = {}            # tid -> RemoteSyscalls of a thread we injected into
+        # each thread's seccomp filters (oldest first) as last read: read during the rounds,
+        # again at the final step only for a thread whose count changed (filters are only
+        # ever added, so an unchanged count is an unchanged list)
+        self.seccomp: dict[int, list[SeccompFilter]] = {}
         self._maps_raw, self._maps_parsed = b"", []
 
     def gone(self, error: BaseException | None = None) -> bool:
@@ -257,6 +276,65 @@ class ProcessSource:
         return MemoryScan(pack_ranges(fresh), _sorted(copy), _sorted(zap), lost,
                           (t2 - t0) * 1e3, (t2 - t1) * 1e3, inherited)
 
+    # ---- seccomp ----------------------------------------------------------------------------
+
+    def follow_seccomp(self, status: dict[str, str]) -> None:
+        """During the rounds: read the seccomp filters of threads that have some we have not
+        read (reading needs the thread in a ptrace stop: it is interrupted for as long as
+        that takes, then goes on). Only if the process shows filters (status: its main
+        thread's); a thread with filters of its own alone is read at the final step."""
+        if status.get("Seccomp", "0") == "0" and not self.seccomp:
+            return
+        if procfs.stat_fields(self.pid)[3] in ("T", "t"):
+            return             # stopped by someone else: left to the final step (frozen)
+        for tid in procfs.threads(self.pid):
+            try:
+                st = status if tid == self.pid else procfs.status(f"{self.pid}/task/{tid}")
+            except ProcessGone:
+                continue
+            count = seccomp.filter_count(st)
+            if count == len(self.seccomp.get(tid, ())):
+                continue
+            try:
+                # interrupted, not parked: nothing of it is changed, and should we die now
+                # it must run on (a parked task would stay stopped)
+                with Tracee(tid) as t:
+                    count = seccomp.filter_count(procfs.status(f"{self.pid}/task/{tid}"))
+                    self.seccomp[tid] = seccomp.read_filters(t.pid, count)
+            except (ProcessGone, KernelCallError):
+                self.seccomp.pop(tid, None)      # gone, or not ours to stop now: read frozen
+        live = set(procfs.threads(self.pid))
+        for tid in [t for t in self.seccomp if t not in live]:
+            del self.seccomp[tid]
+
+    def suspend_seccomp(self) -> None:
+        """Frozen: the calls we inject must not be seen by its seccomp filters (or strict
+        mode), which could deny them, or kill it (PTRACE_O_SUSPEND_SECCOMP: until we let it
+        go). Set once every thread is stopped: a task running under it would make its own
+        calls unfiltered."""
+        for t in self.frozen:
+            try:
+                native.set_options(t.pid, lib.PTRACE_O_SUSPEND_SECCOMP)
+            except KernelCallError as e:
+                raise UnsupportedState(f"pid {self.pid} thread {t.pid}: has seccomp filters, "
+                                       "and calls cannot be made in it past them "
+                                       f"(PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN and "
+                                       f"no seccomp of our own): {e}") from None
+
+    def seccomp_chain(self, tid: int, status: dict[str, str],
+                      table: dict[SeccompFilter, int]) -> list[int]:
+        """At the final step (the thread frozen): its filters as indices in `table` (the
+        process's distinct filters, added to). Read again only if the count changed."""
+        problem = seccomp.strict_problem(tid, status)
+        if problem:
+            raise UnsupportedState(f"pid {self.pid} {problem}")
+        count = seccomp.filter_count(status)
+        if not count:
+            return []
+        if len(self.seccomp.get(tid, ())) != count:
+            self.seccomp[tid] = seccomp.read_filters(tid, count)
+        return [table.setdefault(f, len(table)) for f in self.seccomp[tid]]
+
     # ---- state ------------------------------------------------------------------------------
 
     def query_inside(self, layout: list[Vma], status: dict[str, str]) -> dict:
@@ -264,6 +342,8 @@ class ProcessSource:
         actions of the signals it catches or ignores (process-wide, asked in the main
         thread), clear_child_tid and sigaltstack (each thread's own). It maps and unmaps a
         scratch area (an mmap_lock writer), so it runs before the last dirty scan starts."""
+        if status.get("Seccomp", "0") != "0" or self.seccomp:
+            self.suspend_seccomp()
         handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
         timers = procfs.timers(self.pid)
         signals = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1]
@@ -346,8 +426,10 @@ class ProcessSource:
         pid = self.pid
         threads = []
         process_creds = procfs.credentials(status)
+        filters: dict[SeccompFilter, int] = {}
         for t in self.frozen:
             mine = inside["threads"][t.pid]
+            tstatus = status if t.pid == pid else procfs.status(f"{pid}/task/{t.pid}")
             ss_sp, ss_flags, _, ss_size = mine["sigaltstack"]
             rseq = None
             try:
@@ -361,7 +443,9 @@ class ProcessSource:
                 clear_child_tid=mine["clear_child_tid"], sigaltstack=(ss_sp, ss_flags, ss_size),
                 pending=native.peek_siginfo(t.pid, shared=False), sched=thread_sched(t.pid),
                 cpus=sorted(os.sched_getaffinity(t.pid)),
-                creds=None if t.pid == pid else thread_creds(pid, t.pid, process_creds)))
+                creds=None if t.pid == pid else thread_creds(pid, t.pid, process_creds,
+                                                             tstatus),
+                seccomp=self.seccomp_chain(t.pid, tstatus, filters)))
         fds = []
         for fd in procfs.fd_numbers(pid):
             what, desc, text = procfs.describe_fd_text(pid, fd)
@@ -419,7 +503,8 @@ class ProcessSource:
             timers=inside["timers"],
             itimers=list(inside["itimers"]) if any(map(any, inside["itimers"])) else [],
             oom_score_adj=procfs.oom_score_adj(pid), personality=procfs.personality(pid),
-            thp_disable=status.get("THP_enabled", "1").strip() == "0")
+            thp_disable=status.get("THP_enabled", "1").strip() == "0",
+            seccomp_filters=list(filters))
 
     def close(self) -> None:
         if self.tracker:

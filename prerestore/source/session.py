@@ -478,7 +478,12 @@ class SourceSession:
     def predump(self, directory: str) -> Round:
         """One pre-copy round while the tree runs."""
         check_supported(self.pid, self.direct, self.external_unix)
-        self._refresh_tree()
+        procs = self._refresh_tree()
+        for p in procs:                  # what the final step then only checks is unchanged
+            try:
+                p.follow_seccomp(procfs.status(p.pid))
+            except ProcessGone:
+                pass                     # gone: the next look at the tree tells
         return self._write_round(directory, "predump", states=[])
 
     def last_cpu(self) -> int:
