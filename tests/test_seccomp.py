@@ -142,3 +142,14 @@ def test_seccomp_fields_in_image_are_validated():
     for bad in ([b"\x06\x00", 0], [b"", 0], [good[0][0], 1], [good[0][0], 4], ["x", 0]):
         with pytest.raises(Exception, match="f"):
             schema._seccomp_filter(bad, "f")
+
+
+def test_verify_snapshot_has_each_threads_filter_count():
+    """--verify compares what /proc shows of each thread's seccomp: the snapshot has it."""
+    import os
+
+    from prerestore.kernel import visible
+    snap = visible.snapshot(os.getpid(), {os.getpid(): os.getpid()})
+    assert "status.Seccomp" in snap.fields and "status.Seccomp_filters" in snap.fields
+    for t in snap.threads.values():
+        assert "status.Seccomp" in t and "status.Seccomp_filters" in t, sorted(t)
