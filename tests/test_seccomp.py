@@ -46,8 +46,10 @@ def test_seccomp_filters_threads_tsync_and_child(cbin, tmp_path, cold, direct):
 @pytest.mark.parametrize("cold,direct", HOW)
 def test_seccomp_default_profile(cbin, tmp_path, cold, direct):
     """A container-like default profile: the architecture checked, then some 400 allow rules,
-    everything else EPERM (prctl and personality included, which the restorer calls in the
-    source and in the husk), installed as root without no_new_privs, TSYNC to two threads."""
+    everything else EPERM (prctl included, which the restorer calls in the source and in the
+    husk), sigaltstack and set_tid_address for a tracer (SECCOMP_RET_TRACE: the restorer
+    traces and calls them, and must not be asked), installed as root without no_new_privs,
+    TSYNC to two threads."""
     move_and_compare(tmp_path, [cbin("seccomp"), "profile"], direct=direct, cold=cold,
                      warm_up=200, more=300)
 
@@ -112,6 +114,72 @@ def test_seccomp_strict_mode_is_refused(tmp_path, cold):
         assert src.poll() is None
         with open(f"/proc/{src.pid}/stat") as f:
             assert f.read().rsplit(")", 1)[1].split()[0] != "T"
+    finally:
+        src.kill()
+        src.wait(10)
+
+
+NOTIFY_C = r'''
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void)
+{
+    /* getppid goes to a supervisor holding the listener fd */
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getppid, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {4, f};
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+    int listener = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+                           SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
+    if (listener < 0) {
+        perror("seccomp");
+        return 2;
+    }
+    close(listener);            /* no fd of its own to refuse: the filter alone is */
+    printf("start pid=%d\n", getpid());
+    for (long it = 1;; it++) {
+        if (it % 100 == 0)
+            printf("it=%ld ok\n", it);
+        usleep(1000);
+    }
+}
+'''
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["prerestore", "cold"])
+def test_seccomp_user_notification_is_refused(tmp_path, cold):
+    """A filter that hands calls to a supervisor (SECCOMP_RET_USER_NOTIF): the supervisor's
+    listener cannot follow it. Refused by name before anything is frozen; the source runs on."""
+    import subprocess
+
+    from prerestore.errors import UnsupportedState
+    from prerestore.migrate import migrate
+    from workloads import last_iteration, start_workload, wait_for_iteration
+    src_c = tmp_path / "notify.c"
+    src_c.write_text(NOTIFY_C)
+    exe = tmp_path / "notify"
+    subprocess.run(["cc", "-O2", "-o", str(exe), str(src_c)], check=True)
+    log = tmp_path / "out.log"
+    src = start_workload([exe], log)
+    try:
+        wait_for_iteration(log, 100, pid=src.pid)
+        with pytest.raises(UnsupportedState,
+                           match=rf"thread {src.pid}: seccomp filter 0 returns "
+                                 "SECCOMP_RET_USER_NOTIF"):
+            migrate(src.pid, cold=cold, work_dir=str(tmp_path / "images"))
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 200, pid=src.pid)       # it runs on
+        assert src.poll() is None
     finally:
         src.kill()
         src.wait(10)

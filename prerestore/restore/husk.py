@@ -949,7 +949,8 @@ class Husk:
             remote = self.remote if i == 0 else self.remote.sharing(self.threads[th.tid])
             b = remote.batch()
             synced = []
-            for n, index in enumerate(chain if i == 0 else chain[shared:]):
+            first = 0 if i == 0 else shared
+            for n, index in enumerate(chain[first:], first):
                 f = state.seccomp_filters[index]
                 flags = f.flags | (tsync if i == 0 and n < shared else 0)
                 prog = b.put(self.SOCK_FPROG.pack(len(f.program) // 8, b.put(f.program)))

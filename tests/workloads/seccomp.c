@@ -17,8 +17,10 @@
  *
  * "profile": a deny-by-default allow-list of most system calls (like a container runtime's
  * default profile, some hundred rules, the architecture checked first) installed with TSYNC
- * as root without no_new_privs, in two threads; prctl and personality are denied (EPERM):
- * the restorer's own calls must not be. */
+ * as root without no_new_privs, in two threads; prctl and personality are denied (EPERM),
+ * sigaltstack and set_tid_address are for a tracer (SECCOMP_RET_TRACE: ENOSYS with none):
+ * the restorer makes such calls in the source and in the husk, tracing them; its own calls
+ * must not be filtered. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -243,10 +245,12 @@ static volatile int profile_looked;
 static int profile_check(void)
 {
     int n = filters_shown(), e1 = fails_with(SYS_prctl, PR_GET_DUMPABLE),
-        e2 = fails_with(SYS_personality, 0xffffffff), e3 = fails_with(SYS_getpid, 0);
-    if (n != 1 || e1 != EPERM || e2 != EPERM || e3 != 0) {
+        e2 = fails_with(SYS_personality, 0xffffffff), e3 = fails_with(SYS_getpid, 0),
+        e4 = fails_with(SYS_sigaltstack, 0);
+    if (n != 1 || e1 != EPERM || e2 != EPERM || e3 != 0 || e4 != ENOSYS) {
         snprintf(why, sizeof why, "Seccomp_filters %d (1), prctl errno %d (%d), personality "
-                 "errno %d (%d), getpid errno %d (0)", n, e1, EPERM, e2, EPERM, e3);
+                 "errno %d (%d), getpid errno %d (0), sigaltstack errno %d (%d)", n, e1, EPERM,
+                 e2, EPERM, e3, e4, ENOSYS);
         return 0;
     }
     return 1;
@@ -281,8 +285,13 @@ static int profile_mode(void)
     f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS);
     f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
                                           offsetof(struct seccomp_data, nr));
+    /* for a tracer (SECCOMP_RET_TRACE; with none, they fail with ENOSYS): calls the
+     * restorer makes in every thread, sigaltstack in the source, set_tid_address in the husk */
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_sigaltstack, 1, 0);
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_set_tid_address, 0, 1);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE);
     for (int nr = 0; nr <= SYS_clone3; nr++) {
-        int ok = 1;
+        int ok = nr != SYS_sigaltstack && nr != SYS_set_tid_address;
         for (unsigned i = 0; i < sizeof denied / sizeof denied[0]; i++)
             if (denied[i] == nr)
                 ok = 0;
