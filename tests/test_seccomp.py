@@ -31,16 +31,22 @@ def _filters(pid: int) -> dict[int, str]:
 
 @pytest.mark.parametrize("cold,direct", HOW)
 def test_seccomp_filters_threads_tsync_and_child(cbin, tmp_path, cold, direct):
-    """A filter shared by three threads (TSYNC), one of their own in one thread, a child that
-    inherited the shared one and added its own; every 100 iterations a TSYNC by the program,
-    which works only if the restored threads share what they shared (the workload checks
-    it, and every filter's effect, every millisecond)."""
+    """A filter shared by three threads (TSYNC, FLAG_LOG), one of their own in one thread, a
+    child that inherited the shared one and added its own; every 100 iterations a TSYNC by
+    the program, which works only if the restored threads share what they shared (the
+    workload checks it, and every filter's effect, every millisecond). The flags kept of
+    each filter come back too."""
     def check(host, log):
+        from prerestore.kernel import native
+        from prerestore.kernel.tracee import Tracee
         counts = _filters(host)
         assert len(counts) == 3 and all(int(c) >= 1 for c in counts.values()), counts
+        with Tracee(host) as t:        # the flags kept of each filter: A alone has FLAG_LOG
+            flags = [native.seccomp_flags(t.pid, i) for i in range(int(counts[host]))]
+        assert flags[0] == 2 and not any(flags[1:]), flags
     r = move_and_compare(tmp_path, [cbin("seccomp")], direct=direct, cold=cold, warm_up=200,
                          more=300, check=check)
-    assert len(r.get("restored_tree", {})) >= 1 or r["restored_host_pid"]
+    assert len(r["restored_tree"]) == 2, r["restored_tree"]      # the parent and its child
 
 
 @pytest.mark.parametrize("cold,direct", HOW)

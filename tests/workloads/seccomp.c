@@ -2,7 +2,7 @@
  *
  * "threads" (the default), under no_new_privs:
  *   - three threads; the main one installs filter A (getppid fails with errno 1234) with
- *     SECCOMP_FILTER_FLAG_TSYNC: all three share it;
+ *     SECCOMP_FILTER_FLAG_TSYNC (and FLAG_LOG): all three share it;
  *   - thread 2 adds a filter of its own, B (getpgrp fails with errno 2345);
  *   - a child process forked after A inherits it, and adds C of its own (getpriority fails
  *     with errno 3456); it dies with its parent (PR_SET_PDEATHSIG);
@@ -199,7 +199,7 @@ static int threads_mode(void)
     }
     pthread_create(&t, NULL, thread, (void *)1L);
     pthread_create(&t, NULL, thread2_start, (void *)2L);
-    if (deny(SYS_getppid, 1234, SECCOMP_FILTER_FLAG_TSYNC)) {
+    if (deny(SYS_getppid, 1234, SECCOMP_FILTER_FLAG_TSYNC | SECCOMP_FILTER_FLAG_LOG)) {
         perror("filter A");
         return 2;
     }
