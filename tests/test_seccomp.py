@@ -60,6 +60,13 @@ def test_seccomp_default_profile(cbin, tmp_path, cold, direct):
                      warm_up=200, more=300)
 
 
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_seccomp_filter_of_one_thread_alone(cbin, tmp_path, cold, direct):
+    """A filter in one thread only: the process's status (its main thread's) shows none."""
+    move_and_compare(tmp_path, [cbin("seccomp"), "lone"], direct=direct, cold=cold,
+                     warm_up=200, more=300)
+
+
 STRICT_C = r'''
 #include <linux/seccomp.h>
 #include <pthread.h>

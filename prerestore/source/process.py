@@ -281,12 +281,10 @@ class ProcessSource:
     def follow_seccomp(self, status: dict[str, str]) -> None:
         """During the rounds: read the seccomp filters of threads that have some we have not
         read (reading needs the thread in a ptrace stop: it is interrupted for as long as
-        that takes, then goes on). Only if the process shows filters (status: its main
-        thread's); a thread with filters of its own alone is read at the final step."""
-        if status.get("Seccomp", "0") == "0" and not self.seccomp:
-            return
-        if procfs.stat_fields(self.pid)[3] in ("T", "t"):
-            return             # stopped by someone else: left to the final step (frozen)
+        that takes, then goes on). Every thread is looked at (status: the main thread's):
+        each has filters of its own, and the final step suspends them in a process with
+        some (query_inside) from what is known by then."""
+        stopped = None
         for tid in procfs.threads(self.pid):
             try:
                 st = status if tid == self.pid else procfs.status(f"{self.pid}/task/{tid}")
@@ -295,6 +293,13 @@ class ProcessSource:
             count = seccomp.filter_count(st)
             if count == len(self.seccomp.get(tid, ())):
                 continue
+            if stopped is None:
+                stopped = procfs.stat_fields(self.pid)[3] in ("T", "t")
+            if stopped:
+                # stopped by someone else: read at the final step (frozen); known to have
+                # filters meanwhile
+                self.seccomp.setdefault(tid, [])
+                continue
             try:
                 # interrupted, not parked: nothing of it is changed, and should we die now
                 # it must run on (a parked task would stay stopped)
@@ -302,7 +307,7 @@ class ProcessSource:
                     count = seccomp.filter_count(procfs.status(f"{self.pid}/task/{tid}"))
                     self.seccomp[tid] = seccomp.read_filters(t.pid, count)
             except (ProcessGone, KernelCallError):
-                self.seccomp.pop(tid, None)      # gone, or not ours to stop now: read frozen
+                self.seccomp[tid] = []     # gone, or not ours to stop now: read when frozen
         live = set(procfs.threads(self.pid))
         for tid in [t for t in self.seccomp if t not in live]:
             del self.seccomp[tid]

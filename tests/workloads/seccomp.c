@@ -320,10 +320,58 @@ static int profile_mode(void)
     }
 }
 
+/* ---- lone ------------------------------------------------------------------------------ */
+
+static volatile int lone_ready;
+
+static void *lone_thread(void *arg)
+{
+    struct timespec ts = {0, 1000 * 1000};
+    if (deny(SYS_getppid, 1234, 0)) {
+        perror("lone filter");
+        exit(2);
+    }
+    lone_ready = 1;
+    for (;;) {
+        int n = filters_shown(), e = fails_with(SYS_getppid, 0);
+        if (n != 1 || e != 1234) {
+            snprintf(why, sizeof why, "lone thread: Seccomp_filters %d (1), getppid errno %d "
+                     "(1234)", n, e);
+            bad = 1;
+        }
+        nanosleep(&ts, NULL);
+    }
+    return arg;
+}
+
+/* "lone": one thread has a filter, the main thread none (the process's status shows none) */
+static int lone_mode(void)
+{
+    pthread_t t;
+    prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+    pthread_create(&t, NULL, lone_thread, NULL);
+    while (!lone_ready)
+        usleep(1000);
+    printf("start pid=%d\n", getpid());
+    struct timespec ts = {0, 1000 * 1000};
+    for (long it = 1;; it++) {
+        int n = filters_shown(), e = fails_with(SYS_getppid, 0);
+        if (n != 0 || e != 0 || bad) {
+            printf("BAD main: Seccomp_filters %d (0), getppid errno %d (0); %s\n", n, e, why);
+            return 1;
+        }
+        if (it % 100 == 0)
+            printf("it=%ld ok\n", it);
+        nanosleep(&ts, NULL);
+    }
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc > 1 && !strcmp(argv[1], "profile"))
         return profile_mode();
+    if (argc > 1 && !strcmp(argv[1], "lone"))
+        return lone_mode();
     return threads_mode();
 }
