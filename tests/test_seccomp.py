@@ -234,3 +234,29 @@ def test_verify_snapshot_has_each_threads_filter_count():
     assert "status.Seccomp" in snap.fields and "status.Seccomp_filters" in snap.fields
     for t in snap.threads.values():
         assert "status.Seccomp" in t and "status.Seccomp_filters" in t, sorted(t)
+
+
+def test_seccomp_image_bounds_a_threads_filters():
+    """A thread naming a filter the table lacks, or more instructions than the kernel takes
+    for one thread (which the restorer's batch is sized for), is refused by the schema."""
+    import copy
+
+    from prerestore.errors import ImageError
+    from prerestore.image import schema
+    from prerestore.kernel.native import REG_NAMES
+    from prerestore.model import MmFields, ProcessState, SeccompFilter, ThreadState
+    big = SeccompFilter(b"\x06\x00\x00\x00\x00\x00\xff\x7f" * 4096)
+    thread = ThreadState(tid=7, regs={n: 0 for n in REG_NAMES}, xstate=b"", sigmask=0,
+                         rseq=None, robust_list=(0, 0), clear_child_tid=0,
+                         sigaltstack=(0, 2, 0), seccomp=[0, 0])
+    state = ProcessState(pid=7, comm="x", exe="/x", cwd="/", umask=0o22,
+                         mm=MmFields(*[0] * 11), auxv=b"", rlimits={}, sigactions={}, fds=[],
+                         threads=[thread], seccomp_filters=[big])
+    raw = schema._state(state)
+    assert schema._decode_state(copy.deepcopy(raw), "s").threads[0].seccomp == [0, 0]
+    raw["threads"][0]["seccomp"] = [0, 1]
+    with pytest.raises((ImageError, ValueError), match=r"seccomp\[1\]"):
+        schema._decode_state(copy.deepcopy(raw), "s")
+    raw["threads"][0]["seccomp"] = [0] * 9
+    with pytest.raises((ImageError, ValueError), match="at most 32768 instructions"):
+        schema._decode_state(copy.deepcopy(raw), "s")

@@ -362,7 +362,8 @@ def _decode_thread(t, path: str) -> ThreadState:
 # Seccomp: a thread's filters (the kernel bounds the instructions of a thread's whole list,
 # MAX_INSNS_PER_PATH, 4 more counted per filter, so no thread has more filters than this);
 # one filter's program is 1..BPF_MAXINSNS instructions of 8 bytes; the flags kept of it
-SECCOMP_MAX_FILTERS = 32768 // 5
+SECCOMP_MAX_INSNS = 32768                 # MAX_INSNS_PER_PATH
+SECCOMP_MAX_FILTERS = SECCOMP_MAX_INSNS // 5
 SECCOMP_FLAGS = (0, 0x2)                  # SECCOMP_FILTER_FLAG_LOG
 
 
@@ -431,6 +432,11 @@ def _decode_state(s, path: str) -> ProcessState:
             if x >= len(filters):
                 raise _bad(f"{path}.threads[{i}].seccomp[{j}]",
                            f"an index of seccomp_filters (0..{len(filters) - 1})", x)
+        insns = sum(len(filters[x].program) // 8 + 4 for x in t.seccomp) - 4
+        if insns > SECCOMP_MAX_INSNS:
+            raise _bad(f"{path}.threads[{i}].seccomp", f"filters of at most "
+                       f"{SECCOMP_MAX_INSNS} instructions in all (the kernel's bound, 4 "
+                       "counted for each filter before the last)", f"{insns}")
     return ProcessState(
         pid=pid, comm=_of(get("comm"), str, f"{path}.comm", "str"),
         exe=_of(get("exe"), str, f"{path}.exe", "str"),

@@ -947,26 +947,28 @@ class Husk:
         tsync = lib.SECCOMP_FILTER_FLAG_TSYNC if len(chains) > 1 else 0
         for i, (th, chain) in enumerate(zip(state.threads, chains)):
             remote = self.remote if i == 0 else self.remote.sharing(self.threads[th.tid])
+            # one batch: the kernel bounds a thread's filters to 32768 instructions in all
+            # (MAX_INSNS_PER_PATH), 256 KiB, which the scratch area's data part holds
             b = remote.batch()
-            synced = []
             first = 0 if i == 0 else shared
             for n, index in enumerate(chain[first:], first):
                 f = state.seccomp_filters[index]
                 flags = f.flags | (tsync if i == 0 and n < shared else 0)
                 prog = b.put(self.SOCK_FPROG.pack(len(f.program) // 8, b.put(f.program)))
-                call = b.call(lib.SYS_seccomp, lib.SECCOMP_SET_MODE_FILTER, flags, prog,
-                              label=f"seccomp(SET_MODE_FILTER) filter {n} of thread {th.tid}")
-                if flags & tsync:
-                    synced.append(call)
-            if not len(b):
-                continue
-            results = remote.run(b)
-            for call in synced:
-                if results[call]:
-                    # TSYNC names the thread it could not synchronize
-                    raise RestoreError(f"process {self.pid}: {b.labels[call]}: thread "
-                                       f"{results[call]} could not take the filters its "
-                                       "threads share (TSYNC)")
+                b.call(lib.SYS_seccomp, lib.SECCOMP_SET_MODE_FILTER, flags, prog,
+                       label=f"seccomp(SET_MODE_FILTER{'|TSYNC' if flags & tsync else ''}) "
+                             f"filter {n} of thread {th.tid}")
+            if len(b):
+                self._run_seccomp(remote, b)
+
+    def _run_seccomp(self, remote: RemoteSyscalls, b) -> None:
+        """Run a batch of seccomp() calls: a TSYNC one that could not synchronize a thread
+        returns that thread's id, not an error."""
+        results = remote.run(b)
+        for label, res in zip(b.labels, results):
+            if res:
+                raise RestoreError(f"process {self.pid}: {label}: thread {res} could not take "
+                                   "the filters its threads share (TSYNC)")
 
     def _timer_calls(self, b, state: ProcessState) -> None:
         """POSIX timers with the ids the program holds (PR_TIMER_CREATE_RESTORE_IDS: the
