@@ -25,6 +25,7 @@
 #include <sys/user.h>
 #include <sys/wait.h>
 #include <linux/sched.h>
+#include <linux/seccomp.h>
 #include <linux/userfaultfd.h>
 
 #include "prerestore.h"
@@ -163,6 +164,34 @@ int pr_get_rseq(int pid, struct pr_rseq_conf *conf)
 {
     long r = ptrace(PTRACE_GET_RSEQ_CONFIGURATION, pid, sizeof *conf, conf);
     return r < 0 ? ERR : 0;
+}
+
+/* A seccomp filter of a stopped tracee, as it was installed: `index` counts from its oldest
+ * filter (0). buf has room for PR_SECCOMP_MAX_INSNS instructions (8 bytes each, the kernel's
+ * BPF_MAXINSNS); returns how many the filter has. The requests are Linux 4.4/4.16 UAPI, kept
+ * here by number: <sys/ptrace.h> and <linux/ptrace.h> do not go together. */
+#define PR_PTRACE_SECCOMP_GET_FILTER 0x420c
+#define PR_PTRACE_SECCOMP_GET_METADATA 0x420d
+
+int pr_seccomp_filter(int pid, uint64_t index, void *buf)
+{
+    long n = ptrace(PR_PTRACE_SECCOMP_GET_FILTER, pid, (void *)index, NULL);
+    if (n < 0)
+        return ERR;
+    if (n > PR_SECCOMP_MAX_INSNS)
+        return -E2BIG;
+    n = ptrace(PR_PTRACE_SECCOMP_GET_FILTER, pid, (void *)index, buf);
+    return n < 0 ? ERR : (int)n;
+}
+
+/* The flags that filter was installed with, as the kernel reports them (SECCOMP_FILTER_FLAG_LOG). */
+int pr_seccomp_flags(int pid, uint64_t index, uint64_t *flags)
+{
+    struct { uint64_t filter_off, flags; } md = {index, 0};
+    if (ptrace(PR_PTRACE_SECCOMP_GET_METADATA, pid, (void *)sizeof md, &md) < 0)
+        return ERR;
+    *flags = md.flags;
+    return 0;
 }
 
 int pr_get_robust_list(int pid, uint64_t *head, uint64_t *len)

@@ -67,6 +67,9 @@ int pr_set_xstate(int pid, const void *buf, size_t len);
 int pr_get_sigmask(int pid, uint64_t *mask);
 int pr_set_sigmask(int pid, uint64_t mask);
 int pr_get_rseq(int pid, struct pr_rseq_conf *conf);
+#define PR_SECCOMP_MAX_INSNS 4096
+int pr_seccomp_filter(int pid, uint64_t index, void *buf);
+int pr_seccomp_flags(int pid, uint64_t index, uint64_t *flags);
 int pr_get_robust_list(int pid, uint64_t *head, uint64_t *len);
 long pr_peek_siginfo(int pid, int shared, void *buf, long max);
 

@@ -298,6 +298,17 @@ class Credentials:
     fsgid: int = -1
 
 
+@dataclass(frozen=True)
+class SeccompFilter:
+    """One seccomp filter (SECCOMP_MODE_FILTER) as it was installed: its classic BPF program
+    (struct sock_filter instructions, 8 bytes each) and the flags the kernel keeps of it
+    (SECCOMP_FILTER_FLAG_LOG). A filter cannot be removed, only added; threads and children
+    share the ones they inherited. Which ones are shared is not shown by the kernel: filters
+    equal in content at the same place of two threads' lists are taken as one."""
+    program: bytes
+    flags: int = 0
+
+
 @dataclass
 class ThreadState:
     tid: int
@@ -322,6 +333,9 @@ class ThreadState:
     # (PR_SPEC_* bits; set again only where PR_SPEC_PRCTL says a thread may); 0: leave it
     spec: tuple[int, int, int] = (0, 0, 0)
     mce_kill: int = 2          # PR_MCE_KILL_GET: 0 late, 1 early, 2 the system's default
+    # its seccomp filters, oldest first, as indices in ProcessState.seccomp_filters; threads
+    # whose lists start alike share that part (installed once, TSYNC): see SeccompFilter
+    seccomp: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -360,6 +374,8 @@ class ProcessState:
     memory_merge: bool = False  # PR_SET_MEMORY_MERGE: KSM for all its memory
     membarrier: int = 0         # membarrier registrations (MEMBARRIER_CMD_REGISTER_* bits)
     loginuid: int = -1          # /proc/PID/loginuid (4294967295: unset); -1: leave it
+    # the distinct seccomp filters of its threads (ThreadState.seccomp names them)
+    seccomp_filters: list[SeccompFilter] = field(default_factory=list)
 
 
 @dataclass

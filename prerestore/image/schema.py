@@ -23,8 +23,8 @@ import msgpack
 from ..errors import ImageError, ProtocolError
 from ..kernel.native import first_bad_range
 from ..model import (RANGE, UNIX_STATES, AddressSpaceRound, Credentials, FileDescriptor, MmFields,
-                     PosixTimer, ProcessState, Round, SigAction, ThreadState, UnixSocketState,
-                     VisibleState, Vma, Zombie, ranges_bytes)
+                     PosixTimer, ProcessState, Round, SeccompFilter, SigAction, ThreadState,
+                     UnixSocketState, VisibleState, Vma, Zombie, ranges_bytes)
 
 MAGIC = b"PRRSTIMG"
 VERSION = 4          # 2: process trees (task tree fields, states, zombies)
@@ -56,7 +56,8 @@ def _thread(t: ThreadState) -> dict:
             "pending": t.pending, "sched": list(t.sched) if t.sched else None, "cpus": t.cpus,
             "creds": vars(t.creds) if t.creds else None, "name": t.name,
             "timerslack": t.timerslack, "tsc": t.tsc, "spec": list(t.spec),
-            "mce_kill": t.mce_kill}
+            "mce_kill": t.mce_kill} | \
+        ({"seccomp": t.seccomp} if t.seccomp else {})
 
 
 def _state(s: ProcessState) -> dict:
@@ -78,7 +79,9 @@ def _state(s: ProcessState) -> dict:
                         *t.remaining, t.overrun] for t in s.timers],
             "itimers": [list(i) for i in s.itimers], "securebits": s.securebits,
             "mdwe": s.mdwe, "memory_merge": s.memory_merge, "membarrier": s.membarrier,
-            "loginuid": s.loginuid}
+            "loginuid": s.loginuid} | \
+        ({"seccomp_filters": [[f.program, f.flags] for f in s.seccomp_filters]}
+         if s.seccomp_filters else {})
 
 
 def _unix(u: UnixSocketState) -> dict:
@@ -360,7 +363,9 @@ def _decode_thread(t, path: str) -> ThreadState:
         timerslack=_int(get("timerslack", 0), f"{path}.timerslack", U64),
         tsc=_int(get("tsc", 0), f"{path}.tsc", (0, 2)),
         spec=_ints(get("spec", [0, 0, 0]), f"{path}.spec", (SPEC,) * 3),
-        mce_kill=_int(get("mce_kill", 2), f"{path}.mce_kill", (0, 2)))
+        mce_kill=_int(get("mce_kill", 2), f"{path}.mce_kill", (0, 2)),
+        seccomp=[_int(x, f"{path}.seccomp[{i}]", (0, SECCOMP_MAX_FILTERS - 1))
+                 for i, x in enumerate(_list(get("seccomp", []), f"{path}.seccomp"))])
 
 
 def _comm(value, path: str) -> str:
@@ -369,6 +374,26 @@ def _comm(value, path: str) -> str:
             len(value.encode(errors="surrogateescape")) > 15:
         raise _bad(path, "a task name of at most 15 bytes", value)
     return value
+
+
+# Seccomp: a thread's filters (the kernel bounds the instructions of a thread's whole list,
+# MAX_INSNS_PER_PATH, 4 more counted per filter, so no thread has more filters than this);
+# one filter's program is 1..BPF_MAXINSNS instructions of 8 bytes; the flags kept of it
+SECCOMP_MAX_INSNS = 32768                 # MAX_INSNS_PER_PATH
+SECCOMP_MAX_FILTERS = SECCOMP_MAX_INSNS // 5
+SECCOMP_FLAGS = (0, 0x2)                  # SECCOMP_FILTER_FLAG_LOG
+
+
+def _seccomp_filter(f, path: str) -> SeccompFilter:
+    program, flags = _list(f, path, 2, "a list of 2 [program, flags]")
+    program = _of(program, bytes, f"{path}.program", "bytes")
+    if not program or len(program) % 8 or len(program) > 8 * 4096:
+        raise _bad(f"{path}.program", "1 to 4096 whole 8-byte BPF instructions",
+                   f"{len(program)} bytes")
+    flags = _int(flags, f"{path}.flags", SECCOMP_FLAGS)
+    if flags & ~SECCOMP_FLAGS[1]:
+        raise _bad(f"{path}.flags", "SECCOMP_FILTER_FLAG_LOG (2) or 0", flags)
+    return SeccompFilter(program, flags)
 
 
 def _decode_fd(f, path: str, where: str) -> FileDescriptor:
@@ -416,6 +441,19 @@ def _decode_state(s, path: str) -> ProcessState:
     threads = _list(get("threads"), f"{path}.threads")
     if not threads:
         raise _bad(f"{path}.threads", "at least one thread", threads)
+    filters = [_seccomp_filter(f, f"{path}.seccomp_filters[{i}]") for i, f in
+               enumerate(_list(get("seccomp_filters", []), f"{path}.seccomp_filters"))]
+    decoded = [_decode_thread(t, f"{path}.threads[{i}]") for i, t in enumerate(threads)]
+    for i, t in enumerate(decoded):
+        for j, x in enumerate(t.seccomp):
+            if x >= len(filters):
+                raise _bad(f"{path}.threads[{i}].seccomp[{j}]",
+                           f"an index of seccomp_filters (0..{len(filters) - 1})", x)
+        insns = sum(len(filters[x].program) // 8 + 4 for x in t.seccomp) - 4
+        if insns > SECCOMP_MAX_INSNS:
+            raise _bad(f"{path}.threads[{i}].seccomp", f"filters of at most "
+                       f"{SECCOMP_MAX_INSNS} instructions in all (the kernel's bound, 4 "
+                       "counted for each filter before the last)", f"{insns}")
     return ProcessState(
         pid=pid, comm=_of(get("comm"), str, f"{path}.comm", "str"),
         exe=_of(get("exe"), str, f"{path}.exe", "str"),
@@ -431,7 +469,7 @@ def _decode_state(s, path: str) -> ProcessState:
                     for n, a in sigactions.items()},
         fds=[_decode_fd(f, f"{path}.fds[{i}]", f"pid {pid}")
              for i, f in enumerate(_list(get("fds"), f"{path}.fds"))],
-        threads=[_decode_thread(t, f"{path}.threads[{i}]") for i, t in enumerate(threads)],
+        threads=decoded, seccomp_filters=filters,
         shared_pending=_siginfos(get("shared_pending"), f"{path}.shared_pending"),
         cpus=[_int(c, f"{path}.cpus[{i}]", (0, 8191))
               for i, c in enumerate(_list(get("cpus"), f"{path}.cpus"))],

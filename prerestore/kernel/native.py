@@ -97,6 +97,26 @@ def get_rseq(pid: int) -> tuple[int, int, int, int]:
     return conf.rseq_abi_pointer, conf.rseq_abi_size, conf.signature, conf.flags
 
 
+SECCOMP_MAX_INSNS = lib.PR_SECCOMP_MAX_INSNS
+
+
+def seccomp_filter(tid: int, index: int) -> bytes:
+    """A stopped tracee's seccomp filter number `index` (0: its oldest), as installed: struct
+    sock_filter instructions, 8 bytes each."""
+    buf = ffi.new("char[]", 8 * SECCOMP_MAX_INSNS)
+    n = check(lib.pr_seccomp_filter(tid, index, buf), "ptrace(SECCOMP_GET_FILTER)", tid,
+              f"filter {index}")
+    return ffi.buffer(buf, 8 * n)[:]
+
+
+def seccomp_flags(tid: int, index: int) -> int:
+    """The flags that filter was installed with, as the kernel keeps them (FLAG_LOG)."""
+    flags = ffi.new("uint64_t *")
+    check(lib.pr_seccomp_flags(tid, index, flags), "ptrace(SECCOMP_GET_METADATA)", tid,
+          f"filter {index}")
+    return flags[0]
+
+
 def get_robust_list(pid: int) -> tuple[int, int]:
     head, length = ffi.new("uint64_t *"), ffi.new("uint64_t *")
     check(lib.pr_get_robust_list(pid, head, length), "get_robust_list", pid)

@@ -35,7 +35,7 @@ STATUS_PROCESS = ("Umask", "SigQ_limit", "SigCgt", "SigIgn", "ShdPnd", "Uid", "G
                   "Speculation_Store_Bypass", "SpeculationIndirectBranch",
                   "x86_Thread_features", "x86_Thread_features_locked", "Kthread")
 STATUS_THREAD = ("SigBlk", "SigPnd", "Uid", "Gid", "CapEff", "CapPrm", "NoNewPrivs",
-                 "Seccomp", "Cpus_allowed_list", "Mems_allowed_list",
+                 "Seccomp", "Seccomp_filters", "Cpus_allowed_list", "Mems_allowed_list",
                  "Speculation_Store_Bypass", "SpeculationIndirectBranch",
                  "x86_Thread_features")
 # /proc/PID/stat fields (numbered as in proc(5)) of the process; [ppid, pgrp, session, tpgid]

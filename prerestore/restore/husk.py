@@ -837,6 +837,8 @@ class Husk:
             except KernelCallError as e:
                 raise RestoreError(f"cannot restore rlimit {res} = ({soft}, {hard}): {e}") from None
         self.sync_threads([th.tid for th in state.threads])
+        if state.seccomp_filters:
+            self.install_seccomp(state)
         for th in state.threads[1:]:            # each thread's own state, run in it
             remote = self.remote.sharing(self.threads[th.tid])
             b = remote.batch()
@@ -1020,6 +1022,65 @@ class Husk:
         if state.mdwe:
             b.call(lib.SYS_prctl, lib.PR_SET_MDWE_, state.mdwe, 0, 0, 0,
                    label=f"prctl(PR_SET_MDWE, {state.mdwe})")
+    SOCK_FPROG = struct.Struct("=H6xQ")     # struct sock_fprog: len, then the instructions
+
+    def install_seccomp(self, state: ProcessState) -> None:
+        """Every thread's seccomp filters, once all its threads exist.
+
+        The husk is ptraced with PTRACE_O_SUSPEND_SECCOMP first: an installed filter applies
+        to every system call after it, ours too, and what the restore still injects (fds,
+        credentials, signals...) is not the program's to be denied, nor killed for. The
+        suspension ends as we let the process go. So the filters go in before the
+        credentials change, as root (installing needs CAP_SYS_ADMIN or no_new_privs, which
+        the source may have had then and dropped since; no_new_privs is set afterwards as the
+        source has it).
+
+        What its threads share (the part their lists start with alike, as a TSYNC or a thread
+        created after its creator's filter makes it) is installed once, with
+        SECCOMP_FILTER_FLAG_TSYNC from the main thread: a later TSYNC by the program needs the
+        other threads' filters to be that very list. Each thread then adds its own in itself.
+        Children processes get theirs in their own husks: an inherited list is copied, not
+        shared, which nothing but the kernel's memory tells."""
+        chains = [th.seccomp for th in state.threads]
+        suspend = lib.PTRACE_O_SUSPEND_SECCOMP
+        for t in [self.tracee] + [self.threads[th.tid] for th in state.threads[1:]]:
+            options = lib.PTRACE_O_EXITKILL | suspend | \
+                (lib.PTRACE_O_TRACECLONE | lib.PTRACE_O_TRACEFORK if t is self.tracee else 0)
+            try:
+                native.set_options(t.pid, options)
+            except KernelCallError as e:
+                raise RestoreError(f"process {self.pid}: cannot suspend seccomp in its husk to "
+                                   f"install its filters (PTRACE_O_SUSPEND_SECCOMP needs "
+                                   f"CAP_SYS_ADMIN and no seccomp of our own): {e}") from None
+        shared = 0
+        while all(len(c) > shared for c in chains) and \
+                len({c[shared] for c in chains}) == 1:
+            shared += 1
+        tsync = lib.SECCOMP_FILTER_FLAG_TSYNC if len(chains) > 1 else 0
+        for i, (th, chain) in enumerate(zip(state.threads, chains)):
+            remote = self.remote if i == 0 else self.remote.sharing(self.threads[th.tid])
+            # one batch: the kernel bounds a thread's filters to 32768 instructions in all
+            # (MAX_INSNS_PER_PATH), 256 KiB, which the scratch area's data part holds
+            b = remote.batch()
+            first = 0 if i == 0 else shared
+            for n, index in enumerate(chain[first:], first):
+                f = state.seccomp_filters[index]
+                flags = f.flags | (tsync if i == 0 and n < shared else 0)
+                prog = b.put(self.SOCK_FPROG.pack(len(f.program) // 8, b.put(f.program)))
+                b.call(lib.SYS_seccomp, lib.SECCOMP_SET_MODE_FILTER, flags, prog,
+                       label=f"seccomp(SET_MODE_FILTER{'|TSYNC' if flags & tsync else ''}) "
+                             f"filter {n} of thread {th.tid}")
+            if len(b):
+                self._run_seccomp(remote, b)
+
+    def _run_seccomp(self, remote: RemoteSyscalls, b) -> None:
+        """Run a batch of seccomp() calls: a TSYNC one that could not synchronize a thread
+        returns that thread's id, not an error."""
+        results = remote.run(b)
+        for label, res in zip(b.labels, results):
+            if res:
+                raise RestoreError(f"process {self.pid}: {label}: thread {res} could not take "
+                                   "the filters its threads share (TSYNC)")
 
     def _timer_calls(self, b, state: ProcessState) -> None:
         """POSIX timers with the ids the program holds (PR_TIMER_CREATE_RESTORE_IDS: the

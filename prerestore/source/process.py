@@ -12,11 +12,12 @@ import time
 from dataclasses import dataclass
 
 from ..errors import KernelCallError, ProcessGone, UnsupportedState
-from ..kernel import native, procfs, tcp
+from ..kernel import native, procfs, seccomp, tcp
 from ..kernel.native import lib
 from ..kernel.tracee import KSIGACTION, STACK_T, Batch, RemoteSyscalls, Tracee
 from ..kernel.tracker import make_tracker, scan_present
-from ..model import (Credentials, FileDescriptor, PosixTimer, ProcessState, SigAction, ThreadState, Vma,
+from ..model import (Credentials, FileDescriptor, PosixTimer, ProcessState, SeccompFilter,
+                     SigAction, ThreadState, Vma,
                      diff_layout, free_area, intersect_ranges, memory_vmas, merge_ranges,
                      pack_ranges, ranges_bytes, subtract_ranges, unpack_ranges)
 
@@ -45,9 +46,7 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
     host (same_host) fds of other kinds are handed over as they are (Husk.hand_over_fds)."""
     problems = []
     st = procfs.status(pid)
-    if st.get("Seccomp", "0") != "0":
-        problems.append("seccomp filters (not carried yet: the restored process would run "
-                        "without them)")
+    problems += seccomp_problems(pid, st)
     shstk = shadow_stack_problem(pid, st)
     if shstk:
         problems.append(shstk)
@@ -124,6 +123,19 @@ def io_flusher_problem(pid: int, tid: int, flags: int) -> str | None:
     if flags & PR_IO_FLUSHER == PR_IO_FLUSHER:
         return f"pid {pid} thread {tid}: PR_SET_IO_FLUSHER (not carried)"
     return None
+def seccomp_problems(pid: int, status: dict[str, str]) -> list[str]:
+    """Threads in seccomp strict mode. Each thread has a mode of its own, so each is looked
+    at (the process's status shows its main thread's)."""
+    problems = []
+    for tid in procfs.threads(pid):
+        try:
+            st = status if tid == pid else procfs.status(f"{pid}/task/{tid}")
+        except ProcessGone:
+            continue                            # it exited meanwhile
+        problem = seccomp.strict_problem(tid, st)
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 def _is_terminal(pid: int, fd: int) -> bool:
@@ -159,10 +171,11 @@ def default_slice() -> int:
 _DEFAULT_SLICE: int | None = None
 
 
-def thread_creds(pid: int, tid: int, process: Credentials) -> Credentials | None:
+def thread_creds(pid: int, tid: int, process: Credentials,
+                 status: dict[str, str] | None = None) -> Credentials | None:
     """A thread's credentials where they differ from its process's (a thread may change its
-    own with the raw system calls), else None."""
-    mine = procfs.credentials(procfs.status(f"{pid}/task/{tid}"))
+    own with the raw system calls), else None. status: its /proc status, if read already."""
+    mine = procfs.credentials(status or procfs.status(f"{pid}/task/{tid}"))
     return None if mine == process else mine
 
 
@@ -203,6 +216,10 @@ class ProcessSource:
         self.frozen: list[Tracee] = []     # every thread, the main one first, while frozen
         self.remotes: dict = {}            # tid -> RemoteSyscalls of a thread we injected into
         self.scratch_remote = None         # the one whose scratch area query_inside left mapped
+        # each thread's seccomp filters (oldest first) as last read: read during the rounds,
+        # again at the final step only for a thread whose count changed (filters are only
+        # ever added, so an unchanged count is an unchanged list)
+        self.seccomp: dict[int, list[SeccompFilter]] = {}
         self._maps_raw, self._maps_parsed = b"", []
 
     def gone(self, error: BaseException | None = None) -> bool:
@@ -307,6 +324,70 @@ class ProcessSource:
         return MemoryScan(pack_ranges(fresh), _sorted(copy), _sorted(zap), lost,
                           (t2 - t0) * 1e3, (t2 - t1) * 1e3, inherited)
 
+    # ---- seccomp ----------------------------------------------------------------------------
+
+    def follow_seccomp(self, status: dict[str, str]) -> None:
+        """During the rounds: read the seccomp filters of threads that have some we have not
+        read (reading needs the thread in a ptrace stop: it is interrupted for as long as
+        that takes, then goes on). Every thread is looked at (status: the main thread's):
+        each has filters of its own, and the final step suspends them in a process with
+        some (query_inside) from what is known by then."""
+        stopped = None
+        for tid in procfs.threads(self.pid):
+            try:
+                st = status if tid == self.pid else procfs.status(f"{self.pid}/task/{tid}")
+            except ProcessGone:
+                continue
+            count = seccomp.filter_count(st)
+            if count == len(self.seccomp.get(tid, ())):
+                continue
+            if stopped is None:
+                stopped = procfs.stat_fields(self.pid)[3] in ("T", "t")
+            if stopped:
+                # stopped by someone else: read at the final step (frozen); known to have
+                # filters meanwhile
+                self.seccomp.setdefault(tid, [])
+                continue
+            try:
+                # interrupted, not parked: nothing of it is changed, and should we die now
+                # it must run on (a parked task would stay stopped)
+                with Tracee(tid) as t:
+                    count = seccomp.filter_count(procfs.status(f"{self.pid}/task/{tid}"))
+                    self.seccomp[tid] = seccomp.read_filters(t.pid, count)
+            except (ProcessGone, KernelCallError):
+                self.seccomp[tid] = []     # gone, or not ours to stop now: read when frozen
+        live = set(procfs.threads(self.pid))
+        for tid in [t for t in self.seccomp if t not in live]:
+            del self.seccomp[tid]
+
+    def suspend_seccomp(self) -> None:
+        """Frozen: the calls we inject must not be seen by its seccomp filters (or strict
+        mode), which could deny them, or kill it (PTRACE_O_SUSPEND_SECCOMP: until we let it
+        go). Set once every thread is stopped: a task running under it would make its own
+        calls unfiltered."""
+        for t in self.frozen:
+            try:
+                native.set_options(t.pid, lib.PTRACE_O_SUSPEND_SECCOMP)
+            except KernelCallError as e:
+                raise UnsupportedState(f"pid {self.pid} thread {t.pid}: has seccomp filters, "
+                                       "and calls cannot be made in it past them "
+                                       f"(PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN and "
+                                       f"no seccomp of our own): {e}") from None
+
+    def seccomp_chain(self, tid: int, status: dict[str, str],
+                      table: dict[SeccompFilter, int]) -> list[int]:
+        """At the final step (the thread frozen): its filters as indices in `table` (the
+        process's distinct filters, added to). Read again only if the count changed."""
+        problem = seccomp.strict_problem(tid, status)
+        if problem:
+            raise UnsupportedState(f"pid {self.pid} {problem}")
+        count = seccomp.filter_count(status)
+        if not count:
+            return []
+        if len(self.seccomp.get(tid, ())) != count:
+            self.seccomp[tid] = seccomp.read_filters(tid, count)
+        return [table.setdefault(f, len(table)) for f in self.seccomp[tid]]
+
     # ---- state ------------------------------------------------------------------------------
 
     def query_inside(self, layout: list[Vma], status: dict[str, str]) -> dict:
@@ -315,6 +396,8 @@ class ProcessSource:
         thread), clear_child_tid and sigaltstack (each thread's own). It maps a scratch area
         (an mmap_lock writer), so it runs before the last dirty scan starts, and leaves it
         mapped (see the end)."""
+        if status.get("Seccomp", "0") != "0" or self.seccomp:
+            self.suspend_seccomp()
         handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
         timers = procfs.timers(self.pid)
         signals = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1]
@@ -428,8 +511,10 @@ class ProcessSource:
         pid = self.pid
         threads = []
         process_creds = procfs.credentials(status)
+        filters: dict[SeccompFilter, int] = {}
         for t in self.frozen:
             mine = inside["threads"][t.pid]
+            tstatus = status if t.pid == pid else procfs.status(f"{pid}/task/{t.pid}")
             ss_sp, ss_flags, _, ss_size = mine["sigaltstack"]
             rseq = None
             try:
@@ -443,9 +528,11 @@ class ProcessSource:
                 clear_child_tid=mine["clear_child_tid"], sigaltstack=(ss_sp, ss_flags, ss_size),
                 pending=native.peek_siginfo(t.pid, shared=False), sched=thread_sched(t.pid),
                 cpus=sorted(os.sched_getaffinity(t.pid)),
-                creds=None if t.pid == pid else thread_creds(pid, t.pid, process_creds),
+                creds=None if t.pid == pid else thread_creds(pid, t.pid, process_creds,
+                                                             tstatus),
                 name=mine["name"], timerslack=mine["timerslack"], tsc=mine["tsc"],
-                spec=mine["spec"], mce_kill=mine["mce_kill"]))
+                spec=mine["spec"], mce_kill=mine["mce_kill"],
+                seccomp=self.seccomp_chain(t.pid, tstatus, filters)))
         fds = []
         for fd in procfs.fd_numbers(pid):
             what, desc, text = procfs.describe_fd_text(pid, fd)
@@ -509,7 +596,7 @@ class ProcessSource:
             thp_disable=status.get("THP_enabled", "1").strip() == "0",
             securebits=inside["securebits"], mdwe=inside["mdwe"],
             memory_merge=bool(inside["memory_merge"]), membarrier=inside["membarrier"],
-            loginuid=procfs.loginuid(pid))
+            loginuid=procfs.loginuid(pid), seccomp_filters=list(filters))
 
     def close(self) -> None:
         if self.tracker:

@@ -395,7 +395,11 @@ class SourceSession:
         self.depth = len(procfs.ns_pids(pid)) - 1
         self._ns: dict[int, int] = {}
         self._scanner = _Worker()
-        self._refresh_tree()
+        try:
+            self._follow_seccomp(self._refresh_tree())
+        except BaseException:
+            self.close()              # the trackers of the processes followed so far
+            raise
         root = self.procs[pid]
         self.source_info = {
             "host": socket.gethostname(), "kernel": platform.release(), "pid": pid,
@@ -486,8 +490,18 @@ class SourceSession:
     def predump(self, directory: str) -> Round:
         """One pre-copy round while the tree runs."""
         check_supported(self.pid, self.direct, self.external_unix)
-        self._refresh_tree()
+        self._follow_seccomp(self._refresh_tree())
         return self._write_round(directory, "predump", states=[])
+
+    def _follow_seccomp(self, procs: list[ProcessSource]) -> None:
+        """Read the seccomp filters new since the last look (the final step then only checks
+        that their counts did not change), and refuse those that cannot be carried, before
+        anything is frozen."""
+        for p in procs:
+            try:
+                p.follow_seccomp(procfs.status(p.pid))
+            except ProcessGone:
+                pass                     # gone: the next look at the tree tells
 
     def last_cpu(self) -> int:
         """The CPU the root process last ran on."""
