@@ -242,6 +242,12 @@ class FileDescriptor:
     same_as: tuple[int, int] | None = None
     data: bytes = b""
     unix: UnixSocketState | None = None
+    # who gets its SIGIO/SIGURG (fcntl F_GETOWN_EX: type F_OWNER_TID 0, F_OWNER_PID 1,
+    # F_OWNER_PGRP 2, and the pid as the tree names it; (0, 0): none) and with which signal
+    # (F_GETSIG; 0: SIGIO). Per open file description, read from inside the process (/proc
+    # does not show them) and set again once every fd is in place.
+    owner: tuple[int, int] = (0, 0)
+    signal: int = 0
 
 
 @dataclass

@@ -65,7 +65,7 @@ def _state(s: ProcessState) -> dict:
                            for n, a in s.sigactions.items()},
             "fds": [[f.fd, f.kind, f.path, f.flags, f.offset, list(f.dev_inode),
                      list(f.same_as) if f.same_as else None, f.data,
-                     _unix(f.unix) if f.unix else None] for f in s.fds],
+                     _unix(f.unix) if f.unix else None, *_fd_extra(f)] for f in s.fds],
             "threads": [_thread(t) for t in s.threads], "shared_pending": s.shared_pending,
             "cpus": s.cpus, "creds": vars(s.creds) if s.creds else None,
             "dumpable": s.dumpable, "pdeathsig": s.pdeathsig,
@@ -75,6 +75,17 @@ def _state(s: ProcessState) -> dict:
             "timers": [[t.id, t.clock, t.signo, t.value, t.notify, t.thread, *t.interval,
                         *t.remaining, t.overrun] for t in s.timers],
             "itimers": [list(i) for i in s.itimers]}
+
+
+def _fd_extra(f: FileDescriptor) -> list:
+    """An fd's state beyond its file (an optional trailing map, only what is not the default:
+    most fds have none)."""
+    extra = {}
+    if f.owner != (0, 0):
+        extra["owner"] = list(f.owner)
+    if f.signal:
+        extra["signal"] = f.signal
+    return [extra] if extra else []
 
 
 def _unix(u: UnixSocketState) -> dict:
@@ -354,20 +365,28 @@ def _decode_thread(t, path: str) -> ThreadState:
         creds=_creds(get("creds"), f"{path}.creds"))
 
 
+# F_GETOWN_EX types: F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP
+FD_OWNER_TYPES = (0, 2)
+
+
 def _decode_fd(f, path: str, where: str) -> FileDescriptor:
-    if not isinstance(f, list) or len(f) not in (8, 9):
-        raise _bad(path, "a list of 8 or 9 [fd, kind, path, flags, offset, dev_inode, "
-                         "same_as, data, unix]", f)
+    if not isinstance(f, list) or len(f) not in (8, 9, 10):
+        raise _bad(path, "a list of 8 to 10 [fd, kind, path, flags, offset, dev_inode, "
+                         "same_as, data, unix, extra]", f)
     fd = _int(f[0], f"{path}.fd", (0, 2**31 - 1))
     same_as = f[6]
     unix = f[8] if len(f) > 8 else None
+    extra = _map(f[9], f"{path}.extra") if len(f) > 9 else {}
+    owner = extra.get("owner", [0, 0])
     return FileDescriptor(
         fd, _enum(f[1], f"{path}.kind", FD_KINDS), _of(f[2], str, f"{path}.path", "str"),
         _int(f[3], f"{path}.flags", U32), _int(f[4], f"{path}.offset"),
         _ints(f[5], f"{path}.dev_inode", (U64, U64)),
         None if same_as is None else _ints(same_as, f"{path}.same_as", (PID, (0, 2**31 - 1))),
         _of(f[7], bytes, f"{path}.data", "bytes"),
-        None if unix is None else _decode_unix(unix, f"{where} fd {fd}"))
+        None if unix is None else _decode_unix(unix, f"{where} fd {fd}"),
+        owner=_ints(owner, f"{path}.extra.owner", (FD_OWNER_TYPES, (0, PID[1]))),
+        signal=_int(extra.get("signal", 0), f"{path}.extra.signal", (0, SIGNALS[1])))
 
 
 def _creds(m, path: str) -> Credentials | None:

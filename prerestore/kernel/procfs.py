@@ -437,11 +437,12 @@ def describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None]:
     return what, desc
 
 
-def describe_fd_text(pid: int, fd: int) -> tuple[str, FileDescriptor | None, str]:
-    """describe_fd, and the text of its fdinfo (read once: the final step describes the
-    kinds it carries from it)."""
+def describe_fd_text(pid: int, fd: int, text: str | None = None
+                     ) -> tuple[str, FileDescriptor | None, str]:
+    """describe_fd, and the text of its fdinfo (read once, or given: the final step describes
+    the kinds it carries from it)."""
     target = readlink(pid, f"fd/{fd}")
-    text = fdinfo_text(pid, fd)
+    text = text if text is not None else fdinfo_text(pid, fd)
     info = parse_fdinfo(text)
     flags = int(info.get("flags", "0"), 8)
     offset = int(info.get("pos", "0"))

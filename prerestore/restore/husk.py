@@ -34,6 +34,10 @@ PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
 SIGEVENT = struct.Struct("=Qiii44x")
 OPEN_DROP = lib.O_CREAT | lib.O_TRUNC | lib.O_EXCL | lib.O_NOCTTY
 SIGKILL, SIGSTOP, SIGCHLD = 9, 19, 17
+F_SETFL, F_SETSIG, F_SETOWN_EX = 4, 10, 15
+O_ASYNC = 0o20000
+# what F_SETFL changes: O_APPEND, O_NONBLOCK, O_ASYNC, O_DIRECT, O_NOATIME
+SETFL_FLAGS = 0o2000 | 0o4000 | O_ASYNC | 0o40000 | 0o1000000
 WALL = 0x40000000                         # __WALL: wait for any kind of child
 
 
@@ -650,6 +654,32 @@ class Husk:
         if len(b):
             self.remote.run(b)
 
+    def _set_fd_owners(self, state: ProcessState) -> None:
+        """Who gets each fd's SIGIO/SIGURG (F_SETOWN_EX) and with which signal (F_SETSIG),
+        once every fd and every task and group of the tree is in place, with the process's
+        own credentials (the kernel checks the setter's against the owner's at each
+        signal). A handed-over file has them already, but owned by the source's tasks: set
+        again, to ours."""
+        b = self.remote.batch()
+        for f in state.fds:
+            if f.flags & O_ASYNC:
+                # O_ASYNC given to open() or to a new object's flags shows in its flags but
+                # does not sign it up for the signals (only F_SETFL does, as it changes): off,
+                # then on
+                setfl = f.flags & SETFL_FLAGS
+                b.call(lib.SYS_fcntl, f.fd, F_SETFL, setfl & ~O_ASYNC,
+                       label=f"fcntl(fd {f.fd}, F_SETFL, {setfl & ~O_ASYNC:#o})")
+                b.call(lib.SYS_fcntl, f.fd, F_SETFL, setfl,
+                       label=f"fcntl(fd {f.fd}, F_SETFL, {setfl:#o})")
+            if f.owner != (0, 0):
+                b.call(lib.SYS_fcntl, f.fd, F_SETOWN_EX, b.put(struct.pack("=ii", *f.owner)),
+                       label=f"fcntl(fd {f.fd}, F_SETOWN_EX, {f.owner})")
+            if f.signal:
+                b.call(lib.SYS_fcntl, f.fd, F_SETSIG, f.signal,
+                       label=f"fcntl(fd {f.fd}, F_SETSIG, {f.signal})")
+        if len(b):
+            self.remote.run(b)
+
     def _thread_calls(self, b, th) -> None:
         """The calls that set one thread's own state, run in that thread."""
         b.call(lib.SYS_set_tid_address, th.clear_child_tid)
@@ -903,6 +933,7 @@ class Husk:
         if items:
             self.hand_over_fds(items, {f.fd for f in state.fds})
         self._register_epoll(state)
+        self._set_fd_owners(state)
         t_handed = time.perf_counter()
         self.remote.unmap_scratch()
         return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(items),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),

@@ -24,6 +24,12 @@ RLIMITS = 16          # RLIM_NLIMITS
 
 
 TIMEVALS = struct.Struct("=qqqq")         # itimerval / itimerspec: interval, then value
+F_GETSIG, F_GETOWN_EX = 11, 16
+O_PATH = 0o10000000
+
+
+def _is_opath(fdinfo_text: str) -> bool:
+    return bool(int(procfs.parse_fdinfo(fdinfo_text).get("flags", "0"), 8) & O_PATH)
 
 
 @dataclass
@@ -303,6 +309,19 @@ class ProcessSource:
                     it_addr = b.put(b"\0" * 32 * 3)
                     for which in range(3):
                         b.call(lib.SYS_getitimer, which, it_addr + 32 * which)
+                    # each fd's owner and signal for signal-driven I/O (F_GETOWN_EX,
+                    # F_GETSIG): /proc does not show them. Not of an O_PATH fd, where
+                    # fcntl refuses them (EBADF) and they cannot be set either.
+                    out["fdinfo"] = fdinfo = {fd: procfs.fdinfo_text(self.pid, fd)
+                                              for fd in procfs.fd_numbers(self.pid)}
+                    asked = [fd for fd, text in fdinfo.items() if not _is_opath(text)]
+                    own_addr = b.put(b"\0" * 8 * len(asked))
+                    owner_calls = []
+                    for i, fd in enumerate(asked):
+                        b.call(lib.SYS_fcntl, fd, F_GETOWN_EX, own_addr + 8 * i,
+                               label=f"fcntl(fd {fd}, F_GETOWN_EX)")
+                        owner_calls.append(b.call(lib.SYS_fcntl, fd, F_GETSIG,
+                                                  label=f"fcntl(fd {fd}, F_GETSIG)"))
                     tm_addr = b.put(b"\0" * 32 * len(timers))
                     overruns = []
                     for i, tm in enumerate(timers):
@@ -327,6 +346,12 @@ class ProcessSource:
                     # itimerval: interval (s, us), then value (s, us)
                     out["itimers"] = [TIMEVALS.unpack_from(data, rel(it_addr + 32 * w))
                                       for w in range(3)]
+                    out["owners"] = {}
+                    for i, fd in enumerate(asked):
+                        kind, owner = struct.unpack_from("=ii", data, rel(own_addr + 8 * i))
+                        signal = results[owner_calls[i]]
+                        if (kind, owner, signal) != (0, 0, 0):
+                            out["owners"][fd] = ((kind, owner), signal)
                     index = {th.pid: i for i, th in enumerate(self.frozen)}
                     out["timers"] = []
                     for i, tm in enumerate(timers):
@@ -363,8 +388,9 @@ class ProcessSource:
                 cpus=sorted(os.sched_getaffinity(t.pid)),
                 creds=None if t.pid == pid else thread_creds(pid, t.pid, process_creds)))
         fds = []
-        for fd in procfs.fd_numbers(pid):
-            what, desc, text = procfs.describe_fd_text(pid, fd)
+        fdinfo = inside.get("fdinfo", {})
+        for fd in fdinfo or procfs.fd_numbers(pid):
+            what, desc, text = procfs.describe_fd_text(pid, fd, fdinfo.get(fd))
             if desc is None:
                 flags = int(procfs.parse_fdinfo(text).get("flags", "0"), 8)
                 protocol = tcp.protocol(pid, fd) if not direct and what.startswith("socket:") \
@@ -398,6 +424,8 @@ class ProcessSource:
                     if what == "anon_inode:[eventpoll]":
                         # its registrations: those of signalfds are made again in the husk
                         desc.data = procfs.describe_anon(pid, fd, what, text).data
+            if fd in inside.get("owners", {}):
+                desc.owner, desc.signal = inside["owners"][fd]
             fds.append(desc)
         numbers = {f.fd for f in fds}
         for f in fds:

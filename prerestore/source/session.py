@@ -238,6 +238,10 @@ def share_open_files(states: list[ProcessState]) -> None:
                 seen.setdefault(key, []).append((s.pid, f))
 
 
+# F_GETOWN_EX types: F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP
+FD_OWNER_KINDS = {0: "tid", 1: "pid", 2: "pgrp"}
+
+
 def place_epoll_registrations(states: list[ProcessState]) -> None:
     """For an image: an epoll shared by several processes (inherited, or passed) holds the
     registrations each of them made, by its own fd numbers, and every holder's fdinfo lists
@@ -422,6 +426,33 @@ class SourceSession:
             return pid
         return self.ns_pid(pid) if pid in members else 0
 
+    def _settle_fd_owners(self, states: list[ProcessState],
+                          tasks: list[procfs.TreeTask]) -> list[str]:
+        """The problems of fds whose SIGIO/SIGURG goes to a task or process group outside
+        the tree (F_SETOWN): such an owner cannot be made again, unless the fd is handed over
+        on this host, where the open file keeps the very owner it has (its owner is then
+        left alone: not set again). Owners are read from inside the processes: pids in the
+        tree's namespace, as the restored tree has them."""
+        members = {t.pid for t in tasks}
+        inside = {"tid": {self.ns_pid(t.tid) for s in states for t in s.threads},
+                  "pid": {self.ns_pid(s.pid) for s in states},
+                  "pgrp": {self._ns_member(t.pgid, members) for t in tasks} - {0}}
+        problems = []
+        for s in states:
+            for f in s.fds:
+                kind, owner = f.owner
+                what = FD_OWNER_KINDS.get(kind, "tid")
+                if not owner or owner in inside[what]:
+                    continue
+                if f.kind == "handover":
+                    f.owner, f.signal = (0, 0), 0      # the same file: its owner as it is
+                else:
+                    problems.append(
+                        f"pid {self.ns_pid(s.pid)} fd {f.fd}: {f.path} sends its SIGIO/SIGURG "
+                        f"(F_SETOWN) to {'process group' if what == 'pgrp' else what} {owner}, "
+                        "outside the tree (not carried)")
+        return problems
+
     def _to_ns(self, state: ProcessState) -> ProcessState:
         if not self.depth:                   # our own namespace: nothing to translate
             return state
@@ -552,6 +583,9 @@ class SourceSession:
             for st in states:
                 st.stopped = st.pid in self.stopped_before
             share_open_files(states)
+            problems = self._settle_fd_owners(states, tasks)
+            if problems:
+                raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
             if not self.direct:           # handed over, an epoll keeps its registrations
                 place_epoll_registrations(states)
             problems = ptys.pty_problems(tasks, self.direct, ptys.ptys_of_states(states))

@@ -1,0 +1,72 @@
+"""Exact or refused: the state of an fd beyond its file and offset (its owner and signal for
+signal-driven I/O, O_PATH descriptors, pidfds, locks and leases) comes back as it was, or the
+migration is refused naming it. zdtm-like: each workload sets one kind of state up and checks
+it itself every iteration (BAD and exit if it changed); its output is compared with an
+unmigrated run's; by pre-restore and cold restore, on one host (objects handed over) and
+through image files."""
+from __future__ import annotations
+
+import pytest
+
+from migration import move_and_compare, needs_root
+
+pytestmark = needs_root
+
+HOW = [pytest.param(False, True, id="prerestore-direct"),
+       pytest.param(True, True, id="cold-direct"),
+       pytest.param(False, False, id="prerestore-files"),
+       pytest.param(True, False, id="cold-files")]
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_signal_driven_io_keeps_owner_and_signal(cbin, tmp_path, cold, direct):
+    """O_ASYNC fds owned by the process, its main thread (F_SETOWN_EX F_OWNER_TID, with
+    F_SETSIG), its child and its process group: after the move each write still raises the
+    right signal in the right task (the child's answered on a pipe), and F_GETOWN_EX and
+    F_GETSIG read back what was set."""
+    move_and_compare(tmp_path, [cbin("sigio")], direct=direct, cold=cold, warm_up=200,
+                     more=300)
+
+
+def refused_and_goes_on(tmp_path, argv, match: str, *, cold: bool, direct: bool) -> str:
+    """argv's migration is refused with a message matching `match` (returned), and the
+    source goes on as if nothing happened (no BAD, its iterations continue)."""
+    import re
+
+    from migration import Cleanup
+    from prerestore.errors import UnsupportedState
+    from prerestore.migrate import migrate
+    from prerestore.policy import ConvergencePolicy
+    from workloads import last_iteration, start_workload, wait_for_iteration
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    try:
+        wait_for_iteration(log, 200, pid=src.pid)
+        try:
+            r = migrate(src.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
+                        policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
+        except UnsupportedState as e:
+            message = str(e)
+        else:
+            cleanup = Cleanup()
+            cleanup.add(r["namespace_init_pid"], r["restored_host_pid"],
+                        *r.get("restored_tree", {}).values())
+            cleanup.run()
+            pytest.fail(f"not refused ({match})")
+        assert re.search(match, message), message
+        wait_for_iteration(log, last_iteration(log) + 200, timeout=60, pid=src.pid)
+        assert "BAD" not in log.read_text()
+        return message
+    finally:
+        src.kill()
+        src.wait(10)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_an_owner_outside_the_tree_is_refused(cbin, tmp_path, cold, direct):
+    """An fd reopened at the destination whose SIGIO goes to a process outside the tree (its
+    parent): refused, naming the pid, fd, file and owner; the source goes on."""
+    import os
+    refused_and_goes_on(tmp_path, [cbin("sigio"), "outside"],
+                        rf"pid \d+ fd \d+: /dev/null sends its SIGIO/SIGURG \(F_SETOWN\) to "
+                        rf"pid {os.getpid()}, outside the tree", cold=cold, direct=direct)
