@@ -229,8 +229,9 @@ class FileDescriptor:
     data a msgpack map with its mode, owner and queued bytes), an end of a pty pair whose
     master is in the tree ("pty-master", "pty-slave": dev_inode (0, N) for /dev/pts/N; the
     first master fd carries the pair's state, see kernel.tty.PtyState), an inotify instance
-    (data: its watches), or, on the same host, any object handed over as it is
-    ("handover"); see procfs and session for the other kinds."""
+    (data: its watches), an O_PATH fd of any inode that has a path ("path": opened again
+    by its path with its flags, O_NOFOLLOW included), or, on the same host, any object
+    handed over as it is ("handover"); see procfs and session for the other kinds."""
     fd: int
     kind: str          # "file" | "chr" | "pipe" | "fifo" | "unix" | "pty-master" | ... | "handover"
     path: str

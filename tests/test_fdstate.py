@@ -70,3 +70,31 @@ def test_an_owner_outside_the_tree_is_refused(cbin, tmp_path, cold, direct):
     refused_and_goes_on(tmp_path, [cbin("sigio"), "outside"],
                         rf"pid \d+ fd \d+: /dev/null sends its SIGIO/SIGURG \(F_SETOWN\) to "
                         rf"pid {os.getpid()}, outside the tree", cold=cold, direct=direct)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_o_path_descriptors(cbin, tmp_path, cold, direct):
+    """O_PATH fds of a file (close-on-exec), of a symlink itself (O_NOFOLLOW), of a
+    directory, a FIFO, /dev/null and a file through a symlink: reopened with the same flags,
+    each on the same inode (this host)."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "ref").mkdir()
+    move_and_compare(tmp_path, [cbin("opath"), tmp_path / "mine"],
+                     [cbin("opath"), tmp_path / "ref"], direct=direct, cold=cold,
+                     warm_up=200, more=300)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_o_path_of_a_deleted_file(cbin, tmp_path, cold, direct):
+    """An O_PATH fd of a file deleted since: on one host handed over as it is (the very
+    file); through image files refused by name (there is no path to open it again by)."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "ref").mkdir()
+    argv = [cbin("opath"), tmp_path / "mine", "deleted"]
+    if direct:
+        move_and_compare(tmp_path, argv, [cbin("opath"), tmp_path / "ref", "deleted"],
+                         direct=direct, cold=cold, warm_up=200, more=300)
+    else:
+        refused_and_goes_on(tmp_path, argv, r"fd \d+: O_PATH fd of /\S+/mine/gone "
+                            r"\(deleted\) \(unsupported file kind between hosts\)",
+                            cold=cold, direct=direct)

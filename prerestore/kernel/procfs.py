@@ -450,6 +450,15 @@ def describe_fd_text(pid: int, fd: int, text: str | None = None
         st = os.stat(f"/proc/{pid}/fd/{fd}")
     except (FileNotFoundError, ProcessLookupError):
         return target, None, text
+    if flags & O_PATH:
+        # a place in the file system, not an open file (nothing is read or written through
+        # it, it has no offset): opened again by its path with the same flags, whatever
+        # its inode is (O_NOFOLLOW: the symlink itself). One that has no path (a deleted
+        # file, an object with no name) cannot be.
+        if target.startswith("/") and not target.endswith(" (deleted)"):
+            return target, FileDescriptor(fd, "path", target, flags, 0,
+                                          (st.st_dev, st.st_ino)), text
+        return f"O_PATH fd of {target}", None, text
     if stat_mod.S_ISFIFO(st.st_mode) and not target.startswith("pipe:"):
         return f"fifo {target}", None, text
     if target.endswith(" (deleted)"):
@@ -472,6 +481,7 @@ def describe_fd_text(pid: int, fd: int, text: str | None = None
     return target, None, text
 
 
+O_PATH = 0o10000000
 PTY_SLAVE_MAJOR = 136          # UNIX98 pty slaves: /dev/pts/N is 136:N
 PTMX = (5, 2)                  # /dev/ptmx (and /dev/pts/ptmx): opening it makes a pair
 

@@ -227,7 +227,7 @@ def share_open_files(states: list[ProcessState]) -> None:
         for f in sorted(s.fds, key=lambda f: f.fd):
             if f.kind not in ("file", "chr", "dir", "deleted", "pipe", "fifo", "unix", "tcp",
                               "udp", "eventfd", "timerfd", "signalfd", "epoll", "inotify",
-                              "pty-master", "pty-slave"):
+                              "pty-master", "pty-slave", "path"):
                 continue
             key = (f.kind, f.dev_inode, f.offset, f.flags & ~0o2000000)  # O_CLOEXEC: per fd
             for pid, first in seen.get(key, []):
