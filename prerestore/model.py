@@ -230,7 +230,8 @@ class FileDescriptor:
     master is in the tree ("pty-master", "pty-slave": dev_inode (0, N) for /dev/pts/N; the
     first master fd carries the pair's state, see kernel.tty.PtyState), an inotify instance
     (data: its watches), an O_PATH fd of any inode that has a path ("path": opened again
-    by its path with its flags, O_NOFOLLOW included), or, on the same host, any object
+    by its path with its flags, O_NOFOLLOW included), a pidfd of a process of the tree
+    ("pidfd", see target_pid), or, on the same host, any object
     handed over as it is ("handover"); see procfs and session for the other kinds."""
     fd: int
     kind: str          # "file" | "chr" | "pipe" | "fifo" | "unix" | "pty-master" | ... | "handover"
@@ -249,6 +250,9 @@ class FileDescriptor:
     # does not show them) and set again once every fd is in place.
     owner: tuple[int, int] = (0, 0)
     signal: int = 0
+    # a pidfd ("pidfd"): the process (or, with PIDFD_THREAD in flags, the thread) it refers
+    # to, a member of the tree, by the pid the tree names it (made again with pidfd_open)
+    target_pid: int = 0
 
 
 @dataclass

@@ -98,3 +98,22 @@ def test_o_path_of_a_deleted_file(cbin, tmp_path, cold, direct):
         refused_and_goes_on(tmp_path, argv, r"fd \d+: O_PATH fd of /\S+/mine/gone "
                             r"\(deleted\) \(unsupported file kind between hosts\)",
                             cold=cold, direct=direct)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_pidfds_of_the_tree(cbin, tmp_path, cold, direct):
+    """pidfds of a child (plain, PIDFD_NONBLOCK without close-on-exec, a dup), of the
+    process itself and of its main thread (PIDFD_THREAD): each made again for the restored
+    process it referred to, with its flags; signals sent through it arrive."""
+    move_and_compare(tmp_path, [cbin("pidfd")], direct=direct, cold=cold, warm_up=200,
+                     more=300)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_a_pidfd_of_a_process_outside_the_tree_is_refused(cbin, tmp_path, cold, direct):
+    """A pidfd of the workload's parent (outside the tree): refused naming the fd and the
+    process, on one host too (pidfds are never handed over); the source goes on."""
+    import os
+    refused_and_goes_on(tmp_path, [cbin("pidfd"), "outside"],
+                        rf"fd \d+: a pidfd of process {os.getpid()}, outside the tree "
+                        r"\(not carried\)", cold=cold, direct=direct)

@@ -85,6 +85,8 @@ def _fd_extra(f: FileDescriptor) -> list:
         extra["owner"] = list(f.owner)
     if f.signal:
         extra["signal"] = f.signal
+    if f.target_pid:
+        extra["pid"] = f.target_pid
     return [extra] if extra else []
 
 
@@ -192,7 +194,7 @@ RLIMIT_COUNT = 16
 SIGINFO_SIZE = 128
 FD_KINDS = ("file", "chr", "dir", "deleted", "pipe", "fifo", "unix", "tcp", "udp", "eventfd",
             "timerfd", "signalfd", "epoll", "inotify", "pty-master", "pty-slave", "handover",
-            "path")
+            "path", "pidfd")
 ROUND_KINDS = ("predump", "dump")
 PAGE_SOURCES = ("file", "pid")
 MM_FIELDS = tuple(MmFields.__dataclass_fields__)
@@ -368,6 +370,7 @@ def _decode_thread(t, path: str) -> ThreadState:
 
 # F_GETOWN_EX types: F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP
 FD_OWNER_TYPES = (0, 2)
+FD_EXTRA_KEYS = {"owner", "signal", "pid"}
 
 
 def _decode_fd(f, path: str, where: str) -> FileDescriptor:
@@ -378,6 +381,10 @@ def _decode_fd(f, path: str, where: str) -> FileDescriptor:
     same_as = f[6]
     unix = f[8] if len(f) > 8 else None
     extra = _map(f[9], f"{path}.extra") if len(f) > 9 else {}
+    unknown = set(extra) - FD_EXTRA_KEYS
+    if unknown:
+        raise _bad(f"{path}.extra", "keys among " + ", ".join(sorted(FD_EXTRA_KEYS)),
+                   sorted(map(str, unknown)))
     owner = extra.get("owner", [0, 0])
     return FileDescriptor(
         fd, _enum(f[1], f"{path}.kind", FD_KINDS), _of(f[2], str, f"{path}.path", "str"),
@@ -387,7 +394,10 @@ def _decode_fd(f, path: str, where: str) -> FileDescriptor:
         _of(f[7], bytes, f"{path}.data", "bytes"),
         None if unix is None else _decode_unix(unix, f"{where} fd {fd}"),
         owner=_ints(owner, f"{path}.extra.owner", (FD_OWNER_TYPES, (0, PID[1]))),
-        signal=_int(extra.get("signal", 0), f"{path}.extra.signal", (0, SIGNALS[1])))
+        signal=_int(extra.get("signal", 0), f"{path}.extra.signal", (0, SIGNALS[1])),
+        target_pid=_pid(_field(extra, "pid", f"{path}.extra"), f"{path}.extra.pid")
+        if f[1] == "pidfd" else
+        _int(extra.get("pid", 0), f"{path}.extra.pid", (0, 0), "no pid (not a pidfd)"))
 
 
 def _creds(m, path: str) -> Credentials | None:

@@ -459,6 +459,12 @@ def describe_fd_text(pid: int, fd: int, text: str | None = None
             return target, FileDescriptor(fd, "path", target, flags, 0,
                                           (st.st_dev, st.st_ino)), text
         return f"O_PATH fd of {target}", None, text
+    if target in PIDFD_LINKS:
+        # the process it refers to, by our pid namespace's number (-1: it has ended; 0: not
+        # in our namespace); carried if it is of the tree (checked by the caller, who knows
+        # the tree)
+        return target, FileDescriptor(fd, "pidfd", target, flags, 0,
+                                      target_pid=int(info.get("Pid", "0"))), text
     if stat_mod.S_ISFIFO(st.st_mode) and not target.startswith("pipe:"):
         return f"fifo {target}", None, text
     if target.endswith(" (deleted)"):
@@ -482,6 +488,8 @@ def describe_fd_text(pid: int, fd: int, text: str | None = None
 
 
 O_PATH = 0o10000000
+PIDFD_LINKS = ("anon_inode:[pidfd]", "pidfd:[pidfd]")
+PIDFD_THREAD = 0o200          # O_EXCL: a pidfd of a thread (Linux 6.9+)
 PTY_SLAVE_MAJOR = 136          # UNIX98 pty slaves: /dev/pts/N is 136:N
 PTMX = (5, 2)                  # /dev/ptmx (and /dev/pts/ptmx): opening it makes a pair
 

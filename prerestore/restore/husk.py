@@ -36,6 +36,8 @@ OPEN_DROP = lib.O_CREAT | lib.O_TRUNC | lib.O_EXCL | lib.O_NOCTTY
 SIGKILL, SIGSTOP, SIGCHLD = 9, 19, 17
 F_SETFL, F_SETSIG, F_SETOWN_EX = 4, 10, 15
 O_ASYNC = 0o20000
+SYS_PIDFD_OPEN = 434
+PIDFD_FLAGS = 0o4000 | 0o200          # PIDFD_NONBLOCK (O_NONBLOCK), PIDFD_THREAD (O_EXCL)
 # what F_SETFL changes: O_APPEND, O_NONBLOCK, O_ASYNC, O_DIRECT, O_NOATIME
 SETFL_FLAGS = 0o2000 | 0o4000 | O_ASYNC | 0o40000 | 0o1000000
 WALL = 0x40000000                         # __WALL: wait for any kind of child
@@ -842,6 +844,20 @@ class Husk:
                 continue
             if f.same_as:                                   # opened by another process
                 items.append(((tree or {})[f.same_as[0]], f.same_as[1], f))
+                continue
+            if f.kind == "pidfd":
+                # of a process (or thread) of the tree: all are in place by now, by the pids
+                # the tree names them. pidfd_open makes it close-on-exec.
+                tmp = lowest()
+                b.call(SYS_PIDFD_OPEN, f.target_pid, f.flags & PIDFD_FLAGS,
+                       label=f"pidfd_open({f.target_pid}) for fd {f.fd}")
+                expected.append((len(b) - 1, tmp))
+                if tmp != f.fd:
+                    b.call(lib.SYS_dup3, tmp, f.fd, cloexec)
+                    b.call(lib.SYS_close, tmp)
+                elif not cloexec:
+                    b.call(lib.SYS_fcntl, f.fd, 2, 0)      # F_SETFD: not close-on-exec
+                opened.add(f.fd)
                 continue
             tmp = lowest()
             flags = (f.flags & ~OPEN_DROP & ~lib.O_CLOEXEC)

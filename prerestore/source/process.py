@@ -44,9 +44,35 @@ class MemoryScan:
     inherited: int = 0          # bytes left to what a fork of the parent husk holds
 
 
-def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
+def pidfd_problem(fd: int, target: int, flags: int, members) -> str | None:
+    """Why a pidfd (of host pid `target`) cannot be made again, if it cannot: it must refer
+    to a process of the tree (members(): the host pids of the tree's processes and threads)."""
+    if target == -1:
+        return f"fd {fd}: a pidfd of a process that has ended (not carried)"
+    if target not in members():
+        what = "thread" if flags & procfs.PIDFD_THREAD else "process"
+        return (f"fd {fd}: a pidfd of {what} {target or '(not in our pid namespace)'}, "
+                "outside the tree (not carried)")
+    return None
+
+
+def tree_members(tasks) -> set[int]:
+    """The host pids of the tree's processes and of their threads."""
+    out = set()
+    for t in tasks:
+        out.add(t.pid)
+        try:
+            out.update(procfs.threads(t.pid))
+        except ProcessGone:
+            pass
+    return out
+
+
+def find_unsupported(pid: int, same_host: bool = False, members=None) -> list[str]:
     """Everything about one live process this version cannot migrate, in words. On the same
-    host (same_host) fds of other kinds are handed over as they are (Husk.hand_over_fds)."""
+    host (same_host) fds of other kinds are handed over as they are (Husk.hand_over_fds).
+    members(): the host pids of the tree's processes and threads (for its pidfds), asked
+    only if it holds one."""
     problems = []
     st = procfs.status(pid)
     if st.get("Seccomp", "0") != "0":
@@ -54,6 +80,12 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
                         "without them)")
     for fd in procfs.fd_numbers(pid):
         what, desc = procfs.describe_fd(pid, fd)
+        if desc is not None and desc.kind == "pidfd":
+            problem = pidfd_problem(fd, desc.target_pid, desc.flags,
+                                    members or (lambda: {pid}))
+            if problem:
+                problems.append(problem)
+            continue
         if desc is None and what.startswith(("pipe:", "socket:")) and not same_host:
             continue       # carried if it stays inside the tree (see inner_ends)
         if desc is None and what in procfs.CARRIED_ANON and not same_host:

@@ -26,7 +26,7 @@ from ..kernel.tracee import RemoteSyscalls, Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
 from . import ptys, unixsock
-from .process import ProcessSource, find_unsupported
+from .process import ProcessSource, find_unsupported, pidfd_problem, tree_members
 
 
 def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
@@ -178,11 +178,18 @@ def find_tree_unsupported(root: int, same_host: bool = False,
     problems = tree_helpers(tasks) + tree_problems(tasks) + ptys.pty_problems(tasks, same_host)
     if not same_host:
         problems += inner_ends(tasks, external_unix)
+    members: set[int] | None = None
+
+    def tree_pids() -> set[int]:
+        nonlocal members
+        if members is None:
+            members = tree_members(tasks)
+        return members
     for t in tasks:
         if t.zombie:
             continue
         try:
-            mine = find_unsupported(t.pid, same_host)
+            mine = find_unsupported(t.pid, same_host, tree_pids)
         except ProcessGone:
             continue
         problems += [p if t.pid == root else f"pid {t.pid}: {p}" for p in mine]
@@ -227,7 +234,7 @@ def share_open_files(states: list[ProcessState]) -> None:
         for f in sorted(s.fds, key=lambda f: f.fd):
             if f.kind not in ("file", "chr", "dir", "deleted", "pipe", "fifo", "unix", "tcp",
                               "udp", "eventfd", "timerfd", "signalfd", "epoll", "inotify",
-                              "pty-master", "pty-slave", "path"):
+                              "pty-master", "pty-slave", "path", "pidfd"):
                 continue
             key = (f.kind, f.dev_inode, f.offset, f.flags & ~0o2000000)  # O_CLOEXEC: per fd
             for pid, first in seen.get(key, []):
@@ -453,14 +460,30 @@ class SourceSession:
                         "outside the tree (not carried)")
         return problems
 
+    def _pidfd_problems(self, states: list[ProcessState],
+                        tasks: list[procfs.TreeTask]) -> list[str]:
+        """The frozen tree's pidfds must refer to its own processes or threads (see
+        check_supported): made again in the husks with pidfd_open."""
+        members = {t.pid for t in tasks} | {t.tid for s in states for t in s.threads}
+        problems = []
+        for s in states:
+            for f in s.fds:
+                if f.kind == "pidfd":
+                    problem = pidfd_problem(f.fd, f.target_pid, f.flags, lambda: members)
+                    if problem:
+                        problems.append(f"pid {self.ns_pid(s.pid)} {problem}")
+        return problems
+
     def _to_ns(self, state: ProcessState) -> ProcessState:
         if not self.depth:                   # our own namespace: nothing to translate
             return state
         return replace(
             state, pid=self.ns_pid(state.pid),
             threads=[replace(t, tid=self.ns_pid(t.tid)) for t in state.threads],
-            fds=[replace(f, same_as=(self.ns_pid(f.same_as[0]), f.same_as[1]))
-                 if f.same_as else f for f in state.fds])
+            fds=[replace(f, same_as=(self.ns_pid(f.same_as[0]), f.same_as[1])
+                         if f.same_as else None,
+                         target_pid=self.ns_pid(f.target_pid) if f.target_pid else 0)
+                 if f.same_as or f.target_pid else f for f in state.fds])
 
     def _refresh_tree(self, track_new: bool = True,
                       tasks: list[procfs.TreeTask] | None = None) -> list[ProcessSource]:
@@ -583,7 +606,7 @@ class SourceSession:
             for st in states:
                 st.stopped = st.pid in self.stopped_before
             share_open_files(states)
-            problems = self._settle_fd_owners(states, tasks)
+            problems = self._settle_fd_owners(states, tasks) + self._pidfd_problems(states, tasks)
             if problems:
                 raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
             if not self.direct:           # handed over, an epoll keeps its registrations
