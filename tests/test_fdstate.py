@@ -117,3 +117,36 @@ def test_a_pidfd_of_a_process_outside_the_tree_is_refused(cbin, tmp_path, cold, 
     refused_and_goes_on(tmp_path, [cbin("pidfd"), "outside"],
                         rf"fd \d+: a pidfd of process {os.getpid()}, outside the tree "
                         r"\(not carried\)", cold=cold, direct=direct)
+
+
+LOCKS = ["ofd", "flock", "lease", "ofd,flock,lease"]
+
+
+@pytest.mark.parametrize("what", LOCKS)
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_locks_and_leases_of_the_open_file(cbin, tmp_path, cold, direct, what):
+    """An OFD lock, a flock() and a read lease belong to the open file: on one host the very
+    file is handed over with them (they hold after the move as another holder sees them, the
+    lease by F_GETLEASE); through image files they are refused by name (a lock on a file of
+    this host does not move to another), and the source goes on."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "ref").mkdir()
+    argv = [cbin("locks"), tmp_path / "mine", what]
+    if direct:
+        move_and_compare(tmp_path, argv, [cbin("locks"), tmp_path / "ref", what],
+                         direct=direct, cold=cold, warm_up=200, more=300)
+    else:
+        refused_and_goes_on(tmp_path, argv, r"fd \d+: /\S+/mine/\w+ holds an? [^:]*(lock|lease)"
+                            r"[^:]* \(not carried between hosts\)", cold=cold, direct=direct)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_a_posix_lock_is_refused(cbin, tmp_path, cold, direct):
+    """A POSIX lock (fcntl F_SETLK) belongs to the process's fd table: it would be released
+    as the source ends and taken again only after, a moment in which another process could
+    take it. Refused by name, on one host too; the source goes on."""
+    (tmp_path / "mine").mkdir()
+    refused_and_goes_on(tmp_path, [cbin("locks"), tmp_path / "mine", "posix"],
+                        r"fd \d+: /\S+/mine/posix holds a POSIX lock \(fcntl F_SETLK\): a "
+                        r"POSIX lock belongs to the process's fd table, which does not move "
+                        r"\(not carried\)", cold=cold, direct=direct)

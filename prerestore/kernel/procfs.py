@@ -490,6 +490,18 @@ def describe_fd_text(pid: int, fd: int, text: str | None = None
 O_PATH = 0o10000000
 PIDFD_LINKS = ("anon_inode:[pidfd]", "pidfd:[pidfd]")
 PIDFD_THREAD = 0o200          # O_EXCL: a pidfd of a thread (Linux 6.9+)
+def fd_locks(fdinfo_text: str) -> set[str]:
+    """The kinds of the locks an open file holds, as its fdinfo "lock:" lines name them
+    ("POSIX", "FLOCK", "OFDLCK", "LEASE"...)."""
+    out = set()
+    for line in fdinfo_text.splitlines():
+        if line.startswith("lock:"):
+            words = line.split()
+            if len(words) > 2:
+                out.add(words[2])
+    return out
+
+
 PTY_SLAVE_MAJOR = 136          # UNIX98 pty slaves: /dev/pts/N is 136:N
 PTMX = (5, 2)                  # /dev/ptmx (and /dev/pts/ptmx): opening it makes a pair
 

@@ -56,6 +56,35 @@ def pidfd_problem(fd: int, target: int, flags: int, members) -> str | None:
     return None
 
 
+LOCK_NAMES = {"POSIX": "a POSIX lock (fcntl F_SETLK)", "FLOCK": "a flock() lock",
+              "OFDLCK": "an OFD lock (F_OFD_SETLK)", "LEASE": "a lease (F_SETLEASE)"}
+# locks that belong to the open file description: on this host the very file is handed over
+# with them (no moment without them, nobody else can take them meanwhile)
+FILE_LOCKS = {"FLOCK", "OFDLCK", "LEASE"}
+
+
+def lock_problem(fd: int, what: str, fdinfo_text: str, same_host: bool,
+                 kind: str = "") -> str | None:
+    """Why the locks an fd holds (its fdinfo's "lock:" lines) cannot be carried, if they
+    cannot. A POSIX lock belongs to the process's fd table, which is not moved, and is
+    released as the source ends: taking it again after that would leave a moment where
+    another process may take it. Between hosts no lock is carried (a file of this host is
+    not the destination's). kind: what the fd is made as on this host, if known ("" for a
+    check before the freeze): a file the destination reopens is handed over instead."""
+    kinds = procfs.fd_locks(fdinfo_text)
+    if not kinds:
+        return None
+    names = " and ".join(LOCK_NAMES.get(k, f"a {k} lock") for k in sorted(kinds))
+    if "POSIX" in kinds:
+        return (f"fd {fd}: {what} holds {names}: a POSIX lock belongs to the process's fd "
+                "table, which does not move (not carried)")
+    if not same_host:
+        return f"fd {fd}: {what} holds {names} (not carried between hosts)"
+    if kinds - FILE_LOCKS or kind not in ("", "file", "chr", "dir", "handover"):
+        return f"fd {fd}: {what} holds {names} (not carried)"
+    return None
+
+
 def tree_members(tasks) -> set[int]:
     """The host pids of the tree's processes and of their threads."""
     out = set()
@@ -79,7 +108,11 @@ def find_unsupported(pid: int, same_host: bool = False, members=None) -> list[st
         problems.append("seccomp filters (not carried yet: the restored process would run "
                         "without them)")
     for fd in procfs.fd_numbers(pid):
-        what, desc = procfs.describe_fd(pid, fd)
+        what, desc, text = procfs.describe_fd_text(pid, fd)
+        problem = lock_problem(fd, what, text, same_host)
+        if problem:
+            problems.append(problem)
+            continue
         if desc is not None and desc.kind == "pidfd":
             problem = pidfd_problem(fd, desc.target_pid, desc.flags,
                                     members or (lambda: {pid}))
@@ -456,6 +489,13 @@ class ProcessSource:
                     if what == "anon_inode:[eventpoll]":
                         # its registrations: those of signalfds are made again in the husk
                         desc.data = procfs.describe_anon(pid, fd, what, text).data
+            if "lock:" in text:
+                problem = lock_problem(fd, what, text, direct, desc.kind)
+                if problem:
+                    raise UnsupportedState(f"pid {pid} {problem}")
+                if direct and desc.kind != "handover":
+                    # its flock, OFD lock or lease is the open file's: hand over that file
+                    desc = FileDescriptor(fd, "handover", what, desc.flags, 0)
             if fd in inside.get("owners", {}):
                 desc.owner, desc.signal = inside["owners"][fd]
             fds.append(desc)
