@@ -253,6 +253,10 @@ class FileDescriptor:
     # a pidfd ("pidfd"): the process (or, with PIDFD_THREAD in flags, the thread) it refers
     # to, a member of the tree, by the pid the tree names it (made again with pidfd_open)
     target_pid: int = 0
+    # an epoll's registrations made under an fd number closed since, whose file this process
+    # still holds under another: registered fd -> the fd that holds the file now (the husk
+    # registers it from a dup under the old number, then closes the dup)
+    closed_targets: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass

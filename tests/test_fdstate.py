@@ -150,3 +150,27 @@ def test_a_posix_lock_is_refused(cbin, tmp_path, cold, direct):
                         r"fd \d+: /\S+/mine/posix holds a POSIX lock \(fcntl F_SETLK\): a "
                         r"POSIX lock belongs to the process's fd table, which does not move "
                         r"\(not carried\)", cold=cold, direct=direct)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_an_epoll_watching_a_closed_fd(cbin, tmp_path, cold, direct):
+    """An epoll registration made under an fd number closed since (the file still open under
+    a dup): made again under that number from the dup (or kept, handed over), it still
+    reports the pipe's events with its data."""
+    move_and_compare(tmp_path, [cbin("epollclosed")], direct=direct, cold=cold, warm_up=200,
+                     more=300)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_an_epoll_watching_a_file_only_a_child_holds(cbin, tmp_path, cold, direct):
+    """The file an epoll watches under a number closed since is held only by a child that
+    let the epoll go: on one host the epoll is handed over with the registration as it is;
+    in an image no process holding the epoll can register it again: refused, naming the
+    epoll and the number, and the source goes on."""
+    argv = [cbin("epollclosed"), "child"]
+    if direct:
+        move_and_compare(tmp_path, argv, direct=direct, cold=cold, warm_up=200, more=300)
+    else:
+        refused_and_goes_on(tmp_path, argv, r"epoll fd \d+: the file registered as fd \d+ is "
+                            r"open under that number in no process holding the epoll.*not "
+                            r"carried", cold=cold, direct=direct)

@@ -87,6 +87,8 @@ def _fd_extra(f: FileDescriptor) -> list:
         extra["signal"] = f.signal
     if f.target_pid:
         extra["pid"] = f.target_pid
+    if f.closed_targets:
+        extra["closed_targets"] = [[t, h] for t, h in sorted(f.closed_targets.items())]
     return [extra] if extra else []
 
 
@@ -370,7 +372,7 @@ def _decode_thread(t, path: str) -> ThreadState:
 
 # F_GETOWN_EX types: F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP
 FD_OWNER_TYPES = (0, 2)
-FD_EXTRA_KEYS = {"owner", "signal", "pid"}
+FD_EXTRA_KEYS = {"owner", "signal", "pid", "closed_targets"}
 
 
 def _decode_fd(f, path: str, where: str) -> FileDescriptor:
@@ -397,7 +399,11 @@ def _decode_fd(f, path: str, where: str) -> FileDescriptor:
         signal=_int(extra.get("signal", 0), f"{path}.extra.signal", (0, SIGNALS[1])),
         target_pid=_pid(_field(extra, "pid", f"{path}.extra"), f"{path}.extra.pid")
         if f[1] == "pidfd" else
-        _int(extra.get("pid", 0), f"{path}.extra.pid", (0, 0), "no pid (not a pidfd)"))
+        _int(extra.get("pid", 0), f"{path}.extra.pid", (0, 0), "no pid (not a pidfd)"),
+        closed_targets=dict(
+            _ints(pair, f"{path}.extra.closed_targets[{i}]", ((0, 2**31 - 1),) * 2)
+            for i, pair in enumerate(_list(extra.get("closed_targets", []),
+                                           f"{path}.extra.closed_targets"))))
 
 
 def _creds(m, path: str) -> Credentials | None:

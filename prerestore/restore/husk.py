@@ -645,14 +645,24 @@ class Husk:
             if handed and f.same_as:
                 continue
             for tfd, events, data in procfs.EPOLL_ITEM.iter_unpack(f.data):
-                if handed and kinds.get(tfd) != "anon_inode:[signalfd]":
+                # registered under a number closed since: from a dup of the fd that holds
+                # its file now, under that number, closed again after
+                held = f.closed_targets.get(tfd)
+                if handed and kinds.get(tfd if held is None else held) != \
+                        "anon_inode:[signalfd]":
                     continue
+                if held is not None:
+                    b.call(lib.SYS_dup3, held, tfd, 0,
+                           label=f"dup3({held}, {tfd}) for the closed fd epoll fd {f.fd} "
+                           "watches")
                 ev = b.put(struct.pack("=IQ", events, data))      # packed struct epoll_event
                 if handed:
                     b.call(lib.SYS_epoll_ctl, f.fd, 2, tfd, ev,    # EPOLL_CTL_DEL
                            label=f"epoll_ctl(DEL) fd {tfd} from epoll fd {f.fd}")
                 b.call(lib.SYS_epoll_ctl, f.fd, 1, tfd, ev,        # EPOLL_CTL_ADD
                        label=f"epoll_ctl(ADD) fd {tfd} to epoll fd {f.fd}")
+                if held is not None:
+                    b.call(lib.SYS_close, tfd)
         if len(b):
             self.remote.run(b)
 

@@ -85,6 +85,22 @@ def lock_problem(fd: int, what: str, fdinfo_text: str, same_host: bool,
     return None
 
 
+def closed_target(pid: int, efd: int, tfd: int, fds: list[FileDescriptor],
+                  epoll_pid: int | None = None, refuse: bool = True) -> int | None:
+    """The fd of pid that holds the file registered as tfd in the epoll efd (of epoll_pid,
+    default pid), where tfd itself was closed since (kcmp KCMP_EPOLL_TFD); if pid holds it
+    under no fd: refused, or None."""
+    for f in fds:
+        if f.fd != tfd and native.is_epoll_target(pid, f.fd, epoll_pid or pid, efd, tfd):
+            return f.fd
+    if not refuse:
+        return None
+    raise UnsupportedState(
+        f"pid {epoll_pid or pid} epoll fd {efd}: the file registered as fd {tfd} was closed "
+        "since, and no fd of the process holds it any more (another process does, or only "
+        "the epoll's registration keeps it): not carried")
+
+
 def tree_members(tasks) -> set[int]:
     """The host pids of the tree's processes and of their threads."""
     out = set()
@@ -501,11 +517,18 @@ class ProcessSource:
             fds.append(desc)
         numbers = {f.fd for f in fds}
         for f in fds:
-            if f.kind == "epoll" or f.path == "anon_inode:[eventpoll]":
+            if f.path == "anon_inode:[eventpoll]" and f.kind == "handover":
+                # handed over, it keeps its registrations, but a signalfd's is made again
+                # from the husk (Husk._register_epoll): one made under a number closed
+                # since is made again from the fd that holds its file now. (An image's
+                # epoll: see session.place_epoll_registrations.)
                 for tfd, _, _ in procfs.EPOLL_ITEM.iter_unpack(f.data):
                     if tfd not in numbers:
-                        raise UnsupportedState(f"pid {pid} fd {f.fd}: epoll watches fd {tfd}, "
-                                               "which is no longer open (not carried)")
+                        held = closed_target(pid, f.fd, tfd, fds, refuse=False)
+                        if held is not None:
+                            f.closed_targets[tfd] = held
+                        # else: held by another process, kept as it is (see
+                        # session.check_handed_epolls)
         return ProcessState(
             pid=pid, comm=procfs.comm(pid), exe=procfs.readlink(pid, "exe"),
             cwd=procfs.readlink(pid, "cwd"), umask=int(status.get("Umask", "0022"), 8),

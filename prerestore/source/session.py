@@ -270,12 +270,49 @@ def place_epoll_registrations(states: list[ProcessState]) -> None:
                     placed[id(f)].append(item)
                     break
             else:
-                raise UnsupportedState(
-                    f"pid {pid} epoll fd {efd}: the file registered as fd {tfd} is not open "
-                    "under that number in any process holding the epoll (closed since, or "
-                    "registered by a process that let the epoll go): not carried")
+                # registered under a number closed since: by the holder that still has the
+                # file under another fd, where that number is free (its husk registers it
+                # from a dup under the old number)
+                for s, f in holders:
+                    if any(g.fd == tfd for g in s.fds):
+                        continue
+                    held = next((g.fd for g in s.fds if native.is_epoll_target(
+                        s.pid, g.fd, pid, efd, tfd)), None)
+                    if held is not None:
+                        f.closed_targets[tfd] = held
+                        placed[id(f)].append(item)
+                        break
+                else:
+                    raise UnsupportedState(
+                        f"pid {pid} epoll fd {efd}: the file registered as fd {tfd} is open "
+                        "under that number in no process holding the epoll, nor under "
+                        "another where that number is free (registered by a process that "
+                        "let the epoll go, or held only outside those processes): not carried")
         for _, f in holders:
             f.data = b"".join(procfs.EPOLL_ITEM.pack(*i) for i in placed[id(f)])
+
+
+def check_handed_epolls(states: list[ProcessState]) -> None:
+    """On one host an epoll is handed over with its registrations, but a signalfd's is made
+    again from the husk (its wakeups come from the task that registered it). One made under a
+    number its process closed since, whose file another process of the tree holds: refused
+    if that file is a signalfd (the husk of the epoll's process has no fd of it)."""
+    for s in states:
+        for f in s.fds:
+            if f.kind != "handover" or f.path != "anon_inode:[eventpoll]" or f.same_as:
+                continue
+            mine = {g.fd for g in s.fds}
+            for tfd, _, _ in procfs.EPOLL_ITEM.iter_unpack(f.data):
+                if tfd in mine or tfd in f.closed_targets:
+                    continue
+                for other in states:
+                    for g in other.fds:
+                        if g.path == "anon_inode:[signalfd]" and native.is_epoll_target(
+                                other.pid, g.fd, s.pid, f.fd, tfd):
+                            raise UnsupportedState(
+                                f"pid {s.pid} epoll fd {f.fd}: the signalfd registered as fd "
+                                f"{tfd} was closed since and is held by pid {other.pid} fd "
+                                f"{g.fd} only: not carried")
 
 
 def capture_pipes(states: list[ProcessState]) -> None:
@@ -611,6 +648,8 @@ class SourceSession:
                 raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
             if not self.direct:           # handed over, an epoll keeps its registrations
                 place_epoll_registrations(states)
+            else:
+                check_handed_epolls(states)
             problems = ptys.pty_problems(tasks, self.direct, ptys.ptys_of_states(states))
             if problems:
                 raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
