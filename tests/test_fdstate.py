@@ -174,3 +174,28 @@ def test_an_epoll_watching_a_file_only_a_child_holds(cbin, tmp_path, cold, direc
         refused_and_goes_on(tmp_path, argv, r"epoll fd \d+: the file registered as fd \d+ is "
                             r"open under that number in no process holding the epoll.*not "
                             r"carried", cold=cold, direct=direct)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_packet_sockets(cbin, tmp_path, cold, direct):
+    """A packet socket (AF_PACKET) bound to the loopback interface: on one host handed over
+    as it is (type, protocol and binding unchanged); in an image refused by name (not
+    carried between hosts), and the source goes on."""
+    argv = [cbin("packet")]
+    if direct:
+        move_and_compare(tmp_path, argv, direct=direct, cold=cold, warm_up=200, more=300)
+    else:
+        refused_and_goes_on(tmp_path, argv, r"fd \d+: socket:\[\d+\] is a PACKET socket "
+                            r"\(only TCP, UDP and unix sockets are carried between hosts",
+                            cold=cold, direct=direct)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_a_packet_ring_is_refused(cbin, tmp_path, cold, direct):
+    """A packet socket's receive ring (PACKET_RX_RING) mapped into memory: refused by name,
+    on one host too (the mapping is the socket's, made by the kernel); the source goes on."""
+    refused_and_goes_on(tmp_path, [cbin("packet"), "ring"],
+                        r"socket memory mapped at 0x[0-9a-f]+-0x[0-9a-f]+ \(socket:\[\d+\]: a "
+                        r"packet socket's ring, PACKET_RX_RING or PACKET_TX_RING, is the "
+                        r"kernel's; not carried\)",
+                        cold=cold, direct=direct)

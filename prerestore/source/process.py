@@ -157,6 +157,10 @@ def find_unsupported(pid: int, same_host: bool = False, members=None) -> list[st
     for v in procfs.maps(pid):
         if v.is_shmem and v.path.startswith("/SYSV"):
             problems.append(f"System V shared memory {v.start:#x}-{v.end:#x} (not carried yet)")
+        elif v.shared and v.path.startswith("socket:"):
+            problems.append(f"socket memory mapped at {v.start:#x}-{v.end:#x} ({v.path}: a "
+                            "packet socket's ring, PACKET_RX_RING or PACKET_TX_RING, is the "
+                            "kernel's; not carried)")
         elif v.shared and not v.is_file and not v.is_special:
             problems.append(f"shared memory mapping {v.start:#x}-{v.end:#x} {v.path or '(anon)'}")
         elif v.path.startswith("/") and v.path.endswith(" (deleted)") and not v.is_shmem:
