@@ -229,8 +229,10 @@ class FileDescriptor:
     data a msgpack map with its mode, owner and queued bytes), an end of a pty pair whose
     master is in the tree ("pty-master", "pty-slave": dev_inode (0, N) for /dev/pts/N; the
     first master fd carries the pair's state, see kernel.tty.PtyState), an inotify instance
-    (data: its watches), or, on the same host, any object handed over as it is
-    ("handover"); see procfs and session for the other kinds."""
+    (data: its watches), an O_PATH fd of any inode that has a path ("path": opened again
+    by its path with its flags, O_NOFOLLOW included), a pidfd of a process of the tree
+    ("pidfd", see target_pid), or, on the same host, any object
+    handed over as it is ("handover"); see procfs and session for the other kinds."""
     fd: int
     kind: str          # "file" | "chr" | "pipe" | "fifo" | "unix" | "pty-master" | ... | "handover"
     path: str
@@ -242,6 +244,19 @@ class FileDescriptor:
     same_as: tuple[int, int] | None = None
     data: bytes = b""
     unix: UnixSocketState | None = None
+    # who gets its SIGIO/SIGURG (fcntl F_GETOWN_EX: type F_OWNER_TID 0, F_OWNER_PID 1,
+    # F_OWNER_PGRP 2, and the pid as the tree names it; (0, 0): none) and with which signal
+    # (F_GETSIG; 0: SIGIO). Per open file description, read from inside the process (/proc
+    # does not show them) and set again once every fd is in place.
+    owner: tuple[int, int] = (0, 0)
+    signal: int = 0
+    # a pidfd ("pidfd"): the process (or, with PIDFD_THREAD in flags, the thread) it refers
+    # to, a member of the tree, by the pid the tree names it (made again with pidfd_open)
+    target_pid: int = 0
+    # an epoll's registrations made under an fd number closed since, whose file this process
+    # still holds under another: registered fd -> the fd that holds the file now (the husk
+    # registers it from a dup under the old number, then closes the dup)
+    closed_targets: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass

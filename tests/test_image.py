@@ -596,3 +596,58 @@ def test_pages_offsets_must_follow_one_another(tmp_path):
     with pytest.raises(ImageError, match=re.escape(
             f"tasks[1].pages_offset: expected {pages_size(make_round())}")):
         read_round(save(tmp_path / "r0", r))
+
+
+# ---- per-fd state: owners, pidfds, O_PATH, epoll registrations under closed numbers --------
+
+def fdstate_round() -> Round:
+    r = make_round(final=True)
+    r.states[0].fds += [
+        FileDescriptor(5, "pipe", "pipe:[77]", 0o20000, 0, (0, 77), owner=(1, 4242),
+                       signal=36),
+        FileDescriptor(6, "pidfd", "anon_inode:[pidfd]", 0o2004000, 0, target_pid=4242),
+        FileDescriptor(7, "path", "/etc/hostname", 0o12400000, 0, (1, 2)),
+        FileDescriptor(8, "epoll", "anon_inode:[eventpoll]", 2, 0,
+                       data=b"", closed_targets={9: 5}, owner=(2, 4242))]
+    return r
+
+
+def test_round_trip_fd_state(tmp_path):
+    r = fdstate_round()
+    got = read_round(save(tmp_path / "f", r))
+    assert got == r
+    assert got.states[0].fds[-4].owner == (1, 4242) and got.states[0].fds[-4].signal == 36
+    assert got.states[0].fds[-3].target_pid == 4242
+    assert got.states[0].fds[-1].closed_targets == {9: 5}
+
+
+def _corrupt_fd_extra(tmp_path, fd: int, extra) -> str:
+    m = encode_round(fdstate_round())
+    for f in m["states"][0]["fds"]:
+        if f[0] == fd:
+            while len(f) < 10:
+                f.append(None if len(f) == 8 else {})
+            f[9] = extra
+    d = tmp_path / "f"
+    os.makedirs(d)
+    put_round_bytes(d, raw_image(msgpack.packb(m, use_bin_type=True)))
+    with open(os.path.join(d, PAGES_FILE), "wb") as f:
+        f.write(b"\0" * pages_size(fdstate_round()))
+    return str(d)
+
+
+@pytest.mark.parametrize("fd,extra,what", [
+    (5, {"owner": [3, 4242]}, "extra.owner[0]: expected int 0..2, got 3"),
+    (5, {"owner": [1, -1]}, "extra.owner[1]"),
+    (5, {"signal": 65}, "extra.signal: expected int 0..64, got 65"),
+    (5, {"pid": 4242}, "extra.pid: expected no pid (not a pidfd)"),
+    (6, {}, "extra.pid: missing"),
+    (6, {"pid": 0}, "extra.pid: expected a pid"),
+    (8, {"closed_targets": [[9, "x"]]}, "extra.closed_targets[0][1]"),
+    (8, {"closed_targets": {9: 5}}, "extra.closed_targets: expected a list"),
+    (7, {"colour": 1}, "extra: expected keys among"),
+    (7, [1], "extra: expected a map"),
+])
+def test_corrupt_fd_state_is_named(tmp_path, fd, extra, what):
+    with pytest.raises(ImageError, match=re.escape(what)):
+        read_round(_corrupt_fd_extra(tmp_path, fd, extra))

@@ -68,7 +68,7 @@ def _state(s: ProcessState) -> dict:
                            for n, a in s.sigactions.items()},
             "fds": [[f.fd, f.kind, f.path, f.flags, f.offset, list(f.dev_inode),
                      list(f.same_as) if f.same_as else None, f.data,
-                     _unix(f.unix) if f.unix else None] for f in s.fds],
+                     _unix(f.unix) if f.unix else None, *_fd_extra(f)] for f in s.fds],
             "threads": [_thread(t) for t in s.threads], "shared_pending": s.shared_pending,
             "cpus": s.cpus, "creds": vars(s.creds) if s.creds else None,
             "dumpable": s.dumpable, "pdeathsig": s.pdeathsig,
@@ -82,6 +82,21 @@ def _state(s: ProcessState) -> dict:
             "loginuid": s.loginuid} | \
         ({"seccomp_filters": [[f.program, f.flags] for f in s.seccomp_filters]}
          if s.seccomp_filters else {})
+
+
+def _fd_extra(f: FileDescriptor) -> list:
+    """An fd's state beyond its file (an optional trailing map, only what is not the default:
+    most fds have none)."""
+    extra = {}
+    if f.owner != (0, 0):
+        extra["owner"] = list(f.owner)
+    if f.signal:
+        extra["signal"] = f.signal
+    if f.target_pid:
+        extra["pid"] = f.target_pid
+    if f.closed_targets:
+        extra["closed_targets"] = [[t, h] for t, h in sorted(f.closed_targets.items())]
+    return [extra] if extra else []
 
 
 def _unix(u: UnixSocketState) -> dict:
@@ -187,7 +202,8 @@ SIGNALS = (1, 64)
 RLIMIT_COUNT = 16
 SIGINFO_SIZE = 128
 FD_KINDS = ("file", "chr", "dir", "deleted", "pipe", "fifo", "unix", "tcp", "udp", "eventfd",
-            "timerfd", "signalfd", "epoll", "inotify", "pty-master", "pty-slave", "handover")
+            "timerfd", "signalfd", "epoll", "inotify", "pty-master", "pty-slave", "handover",
+            "path", "pidfd")
 ROUND_KINDS = ("predump", "dump")
 PAGE_SOURCES = ("file", "pid")
 MM_FIELDS = tuple(MmFields.__dataclass_fields__)
@@ -396,20 +412,40 @@ def _seccomp_filter(f, path: str) -> SeccompFilter:
     return SeccompFilter(program, flags)
 
 
+# F_GETOWN_EX types: F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP
+FD_OWNER_TYPES = (0, 2)
+FD_EXTRA_KEYS = {"owner", "signal", "pid", "closed_targets"}
+
+
 def _decode_fd(f, path: str, where: str) -> FileDescriptor:
-    if not isinstance(f, list) or len(f) not in (8, 9):
-        raise _bad(path, "a list of 8 or 9 [fd, kind, path, flags, offset, dev_inode, "
-                         "same_as, data, unix]", f)
+    if not isinstance(f, list) or len(f) not in (8, 9, 10):
+        raise _bad(path, "a list of 8 to 10 [fd, kind, path, flags, offset, dev_inode, "
+                         "same_as, data, unix, extra]", f)
     fd = _int(f[0], f"{path}.fd", (0, 2**31 - 1))
     same_as = f[6]
     unix = f[8] if len(f) > 8 else None
+    extra = _map(f[9], f"{path}.extra") if len(f) > 9 else {}
+    unknown = set(extra) - FD_EXTRA_KEYS
+    if unknown:
+        raise _bad(f"{path}.extra", "keys among " + ", ".join(sorted(FD_EXTRA_KEYS)),
+                   sorted(map(str, unknown)))
+    owner = extra.get("owner", [0, 0])
     return FileDescriptor(
         fd, _enum(f[1], f"{path}.kind", FD_KINDS), _of(f[2], str, f"{path}.path", "str"),
         _int(f[3], f"{path}.flags", U32), _int(f[4], f"{path}.offset"),
         _ints(f[5], f"{path}.dev_inode", (U64, U64)),
         None if same_as is None else _ints(same_as, f"{path}.same_as", (PID, (0, 2**31 - 1))),
         _of(f[7], bytes, f"{path}.data", "bytes"),
-        None if unix is None else _decode_unix(unix, f"{where} fd {fd}"))
+        None if unix is None else _decode_unix(unix, f"{where} fd {fd}"),
+        owner=_ints(owner, f"{path}.extra.owner", (FD_OWNER_TYPES, (0, PID[1]))),
+        signal=_int(extra.get("signal", 0), f"{path}.extra.signal", (0, SIGNALS[1])),
+        target_pid=_pid(_field(extra, "pid", f"{path}.extra"), f"{path}.extra.pid")
+        if f[1] == "pidfd" else
+        _int(extra.get("pid", 0), f"{path}.extra.pid", (0, 0), "no pid (not a pidfd)"),
+        closed_targets=dict(
+            _ints(pair, f"{path}.extra.closed_targets[{i}]", ((0, 2**31 - 1),) * 2)
+            for i, pair in enumerate(_list(extra.get("closed_targets", []),
+                                           f"{path}.extra.closed_targets"))))
 
 
 def _creds(m, path: str) -> Credentials | None:

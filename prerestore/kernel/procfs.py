@@ -443,11 +443,12 @@ def describe_fd(pid: int, fd: int) -> tuple[str, FileDescriptor | None]:
     return what, desc
 
 
-def describe_fd_text(pid: int, fd: int) -> tuple[str, FileDescriptor | None, str]:
-    """describe_fd, and the text of its fdinfo (read once: the final step describes the
-    kinds it carries from it)."""
+def describe_fd_text(pid: int, fd: int, text: str | None = None
+                     ) -> tuple[str, FileDescriptor | None, str]:
+    """describe_fd, and the text of its fdinfo (read once, or given: the final step describes
+    the kinds it carries from it)."""
     target = readlink(pid, f"fd/{fd}")
-    text = fdinfo_text(pid, fd)
+    text = text if text is not None else fdinfo_text(pid, fd)
     info = parse_fdinfo(text)
     flags = int(info.get("flags", "0"), 8)
     offset = int(info.get("pos", "0"))
@@ -455,6 +456,21 @@ def describe_fd_text(pid: int, fd: int) -> tuple[str, FileDescriptor | None, str
         st = os.stat(f"/proc/{pid}/fd/{fd}")
     except (FileNotFoundError, ProcessLookupError):
         return target, None, text
+    if flags & O_PATH:
+        # a place in the file system, not an open file (nothing is read or written through
+        # it, it has no offset): opened again by its path with the same flags, whatever
+        # its inode is (O_NOFOLLOW: the symlink itself). One that has no path (a deleted
+        # file, an object with no name) cannot be.
+        if target.startswith("/") and not target.endswith(" (deleted)"):
+            return target, FileDescriptor(fd, "path", target, flags, 0,
+                                          (st.st_dev, st.st_ino)), text
+        return f"O_PATH fd of {target}", None, text
+    if target in PIDFD_LINKS:
+        # the process it refers to, by our pid namespace's number (-1: it has ended; 0: not
+        # in our namespace); carried if it is of the tree (checked by the caller, who knows
+        # the tree)
+        return target, FileDescriptor(fd, "pidfd", target, flags, 0,
+                                      target_pid=int(info.get("Pid", "0"))), text
     if stat_mod.S_ISFIFO(st.st_mode) and not target.startswith("pipe:"):
         return f"fifo {target}", None, text
     if target.endswith(" (deleted)"):
@@ -475,6 +491,21 @@ def describe_fd_text(pid: int, fd: int) -> tuple[str, FileDescriptor | None, str
     if stat_mod.S_ISDIR(st.st_mode):
         return f"directory {target}", None, text
     return target, None, text
+
+
+O_PATH = 0o10000000
+PIDFD_LINKS = ("anon_inode:[pidfd]", "pidfd:[pidfd]")
+PIDFD_THREAD = 0o200          # O_EXCL: a pidfd of a thread (Linux 6.9+)
+def fd_locks(fdinfo_text: str) -> set[str]:
+    """The kinds of the locks an open file holds, as its fdinfo "lock:" lines name them
+    ("POSIX", "FLOCK", "OFDLCK", "LEASE"...)."""
+    out = set()
+    for line in fdinfo_text.splitlines():
+        if line.startswith("lock:"):
+            words = line.split()
+            if len(words) > 2:
+                out.add(words[2])
+    return out
 
 
 PTY_SLAVE_MAJOR = 136          # UNIX98 pty slaves: /dev/pts/N is 136:N

@@ -114,6 +114,12 @@ def _fds(pid: int, names: dict[int, int], out: dict[str, str]) -> None:
             if key == "lock":
                 value = _LOCK_PID.sub(lambda m: m.group(1) + _name(m.group(2), names),
                                       line.strip())
+            elif key == "Pid" and link in procfs.PIDFD_LINKS:
+                value = _name(value, names) if value != "-1" else value
+            elif key == "NSpid" and link in procfs.PIDFD_LINKS:
+                # the pidfd's process from the reader's namespace down to its own: the
+                # restored tree may be a level deeper; its own (innermost) pid is the tree's
+                value = value.split()[-1] if value else value
             lines.setdefault(key, []).append(value)
         for key, values in lines.items():
             out[f"fd[{fd}].{key}"] = " | ".join(values)

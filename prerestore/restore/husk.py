@@ -34,6 +34,12 @@ PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
 SIGEVENT = struct.Struct("=Qiii44x")
 OPEN_DROP = lib.O_CREAT | lib.O_TRUNC | lib.O_EXCL | lib.O_NOCTTY
 SIGTRAP, SIGKILL, SIGSTOP, SIGCHLD = 5, 9, 19, 17
+F_SETFL, F_SETSIG, F_SETOWN_EX = 4, 10, 15
+O_ASYNC = 0o20000
+SYS_PIDFD_OPEN = 434
+PIDFD_FLAGS = 0o4000 | 0o200          # PIDFD_NONBLOCK (O_NONBLOCK), PIDFD_THREAD (O_EXCL)
+# what F_SETFL changes: O_APPEND, O_NONBLOCK, O_ASYNC, O_DIRECT, O_NOATIME
+SETFL_FLAGS = 0o2000 | 0o4000 | O_ASYNC | 0o40000 | 0o1000000
 WALL = 0x40000000                         # __WALL: wait for any kind of child
 
 
@@ -669,14 +675,50 @@ class Husk:
             if handed and f.same_as:
                 continue
             for tfd, events, data in procfs.EPOLL_ITEM.iter_unpack(f.data):
-                if handed and kinds.get(tfd) != "anon_inode:[signalfd]":
+                # registered under a number closed since: from a dup of the fd that holds
+                # its file now, under that number, closed again after
+                held = f.closed_targets.get(tfd)
+                if handed and kinds.get(tfd if held is None else held) != \
+                        "anon_inode:[signalfd]":
                     continue
+                if held is not None:
+                    b.call(lib.SYS_dup3, held, tfd, 0,
+                           label=f"dup3({held}, {tfd}) for the closed fd epoll fd {f.fd} "
+                           "watches")
                 ev = b.put(struct.pack("=IQ", events, data))      # packed struct epoll_event
                 if handed:
                     b.call(lib.SYS_epoll_ctl, f.fd, 2, tfd, ev,    # EPOLL_CTL_DEL
                            label=f"epoll_ctl(DEL) fd {tfd} from epoll fd {f.fd}")
                 b.call(lib.SYS_epoll_ctl, f.fd, 1, tfd, ev,        # EPOLL_CTL_ADD
                        label=f"epoll_ctl(ADD) fd {tfd} to epoll fd {f.fd}")
+                if held is not None:
+                    b.call(lib.SYS_close, tfd)
+        if len(b):
+            self.remote.run(b)
+
+    def _set_fd_owners(self, state: ProcessState) -> None:
+        """Who gets each fd's SIGIO/SIGURG (F_SETOWN_EX) and with which signal (F_SETSIG),
+        once every fd and every task and group of the tree is in place, with the process's
+        own credentials (the kernel checks the setter's against the owner's at each
+        signal). A handed-over file has them already, but owned by the source's tasks: set
+        again, to ours."""
+        b = self.remote.batch()
+        for f in state.fds:
+            if f.flags & O_ASYNC:
+                # O_ASYNC given to open() or to a new object's flags shows in its flags but
+                # does not sign it up for the signals (only F_SETFL does, as it changes): off,
+                # then on
+                setfl = f.flags & SETFL_FLAGS
+                b.call(lib.SYS_fcntl, f.fd, F_SETFL, setfl & ~O_ASYNC,
+                       label=f"fcntl(fd {f.fd}, F_SETFL, {setfl & ~O_ASYNC:#o})")
+                b.call(lib.SYS_fcntl, f.fd, F_SETFL, setfl,
+                       label=f"fcntl(fd {f.fd}, F_SETFL, {setfl:#o})")
+            if f.owner != (0, 0):
+                b.call(lib.SYS_fcntl, f.fd, F_SETOWN_EX, b.put(struct.pack("=ii", *f.owner)),
+                       label=f"fcntl(fd {f.fd}, F_SETOWN_EX, {f.owner})")
+            if f.signal:
+                b.call(lib.SYS_fcntl, f.fd, F_SETSIG, f.signal,
+                       label=f"fcntl(fd {f.fd}, F_SETSIG, {f.signal})")
         if len(b):
             self.remote.run(b)
 
@@ -874,6 +916,20 @@ class Husk:
             if f.same_as:                                   # opened by another process
                 items.append(((tree or {})[f.same_as[0]], f.same_as[1], f))
                 continue
+            if f.kind == "pidfd":
+                # of a process (or thread) of the tree: all are in place by now, by the pids
+                # the tree names them. pidfd_open makes it close-on-exec.
+                tmp = lowest()
+                b.call(SYS_PIDFD_OPEN, f.target_pid, f.flags & PIDFD_FLAGS,
+                       label=f"pidfd_open({f.target_pid}) for fd {f.fd}")
+                expected.append((len(b) - 1, tmp))
+                if tmp != f.fd:
+                    b.call(lib.SYS_dup3, tmp, f.fd, cloexec)
+                    b.call(lib.SYS_close, tmp)
+                elif not cloexec:
+                    b.call(lib.SYS_fcntl, f.fd, 2, 0)      # F_SETFD: not close-on-exec
+                opened.add(f.fd)
+                continue
             tmp = lowest()
             flags = (f.flags & ~OPEN_DROP & ~lib.O_CLOEXEC)
             b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(f.path), flags,
@@ -971,6 +1027,7 @@ class Husk:
         if items:
             self.hand_over_fds(items, {f.fd for f in state.fds})
         self._register_epoll(state)
+        self._set_fd_owners(state)
         t_handed = time.perf_counter()
         self._last_calls(state)
         return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(items),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),

@@ -93,6 +93,17 @@ def _deleted(value: str, fields) -> str:
     return value
 
 
+_LOCK_TAKER = re.compile(r"^(lock:\s+\d+:\s+(?:FLOCK|LEASE)\s+\S+\s+\S+\s+)(\S+)")
+
+
+def _lock_taker(value: str, _fields) -> str:
+    # a flock() or a lease belongs to its open file, handed over as it is (README: file
+    # locks): the kernel goes on showing the pid of the process that took it, the source's.
+    # Which locks, their kinds, modes and ranges are compared; a POSIX lock's pid too
+    return " | ".join(_LOCK_TAKER.sub(lambda m: m.group(1) + "(taker)", part)
+                      for part in value.split(" | "))
+
+
 def _inotify_watches(value: str, _fields) -> str:
     # a watch shows the watched inode and its device and file handle: on another host the
     # same path is another inode; the wd, mask and ignored mask are the watch
@@ -157,6 +168,7 @@ LEGIT = {
     "fd.eventfd-id": _drop,         # an eventfd's id numbers the object: made anew in images
     "fd.tty-index": _drop,          # a pty master's pair number (made anew)
     "fd.tfd": _epoll_items,
+    "fd.lock": _lock_taker,
     "fd.inotify": _inotify_watches,
     # a timerfd keeps running while the tree is frozen: time left and expirations counted
     # change between the two snapshots (its clock, interval and flags are compared)

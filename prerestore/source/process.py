@@ -27,6 +27,17 @@ SPEC_KINDS = (0, 1, 2)
 
 
 TIMEVALS = struct.Struct("=qqqq")         # itimerval / itimerspec: interval, then value
+F_GETSIG, F_GETOWN_EX = 11, 16
+O_PATH = 0o10000000
+
+
+def _is_opath(fdinfo_text: str) -> bool:
+    """From an fdinfo's "flags:" line alone (this runs for every fd inside the downtime)."""
+    at = fdinfo_text.find("flags:")
+    if at < 0:
+        return False
+    end = fdinfo_text.find("\n", at)
+    return bool(int(fdinfo_text[at + 6:end if end >= 0 else None], 8) & O_PATH)
 
 
 @dataclass
@@ -41,9 +52,80 @@ class MemoryScan:
     inherited: int = 0          # bytes left to what a fork of the parent husk holds
 
 
-def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
+def pidfd_problem(fd: int, target: int, flags: int, members) -> str | None:
+    """Why a pidfd (of host pid `target`) cannot be made again, if it cannot: it must refer
+    to a process of the tree (members(): the host pids of the tree's processes and threads)."""
+    if target == -1:
+        return f"fd {fd}: a pidfd of a process that has ended (not carried)"
+    if target not in members():
+        what = "thread" if flags & procfs.PIDFD_THREAD else "process"
+        return (f"fd {fd}: a pidfd of {what} {target or '(not in our pid namespace)'}, "
+                "outside the tree (not carried)")
+    return None
+
+
+LOCK_NAMES = {"POSIX": "a POSIX lock (fcntl F_SETLK)", "FLOCK": "a flock() lock",
+              "OFDLCK": "an OFD lock (F_OFD_SETLK)", "LEASE": "a lease (F_SETLEASE)"}
+# locks that belong to the open file description: on this host the very file is handed over
+# with them (no moment without them, nobody else can take them meanwhile)
+FILE_LOCKS = {"FLOCK", "OFDLCK", "LEASE"}
+
+
+def lock_problem(fd: int, what: str, fdinfo_text: str, same_host: bool,
+                 kind: str = "") -> str | None:
+    """Why the locks an fd holds (its fdinfo's "lock:" lines) cannot be carried, if they
+    cannot. A POSIX lock belongs to the process's fd table, which is not moved, and is
+    released as the source ends: taking it again after that would leave a moment where
+    another process may take it. Between hosts no lock is carried (a file of this host is
+    not the destination's). kind: what the fd is made as on this host, if known ("" for a
+    check before the freeze): a file the destination reopens is handed over instead."""
+    kinds = procfs.fd_locks(fdinfo_text)
+    if not kinds:
+        return None
+    names = " and ".join(LOCK_NAMES.get(k, f"a {k} lock") for k in sorted(kinds))
+    if "POSIX" in kinds:
+        return (f"fd {fd}: {what} holds {names}: a POSIX lock belongs to the process's fd "
+                "table, which does not move (not carried)")
+    if not same_host:
+        return f"fd {fd}: {what} holds {names} (not carried between hosts)"
+    if kinds - FILE_LOCKS or kind not in ("", "file", "chr", "dir", "handover"):
+        return f"fd {fd}: {what} holds {names} (not carried)"
+    return None
+
+
+def closed_target(pid: int, efd: int, tfd: int, fds: list[FileDescriptor],
+                  epoll_pid: int | None = None, refuse: bool = True) -> int | None:
+    """The fd of pid that holds the file registered as tfd in the epoll efd (of epoll_pid,
+    default pid), where tfd itself was closed since (kcmp KCMP_EPOLL_TFD); if pid holds it
+    under no fd: refused, or None."""
+    for f in fds:
+        if f.fd != tfd and native.is_epoll_target(pid, f.fd, epoll_pid or pid, efd, tfd):
+            return f.fd
+    if not refuse:
+        return None
+    raise UnsupportedState(
+        f"pid {epoll_pid or pid} epoll fd {efd}: the file registered as fd {tfd} was closed "
+        "since, and no fd of the process holds it any more (another process does, or only "
+        "the epoll's registration keeps it): not carried")
+
+
+def tree_members(tasks) -> set[int]:
+    """The host pids of the tree's processes and of their threads."""
+    out = set()
+    for t in tasks:
+        out.add(t.pid)
+        try:
+            out.update(procfs.threads(t.pid))
+        except ProcessGone:
+            pass
+    return out
+
+
+def find_unsupported(pid: int, same_host: bool = False, members=None) -> list[str]:
     """Everything about one live process this version cannot migrate, in words. On the same
-    host (same_host) fds of other kinds are handed over as they are (Husk.hand_over_fds)."""
+    host (same_host) fds of other kinds are handed over as they are (Husk.hand_over_fds).
+    members(): the host pids of the tree's processes and threads (for its pidfds), asked
+    only if it holds one."""
     problems = []
     st = procfs.status(pid)
     problems += seccomp_problems(pid, st)
@@ -59,7 +141,17 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
         if problem:
             problems.append(problem)
     for fd in procfs.fd_numbers(pid):
-        what, desc = procfs.describe_fd(pid, fd)
+        what, desc, text = procfs.describe_fd_text(pid, fd)
+        problem = lock_problem(fd, what, text, same_host)
+        if problem:
+            problems.append(problem)
+            continue
+        if desc is not None and desc.kind == "pidfd":
+            problem = pidfd_problem(fd, desc.target_pid, desc.flags,
+                                    members or (lambda: {pid}))
+            if problem:
+                problems.append(problem)
+            continue
         if desc is None and what.startswith(("pipe:", "socket:")) and not same_host:
             continue       # carried if it stays inside the tree (see inner_ends)
         if desc is None and what in procfs.CARRIED_ANON and not same_host:
@@ -82,6 +174,10 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
     for v in procfs.maps(pid):
         if v.is_shmem and v.path.startswith("/SYSV"):
             problems.append(f"System V shared memory {v.start:#x}-{v.end:#x} (not carried yet)")
+        elif v.shared and v.path.startswith("socket:"):
+            problems.append(f"socket memory mapped at {v.start:#x}-{v.end:#x} ({v.path}: a "
+                            "packet socket's ring, PACKET_RX_RING or PACKET_TX_RING, is the "
+                            "kernel's; not carried)")
         elif v.shared and not v.is_file and not v.is_special:
             problems.append(f"shared memory mapping {v.start:#x}-{v.end:#x} {v.path or '(anon)'}")
         elif v.path.startswith("/") and v.path.endswith(" (deleted)") and not v.is_shmem:
@@ -445,6 +541,19 @@ class ProcessSource:
                     it_addr = b.put(b"\0" * 32 * 3)
                     for which in range(3):
                         b.call(lib.SYS_getitimer, which, it_addr + 32 * which)
+                    # each fd's owner and signal for signal-driven I/O (F_GETOWN_EX,
+                    # F_GETSIG): /proc does not show them. Not of an O_PATH fd, where
+                    # fcntl refuses them (EBADF) and they cannot be set either.
+                    out["fdinfo"] = fdinfo = {fd: procfs.fdinfo_text(self.pid, fd)
+                                              for fd in procfs.fd_numbers(self.pid)}
+                    asked = [fd for fd, text in fdinfo.items() if not _is_opath(text)]
+                    own_addr = b.put(b"\0" * 8 * len(asked))
+                    owner_calls = []
+                    for i, fd in enumerate(asked):
+                        b.call(lib.SYS_fcntl, fd, F_GETOWN_EX, own_addr + 8 * i,
+                               label=f"fcntl(fd {fd}, F_GETOWN_EX)")
+                        owner_calls.append(b.call(lib.SYS_fcntl, fd, F_GETSIG,
+                                                  label=f"fcntl(fd {fd}, F_GETSIG)"))
                     tm_addr = b.put(b"\0" * 32 * len(timers))
                     overruns = []
                     for i, tm in enumerate(timers):
@@ -487,6 +596,12 @@ class ProcessSource:
                     # itimerval: interval (s, us), then value (s, us)
                     out["itimers"] = [TIMEVALS.unpack_from(data, rel(it_addr + 32 * w))
                                       for w in range(3)]
+                    out["owners"] = {}
+                    for i, fd in enumerate(asked):
+                        kind, owner = struct.unpack_from("=ii", data, rel(own_addr + 8 * i))
+                        signal = results[owner_calls[i]]
+                        if (kind, owner, signal) != (0, 0, 0):
+                            out["owners"][fd] = ((kind, owner), signal)
                     index = {th.pid: i for i, th in enumerate(self.frozen)}
                     out["timers"] = []
                     for i, tm in enumerate(timers):
@@ -534,8 +649,9 @@ class ProcessSource:
                 spec=mine["spec"], mce_kill=mine["mce_kill"],
                 seccomp=self.seccomp_chain(t.pid, tstatus, filters)))
         fds = []
-        for fd in procfs.fd_numbers(pid):
-            what, desc, text = procfs.describe_fd_text(pid, fd)
+        fdinfo = inside.get("fdinfo", {})
+        for fd in fdinfo or procfs.fd_numbers(pid):
+            what, desc, text = procfs.describe_fd_text(pid, fd, fdinfo.get(fd))
             if desc is None:
                 flags = int(procfs.parse_fdinfo(text).get("flags", "0"), 8)
                 protocol = tcp.protocol(pid, fd) if not direct and what.startswith("socket:") \
@@ -569,17 +685,33 @@ class ProcessSource:
                     if what == "anon_inode:[eventpoll]":
                         # its registrations: those of signalfds are made again in the husk
                         desc.data = procfs.describe_anon(pid, fd, what, text).data
+            if "lock:" in text:
+                problem = lock_problem(fd, what, text, direct, desc.kind)
+                if problem:
+                    raise UnsupportedState(f"pid {pid} {problem}")
+                if direct and desc.kind != "handover":
+                    # its flock, OFD lock or lease is the open file's: hand over that file
+                    desc = FileDescriptor(fd, "handover", what, desc.flags, 0)
+            if fd in inside.get("owners", {}):
+                desc.owner, desc.signal = inside["owners"][fd]
             fds.append(desc)
         problem = securebits_problem(pid, inside["securebits"], process_creds)
         if problem:
             raise UnsupportedState(problem)
         numbers = {f.fd for f in fds}
         for f in fds:
-            if f.kind == "epoll" or f.path == "anon_inode:[eventpoll]":
+            if f.path == "anon_inode:[eventpoll]" and f.kind == "handover":
+                # handed over, it keeps its registrations, but a signalfd's is made again
+                # from the husk (Husk._register_epoll): one made under a number closed
+                # since is made again from the fd that holds its file now. (An image's
+                # epoll: see session.place_epoll_registrations.)
                 for tfd, _, _ in procfs.EPOLL_ITEM.iter_unpack(f.data):
                     if tfd not in numbers:
-                        raise UnsupportedState(f"pid {pid} fd {f.fd}: epoll watches fd {tfd}, "
-                                               "which is no longer open (not carried)")
+                        held = closed_target(pid, f.fd, tfd, fds, refuse=False)
+                        if held is not None:
+                            f.closed_targets[tfd] = held
+                        # else: held by another process, kept as it is (see
+                        # session.check_handed_epolls)
         return ProcessState(
             pid=pid, comm=procfs.comm(pid), exe=procfs.readlink(pid, "exe"),
             cwd=procfs.readlink(pid, "cwd"), umask=int(status.get("Umask", "0022"), 8),

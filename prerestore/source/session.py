@@ -27,7 +27,7 @@ from ..kernel.tracee import RemoteSyscalls, Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
 from . import ptys, unixsock
-from .process import ProcessSource, find_unsupported
+from .process import ProcessSource, find_unsupported, pidfd_problem, tree_members
 
 
 def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
@@ -185,11 +185,18 @@ def find_tree_unsupported(root: int, same_host: bool = False,
     problems = tree_helpers(tasks) + tree_problems(tasks) + ptys.pty_problems(tasks, same_host)
     if not same_host:
         problems += inner_ends(tasks, external_unix)
+    members: set[int] | None = None
+
+    def tree_pids() -> set[int]:
+        nonlocal members
+        if members is None:
+            members = tree_members(tasks)
+        return members
     for t in tasks:
         if t.zombie:
             continue
         try:
-            mine = find_unsupported(t.pid, same_host)
+            mine = find_unsupported(t.pid, same_host, tree_pids)
         except ProcessGone:
             continue
         problems += [p if t.pid == root else f"pid {t.pid}: {p}" for p in mine]
@@ -234,7 +241,7 @@ def share_open_files(states: list[ProcessState]) -> None:
         for f in sorted(s.fds, key=lambda f: f.fd):
             if f.kind not in ("file", "chr", "dir", "deleted", "pipe", "fifo", "unix", "tcp",
                               "udp", "eventfd", "timerfd", "signalfd", "epoll", "inotify",
-                              "pty-master", "pty-slave"):
+                              "pty-master", "pty-slave", "path", "pidfd"):
                 continue
             key = (f.kind, f.dev_inode, f.offset, f.flags & ~0o2000000)  # O_CLOEXEC: per fd
             for pid, first in seen.get(key, []):
@@ -243,6 +250,10 @@ def share_open_files(states: list[ProcessState]) -> None:
                     break
             else:
                 seen.setdefault(key, []).append((s.pid, f))
+
+
+# F_GETOWN_EX types: F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP
+FD_OWNER_KINDS = {0: "tid", 1: "pid", 2: "pgrp"}
 
 
 def place_epoll_registrations(states: list[ProcessState]) -> None:
@@ -266,12 +277,49 @@ def place_epoll_registrations(states: list[ProcessState]) -> None:
                     placed[id(f)].append(item)
                     break
             else:
-                raise UnsupportedState(
-                    f"pid {pid} epoll fd {efd}: the file registered as fd {tfd} is not open "
-                    "under that number in any process holding the epoll (closed since, or "
-                    "registered by a process that let the epoll go): not carried")
+                # registered under a number closed since: by the holder that still has the
+                # file under another fd, where that number is free (its husk registers it
+                # from a dup under the old number)
+                for s, f in holders:
+                    if any(g.fd == tfd for g in s.fds):
+                        continue
+                    held = next((g.fd for g in s.fds if native.is_epoll_target(
+                        s.pid, g.fd, pid, efd, tfd)), None)
+                    if held is not None:
+                        f.closed_targets[tfd] = held
+                        placed[id(f)].append(item)
+                        break
+                else:
+                    raise UnsupportedState(
+                        f"pid {pid} epoll fd {efd}: the file registered as fd {tfd} is open "
+                        "under that number in no process holding the epoll, nor under "
+                        "another where that number is free (registered by a process that "
+                        "let the epoll go, or held only outside those processes): not carried")
         for _, f in holders:
             f.data = b"".join(procfs.EPOLL_ITEM.pack(*i) for i in placed[id(f)])
+
+
+def check_handed_epolls(states: list[ProcessState]) -> None:
+    """On one host an epoll is handed over with its registrations, but a signalfd's is made
+    again from the husk (its wakeups come from the task that registered it). One made under a
+    number its process closed since, whose file another process of the tree holds: refused
+    if that file is a signalfd (the husk of the epoll's process has no fd of it)."""
+    for s in states:
+        for f in s.fds:
+            if f.kind != "handover" or f.path != "anon_inode:[eventpoll]" or f.same_as:
+                continue
+            mine = {g.fd for g in s.fds}
+            for tfd, _, _ in procfs.EPOLL_ITEM.iter_unpack(f.data):
+                if tfd in mine or tfd in f.closed_targets:
+                    continue
+                for other in states:
+                    for g in other.fds:
+                        if g.path == "anon_inode:[signalfd]" and native.is_epoll_target(
+                                other.pid, g.fd, s.pid, f.fd, tfd):
+                            raise UnsupportedState(
+                                f"pid {s.pid} epoll fd {f.fd}: the signalfd registered as fd "
+                                f"{tfd} was closed since and is held by pid {other.pid} fd "
+                                f"{g.fd} only: not carried")
 
 
 def capture_pipes(states: list[ProcessState]) -> None:
@@ -434,14 +482,57 @@ class SourceSession:
             return pid
         return self.ns_pid(pid) if pid in members else 0
 
+    def _settle_fd_owners(self, states: list[ProcessState],
+                          tasks: list[procfs.TreeTask]) -> list[str]:
+        """The problems of fds whose SIGIO/SIGURG goes to a task or process group outside
+        the tree (F_SETOWN): such an owner cannot be made again, unless the fd is handed over
+        on this host, where the open file keeps the very owner it has (its owner is then
+        left alone: not set again). Owners are read from inside the processes: pids in the
+        tree's namespace, as the restored tree has them."""
+        members = {t.pid for t in tasks}
+        inside = {"tid": {self.ns_pid(t.tid) for s in states for t in s.threads},
+                  "pid": {self.ns_pid(s.pid) for s in states},
+                  "pgrp": {self._ns_member(t.pgid, members) for t in tasks} - {0}}
+        problems = []
+        for s in states:
+            for f in s.fds:
+                kind, owner = f.owner
+                what = FD_OWNER_KINDS.get(kind, "tid")
+                if not owner or owner in inside[what]:
+                    continue
+                if f.kind == "handover":
+                    f.owner, f.signal = (0, 0), 0      # the same file: its owner as it is
+                else:
+                    problems.append(
+                        f"pid {self.ns_pid(s.pid)} fd {f.fd}: {f.path} sends its SIGIO/SIGURG "
+                        f"(F_SETOWN) to {'process group' if what == 'pgrp' else what} {owner}, "
+                        "outside the tree (not carried)")
+        return problems
+
+    def _pidfd_problems(self, states: list[ProcessState],
+                        tasks: list[procfs.TreeTask]) -> list[str]:
+        """The frozen tree's pidfds must refer to its own processes or threads (see
+        check_supported): made again in the husks with pidfd_open."""
+        members = {t.pid for t in tasks} | {t.tid for s in states for t in s.threads}
+        problems = []
+        for s in states:
+            for f in s.fds:
+                if f.kind == "pidfd":
+                    problem = pidfd_problem(f.fd, f.target_pid, f.flags, lambda: members)
+                    if problem:
+                        problems.append(f"pid {self.ns_pid(s.pid)} {problem}")
+        return problems
+
     def _to_ns(self, state: ProcessState) -> ProcessState:
         if not self.depth:                   # our own namespace: nothing to translate
             return state
         return replace(
             state, pid=self.ns_pid(state.pid),
             threads=[replace(t, tid=self.ns_pid(t.tid)) for t in state.threads],
-            fds=[replace(f, same_as=(self.ns_pid(f.same_as[0]), f.same_as[1]))
-                 if f.same_as else f for f in state.fds])
+            fds=[replace(f, same_as=(self.ns_pid(f.same_as[0]), f.same_as[1])
+                         if f.same_as else None,
+                         target_pid=self.ns_pid(f.target_pid) if f.target_pid else 0)
+                 if f.same_as or f.target_pid else f for f in state.fds])
 
     def _refresh_tree(self, track_new: bool = True,
                       tasks: list[procfs.TreeTask] | None = None) -> list[ProcessSource]:
@@ -574,8 +665,13 @@ class SourceSession:
             for st in states:
                 st.stopped = st.pid in self.stopped_before
             share_open_files(states)
+            problems = self._settle_fd_owners(states, tasks) + self._pidfd_problems(states, tasks)
+            if problems:
+                raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
             if not self.direct:           # handed over, an epoll keeps its registrations
                 place_epoll_registrations(states)
+            else:
+                check_handed_epolls(states)
             problems = ptys.pty_problems(tasks, self.direct, ptys.ptys_of_states(states))
             if problems:
                 raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
