@@ -68,8 +68,8 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
             problems.append(f"fd {fd}: {what} (unsupported file kind"
                             f"{'' if same_host else ' between hosts'})")
     for v in procfs.maps(pid):
-        if v.is_shmem and v.path.startswith("/SYSV"):
-            problems.append(f"System V shared memory {v.start:#x}-{v.end:#x} (not carried yet)")
+        if v.is_sysv:
+            continue           # carried with the tree's IPC objects (source/sysvipc.py)
         elif v.shared and not v.is_file and not v.is_special:
             problems.append(f"shared memory mapping {v.start:#x}-{v.end:#x} {v.path or '(anon)'}")
         elif v.path.startswith("/") and v.path.endswith(" (deleted)") and not v.is_shmem:

@@ -26,6 +26,7 @@ from ..kernel.tracee import RemoteSyscalls, Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
 from . import ptys, unixsock
+from . import sysvipc as sysv
 from .process import ProcessSource, find_unsupported
 
 
@@ -176,6 +177,7 @@ def find_tree_unsupported(root: int, same_host: bool = False,
                           external_unix: frozenset[bytes] = frozenset()) -> list[str]:
     tasks = procfs.tree(root)
     problems = tree_helpers(tasks) + tree_problems(tasks) + ptys.pty_problems(tasks, same_host)
+    problems += sysv.problems(tasks, same_host)
     if not same_host:
         problems += inner_ends(tasks, external_unix)
     for t in tasks:
@@ -518,6 +520,7 @@ class SourceSession:
             t_frozen = time.monotonic()
             maybe_pause("frozen")
             problems = tree_problems(tasks)        # it may have changed since the check
+            problems += sysv.problems(tasks, self.direct)     # SEM_UNDO used meanwhile...
             if problems:
                 raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
             # what the tree shows before anything of ours is injected into it (a held
@@ -723,6 +726,10 @@ class SourceSession:
                 totals["scan_ms"] += scan.scan_ms
                 totals["present_scan_ms"] += scan.present_scan_ms
                 totals["inherited_bytes"] += scan.inherited
+            # the tree's System V IPC objects (read only if it uses any, or has a namespace
+            # of its own): frozen in the final round, which also carries their state
+            ipc = sysv.capture(self.pid, {pid: scan[0] for pid, scan in scans.items()}, final,
+                               self.direct, self.ns_pid)
         finally:
             if pages_file:
                 pages_file.close()
@@ -737,7 +744,7 @@ class SourceSession:
                             self._ns_member(z.sid, members), self._ns_member(z.pgid, members),
                             z.exit_code) for z in self.zombies] if final else [],
             stats=dict(totals, pages=totals["bytes"] // 4096, processes=len(tasks),
-                       copy_ms=copy_ms, round_ms=(time.perf_counter() - t0) * 1e3))
+                       copy_ms=copy_ms, round_ms=(time.perf_counter() - t0) * 1e3), ipc=ipc)
         if write:
             schema.write_round(directory, r)
         for pid in skipped:
@@ -787,6 +794,8 @@ class SourceSession:
             s.close()
         self.repaired = []
         self._release_ptys(put_back=False)
+        if self.last_round is not None:
+            sysv.release(self.last_round[1].ipc)     # carried away: not left on this host
         self.close()
 
     def hold(self) -> None:
