@@ -52,3 +52,91 @@ def test_shared_memory_segments(cbin, tmp_path, no_ipc_left, cold, direct, place
 
     move_and_compare(tmp_path, [cbin("sysvshm"), place], direct=direct, cold=cold,
                      warm_up=200, more=300, check=check)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_semaphore_sets(cbin, tmp_path, no_ipc_left, cold, direct):
+    """A set whose first semaphore the child posts every millisecond and the parent waits
+    on (frozen inside semop), two more that never change, a second set made by another uid:
+    ids, keys, owners, creators, modes and every value come back; the counting goes on."""
+    move_and_compare(tmp_path, [cbin("sysvsem"), "own"], direct=direct, cold=cold,
+                     warm_up=200, more=300)
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_message_queues(cbin, tmp_path, no_ipc_left, cold, direct):
+    """A queue with five typed messages waiting all along (0 to 3000 bytes) and a stream of
+    numbered ones the parent waits for: its id, key, owner, creator, mode, capacity and
+    every message, in order, come back."""
+    move_and_compare(tmp_path, [cbin("sysvmsg")], direct=direct, cold=cold, warm_up=200,
+                     more=300)
+
+
+def _assert_refused(pid: int, match: str, **kwargs) -> None:
+    """migrate(pid) refuses naming what matches; if it moved the tree anyway, what it
+    restored is killed before the test fails."""
+    import re
+
+    from migration import Cleanup
+    from prerestore.errors import UnsupportedState
+    from prerestore.migrate import migrate
+    try:
+        r = migrate(pid, **kwargs)
+    except UnsupportedState as e:
+        assert re.search(match, str(e)), str(e)
+        return
+    cleanup = Cleanup()
+    cleanup.add(r["namespace_init_pid"], r["restored_host_pid"])
+    cleanup.run()
+    pytest.fail(f"migrate({pid}) was not refused ({match})")
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "files"])
+def test_semaphore_undo_adjustments_are_refused(cbin, tmp_path, no_ipc_left, direct):
+    """A process that used SEM_UNDO holds adjustments the kernel shows nowhere (and its end
+    on the source would apply them): refused by name, on one host too; the source goes on."""
+    from workloads import last_iteration, start_workload, wait_for_iteration
+    log = tmp_path / "out.log"
+    src = start_workload([cbin("sysvsem"), "undo"], log)
+    try:
+        wait_for_iteration(log, 100, pid=src.pid)
+        _assert_refused(src.pid, r"pid \d+ may hold SEM_UNDO adjustments of System V semaphore "
+                        r"sets \[\d+, \d+\]", direct=direct, work_dir=str(tmp_path / "images"))
+        wait_for_iteration(log, last_iteration(log) + 100, pid=src.pid)     # untouched
+        assert "BAD" not in log.read_text()
+    finally:
+        src.kill()
+        src.wait(10)
+
+
+def test_a_segment_attached_outside_the_tree_is_refused_between_hosts(cbin, tmp_path,
+                                                                       no_ipc_left):
+    """A segment the tree shares with a process outside it cannot be carried through an
+    image (it would be two segments): refused by name; on one host it is the very segment,
+    and nothing is refused. The source goes on."""
+    import ctypes
+
+    from prerestore.kernel import procfs
+    from workloads import last_iteration, start_workload, wait_for_iteration
+    log = tmp_path / "out.log"
+    src = start_workload([cbin("sysvshm"), "host"], log)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    libc.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+    libc.shmdt.argtypes = (ctypes.c_void_p,)
+    try:
+        wait_for_iteration(log, 100, pid=src.pid)
+        shmid = next(v.inode for v in procfs.maps(src.pid) if v.is_sysv)
+        addr = libc.shmat(shmid, None, 0o10000)             # SHM_RDONLY
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        try:
+            _assert_refused(src.pid, f"System V shared memory segment {shmid} .* is attached "
+                            "1 time.* by processes outside the tree", direct=False,
+                            work_dir=str(tmp_path / "images"))
+        finally:
+            libc.shmdt(ctypes.c_void_p(addr))
+        wait_for_iteration(log, last_iteration(log) + 100, pid=src.pid)     # untouched
+        assert "BAD" not in log.read_text()
+    finally:
+        src.kill()
+        src.wait(10)

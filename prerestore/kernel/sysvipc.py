@@ -233,7 +233,7 @@ def read_objects(shm_ids: set[int] | None, name_keys: dict[int, int],
         ds = ctypes.create_string_buffer(MSQID_DS.size)
         _check(_libc.msgctl(row["msqid"], IPC_STAT, ds), "msgctl(IPC_STAT)",
                f"queue {row['msqid']}")
-        qbytes = MSQID_DS.unpack(ds.raw)[15]
+        qbytes = MSQID_DS.unpack(ds.raw)[14]
         q = SysvMsg(row["msqid"], row["key"], row["perms"], row["uid"], row["gid"],
                     row["cuid"], row["cgid"], qbytes)
         buf = ctypes.create_string_buffer(LONG.size + max(row["cbytes"], 1))
@@ -309,7 +309,7 @@ def _set_perm(kind: str, ident: int, uid: int, gid: int, mode: int, qbytes: int 
         ds = ctypes.create_string_buffer(MSQID_DS.size)
         _check(_libc.msgctl(ident, IPC_STAT, ds), "msgctl(IPC_STAT)")
         f = list(MSQID_DS.unpack(ds.raw))
-        f[1], f[2], f[5], f[15] = uid, gid, mode & 0o777, qbytes
+        f[1], f[2], f[5], f[14] = uid, gid, mode & 0o777, qbytes
         ds = ctypes.create_string_buffer(MSQID_DS.pack(*f), MSQID_DS.size)
         _check(_libc.msgctl(ident, IPC_SET, ds), "msgctl(IPC_SET)", f"queue {ident}")
 
@@ -438,7 +438,7 @@ def describe(ids: set[int] | None) -> dict[str, str]:
             digest.update(buf.raw[:LONG.size + n])
         out[f"sysvipc.msg[{r['msqid']}]"] = \
             f"key={r['key']} mode={r['perms']:o} uid={r['uid']} gid={r['gid']} " \
-            f"cuid={r['cuid']} cgid={r['cgid']} qbytes={MSQID_DS.unpack(ds.raw)[15]} " \
+            f"cuid={r['cuid']} cgid={r['cgid']} qbytes={MSQID_DS.unpack(ds.raw)[14]} " \
             f"messages={','.join(kinds)} sha256={digest.hexdigest()[:16]}"
     return out
 
