@@ -520,7 +520,6 @@ class SourceSession:
             t_frozen = time.monotonic()
             maybe_pause("frozen")
             problems = tree_problems(tasks)        # it may have changed since the check
-            problems += sysv.problems(tasks, self.direct)     # SEM_UNDO used meanwhile...
             if problems:
                 raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
             # what the tree shows before anything of ours is injected into it (a held
@@ -532,6 +531,11 @@ class SourceSession:
                 layouts[p.pid] = p.layout()
                 statuses[p.pid] = procfs.status(p.pid)
                 inside[p.pid] = p.query_inside(layouts[p.pid], statuses[p.pid])
+            # System V IPC may have changed since the check (SEM_UNDO used, a segment
+            # attached from outside): checked again on the frozen tree, with its layouts
+            problems = sysv.problems(tasks, self.direct, layouts)
+            if problems:
+                raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
             # Held from now on (see hold), before the last dirty scan starts: holding writes
             # each thread's saved registers below its stack pointer, and the final round must
             # carry those pages as the source has them (PRERESTORE_VERIFY compares them).

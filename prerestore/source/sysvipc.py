@@ -37,8 +37,10 @@ def _layouts(pids: list[int]) -> dict[int, list[Vma]]:
     return out
 
 
-def problems(tasks: list[procfs.TreeTask], same_host: bool) -> list[str]:
-    """What about the tree's System V IPC cannot be carried, in words."""
+def problems(tasks: list[procfs.TreeTask], same_host: bool,
+             layouts: dict[int, list[Vma]] | None = None) -> list[str]:
+    """What about the tree's System V IPC cannot be carried, in words (layouts: each
+    process's maps if at hand, by host pid)."""
     live = [t.pid for t in tasks if not t.zombie]
     root = tasks[0].pid
     out = []
@@ -66,7 +68,7 @@ def problems(tasks: list[procfs.TreeTask], same_host: bool) -> list[str]:
                 "apply them)" for pid in sysvipc.with_undo_list(live)]
     if same_host:
         return out               # the very objects: the destination joins their namespace
-    attached = attachments(_layouts(live))
+    attached = attachments(layouts if layouts is not None else _layouts(live))
     if not own:
         out += _host_users(root, pids)
         if not attached:
