@@ -51,7 +51,6 @@ for _name, _res, _args in (
                                   ctypes.c_int)),
         ("msgrcv", ctypes.c_ssize_t, (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t,
                                       ctypes.c_long, ctypes.c_int)),
-        ("mincore", ctypes.c_int, (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)),
         ("setns", ctypes.c_int, (ctypes.c_int, ctypes.c_int))):
     getattr(_libc, _name).restype = _res
     getattr(_libc, _name).argtypes = _args
@@ -161,12 +160,22 @@ def segments() -> list[dict[str, int]]:
     return _table("shm")
 
 
+def _vanished(e: OSError) -> bool:
+    """The object was removed between the table's listing and the call (another process's,
+    in a namespace shared with the host: it may come and go at any time)."""
+    return e.errno in (22, 43)                       # EINVAL, EIDRM
+
+
 def semaphore_users() -> dict[int, set[int]]:
     """Each semaphore set's id -> the pids that operated last on one of its semaphores."""
     out = {}
     for row in _table("sem"):
-        out[row["semid"]] = {_check(_semctl(row["semid"], i, GETPID, None), "semctl(GETPID)")
-                             for i in range(row["nsems"])}
+        try:
+            out[row["semid"]] = {_check(_semctl(row["semid"], i, GETPID, None),
+                                        "semctl(GETPID)") for i in range(row["nsems"])}
+        except OSError as e:
+            if not _vanished(e):
+                raise
     return out
 
 
@@ -175,31 +184,35 @@ def queue_users() -> dict[int, set[int]]:
     return {row["msqid"]: {row["lspid"], row["lrpid"]} for row in _table("msg")}
 
 
-def _resident(addr: int, size: int) -> list[tuple[int, int]]:
-    """The resident page runs of an attachment of ours, as (offset, length)."""
-    pages = (size + PAGE - 1) // PAGE
-    vec = ctypes.create_string_buffer(pages)
-    _check(_libc.mincore(addr, pages * PAGE, vec), "mincore")
-    runs: list[list[int]] = []
-    for i, b in enumerate(vec.raw):
-        if b & 1:
-            if runs and runs[-1][1] == i * PAGE:
-                runs[-1][1] += PAGE
-            else:
-                runs.append([i * PAGE, (i + 1) * PAGE])
-    return [(s, min(e, size) - s) for s, e in runs]
-
-
 def read_segment(shmid: int, size: int) -> list[tuple[int, bytes]]:
-    """The content of a segment: attached read-only by us for a moment, its resident pages
-    (mincore: a page never touched stays a hole) as (offset, bytes)."""
+    """The content of a segment, as (offset, bytes) runs of its data: read through its file
+    (opened by /proc/self/map_files from an attachment of ours, made read-only for a moment),
+    whose holes SEEK_DATA skips (a page never touched stays a hole; one swapped out is data).
+    """
     addr = _libc.shmat(shmid, None, SHM_RDONLY)
     if addr is None or addr == ctypes.c_void_p(-1).value:
         raise KernelCallError(ctypes.get_errno(), "shmat", None, f"segment {shmid}")
     try:
-        return [(off, ctypes.string_at(addr + off, n)) for off, n in _resident(addr, size)]
+        whole = -(-size // PAGE) * PAGE
+        fd = os.open(f"/proc/self/map_files/{addr:x}-{addr + whole:x}",
+                     os.O_RDONLY | os.O_CLOEXEC)
     finally:
         _libc.shmdt(addr)
+    try:
+        out, pos = [], 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:                 # ENXIO: no data from here on
+                break
+            if start >= size:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.append((start, os.pread(fd, end - start, start)))
+            pos = end
+        return out
+    finally:
+        os.close(fd)
 
 
 def read_objects(shm_ids: set[int] | None, name_keys: dict[int, int],
@@ -219,10 +232,16 @@ def read_objects(shm_ids: set[int] | None, name_keys: dict[int, int],
                       name_keys.get(row["shmid"], row["key"]))
         if final and not same_objects and \
                 whole.get(row["shmid"], 0) < -(-row["size"] // PAGE) * PAGE:
-            seg.pages = read_segment(seg.id, seg.size)
+            try:
+                seg.pages = read_segment(seg.id, seg.size)
+            except OSError as e:
+                if not _vanished(e):
+                    raise
+                continue                     # removed meanwhile (a running tree's round)
         ipc.shm.append(seg)
     if not final or same_objects or place != "own":
         return ipc
+    # a final round: the tree is frozen, and the namespace its own: nothing comes or goes
     for row in _table("sem"):
         n = row["nsems"]
         values = (ctypes.c_ushort * max(n, 1))()

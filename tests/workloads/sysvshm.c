@@ -12,7 +12,8 @@
  * both have it attached (SHM_DEST, its key reads IPC_PRIVATE); the child mirrors its counter
  * into it. Segment D is made by uid 4242 gid 4343 (cuid, cgid) and attached by the child only,
  * its middle page made read-only (three pieces of one attachment). With own, segment C holds a
- * pattern and is attached by nobody; it is looked at every 50 iterations.
+ * pattern and is attached by nobody; it is looked at every 50 iterations. Segment E is made
+ * and attached by the parent at iteration 300 and removed at 600 (during the rounds).
  * Every iteration the parent checks through the ids it holds (shmctl IPC_STAT) each segment's
  * key, mode, owner, creator and size, and by key that shmget finds the same ids; it prints
  * "it=N ok" every 100 iterations, or "BAD what" and exits. */
@@ -45,7 +46,8 @@ struct shared {
 };
 
 static int own;
-static int id_a, id_b, id_c = -1, id_d;
+static int id_a, id_b, id_c = -1, id_d, id_e;
+static unsigned char *e;
 
 static void bad(const char *what)
 {
@@ -203,6 +205,23 @@ int main(int argc, char **argv)
             if (c == (void *)-1 || !intact(c + PAGE, PAGE, 3) || c[0] != 0)
                 bad("segment C's content changed");
             shmdt(c);
+        }
+        /* E: made at iteration 300 and gone at 600, likely between two rounds */
+        if (it == 300) {
+            id_e = make(0, PAGE, 0600);
+            e = shmat(id_e, NULL, 0);
+            if (e == (void *)-1)
+                bad("shmat E");
+            if (!own)
+                shmctl(id_e, IPC_RMID, NULL);
+            fill(e, PAGE, 9);
+        }
+        if (it > 300 && it <= 600 && !intact(e, PAGE, 9))
+            bad("segment E changed");
+        if (it == 600) {
+            shmdt(e);
+            if (own)
+                shmctl(id_e, IPC_RMID, NULL);
         }
         if (it % 100 == 0)
             printf("it=%llu ok\n", (unsigned long long)it);
