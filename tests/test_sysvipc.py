@@ -145,3 +145,40 @@ def test_a_segment_attached_outside_the_tree_is_refused_between_hosts(cbin, tmp_
     finally:
         src.kill()
         src.wait(10)
+
+
+def test_host_segments_come_back_here_with_their_ids_once_free(cbin, tmp_path, no_ipc_left):
+    """As between hosts: `dump` writes the image and kills the tree (its segments, all
+    removed while attached, go with it); `restore` makes them again in this host's IPC
+    namespace, where their ids are free now, with those ids (the program holds them)."""
+    import json
+
+    from migration import Cleanup, prerestore
+    from prerestore.kernel import procfs
+    from workloads import compare_with_reference, last_iteration, start_workload, \
+        wait_for_iteration
+    argv = [cbin("sysvshm"), "host"]
+    log = tmp_path / "out.log"
+    src = start_workload(argv, log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 200, pid=src.pid)
+        ids = sorted(v.inode for v in procfs.maps(src.pid) if v.is_sysv)
+        images = tmp_path / "final"
+        prerestore("dump", "-t", src.pid, "-D", images)
+        src.wait(10)
+        out = prerestore("restore", "-D", images, "--json", tmp_path / "r.json")
+        fin = json.loads((tmp_path / "r.json").read_text())["finalize"]
+        cleanup.add(fin["init_pid"], fin["host_pid"])
+        assert "running" in out.stdout
+        host = fin["host_pid"]
+        assert fin["ipc_namespace"] == "host" and _ipc_ns(host) == _ipc_ns(os.getpid())
+        assert sorted(v.inode for v in procfs.maps(host) if v.is_sysv) == ids
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, timeout=60, pid=host)
+        assert "BAD" not in open(log).read()
+        assert compare_with_reference(log, argv) >= (it + 300) // 100
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)
