@@ -6,6 +6,7 @@ ids it holds; its output is compared with an unmigrated run's."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -182,3 +183,41 @@ def test_host_segments_come_back_here_with_their_ids_once_free(cbin, tmp_path, n
         cleanup.run()
         src.kill()
         src.wait(10)
+
+
+def _round_with_ipc():
+    from test_image import make_round
+
+    from prerestore.model import SysvIpc, SysvMsg, SysvSem, SysvShm
+    r = make_round(final=True)
+    r.ipc = SysvIpc("own", False, [
+        SysvShm(0, 0x5eed000a, 0o640, 1234, 2345, 0, 0, 12388, 0x5eed000a,
+                [(4096, b"x" * 4096)], [(r.tasks[0].pid, 0x7f0000000000)]),
+        SysvShm(1, 0, 0o1600, 0, 0, 0, 0, 200, 0x77)],
+        [SysvSem(2, 0x5eed0101, 0o660, 1, 2, 3, 4, [0, 7, 1234])],
+        [SysvMsg(3, 0x5eed0201, 0o640, 1, 2, 4242, 4343, 9000, [(1, b""), (5, b"abc")])])
+    return r
+
+
+def test_the_image_carries_ipc_objects_field_by_field():
+    """Round trip of a round's System V objects; a corrupt field is named."""
+    import msgpack
+
+    from prerestore.errors import ImageError
+    from prerestore.image.schema import decode_round, encode_round
+    r = _round_with_ipc()
+    m = msgpack.unpackb(msgpack.packb(encode_round(r), use_bin_type=True), raw=False,
+                        strict_map_key=False)
+    assert decode_round(m) == r
+    for path, change in [
+            ("ipc.sem[0].values[1]", lambda m: m["ipc"]["sem"][0][7].__setitem__(1, 40000)),
+            ("ipc.shm[0].pages[0]", lambda m: m["ipc"]["shm"][0][9].__setitem__(
+                0, [12288, b"y" * 4096])),
+            ("ipc.msg[0].messages[0].type", lambda m: m["ipc"]["msg"][0][8][0].__setitem__(
+                0, 0)),
+            ("ipc.place", lambda m: m["ipc"].__setitem__("place", "elsewhere")),
+            ("ipc.shm: an id is listed twice", lambda m: m["ipc"]["shm"][1].__setitem__(0, 0))]:
+        bad = encode_round(_round_with_ipc())
+        change(bad)
+        with pytest.raises(ImageError, match=re.escape(path)):
+            decode_round(bad)
