@@ -285,7 +285,7 @@ def _next_id(kind: str, ident: int) -> None:
         f.write(str(ident))
 
 
-def _make(kind: str, ident: int, cuid: int, cgid: int, create) -> None:
+def _make(kind: str, ident: int, key: int, cuid: int, cgid: int, create) -> None:
     """Make one object with id `ident`: the namespace's next id set (root), then created
     with its creator's effective ids. Another object made in the namespace meanwhile (the
     host's, shared with other processes) would take that id: the id is checked."""
@@ -293,8 +293,13 @@ def _make(kind: str, ident: int, cuid: int, cgid: int, create) -> None:
     _as_creator(cuid, cgid)
     try:
         got = create()
+        err = ctypes.get_errno()
     finally:
         _as_root()
+    if got < 0:
+        _next_id(kind, -1)                   # unused: not left for the next object made here
+        raise KernelCallError(err, f"{kind}get", None, f"id {ident}, key {key & 0xffffffff:#x}"
+                              + (": the key is in use" if err == 17 else ""))
     if got != ident:
         if got >= 0:
             remove(kind, got)
@@ -353,7 +358,7 @@ def make_segment(seg: SysvShm) -> int | None:
     attach it) and removed at once: its key reads IPC_PRIVATE as on the source."""
     removed = bool(seg.mode & SHM_DEST)
     key = seg.name_key if removed else seg.key
-    _make("shm", seg.id, seg.cuid, seg.cgid,
+    _make("shm", seg.id, key, seg.cuid, seg.cgid,
           lambda: _libc.shmget(key, seg.size, (seg.mode & 0o777) | IPC_CREAT | IPC_EXCL))
     try:
         _set_perm("shm", seg.id, seg.uid, seg.gid, seg.mode)
@@ -383,7 +388,7 @@ def release(addr: int) -> None:
 
 
 def make_semaphores(s: SysvSem) -> None:
-    _make("sem", s.id, s.cuid, s.cgid,
+    _make("sem", s.id, s.key, s.cuid, s.cgid,
           lambda: _libc.semget(s.key, len(s.values), (s.mode & 0o777) | IPC_CREAT | IPC_EXCL))
     try:
         values = (ctypes.c_ushort * max(len(s.values), 1))(*s.values)
@@ -395,7 +400,7 @@ def make_semaphores(s: SysvSem) -> None:
 
 
 def make_queue(q: SysvMsg) -> None:
-    _make("msg", q.id, q.cuid, q.cgid,
+    _make("msg", q.id, q.key, q.cuid, q.cgid,
           lambda: _libc.msgget(q.key, (q.mode & 0o777) | IPC_CREAT | IPC_EXCL))
     try:
         _set_perm("msg", q.id, q.uid, q.gid, q.mode, q.qbytes)

@@ -23,7 +23,8 @@ def attachments(layouts: dict[int, list[Vma]]) -> dict[int, tuple[int, int]]:
         for v in layout:
             if v.is_sysv:
                 n, _ = out.get(v.inode, (0, 0))
-                out[v.inode] = (n + 1, int(v.path[5:13], 16))
+                key = int(v.path[5:13], 16)              # "%08x" of the (signed) key_t
+                out[v.inode] = (n + 1, key - (1 << 32) if key >= 1 << 31 else key)
     return out
 
 
