@@ -69,7 +69,9 @@ def problems(tasks: list[procfs.TreeTask], same_host: bool,
                 "apply them)" for pid in sysvipc.with_undo_list(live)]
     if same_host:
         return out               # the very objects: the destination joins their namespace
-    attached = attachments(layouts if layouts is not None else _layouts(live))
+    maps = layouts if layouts is not None else _layouts(live)
+    attached = attachments(maps)
+    out += _huge(maps)
     if not own:
         out += _host_users(root, pids)
         if not attached:
@@ -86,6 +88,26 @@ def problems(tasks: list[procfs.TreeTask], same_host: bool,
                        f"by pid {r['cpid']} of the tree is attached by none of its processes: "
                        "in the host's IPC namespace only the segments a tree attaches are its "
                        "own (carried with an IPC namespace of its own)")
+    return out
+
+
+def _huge(layouts: dict[int, list[Vma]]) -> list[str]:
+    """Segments of huge pages (SHM_HUGETLB: their file is on hugetlbfs, whose block size is
+    the huge page's): made again as ordinary ones they would differ (not carried yet through
+    an image; on one host they are the very segments)."""
+    out, seen = [], set()
+    for pid, layout in layouts.items():
+        for v in layout:
+            if v.is_sysv and v.inode not in seen:
+                seen.add(v.inode)
+                try:
+                    st = os.stat(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}")
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+                if st.st_blksize != 4096:
+                    out.append(f"pid {pid}: System V shared memory segment {v.inode} at "
+                               f"{v.start:#x} is of huge pages (SHM_HUGETLB, "
+                               f"{st.st_blksize >> 10} KiB): not carried between hosts yet")
     return out
 
 
