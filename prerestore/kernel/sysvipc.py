@@ -17,7 +17,7 @@ import struct
 import threading
 
 from ..errors import KernelCallError
-from ..model import SysvIpc, SysvMsg, SysvSem, SysvShm
+from ..model import SysvIpc, SysvMsg, SysvSem, SysvShm, subtract_ranges
 from .native import lib
 
 IPC_PRIVATE = 0
@@ -184,11 +184,12 @@ def queue_users() -> dict[int, set[int]]:
     return {row["msqid"]: {row["lspid"], row["lrpid"]} for row in _table("msg")}
 
 
-def read_segment(shmid: int, size: int) -> list[tuple[int, bytes]]:
-    """The content of a segment, as (offset, bytes) runs of its data: read through its file
-    (opened by /proc/self/map_files from an attachment of ours, made read-only for a moment),
-    whose holes SEEK_DATA skips (a page never touched stays a hole; one swapped out is data).
-    """
+def read_segment(shmid: int, size: int, skip: list[tuple[int, int]] = ()
+                 ) -> list[tuple[int, bytes]]:
+    """The content of a segment, as (offset, bytes) runs of its data, but for the (start,
+    end) offsets in skip (sorted: carried otherwise): read through its file (opened by
+    /proc/self/map_files from an attachment of ours, made read-only for a moment), whose
+    holes SEEK_DATA skips (a page never touched stays a hole; one swapped out is data)."""
     addr = _libc.shmat(shmid, None, SHM_RDONLY)
     if addr is None or addr == ctypes.c_void_p(-1).value:
         raise KernelCallError(ctypes.get_errno(), "shmat", None, f"segment {shmid}")
@@ -199,7 +200,7 @@ def read_segment(shmid: int, size: int) -> list[tuple[int, bytes]]:
     finally:
         _libc.shmdt(addr)
     try:
-        out, pos = [], 0
+        runs, pos = [], 0
         while pos < size:
             try:
                 start = os.lseek(fd, pos, os.SEEK_DATA)
@@ -208,20 +209,20 @@ def read_segment(shmid: int, size: int) -> list[tuple[int, bytes]]:
             if start >= size:
                 break
             end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            out.append((start, os.pread(fd, end - start, start)))
+            runs.append((start, end))
             pos = end
-        return out
+        return [(s, os.pread(fd, e - s, s)) for s, e in subtract_ranges(runs, list(skip))]
     finally:
         os.close(fd)
 
 
 def read_objects(shm_ids: set[int] | None, name_keys: dict[int, int],
-                 whole: dict[int, int], final: bool, same_objects: bool,
-                 place: str) -> SysvIpc:
+                 carried: dict[int, list[tuple[int, int]]], final: bool,
+                 same_objects: bool, place: str) -> SysvIpc:
     """The objects of the calling thread's namespace: the segments (those in shm_ids, or
     all if None), and in a final round every semaphore set and message queue with its
-    values and messages, and the content of the segments whose pages no attachment carries
-    (whole: segment id -> the size of a writable attachment of it from its start;
+    values and messages, and the content of each segment that its attachments' pages did
+    not carry (carried: segment id -> sorted (start, end) offsets the rounds carried;
     name_keys: each attached segment's key as its attachments name it)."""
     ipc = SysvIpc(place, same_objects)
     for row in segments():
@@ -230,10 +231,9 @@ def read_objects(shm_ids: set[int] | None, name_keys: dict[int, int],
         seg = SysvShm(row["shmid"], row["key"], row["perms"], row["uid"], row["gid"],
                       row["cuid"], row["cgid"], row["size"],
                       name_keys.get(row["shmid"], row["key"]))
-        if final and not same_objects and \
-                whole.get(row["shmid"], 0) < -(-row["size"] // PAGE) * PAGE:
+        if final and not same_objects:
             try:
-                seg.pages = read_segment(seg.id, seg.size)
+                seg.pages = read_segment(seg.id, seg.size, carried.get(seg.id, []))
             except OSError as e:
                 if not _vanished(e):
                     raise

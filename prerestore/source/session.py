@@ -385,6 +385,8 @@ class SourceSession:
         self.repaired: list[socket.socket] = []   # the source's TCP sockets in repair mode
         self.ptys: list[ptys.CapturedPty] = []     # the tree's ptys, their queues read away
         self.put_back_errors: list[str] = []
+        # System V segment id -> offsets of its pages the rounds carried (for an image)
+        self.sysv_carried: dict[int, list[tuple[int, int]]] = {}
         # The image names processes as the tree's own pid namespace sees them (the root's
         # innermost one): a container-style tree is restored with its own pids.
         self.depth = len(procfs.ns_pids(pid)) - 1
@@ -707,6 +709,8 @@ class SourceSession:
                     skipped.add(p.pid)
                     continue
                 scans[p.pid] = (layout, scan)
+                if not self.direct:
+                    sysv.note_carried(self.sysv_carried, layout, scan.copy)
                 tc = time.perf_counter()
                 if self.direct or self.stream:
                     nbytes = ranges_bytes(scan.copy)
@@ -733,7 +737,7 @@ class SourceSession:
             # the tree's System V IPC objects (read only if it uses any, or has a namespace
             # of its own): frozen in the final round, which also carries their state
             ipc = sysv.capture(self.pid, {pid: scan[0] for pid, scan in scans.items()}, final,
-                               self.direct, self.ns_pid)
+                               self.direct, self.ns_pid, self.sysv_carried)
         finally:
             if pages_file:
                 pages_file.close()

@@ -13,7 +13,8 @@ import stat
 
 from ..errors import ProcessGone
 from ..kernel import procfs, sysvipc
-from ..model import PROT_WRITE, SysvIpc, Vma
+from ..model import (PROT_WRITE, SysvIpc, Vma, intersect_ranges, merge_ranges,
+                     unpack_ranges)
 
 
 def attachments(layouts: dict[int, list[Vma]]) -> dict[int, tuple[int, int]]:
@@ -128,27 +129,44 @@ def _host_users(root: int, pids: set[int]) -> list[str]:
     return out
 
 
+def note_carried(carried: dict[int, list[tuple[int, int]]], layout: list[Vma],
+                 copy: bytes) -> None:
+    """Add to `carried` (segment id -> sorted (start, end) offsets) the pages of segments
+    that a round carries with one process's attachments (copy: its packed page ranges).
+    What the rounds did not carry (pages no attachment of the tree had present: written
+    by a process that detached since, swapped out) the final round carries apart."""
+    vmas = [v for v in layout if v.is_sysv]
+    if not vmas or not copy:
+        return
+    ranges = unpack_ranges(copy)
+    for v in vmas:
+        got = [(v.offset + s - v.start, v.offset + e - v.start)
+               for s, e in intersect_ranges(ranges, [(v.start, v.end)])]
+        if got:
+            carried[v.inode] = merge_ranges(carried.get(v.inode, []) + got)
+
+
 def capture(root: int, layouts: dict[int, list[Vma]], final: bool, direct: bool,
-            ns_pid=lambda pid: pid) -> SysvIpc | None:
+            ns_pid=lambda pid: pid, carried: dict[int, list[tuple[int, int]]] | None = None
+            ) -> SysvIpc | None:
     """The tree's objects for a round (layouts: each process's, as the round carries it):
     the segments (in the host's namespace, those the tree attaches) with their sizes, and in
-    a final round for an image their state and content: what its attachments do not carry
-    (a segment nobody attaches), every semaphore set and message queue. None: the tree is
-    in the host's namespace and attaches no segment (nothing is read)."""
+    a final round for an image their state and what of their content the rounds did not
+    carry (carried: see note_carried), every semaphore set and message queue. None: the
+    tree is in the host's namespace and attaches no segment (nothing is read)."""
     own = sysvipc.own_namespace(root)
     attached = attachments(layouts)
     if not own and not attached:
         return None
     keys = {ident: key for ident, (_, key) in attached.items()}
-    # segments whose pages the rounds carry: attached whole and writable by a process of the
-    # tree; the others' content travels with the final round
-    whole = {v.inode: v.size for layout in layouts.values() for v in layout
-             if v.is_sysv and v.offset == 0 and v.prot & PROT_WRITE}
     ipc = sysvipc.in_namespace(root, sysvipc.read_objects, None if own else set(keys), keys,
-                               whole, final, direct, "own" if own else "host")
+                               carried or {}, final, direct, "own" if own else "host")
     readonly = _readonly(layouts, ns_pid)
     for seg in ipc.shm:
         seg.readonly = readonly.get(seg.id, [])
+    if carried is not None:
+        for ident in [i for i in carried if i not in {seg.id for seg in ipc.shm}]:
+            del carried[ident]              # gone: its id may be another segment's later
     return ipc
 
 

@@ -14,6 +14,8 @@
  * its middle page made read-only (three pieces of one attachment). With own, segment C holds a
  * pattern and is attached by nobody; it is looked at every 50 iterations. Segment E is made
  * and attached by the parent at iteration 300 and removed at 600 (during the rounds).
+ * Segment F, filled by the parent, which detached it, stays attached by the child, which
+ * never touches it there: no process has a page of it mapped.
  * Every iteration the parent checks through the ids it holds (shmctl IPC_STAT) each segment's
  * key, mode, owner, creator and size, and by key that shmget finds the same ids; it prints
  * "it=N ok" every 100 iterations, or "BAD what" and exits. */
@@ -40,13 +42,15 @@
 #define KEY_A 0x5eed000a
 #define KEY_C 0x5eed000c
 #define KEY_D 0x5eed000d
+#define KEY_F 0x5eed000f
+#define SIZE_F (2 * PAGE)
 
 struct shared {
     volatile uint64_t parent, child;
 };
 
 static int own;
-static int id_a, id_b, id_c = -1, id_d, id_e;
+static int id_a, id_b, id_c = -1, id_d, id_e, id_f;
 static unsigned char *e;
 
 static void bad(const char *what)
@@ -153,6 +157,13 @@ int main(int argc, char **argv)
         fill(c + PAGE, PAGE, 3);
         shmdt(c);
     }
+    /* F: filled by the parent, which detaches it; the child keeps it attached without ever
+     * touching it there (no page of it is mapped in any process) and looks at it through a
+     * second attachment for a moment every 50 iterations */
+    id_f = make(KEY_F, SIZE_F, 0600);
+    unsigned char *f = shmat(id_f, NULL, 0);
+    fill(f, SIZE_F, 11);
+    shmdt(f);
     struct shared *sa = (struct shared *)a;
     pid_t child = fork();
     if (child == 0) {
@@ -166,6 +177,12 @@ int main(int argc, char **argv)
             shmctl(id_d, IPC_RMID, NULL);
         fill(d, SIZE_D, 5);
         mprotect(d + PAGE, PAGE, PROT_READ);
+        if (shmat(id_f, NULL, 0) == (void *)-1) {
+            perror("shmat F");
+            return 2;
+        }
+        if (!own)
+            shmctl(id_f, IPC_RMID, NULL);
         uint64_t mine = 0, seen = 0;
         for (;;) {
             if (sa->child != mine || b->child != mine)
@@ -175,6 +192,12 @@ int main(int argc, char **argv)
             seen = sa->parent;
             if (!intact(d, SIZE_D, 5))
                 bad("child: segment D changed");
+            if (mine % 50 == 0) {
+                unsigned char *look = shmat(id_f, NULL, SHM_RDONLY);
+                if (look == (void *)-1 || !intact(look, SIZE_F, 11))
+                    bad("child: segment F changed");
+                shmdt(look);
+            }
             mine++;
             sa->child = mine;
             b->child = mine;
