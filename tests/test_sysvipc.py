@@ -221,3 +221,33 @@ def test_the_image_carries_ipc_objects_field_by_field():
         change(bad)
         with pytest.raises(ImageError, match=re.escape(path)):
             decode_round(bad)
+
+
+def test_a_process_in_another_ipc_namespace_than_the_root_is_refused(tmp_path):
+    """The tree is restored in one IPC namespace: a process of it in another one (made by
+    unshare -i) is refused by name, on one host too."""
+    import time
+
+    from prerestore.kernel import procfs
+    from workloads import kill_pid, start_workload
+    src = start_workload(["sh", "-c", 'echo "start pid=$$"; unshare -i sleep 600 & wait'],
+                         tmp_path / "out.log")
+    child = None
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            kids = procfs.children(src.pid)
+            if kids and _ipc_ns(kids[0]) != _ipc_ns(src.pid):
+                child = kids[0]
+                break
+            time.sleep(0.02)
+        assert child, "the child did not get an IPC namespace of its own"
+        for direct in (True, False):
+            _assert_refused(src.pid, f"pid {child} is in another IPC namespace than the "
+                            f"tree's root {src.pid}", direct=direct,
+                            work_dir=str(tmp_path / "images"))
+        assert procfs.children(src.pid) == [child]             # untouched
+    finally:
+        if child:
+            os.kill(child, 9)
+        kill_pid(src)
