@@ -174,7 +174,8 @@ def test_host_segments_come_back_here_with_their_ids_once_free(cbin, tmp_path, n
         assert "running" in out.stdout
         host = fin["host_pid"]
         assert fin["ipc_namespace"] == "host" and _ipc_ns(host) == _ipc_ns(os.getpid())
-        assert sorted(v.inode for v in procfs.maps(host) if v.is_sysv) == ids
+        # (the restored tree runs on: segment E may be attached by now)
+        assert set(ids) <= {v.inode for v in procfs.maps(host) if v.is_sysv}
         it = last_iteration(log)
         wait_for_iteration(log, it + 300, timeout=60, pid=host)
         assert "BAD" not in open(log).read()
