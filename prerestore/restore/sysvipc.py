@@ -55,7 +55,9 @@ class IpcPlace:
         """Make what this round lists and is not made yet (before any husk maps it), drop
         segments gone since; at the final round, everything else."""
         if ipc is None:
-            return
+            if not self.made:
+                return
+            ipc = SysvIpc("host")              # it detached every segment since: they go
         for seg in ipc.shm:
             self.sizes[seg.id] = seg.size
             self.readonly.update(seg.readonly)
