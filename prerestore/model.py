@@ -36,8 +36,14 @@ class Vma(NamedTuple):
     def is_shmem(self) -> bool:
         """Shared memory with no file of its own: MAP_SHARED|MAP_ANONYMOUS ("/dev/zero"),
         a memfd, or a System V segment ("/SYSV..."). Its pages live in the object."""
-        return self.shared and self.inode != 0 and self.path.endswith(" (deleted)") and \
-            self.path.startswith(SHMEM_PREFIXES)
+        return self.shared and (self.inode != 0 or self.path.startswith("/SYSV")) and \
+            self.path.endswith(" (deleted)") and self.path.startswith(SHMEM_PREFIXES)
+
+    @property
+    def is_sysv(self) -> bool:
+        """An attachment of a System V shared memory segment (shmat): "/SYSV<key> (deleted)",
+        its inode the segment's id (which may be 0, the first id of an IPC namespace)."""
+        return self.shared and self.path.startswith("/SYSV") and self.path.endswith(" (deleted)")
 
     @property
     def is_special(self) -> bool:
@@ -50,12 +56,13 @@ class Vma(NamedTuple):
     def backing(self) -> tuple:
         """What the memory is, independent of protection and of where the range is cut:
         two pieces with equal backing at the same address hold the same mapping."""
-        if self.is_file:
+        if self.is_file or self.is_sysv:
             return ("file", self.shared, self.path, self.inode, self.offset - self.start)
         return ("anon", self.shared, self.path if self.path == "[stack]" else "")
 
     def piece(self, start: int, end: int) -> "Vma":
-        off = self.offset + (start - self.start) if self.is_file else self.offset
+        off = self.offset + (start - self.start) if self.is_file or self.is_sysv else \
+            self.offset
         return Vma(start, end, self.prot, self.shared, off, self.path, self.inode, self.dev)
 
     def perms(self) -> str:
@@ -150,7 +157,10 @@ def memory_vmas(layout: list[Vma], shmem: bool = False) -> list[Vma]:
     with `shmem` shared memory objects too (when they are recreated rather than handed over).
     Shared file mappings keep their pages in the file."""
     return [v for v in layout
-            if not v.is_special and (not v.shared or (shmem and v.is_shmem))]
+            if not v.is_special and (not v.shared or (shmem and v.is_shmem and not (
+                # a read-only attachment of a System V segment cannot be written through:
+                # its content comes with the segment (source/sysvipc.py)
+                v.is_sysv and not v.prot & PROT_WRITE)))]
 
 
 def mapped_vmas(layout: list[Vma]) -> list[Vma]:
@@ -437,6 +447,75 @@ class AddressSpaceRound:
 
 
 @dataclass
+class SysvShm:
+    """A System V shared memory segment of the tree's IPC namespace (/proc/sysvipc/shm).
+    mode holds the permission bits and SHM_DEST (0o1000: removed with IPC_RMID while still
+    attached; its key then reads IPC_PRIVATE) and SHM_LOCKED (0o2000). name_key: the key it
+    was made with, which its attachments show ("/SYSV%08x") even once removed. Its pages
+    travel with the processes that attach it, like other shared memory; pages (offset,
+    bytes) carry the content of a segment no process of the tree attaches (final round)."""
+    id: int
+    key: int
+    mode: int
+    uid: int
+    gid: int
+    cuid: int
+    cgid: int
+    size: int
+    name_key: int
+    pages: list[tuple[int, bytes]] = field(default_factory=list)
+    # the attachments made read-only (SHM_RDONLY), as (tree pid, address): the others may
+    # be written (their protection aside), as their VmFlags show (mw)
+    readonly: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class SysvSem:
+    """A System V semaphore set: the value of each of its semaphores (semctl GETALL)."""
+    id: int
+    key: int
+    mode: int
+    uid: int
+    gid: int
+    cuid: int
+    cgid: int
+    values: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SysvMsg:
+    """A System V message queue: its capacity (msg_qbytes) and the messages waiting in it,
+    oldest first, as (type, bytes), read without taking them (msgrcv MSG_COPY)."""
+    id: int
+    key: int
+    mode: int
+    uid: int
+    gid: int
+    cuid: int
+    cgid: int
+    qbytes: int
+    messages: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+IPC_PLACES = ("own", "host")
+
+
+@dataclass
+class SysvIpc:
+    """The System V IPC objects of a tree. place: "own", the tree has an IPC namespace of its
+    own (a container): every object in it is the tree's, and the tree is restored into a new
+    one (or, on one host, into that very one); "host": the tree shares the host's, and only
+    the segments it attaches are its objects. same_objects: a destination on the same host
+    uses the very objects (the source's namespace): shm lists the segments for their sizes
+    only and nothing else is carried. sem and msg: in the final round only."""
+    place: str
+    same_objects: bool = False
+    shm: list[SysvShm] = field(default_factory=list)
+    sem: list[SysvSem] = field(default_factory=list)
+    msg: list[SysvMsg] = field(default_factory=list)
+
+
+@dataclass
 class Zombie:
     """A process of the tree that exited and that its parent has not reaped yet."""
     pid: int
@@ -474,6 +553,9 @@ class Round:
     # a final round made for `--verify`: what /proc showed of each process of the frozen
     # source, which the destination compares with the husks before letting them go
     visible: list[VisibleState] = field(default_factory=list)
+    # the tree's System V IPC (None: it shares the host's IPC namespace and attaches no
+    # segment of it)
+    ipc: SysvIpc | None = None
 
     @property
     def is_final(self) -> bool:

@@ -22,8 +22,9 @@ import msgpack
 
 from ..errors import ImageError, ProtocolError
 from ..kernel.native import first_bad_range
-from ..model import (RANGE, UNIX_STATES, AddressSpaceRound, Credentials, FileDescriptor, MmFields,
-                     PosixTimer, ProcessState, Round, SeccompFilter, SigAction, ThreadState,
+from ..model import (IPC_PLACES, RANGE, UNIX_STATES, AddressSpaceRound, Credentials,
+                     FileDescriptor, MmFields, PosixTimer, ProcessState, Round, SeccompFilter,
+                     SigAction, SysvIpc, SysvMsg, SysvSem, SysvShm, ThreadState,
                      UnixSocketState, VisibleState, Vma, Zombie, ranges_bytes)
 
 MAGIC = b"PRRSTIMG"
@@ -597,13 +598,79 @@ def _stats(m, path: str) -> dict:
     return m
 
 
+# ---- System V IPC (optional "ipc" key of a round) --------------------------------------------
+
+S32 = (-2**31, 2**31 - 1)
+IPC_ID = (0, 2**31 - 1)
+# id, key, mode (permission bits, SHM_DEST, SHM_LOCKED), uid, gid, cuid, cgid
+_IPC_HEAD = (IPC_ID, S32, (0, 0o7777), U32, U32, U32, U32)
+
+
+def _ipc(ipc: SysvIpc) -> dict:
+    head = lambda o: [o.id, o.key, o.mode, o.uid, o.gid, o.cuid, o.cgid]  # noqa: E731
+    return {"place": ipc.place, "same_objects": ipc.same_objects,
+            "shm": [head(o) + [o.size, o.name_key, [[off, d] for off, d in o.pages],
+                               [list(r) for r in o.readonly]] for o in ipc.shm],
+            "sem": [head(o) + [o.values] for o in ipc.sem],
+            "msg": [head(o) + [o.qbytes, [[t, d] for t, d in o.messages]] for o in ipc.msg]}
+
+
+def _decode_ipc(m, path: str) -> SysvIpc:
+    _map(m, path)
+    get = lambda key: _field(m, key, path)  # noqa: E731
+    ipc = SysvIpc(_enum(get("place"), f"{path}.place", IPC_PLACES),
+                  _of(get("same_objects"), bool, f"{path}.same_objects", "bool"))
+    for i, o in enumerate(_list(get("shm"), f"{path}.shm")):
+        where = f"{path}.shm[{i}]"
+        _list(o, where, 11)
+        head = _ints(o[:9], where, _IPC_HEAD + ((1, 2**63 - 1), S32))
+        pages = []
+        end = 0
+        for j, p in enumerate(_list(o[9], f"{where}.pages")):
+            off, data = _list(p, f"{where}.pages[{j}]", 2)
+            _int(off, f"{where}.pages[{j}].offset", (end, head[7]))
+            _of(data, bytes, f"{where}.pages[{j}].bytes", "bytes")
+            if off + len(data) > head[7]:
+                raise _bad(f"{where}.pages[{j}]", f"bytes within the segment's {head[7]}",
+                           off + len(data))
+            end = off + len(data)
+            pages.append((off, data))
+        readonly = [_ints(r, f"{where}.readonly[{j}]", (PID, U64))
+                    for j, r in enumerate(_list(o[10], f"{where}.readonly"))]
+        ipc.shm.append(SysvShm(*head, pages, readonly))
+    for i, o in enumerate(_list(get("sem"), f"{path}.sem")):
+        where = f"{path}.sem[{i}]"
+        _list(o, where, 8)
+        values = [_int(v, f"{where}.values[{j}]", (0, 32767))
+                  for j, v in enumerate(_list(o[7], f"{where}.values"))]
+        if not values:
+            raise _bad(f"{where}.values", "at least one semaphore", values)
+        ipc.sem.append(SysvSem(*_ints(o[:7], where, _IPC_HEAD), values))
+    for i, o in enumerate(_list(get("msg"), f"{path}.msg")):
+        where = f"{path}.msg[{i}]"
+        _list(o, where, 9)
+        head = _ints(o[:8], where, _IPC_HEAD + (U32,))
+        messages = []
+        for j, msg in enumerate(_list(o[8], f"{where}.messages")):
+            mtype, data = _list(msg, f"{where}.messages[{j}]", 2)
+            messages.append((_int(mtype, f"{where}.messages[{j}].type", (1, 2**63 - 1)),
+                             _of(data, bytes, f"{where}.messages[{j}].bytes", "bytes")))
+        ipc.msg.append(SysvMsg(*head, messages))
+    for kind in ("shm", "sem", "msg"):
+        ids = [o.id for o in getattr(ipc, kind)]
+        if len(set(ids)) != len(ids):
+            raise _Bad(f"{path}.{kind}: an id is listed twice")
+    return ipc
+
+
 def encode_round(r: Round) -> dict:
     return {"id": r.id, "index": r.index, "parent_id": r.parent_id, "parent_path": r.parent_path,
             "kind": r.kind, "source": r.source, "tasks": [_task(t) for t in r.tasks],
             "states": [_state(s) for s in r.states],
             "zombies": [[z.pid, z.parent, z.sid, z.pgid, z.exit_code] for z in r.zombies],
             "stats": r.stats} | \
-        ({"visible": [[v.pid, v.fields, v.threads] for v in r.visible]} if r.visible else {})
+        ({"visible": [[v.pid, v.fields, v.threads] for v in r.visible]} if r.visible else {}) | \
+        ({"ipc": _ipc(r.ipc)} if r.ipc is not None else {})
 
 
 def _texts(value, path: str) -> dict[str, str]:
@@ -672,9 +739,11 @@ def decode_round(m, where: str = ROUND_FILE) -> Round:
         # optional (a final round made for --verify): older images have none
         visible = [_decode_visible(v, f"visible[{i}]")
                    for i, v in enumerate(_list(get("visible", []), "visible"))]
+        # optional: a tree with System V IPC of its own
+        ipc = _decode_ipc(get("ipc"), "ipc") if "ipc" in m else None
         return Round(_of(get("id"), str, "id", "str"), _int(get("index"), "index", (0, 2**31)),
                      parent_id, parent_path, kind, _map(get("source"), "source"), tasks,
-                     states, zombies, _stats(get("stats", {}), "stats"), visible)
+                     states, zombies, _stats(get("stats", {}), "stats"), visible, ipc)
     except _Bad as e:
         raise ImageError(f"{where}: {e}") from None
     except ValueError as e:

@@ -14,7 +14,7 @@ import re
 
 from ..errors import ProcessGone
 from ..model import VisibleState
-from . import procfs
+from . import procfs, sysvipc
 
 
 def modes() -> set[str]:
@@ -204,6 +204,26 @@ def snapshot(pid: int, names: dict[int, int]) -> VisibleState:
 
 
 def snapshot_tree(host_pids: list[int]) -> list[VisibleState]:
-    """Every process of a (frozen) tree, in the order given."""
+    """Every process of a (frozen) tree, in the order given; the root's also holds what
+    its IPC namespace shows of the tree's System V objects (sysvipc.shm[ID]...)."""
     names = tree_names(host_pids)
-    return [snapshot(p, names) for p in host_pids]
+    out = [snapshot(p, names) for p in host_pids]
+    if out:
+        out[0].fields |= _sysvipc(host_pids)
+    return out
+
+
+def _sysvipc(host_pids: list[int]) -> dict[str, str]:
+    """The tree's System V objects: all of its namespace's if it has one of its own, else
+    the segments it attaches (the host's others are not the tree's)."""
+    root = host_pids[0]
+    try:
+        if sysvipc.own_namespace(root):
+            ids = None
+        else:
+            ids = {v.inode for p in host_pids for v in procfs.maps(p) if v.is_sysv}
+            if not ids:
+                return {}
+        return sysvipc.in_namespace(root, sysvipc.describe, ids)
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGone(3, f"read the System V IPC of /proc/{root}", root) from None

@@ -24,9 +24,10 @@ from ..image import schema
 from ..kernel import native, procfs
 from ..kernel.native import lib
 from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
+from ..kernel.sysvipc import SHM_RDONLY, SHM_REMAP
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Vma, Zombie, diff_layout,
                      free_area, mapped_vmas, memory_vmas, merge_ranges, ranges_bytes, unpack_ranges,
-                     PROT_WRITE)
+                     PROT_READ, PROT_WRITE)
 
 SPECIAL_ORDER = ("[vvar]", "[vvar_vclock]", "[vdso]")
 PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
@@ -138,6 +139,9 @@ class Husk:
         self.resumed = False
         self.leads_session = False        # only lead_session() makes a husk lead one
         self.ctty = -1                    # the source's pty number its controlling terminal is
+        # the tree's System V IPC (restore/sysvipc.IpcPlace: its segments' sizes and
+        # read-only attachments), shared by the tree's husks
+        self.sysv = None
 
     # ---- birth ------------------------------------------------------------------------------
 
@@ -271,6 +275,7 @@ class Husk:
         child.remote = self.remote.forked(child.tracee)
         child.layout = list(self.layout)
         child.fds = set(self.fds)
+        child.sysv = self.sysv
         child.prepared = True
         return child
 
@@ -293,6 +298,25 @@ class Husk:
         if results[0] != fd:
             raise RestoreError(f"husk {b.labels[0]} returned fd {results[0]}, expected {fd}")
         self.ctty = number
+
+    def join_ipc_namespace(self, pid: int) -> None:
+        """setns() into the IPC namespace of process pid (a source on this host): its System
+        V objects are then the very ones the tree had. Before it maps anything."""
+        path = f"/proc/{pid}/ns/ipc"
+        fd = self._lowest_free_fd()
+        b = self.remote.batch()
+        b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(path), os.O_RDONLY | lib.O_CLOEXEC,
+               label=f"openat {path}")
+        b.call(lib.SYS_setns, fd, lib.CLONE_NEWIPC, label=f"setns {path}")
+        b.call(lib.SYS_close, fd)
+        results = self.remote.run(b)
+        if results[0] != fd:
+            raise RestoreError(f"husk {b.labels[0]} returned fd {results[0]}, expected {fd}")
+
+    def new_ipc_namespace(self) -> None:
+        """unshare(CLONE_NEWIPC): the tree's System V objects are made in a namespace of its
+        own, where their ids are free. Before it maps anything; its children inherit it."""
+        self.remote.call(lib.SYS_unshare, lib.CLONE_NEWIPC)
 
     def join_group(self, pgid: int) -> None:
         """setpgid(0, pgid) in the husk: pgid is a pid as the restored tree sees it."""
@@ -548,6 +572,9 @@ class Husk:
         through /proc/PID/map_files), else a new one of its kind whose pages the rounds carry."""
         flags = lib.MAP_FIXED | (lib.MAP_SHARED if v.shared else lib.MAP_PRIVATE)
         writable = v.shared and v.prot & PROT_WRITE
+        if v.is_sysv:
+            self._attach(b, v, task.layout)
+            return
         if v.is_shmem and task.pages_from == "pid":
             path = f"/proc/{task.source_pid or task.pid}/map_files/{whole.start:x}-{whole.end:x}"
             b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(path),
@@ -572,10 +599,42 @@ class Husk:
         b.call(lib.SYS_mmap, v.start, v.size, v.prot, flags, fd, v.offset)
         b.call(lib.SYS_close, fd)
 
+    def _attach(self, b, v: Vma, layout: list[Vma]) -> None:
+        """The calls that attach piece v of a System V segment (its id is the inode the
+        source's maps show; the husk is in the namespace where it has that id): shmat at its
+        address, or, for a piece of an attachment (partly unmapped or moved), shmat in a
+        free area, the piece moved into place and the rest detached."""
+        shmid = v.inode
+        size = self.sysv.sizes.get(shmid) if self.sysv else None
+        if size is None:
+            raise RestoreError(f"{v.start:#x}-{v.end:#x} attaches System V segment {shmid}, "
+                               "which the image's IPC objects do not list")
+        whole = -(-size // 4096) * 4096
+        # attached as the source attached it (read-only or not: VmFlags mw, sh), then given
+        # its protection (one made read-only, or PROT_NONE, or executable, since)
+        readonly = (self.pid, v.start) in self.sysv.readonly
+        flags = SHM_RDONLY if readonly else 0
+        given = PROT_READ | (0 if readonly else PROT_WRITE)
+        label = f"shmat segment {shmid} at {v.start:#x}"
+        if v.offset == 0 and v.size == whole:
+            b.call(lib.SYS_shmat, shmid, v.start, flags | SHM_REMAP, label=label)
+        else:
+            sc = self.remote.scratch
+            scratch = Vma(sc.addr, sc.addr + sc.size, 0, False, 0, "")
+            tmp = free_area([layout, self.layout, [scratch]], whole)
+            b.call(lib.SYS_shmat, shmid, tmp, flags, label=label)
+            b.call(lib.SYS_mremap, tmp + v.offset, v.size, v.size,
+                   lib.MREMAP_MAYMOVE | lib.MREMAP_FIXED, v.start)
+            b.call(lib.SYS_munmap, tmp, whole)
+        if v.prot != given:
+            b.call(lib.SYS_mprotect, v.start, v.size, v.prot)
+
     def _check_mmaps(self, b, results) -> None:
         for (nr, args), label, res in zip(b.calls, b.labels, results):
             if nr == lib.SYS_mmap and res != args[0]:
                 raise RestoreError(f"husk mmap at {args[0]:#x} landed at {res:#x}")
+            if nr == lib.SYS_shmat and res != args[1]:
+                raise RestoreError(f"husk {label} landed at {res:#x}")
             if nr in (lib.SYS_openat, lib.SYS_memfd_create) and res != self._lowest_free_fd():
                 raise RestoreError(f"husk {label} returned fd {res}, expected "
                                    f"{self._lowest_free_fd()}")

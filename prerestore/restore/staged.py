@@ -26,6 +26,7 @@ from ..kernel import cgroup, native, procfs, tcp, tty, visible
 from ..model import AddressSpaceRound, FileDescriptor, ProcessState, Round, VisibleState
 from . import verify as verify_mod
 from .husk import SIGCHLD, Husk
+from .sysvipc import IpcPlace
 from .unixsock import UnixSockets
 
 
@@ -374,6 +375,7 @@ class StagedTree:
         # the cgroup its husks are born in and the tree let go through (kernel/cgroup.py)
         self.gate_path = cgroup.gate_path()
         self.gate: cgroup.Gate | None = None
+        self.ipc = IpcPlace()           # its System V IPC: namespace and objects made
 
     @property
     def husk(self) -> Husk | None:
@@ -436,7 +438,7 @@ class StagedTree:
                 vanished.add(task.pid)
                 continue
             try:
-                applied, create_ms = self._apply_task(directory, task)
+                applied, create_ms = self._apply_task(directory, task, r)
                 stats.append(applied)
                 created_ms += create_ms
             except (PrerestoreError, OSError):
@@ -455,7 +457,8 @@ class StagedTree:
         out["create_ms"] = created_ms          # spawning the root, forking the others
         return out
 
-    def _apply_task(self, directory: str, task: AddressSpaceRound) -> tuple[dict, float]:
+    def _apply_task(self, directory: str, task: AddressSpaceRound,
+                    r: Round | None = None) -> tuple[dict, float]:
         """One process of a round: its husk made (or made anew) if need be, then its memory.
         Returns the round's stats and the milliseconds making the husk took."""
         create_ms = 0.0
@@ -469,11 +472,16 @@ class StagedTree:
                                  "that was not staged")
             t0 = time.perf_counter()
             husk = self._create(task)
+            if not task.parent:
+                # before it maps anything: the IPC namespace its segments are attached in
+                self.ipc.enter(husk, r.ipc if r else None, task.source_pid or task.pid)
             create_ms = (time.perf_counter() - t0) * 1e3
         elif task.sid == task.pid and not husk.leads_session:
             # it called setsid() since its husk was made: so does the husk, before any
             # child of this round is forked from it (they are in the new session)
             husk.lead_session()
+        if not task.parent and r is not None:
+            self.ipc.update(r.ipc, r.is_final)   # the segments its husks attach, made first
         return husk.apply_round(task, directory), create_ms
 
     def _create(self, task: AddressSpaceRound) -> Husk:
@@ -614,6 +622,7 @@ class StagedTree:
                 self.applied.append((d, r))
             t_mem = time.monotonic()
             final = pending[-1][1]
+            self.ipc.attached()
             if verify or "pages" in asked:
                 self._verify(final)
                 page_ms, checked = (time.monotonic() - t_mem) * 1e3, True
@@ -736,6 +745,7 @@ class StagedTree:
             "finalize_ms": (t_resumed - t0) * 1e3,
             "memory": _sum_stats(mem), "state": state_sum,
             "processes": len(final.states), "zombies": len(final.zombies),
+            "ipc_namespace": self.ipc.where,
             "pid": root.pid, "host_pid": root.host_pid, "init_pid": root.init_pid,
             "tree": [[s.pid, self.husks[s.pid].host_pid] for s in final.states]}
 
@@ -796,6 +806,7 @@ class StagedTree:
             if not h.resumed:
                 h.kill()
         self.husks = {}
+        self.ipc.abort()
         if self.gate is not None and self.gate.state() == "closed":
             try:
                 self.gate.destroy()          # whatever of the tree is left in it never ran

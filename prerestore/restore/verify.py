@@ -68,6 +68,13 @@ def _map_offset(value: str, fields, key: str) -> str | None:
     return None if _anonymous(path) else value
 
 
+def _map_inode(value: str, fields, key: str) -> str | None:
+    # ... but a System V segment's attachment shows the segment's id as its inode: the id
+    # the program holds, made again the same (compared)
+    path = fields.get(key[:key.rindex(".")] + ".path", "")
+    return value if path.startswith("/SYSV") else None
+
+
 def _fd_link(value: str, _fields) -> str:
     # pipes, sockets and other kernel objects of an image are made anew (new inode numbers;
     # on one host the very object is handed over, but the rule is one for both); the tree's
@@ -154,7 +161,7 @@ LEGIT = {
     # a file is mapped again by its path: on another host (or for memory made anew through
     # an image) it is another inode, maybe on another device
     "maps.dev": _drop,
-    "maps.inode": _drop,
+    "maps.inode": _map_inode,
     "maps.offset": _map_offset,
     # VmFlags are compared flag by flag (maps[A-B].vmflag.rd). uw: the source's areas are
     # registered with its dirty tracker's userfaultfd (write-protect mode); the husk's are
@@ -232,8 +239,8 @@ def _normal(fields: dict[str, str]) -> dict[str, str]:
     out = {}
     for key, value in _split_vmflags(fields).items():
         rule = LEGIT.get(field_kind(key))
-        if rule is _map_offset:
-            value = _map_offset(value, fields, key)
+        if rule in (_map_offset, _map_inode):
+            value = rule(value, fields, key)
         elif rule is not None:
             value = rule(value, fields)
         if value is not None:

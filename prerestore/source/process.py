@@ -172,8 +172,8 @@ def find_unsupported(pid: int, same_host: bool = False, members=None) -> list[st
             problems.append(f"fd {fd}: {what} (unsupported file kind"
                             f"{'' if same_host else ' between hosts'})")
     for v in procfs.maps(pid):
-        if v.is_shmem and v.path.startswith("/SYSV"):
-            problems.append(f"System V shared memory {v.start:#x}-{v.end:#x} (not carried yet)")
+        if v.is_sysv:
+            continue           # carried with the tree's IPC objects (source/sysvipc.py)
         elif v.shared and v.path.startswith("socket:"):
             problems.append(f"socket memory mapped at {v.start:#x}-{v.end:#x} ({v.path}: a "
                             "packet socket's ring, PACKET_RX_RING or PACKET_TX_RING, is the "

@@ -27,6 +27,7 @@ from ..kernel.tracee import RemoteSyscalls, Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
 from . import ptys, unixsock
+from . import sysvipc as sysv
 from .process import ProcessSource, find_unsupported, pidfd_problem, tree_members
 
 
@@ -183,6 +184,7 @@ def find_tree_unsupported(root: int, same_host: bool = False,
                           external_unix: frozenset[bytes] = frozenset()) -> list[str]:
     tasks = procfs.tree(root)
     problems = tree_helpers(tasks) + tree_problems(tasks) + ptys.pty_problems(tasks, same_host)
+    problems += sysv.problems(tasks, same_host)
     if not same_host:
         problems += inner_ends(tasks, external_unix)
     members: set[int] | None = None
@@ -438,6 +440,8 @@ class SourceSession:
         self.repaired: list[socket.socket] = []   # the source's TCP sockets in repair mode
         self.ptys: list[ptys.CapturedPty] = []     # the tree's ptys, their queues read away
         self.put_back_errors: list[str] = []
+        # System V segment id -> offsets of its pages the rounds carried (for an image)
+        self.sysv_carried: dict[int, list[tuple[int, int]]] = {}
         # The image names processes as the tree's own pid namespace sees them (the root's
         # innermost one): a container-style tree is restored with its own pids.
         self.depth = len(procfs.ns_pids(pid)) - 1
@@ -642,6 +646,11 @@ class SourceSession:
                 layouts[p.pid] = p.layout()
                 statuses[p.pid] = procfs.status(p.pid)
                 inside[p.pid] = p.query_inside(layouts[p.pid], statuses[p.pid])
+            # System V IPC may have changed since the check (SEM_UNDO used, a segment
+            # attached from outside): checked again on the frozen tree, with its layouts
+            problems = sysv.problems(tasks, self.direct, layouts)
+            if problems:
+                raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
             # Held from now on (see hold), before the last dirty scan starts: holding writes
             # each thread's saved registers below its stack pointer, and the final round must
             # carry those pages as the source has them (PRERESTORE_VERIFY compares them).
@@ -818,6 +827,8 @@ class SourceSession:
                     skipped.add(p.pid)
                     continue
                 scans[p.pid] = (layout, scan)
+                if not self.direct:
+                    sysv.note_carried(self.sysv_carried, layout, scan.copy)
                 tc = time.perf_counter()
                 if self.direct or self.stream:
                     nbytes = ranges_bytes(scan.copy)
@@ -841,6 +852,10 @@ class SourceSession:
                 totals["scan_ms"] += scan.scan_ms
                 totals["present_scan_ms"] += scan.present_scan_ms
                 totals["inherited_bytes"] += scan.inherited
+            # the tree's System V IPC objects (read only if it uses any, or has a namespace
+            # of its own): frozen in the final round, which also carries their state
+            ipc = sysv.capture(self.pid, {pid: scan[0] for pid, scan in scans.items()}, final,
+                               self.direct, self.ns_pid, self.sysv_carried)
         finally:
             if pages_file:
                 pages_file.close()
@@ -855,7 +870,7 @@ class SourceSession:
                             self._ns_member(z.sid, members), self._ns_member(z.pgid, members),
                             z.exit_code) for z in self.zombies] if final else [],
             stats=dict(totals, pages=totals["bytes"] // 4096, processes=len(tasks),
-                       copy_ms=copy_ms, round_ms=(time.perf_counter() - t0) * 1e3))
+                       copy_ms=copy_ms, round_ms=(time.perf_counter() - t0) * 1e3), ipc=ipc)
         if write:
             schema.write_round(directory, r)
         for pid in skipped:
@@ -906,6 +921,8 @@ class SourceSession:
             s.close()
         self.repaired = []
         self._release_ptys(put_back=False)
+        if self.last_round is not None:
+            sysv.release(self.last_round[1].ipc)     # carried away: not left on this host
         self.close()
 
     def hold(self) -> None:
