@@ -35,6 +35,7 @@ SIGEVENT = struct.Struct("=Qiii44x")
 OPEN_DROP = lib.O_CREAT | lib.O_TRUNC | lib.O_EXCL | lib.O_NOCTTY
 SIGKILL, SIGSTOP, SIGCHLD = 9, 19, 17
 WALL = 0x40000000                         # __WALL: wait for any kind of child
+SCM_MAX_FD = 253                          # fds one SCM_RIGHTS message carries at most
 
 
 def husk_program() -> str:
@@ -558,10 +559,13 @@ class Husk:
 
         We take them with pidfd_getfd, listen on an abstract unix socket, and have the husk
         connect and receive them (SCM_RIGHTS) in a batch running while we send; a second batch
-        moves each to its number and sets close-on-exec."""
+        moves each to its number and sets close-on-exec. One SCM_RIGHTS message carries at
+        most SCM_MAX_FD (253) fds: more go in several messages, each received by its own
+        recvmsg of a 1-byte buffer (a stream socket's recvmsg stops at the message whose fds
+        it took, so each gets exactly its own)."""
         fds = [f for _, _, f in items]
-        if len(fds) > 253:                                    # SCM_MAX_FD per message
-            raise RestoreError(f"{len(fds)} fds to hand over; at most 253 for now")
+        chunks = [list(range(i, min(i + SCM_MAX_FD, len(fds))))
+                  for i in range(0, len(fds), SCM_MAX_FD)]
         pidfds: dict[int, int] = {}
         local = []
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -583,14 +587,18 @@ class Husk:
             addr = b.put(struct.pack("=H", socket.AF_UNIX) + name)
             byte = b.put(b"\0")
             iov = b.put(struct.pack("=QQ", byte, 1))
-            ctl_len = 16 + (4 * len(fds) + 7) // 8 * 8           # CMSG_SPACE(4 * n)
-            ctl = b.put(b"\0" * ctl_len)
-            msg = b.put(struct.pack("=QI4xQQQQi4x", 0, 0, iov, 1, ctl, ctl_len, 0))
+            ctls = []
+            for chunk in chunks:
+                ctl_len = 16 + (4 * len(chunk) + 7) // 8 * 8      # CMSG_SPACE(4 * n)
+                ctl = b.put(b"\0" * ctl_len)
+                msg = b.put(struct.pack("=QI4xQQQQi4x", 0, 0, iov, 1, ctl, ctl_len, 0))
+                ctls.append((ctl, ctl_len, msg))
             b.call(lib.SYS_socket, socket.AF_UNIX, socket.SOCK_STREAM | lib.O_CLOEXEC, 0)
             b.call(lib.SYS_dup3, first, high, lib.O_CLOEXEC)
             b.call(lib.SYS_close, first)
             b.call(lib.SYS_connect, high, addr, 2 + len(name))
-            b.call(lib.SYS_recvmsg, high, msg, 0)
+            for _, _, msg in ctls:
+                b.call(lib.SYS_recvmsg, high, msg, 0)
             started = self.remote.start(b)
             try:
                 conn, _ = listener.accept()
@@ -599,16 +607,21 @@ class Husk:
                 raise RestoreError(f"the husk did not connect to take its fds: {e} "
                                    f"({b.labels[done - 1]} returned {results[done - 1]})") from None
             with conn:
-                socket.send_fds(conn, [b"F"], local)
+                for chunk in chunks:
+                    socket.send_fds(conn, [b"F"], [local[i] for i in chunk])
             results, done = started.finish()
-            if done < len(b.calls) or results[-1] != 1 or results[0] != first:
+            if done < len(b.calls) or any(r != 1 for r in results[4:]) or results[0] != first:
                 raise RestoreError(f"the husk could not receive its fds (results {results})")
-            cmsg = self.remote.read(ctl, ctl_len)
-            length, level, kind = struct.unpack_from("=Qii", cmsg)
-            received = list(struct.unpack_from(f"={(length - 16) // 4}i", cmsg, 16))
-            if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS or \
-                    len(received) != len(fds):
-                raise RestoreError(f"the husk received {len(received)} of {len(fds)} fds")
+            received = []
+            for (ctl, ctl_len, _), chunk in zip(ctls, chunks):
+                cmsg = self.remote.read(ctl, ctl_len)
+                length, level, kind = struct.unpack_from("=Qii", cmsg)
+                got = list(struct.unpack_from(f"={(length - 16) // 4}i", cmsg, 16))
+                if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS or \
+                        len(got) != len(chunk):
+                    raise RestoreError(f"the husk received {len(got)} of {len(chunk)} fds "
+                                       f"in a message")
+                received += got
             b = self.remote.batch()
             for i, r in enumerate(received):      # out of the way first, then into place
                 b.call(lib.SYS_dup3, r, high + 1 + i, 0)
