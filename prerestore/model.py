@@ -348,6 +348,13 @@ class ProcessState:
     oom_score_adj: int = 0      # /proc/PID/oom_score_adj
     personality: int = 0        # personality(2) flags
     thp_disable: bool = False   # PR_SET_THP_DISABLE
+    # its root directory (chroot) as /proc/PID/root shows it to the reader: a path from the
+    # reader's root, like cwd (which may lie inside it or outside it)
+    root: str = "/"
+    # a working directory ("cwd") or root ("root") that was deleted (rmdir while in use:
+    # the path above ends with " (deleted)"): its (mode, uid, gid), for the restorer to make
+    # one like it beside where it was, enter it and remove it again
+    deleted_dirs: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 @dataclass

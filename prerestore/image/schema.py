@@ -71,7 +71,8 @@ def _state(s: ProcessState) -> dict:
             "dumpable": s.dumpable, "pdeathsig": s.pdeathsig,
             "child_subreaper": s.child_subreaper, "tty_pgrp": s.tty_pgrp,
             "oom_score_adj": s.oom_score_adj, "personality": s.personality,
-            "thp_disable": s.thp_disable, "stopped": s.stopped,
+            "thp_disable": s.thp_disable, "stopped": s.stopped, "root": s.root,
+            "deleted_dirs": {k: list(v) for k, v in s.deleted_dirs.items()},
             "timers": [[t.id, t.clock, t.signo, t.value, t.notify, t.thread, *t.interval,
                         *t.remaining, t.overrun] for t in s.timers],
             "itimers": [list(i) for i in s.itimers]}
@@ -427,11 +428,29 @@ def _decode_state(s, path: str) -> ProcessState:
         personality=_int(get("personality"), f"{path}.personality", U32),
         thp_disable=_of(get("thp_disable"), bool, f"{path}.thp_disable", "bool"),
         stopped=_of(get("stopped"), bool, f"{path}.stopped", "bool"),
+        root=_absolute(get("root", "/"), f"{path}.root"),
+        deleted_dirs=_deleted_dirs(get("deleted_dirs", {}), f"{path}.deleted_dirs"),
         timers=[_decode_timer(t, f"{path}.timers[{i}]", len(threads))
                 for i, t in enumerate(_list(get("timers"), f"{path}.timers"))],
         itimers=[_ints(v, f"{path}.itimers[{i}]", (I64P, US, I64P, US))
                  for i, v in enumerate(_list(get("itimers"), f"{path}.itimers", 3)
                                        if get("itimers") else [])])
+
+
+def _absolute(value, path: str) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _bad(path, "an absolute path", value)
+    return value
+
+
+def _deleted_dirs(m, path: str) -> dict[str, tuple[int, int, int]]:
+    """A deleted working directory or root: "cwd"/"root" -> (mode, uid, gid)."""
+    out = {}
+    for key, value in _map(m, path).items():
+        if key not in ("cwd", "root"):
+            raise _bad(f"{path} key", '"cwd" or "root"', key)
+        out[key] = _ints(value, f"{path}.{key}", ((0, 0o7777), U32, U32))
+    return out
 
 
 # timer_create's clocks (CLOCK_REALTIME..CLOCK_TAI), sigev_notify values (SIGEV_SIGNAL,

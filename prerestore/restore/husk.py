@@ -766,7 +766,8 @@ class Husk:
     def apply_state(self, state: ProcessState, source_pid: int | None = None,
                     tree: dict[int, int] | None = None,
                     made: dict[tuple[int, int], int] | None = None,
-                    queued_here: tuple[int, ...] = (SIGCHLD,)) -> dict:
+                    queued_here: tuple[int, ...] = (SIGCHLD,),
+                    dirs: dict[tuple[int, str], str] | None = None) -> dict:
         """Everything but the registers: fds, mm fields, signals, rseq... in one batch, after
         creating the other threads. source_pid: the live source on this host, to hand over
         what cannot be reopened; tree: host pids of the tree's husks by the pid they stand
@@ -774,9 +775,12 @@ class Husk:
         objects the restorer made for the tree (pipes): our own fds, by (pid, fd);
         queued_here: signals the restore itself may have queued to the husk (SIGCHLD from
         its children husks, SIGWINCH from giving its terminal its window size), discarded
-        before the source's pending signals are queued again."""
+        before the source's pending signals are queued again; dirs: directories the restorer
+        made for a deleted working directory or root, by (pid, "cwd"/"root")
+        (staged.make_deleted_dirs)."""
         t0 = time.perf_counter()
         maybe_fail("apply_state")
+        dirs = dirs or {}
         if state.oom_score_adj:
             try:
                 with open(f"/proc/{self.host_pid}/oom_score_adj", "w") as f:
@@ -884,7 +888,8 @@ class Husk:
         comm = state.comm.encode()[:15]
         b.call(lib.SYS_prctl, lib.PR_SET_NAME, b.put(comm + b"\0"), label="prctl(PR_SET_NAME)")
         b.call(lib.SYS_umask, state.umask)
-        b.call(lib.SYS_chdir, b.put_str(state.cwd), label=f"chdir {state.cwd}")
+        cwd = dirs.get((state.pid, "cwd"), state.cwd)
+        b.call(lib.SYS_chdir, b.put_str(cwd), label=f"chdir {cwd}")
         for info in state.shared_pending:
             sig = struct.unpack_from("=i", info)[0]
             b.call(lib.SYS_rt_sigqueueinfo, self.pid, sig, b.put(info))
@@ -900,6 +905,13 @@ class Husk:
         if state.thp_disable:
             b.call(lib.SYS_prctl, lib.PR_SET_THP_DISABLE, 1, 0, 0, 0)
         b.call(lib.SYS_prctl, lib.PR_SET_PDEATHSIG, 0)
+        root = dirs.get((state.pid, "root"), state.root)
+        if root != "/":
+            # Last of what names paths (every path of the image is one from the reader's
+            # root, the host's: the working directory, which may lie inside or outside the
+            # new root, files, the exe) and before the credentials (CAP_SYS_CHROOT); fds are
+            # handed over after it through an abstract socket, which names no path.
+            b.call(lib.SYS_chroot, b.put_str(root), label=f"chroot {root}")
         self._cred_calls(b, state.creds)
         b.call(lib.SYS_prctl, lib.PR_SET_DUMPABLE, state.dumpable)   # a uid change reset it
         if state.pdeathsig and self.parent is not None:

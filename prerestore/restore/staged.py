@@ -241,6 +241,49 @@ def make_deleted_files(states: list[ProcessState], made: dict) -> None:
         made[(s.pid, f.fd)] = fd
 
 
+def make_deleted_dirs(states: list[ProcessState]) -> dict[tuple[int, str], str]:
+    """Working directories and roots deleted while in use: a new directory with the
+    source's mode and owner beside where the old one was (one for every process that had
+    the same one), for the husks to enter; the caller removes them once they have
+    (remove_dirs), which leaves them deleted as on the source. Returns their paths by
+    (pid, "cwd"/"root")."""
+    made: dict[str, str] = {}
+    out: dict[tuple[int, str], str] = {}
+    try:
+        for s in states:
+            for name, (mode, uid, gid) in sorted(s.deleted_dirs.items()):
+                link = s.cwd if name == "cwd" else s.root
+                if link not in made:
+                    old = link[:-len(" (deleted)")] if link.endswith(" (deleted)") else link
+                    where = os.path.dirname(old)
+                    if not os.path.isdir(where):
+                        raise RestoreError(f"pid {s.pid}: its deleted {name} {old} was in "
+                                           f"{where}, which is not a directory here")
+                    path = tempfile.mkdtemp(dir=where, prefix=".prerestore-deleted-")
+                    made[link] = path
+                    os.chown(path, uid, gid)
+                    os.chmod(path, mode)
+                out[(s.pid, name)] = made[link]
+    except BaseException:
+        remove_dirs(out)
+        for path in made.values():
+            _rmdir(path)
+        raise
+    return out
+
+
+def remove_dirs(dirs: dict[tuple[int, str], str]) -> None:
+    for path in set(dirs.values()):
+        _rmdir(path)
+
+
+def _rmdir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+
+
 def make_tcp(states: list[ProcessState], made: dict, built: list[tuple[socket.socket, dict]],
              foreign_ok: bool = False, live: bool = True) -> None:
     """TCP and UDP sockets of an image: listening ones bound again, established ones rebuilt
@@ -628,7 +671,9 @@ class StagedTree:
                            else (SIGCHLD,) for t in final.tasks}
             made = make_pipes(final.states)
             unix = UnixSockets(final.states)
+            dirs: dict[tuple[int, str], str] = {}
             try:
+                dirs = make_deleted_dirs(final.states)
                 made_ptys = make_ptys(final.states, made, self.ptys)
                 unix.make()
                 for s, f in _to_make(final.states, ("unix",), made):
@@ -645,10 +690,11 @@ class StagedTree:
                 make_inotify(final.states, made)
                 state_stats = [self.husks[s.pid].apply_state(
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
-                    made, queued_here[s.pid]) for s in final.states]
+                    made, queued_here[s.pid], dirs) for s in final.states]
                 for master, st in made_ptys:       # once no husk opens a slave any more
                     tty.lock(master, st)
             finally:
+                remove_dirs(dirs)               # entered by now: deleted, as they were
                 unix.close()
                 for fd in set(made.values()):
                     os.close(fd)

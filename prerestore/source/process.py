@@ -77,6 +77,18 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
     return problems
 
 
+def deleted_dirs(pid: int, cwd: str, root: str) -> dict[str, tuple[int, int, int]]:
+    """The working directory or root, if deleted (the link reads " (deleted)", and, since a
+    directory may be named so, no name is left to it): (mode, uid, gid) by "cwd"/"root"."""
+    out = {}
+    for name, link in (("cwd", cwd), ("root", root)):
+        if link.endswith(" (deleted)"):
+            st = procfs.stat_file(pid, name)
+            if st.st_nlink == 0:
+                out[name] = (st.st_mode & 0o7777, st.st_uid, st.st_gid)
+    return out
+
+
 def _is_terminal(pid: int, fd: int) -> bool:
     """Is the fd a terminal? Asked of a copy of it: opening a terminal anew can have effects
     (a serial line's modem signals)."""
@@ -406,9 +418,10 @@ class ProcessSource:
                     if tfd not in numbers:
                         raise UnsupportedState(f"pid {pid} fd {f.fd}: epoll watches fd {tfd}, "
                                                "which is no longer open (not carried)")
+        cwd, root = procfs.readlink(pid, "cwd"), procfs.readlink(pid, "root")
         return ProcessState(
             pid=pid, comm=procfs.comm(pid), exe=procfs.readlink(pid, "exe"),
-            cwd=procfs.readlink(pid, "cwd"), umask=int(status.get("Umask", "0022"), 8),
+            cwd=cwd, root=root, deleted_dirs=deleted_dirs(pid, cwd, root), umask=int(status.get("Umask", "0022"), 8),
             mm=procfs.mm_fields(procfs.stat_fields(pid), inside["brk"]), auxv=procfs.auxv(pid),
             rlimits=inside["rlimits"], sigactions=inside["sigactions"], fds=fds,
             threads=threads,

@@ -98,6 +98,29 @@ def inner_ends(tasks: list[procfs.TreeTask], external: frozenset[bytes] = frozen
                                 "TCP, UDP and unix sockets are carried between hosts yet)")
         placements, more = unixsock.classify(unix, table, external)
         problems += more + unixsock.file_problems(unix, table, placements)
+        problems += chrooted_socket_names(unix, table)
+    return problems
+
+
+def chrooted_socket_names(unix: list[tuple[int, int, int]], table: dict) -> list[str]:
+    """A path a chrooted process names a unix socket by (its own, or its peer's) is one
+    from its root, while the restorer binds and connects from the host's: refused by name."""
+    problems, roots = [], {}
+    for pid, fd, ino in unix:
+        try:
+            root = roots.setdefault(pid, procfs.readlink(pid, "root"))
+        except ProcessGone:
+            continue
+        if root == "/":
+            continue
+        sock = table[ino]
+        peer = table.get(sock.peer)
+        for name in (sock.name, peer.name if peer else b""):
+            if name and not name.startswith(b"\0"):
+                problems.append(f"pid {pid} fd {fd}: {sock.describe()} goes through the path "
+                                f"{sockdiag.printable(name)} as seen from the process's root "
+                                f"{root} (chroot): not carried between hosts yet")
+                break
     return problems
 
 
