@@ -398,6 +398,11 @@ class AddressSpaceRound:
     # (/dev/pts/N on the source); -1: none. The husk takes a new pair's slave as its
     # controlling terminal when it is made, before it forks anyone of its session.
     ctty: int = -1
+    # what it shares with its parent as a process (not a thread) does, made by clone():
+    # CLONE_FILES (0x400) the fd table, CLONE_FS (0x200) root, working directory and umask.
+    # Its husk is forked with them; a sharing that ended since (unshare, exec) ends in the
+    # husk too (a sharing cannot begin after the clone).
+    shares: int = 0
 
 
 @dataclass

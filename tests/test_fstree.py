@@ -69,3 +69,42 @@ def test_a_chrooted_socket_path_is_refused_between_hosts(cbin, tmp_path):
     finally:
         src.kill()
         src.wait(10)
+
+
+@pytest.mark.parametrize("mode", ["processes", "processes-chroot"])
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_processes_sharing_fd_table_or_fs(cbin, tmp_path, cold, direct, mode):
+    """A child made with CLONE_FILES shares its parent's fd table and one made with CLONE_FS
+    its working directory and umask (not threads): in lockstep, each sees what the other
+    does to them; also inside a chroot (which the last of those sharing it enters)."""
+    where = tmp_path / "dir"
+    where.mkdir()
+    move_and_compare(tmp_path, [cbin("sharedtables"), mode, where], direct=direct,
+                     cold=cold, warm_up=200, more=300)
+
+
+@pytest.mark.parametrize("mode,match", [
+    ("thread-unshare", r"pid {pid} thread \d+: has its own fd table, apart from its "
+                       r"process's \(unshare\): not carried; .*thread \d+: has its own root, "
+                       r"working directory and umask"),
+    ("orphan-share", r"pids [\d, ]*\b{pid}\b[\d, ]* share one fd table \(clone CLONE_FILES\) but not "
+                     r"through their parents")])
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "files"])
+def test_sharing_the_husks_cannot_be_forked_into_is_refused(cbin, tmp_path, direct, mode,
+                                                            match):
+    """A thread with an fd table or fs of its own, and two processes sharing an fd table
+    whose parents do not: refused by name before freezing; the source runs on."""
+    from test_fdkinds import assert_refused
+    from workloads import last_iteration, start_workload, wait_for_iteration
+    where = tmp_path / "dir"
+    where.mkdir()
+    log = tmp_path / "out.log"
+    src = start_workload([cbin("sharedtables"), mode, where], log)
+    try:
+        wait_for_iteration(log, 100, pid=src.pid)
+        assert_refused(src.pid, match.format(pid=src.pid), direct=direct,
+                       work_dir=str(tmp_path / "images"))
+        wait_for_iteration(log, last_iteration(log) + 100, pid=src.pid)      # untouched
+    finally:
+        src.kill()
+        src.wait(10)

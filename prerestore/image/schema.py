@@ -46,7 +46,8 @@ def _task(t: AddressSpaceRound) -> dict:
             "pages": t.pages, "zap": t.zap, "pages_offset": t.pages_offset,
             "pages_from": t.pages_from, "tids": t.tids, "parent": t.parent, "sid": t.sid,
             "pgid": t.pgid, "starttime": t.starttime, "first": t.first,
-            "exit_signal": t.exit_signal, "source_pid": t.source_pid, "ctty": t.ctty}
+            "exit_signal": t.exit_signal, "source_pid": t.source_pid, "ctty": t.ctty,
+            "shares": t.shares}
 
 
 def _thread(t: ThreadState) -> dict:
@@ -321,7 +322,18 @@ def _decode_task(t, path: str) -> AddressSpaceRound:
         first=_of(get("first"), bool, f"{path}.first", "bool"),
         exit_signal=_int(get("exit_signal"), f"{path}.exit_signal", (0, SIGNALS[1])),
         source_pid=_int(get("source_pid"), f"{path}.source_pid", (0, PID[1])),
-        ctty=_int(get("ctty", -1), f"{path}.ctty", (-1, 2**20)))
+        ctty=_int(get("ctty", -1), f"{path}.ctty", (-1, 2**20)),
+        shares=_shares(get("shares", 0), f"{path}.shares"))
+
+
+SHAREABLE = 0x200 | 0x400                 # CLONE_FS | CLONE_FILES
+
+
+def _shares(value, path: str) -> int:
+    value = _int(value, path, (0, SHAREABLE))
+    if value & ~SHAREABLE:
+        raise _bad(path, "CLONE_FS (0x200) and/or CLONE_FILES (0x400)", value)
+    return value
 
 
 def _siginfos(value, path: str) -> list[bytes]:

@@ -106,6 +106,11 @@ class Husk:
         self.resumed = False
         self.leads_session = False        # only lead_session() makes a husk lead one
         self.ctty = -1                    # the source's pty number its controlling terminal is
+        # what it shares with its parent husk (CLONE_FILES, CLONE_FS: fork_child), and the
+        # husk of the tree that first had that fd table / fs (None: its own)
+        self.shares = 0
+        self.files_leader: Husk | None = None
+        self.fs_leader: Husk | None = None
 
     # ---- birth ------------------------------------------------------------------------------
 
@@ -195,11 +200,13 @@ class Husk:
         except ChildProcessError:
             return None
 
-    def fork_child(self, pid: int, exit_signal: int = SIGCHLD) -> "Husk":
+    def fork_child(self, pid: int, exit_signal: int = SIGCHLD, shares: int = 0) -> "Husk":
         """A child process of this husk with `pid` (in this husk's pid namespace), made by an
         injected clone3 without CLONE_VM: it starts as a copy of this husk, memory included
         (shared copy-on-write, which is how a restored tree keeps the pages its processes
-        share), parked in the thread starter with every signal blocked."""
+        share), parked in the thread starter with every signal blocked. shares: CLONE_FILES
+        and/or CLONE_FS, to share this husk's fd table or root, working directory and umask,
+        as the source's child did (filled by the first of them that apply_state reaches)."""
         sc = self.remote.scratch
         native.set_options(self.host_pid, lib.PTRACE_O_EXITKILL | lib.PTRACE_O_TRACECLONE |
                            lib.PTRACE_O_TRACEFORK)
@@ -208,7 +215,7 @@ class Husk:
         tid_slot, args = sc.data_addr, sc.data_addr + 64
         native.write_mem(self.host_pid, tid_slot, struct.pack("=i", pid))
         native.write_mem(self.host_pid, args, struct.pack(
-            "=11Q", 0, 0, 0, 0, exit_signal, 0, 0, 0, tid_slot, 1, 0))
+            "=11Q", shares, 0, 0, 0, exit_signal, 0, 0, 0, tid_slot, 1, 0))
         saved = self.tracee.regs()
         t0 = time.monotonic()
         try:
@@ -240,7 +247,23 @@ class Husk:
         child.layout = list(self.layout)
         child.fds = set(self.fds)
         child.prepared = True
+        child.shares = shares
+        if shares & lib.CLONE_FILES:
+            child.files_leader = self.files_leader or self
+        if shares & lib.CLONE_FS:
+            child.fs_leader = self.fs_leader or self
         return child
+
+    def unshare(self, flags: int) -> None:
+        """Stop sharing (CLONE_FILES, CLONE_FS) what it was forked sharing with its parent:
+        the source's process did since (unshare, exec). Before apply_state: a copy of an fd
+        table the husks have not filled yet."""
+        self.remote.call(lib.SYS_unshare, flags)
+        self.shares &= ~flags
+        if flags & lib.CLONE_FILES:
+            self.files_leader = None
+        if flags & lib.CLONE_FS:
+            self.fs_leader = None
 
     def lead_session(self) -> None:
         """setsid(): it leads a session, as the source did (before it forks any child)."""
@@ -767,7 +790,7 @@ class Husk:
                     tree: dict[int, int] | None = None,
                     made: dict[tuple[int, int], int] | None = None,
                     queued_here: tuple[int, ...] = (SIGCHLD,),
-                    dirs: dict[tuple[int, str], str] | None = None) -> dict:
+                    dirs: dict[tuple[int, str], str] | None = None, fs: bool = True) -> dict:
         """Everything but the registers: fds, mm fields, signals, rseq... in one batch, after
         creating the other threads. source_pid: the live source on this host, to hand over
         what cannot be reopened; tree: host pids of the tree's husks by the pid they stand
@@ -777,7 +800,12 @@ class Husk:
         its children husks, SIGWINCH from giving its terminal its window size), discarded
         before the source's pending signals are queued again; dirs: directories the restorer
         made for a deleted working directory or root, by (pid, "cwd"/"root")
-        (staged.make_deleted_dirs)."""
+        (staged.make_deleted_dirs); fs: it sets the root, working directory and umask (of
+        husks sharing them, CLONE_FS, the last one applied: after every path the others
+        open from the host's root).
+
+        A husk sharing its fd table with one applied before it (files_leader) installs no fd:
+        that one has installed them all in their one table."""
         t0 = time.perf_counter()
         maybe_fail("apply_state")
         dirs = dirs or {}
@@ -802,7 +830,10 @@ class Husk:
             self._cred_calls(b, th.creds or state.creds)
             remote.run(b)
         b = self.remote.batch()
-        opened = set(self.fds)
+        leader = self.files_leader
+        # a shared table holds every fd of the source's by now (the same table there)
+        opened = {f.fd for f in state.fds} if leader else set(self.fds)
+        own_fds = [] if leader else state.fds
         expected = []
 
         def lowest():
@@ -811,12 +842,12 @@ class Husk:
                 fd += 1
             return fd
 
-        handed = [f for f in state.fds if f.kind == "handover"]
+        handed = [f for f in own_fds if f.kind == "handover"]
         if handed and not source_pid:
             raise RestoreError(f"fds {[f.fd for f in handed]} ({handed[0].path}...) can only be "
                                "handed over from a source on this host")
         items = [(source_pid, f.fd, f) for f in handed]
-        for f in sorted(state.fds, key=lambda f: f.fd):
+        for f in sorted(own_fds, key=lambda f: f.fd):
             if f.kind == "handover":
                 continue
             if made and (self.pid, f.fd) in made:     # an object the restorer made
@@ -887,9 +918,10 @@ class Husk:
             b.call(lib.SYS_rt_sigaction, sig, act, 0, 8, label=f"rt_sigaction({sig})")
         comm = state.comm.encode()[:15]
         b.call(lib.SYS_prctl, lib.PR_SET_NAME, b.put(comm + b"\0"), label="prctl(PR_SET_NAME)")
-        b.call(lib.SYS_umask, state.umask)
-        cwd = dirs.get((state.pid, "cwd"), state.cwd)
-        b.call(lib.SYS_chdir, b.put_str(cwd), label=f"chdir {cwd}")
+        if fs:
+            b.call(lib.SYS_umask, state.umask)
+            cwd = dirs.get((state.pid, "cwd"), state.cwd)
+            b.call(lib.SYS_chdir, b.put_str(cwd), label=f"chdir {cwd}")
         for info in state.shared_pending:
             sig = struct.unpack_from("=i", info)[0]
             b.call(lib.SYS_rt_sigqueueinfo, self.pid, sig, b.put(info))
@@ -906,7 +938,7 @@ class Husk:
             b.call(lib.SYS_prctl, lib.PR_SET_THP_DISABLE, 1, 0, 0, 0)
         b.call(lib.SYS_prctl, lib.PR_SET_PDEATHSIG, 0)
         root = dirs.get((state.pid, "root"), state.root)
-        if root != "/":
+        if fs and root != "/":
             # Last of what names paths (every path of the image is one from the reader's
             # root, the host's: the working directory, which may lie inside or outside the
             # new root, files, the exe) and before the credentials (CAP_SYS_CHROOT); fds are
@@ -923,11 +955,13 @@ class Husk:
             if results[i] != fd:
                 raise RestoreError(f"husk {b.labels[i]} returned fd {results[i]}, expected {fd}")
         handed = {f.fd for _, _, f in items}
-        self.fds = {f.fd for f in state.fds if f.kind != "handover" and f.fd not in handed}
+        self.fds = {f.fd for f in state.fds} if leader else \
+            {f.fd for f in state.fds if f.kind != "handover" and f.fd not in handed}
         t_batch = time.perf_counter()
         if items:
             self.hand_over_fds(items, {f.fd for f in state.fds})
-        self._register_epoll(state)
+        if not leader:
+            self._register_epoll(state)
         t_handed = time.perf_counter()
         self.remote.unmap_scratch()
         return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(items),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),

@@ -542,7 +542,7 @@ class StagedTree:
             parent = self.husks.get(task.parent)
             if parent is None:
                 raise ImageError(f"process {task.pid}: its parent {task.parent} is not staged")
-            husk = parent.fork_child(task.pid, task.exit_signal)
+            husk = parent.fork_child(task.pid, task.exit_signal, task.shares)
             self.husks[task.pid] = husk
         if task.sid == task.pid or not task.parent:
             # before it forks anything: they inherit it. The root leads a session even when
@@ -669,6 +669,7 @@ class StagedTree:
             with_tty = {t.pid for t in final.tasks if t.ctty >= 0}
             queued_here = {t.pid: (SIGCHLD, signal.SIGWINCH) if t.sid in with_tty
                            else (SIGCHLD,) for t in final.tasks}
+            fs_last = self._settle_sharing(final)
             made = make_pipes(final.states)
             unix = UnixSockets(final.states)
             dirs: dict[tuple[int, str], str] = {}
@@ -690,7 +691,7 @@ class StagedTree:
                 make_inotify(final.states, made)
                 state_stats = [self.husks[s.pid].apply_state(
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
-                    made, queued_here[s.pid], dirs) for s in final.states]
+                    made, queued_here[s.pid], dirs, s.pid in fs_last) for s in final.states]
                 for master, st in made_ptys:       # once no husk opens a slave any more
                     tty.lock(master, st)
             finally:
@@ -779,6 +780,26 @@ class StagedTree:
             "processes": len(final.states), "zombies": len(final.zombies),
             "pid": root.pid, "host_pid": root.host_pid, "init_pid": root.init_pid,
             "tree": [[s.pid, self.husks[s.pid].host_pid] for s in final.states]}
+
+    def _settle_sharing(self, final: Round) -> set[int]:
+        """Fd tables and fs (CLONE_FILES, CLONE_FS) the husks were forked sharing and that
+        the source's processes no longer share (unshare, exec since) are unshared; a
+        sharing the husk lacks cannot be, as a sharing begins only at clone. Returns the
+        pids that set root, working directory and umask: of those sharing them, the last
+        applied (Husk.apply_state)."""
+        for t in final.tasks:
+            husk = self.husks[t.pid]
+            if t.shares & ~husk.shares:
+                raise RestoreError(f"process {t.pid} shares {t.shares & ~husk.shares:#x} "
+                                   "(CLONE_FILES 0x400, CLONE_FS 0x200) with its parent, "
+                                   "which its husk was not forked with")
+            if husk.shares & ~t.shares:
+                husk.unshare(husk.shares & ~t.shares)
+        last: dict[int, int] = {}
+        for s in final.states:
+            husk = self.husks[s.pid]
+            last[id(husk.fs_leader or husk)] = s.pid
+        return set(last.values())
 
     def _source_seen(self, final: Round, wanted: bool, required: bool
                      ) -> list[VisibleState]:

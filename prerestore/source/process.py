@@ -89,6 +89,58 @@ def deleted_dirs(pid: int, cwd: str, root: str) -> dict[str, tuple[int, int, int
     return out
 
 
+SHARED_KINDS = ((native.KCMP_FILES, lib.CLONE_FILES, "fd table"),
+                (native.KCMP_FS, lib.CLONE_FS, "root, working directory and umask"))
+
+
+def shares_with_parent(parent: int, pid: int) -> int:
+    """The CLONE_FILES / CLONE_FS pid shares with its parent (kcmp), as clone flags."""
+    return sum(flag for kind, flag, _ in SHARED_KINDS if native.kcmp(parent, pid, kind) == 0)
+
+
+def sharing_problems(tasks: list[procfs.TreeTask], threads: bool = True) -> list[str]:
+    """Fd tables and file system information (root, working directory, umask) shared in a
+    way the husks cannot be forked into: a thread with its own (unshare), or processes that
+    share one without one of them being the parent of the others (a sharer whose parent
+    left it with unshare or exec). A child sharing its parent's is carried (Husk.fork_child).
+    kcmp orders what it compares: the sharers of one table sort side by side."""
+    import functools
+    problems = []
+    live = [t for t in tasks if not t.zombie]
+    by_pid = {t.pid: t for t in live}
+    for kind, _, what in SHARED_KINDS:
+        if threads:
+            for t in live:
+                try:
+                    for tid in procfs.threads(t.pid)[1:]:
+                        if native.kcmp(t.pid, tid, kind) != 0:
+                            problems.append(f"pid {t.pid} thread {tid}: has its own {what}, "
+                                            "apart from its process's (unshare): not carried")
+                except ProcessGone:
+                    continue
+        order = {0: 0, 1: -1, 2: 1, 3: 1}
+        try:
+            ranked = sorted(live, key=functools.cmp_to_key(
+                lambda a, b: order[native.kcmp(a.pid, b.pid, kind)]))
+        except ProcessGone:
+            continue
+        groups: list[list[procfs.TreeTask]] = []
+        for t in ranked:
+            if groups and native.kcmp(groups[-1][0].pid, t.pid, kind) == 0:
+                groups[-1].append(t)
+            else:
+                groups.append([t])
+        for group in groups:
+            members = {t.pid for t in group}
+            tops = [t.pid for t in group if t.parent not in members]
+            if len(tops) > 1:
+                problems.append(f"pids {', '.join(map(str, sorted(members)))} share one {what} "
+                                f"(clone {'CLONE_FILES' if kind == native.KCMP_FILES else 'CLONE_FS'})"
+                                f" but not through their parents ({', '.join(map(str, tops))} "
+                                "do not share their parent's): not carried")
+    return problems
+
+
 def _is_terminal(pid: int, fd: int) -> bool:
     """Is the fd a terminal? Asked of a copy of it: opening a terminal anew can have effects
     (a serial line's modem signals)."""

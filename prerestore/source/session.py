@@ -26,7 +26,7 @@ from ..kernel.tracee import RemoteSyscalls, Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
 from . import ptys, unixsock
-from .process import ProcessSource, find_unsupported
+from .process import ProcessSource, find_unsupported, shares_with_parent, sharing_problems
 
 
 def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
@@ -199,6 +199,7 @@ def find_tree_unsupported(root: int, same_host: bool = False,
                           external_unix: frozenset[bytes] = frozenset()) -> list[str]:
     tasks = procfs.tree(root)
     problems = tree_helpers(tasks) + tree_problems(tasks) + ptys.pty_problems(tasks, same_host)
+    problems += sharing_problems(tasks)
     if not same_host:
         problems += inner_ends(tasks, external_unix)
     for t in tasks:
@@ -540,7 +541,9 @@ class SourceSession:
                 frozen_hook()        # e.g. release the service address: nothing reaches us now
             t_frozen = time.monotonic()
             maybe_pause("frozen")
-            problems = tree_problems(tasks)        # it may have changed since the check
+            # it may have changed since the check (a thread's own table or fs is looked for
+            # before freezing only: a per-thread walk here would lengthen the downtime)
+            problems = tree_problems(tasks) + sharing_problems(tasks, threads=False)
             if problems:
                 raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
             # what the tree shows before anything of ours is injected into it (a held
@@ -736,7 +739,8 @@ class SourceSession:
                     parent=self.ns_pid(t.parent) if parent else 0,
                     sid=self._ns_member(t.sid, members), pgid=self._ns_member(t.pgid, members),
                     starttime=t.starttime, first=p.first, exit_signal=t.exit_signal,
-                    source_pid=p.pid, ctty=t.ctty_pty if t.sid == t.pid else -1))
+                    source_pid=p.pid, ctty=t.ctty_pty if t.sid == t.pid else -1,
+                    shares=shares_with_parent(parent.pid, p.pid) if parent else 0))
                 if not self.direct:
                     offset += nbytes
                 totals["bytes"] += nbytes
