@@ -230,7 +230,10 @@ class FileDescriptor:
     master is in the tree ("pty-master", "pty-slave": dev_inode (0, N) for /dev/pts/N; the
     first master fd carries the pair's state, see kernel.tty.PtyState), an inotify instance
     (data: its watches), or, on the same host, any object handed over as it is
-    ("handover"); see procfs and session for the other kinds."""
+    ("handover"), or an object outside the tree whose stand-in the restorer is given
+    ("inherit": path is the object's name as /proc/PID/fd shows it on the source, e.g.
+    "pipe:[1234]": restore --inherit-fd fd[N]:pipe:[1234]); see procfs and session for the
+    other kinds."""
     fd: int
     kind: str          # "file" | "chr" | "pipe" | "fifo" | "unix" | "pty-master" | ... | "handover"
     path: str

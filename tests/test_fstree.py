@@ -4,6 +4,8 @@ changed), and its output is compared with an unmigrated run's; by pre-restore an
 restore, on one host (objects handed over) and through image files."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from migration import move_and_compare, needs_root
@@ -108,3 +110,130 @@ def test_sharing_the_husks_cannot_be_forked_into_is_refused(cbin, tmp_path, dire
     finally:
         src.kill()
         src.wait(10)
+
+
+def _start_with_pipe(argv_of, log):
+    """Start a workload whose fd W is the write end of a pipe we read (its supervisor, outside
+    the tree): (Popen, read end, write end W, bytes read so far, reader thread)."""
+    import os
+    import subprocess
+    import threading
+    import leftovers
+    r, w = os.pipe()
+    out = open(log, "ab")
+    proc = subprocess.Popen([str(a) for a in argv_of(w)], stdin=subprocess.DEVNULL, stdout=out,
+                            stderr=out, pass_fds=(w,), start_new_session=True)
+    out.close()
+    leftovers.watch(proc.pid)
+    got = bytearray()
+
+    def read():
+        while True:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                return
+            got.extend(chunk)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return proc, r, w, got, reader
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_inherit_fd_for_a_pipe_to_the_outside(cbin, tmp_path, cold, direct):
+    """A pipe whose reader (its supervisor) is outside the tree: refused between hosts unless
+    the destination names what the restored fd is connected to (inherit_fds, --inherit-fd
+    fd[N]:pipe:[INODE]): then the restored process writes on into the supervisor's very pipe,
+    and the supervisor reads every byte once, in order."""
+    import os
+    import time
+    from migration import Cleanup
+    from prerestore.errors import UnsupportedState
+    from prerestore.migrate import migrate
+    from prerestore.policy import ConvergencePolicy
+    from workloads import compare_with_reference, last_iteration, wait_for_iteration
+    log = tmp_path / "out.log"
+    argv_of = lambda w: [cbin("outpipe"), w]  # noqa: E731
+    proc, r, w, got, reader = _start_with_pipe(argv_of, log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 200, pid=proc.pid)
+        name = os.readlink(f"/proc/{proc.pid}/fd/{w}")
+        if not direct:
+            with pytest.raises(UnsupportedState, match=rf"pid {proc.pid} fd {w}: "
+                               rf"{re.escape(name)}: its other end is outside the tree .*"
+                               rf"--inherit-fd fd\[N\]:{re.escape(name)}"):
+                migrate(proc.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"))
+        rep = migrate(proc.pid, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
+                      policy=ConvergencePolicy(min_rounds=2, max_rounds=3),
+                      inherit_fds={name: w})
+        host = rep["restored_host_pid"]
+        cleanup.add(rep["namespace_init_pid"], host)
+        proc.wait(10)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 300, timeout=60, pid=host)
+        assert "BAD" not in log.read_text()
+        assert os.readlink(f"/proc/{host}/fd/{w}") == name       # the supervisor's pipe
+        time.sleep(0.1)
+        data = bytes(got)
+        assert len(data) > it + 200
+        assert all(data[i] == (i + 1) & 0xFF for i in range(len(data))), \
+            "a byte to the supervisor was lost or repeated"
+        assert compare_with_reference(log, argv_of(w)) >= (it + 300) // 100
+    finally:
+        cleanup.run()
+        proc.kill()
+        proc.wait(10)
+        os.close(w)
+        reader.join(5)
+        os.close(r)
+
+
+def test_dump_external_fd_and_restore_inherit_fd(cbin, tmp_path):
+    """The same through the commands an SRE runs between hosts: `dump --external-fd NAME`
+    (refused without it), then `restore --inherit-fd fd[N]:NAME` with the supervisor's pipe
+    as fd N of `restore` (refused without it, naming pid, fd and object)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from migration import Cleanup, prerestore
+    from workloads import last_iteration, wait_for_iteration
+    log = tmp_path / "out.log"
+    proc, r, w, got, reader = _start_with_pipe(lambda w: [cbin("outpipe"), w], log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 100, pid=proc.pid)
+        name = os.readlink(f"/proc/{proc.pid}/fd/{w}")
+        images = tmp_path / "final"
+        res = prerestore("dump", "-t", proc.pid, "-D", images, check=False)
+        assert res.returncode != 0 and f"--inherit-fd fd[N]:{name}" in res.stderr, res.stderr
+        prerestore("dump", "-t", proc.pid, "-D", images, "--external-fd", name,
+                   "--leave-stopped")
+        it = last_iteration(log)
+        res = prerestore("restore", "-D", images, "--pidns", check=False)
+        assert res.returncode != 0 and f"pid {proc.pid} fd {w}: {name} was outside the tree " \
+            f"on the source: name what it is connected to here with --inherit-fd " \
+            f"fd[N]:{name}" in res.stderr, res.stderr
+        report = tmp_path / "restore.json"
+        res = subprocess.run([sys.executable, "-m", "prerestore.cli", "restore", "-D", images,
+                              "--pidns", "--json", report, "--inherit-fd", f"fd[{w}]:{name}"],
+                             pass_fds=(w,), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        fin = json.loads(report.read_text())["finalize"]
+        cleanup.add(fin["init_pid"], fin["host_pid"])
+        proc.kill()                      # the stopped source goes once the copy runs
+        proc.wait(10)
+        wait_for_iteration(log, it + 300, timeout=60, pid=fin["host_pid"])
+        assert "BAD" not in log.read_text()
+        time.sleep(0.1)
+        data = bytes(got)
+        assert len(data) > it + 200
+        assert all(data[i] == (i + 1) & 0xFF for i in range(len(data)))
+    finally:
+        cleanup.run()                    # the writers go first: the reader sees the end
+        proc.kill()
+        proc.wait(10)
+        os.close(w)
+        reader.join(5)
+        os.close(r)

@@ -182,7 +182,8 @@ SIGNALS = (1, 64)
 RLIMIT_COUNT = 16
 SIGINFO_SIZE = 128
 FD_KINDS = ("file", "chr", "dir", "deleted", "pipe", "fifo", "unix", "tcp", "udp", "eventfd",
-            "timerfd", "signalfd", "epoll", "inotify", "pty-master", "pty-slave", "handover")
+            "timerfd", "signalfd", "epoll", "inotify", "pty-master", "pty-slave", "handover",
+            "inherit")
 ROUND_KINDS = ("predump", "dump")
 PAGE_SOURCES = ("file", "pid")
 MM_FIELDS = tuple(MmFields.__dataclass_fields__)

@@ -241,6 +241,61 @@ def make_deleted_files(states: list[ProcessState], made: dict) -> None:
         made[(s.pid, f.fd)] = fd
 
 
+# file status flags F_SETFL sets on an open file description
+SETFL_FLAGS = os.O_APPEND | os.O_NONBLOCK | 0o20000 | 0o40000 | 0o1000000   # ASYNC DIRECT NOATIME
+
+
+def parse_inherit_fd(text: str) -> tuple[str, int]:
+    """--inherit-fd fd[N]:NAME -> (NAME, N): NAME is the object as the source's
+    /proc/PID/fd names it ("pipe:[1234]", "socket:[5678]", "/var/log/app.log"), N an fd
+    the restorer holds (inherited from whoever runs it) standing for it here."""
+    head, sep, name = text.partition(":")
+    if not (sep and head.startswith("fd[") and head.endswith("]") and head[3:-1].isdigit()
+            and name):
+        raise ValueError(f"--inherit-fd {text!r}: expected fd[N]:NAME, e.g. fd[3]:pipe:[1234]")
+    return name, int(head[3:-1])
+
+
+def missing_inherited(states: list[ProcessState], inherit_fds: dict[str, int]) -> list[str]:
+    """The fds of the image that stand for objects outside the source's tree (kind
+    "inherit") and that the restorer was given nothing for, or something opened otherwise
+    (read vs write), in words."""
+    problems = []
+    for s in states:
+        for f in s.fds:
+            if f.kind != "inherit":
+                continue
+            given = inherit_fds.get(f.path)
+            if given is None:
+                problems.append(f"pid {s.pid} fd {f.fd}: {f.path} was outside the tree on the "
+                                "source: name what it is connected to here with --inherit-fd "
+                                f"fd[N]:{f.path}")
+                continue
+            try:
+                mode = fcntl.fcntl(given, fcntl.F_GETFL) & os.O_ACCMODE
+            except OSError as e:
+                problems.append(f"--inherit-fd fd[{given}]:{f.path}: fd {given} is not open "
+                                f"here ({e.strerror})")
+                continue
+            if mode != f.flags & os.O_ACCMODE:
+                names = {os.O_RDONLY: "read-only", os.O_WRONLY: "write-only", os.O_RDWR: "read-write"}
+                problems.append(f"pid {s.pid} fd {f.fd}: {f.path} was open "
+                                f"{names.get(f.flags & os.O_ACCMODE)}, the fd {given} given for "
+                                f"it is {names.get(mode)}")
+    return problems
+
+
+def make_inherited(states: list[ProcessState], made: dict, inherit_fds: dict[str, int]) -> None:
+    """Fds standing for objects outside the tree: a dup of what the restorer was given for
+    each name (--inherit-fd; checked by missing_inherited), with the source's file status
+    flags (O_NONBLOCK, O_APPEND...), which belong to the open file description the caller
+    hands over for the restored tree."""
+    for s, f in _to_make(states, ("inherit",), made):
+        fd = os.dup(inherit_fds[f.path])
+        made[(s.pid, f.fd)] = fd
+        fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & SETFL_FLAGS)
+
+
 def make_deleted_dirs(states: list[ProcessState]) -> dict[tuple[int, str], str]:
     """Working directories and roots deleted while in use: a new directory with the
     source's mode and owner beside where the old one was (one for every process that had
@@ -611,7 +666,8 @@ class StagedTree:
             raise
 
     def finalize(self, directory: str, image: bytes | None = None,
-                 claim_ip: "netaddr.Address | None" = None, verify: bool = False) -> dict:
+                 claim_ip: "netaddr.Address | None" = None, verify: bool = False,
+                 inherit_fds: dict[str, int] | None = None) -> dict:
         """Apply the final image (read from directory, or handed over in-band as the bytes
         of its round.img) and resume. Returns timings (monotonic clock).
         claim_ip: the service's address, claimed here once the tree's sockets are rebuilt
@@ -625,7 +681,11 @@ class StagedTree:
         the final image's snapshot or, lacking one, the frozen source itself if it is on
         this host; fail (the source resumes) on any difference. Without it, each check runs
         if PRERESTORE_VERIFY asks for it, the /proc one also when the image carries a
-        snapshot (its source asked for it)."""
+        snapshot (its source asked for it).
+        inherit_fds: our fds standing for objects outside the source's tree, by the name the
+        image gives them ("pipe:[1234]": --inherit-fd fd[N]:NAME); each such fd of the image
+        must have one, opened for the same access, or nothing is done."""
+        inherit_fds = inherit_fds or {}
         t0 = time.monotonic()
         asked = visible.modes()
         page_ms = proc_ms = 0.0
@@ -643,6 +703,9 @@ class StagedTree:
             pending = self._pending_rounds(directory, final)
             if not pending or not pending[-1][1].is_final:
                 raise ImageError(f"{directory}: not a final image (made by `dump`)")
+            missing = missing_inherited(pending[-1][1].states, inherit_fds)
+            if missing:
+                raise RestoreError("; ".join(missing))
             t_read = time.monotonic()
             seen = self._source_seen(pending[-1][1], verify or "proc" in asked, verify)
             read_ms = (time.monotonic() - t_read) * 1e3
@@ -687,6 +750,7 @@ class StagedTree:
                 make_tcp(final.states, made, built, foreign_ok=claim is not None,
                          live=self.gate is None)
                 make_deleted_files(final.states, made)
+                make_inherited(final.states, made, inherit_fds)
                 make_fifos(final.states, made)
                 make_inotify(final.states, made)
                 state_stats = [self.husks[s.pid].apply_state(
@@ -708,7 +772,8 @@ class StagedTree:
                 t_check = time.monotonic()
                 self._tamper(final)
                 gaps = verify_mod.check(seen, visible.snapshot_tree(
-                    [self.husks[s.pid].host_pid for s in final.states]))
+                    [self.husks[s.pid].host_pid for s in final.states]),
+                    {(s.pid, f.fd) for s in final.states for f in s.fds if f.kind == "inherit"})
                 proc_ms, checked = (time.monotonic() - t_check) * 1e3 + read_ms, True
             if self.gate is None:               # let go one by one: live before
                 _make_live(built, claim)
@@ -877,11 +942,13 @@ def _sum_stats(stats: list[dict]) -> dict:
     return out
 
 
-def cold_restore(directory: str, *, pidns: bool = False, claim_ip=None) -> dict:
+def cold_restore(directory: str, *, pidns: bool = False, claim_ip=None,
+                 inherit_fds: dict[str, int] | None = None) -> dict:
     """Restore from a full image chain in one go: the baseline pre-restore is compared with.
     claim_ip: the service address (netaddr.Address) to take once the sockets are live."""
     if not os.path.isdir(directory):
         raise ImageError(f"{directory}: " + ("not a directory: -D names an image directory"
                                              if os.path.exists(directory) else
                                              "no such image directory"))
-    return StagedTree(pidns=pidns).finalize(directory, claim_ip=claim_ip)
+    return StagedTree(pidns=pidns).finalize(directory, claim_ip=claim_ip,
+                                            inherit_fds=inherit_fds)

@@ -38,9 +38,12 @@ class MemoryScan:
     inherited: int = 0          # bytes left to what a fork of the parent husk holds
 
 
-def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
+def find_unsupported(pid: int, same_host: bool = False,
+                     external_fds: frozenset[str] = frozenset()) -> list[str]:
     """Everything about one live process this version cannot migrate, in words. On the same
-    host (same_host) fds of other kinds are handed over as they are (Husk.hand_over_fds)."""
+    host (same_host) fds of other kinds are handed over as they are (Husk.hand_over_fds).
+    external_fds: objects (as /proc/PID/fd names them) the destination is given in their
+    place (--inherit-fd): not looked at."""
     problems = []
     st = procfs.status(pid)
     if st.get("Seccomp", "0") != "0":
@@ -48,6 +51,8 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
                         "without them)")
     for fd in procfs.fd_numbers(pid):
         what, desc = procfs.describe_fd(pid, fd)
+        if what in external_fds:
+            continue
         if desc is None and what.startswith(("pipe:", "socket:")) and not same_host:
             continue       # carried if it stays inside the tree (see inner_ends)
         if desc is None and what in procfs.CARRIED_ANON and not same_host:
@@ -404,9 +409,11 @@ class ProcessSource:
         return out
 
     def collect_state(self, layout: list[Vma], status: dict[str, str], inside: dict,
-                      direct: bool) -> ProcessState:
+                      direct: bool, external_fds: frozenset[str] = frozenset()
+                      ) -> ProcessState:
         """All but memory, with the process frozen: what query_inside found, ptrace and
-        /proc for the rest."""
+        /proc for the rest. external_fds: objects the destination is given in their place
+        (kind "inherit": the restorer installs the fd it was given for that name)."""
         pid = self.pid
         threads = []
         process_creds = procfs.credentials(status)
@@ -429,7 +436,10 @@ class ProcessSource:
         fds = []
         for fd in procfs.fd_numbers(pid):
             what, desc, text = procfs.describe_fd_text(pid, fd)
-            if desc is None:
+            if what in external_fds:
+                desc = FileDescriptor(fd, "inherit", what,
+                                      int(procfs.parse_fdinfo(text).get("flags", "0"), 8), 0)
+            elif desc is None:
                 flags = int(procfs.parse_fdinfo(text).get("flags", "0"), 8)
                 protocol = tcp.protocol(pid, fd) if not direct and what.startswith("socket:") \
                     else None
