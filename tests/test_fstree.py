@@ -18,12 +18,51 @@ HOW = [pytest.param(False, True, id="prerestore-direct"),
        pytest.param(True, False, id="cold-files")]
 
 
+@pytest.mark.parametrize("limit", ["4096", "1210"], ids=["roomy", "tight-nofile"])
 @pytest.mark.parametrize("cold,direct", HOW)
-def test_more_fds_than_one_scm_rights_message(cbin, tmp_path, cold, direct):
+def test_more_fds_than_one_scm_rights_message(cbin, tmp_path, cold, direct, limit):
     """1200 pipe and socket fds (500 pipes, 100 socketpairs, each with a byte queued, under a
-    raised RLIMIT_NOFILE): more than the 253 one SCM_RIGHTS message carries to the husk."""
-    move_and_compare(tmp_path, [cbin("manyfds")], direct=direct, cold=cold, warm_up=200,
-                     more=300)
+    raised RLIMIT_NOFILE): more than the 253 one SCM_RIGHTS message carries to the husk;
+    also with a limit that leaves hardly any number free above its fds (the husk gets them
+    with one spare number)."""
+    move_and_compare(tmp_path, [cbin("manyfds"), limit], direct=direct, cold=cold,
+                     warm_up=200, more=300)
+
+
+def test_placing_received_fds_clobbers_nothing():
+    """Husk._place_fds: received fds landed on the lowest free numbers, some of them numbers
+    others must get; every one ends at its own, none overwrites one still waiting, and only
+    the spare number is used besides (random tables, checked call by call)."""
+    import random
+    from prerestore.kernel.native import lib
+    from prerestore.restore.husk import _place_fds
+
+    class Calls:
+        def __init__(self):
+            self.calls = []
+
+        def call(self, nr, *args, **_):
+            self.calls.append((nr, args))
+    rng = random.Random(7)
+    for _ in range(2000):
+        n = rng.randint(1, 40)
+        fixed = set(rng.sample(range(60), rng.randint(0, 20)))
+        targets = rng.sample([x for x in range(80) if x not in fixed], n)
+        received = [x for x in range(200) if x not in fixed][:n]
+        spare = 200
+        table = {x: ("fixed", x) for x in fixed} | {r: ("got", i) for i, r in enumerate(received)}
+        b = Calls()
+        _place_fds(b, {r: (targets[i], rng.random() < 0.5) for i, r in enumerate(received)},
+                   spare)
+        for nr, args in b.calls:
+            if nr == lib.SYS_dup3:
+                assert args[0] in table and args[1] not in table, args
+                assert args[1] in targets or args[1] == spare, args
+                table[args[1]] = table[args[0]]
+            elif nr == lib.SYS_close:
+                del table[args[0]]
+        assert {t: table[t] for t in targets} == {t: ("got", i) for i, t in enumerate(targets)}
+        assert len(table) == n + len(fixed)
 
 
 FS_VIEWS = ["chroot", "chroot-outside", "deleted-cwd", "deleted-root"]

@@ -88,6 +88,41 @@ def resumable_regs(saved: dict[str, int]) -> dict[str, int]:
     return regs
 
 
+def _place_fds(b, moves: dict[int, tuple[int, bool]], spare: int) -> None:
+    """The calls that move received fds to their numbers: moves maps where each landed (the
+    lowest free numbers, which may be numbers others must get) to (its number, close-on-exec).
+    A parallel move: one whose number is still held by another waiting to move goes after
+    it; a cycle goes through `spare`, a free number. No other number is used, so that a
+    process near its RLIMIT_NOFILE gets its fds back all the same."""
+    pending = dict(moves)
+    waiting_for = {target: src for src, (target, _) in pending.items()}   # number -> holder
+    ready = [src for src, (target, _) in pending.items() if target not in pending or
+             target == src]
+    while pending:
+        while ready:
+            src = ready.pop()
+            target, cloexec = pending.pop(src)
+            if target == src:
+                if cloexec:
+                    b.call(lib.SYS_fcntl, src, 2, 1)          # F_SETFD, FD_CLOEXEC
+            else:
+                b.call(lib.SYS_dup3, src, target, lib.O_CLOEXEC if cloexec else 0)
+                b.call(lib.SYS_close, src)
+            blocked = waiting_for.get(src)                    # the one waiting for src
+            if blocked is not None and blocked in pending:
+                ready.append(blocked)
+        if pending:                                            # only cycles are left
+            src = next(iter(pending))
+            target, cloexec = pending.pop(src)
+            b.call(lib.SYS_dup3, src, spare, 0)
+            b.call(lib.SYS_close, src)
+            pending[spare] = (target, cloexec)     # goes once target's holder has moved
+            waiting_for[target] = spare
+            blocked = waiting_for.get(src)         # src is free now
+            if blocked is not None and blocked in pending:
+                ready.append(blocked)
+
+
 class Husk:
     def __init__(self, host_pid: int, pid: int, init_pid: int | None):
         self.host_pid = host_pid          # pid in our namespace (ptrace, /proc)
@@ -646,14 +681,9 @@ class Husk:
                                        f"in a message")
                 received += got
             b = self.remote.batch()
-            for i, r in enumerate(received):      # out of the way first, then into place
-                b.call(lib.SYS_dup3, r, high + 1 + i, 0)
-                b.call(lib.SYS_close, r)
-            for i, f in enumerate(fds):
-                b.call(lib.SYS_dup3, high + 1 + i, f.fd,
-                       lib.O_CLOEXEC if f.flags & lib.O_CLOEXEC else 0)
-                b.call(lib.SYS_close, high + 1 + i)
-            b.call(lib.SYS_close, high)
+            b.call(lib.SYS_close, high)           # free: the one spare number needed below
+            _place_fds(b, {r: (f.fd, bool(f.flags & lib.O_CLOEXEC))
+                           for r, f in zip(received, fds)}, high)
             self.remote.run(b)
         finally:
             listener.close()

@@ -1,7 +1,9 @@
 /* manyfds: a zdtm-like self-checking workload for a process with more fds than one SCM_RIGHTS
  * message carries (253).
  *
- * Sets up: RLIMIT_NOFILE raised to 4096, then 500 pipes and 100 stream socketpairs (1200 fds,
+ * Usage: manyfds [LIMIT]   (LIMIT: its RLIMIT_NOFILE soft limit, default 4096: 1210 leaves
+ * hardly any number above its highest fd, 1202)
+ * Sets up: RLIMIT_NOFILE raised to LIMIT, then 500 pipes and 100 stream socketpairs (1200 fds,
  * interleaved so that fd numbers of each kind are spread out), each holding one queued byte:
  * pipe i its token in its read end, socketpair i a token each way. Every 2 ms it checks a
  * rotating slice of 60 of each (reads the byte it expects from the fd it expects, writes the
@@ -47,14 +49,14 @@ static int give(int fd, unsigned char c, const char *what, int i)
     return 1;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);
-    rl.rlim_cur = 4096;
-    if (rl.rlim_max < 4096)
-        rl.rlim_max = 4096;
+    rl.rlim_cur = argc > 1 ? (rlim_t)atol(argv[1]) : 4096;
+    if (rl.rlim_max < rl.rlim_cur)
+        rl.rlim_max = rl.rlim_cur;
     if (setrlimit(RLIMIT_NOFILE, &rl)) {
         perror("setrlimit");
         return 2;
