@@ -128,8 +128,8 @@ def test_processes_sharing_fd_table_or_fs(cbin, tmp_path, cold, direct, mode):
     ("thread-unshare", r"pid {pid} thread \d+: has its own fd table, apart from its "
                        r"process's \(unshare\): not carried; .*thread \d+: has its own root, "
                        r"working directory and umask"),
-    ("orphan-share", r"pids [\d, ]*\b{pid}\b[\d, ]* share one fd table \(clone CLONE_FILES\) but not "
-                     r"through their parents")])
+    ("orphan-share", r"pids [\d, ]*\b{pid}\b[\d, ]* share one fd table "
+                     r"\(clone CLONE_FILES\) but not through their parents")])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "files"])
 def test_sharing_the_husks_cannot_be_forked_into_is_refused(cbin, tmp_path, direct, mode,
                                                             match):

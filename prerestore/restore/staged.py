@@ -278,7 +278,8 @@ def missing_inherited(states: list[ProcessState], inherit_fds: dict[str, int]) -
                                 f"here ({e.strerror})")
                 continue
             if mode != f.flags & os.O_ACCMODE:
-                names = {os.O_RDONLY: "read-only", os.O_WRONLY: "write-only", os.O_RDWR: "read-write"}
+                names = {os.O_RDONLY: "read-only", os.O_WRONLY: "write-only",
+                         os.O_RDWR: "read-write"}
                 problems.append(f"pid {s.pid} fd {f.fd}: {f.path} was open "
                                 f"{names.get(f.flags & os.O_ACCMODE)}, the fd {given} given for "
                                 f"it is {names.get(mode)}")

@@ -5,6 +5,7 @@ The tree-level work (which processes, freezing them all, writing the round) is S
 (session.py); this class knows one address space and one thread group."""
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import struct
@@ -94,6 +95,7 @@ def deleted_dirs(pid: int, cwd: str, root: str) -> dict[str, tuple[int, int, int
     return out
 
 
+CLONE_NAMES = {native.KCMP_FILES: "CLONE_FILES", native.KCMP_FS: "CLONE_FS"}
 SHARED_KINDS = ((native.KCMP_FILES, lib.CLONE_FILES, "fd table"),
                 (native.KCMP_FS, lib.CLONE_FS, "root, working directory and umask"))
 
@@ -109,7 +111,6 @@ def sharing_problems(tasks: list[procfs.TreeTask], threads: bool = True) -> list
     share one without one of them being the parent of the others (a sharer whose parent
     left it with unshare or exec). A child sharing its parent's is carried (Husk.fork_child).
     kcmp orders what it compares: the sharers of one table sort side by side."""
-    import functools
     problems = []
     live = [t for t in tasks if not t.zombie]
     by_pid = {t.pid: t for t in live}
@@ -140,7 +141,7 @@ def sharing_problems(tasks: list[procfs.TreeTask], threads: bool = True) -> list
             tops = [t.pid for t in group if t.parent not in members]
             if len(tops) > 1:
                 problems.append(f"pids {', '.join(map(str, sorted(members)))} share one {what} "
-                                f"(clone {'CLONE_FILES' if kind == native.KCMP_FILES else 'CLONE_FS'})"
+                                f"(clone {CLONE_NAMES[kind]})"
                                 f" but not through their parents ({', '.join(map(str, tops))} "
                                 "do not share their parent's): not carried")
     return problems
@@ -418,6 +419,13 @@ class ProcessSource:
         threads = []
         process_creds = procfs.credentials(status)
         for t in self.frozen:
+            if t.pid != pid:
+                # checked before the freeze too (sharing_problems): a thread may have
+                # unshared since, and its own would be lost
+                for kind, _, what in SHARED_KINDS:
+                    if native.kcmp(pid, t.pid, kind) != 0:
+                        raise UnsupportedState(f"pid {pid} thread {t.pid}: has its own {what}, "
+                                               "apart from its process's (unshare): not carried")
             mine = inside["threads"][t.pid]
             ss_sp, ss_flags, _, ss_size = mine["sigaltstack"]
             rseq = None
@@ -483,7 +491,8 @@ class ProcessSource:
         cwd, root = procfs.readlink(pid, "cwd"), procfs.readlink(pid, "root")
         return ProcessState(
             pid=pid, comm=procfs.comm(pid), exe=procfs.readlink(pid, "exe"),
-            cwd=cwd, root=root, deleted_dirs=deleted_dirs(pid, cwd, root), umask=int(status.get("Umask", "0022"), 8),
+            cwd=cwd, root=root, deleted_dirs=deleted_dirs(pid, cwd, root),
+            umask=int(status.get("Umask", "0022"), 8),
             mm=procfs.mm_fields(procfs.stat_fields(pid), inside["brk"]), auxv=procfs.auxv(pid),
             rlimits=inside["rlimits"], sigactions=inside["sigactions"], fds=fds,
             threads=threads,

@@ -76,7 +76,8 @@ int main(int argc, char **argv)
                 perror("socketpair");
                 return 2;
             }
-            sa[j] = s[0], sb[j] = s[1], atok[j] = (unsigned char)(j * 3), btok[j] = (unsigned char)(j * 7);
+            sa[j] = s[0], sb[j] = s[1];
+            atok[j] = (unsigned char)(j * 3), btok[j] = (unsigned char)(j * 7);
             if (!give(sb[j], atok[j], "pair", j) || !give(sa[j], btok[j], "pair", j))
                 return 2;
             j++;
