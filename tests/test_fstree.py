@@ -65,7 +65,7 @@ def test_placing_received_fds_clobbers_nothing():
         assert len(table) == n + len(fixed)
 
 
-FS_VIEWS = ["chroot", "chroot-outside", "deleted-cwd", "deleted-root"]
+FS_VIEWS = ["chroot", "chroot-outside", "deleted-cwd", "deleted-root", "dir-pos"]
 
 
 @pytest.mark.parametrize("view", FS_VIEWS)
@@ -74,7 +74,7 @@ def test_root_and_working_directory(cbin, tmp_path, cold, direct, view):
     """A root directory (chroot) with the working directory inside it or outside it, and a
     working directory or root that was deleted (recreated beside where it was, entered and
     removed again): the workload checks the inodes of /, . and .., getcwd and the deleted
-    directory's mode."""
+    directory's mode. And a directory fd read part of the way keeps its position."""
     where = tmp_path / "dir"
     where.mkdir()
     move_and_compare(tmp_path, [cbin("fsview"), view, where], direct=direct, cold=cold,

@@ -902,7 +902,7 @@ class Husk:
             elif cloexec:
                 b.call(lib.SYS_fcntl, f.fd, 2, 1)      # F_SETFD, FD_CLOEXEC
             opened.add(f.fd)
-            if f.kind == "file":
+            if f.kind == "file" or f.kind == "dir" and f.offset:
                 b.call(lib.SYS_lseek, f.fd, f.offset, 0)
         if state.tty_pgrp:
             # its terminal's foreground group (the groups exist by now: StagedTree._set_groups)

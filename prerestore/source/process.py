@@ -457,7 +457,10 @@ class ProcessSource:
                 elif not direct and what in procfs.CARRIED_ANON:
                     desc = procfs.describe_anon(pid, fd, what, text)
                 elif not direct and what.startswith("directory "):
-                    desc = FileDescriptor(fd, "dir", what[len("directory "):], flags, 0)
+                    # its position: where a readdir in progress goes on (a cookie of the
+                    # file system's, valid for the same directory on the same file system)
+                    desc = FileDescriptor(fd, "dir", what[len("directory "):], flags,
+                                          int(procfs.parse_fdinfo(text).get("pos", "0")))
                 elif not direct and what == procfs.INOTIFY:
                     desc = procfs.describe_inotify(pid, fd, flags, text)
                 elif not direct and what.startswith("fifo "):

@@ -7,6 +7,8 @@
  *   chroot-outside  root DIR/jail, working directory DIR itself (outside the root: chroot
  *                   without chdir)
  *   chroot-socket   as chroot, holding a unix datagram socket bound to /sock (DIR/jail/sock)
+ *   dir-pos         a directory fd (DIR/many, 64 files) read part of the way: its position
+ *                   stays, and the entry read from it next is the same one
  * Every 2 ms it checks that the view is the one it set up (the inodes of / and . and ..
  * where they can be named, getcwd, the marker's content, that a deleted directory is still
  * deleted, with its mode), and every 100 checks prints "it=N ok" (deterministic), or
@@ -27,6 +29,20 @@
 static const char *mode;
 static struct stat parent0, jail0;
 static int sock = -1;
+static int dfd = -1;
+static off_t dir_pos;
+static char next_name[64];
+
+/* the name of the next entry of dfd (one per call: the buffer holds one) */
+static int next_entry(char *name, size_t size)
+{
+    char buf[32];
+    long n = syscall(SYS_getdents64, dfd, buf, sizeof buf);
+    if (n <= 0)
+        return 0;
+    snprintf(name, size, "%s", buf + 19);       /* d_ino 8, d_off 8, d_reclen 2, d_type 1 */
+    return 1;
+}
 
 static int same(const struct stat *a, const struct stat *b)
 {
@@ -45,6 +61,17 @@ static int check(void)
        directories when the kernel says "(unreachable)" */
     long n = syscall(SYS_getcwd, cwd, sizeof cwd);
     char *got = n > 0 ? cwd : NULL;
+    if (dfd >= 0) {
+        char name[64];
+        off_t pos = lseek(dfd, 0, SEEK_CUR);
+        if (pos != dir_pos || !next_entry(name, sizeof name) || strcmp(name, next_name) ||
+            lseek(dfd, dir_pos, SEEK_SET) != dir_pos) {
+            printf("BAD directory fd at %lld (want %lld), next entry %s (want %s)\n",
+                   (long long)pos, (long long)dir_pos, name, next_name);
+            return 0;
+        }
+        return 1;
+    }
     if (sock >= 0) {
         struct sockaddr_un sun;
         socklen_t len = sizeof sun;
@@ -117,7 +144,25 @@ int main(int argc, char **argv)
         perror(argv[2]);
         return 2;
     }
-    if (!strncmp(mode, "chroot", 6)) {
+    if (!strcmp(mode, "dir-pos")) {
+        char name[64];
+        mkdir("many", 0755);
+        for (int i = 0; i < 64; i++) {
+            snprintf(name, sizeof name, "many/f%02d", i);
+            close(open(name, O_CREAT | O_WRONLY, 0644));
+        }
+        dfd = open("many", O_RDONLY | O_DIRECTORY);
+        for (int i = 0; i < 20; i++)
+            if (dfd < 0 || !next_entry(name, sizeof name)) {
+                perror("many");
+                return 2;
+            }
+        dir_pos = lseek(dfd, 0, SEEK_CUR);
+        if (!next_entry(next_name, sizeof next_name) || lseek(dfd, dir_pos, SEEK_SET) != dir_pos) {
+            perror("getdents");
+            return 2;
+        }
+    } else if (!strncmp(mode, "chroot", 6)) {
         mkdir("jail", 0755);
         mkdir("jail/sub", 0755);
         int fd = open("jail/marker", O_CREAT | O_TRUNC | O_WRONLY, 0644);
