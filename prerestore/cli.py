@@ -235,10 +235,15 @@ def cmd_stage(args) -> int:
         client.request("abort")
         print("staged process dropped")
         return 0
+    if client.alive() and args.inherit_fd:
+        raise PrerestoreError("--inherit-fd goes with the first `stage` of a chain (the one "
+                              "that starts the stage daemon, which finalize asks)")
     if not client.alive():
         log = os.path.join(os.path.dirname(os.path.abspath(args.images_dir)), "stage-daemon.log")
-        argv = ["--socket", client.path] + (["--pidns"] if args.pidns else [])
-        client.wait_ready(control.spawn_daemon("prerestore.restore.daemon", argv, log, False))
+        argv = ["--socket", client.path] + (["--pidns"] if args.pidns else []) + \
+            [f"--inherit-fd=fd[{fd}]:{name}" for name, fd in args.inherit_fd]
+        client.wait_ready(control.spawn_daemon("prerestore.restore.daemon", argv, log, False,
+                                               tuple(fd for _, fd in args.inherit_fd)))
     stats = client.request("stage", dir=os.path.abspath(args.images_dir))["stats"]
     print(f"stage: rounds {stats['rounds']}: {stats['pages']} pages, {stats['vma_ops']} VMA "
           f"changes, {stats['apply_ms']:.1f} ms")
@@ -522,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--pidns", action="store_true",
                            help="restore inside a new pid namespace (the pid is free there)")
             p.add_argument("--abort", action="store_true", help="drop the staged process")
+            _inherit_fd_option(p)
         else:
             p.add_argument("--json", help="write the downtime report here "
                                           "(default: IMAGES_DIR/finalize.json)")

@@ -276,3 +276,54 @@ def test_dump_external_fd_and_restore_inherit_fd(cbin, tmp_path):
         os.close(w)
         reader.join(5)
         os.close(r)
+
+
+def test_predump_stage_inherit_fd_through_the_chain(cbin, tmp_path):
+    """Pre-restore by hand: predump --external-fd NAME (the tracker daemon keeps it for every
+    round), stage --inherit-fd fd[N]:NAME (the stage daemon it starts holds fd N), dump
+    --external-fd, finalize: the restored process writes on into the supervisor's pipe."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from migration import Cleanup, prerestore
+    from workloads import last_iteration, wait_for_iteration
+    log = tmp_path / "out.log"
+    proc, r, w, got, reader = _start_with_pipe(lambda w: [cbin("outpipe"), w], log)
+    cleanup = Cleanup()
+    sock = str(tmp_path / "stage.sock")
+    cleanup.sockets.append(sock)
+    try:
+        wait_for_iteration(log, 100, pid=proc.pid)
+        name = os.readlink(f"/proc/{proc.pid}/fd/{w}")
+        prerestore("predump", "-t", proc.pid, "-D", tmp_path / "r0", "--external-fd", name)
+        res = subprocess.run([sys.executable, "-m", "prerestore.cli", "stage", "-D",
+                              tmp_path / "r0", "--pidns", "--socket", sock, "--inherit-fd",
+                              f"fd[{w}]:{name}"], pass_fds=(w,), capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr
+        prerestore("predump", "-t", proc.pid, "-D", tmp_path / "r1", "--prev-images-dir",
+                   tmp_path / "r0")
+        prerestore("stage", "-D", tmp_path / "r1", "--socket", sock)
+        final = tmp_path / "final"
+        prerestore("dump", "-t", proc.pid, "-D", final, "--prev-images-dir", tmp_path / "r1",
+                   "--leave-stopped")
+        it = last_iteration(log)
+        prerestore("finalize", "-D", final, "--socket", sock)
+        fin = __import__("json").loads((final / "finalize.json").read_text())["finalize"]
+        cleanup.add(fin["init_pid"], fin["host_pid"])
+        proc.kill()
+        proc.wait(10)
+        wait_for_iteration(log, it + 300, timeout=60, pid=fin["host_pid"])
+        assert "BAD" not in log.read_text()
+        time.sleep(0.1)
+        data = bytes(got)
+        assert len(data) > it + 200
+        assert all(data[i] == (i + 1) & 0xFF for i in range(len(data)))
+    finally:
+        cleanup.run()
+        proc.kill()
+        proc.wait(10)
+        os.close(w)
+        reader.join(5)
+        os.close(r)
