@@ -1022,6 +1022,15 @@ int pr_same_file(int pid1, int fd1, int pid2, int fd2)
     return r < 0 ? ERR : r == 0;
 }
 
+/* kcmp of a resource two processes (or threads) may share as a whole, no index needed
+ * (KCMP_FILES 2: the fd table, KCMP_FS 3: root, working directory and umask): 0 the same,
+ * 1 or 2 ordered before or after, 3 different and unordered. */
+int pr_kcmp(int pid1, int pid2, int type)
+{
+    long r = syscall(SYS_kcmp, pid1, pid2, type, 0, 0);
+    return r < 0 ? ERR : (int)r;
+}
+
 /* Is the file at pid1's fd1 the one registered under target fd number tfd in the epoll at
  * pid2's efd? (kcmp KCMP_EPOLL_TFD, Linux 4.13; the kernel's struct kcmp_epoll_slot) */
 int pr_is_epoll_target(int pid1, int fd1, int pid2, int efd, int tfd)

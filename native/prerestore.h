@@ -146,6 +146,7 @@ int pr_make_inotify(int flags, const char *spare, const int *wds, const uint32_t
                     const char *const *paths, long n, long *failed);
 int pr_open_by_handle(int mount_fd, int type, const void *handle, unsigned len, int flags);
 int pr_same_file(int pid1, int fd1, int pid2, int fd2);
+int pr_kcmp(int pid1, int pid2, int type);
 int pr_is_epoll_target(int pid1, int fd1, int pid2, int efd, int tfd);
 int pr_pidfd_open(int pid);
 int pr_pidfd_getfd(int pidfd, int fd);

@@ -156,7 +156,8 @@ def cmd_predump(args) -> int:
         stats = client.request("predump", dir=os.path.abspath(args.images_dir),
                                prev=prev)["stats"]
     else:
-        check_supported(args.tree, external_unix=external_names(args.external_unix))
+        check_supported(args.tree, external_unix=external_names(args.external_unix),
+                        external_fds=frozenset(args.external_fd))
         if client.alive():                 # a new chain: the old tracker goes
             client.request("close")
         os.makedirs(args.images_dir, exist_ok=True)
@@ -165,7 +166,8 @@ def cmd_predump(args) -> int:
                                     ["--pid", str(args.tree), "--socket", path,
                                      "--first-round", os.path.abspath(args.images_dir),
                                      "--tracking", args.tracking] +
-                                    [f"--external-unix={n}" for n in args.external_unix],
+                                    [f"--external-unix={n}" for n in args.external_unix] +
+                                    [f"--external-fd={n}" for n in args.external_fd],
                                     log, False)
         try:
             client.wait_ready(proc, timeout=600)
@@ -201,9 +203,12 @@ def cmd_dump(args) -> int:
                                prev=prev, leave=leave,
                                release_ip=args.release_ip, verify=args.verify,
                                **({"external_unix": args.external_unix}
-                                  if args.external_unix else {}))["stats"]
+                                  if args.external_unix else {}),
+                               **({"external_fds": args.external_fd}
+                                  if args.external_fd else {}))["stats"]
     else:
-        session = SourceSession(args.tree, track=False, external_unix=args.external_unix)
+        session = SourceSession(args.tree, track=False, external_unix=args.external_unix,
+                                external_fds=frozenset(args.external_fd))
         try:
             stats = dump_and_leave(session, args.images_dir, leave, args.release_ip,
                                    args.verify)
@@ -230,10 +235,15 @@ def cmd_stage(args) -> int:
         client.request("abort")
         print("staged process dropped")
         return 0
+    if client.alive() and args.inherit_fd:
+        raise PrerestoreError("--inherit-fd goes with the first `stage` of a chain (the one "
+                              "that starts the stage daemon, which finalize asks)")
     if not client.alive():
         log = os.path.join(os.path.dirname(os.path.abspath(args.images_dir)), "stage-daemon.log")
-        argv = ["--socket", client.path] + (["--pidns"] if args.pidns else [])
-        client.wait_ready(control.spawn_daemon("prerestore.restore.daemon", argv, log, False))
+        argv = ["--socket", client.path] + (["--pidns"] if args.pidns else []) + \
+            [f"--inherit-fd=fd[{fd}]:{name}" for name, fd in args.inherit_fd]
+        client.wait_ready(control.spawn_daemon("prerestore.restore.daemon", argv, log, False,
+                                               tuple(fd for _, fd in args.inherit_fd)))
     stats = client.request("stage", dir=os.path.abspath(args.images_dir))["stats"]
     print(f"stage: rounds {stats['rounds']}: {stats['pages']} pages, {stats['vma_ops']} VMA "
           f"changes, {stats['apply_ms']:.1f} ms")
@@ -287,7 +297,8 @@ def cmd_restore(args) -> int:
     from . import netaddr
     _check_out_file("--json", args.json)
     fin = cold_restore(args.images_dir, pidns=args.pidns,
-                       claim_ip=netaddr.parse_claim(args.claim_ip) if args.claim_ip else None)
+                       claim_ip=netaddr.parse_claim(args.claim_ip) if args.claim_ip else None,
+                       inherit_fds=dict(args.inherit_fd))
     report = _downtime_report(args.images_dir, fin)
     _print_finalize(report, "restore")
     _print_json(args.json, report)
@@ -316,6 +327,9 @@ def cmd_migrate(args) -> int:
                                target_pages=args.target_pages,
                                max_downtime_ms=args.max_downtime)
     progress = (lambda m: print(m, flush=True)) if not args.quiet else (lambda m: None)
+    if args.to and args.inherit_fd:
+        raise PrerestoreError("--inherit-fd with --to: not yet (the fds would have to be "
+                              "given to `serve` on the destination)")
     if args.to:
         from .remote import migrate_to
         from .transport.channel import load_secret
@@ -338,7 +352,7 @@ def cmd_migrate(args) -> int:
                      direct=not args.via_files, tracking=args.tracking, work_dir=args.work_dir,
                      policy=policy, round_interval=args.round_interval / 1e3,
                      keep_images=args.keep_images, external_unix=args.external_unix,
-                     verify=args.verify, progress=progress)
+                     verify=args.verify, inherit_fds=dict(args.inherit_fd), progress=progress)
     print(f"migrated pid {args.tree} ({report['mode']}): downtime {report['downtime_ms']:.2f} ms, "
           f"total {report['total_ms']:.0f} ms, {len(report['rounds'])} pre-copy rounds; "
           f"running as host pid {report['restored_host_pid']}")
@@ -437,6 +451,31 @@ def _external_unix_option(p: argparse.ArgumentParser) -> None:
                         "outside are refused. Repeatable")
 
 
+def _external_fd_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--external-fd", action="append", default=[], metavar="NAME",
+                   help="an object outside the tree, as /proc/PID/fd names it (pipe:[1234], "
+                        "socket:[5678], a path): the fds on it are not carried; the restore "
+                        "must be given what stands for it (restore --inherit-fd "
+                        "fd[N]:NAME). Repeatable")
+
+
+def _inherit_fd(text: str) -> tuple[str, int]:
+    from .restore.staged import parse_inherit_fd
+    try:
+        return parse_inherit_fd(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _inherit_fd_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inherit-fd", action="append", default=[], type=_inherit_fd,
+                   metavar="fd[N]:NAME",
+                   help="our fd N (inherited from whoever runs us, e.g. `3>&1` or a "
+                        "supervisor's pipe) stands for NAME, an object outside the source's "
+                        "tree as its /proc/PID/fd named it (pipe:[1234], socket:[5678], a "
+                        "path): every fd of the tree on NAME gets a dup of it. Repeatable")
+
+
 VERIFY_HELP = ("before letting the restored tree go, compare what /proc shows of it with the "
                "frozen source (and, on one host, every page); any difference rolls back")
 
@@ -456,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking", choices=("auto", "uffd-wp", "page-hash"), default="auto",
                    help="dirty-page tracking for this chain (with round 0)")
     _external_unix_option(p)
+    _external_fd_option(p)
     p.set_defaults(func=cmd_predump)
 
     p = sub.add_parser("dump", help="freeze the process and write the final image")
@@ -475,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="carry what /proc shows of the frozen tree in the image, for "
                         "`finalize --verify` to compare the restored tree with")
     _external_unix_option(p)
+    _external_fd_option(p)
     p.set_defaults(func=cmd_dump)
 
     for name, func, text in (("stage", cmd_stage, "create or update the pre-restored process"),
@@ -486,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--pidns", action="store_true",
                            help="restore inside a new pid namespace (the pid is free there)")
             p.add_argument("--abort", action="store_true", help="drop the staged process")
+            _inherit_fd_option(p)
         else:
             p.add_argument("--json", help="write the downtime report here "
                                           "(default: IMAGES_DIR/finalize.json)")
@@ -498,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pidns", action="store_true")
     p.add_argument("--claim-ip", metavar="ADDR/PREFIX@DEV", help=CLAIM_HELP)
     p.add_argument("--json")
+    _inherit_fd_option(p)
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("migrate", help="live-migrate a process tree, on this host or --to another")
@@ -539,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     p.add_argument("-q", "--quiet", action="store_true")
     _external_unix_option(p)
+    _inherit_fd_option(p)
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("serve", help="receive migrations from other hosts (migrate --to)",

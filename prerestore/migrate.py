@@ -31,11 +31,14 @@ def _work_dir(base: str | None) -> str:
 class StageDaemonClient(control.ControlClient):
     """A stage daemon of our own, started for this migration and dying with us."""
 
-    def __init__(self, work_dir: str, pidns: bool):
+    def __init__(self, work_dir: str, pidns: bool, inherit_fds: dict[str, int] | None = None):
         super().__init__(control.socket_path("stage", work_dir))
         args = ["--socket", self.path] + (["--pidns"] if pidns else [])
+        inherit_fds = inherit_fds or {}
+        args += [f"--inherit-fd=fd[{fd}]:{name}" for name, fd in inherit_fds.items()]
         self.proc = control.spawn_daemon("prerestore.restore.daemon", args,
-                                         os.path.join(work_dir, "stage-daemon.log"), True)
+                                         os.path.join(work_dir, "stage-daemon.log"), True,
+                                         tuple(inherit_fds.values()))
         try:
             self.wait_ready(self.proc)
         except BaseException:
@@ -80,7 +83,7 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
             tracking: str = "auto", work_dir: str | None = None,
             policy: ConvergencePolicy = ConvergencePolicy(), round_interval: float = 0.0,
             keep_images: bool = False, external_unix=(), verify: bool = False,
-            progress=lambda msg: None) -> dict:
+            inherit_fds: dict[str, int] | None = None, progress=lambda msg: None) -> dict:
     """Migrate pid; returns the report (rounds, downtime and its phases, totals).
 
     external_unix: names ("/path" or "@abstract") through which unix connections may leave
@@ -90,9 +93,16 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
     outside are refused. On one host (direct) every socket is handed over as it is.
 
     verify: before the restored tree is let go, check it against the frozen source page by
-    page and by what /proc shows of both (restore/verify.py); any difference rolls back."""
+    page and by what /proc shows of both (restore/verify.py); any difference rolls back.
+
+    inherit_fds: {NAME: fd}: the source's fds on the object NAME (as /proc/PID/fd names it:
+    "pipe:[1234]", "socket:[5678]", a path), typically the other end of which is outside the
+    tree, are given a dup of our fd in the restored tree instead (as --inherit-fd fd[N]:NAME
+    of `restore`); on one host such fds are otherwise handed over as they are."""
     external_unix = external_names(external_unix)
-    check_supported(pid, direct, external_unix)       # refuse before touching anything
+    inherit_fds = dict(inherit_fds or {})
+    check_supported(pid, direct, external_unix,         # refuse before touching anything
+                    external_fds=frozenset(inherit_fds))
     levels = procfs.ns_pids(pid)
     if not pidns and len(levels) > 1 and levels[-1] == 1:
         raise UnsupportedState(f"pid {pid} is the init of its own pid namespace: it can only be "
@@ -106,9 +116,9 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
                     "pages_via": "direct" if direct else "files", "rounds": [],
                     "policy": asdict(policy), "work_dir": wd}
     try:
-        daemon = StageDaemonClient(wd, pidns)
+        daemon = StageDaemonClient(wd, pidns, inherit_fds)
         session = SourceSession(pid, track=not cold, direct=direct, tracking=tracking,
-                                external_unix=external_unix)
+                                external_unix=external_unix, external_fds=frozenset(inherit_fds))
         if session.tracker is not None:
             report["tracking"] = session.tracker.mode
             if hasattr(session.tracker, "warning"):

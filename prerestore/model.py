@@ -241,8 +241,11 @@ class FileDescriptor:
     first master fd carries the pair's state, see kernel.tty.PtyState), an inotify instance
     (data: its watches), an O_PATH fd of any inode that has a path ("path": opened again
     by its path with its flags, O_NOFOLLOW included), a pidfd of a process of the tree
-    ("pidfd", see target_pid), or, on the same host, any object
-    handed over as it is ("handover"); see procfs and session for the other kinds."""
+    ("pidfd", see target_pid), or, on the same host, any object handed over as it is
+    ("handover"), or an object outside the tree whose stand-in the restorer is given
+    ("inherit": path is the object's name as /proc/PID/fd shows it on the source, e.g.
+    "pipe:[1234]": restore --inherit-fd fd[N]:pipe:[1234]); see procfs and session for the
+    other kinds."""
     fd: int
     kind: str          # "file" | "chr" | "pipe" | "fifo" | "unix" | "pty-master" | ... | "handover"
     path: str
@@ -401,6 +404,13 @@ class ProcessState:
     loginuid: int = -1          # /proc/PID/loginuid (4294967295: unset); -1: leave it
     # the distinct seccomp filters of its threads (ThreadState.seccomp names them)
     seccomp_filters: list[SeccompFilter] = field(default_factory=list)
+    # its root directory (chroot) as /proc/PID/root shows it to the reader: a path from the
+    # reader's root, like cwd (which may lie inside it or outside it)
+    root: str = "/"
+    # a working directory ("cwd") or root ("root") that was deleted (rmdir while in use:
+    # the path above ends with " (deleted)"): its (mode, uid, gid), for the restorer to make
+    # one like it beside where it was, enter it and remove it again
+    deleted_dirs: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -444,6 +454,11 @@ class AddressSpaceRound:
     # (/dev/pts/N on the source); -1: none. The husk takes a new pair's slave as its
     # controlling terminal when it is made, before it forks anyone of its session.
     ctty: int = -1
+    # what it shares with its parent as a process (not a thread) does, made by clone():
+    # CLONE_FILES (0x400) the fd table, CLONE_FS (0x200) root, working directory and umask.
+    # Its husk is forked with them; a sharing that ended since (unshare, exec) ends in the
+    # husk too (a sharing cannot begin after the clone).
+    shares: int = 0
 
 
 @dataclass

@@ -47,7 +47,8 @@ def _task(t: AddressSpaceRound) -> dict:
             "pages": t.pages, "zap": t.zap, "pages_offset": t.pages_offset,
             "pages_from": t.pages_from, "tids": t.tids, "parent": t.parent, "sid": t.sid,
             "pgid": t.pgid, "starttime": t.starttime, "first": t.first,
-            "exit_signal": t.exit_signal, "source_pid": t.source_pid, "ctty": t.ctty}
+            "exit_signal": t.exit_signal, "source_pid": t.source_pid, "ctty": t.ctty,
+            "shares": t.shares}
 
 
 def _thread(t: ThreadState) -> dict:
@@ -75,7 +76,8 @@ def _state(s: ProcessState) -> dict:
             "dumpable": s.dumpable, "pdeathsig": s.pdeathsig,
             "child_subreaper": s.child_subreaper, "tty_pgrp": s.tty_pgrp,
             "oom_score_adj": s.oom_score_adj, "personality": s.personality,
-            "thp_disable": s.thp_disable, "stopped": s.stopped,
+            "thp_disable": s.thp_disable, "stopped": s.stopped, "root": s.root,
+            "deleted_dirs": {k: list(v) for k, v in s.deleted_dirs.items()},
             "timers": [[t.id, t.clock, t.signo, t.value, t.notify, t.thread, *t.interval,
                         *t.remaining, t.overrun] for t in s.timers],
             "itimers": [list(i) for i in s.itimers], "securebits": s.securebits,
@@ -204,7 +206,7 @@ RLIMIT_COUNT = 16
 SIGINFO_SIZE = 128
 FD_KINDS = ("file", "chr", "dir", "deleted", "pipe", "fifo", "unix", "tcp", "udp", "eventfd",
             "timerfd", "signalfd", "epoll", "inotify", "pty-master", "pty-slave", "handover",
-            "path", "pidfd")
+            "path", "pidfd", "inherit")
 ROUND_KINDS = ("predump", "dump")
 PAGE_SOURCES = ("file", "pid")
 MM_FIELDS = tuple(MmFields.__dataclass_fields__)
@@ -344,7 +346,18 @@ def _decode_task(t, path: str) -> AddressSpaceRound:
         first=_of(get("first"), bool, f"{path}.first", "bool"),
         exit_signal=_int(get("exit_signal"), f"{path}.exit_signal", (0, SIGNALS[1])),
         source_pid=_int(get("source_pid"), f"{path}.source_pid", (0, PID[1])),
-        ctty=_int(get("ctty", -1), f"{path}.ctty", (-1, 2**20)))
+        ctty=_int(get("ctty", -1), f"{path}.ctty", (-1, 2**20)),
+        shares=_shares(get("shares", 0), f"{path}.shares"))
+
+
+SHAREABLE = 0x200 | 0x400                 # CLONE_FS | CLONE_FILES
+
+
+def _shares(value, path: str) -> int:
+    value = _int(value, path, (0, SHAREABLE))
+    if value & ~SHAREABLE:
+        raise _bad(path, "CLONE_FS (0x200) and/or CLONE_FILES (0x400)", value)
+    return value
 
 
 def _siginfos(value, path: str) -> list[bytes]:
@@ -519,6 +532,8 @@ def _decode_state(s, path: str) -> ProcessState:
         personality=_int(get("personality"), f"{path}.personality", U32),
         thp_disable=_of(get("thp_disable"), bool, f"{path}.thp_disable", "bool"),
         stopped=_of(get("stopped"), bool, f"{path}.stopped", "bool"),
+        root=_absolute(get("root", "/"), f"{path}.root"),
+        deleted_dirs=_deleted_dirs(get("deleted_dirs", {}), f"{path}.deleted_dirs"),
         timers=[_decode_timer(t, f"{path}.timers[{i}]", len(threads))
                 for i, t in enumerate(_list(get("timers"), f"{path}.timers"))],
         itimers=[_ints(v, f"{path}.itimers[{i}]", (I64P, US, I64P, US))
@@ -544,6 +559,22 @@ def _bits(value, path: str, allowed: int) -> int:
     if type(value) is not int or value < 0 or value & ~allowed:
         raise _bad(path, f"bits of {allowed:#x}", value)
     return value
+
+
+def _absolute(value, path: str) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _bad(path, "an absolute path", value)
+    return value
+
+
+def _deleted_dirs(m, path: str) -> dict[str, tuple[int, int, int]]:
+    """A deleted working directory or root: "cwd"/"root" -> (mode, uid, gid)."""
+    out = {}
+    for key, value in _map(m, path).items():
+        if key not in ("cwd", "root"):
+            raise _bad(f"{path} key", '"cwd" or "root"', key)
+        out[key] = _ints(value, f"{path}.{key}", ((0, 0o7777), U32, U32))
+    return out
 
 
 # timer_create's clocks (CLOCK_REALTIME..CLOCK_TAI), sigev_notify values (SIGEV_SIGNAL,

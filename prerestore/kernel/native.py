@@ -486,6 +486,16 @@ def same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
                       f"fd {fd1} vs pid {pid2} fd {fd2}"))
 
 
+KCMP_FILES, KCMP_FS = 2, 3
+
+
+def kcmp(pid1: int, pid2: int, kind: int) -> int:
+    """kcmp of a whole resource (KCMP_FILES: the fd table; KCMP_FS: root, working directory,
+    umask) of two processes or threads: 0 the same one; otherwise 1 or 2, an order (sorting
+    by it puts the sharers of one side by side), or 3."""
+    return check(lib.pr_kcmp(pid1, pid2, kind), "kcmp", pid1, f"vs pid {pid2} (type {kind})")
+
+
 def is_epoll_target(pid: int, fd: int, epoll_pid: int, efd: int, tfd: int) -> bool:
     """kcmp(KCMP_EPOLL_TFD): is pid's fd the file registered as tfd in epoll_pid's epoll efd?
     (An epoll shared by several processes holds registrations made from any of them, by

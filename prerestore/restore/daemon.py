@@ -19,14 +19,15 @@ from .. import netaddr
 from ..errors import PrerestoreError, ProtocolError
 from ..kernel import native
 from ..transport import control
-from .staged import StagedTree
+from .staged import StagedTree, parse_inherit_fd
 
 OPS = ("stage", "finalize", "abort", "status", "pin")
 
 
 class StageService:
-    def __init__(self, pidns: bool):
+    def __init__(self, pidns: bool, inherit_fds: dict[str, int] | None = None):
         self.staged = StagedTree(pidns=pidns)
+        self.inherit_fds = inherit_fds or {}      # --inherit-fd: given to finalize
 
     def dispatch(self, msg: dict) -> tuple[dict, bool]:
         op = msg.get("op")
@@ -72,7 +73,8 @@ class StageService:
             try:
                 stats = self.staged.finalize(
                     directory, image,
-                    claim_ip=netaddr.parse_claim(claim_ip) if claim_ip else None, verify=verify)
+                    claim_ip=netaddr.parse_claim(claim_ip) if claim_ip else None, verify=verify,
+                    inherit_fds=self.inherit_fds)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
             return {"ok": True, "stats": stats}, True
@@ -92,10 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pidns", action="store_true")
     ap.add_argument("--parent", type=int, help="die when this process (our parent) exits")
     ap.add_argument("--idle-timeout", type=float, default=3600.0)
+    ap.add_argument("--inherit-fd", action="append", default=[], metavar="fd[N]:NAME",
+                    help="our fd N stands for NAME, an object outside the source's tree")
     args = ap.parse_args(argv)
     if args.parent:
         native.set_pdeathsig(signal.SIGKILL, args.parent)
-    service = StageService(args.pidns)
+    try:
+        inherit = dict(parse_inherit_fd(x) for x in args.inherit_fd)
+    except ValueError as e:
+        ap.error(str(e))
+    service = StageService(args.pidns, inherit)
 
     def terminate(signum, frame):
         service.staged.abort()

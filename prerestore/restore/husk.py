@@ -42,6 +42,7 @@ PIDFD_FLAGS = 0o4000 | 0o200          # PIDFD_NONBLOCK (O_NONBLOCK), PIDFD_THREA
 # what F_SETFL changes: O_APPEND, O_NONBLOCK, O_ASYNC, O_DIRECT, O_NOATIME
 SETFL_FLAGS = 0o2000 | 0o4000 | O_ASYNC | 0o40000 | 0o1000000
 WALL = 0x40000000                         # __WALL: wait for any kind of child
+SCM_MAX_FD = 253                          # fds one SCM_RIGHTS message carries at most
 
 
 PR_TSC_SIGSEGV = 2                        # PR_SET_TSC: rdtsc raises SIGSEGV
@@ -121,6 +122,41 @@ def resumable_regs(saved: dict[str, int]) -> dict[str, int]:
     return regs
 
 
+def _place_fds(b, moves: dict[int, tuple[int, bool]], spare: int) -> None:
+    """The calls that move received fds to their numbers: moves maps where each landed (the
+    lowest free numbers, which may be numbers others must get) to (its number, close-on-exec).
+    A parallel move: one whose number is still held by another waiting to move goes after
+    it; a cycle goes through `spare`, a free number. No other number is used, so that a
+    process near its RLIMIT_NOFILE gets its fds back all the same."""
+    pending = dict(moves)
+    waiting_for = {target: src for src, (target, _) in pending.items()}   # number -> holder
+    ready = [src for src, (target, _) in pending.items() if target not in pending or
+             target == src]
+    while pending:
+        while ready:
+            src = ready.pop()
+            target, cloexec = pending.pop(src)
+            if target == src:
+                if cloexec:
+                    b.call(lib.SYS_fcntl, src, 2, 1)          # F_SETFD, FD_CLOEXEC
+            else:
+                b.call(lib.SYS_dup3, src, target, lib.O_CLOEXEC if cloexec else 0)
+                b.call(lib.SYS_close, src)
+            blocked = waiting_for.get(src)                    # the one waiting for src
+            if blocked is not None and blocked in pending:
+                ready.append(blocked)
+        if pending:                                            # only cycles are left
+            src = next(iter(pending))
+            target, cloexec = pending.pop(src)
+            b.call(lib.SYS_dup3, src, spare, 0)
+            b.call(lib.SYS_close, src)
+            pending[spare] = (target, cloexec)     # goes once target's holder has moved
+            waiting_for[target] = spare
+            blocked = waiting_for.get(src)         # src is free now
+            if blocked is not None and blocked in pending:
+                ready.append(blocked)
+
+
 class Husk:
     def __init__(self, host_pid: int, pid: int, init_pid: int | None):
         self.host_pid = host_pid          # pid in our namespace (ptrace, /proc)
@@ -142,6 +178,11 @@ class Husk:
         # the tree's System V IPC (restore/sysvipc.IpcPlace: its segments' sizes and
         # read-only attachments), shared by the tree's husks
         self.sysv = None
+        # what it shares with its parent husk (CLONE_FILES, CLONE_FS: fork_child), and the
+        # husk of the tree that first had that fd table / fs (None: its own)
+        self.shares = 0
+        self.files_leader: Husk | None = None
+        self.fs_leader: Husk | None = None
 
     # ---- birth ------------------------------------------------------------------------------
 
@@ -231,11 +272,13 @@ class Husk:
         except ChildProcessError:
             return None
 
-    def fork_child(self, pid: int, exit_signal: int = SIGCHLD) -> "Husk":
+    def fork_child(self, pid: int, exit_signal: int = SIGCHLD, shares: int = 0) -> "Husk":
         """A child process of this husk with `pid` (in this husk's pid namespace), made by an
         injected clone3 without CLONE_VM: it starts as a copy of this husk, memory included
         (shared copy-on-write, which is how a restored tree keeps the pages its processes
-        share), parked in the thread starter with every signal blocked."""
+        share), parked in the thread starter with every signal blocked. shares: CLONE_FILES
+        and/or CLONE_FS, to share this husk's fd table or root, working directory and umask,
+        as the source's child did (filled by the first of them that apply_state reaches)."""
         sc = self.remote.scratch
         native.set_options(self.host_pid, lib.PTRACE_O_EXITKILL | lib.PTRACE_O_TRACECLONE |
                            lib.PTRACE_O_TRACEFORK)
@@ -244,7 +287,7 @@ class Husk:
         tid_slot, args = sc.data_addr, sc.data_addr + 64
         native.write_mem(self.host_pid, tid_slot, struct.pack("=i", pid))
         native.write_mem(self.host_pid, args, struct.pack(
-            "=11Q", 0, 0, 0, 0, exit_signal, 0, 0, 0, tid_slot, 1, 0))
+            "=11Q", shares, 0, 0, 0, exit_signal, 0, 0, 0, tid_slot, 1, 0))
         saved = self.tracee.regs()
         t0 = time.monotonic()
         try:
@@ -277,7 +320,23 @@ class Husk:
         child.fds = set(self.fds)
         child.sysv = self.sysv
         child.prepared = True
+        child.shares = shares
+        if shares & lib.CLONE_FILES:
+            child.files_leader = self.files_leader or self
+        if shares & lib.CLONE_FS:
+            child.fs_leader = self.fs_leader or self
         return child
+
+    def unshare(self, flags: int) -> None:
+        """Stop sharing (CLONE_FILES, CLONE_FS) what it was forked sharing with its parent:
+        the source's process did since (unshare, exec). Before apply_state: a copy of an fd
+        table the husks have not filled yet."""
+        self.remote.call(lib.SYS_unshare, flags)
+        self.shares &= ~flags
+        if flags & lib.CLONE_FILES:
+            self.files_leader = None
+        if flags & lib.CLONE_FS:
+            self.fs_leader = None
 
     def lead_session(self) -> None:
         """setsid(): it leads a session, as the source did (before it forks any child)."""
@@ -653,10 +712,13 @@ class Husk:
 
         We take them with pidfd_getfd, listen on an abstract unix socket, and have the husk
         connect and receive them (SCM_RIGHTS) in a batch running while we send; a second batch
-        moves each to its number and sets close-on-exec."""
+        moves each to its number and sets close-on-exec. One SCM_RIGHTS message carries at
+        most SCM_MAX_FD (253) fds: more go in several messages, each received by its own
+        recvmsg of a 1-byte buffer (a stream socket's recvmsg stops at the message whose fds
+        it took, so each gets exactly its own)."""
         fds = [f for _, _, f in items]
-        if len(fds) > 253:                                    # SCM_MAX_FD per message
-            raise RestoreError(f"{len(fds)} fds to hand over; at most 253 for now")
+        chunks = [list(range(i, min(i + SCM_MAX_FD, len(fds))))
+                  for i in range(0, len(fds), SCM_MAX_FD)]
         pidfds: dict[int, int] = {}
         local = []
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -678,14 +740,18 @@ class Husk:
             addr = b.put(struct.pack("=H", socket.AF_UNIX) + name)
             byte = b.put(b"\0")
             iov = b.put(struct.pack("=QQ", byte, 1))
-            ctl_len = 16 + (4 * len(fds) + 7) // 8 * 8           # CMSG_SPACE(4 * n)
-            ctl = b.put(b"\0" * ctl_len)
-            msg = b.put(struct.pack("=QI4xQQQQi4x", 0, 0, iov, 1, ctl, ctl_len, 0))
+            ctls = []
+            for chunk in chunks:
+                ctl_len = 16 + (4 * len(chunk) + 7) // 8 * 8      # CMSG_SPACE(4 * n)
+                ctl = b.put(b"\0" * ctl_len)
+                msg = b.put(struct.pack("=QI4xQQQQi4x", 0, 0, iov, 1, ctl, ctl_len, 0))
+                ctls.append((ctl, ctl_len, msg))
             b.call(lib.SYS_socket, socket.AF_UNIX, socket.SOCK_STREAM | lib.O_CLOEXEC, 0)
             b.call(lib.SYS_dup3, first, high, lib.O_CLOEXEC)
             b.call(lib.SYS_close, first)
             b.call(lib.SYS_connect, high, addr, 2 + len(name))
-            b.call(lib.SYS_recvmsg, high, msg, 0)
+            for _, _, msg in ctls:
+                b.call(lib.SYS_recvmsg, high, msg, 0)
             started = self.remote.start(b)
             try:
                 conn, _ = listener.accept()
@@ -694,25 +760,25 @@ class Husk:
                 raise RestoreError(f"the husk did not connect to take its fds: {e} "
                                    f"({b.labels[done - 1]} returned {results[done - 1]})") from None
             with conn:
-                socket.send_fds(conn, [b"F"], local)
+                for chunk in chunks:
+                    socket.send_fds(conn, [b"F"], [local[i] for i in chunk])
             results, done = started.finish()
-            if done < len(b.calls) or results[-1] != 1 or results[0] != first:
+            if done < len(b.calls) or any(r != 1 for r in results[4:]) or results[0] != first:
                 raise RestoreError(f"the husk could not receive its fds (results {results})")
-            cmsg = self.remote.read(ctl, ctl_len)
-            length, level, kind = struct.unpack_from("=Qii", cmsg)
-            received = list(struct.unpack_from(f"={(length - 16) // 4}i", cmsg, 16))
-            if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS or \
-                    len(received) != len(fds):
-                raise RestoreError(f"the husk received {len(received)} of {len(fds)} fds")
+            received = []
+            for (ctl, ctl_len, _), chunk in zip(ctls, chunks):
+                cmsg = self.remote.read(ctl, ctl_len)
+                length, level, kind = struct.unpack_from("=Qii", cmsg)
+                got = list(struct.unpack_from(f"={(length - 16) // 4}i", cmsg, 16))
+                if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS or \
+                        len(got) != len(chunk):
+                    raise RestoreError(f"the husk received {len(got)} of {len(chunk)} fds "
+                                       f"in a message")
+                received += got
             b = self.remote.batch()
-            for i, r in enumerate(received):      # out of the way first, then into place
-                b.call(lib.SYS_dup3, r, high + 1 + i, 0)
-                b.call(lib.SYS_close, r)
-            for i, f in enumerate(fds):
-                b.call(lib.SYS_dup3, high + 1 + i, f.fd,
-                       lib.O_CLOEXEC if f.flags & lib.O_CLOEXEC else 0)
-                b.call(lib.SYS_close, high + 1 + i)
-            b.call(lib.SYS_close, high)
+            b.call(lib.SYS_close, high)           # free: the one spare number needed below
+            _place_fds(b, {r: (f.fd, bool(f.flags & lib.O_CLOEXEC))
+                           for r, f in zip(received, fds)}, high)
             self.remote.run(b)
         finally:
             listener.close()
@@ -913,7 +979,8 @@ class Husk:
     def apply_state(self, state: ProcessState, source_pid: int | None = None,
                     tree: dict[int, int] | None = None,
                     made: dict[tuple[int, int], int] | None = None,
-                    queued_here: tuple[int, ...] = (SIGCHLD,)) -> dict:
+                    queued_here: tuple[int, ...] = (SIGCHLD,),
+                    dirs: dict[tuple[int, str], str] | None = None, fs: bool = True) -> dict:
         """Everything but the registers: fds, mm fields, signals, rseq... in one batch, after
         creating the other threads. source_pid: the live source on this host, to hand over
         what cannot be reopened; tree: host pids of the tree's husks by the pid they stand
@@ -921,9 +988,17 @@ class Husk:
         objects the restorer made for the tree (pipes): our own fds, by (pid, fd);
         queued_here: signals the restore itself may have queued to the husk (SIGCHLD from
         its children husks, SIGWINCH from giving its terminal its window size), discarded
-        before the source's pending signals are queued again."""
+        before the source's pending signals are queued again; dirs: directories the restorer
+        made for a deleted working directory or root, by (pid, "cwd"/"root")
+        (staged.make_deleted_dirs); fs: it sets the root, working directory and umask (of
+        husks sharing them, CLONE_FS, the last one applied: after every path the others
+        open from the host's root).
+
+        A husk sharing its fd table with one applied before it (files_leader) installs no fd:
+        that one has installed them all in their one table."""
         t0 = time.perf_counter()
         maybe_fail("apply_state")
+        dirs = dirs or {}
         if state.oom_score_adj:
             try:
                 with open(f"/proc/{self.host_pid}/oom_score_adj", "w") as f:
@@ -947,7 +1022,10 @@ class Husk:
             self._cred_calls(b, th.creds or state.creds, state.securebits)
             remote.run(b)
         b = self.remote.batch()
-        opened = set(self.fds)
+        leader = self.files_leader
+        # a shared table holds every fd of the source's by now (the same table there)
+        opened = {f.fd for f in state.fds} if leader else set(self.fds)
+        own_fds = [] if leader else state.fds
         expected = []
 
         def lowest():
@@ -956,12 +1034,12 @@ class Husk:
                 fd += 1
             return fd
 
-        handed = [f for f in state.fds if f.kind == "handover"]
+        handed = [f for f in own_fds if f.kind == "handover"]
         if handed and not source_pid:
             raise RestoreError(f"fds {[f.fd for f in handed]} ({handed[0].path}...) can only be "
                                "handed over from a source on this host")
         items = [(source_pid, f.fd, f) for f in handed]
-        for f in sorted(state.fds, key=lambda f: f.fd):
+        for f in sorted(own_fds, key=lambda f: f.fd):
             if f.kind == "handover":
                 continue
             if made and (self.pid, f.fd) in made:     # an object the restorer made
@@ -1000,7 +1078,7 @@ class Husk:
             elif cloexec:
                 b.call(lib.SYS_fcntl, f.fd, 2, 1)      # F_SETFD, FD_CLOEXEC
             opened.add(f.fd)
-            if f.kind == "file":
+            if f.kind == "file" or f.kind == "dir" and f.offset:
                 b.call(lib.SYS_lseek, f.fd, f.offset, 0)
         if state.tty_pgrp:
             # its terminal's foreground group (the groups exist by now: StagedTree._set_groups)
@@ -1052,8 +1130,10 @@ class Husk:
                        label=f"prctl(PR_SET_VMA_ANON_NAME) {v.start:#x}-{v.end:#x} {v.path}")
         comm = state.comm.encode()[:15]
         b.call(lib.SYS_prctl, lib.PR_SET_NAME, b.put(comm + b"\0"), label="prctl(PR_SET_NAME)")
-        b.call(lib.SYS_umask, state.umask)
-        b.call(lib.SYS_chdir, b.put_str(state.cwd), label=f"chdir {state.cwd}")
+        if fs:
+            b.call(lib.SYS_umask, state.umask)
+            cwd = dirs.get((state.pid, "cwd"), state.cwd)
+            b.call(lib.SYS_chdir, b.put_str(cwd), label=f"chdir {cwd}")
         for info in state.shared_pending:
             sig = struct.unpack_from("=i", info)[0]
             b.call(lib.SYS_rt_sigqueueinfo, self.pid, sig, b.put(info))
@@ -1069,7 +1149,15 @@ class Husk:
         if state.thp_disable:
             b.call(lib.SYS_prctl, lib.PR_SET_THP_DISABLE, 1, 0, 0, 0)
         b.call(lib.SYS_prctl, lib.PR_SET_PDEATHSIG, 0)
+        # (loginuid is written through /proc/self: before the chroot)
         self._process_attr_calls(b, state, lowest, expected)
+        root = dirs.get((state.pid, "root"), state.root)
+        if fs and root != "/":
+            # Last of what names paths (every path of the image is one from the reader's
+            # root, the host's: the working directory, which may lie inside or outside the
+            # new root, files, the exe) and before the credentials (CAP_SYS_CHROOT); fds are
+            # handed over after it through an abstract socket, which names no path.
+            b.call(lib.SYS_chroot, b.put_str(root), label=f"chroot {root}")
         self._cred_calls(b, state.creds, state.securebits)
         b.call(lib.SYS_prctl, lib.PR_SET_DUMPABLE, state.dumpable)   # a uid change reset it
         if state.pdeathsig and self.parent is not None:
@@ -1081,12 +1169,14 @@ class Husk:
             if results[i] != fd:
                 raise RestoreError(f"husk {b.labels[i]} returned fd {results[i]}, expected {fd}")
         handed = {f.fd for _, _, f in items}
-        self.fds = {f.fd for f in state.fds if f.kind != "handover" and f.fd not in handed}
+        self.fds = {f.fd for f in state.fds} if leader else \
+            {f.fd for f in state.fds if f.kind != "handover" and f.fd not in handed}
         t_batch = time.perf_counter()
         if items:
             self.hand_over_fds(items, {f.fd for f in state.fds})
-        self._register_epoll(state)
-        self._set_fd_owners(state)
+        if not leader:               # a shared fd table's first process did these
+            self._register_epoll(state)
+            self._set_fd_owners(state)
         t_handed = time.perf_counter()
         self._last_calls(state)
         return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(items),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),

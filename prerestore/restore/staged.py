@@ -247,6 +247,105 @@ def make_deleted_files(states: list[ProcessState], made: dict) -> None:
         made[(s.pid, f.fd)] = fd
 
 
+# file status flags F_SETFL sets on an open file description
+SETFL_FLAGS = os.O_APPEND | os.O_NONBLOCK | 0o20000 | 0o40000 | 0o1000000   # ASYNC DIRECT NOATIME
+
+
+def parse_inherit_fd(text: str) -> tuple[str, int]:
+    """--inherit-fd fd[N]:NAME -> (NAME, N): NAME is the object as the source's
+    /proc/PID/fd names it ("pipe:[1234]", "socket:[5678]", "/var/log/app.log"), N an fd
+    the restorer holds (inherited from whoever runs it) standing for it here."""
+    head, sep, name = text.partition(":")
+    if not (sep and head.startswith("fd[") and head.endswith("]") and head[3:-1].isdigit()
+            and name):
+        raise ValueError(f"--inherit-fd {text!r}: expected fd[N]:NAME, e.g. fd[3]:pipe:[1234]")
+    return name, int(head[3:-1])
+
+
+def missing_inherited(states: list[ProcessState], inherit_fds: dict[str, int]) -> list[str]:
+    """The fds of the image that stand for objects outside the source's tree (kind
+    "inherit") and that the restorer was given nothing for, or something opened otherwise
+    (read vs write), in words."""
+    problems = []
+    for s in states:
+        for f in s.fds:
+            if f.kind != "inherit":
+                continue
+            given = inherit_fds.get(f.path)
+            if given is None:
+                problems.append(f"pid {s.pid} fd {f.fd}: {f.path} was outside the tree on the "
+                                "source: name what it is connected to here with --inherit-fd "
+                                f"fd[N]:{f.path}")
+                continue
+            try:
+                mode = fcntl.fcntl(given, fcntl.F_GETFL) & os.O_ACCMODE
+            except OSError as e:
+                problems.append(f"--inherit-fd fd[{given}]:{f.path}: fd {given} is not open "
+                                f"here ({e.strerror})")
+                continue
+            if mode != f.flags & os.O_ACCMODE:
+                names = {os.O_RDONLY: "read-only", os.O_WRONLY: "write-only",
+                         os.O_RDWR: "read-write"}
+                problems.append(f"pid {s.pid} fd {f.fd}: {f.path} was open "
+                                f"{names.get(f.flags & os.O_ACCMODE)}, the fd {given} given for "
+                                f"it is {names.get(mode)}")
+    return problems
+
+
+def make_inherited(states: list[ProcessState], made: dict, inherit_fds: dict[str, int]) -> None:
+    """Fds standing for objects outside the tree: a dup of what the restorer was given for
+    each name (--inherit-fd; checked by missing_inherited), with the source's file status
+    flags (O_NONBLOCK, O_APPEND...), which belong to the open file description the caller
+    hands over for the restored tree."""
+    for s, f in _to_make(states, ("inherit",), made):
+        fd = os.dup(inherit_fds[f.path])
+        made[(s.pid, f.fd)] = fd
+        fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & SETFL_FLAGS)
+
+
+def make_deleted_dirs(states: list[ProcessState]) -> dict[tuple[int, str], str]:
+    """Working directories and roots deleted while in use: a new directory with the
+    source's mode and owner beside where the old one was (one for every process that had
+    the same one), for the husks to enter; the caller removes them once they have
+    (remove_dirs), which leaves them deleted as on the source. Returns their paths by
+    (pid, "cwd"/"root")."""
+    made: dict[str, str] = {}
+    out: dict[tuple[int, str], str] = {}
+    try:
+        for s in states:
+            for name, (mode, uid, gid) in sorted(s.deleted_dirs.items()):
+                link = s.cwd if name == "cwd" else s.root
+                if link not in made:
+                    old = link[:-len(" (deleted)")] if link.endswith(" (deleted)") else link
+                    where = os.path.dirname(old)
+                    if not os.path.isdir(where):
+                        raise RestoreError(f"pid {s.pid}: its deleted {name} {old} was in "
+                                           f"{where}, which is not a directory here")
+                    path = tempfile.mkdtemp(dir=where, prefix=".prerestore-deleted-")
+                    made[link] = path
+                    os.chown(path, uid, gid)
+                    os.chmod(path, mode)
+                out[(s.pid, name)] = made[link]
+    except BaseException:
+        remove_dirs(out)
+        for path in made.values():
+            _rmdir(path)
+        raise
+    return out
+
+
+def remove_dirs(dirs: dict[tuple[int, str], str]) -> None:
+    for path in set(dirs.values()):
+        _rmdir(path)
+
+
+def _rmdir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+
+
 def make_tcp(states: list[ProcessState], made: dict, built: list[tuple[socket.socket, dict]],
              foreign_ok: bool = False, live: bool = True) -> None:
     """TCP and UDP sockets of an image: listening ones bound again, established ones rebuilt
@@ -512,7 +611,7 @@ class StagedTree:
             parent = self.husks.get(task.parent)
             if parent is None:
                 raise ImageError(f"process {task.pid}: its parent {task.parent} is not staged")
-            husk = parent.fork_child(task.pid, task.exit_signal)
+            husk = parent.fork_child(task.pid, task.exit_signal, task.shares)
             self.husks[task.pid] = husk
         if task.sid == task.pid or not task.parent:
             # before it forks anything: they inherit it. The root leads a session even when
@@ -581,7 +680,8 @@ class StagedTree:
             raise
 
     def finalize(self, directory: str, image: bytes | None = None,
-                 claim_ip: "netaddr.Address | None" = None, verify: bool = False) -> dict:
+                 claim_ip: "netaddr.Address | None" = None, verify: bool = False,
+                 inherit_fds: dict[str, int] | None = None) -> dict:
         """Apply the final image (read from directory, or handed over in-band as the bytes
         of its round.img) and resume. Returns timings (monotonic clock).
         claim_ip: the service's address, claimed here once the tree's sockets are rebuilt
@@ -595,7 +695,11 @@ class StagedTree:
         the final image's snapshot or, lacking one, the frozen source itself if it is on
         this host; fail (the source resumes) on any difference. Without it, each check runs
         if PRERESTORE_VERIFY asks for it, the /proc one also when the image carries a
-        snapshot (its source asked for it)."""
+        snapshot (its source asked for it).
+        inherit_fds: our fds standing for objects outside the source's tree, by the name the
+        image gives them ("pipe:[1234]": --inherit-fd fd[N]:NAME); each such fd of the image
+        must have one, opened for the same access, or nothing is done."""
+        inherit_fds = inherit_fds or {}
         t0 = time.monotonic()
         asked = visible.modes()
         page_ms = proc_ms = 0.0
@@ -613,6 +717,9 @@ class StagedTree:
             pending = self._pending_rounds(directory, final)
             if not pending or not pending[-1][1].is_final:
                 raise ImageError(f"{directory}: not a final image (made by `dump`)")
+            missing = missing_inherited(pending[-1][1].states, inherit_fds)
+            if missing:
+                raise RestoreError("; ".join(missing))
             t_read = time.monotonic()
             seen = self._source_seen(pending[-1][1], verify or "proc" in asked, verify)
             read_ms = (time.monotonic() - t_read) * 1e3
@@ -640,9 +747,12 @@ class StagedTree:
             with_tty = {t.pid for t in final.tasks if t.ctty >= 0}
             queued_here = {t.pid: (SIGCHLD, signal.SIGWINCH) if t.sid in with_tty
                            else (SIGCHLD,) for t in final.tasks}
+            fs_last = self._settle_sharing(final)
             made = make_pipes(final.states)
             unix = UnixSockets(final.states)
+            dirs: dict[tuple[int, str], str] = {}
             try:
+                dirs = make_deleted_dirs(final.states)
                 made_ptys = make_ptys(final.states, made, self.ptys)
                 unix.make()
                 for s, f in _to_make(final.states, ("unix",), made):
@@ -655,14 +765,16 @@ class StagedTree:
                 make_tcp(final.states, made, built, foreign_ok=claim is not None,
                          live=self.gate is None)
                 make_deleted_files(final.states, made)
+                make_inherited(final.states, made, inherit_fds)
                 make_fifos(final.states, made)
                 make_inotify(final.states, made)
                 state_stats = [self.husks[s.pid].apply_state(
                     s, final.task_of(s.pid).source_pid or s.pid if direct else None, tree,
-                    made, queued_here[s.pid]) for s in final.states]
+                    made, queued_here[s.pid], dirs, s.pid in fs_last) for s in final.states]
                 for master, st in made_ptys:       # once no husk opens a slave any more
                     tty.lock(master, st)
             finally:
+                remove_dirs(dirs)               # entered by now: deleted, as they were
                 unix.close()
                 for fd in set(made.values()):
                     os.close(fd)
@@ -675,7 +787,8 @@ class StagedTree:
                 t_check = time.monotonic()
                 self._tamper(final)
                 gaps = verify_mod.check(seen, visible.snapshot_tree(
-                    [self.husks[s.pid].host_pid for s in final.states]))
+                    [self.husks[s.pid].host_pid for s in final.states]),
+                    {(s.pid, f.fd) for s in final.states for f in s.fds if f.kind == "inherit"})
                 proc_ms, checked = (time.monotonic() - t_check) * 1e3 + read_ms, True
             if self.gate is None:               # let go one by one: live before
                 _make_live(built, claim)
@@ -748,6 +861,26 @@ class StagedTree:
             "ipc_namespace": self.ipc.where,
             "pid": root.pid, "host_pid": root.host_pid, "init_pid": root.init_pid,
             "tree": [[s.pid, self.husks[s.pid].host_pid] for s in final.states]}
+
+    def _settle_sharing(self, final: Round) -> set[int]:
+        """Fd tables and fs (CLONE_FILES, CLONE_FS) the husks were forked sharing and that
+        the source's processes no longer share (unshare, exec since) are unshared; a
+        sharing the husk lacks cannot be, as a sharing begins only at clone. Returns the
+        pids that set root, working directory and umask: of those sharing them, the last
+        applied (Husk.apply_state)."""
+        for t in final.tasks:
+            husk = self.husks[t.pid]
+            if t.shares & ~husk.shares:
+                raise RestoreError(f"process {t.pid} shares {t.shares & ~husk.shares:#x} "
+                                   "(CLONE_FILES 0x400, CLONE_FS 0x200) with its parent, "
+                                   "which its husk was not forked with")
+            if husk.shares & ~t.shares:
+                husk.unshare(husk.shares & ~t.shares)
+        last: dict[int, int] = {}
+        for s in final.states:
+            husk = self.husks[s.pid]
+            last[id(husk.fs_leader or husk)] = s.pid
+        return set(last.values())
 
     def _source_seen(self, final: Round, wanted: bool, required: bool
                      ) -> list[VisibleState]:
@@ -826,11 +959,13 @@ def _sum_stats(stats: list[dict]) -> dict:
     return out
 
 
-def cold_restore(directory: str, *, pidns: bool = False, claim_ip=None) -> dict:
+def cold_restore(directory: str, *, pidns: bool = False, claim_ip=None,
+                 inherit_fds: dict[str, int] | None = None) -> dict:
     """Restore from a full image chain in one go: the baseline pre-restore is compared with.
     claim_ip: the service address (netaddr.Address) to take once the sockets are live."""
     if not os.path.isdir(directory):
         raise ImageError(f"{directory}: " + ("not a directory: -D names an image directory"
                                              if os.path.exists(directory) else
                                              "no such image directory"))
-    return StagedTree(pidns=pidns).finalize(directory, claim_ip=claim_ip)
+    return StagedTree(pidns=pidns).finalize(directory, claim_ip=claim_ip,
+                                            inherit_fds=inherit_fds)

@@ -168,6 +168,10 @@ LEGIT = {
     # not, and the source's registration ends with it
     "maps.vmflag.uw": _drop,
     "fd.link": _deleted,
+    # a working directory or root deleted while in use is made anew beside where it was and
+    # removed again (staged.make_deleted_dirs): compared the same way
+    "cwd": _deleted,
+    "root": _deleted,
     # kernel objects made anew have new inodes; a file reopened by path on another host is
     # on another mount
     "fd.ino": _drop,
@@ -305,10 +309,22 @@ def _diff(pid: int, thread: int, src: dict[str, str], dst: dict[str, str]
             for k in sorted(src.keys() | dst.keys()) if src.get(k) != dst.get(k)]
 
 
-def compare(source: list[VisibleState], restored: list[VisibleState]
-            ) -> list[Difference]:
+_FD_FIELD = re.compile(r"^fd\[(\d+)\]\.(.*)$")
+
+
+def _inherited(d: Difference, inherited) -> bool:
+    """An fd standing for an object outside the tree is what the restorer was given for it
+    (--inherit-fd): another object, maybe of another kind; only its flags are the source's."""
+    m = _FD_FIELD.match(d.field)
+    return bool(m) and d.thread == 0 and (d.pid, int(m.group(1))) in inherited and \
+        m.group(2) != "flags"
+
+
+def compare(source: list[VisibleState], restored: list[VisibleState],
+            inherited: frozenset = frozenset()) -> list[Difference]:
     """Every difference between the source's snapshot and the restored tree's, by process
-    (the root first, as listed), then thread; legit ones left out."""
+    (the root first, as listed), then thread; legit ones left out. inherited: (pid, fd) of
+    the fds the restorer was given (--inherit-fd)."""
     out: list[Difference] = []
     theirs = {v.pid: v for v in restored}
     root = source[0].pid if source else 0
@@ -326,13 +342,14 @@ def compare(source: list[VisibleState], restored: list[VisibleState]
             out += [d for d in _diff(v.pid, tid, v.threads[tid], r.threads[tid])
                     if not _in_masking_call(d, v) and not _timer_fired(d, v.fields)]
     out += [Difference(pid, 0, "process", None, "present") for pid in theirs]
-    return [d for d in out if not _detached(d, root)]
+    return [d for d in out if not _detached(d, root) and not _inherited(d, inherited)]
 
 
-def check(source: list[VisibleState], restored: list[VisibleState]) -> list[str]:
+def check(source: list[VisibleState], restored: list[VisibleState],
+          inherited=frozenset()) -> list[str]:
     """Raise RestoreError naming the first differences, if any is not a known gap; returns
     the known gaps' differences, one line each."""
-    diffs = compare(source, restored)
+    diffs = compare(source, restored, frozenset(inherited))
     gaps = [d for d in diffs if field_kind(d.field) in KNOWN_GAPS]
     real = [d for d in diffs if field_kind(d.field) not in KNOWN_GAPS]
     if real:

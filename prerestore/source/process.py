@@ -5,6 +5,7 @@ The tree-level work (which processes, freezing them all, writing the round) is S
 (session.py); this class knows one address space and one thread group."""
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import struct
@@ -121,11 +122,13 @@ def tree_members(tasks) -> set[int]:
     return out
 
 
-def find_unsupported(pid: int, same_host: bool = False, members=None) -> list[str]:
+def find_unsupported(pid: int, same_host: bool = False, members=None,
+                     external_fds: frozenset[str] = frozenset()) -> list[str]:
     """Everything about one live process this version cannot migrate, in words. On the same
     host (same_host) fds of other kinds are handed over as they are (Husk.hand_over_fds).
     members(): the host pids of the tree's processes and threads (for its pidfds), asked
-    only if it holds one."""
+    only if it holds one. external_fds: objects (as /proc/PID/fd names them) the
+    destination is given in their place (--inherit-fd): not looked at."""
     problems = []
     st = procfs.status(pid)
     problems += seccomp_problems(pid, st)
@@ -142,6 +145,8 @@ def find_unsupported(pid: int, same_host: bool = False, members=None) -> list[st
             problems.append(problem)
     for fd in procfs.fd_numbers(pid):
         what, desc, text = procfs.describe_fd_text(pid, fd)
+        if what in external_fds:
+            continue
         problem = lock_problem(fd, what, text, same_host)
         if problem:
             problems.append(problem)
@@ -219,6 +224,8 @@ def io_flusher_problem(pid: int, tid: int, flags: int) -> str | None:
     if flags & PR_IO_FLUSHER == PR_IO_FLUSHER:
         return f"pid {pid} thread {tid}: PR_SET_IO_FLUSHER (not carried)"
     return None
+
+
 def seccomp_problems(pid: int, status: dict[str, str]) -> list[str]:
     """Threads in seccomp strict mode. Each thread has a mode of its own, so each is looked
     at (the process's status shows its main thread's)."""
@@ -231,6 +238,69 @@ def seccomp_problems(pid: int, status: dict[str, str]) -> list[str]:
         problem = seccomp.strict_problem(tid, st)
         if problem:
             problems.append(problem)
+    return problems
+
+
+def deleted_dirs(pid: int, cwd: str, root: str) -> dict[str, tuple[int, int, int]]:
+    """The working directory or root, if deleted (the link reads " (deleted)", and, since a
+    directory may be named so, no name is left to it): (mode, uid, gid) by "cwd"/"root"."""
+    out = {}
+    for name, link in (("cwd", cwd), ("root", root)):
+        if link.endswith(" (deleted)"):
+            st = procfs.stat_file(pid, name)
+            if st.st_nlink == 0:
+                out[name] = (st.st_mode & 0o7777, st.st_uid, st.st_gid)
+    return out
+
+
+CLONE_NAMES = {native.KCMP_FILES: "CLONE_FILES", native.KCMP_FS: "CLONE_FS"}
+SHARED_KINDS = ((native.KCMP_FILES, lib.CLONE_FILES, "fd table"),
+                (native.KCMP_FS, lib.CLONE_FS, "root, working directory and umask"))
+
+
+def shares_with_parent(parent: int, pid: int) -> int:
+    """The CLONE_FILES / CLONE_FS pid shares with its parent (kcmp), as clone flags."""
+    return sum(flag for kind, flag, _ in SHARED_KINDS if native.kcmp(parent, pid, kind) == 0)
+
+
+def sharing_problems(tasks: list[procfs.TreeTask], threads: bool = True) -> list[str]:
+    """Fd tables and file system information (root, working directory, umask) shared in a
+    way the husks cannot be forked into: a thread with its own (unshare), or processes that
+    share one without one of them being the parent of the others (a sharer whose parent
+    left it with unshare or exec). A child sharing its parent's is carried (Husk.fork_child).
+    kcmp orders what it compares: the sharers of one table sort side by side."""
+    problems = []
+    live = [t for t in tasks if not t.zombie]
+    for kind, _, what in SHARED_KINDS:
+        if threads:
+            for t in live:
+                try:
+                    for tid in procfs.threads(t.pid)[1:]:
+                        if native.kcmp(t.pid, tid, kind) != 0:
+                            problems.append(f"pid {t.pid} thread {tid}: has its own {what}, "
+                                            "apart from its process's (unshare): not carried")
+                except ProcessGone:
+                    continue
+        order = {0: 0, 1: -1, 2: 1, 3: 1}
+        try:
+            ranked = sorted(live, key=functools.cmp_to_key(
+                lambda a, b: order[native.kcmp(a.pid, b.pid, kind)]))
+        except ProcessGone:
+            continue
+        groups: list[list[procfs.TreeTask]] = []
+        for t in ranked:
+            if groups and native.kcmp(groups[-1][0].pid, t.pid, kind) == 0:
+                groups[-1].append(t)
+            else:
+                groups.append([t])
+        for group in groups:
+            members = {t.pid for t in group}
+            tops = [t.pid for t in group if t.parent not in members]
+            if len(tops) > 1:
+                problems.append(f"pids {', '.join(map(str, sorted(members)))} share one {what} "
+                                f"(clone {CLONE_NAMES[kind]})"
+                                f" but not through their parents ({', '.join(map(str, tops))} "
+                                "do not share their parent's): not carried")
     return problems
 
 
@@ -620,14 +690,23 @@ class ProcessSource:
         return out
 
     def collect_state(self, layout: list[Vma], status: dict[str, str], inside: dict,
-                      direct: bool) -> ProcessState:
+                      direct: bool, external_fds: frozenset[str] = frozenset()
+                      ) -> ProcessState:
         """All but memory, with the process frozen: what query_inside found, ptrace and
-        /proc for the rest."""
+        /proc for the rest. external_fds: objects the destination is given in their place
+        (kind "inherit": the restorer installs the fd it was given for that name)."""
         pid = self.pid
         threads = []
         process_creds = procfs.credentials(status)
         filters: dict[SeccompFilter, int] = {}
         for t in self.frozen:
+            if t.pid != pid:
+                # checked before the freeze too (sharing_problems): a thread may have
+                # unshared since, and its own would be lost
+                for kind, _, what in SHARED_KINDS:
+                    if native.kcmp(pid, t.pid, kind) != 0:
+                        raise UnsupportedState(f"pid {pid} thread {t.pid}: has its own {what}, "
+                                               "apart from its process's (unshare): not carried")
             mine = inside["threads"][t.pid]
             tstatus = status if t.pid == pid else procfs.status(f"{pid}/task/{t.pid}")
             ss_sp, ss_flags, _, ss_size = mine["sigaltstack"]
@@ -652,7 +731,10 @@ class ProcessSource:
         fdinfo = inside.get("fdinfo", {})
         for fd in fdinfo or procfs.fd_numbers(pid):
             what, desc, text = procfs.describe_fd_text(pid, fd, fdinfo.get(fd))
-            if desc is None:
+            if what in external_fds:
+                desc = FileDescriptor(fd, "inherit", what,
+                                      int(procfs.parse_fdinfo(text).get("flags", "0"), 8), 0)
+            elif desc is None:
                 flags = int(procfs.parse_fdinfo(text).get("flags", "0"), 8)
                 protocol = tcp.protocol(pid, fd) if not direct and what.startswith("socket:") \
                     else None
@@ -662,7 +744,10 @@ class ProcessSource:
                 elif not direct and what in procfs.CARRIED_ANON:
                     desc = procfs.describe_anon(pid, fd, what, text)
                 elif not direct and what.startswith("directory "):
-                    desc = FileDescriptor(fd, "dir", what[len("directory "):], flags, 0)
+                    # its position: where a readdir in progress goes on (a cookie of the
+                    # file system's, valid for the same directory on the same file system)
+                    desc = FileDescriptor(fd, "dir", what[len("directory "):], flags,
+                                          int(procfs.parse_fdinfo(text).get("pos", "0")))
                 elif not direct and what == procfs.INOTIFY:
                     desc = procfs.describe_inotify(pid, fd, flags, text)
                 elif not direct and what.startswith("fifo "):
@@ -712,9 +797,11 @@ class ProcessSource:
                             f.closed_targets[tfd] = held
                         # else: held by another process, kept as it is (see
                         # session.check_handed_epolls)
+        cwd, root = procfs.readlink(pid, "cwd"), procfs.readlink(pid, "root")
         return ProcessState(
             pid=pid, comm=procfs.comm(pid), exe=procfs.readlink(pid, "exe"),
-            cwd=procfs.readlink(pid, "cwd"), umask=int(status.get("Umask", "0022"), 8),
+            cwd=cwd, root=root, deleted_dirs=deleted_dirs(pid, cwd, root),
+            umask=int(status.get("Umask", "0022"), 8),
             mm=procfs.mm_fields(procfs.stat_fields(pid), inside["brk"]), auxv=procfs.auxv(pid),
             rlimits=inside["rlimits"], sigactions=inside["sigactions"], fds=fds,
             threads=threads,

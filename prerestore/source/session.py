@@ -28,7 +28,8 @@ from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma
                      pack_ranges, ranges_bytes)
 from . import ptys, unixsock
 from . import sysvipc as sysv
-from .process import ProcessSource, find_unsupported, pidfd_problem, tree_members
+from .process import (ProcessSource, find_unsupported, pidfd_problem, shares_with_parent,
+                      sharing_problems, tree_members)
 
 
 def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
@@ -65,8 +66,8 @@ def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
     return problems
 
 
-def inner_ends(tasks: list[procfs.TreeTask], external: frozenset[bytes] = frozenset()
-               ) -> list[str]:
+def inner_ends(tasks: list[procfs.TreeTask], external: frozenset[bytes] = frozenset(),
+               external_fds: frozenset[str] = frozenset()) -> list[str]:
     """For an image: pipes and unix sockets are made anew. Pipes must have both ends in the
     tree; unix sockets are carried unless they are connected outside the tree through a name
     not declared external (unixsock.classify); sockets of other families than TCP, UDP and
@@ -80,6 +81,8 @@ def inner_ends(tasks: list[procfs.TreeTask], external: frozenset[bytes] = frozen
         try:
             for fd in procfs.fd_numbers(t.pid):
                 what = procfs.readlink(t.pid, f"fd/{fd}")
+                if what in external_fds:
+                    continue               # given to the destination (--inherit-fd)
                 if what.startswith("pipe:"):
                     mode = int(procfs.fdinfo(t.pid, fd).get("flags", "0"), 8) & 3
                     ends.setdefault(what, set()).update({0, 1} if mode == 2 else {mode})
@@ -89,7 +92,8 @@ def inner_ends(tasks: list[procfs.TreeTask], external: frozenset[bytes] = frozen
         except ProcessGone:
             continue
     problems = [f"pid {where[p][0]} fd {where[p][1]}: {p}: its other end is outside the tree "
-                "(a pipe is carried whole between hosts)" for p, e in ends.items()
+                "(a pipe is carried whole between hosts; or name what it is connected to on "
+                f"the destination: --inherit-fd fd[N]:{p})" for p, e in ends.items()
                 if e != {0, 1}]
     if sockets:
         table = sockdiag.tables([t.pid for t in tasks if not t.zombie])
@@ -106,6 +110,29 @@ def inner_ends(tasks: list[procfs.TreeTask], external: frozenset[bytes] = frozen
                                 "TCP, UDP and unix sockets are carried between hosts yet)")
         placements, more = unixsock.classify(unix, table, external)
         problems += more + unixsock.file_problems(unix, table, placements)
+        problems += chrooted_socket_names(unix, table)
+    return problems
+
+
+def chrooted_socket_names(unix: list[tuple[int, int, int]], table: dict) -> list[str]:
+    """A path a chrooted process names a unix socket by (its own, or its peer's) is one
+    from its root, while the restorer binds and connects from the host's: refused by name."""
+    problems, roots = [], {}
+    for pid, fd, ino in unix:
+        try:
+            root = roots.setdefault(pid, procfs.readlink(pid, "root"))
+        except ProcessGone:
+            continue
+        if root == "/":
+            continue
+        sock = table[ino]
+        peer = table.get(sock.peer)
+        for name in (sock.name, peer.name if peer else b""):
+            if name and not name.startswith(b"\0"):
+                problems.append(f"pid {pid} fd {fd}: {sock.describe()} goes through the path "
+                                f"{sockdiag.printable(name)} as seen from the process's root "
+                                f"{root} (chroot): not carried between hosts yet")
+                break
     return problems
 
 
@@ -181,12 +208,14 @@ def tree_helpers(tasks: list[procfs.TreeTask]) -> list[str]:
 
 
 def find_tree_unsupported(root: int, same_host: bool = False,
-                          external_unix: frozenset[bytes] = frozenset()) -> list[str]:
+                          external_unix: frozenset[bytes] = frozenset(),
+                          external_fds: frozenset[str] = frozenset()) -> list[str]:
     tasks = procfs.tree(root)
     problems = tree_helpers(tasks) + tree_problems(tasks) + ptys.pty_problems(tasks, same_host)
     problems += sysv.problems(tasks, same_host)
+    problems += sharing_problems(tasks)
     if not same_host:
-        problems += inner_ends(tasks, external_unix)
+        problems += inner_ends(tasks, external_unix, external_fds)
     members: set[int] | None = None
 
     def tree_pids() -> set[int]:
@@ -198,7 +227,7 @@ def find_tree_unsupported(root: int, same_host: bool = False,
         if t.zombie:
             continue
         try:
-            mine = find_unsupported(t.pid, same_host, tree_pids)
+            mine = find_unsupported(t.pid, same_host, tree_pids, external_fds)
         except ProcessGone:
             continue
         problems += [p if t.pid == root else f"pid {t.pid}: {p}" for p in mine]
@@ -206,7 +235,8 @@ def find_tree_unsupported(root: int, same_host: bool = False,
 
 
 def check_supported(pid: int, same_host: bool = False,
-                    external_unix: frozenset[bytes] = frozenset(), looks: int = 4) -> None:
+                    external_unix: frozenset[bytes] = frozenset(), looks: int = 4,
+                    external_fds: frozenset[str] = frozenset()) -> None:
     """Refuse, naming every reason, a tree this version cannot migrate (before anything is
     frozen). external_unix: the names through which unix connections may leave the tree
     (see unixsock).
@@ -219,7 +249,7 @@ def check_supported(pid: int, same_host: bool = False,
     check_target(pid)
     lasting: set[str] | None = None
     for look in range(looks):
-        problems = find_tree_unsupported(pid, same_host, external_unix)
+        problems = find_tree_unsupported(pid, same_host, external_unix, external_fds)
         lasting = set(problems) if lasting is None else lasting & set(problems)
         if not lasting:
             return
@@ -421,11 +451,15 @@ class SourceSession:
 
     def __init__(self, pid: int, *, track: bool = True, direct: bool = False,
                  tracking: str = "auto", stream: bool = False,
-                 external_unix: frozenset[bytes] = frozenset()):
+                 external_unix: frozenset[bytes] = frozenset(),
+                 external_fds=frozenset()):
         """external_unix: names through which unix connections may leave the tree (for an
-        image; on one host every socket is handed over as it is)."""
+        image; on one host every socket is handed over as it is). external_fds: objects
+        (as /proc/PID/fd names them: "pipe:[1234]", "socket:[5678]", a path) whose fds the
+        destination is given in their place (restore --inherit-fd fd[N]:NAME)."""
         self.external_unix = external_names(external_unix)
-        check_supported(pid, direct, self.external_unix)
+        self.external_fds = frozenset(external_fds)
+        check_supported(pid, direct, self.external_unix, external_fds=self.external_fds)
         self.pid = pid
         self.direct = direct      # rounds name the pages; the destination reads them from us
         # stream: rounds list the pages as for a pages file, but none is written: the caller
@@ -584,7 +618,8 @@ class SourceSession:
 
     def predump(self, directory: str) -> Round:
         """One pre-copy round while the tree runs."""
-        check_supported(self.pid, self.direct, self.external_unix)
+        check_supported(self.pid, self.direct, self.external_unix,
+                        external_fds=self.external_fds)
         self._follow_seccomp(self._refresh_tree())
         return self._write_round(directory, "predump", states=[])
 
@@ -624,7 +659,8 @@ class SourceSession:
                 return self.dump(directory, write=write, frozen_hook=frozen_hook, verify=verify)
             finally:
                 os.sched_setaffinity(0, mask)
-        check_supported(self.pid, self.direct, self.external_unix)   # refuse before freezing
+        check_supported(self.pid, self.direct, self.external_unix,    # refuse before freezing
+                        external_fds=self.external_fds)
         try:
             procs, tasks = self._freeze_tree()
             # the clock the destination reports resumption in: from the first stop (listing
@@ -634,7 +670,9 @@ class SourceSession:
                 frozen_hook()        # e.g. release the service address: nothing reaches us now
             t_frozen = time.monotonic()
             maybe_pause("frozen")
-            problems = tree_problems(tasks)        # it may have changed since the check
+            # it may have changed since the check (a thread's own table or fs is looked for
+            # before freezing only: a per-thread walk here would lengthen the downtime)
+            problems = tree_problems(tasks) + sharing_problems(tasks, threads=False)
             if problems:
                 raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
             # what the tree shows before anything of ours is injected into it (a held
@@ -670,7 +708,7 @@ class SourceSession:
                 worker = self._scanner.submit(self._scan_in_thread, todo, scanned,
                                               threading.get_native_id())
             states = [p.collect_state(layouts[p.pid], statuses[p.pid], inside[p.pid],
-                                      self.direct) for p in procs]
+                                      self.direct, self.external_fds) for p in procs]
             for st in states:
                 st.stopped = st.pid in self.stopped_before
             share_open_files(states)
@@ -842,7 +880,8 @@ class SourceSession:
                     parent=self.ns_pid(t.parent) if parent else 0,
                     sid=self._ns_member(t.sid, members), pgid=self._ns_member(t.pgid, members),
                     starttime=t.starttime, first=p.first, exit_signal=t.exit_signal,
-                    source_pid=p.pid, ctty=t.ctty_pty if t.sid == t.pid else -1))
+                    source_pid=p.pid, ctty=t.ctty_pty if t.sid == t.pid else -1,
+                    shares=shares_with_parent(parent.pid, p.pid) if parent else 0))
                 if not self.direct:
                     offset += nbytes
                 totals["bytes"] += nbytes

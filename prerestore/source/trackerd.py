@@ -75,14 +75,15 @@ def dump_and_leave(session: SourceSession, directory: str, leave: str,
 
 class TrackerService:
     def __init__(self, pid: int, tracking: str = "auto", external_unix=(),
-                 socket_path: str | None = None):
+                 socket_path: str | None = None, external_fds=()):
         # If we are killed, `prerestore recover` finds the tree here: nothing of it runs
         # elsewhere until someone restores the images, so it puts the source back and
         # continues it (see recovery.py, destination kind "images").
         self.journal = Journal(pid, "trackerd", {"kind": "images", "socket": socket_path})
         self.dumping = False             # the final dump began: we end with its answer
         try:
-            self.session = SourceSession(pid, tracking=tracking, external_unix=external_unix)
+            self.session = SourceSession(pid, tracking=tracking, external_unix=external_unix,
+                                         external_fds=frozenset(external_fds))
         except BaseException:
             self.journal.settle()
             raise
@@ -124,6 +125,11 @@ class TrackerService:
                         not all(isinstance(n, str) for n in external):
                     raise ProtocolError("external_unix must be a list of names")
                 self.session.external_unix |= external_names(external)
+            more = msg.get("external_fds")
+            if more is not None:              # likewise (dump --external-fd)
+                if not isinstance(more, list) or not all(isinstance(n, str) for n in more):
+                    raise ProtocolError("external_fds must be a list of names")
+                self.session.external_fds |= frozenset(more)
             release_ip = msg.get("release_ip")
             if release_ip is not None and not isinstance(release_ip, str):
                 raise ProtocolError("release_ip must be an address")
@@ -170,11 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-timeout", type=float, default=3600.0)
     ap.add_argument("--tracking", choices=("auto", "uffd-wp", "page-hash"), default="auto")
     ap.add_argument("--external-unix", action="append", default=[], metavar="NAME")
+    ap.add_argument("--external-fd", action="append", default=[], metavar="NAME")
     args = ap.parse_args(argv)
     sock = control.listen(args.socket + ".starting")
     service = None
     try:
-        service = TrackerService(args.pid, args.tracking, args.external_unix, args.socket)
+        service = TrackerService(args.pid, args.tracking, args.external_unix, args.socket,
+                                 args.external_fd)
         with phase("predump"):
             stats = service.session.predump(args.first_round).stats
         print(f"round 0 of pid {args.pid}: {stats}", flush=True)

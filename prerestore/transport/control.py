@@ -99,14 +99,15 @@ class ControlClient:
 
 
 def spawn_daemon(module: str, args: list[str], log_path: str | None,
-                 die_with_parent: bool) -> subprocess.Popen:
+                 die_with_parent: bool, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", module, *args]
     if die_with_parent:
         cmd += ["--parent", str(os.getpid())]
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=not die_with_parent, close_fds=True)
+                                start_new_session=not die_with_parent, close_fds=True,
+                                pass_fds=pass_fds)
     finally:
         if log_path:
             log.close()
