@@ -156,6 +156,11 @@ class Batch:
     def put_str(self, text: str) -> int:
         return self.put(text.encode(errors="surrogateescape") + b"\0")
 
+    def room(self) -> int:
+        """Bytes of data the batch can still put (a caller with much to put runs the batch
+        and starts another when this runs short)."""
+        return self.scratch.data_size - len(self.data)
+
     def call(self, nr: int, *args: int, label: str = "") -> int:
         self.calls.append((nr, args))
         self.labels.append(label or SYSCALL_NAMES.get(nr, str(nr)))

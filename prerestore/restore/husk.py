@@ -399,6 +399,11 @@ class Husk:
             b.call(lib.SYS_munmap, s, e - s)
         fd = self._lowest_free_fd()
         for v, whole in pieces:
+            if b.room() < self.MAP_DATA_ROOM:
+                # tens of thousands of file mappings put more paths than one scratch area
+                # holds: run what we have, in order, and go on in a new batch
+                self._check_mmaps(b, self.remote.run(b))
+                b = self.remote.batch()
             self._map(b, v, whole, fd, task)
         for v in d.reprotect:
             b.call(lib.SYS_mprotect, v.start, v.size, v.prot)
@@ -435,6 +440,7 @@ class Husk:
                 "layout_ms": (t_layout - t0) * 1e3, "pages_ms": (t_pages - t_layout) * 1e3,
                 "apply_ms": (time.perf_counter() - t0) * 1e3}
 
+    MAP_DATA_ROOM = 8192        # batch data one _map may put: a path (PATH_MAX 4096) and more
     POPULATE_FROM = 64 << 20    # bytes of fresh pages in a round worth populating ahead
 
     def _start_populating(self, task: AddressSpaceRound, pieces: list[Vma]):
