@@ -48,7 +48,10 @@ class DirtyTracker:
         # user-mode-only one (which still reports kernel-mode writes as written under WP_ASYNC)
         uid = int(procfs.status(self.pid)["Uid"].split()[1])
         flags = lib.O_CLOEXEC | lib.O_NONBLOCK | (native.UFFD_USER_MODE_ONLY if uid else 0)
-        vdso = next(v for v in procfs.maps(self.pid) if v.path == "[vdso]")
+        vdso = next((v for v in procfs.maps(self.pid) if v.path == "[vdso]"), None)
+        if vdso is None:           # unmapped by the program: refused (source/process.NO_VDSO)
+            raise UnsupportedState(f"cannot migrate pid {self.pid}: its [vdso] is unmapped (not "
+                                   "carried)")
         # parked (see kernel/tracee.py): if we die at any instant, the target is left running
         # as it was or stopped with its own registers within reach of `prerestore recover`
         with Tracee(self.pid, park=True) as t:

@@ -38,6 +38,19 @@ class MemoryScan:
     inherited: int = 0          # bytes left to what a fork of the parent husk holds
 
 
+NO_VDSO = ("its [vdso] is unmapped (not carried: the husk would keep one, and the calls "
+           "injected into the frozen process run from its [vdso])")
+
+
+def vdso_of(pid: int, layout: list[Vma]) -> Vma:
+    """The process's [vdso], where injected calls run from; one unmapped since the check
+    (check_supported) is refused on the frozen tree by name."""
+    for v in layout:
+        if v.path == "[vdso]":
+            return v
+    raise UnsupportedState(f"cannot migrate pid {pid}: {NO_VDSO}")
+
+
 def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
     """Everything about one live process this version cannot migrate, in words. On the same
     host (same_host) fds of other kinds are handed over as they are (Husk.hand_over_fds)."""
@@ -67,7 +80,10 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
         elif desc is None and not (same_host and procfs.can_hand_over(pid, fd, what)):
             problems.append(f"fd {fd}: {what} (unsupported file kind"
                             f"{'' if same_host else ' between hosts'})")
-    for v in procfs.maps(pid):
+    layout = procfs.maps(pid)
+    if not any(v.path == "[vdso]" for v in layout):
+        problems.append(NO_VDSO)
+    for v in layout:
         if v.is_shmem and v.path.startswith("/SYSV"):
             problems.append(f"System V shared memory {v.start:#x}-{v.end:#x} (not carried yet)")
         elif v.shared and not v.is_file and not v.is_special:
@@ -267,7 +283,7 @@ class ProcessSource:
         handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
         timers = procfs.timers(self.pid)
         signals = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1]
-        vdso = next(v for v in layout if v.path == "[vdso]")
+        vdso = vdso_of(self.pid, layout)
         main = RemoteSyscalls(self.frozen[0], (vdso.start, vdso.end))
         # Parked tasks (kernel/tracee.py): each thread's batch saves its own registers and mask
         # on its stack and leaves it held (it stops itself if we die, never runs on as

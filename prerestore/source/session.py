@@ -26,7 +26,7 @@ from ..kernel.tracee import RemoteSyscalls, Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
 from . import ptys, unixsock
-from .process import ProcessSource, find_unsupported
+from .process import ProcessSource, find_unsupported, vdso_of
 
 
 def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
@@ -800,7 +800,7 @@ class SourceSession:
             for t in p.frozen:
                 r = p.remotes.get(t.pid)
                 if r is None:
-                    vdso = next(v for v in p.layout() if v.path == "[vdso]")
+                    vdso = vdso_of(p.pid, p.layout())
                     r = RemoteSyscalls(t, (vdso.start, vdso.end))
                 r.hold()
                 self.holds.append(r)
