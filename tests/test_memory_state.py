@@ -24,6 +24,24 @@ def test_many_small_areas(cbin, tmp_path, cold, direct):
                      warm_up=100, more=200)
 
 
+MODES = [
+    pytest.param("madvise", id="madvise"),      # dd dc wf hg nh mg, MAP_NORESERVE
+    pytest.param("mayshare", id="mayshare"),    # a shared mapping of a file open read-write
+    pytest.param("mlock", id="mlock"),          # mlock, mlock2(MLOCK_ONFAULT)
+    pytest.param("mlockall", id="mlockall"),    # mlockall(MCL_CURRENT | MCL_FUTURE)
+    pytest.param("droppable", id="droppable"),  # MAP_DROPPABLE
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_mapping_flags(cbin, tmp_path, mode, cold, direct):
+    """Each mode's VmFlags come back on the same areas (the workload checks its own smaps,
+    and what the flags do; --verify compares every area's VmFlags)."""
+    move_and_compare(tmp_path, [cbin("memstate"), mode, str(tmp_path)], direct=direct,
+                     cold=cold, warm_up=100, more=200)
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "files"])
 def test_a_process_without_vdso_is_refused(cbin, tmp_path, direct):
     """A program that unmapped its [vdso] and [vvar]: refused by name before anything is

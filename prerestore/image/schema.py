@@ -24,8 +24,9 @@ from ..errors import ImageError, ProtocolError
 from ..kernel.native import first_bad_range
 from ..model import (RANGE, UNIX_STATES, AddressSpaceRound, Credentials, FileDescriptor, MmFields,
                      PosixTimer, ProcessState, Round, SigAction, ThreadState, UnixSocketState,
-                     VisibleState, Vma, Zombie, ranges_bytes)
+                     VisibleState, Vma, Zombie, ranges_bytes, VMFLAG_ALL)
 
+MCL_FUTURE_BITS = 2 | 4     # MCL_FUTURE | MCL_ONFAULT
 MAGIC = b"PRRSTIMG"
 VERSION = 4          # 2: process trees (task tree fields, states, zombies)
                      # 3: unix sockets carry a state map of their own (fd field 9)
@@ -46,7 +47,8 @@ def _task(t: AddressSpaceRound) -> dict:
             "pages": t.pages, "zap": t.zap, "pages_offset": t.pages_offset,
             "pages_from": t.pages_from, "tids": t.tids, "parent": t.parent, "sid": t.sid,
             "pgid": t.pgid, "starttime": t.starttime, "first": t.first,
-            "exit_signal": t.exit_signal, "source_pid": t.source_pid, "ctty": t.ctty}
+            "exit_signal": t.exit_signal, "source_pid": t.source_pid, "ctty": t.ctty,
+            "vmflags": [list(f) for f in t.vmflags]}
 
 
 def _thread(t: ThreadState) -> dict:
@@ -71,7 +73,7 @@ def _state(s: ProcessState) -> dict:
             "dumpable": s.dumpable, "pdeathsig": s.pdeathsig,
             "child_subreaper": s.child_subreaper, "tty_pgrp": s.tty_pgrp,
             "oom_score_adj": s.oom_score_adj, "personality": s.personality,
-            "thp_disable": s.thp_disable, "stopped": s.stopped,
+            "thp_disable": s.thp_disable, "stopped": s.stopped, "mlock_future": s.mlock_future,
             "timers": [[t.id, t.clock, t.signo, t.value, t.notify, t.thread, *t.interval,
                         *t.remaining, t.overrun] for t in s.timers],
             "itimers": [list(i) for i in s.itimers]}
@@ -295,6 +297,19 @@ def _decode_vma(v, path: str) -> Vma:
                _int(v[6], f"{path}.inode"), _of(v[7], str, f"{path}.dev", "str"))
 
 
+def _vmflags(value, path: str) -> list[tuple[int, int, int]]:
+    """(start, end, VMFLAG bits) of VMAs, page-aligned, in order, no overlap."""
+    out = [_ints(v, f"{path}[{i}]", (U64, U64, (0, VMFLAG_ALL)))
+           for i, v in enumerate(_list(value, path))]
+    prev = 0
+    for i, (start, end, _) in enumerate(out):
+        if start % PAGE or end % PAGE or not prev <= start < end:
+            raise _Bad(f"{path}[{i}]: expected page-aligned bounds in order, got "
+                       f"{start:#x}-{end:#x}")
+        prev = end
+    return out
+
+
 def _decode_task(t, path: str) -> AddressSpaceRound:
     _map(t, path)
     get = lambda key, default=_MISSING: _field(t, key, path, default)  # noqa: E731
@@ -320,7 +335,8 @@ def _decode_task(t, path: str) -> AddressSpaceRound:
         first=_of(get("first"), bool, f"{path}.first", "bool"),
         exit_signal=_int(get("exit_signal"), f"{path}.exit_signal", (0, SIGNALS[1])),
         source_pid=_int(get("source_pid"), f"{path}.source_pid", (0, PID[1])),
-        ctty=_int(get("ctty", -1), f"{path}.ctty", (-1, 2**20)))
+        ctty=_int(get("ctty", -1), f"{path}.ctty", (-1, 2**20)),
+        vmflags=_vmflags(get("vmflags", []), f"{path}.vmflags"))
 
 
 def _siginfos(value, path: str) -> list[bytes]:
@@ -426,6 +442,7 @@ def _decode_state(s, path: str) -> ProcessState:
         oom_score_adj=_int(get("oom_score_adj"), f"{path}.oom_score_adj", (-1000, 1000)),
         personality=_int(get("personality"), f"{path}.personality", U32),
         thp_disable=_of(get("thp_disable"), bool, f"{path}.thp_disable", "bool"),
+        mlock_future=_int(get("mlock_future", 0), f"{path}.mlock_future", (0, MCL_FUTURE_BITS)),
         stopped=_of(get("stopped"), bool, f"{path}.stopped", "bool"),
         timers=[_decode_timer(t, f"{path}.timers[{i}]", len(threads))
                 for i, t in enumerate(_list(get("timers"), f"{path}.timers"))],

@@ -21,12 +21,12 @@ from importlib import resources
 from ..errors import KernelCallError, PidTaken, ProcessGone, RestoreError
 from ..faults import maybe_fail
 from ..image import schema
-from ..kernel import native, procfs
+from ..kernel import native, procfs, vmflags
 from ..kernel.native import lib
 from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Vma, Zombie, diff_layout,
                      free_area, mapped_vmas, memory_vmas, merge_ranges, ranges_bytes, unpack_ranges,
-                     PROT_WRITE)
+                     PROT_WRITE, VMFLAG_BITS, vmflags_default)
 
 SPECIAL_ORDER = ("[vvar]", "[vvar_vclock]", "[vdso]")
 PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
@@ -105,6 +105,9 @@ class Husk:
         self.resumed = False
         self.leads_session = False        # only lead_session() makes a husk lead one
         self.ctty = -1                    # the source's pty number its controlling terminal is
+        # the last round's carried VmFlags (AddressSpaceRound.vmflags): advice and locks are
+        # given in apply_state, once every child husk is forked (DONTFORK, WIPEONFORK)
+        self.vmflags: list[tuple[int, int, int]] = []
 
     # ---- birth ------------------------------------------------------------------------------
 
@@ -398,13 +401,16 @@ class Husk:
         for s, e in d.unmap:
             b.call(lib.SYS_munmap, s, e - s)
         fd = self._lowest_free_fd()
+        self.vmflags = task.vmflags
+        flags = {(s, e): bits for s, e, bits in task.vmflags}
         for v, whole in pieces:
             if b.room() < self.MAP_DATA_ROOM:
                 # tens of thousands of file mappings put more paths than one scratch area
                 # holds: run what we have, in order, and go on in a new batch
                 self._check_mmaps(b, self.remote.run(b))
                 b = self.remote.batch()
-            self._map(b, v, whole, fd, task)
+            self._map(b, v, whole, fd, task,
+                      flags.get((whole.start, whole.end), vmflags_default(whole, 0)))
         for v in d.reprotect:
             b.call(lib.SYS_mprotect, v.start, v.size, v.prot)
         if len(b):
@@ -512,12 +518,23 @@ class Husk:
             fd += 1
         return fd
 
-    def _map(self, b, v: Vma, whole: Vma, fd: int, task: AddressSpaceRound) -> None:
+    def _map(self, b, v: Vma, whole: Vma, fd: int, task: AddressSpaceRound, bits: int) -> None:
         """The calls that map piece v of the source's VMA `whole` anew (fd: where an openat
         lands). A shared memory object is the source's own one on the same host (opened
-        through /proc/PID/map_files), else a new one of its kind whose pages the rounds carry."""
+        through /proc/PID/map_files), else a new one of its kind whose pages the rounds carry.
+        bits: whole's carried VmFlags; those fixed at mmap time are given here: MAP_NORESERVE,
+        MAP_DROPPABLE, a shared mapping's file opened for writing when the program may raise
+        its protection to PROT_WRITE (mw), and VM_ACCOUNT of a private mapping made writable
+        first (ac: mapped writable, then given its protection, as a library's RELRO is)."""
         flags = lib.MAP_FIXED | (lib.MAP_SHARED if v.shared else lib.MAP_PRIVATE)
-        writable = v.shared and v.prot & PROT_WRITE
+        if bits & VMFLAG_BITS["nr"]:
+            flags |= lib.MAP_NORESERVE
+        if bits & VMFLAG_BITS["dp"]:
+            flags = lib.MAP_FIXED | vmflags.MAP_DROPPABLE
+        writable = v.shared and (v.prot & PROT_WRITE or bits & VMFLAG_BITS["mw"])
+        prot = v.prot
+        if bits & VMFLAG_BITS["ac"] and not v.shared and not v.prot & PROT_WRITE:
+            prot |= PROT_WRITE
         if v.is_shmem and task.pages_from == "pid":
             path = f"/proc/{task.source_pid or task.pid}/map_files/{whole.start:x}-{whole.end:x}"
             b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(path),
@@ -537,10 +554,14 @@ class Husk:
                    label=f"openat {v.path}")
         else:
             flags |= lib.MAP_ANONYMOUS | (lib.MAP_GROWSDOWN if v.path == "[stack]" else 0)
-            b.call(lib.SYS_mmap, v.start, v.size, v.prot, flags, -1, 0)
+            b.call(lib.SYS_mmap, v.start, v.size, prot, flags, -1, 0)
+            if prot != v.prot:
+                b.call(lib.SYS_mprotect, v.start, v.size, v.prot)
             return
-        b.call(lib.SYS_mmap, v.start, v.size, v.prot, flags, fd, v.offset)
+        b.call(lib.SYS_mmap, v.start, v.size, prot, flags, fd, v.offset)
         b.call(lib.SYS_close, fd)
+        if prot != v.prot:
+            b.call(lib.SYS_mprotect, v.start, v.size, v.prot)
 
     def _check_mmaps(self, b, results) -> None:
         for (nr, args), label, res in zip(b.calls, b.labels, results):
@@ -892,6 +913,7 @@ class Husk:
         self._timer_calls(b, state)
         if state.thp_disable:
             b.call(lib.SYS_prctl, lib.PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        self._vmflag_calls(b, state)
         b.call(lib.SYS_prctl, lib.PR_SET_PDEATHSIG, 0)
         self._cred_calls(b, state.creds)
         b.call(lib.SYS_prctl, lib.PR_SET_DUMPABLE, state.dumpable)   # a uid change reset it
@@ -913,6 +935,26 @@ class Husk:
         self.remote.unmap_scratch()
         return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(items),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),
                 "state_ms": (time.perf_counter() - t0) * 1e3}
+
+    def _vmflag_calls(self, b, state: ProcessState) -> None:
+        """Each area's madvise advice and locks (VmFlags dd dc wf hg nh mg, lo lf), then
+        mlockall(MCL_FUTURE), in the main thread while the husk is still root: a lock never
+        fails on RLIMIT_MEMLOCK here where the source's did not (the limit is carried and
+        holds for what the program locks from now on)."""
+        for start, end, bits in self.vmflags:
+            for name, advice in vmflags.ADVICE.items():
+                if bits & VMFLAG_BITS[name]:
+                    b.call(lib.SYS_madvise, start, end - start, advice,
+                           label=f"madvise({vmflags.ADVICE_NAMES[name]}) of {start:#x}-{end:#x}")
+            if bits & VMFLAG_BITS["lf"]:
+                b.call(vmflags.SYS_MLOCK2, start, end - start, vmflags.MLOCK_ONFAULT,
+                       label=f"mlock2(MLOCK_ONFAULT) of {start:#x}-{end:#x}")
+            elif bits & VMFLAG_BITS["lo"]:
+                b.call(vmflags.SYS_MLOCK, start, end - start,
+                       label=f"mlock of {start:#x}-{end:#x}")
+        if state.mlock_future:
+            b.call(vmflags.SYS_MLOCKALL, state.mlock_future,
+                   label=f"mlockall({state.mlock_future:#x})")
 
     def _timer_calls(self, b, state: ProcessState) -> None:
         """POSIX timers with the ids the program holds (PR_TIMER_CREATE_RESTORE_IDS: the

@@ -5,6 +5,7 @@ The tree-level work (which processes, freezing them all, writing the round) is S
 (session.py); this class knows one address space and one thread group."""
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -12,11 +13,12 @@ import time
 from dataclasses import dataclass
 
 from ..errors import KernelCallError, ProcessGone, UnsupportedState
-from ..kernel import native, procfs, tcp
+from ..kernel import native, procfs, tcp, vmflags
 from ..kernel.native import lib
 from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..kernel.tracker import make_tracker, scan_present
-from ..model import (Credentials, FileDescriptor, PosixTimer, ProcessState, SigAction, ThreadState, Vma,
+from ..model import (VMFLAG_MAPPING, Credentials, FileDescriptor, PosixTimer, ProcessState,
+                     SigAction, ThreadState, Vma,
                      diff_layout, free_area, intersect_ranges, memory_vmas, merge_ranges,
                      pack_ranges, ranges_bytes, subtract_ranges, unpack_ranges)
 
@@ -170,6 +172,9 @@ class ProcessSource:
         self.frozen: list[Tracee] = []     # every thread, the main one first, while frozen
         self.remotes: dict = {}            # tid -> RemoteSyscalls of a thread we injected into
         self._maps_raw, self._maps_parsed = b"", []
+        # the VmFlags carried (vm_flags) as last read, and the layout they were read with
+        self._flags: list[tuple[int, int, int]] = []
+        self._flags_layout: list[Vma] | None = None
 
     def gone(self, error: BaseException | None = None) -> bool:
         """Has the process exited, or is it exiting (`error`: ESRCH from a call on it), or
@@ -192,6 +197,23 @@ class ProcessSource:
         if raw != self._maps_raw:
             self._maps_raw, self._maps_parsed = raw, procfs.parse_maps(raw)
         return self._maps_parsed
+
+    def vm_flags(self, layout: list[Vma], final: bool = False) -> list[tuple[int, int, int]]:
+        """The carried VmFlags of layout's VMAs (kernel/vmflags.py), read from smaps in every
+        round. smaps walks every page table (13 ms per GiB): the final step reads it again
+        only if a round saw madvise or lock flags in use, or the layout changed since (new
+        areas); else it keeps the last round's, whose mapping flags (MAP_NORESERVE,
+        VM_ACCOUNT) change only with the layout. Not seen then: an madvise or mlock of a whole
+        area, in a process that had none, between the last round and the freeze."""
+        if final and layout is self._flags_layout and \
+                not any(bits & ~VMFLAG_MAPPING for _, _, bits in self._flags):
+            return self._flags
+        flags = vmflags.read(self.pid)
+        problems = vmflags.refused(flags)
+        if problems:
+            raise UnsupportedState(f"cannot migrate pid {self.pid}: " + "; ".join(problems))
+        self._flags, self._flags_layout = vmflags.carried(layout, flags), layout
+        return self._flags
 
     def split_layout(self, layout: list[Vma], base: list[Vma] | None = None
                      ) -> tuple[list, list]:
@@ -324,7 +346,23 @@ class ProcessSource:
                     for i, tm in enumerate(timers):
                         b.call(lib.SYS_timer_gettime, tm.id, tm_addr + 32 * i)
                         overruns.append(b.call(lib.SYS_timer_getoverrun, tm.id))
-                results = remote.run(b)
+                    # mlockall(MCL_FUTURE) is in no /proc file: the scratch area, mapped by
+                    # the process just now, is locked if it is set, and then populated
+                    # unless with MCL_ONFAULT. Its last page is one we never touch:
+                    # resident (mincore) and refused MADV_DONTNEED (EINVAL: locked) tell.
+                    probe = main.scratch.addr + main.scratch.size - 4096
+                    core_addr = b.put(b"\0" * 8)
+                    b.call(vmflags.SYS_MINCORE, probe, 4096, core_addr)
+                    b.call(lib.SYS_madvise, probe, 4096, vmflags.MADV_DONTNEED,
+                           label="madvise(MADV_DONTNEED) of the scratch area (a lock probe)")
+                    results = remote.run(b, check=False)
+                    locked = len(results) == len(b) and results[-1] == -errno.EINVAL
+                    if locked:
+                        results[-1] = 0
+                    if len(results) < len(b) or -4096 < results[-1] < 0:
+                        _raise_failed(remote, b, results)
+                else:
+                    results = remote.run(b)
                 data = remote.read(tid_addr, len(b.data) - (tid_addr - main.scratch.data_addr))
                 rel = lambda addr: addr - tid_addr  # noqa: E731  (offsets in what we read)
                 out["threads"][t.pid] = {
@@ -343,6 +381,8 @@ class ProcessSource:
                     # itimerval: interval (s, us), then value (s, us)
                     out["itimers"] = [TIMEVALS.unpack_from(data, rel(it_addr + 32 * w))
                                       for w in range(3)]
+                    out["mlock_future"] = 0 if not locked else vmflags.MCL_FUTURE | (
+                        0 if data[rel(core_addr)] & 1 else vmflags.MCL_ONFAULT)
                     index = {th.pid: i for i, th in enumerate(self.frozen)}
                     out["timers"] = []
                     for i, tm in enumerate(timers):
@@ -435,7 +475,8 @@ class ProcessSource:
             timers=inside["timers"],
             itimers=list(inside["itimers"]) if any(map(any, inside["itimers"])) else [],
             oom_score_adj=procfs.oom_score_adj(pid), personality=procfs.personality(pid),
-            thp_disable=status.get("THP_enabled", "1").strip() == "0")
+            thp_disable=status.get("THP_enabled", "1").strip() == "0",
+            mlock_future=inside.get("mlock_future", 0))
 
     def close(self) -> None:
         if self.tracker:
@@ -448,6 +489,13 @@ class ProcessSource:
                 except OSError:
                     pass
         self.pagemap_fd = self.mem_fd = -1
+
+
+def _raise_failed(remote: RemoteSyscalls, b, results: list[int]):
+    """Raise for the first call of batch b that failed (results: what ran), as run() would."""
+    i = len(results) - 1
+    raise KernelCallError(-results[i], f"injected {b.labels[i]}", remote.tracee.pid,
+                          "args " + ", ".join(hex(a) for a in b.calls[i][1]))
 
 
 def _sorted(parts: list[bytes]) -> bytes:

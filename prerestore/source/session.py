@@ -692,6 +692,7 @@ class SourceSession:
                         parent=parent, parent_layout=parent and scans[parent.pid][0],
                         parent_copy=scans[parent.pid][1].copy if parent else b"")
                     tids = [t.pid for t in p.frozen] if p.frozen else procfs.threads(p.pid)
+                    flags = p.vm_flags(layout, final)
                 except Exception as e:
                     # a process may exit while the tree runs: it leaves this round (and the
                     # staged tree) with its children, which are reparented out of the tree
@@ -713,7 +714,8 @@ class SourceSession:
                     parent=self.ns_pid(t.parent) if parent else 0,
                     sid=self._ns_member(t.sid, members), pgid=self._ns_member(t.pgid, members),
                     starttime=t.starttime, first=p.first, exit_signal=t.exit_signal,
-                    source_pid=p.pid, ctty=t.ctty_pty if t.sid == t.pid else -1))
+                    source_pid=p.pid, ctty=t.ctty_pty if t.sid == t.pid else -1,
+                    vmflags=flags))
                 if not self.direct:
                     offset += nbytes
                 totals["bytes"] += nbytes
