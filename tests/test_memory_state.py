@@ -30,6 +30,7 @@ MODES = [
     pytest.param("mlock", id="mlock"),          # mlock, mlock2(MLOCK_ONFAULT)
     pytest.param("mlockall", id="mlockall"),    # mlockall(MCL_CURRENT | MCL_FUTURE)
     pytest.param("droppable", id="droppable"),  # MAP_DROPPABLE
+    pytest.param("shmem", id="shmem"),          # MAP_SHARED memfd and /dev/zero
 ]
 
 
@@ -40,6 +41,23 @@ def test_mapping_flags(cbin, tmp_path, mode, cold, direct):
     and what the flags do; --verify compares every area's VmFlags)."""
     move_and_compare(tmp_path, [cbin("memstate"), mode, str(tmp_path)], direct=direct,
                      cold=cold, warm_up=100, more=200)
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["prerestore", "cold"])
+def test_mappings_of_a_deleted_file_on_one_host(cbin, tmp_path, cold):
+    """A file deleted while mapped (privately, and shared): on one host the husk maps the very
+    file (it has no name left to open)."""
+    move_and_compare(tmp_path, [cbin("memstate"), "deleted", str(tmp_path)], direct=True,
+                     cold=cold, warm_up=100, more=200)
+
+
+def test_mappings_of_a_deleted_file_are_refused_between_hosts(cbin, tmp_path):
+    """Through image files the deleted file's content is not carried yet: refused by name,
+    the source untouched."""
+    _refused_and_untouched(tmp_path, [cbin("memstate"), "deleted", str(tmp_path)],
+                           r"pid \d+: mapping 0x[0-9a-f]+-0x[0-9a-f]+ of a deleted file "
+                           r".*memstate-deleted.bin \(deleted\) \(carried on one host only\)",
+                           direct=False)
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "files"])

@@ -535,7 +535,10 @@ class Husk:
         prot = v.prot
         if bits & VMFLAG_BITS["ac"] and not v.shared and not v.prot & PROT_WRITE:
             prot |= PROT_WRITE
-        if v.is_shmem and task.pages_from == "pid":
+        deleted = v.is_file and v.path.endswith(" (deleted)")
+        if (v.is_shmem or deleted) and task.pages_from == "pid":
+            # the very object: a shared memory object, or a file deleted while mapped, which
+            # has no other name to open it by
             path = f"/proc/{task.source_pid or task.pid}/map_files/{whole.start:x}-{whole.end:x}"
             b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(path),
                    (os.O_RDWR if writable else os.O_RDONLY) | lib.O_CLOEXEC,

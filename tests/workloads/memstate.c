@@ -18,8 +18,8 @@
  *   mlock     mlock (lo) and mlock2(MLOCK_ONFAULT) (lf) areas
  *   mlockall  mlockall(MCL_CURRENT | MCL_FUTURE): a page mapped in each check must be locked
  *   droppable a MAP_DROPPABLE area (Linux 6.11+)
- *   deleted   mappings of a deleted file (private and shared), of a memfd and of /dev/zero
- *             (MAP_SHARED)
+ *   deleted   mappings of a deleted file (private and shared)
+ *   shmem     MAP_SHARED mappings of a memfd and of /dev/zero
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -418,8 +418,9 @@ static int droppable_check(void)
     return check_flags("MAP_DROPPABLE", droppable, "dp", NULL);
 }
 
-/* ---- deleted ----------------------------------------------------------------------------- */
-static unsigned char *del_private, *del_shared, *memfd_area, *zero_shared;
+/* ---- deleted, shmem ---------------------------------------------------------------------- */
+static unsigned char *areas[2];
+static const char *area_names[2];
 
 static void deleted_setup(const char *dir)
 {
@@ -430,37 +431,43 @@ static void deleted_setup(const char *dir)
         fail("deleted file");
     if (pwrite(fd, "deleted file", 12, PAGE) != 12)
         fail("pwrite");
-    del_private = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
-    del_shared = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 2 * PAGE);
+    areas[0] = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    areas[1] = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 2 * PAGE);
+    area_names[0] = "deleted file (private)";
+    area_names[1] = "deleted file (shared)";
     close(fd);
     unlink(path);
-    fd = memfd_create("memstate", MFD_CLOEXEC);
-    if (fd < 0 || ftruncate(fd, 2 * PAGE))
-        fail("memfd");
-    memfd_area = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd);
-    fd = open("/dev/zero", O_RDWR | O_CLOEXEC);
-    zero_shared = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd);
-    if (del_private == MAP_FAILED || del_shared == MAP_FAILED || memfd_area == MAP_FAILED ||
-        zero_shared == MAP_FAILED)
+    if (areas[0] == MAP_FAILED || areas[1] == MAP_FAILED)
         fail("mmap");
-    del_private[0] = 1;
+    areas[0][0] = 1;               /* one page of its own, one still the file's */
 }
 
-static int deleted_check(long it)
+static void shmem_setup(void)
 {
-    if (memcmp(del_private + PAGE, "deleted file", 12)) {
+    int fd = memfd_create("memstate", MFD_CLOEXEC);
+    if (fd < 0 || ftruncate(fd, 2 * PAGE))
+        fail("memfd");
+    areas[0] = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    fd = open("/dev/zero", O_RDWR | O_CLOEXEC);
+    areas[1] = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    area_names[0] = "memfd";
+    area_names[1] = "/dev/zero (shared)";
+    if (areas[0] == MAP_FAILED || areas[1] == MAP_FAILED)
+        fail("mmap");
+}
+
+static int areas_check(long it)
+{
+    if (!strcmp(mode, "deleted") && memcmp(areas[0] + PAGE, "deleted file", 12)) {
         printf("BAD private mapping of the deleted file lost its content\n");
         return 0;
     }
     unsigned char want = (unsigned char)(it - 1);
-    unsigned char *areas[] = {del_private, del_shared, memfd_area, zero_shared};
-    const char *names[] = {"deleted file (private)", "deleted file (shared)", "memfd",
-                           "/dev/zero (shared)"};
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < 2; i++) {
         if (areas[i][PAGE + 100] != want) {
-            printf("BAD %s holds %d, not %d\n", names[i], areas[i][PAGE + 100], want);
+            printf("BAD %s holds %d, not %d\n", area_names[i], areas[i][PAGE + 100], want);
             return 0;
         }
         areas[i][PAGE + 100] = (unsigned char)it;
@@ -494,8 +501,11 @@ int main(int argc, char **argv)
         droppable_setup();
     else if (!strcmp(mode, "deleted"))
         deleted_setup(dir);
+    else if (!strcmp(mode, "shmem"))
+        shmem_setup();
     else {
         printf("usage: memstate many|novdso|madvise|mayshare|mlock|mlockall|droppable|deleted"
+               "|shmem"
                " [DIR]\n");
         return 2;
     }
@@ -518,7 +528,7 @@ int main(int argc, char **argv)
         else if (!strcmp(mode, "droppable"))
             ok = droppable_check();
         else
-            ok = deleted_check(it);
+            ok = areas_check(it);
         if (!ok)
             return 1;
         if (it % 100 == 0)
