@@ -29,6 +29,7 @@ MODES = [
     pytest.param("mayshare", id="mayshare"),    # a shared mapping of a file open read-write
     pytest.param("mlock", id="mlock"),          # mlock, mlock2(MLOCK_ONFAULT)
     pytest.param("mlockall", id="mlockall"),    # mlockall(MCL_CURRENT | MCL_FUTURE)
+    pytest.param("mlockall-onfault", id="mlockall-onfault"),   # ... | MCL_ONFAULT
     pytest.param("droppable", id="droppable"),  # MAP_DROPPABLE
     pytest.param("shmem", id="shmem"),          # MAP_SHARED memfd and /dev/zero
 ]

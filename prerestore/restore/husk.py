@@ -559,6 +559,10 @@ class Husk:
             flags |= lib.MAP_ANONYMOUS | (lib.MAP_GROWSDOWN if v.path == "[stack]" else 0)
             b.call(lib.SYS_mmap, v.start, v.size, prot, flags, -1, 0)
             if prot != v.prot:
+                # anonymous memory made read-only before it has an anon_vma (no page was ever
+                # faulted in) is uncharged again (mprotect_fixup): fault one in and drop it
+                b.call(lib.SYS_madvise, v.start, 4096, lib.MADV_POPULATE_WRITE)
+                b.call(lib.SYS_madvise, v.start, 4096, lib.MADV_DONTNEED)
                 b.call(lib.SYS_mprotect, v.start, v.size, v.prot)
             return
         b.call(lib.SYS_mmap, v.start, v.size, prot, flags, fd, v.offset)

@@ -17,6 +17,7 @@
  *             read-only raised to PROT_WRITE likewise (copy-on-write)
  *   mlock     mlock (lo) and mlock2(MLOCK_ONFAULT) (lf) areas
  *   mlockall  mlockall(MCL_CURRENT | MCL_FUTURE): a page mapped in each check must be locked
+ *   mlockall-onfault  the same with MCL_ONFAULT: locked as it is faulted in (lf)
  *   droppable a MAP_DROPPABLE area (Linux 6.11+)
  *   deleted   mappings of a deleted file (private and shared)
  *   shmem     MAP_SHARED mappings of a memfd and of /dev/zero
@@ -394,9 +395,12 @@ static int mlock_check(void)
 static int mlockall_check(void)
 {
     void *p = map(PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE);
+    int onfault = !strcmp(mode, "mlockall-onfault");
     read_smaps();
-    int ok = check_flags("mlockall(MCL_CURRENT): the stack", &p, "lo", NULL) &&
-        check_flags("mlockall(MCL_FUTURE): a new page", p, "lo", NULL);
+    int ok = check_flags("mlockall(MCL_CURRENT): the stack", &p, onfault ? "lo lf" : "lo",
+                         onfault ? NULL : "lf") &&
+        check_flags("mlockall(MCL_FUTURE): a new page", p, onfault ? "lo lf" : "lo",
+                    onfault ? NULL : "lf");
     munmap(p, PAGE);
     return ok;
 }
@@ -497,6 +501,9 @@ int main(int argc, char **argv)
     else if (!strcmp(mode, "mlockall")) {
         if (mlockall(MCL_CURRENT | MCL_FUTURE))
             fail("mlockall");
+    } else if (!strcmp(mode, "mlockall-onfault")) {
+        if (mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT))
+            fail("mlockall");
     } else if (!strcmp(mode, "droppable"))
         droppable_setup();
     else if (!strcmp(mode, "deleted"))
@@ -504,7 +511,8 @@ int main(int argc, char **argv)
     else if (!strcmp(mode, "shmem"))
         shmem_setup();
     else {
-        printf("usage: memstate many|novdso|madvise|mayshare|mlock|mlockall|droppable|deleted"
+        printf("usage: memstate many|novdso|madvise|mayshare|mlock|mlockall|mlockall-onfault"
+               "|droppable|deleted"
                "|shmem"
                " [DIR]\n");
         return 2;
@@ -523,7 +531,7 @@ int main(int argc, char **argv)
             ok = mayshare_check(it);
         else if (!strcmp(mode, "mlock"))
             ok = mlock_check();
-        else if (!strcmp(mode, "mlockall"))
+        else if (!strncmp(mode, "mlockall", 8))
             ok = mlockall_check();
         else if (!strcmp(mode, "droppable"))
             ok = droppable_check();
