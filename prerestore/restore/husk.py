@@ -108,6 +108,9 @@ class Husk:
         # the last round's carried VmFlags (AddressSpaceRound.vmflags): advice and locks are
         # given in apply_state, once every child husk is forked (DONTFORK, WIPEONFORK)
         self.vmflags: list[tuple[int, int, int]] = []
+        # the source unmapped its [vdso]: the husk keeps its own specials out of the way until
+        # apply_state drops them (their current (start, end) by name)
+        self.drop_specials: dict[str, tuple[int, int]] = {}
 
     # ---- birth ------------------------------------------------------------------------------
 
@@ -240,6 +243,7 @@ class Husk:
             raise
         child.remote = self.remote.forked(child.tracee)
         child.layout = list(self.layout)
+        child.drop_specials = dict(self.drop_specials)
         child.fds = set(self.fds)
         child.prepared = True
         return child
@@ -334,6 +338,9 @@ class Husk:
         own = procfs.maps(self.host_pid)
         specials = {v.path: v for v in own if v.path in SPECIAL_ORDER}
         wanted = {v.path: v for v in source_layout if v.path in SPECIAL_ORDER}
+        if not wanted and "[vdso]" in specials:
+            self._prepare_without_vdso(own, specials, source_layout)
+            return
         if set(specials) != set(wanted) or any(
                 specials[n].size != wanted[n].size for n in wanted):
             raise RestoreError("the source's [vvar]/[vdso] layout differs from this host's "
@@ -373,6 +380,67 @@ class Husk:
         self.layout = []
         self.prepared = True
 
+    def _prepare_without_vdso(self, own: list[Vma], specials: dict[str, Vma],
+                              source_layout: list[Vma]) -> None:
+        """A source that unmapped its [vdso] and [vvar]: the husk keeps its own (its injected
+        calls use the vdso's syscall instruction) where the source has nothing, and drops
+        them at the end of apply_state."""
+        vdso = specials["[vdso]"]
+        self.remote = RemoteSyscalls(self.tracee, (vdso.start, vdso.end))
+        self.remote.map_scratch(free_area([own, source_layout], RemoteSyscalls.SCRATCH_SIZE))
+        b = self.remote.batch()
+        for v in own:
+            if not v.is_special:
+                b.call(lib.SYS_munmap, v.start, v.size)
+        self.remote.run(b)
+        self.drop_specials = {n: (v.start, v.end) for n, v in specials.items()}
+        self.layout = []
+        self._ensure_specials_clear_of(source_layout)
+        self.prepared = True
+
+    def _ensure_specials_clear_of(self, layout: list[Vma]) -> None:
+        """The husk's own [vvar]/[vdso], kept for a source without them, moved out of the way
+        of the source's mappings (they move together: the vdso finds its data at a fixed
+        distance)."""
+        if not self.drop_specials:
+            return
+        lo = min(s for s, _ in self.drop_specials.values())
+        hi = max(e for _, e in self.drop_specials.values())
+        if not any(v.start < hi and lo < v.end for v in layout):
+            return
+        sc = self.remote.scratch
+        dest = free_area([layout, self.layout, [Vma(sc.addr, sc.addr + sc.size, 0, False, 0, "")],
+                          [Vma(lo, hi, 0, False, 0, "")]], hi - lo)
+        b = self.remote.batch()
+        for name in SPECIAL_ORDER:
+            if name in self.drop_specials:
+                s, e = self.drop_specials[name]
+                b.call(lib.SYS_mremap, s, e - s, e - s, lib.MREMAP_MAYMOVE | lib.MREMAP_FIXED,
+                       dest + s - lo)
+        self.remote.run(b)
+        self.remote.rebase(lo, dest)
+        self.drop_specials = {n: (s - lo + dest, e - lo + dest)
+                              for n, (s, e) in self.drop_specials.items()}
+
+    def _drop_specials(self) -> None:
+        """The end of a husk whose source has no [vdso]: unmap its own, and run the last
+        injected calls from a syscall instruction of the restored program's code."""
+        b = self.remote.batch()
+        for s, e in self.drop_specials.values():
+            b.call(lib.SYS_munmap, s, e - s, label=f"munmap the husk's own special {s:#x}")
+        self.remote.run(b)
+        for v in self.layout:
+            if v.prot & 4 and not v.shared:                  # PROT_EXEC
+                try:
+                    self.remote.insn = native.find_syscall_insn(self.host_pid, v.start, v.end)
+                    break
+                except KernelCallError:
+                    continue
+        else:
+            raise RestoreError(f"process {self.pid} has no [vdso] and no syscall instruction "
+                               "in its code: nowhere to run the last calls from")
+        self.drop_specials = {}
+
     def _ensure_scratch_clear_of(self, layout: list[Vma]) -> None:
         sc = self.remote.scratch
         if any(v.start < sc.addr + sc.size and sc.addr < v.end for v in layout):
@@ -388,6 +456,7 @@ class Husk:
         t0 = time.perf_counter()
         maybe_fail("stage")
         self._ensure_scratch_clear_of(task.layout)
+        self._ensure_specials_clear_of(task.layout)
         new = mapped_vmas(task.layout)
         d = diff_layout(self.layout, new)
         fresh_ranges = merge_ranges([(v.start, v.end) for v in d.fresh] + unpack_ranges(task.fresh))
@@ -939,6 +1008,8 @@ class Husk:
             self.hand_over_fds(items, {f.fd for f in state.fds})
         self._register_epoll(state)
         t_handed = time.perf_counter()
+        if self.drop_specials:
+            self._drop_specials()
         self.remote.unmap_scratch()
         return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(items),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),
                 "state_ms": (time.perf_counter() - t0) * 1e3}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..errors import KernelCallError, ProcessGone, UnsupportedState
 from ..kernel import native, procfs, tcp, vmflags
 from ..kernel.native import lib
-from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
+from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee, runner_area
 from ..kernel.tracker import make_tracker, scan_present
 from ..model import (VMFLAG_MAPPING, Credentials, FileDescriptor, PosixTimer, ProcessState,
                      SigAction, ThreadState, Vma,
@@ -38,19 +38,6 @@ class MemoryScan:
     scan_ms: float
     present_scan_ms: float
     inherited: int = 0          # bytes left to what a fork of the parent husk holds
-
-
-NO_VDSO = ("its [vdso] is unmapped (not carried: the husk would keep one, and the calls "
-           "injected into the frozen process run from its [vdso])")
-
-
-def vdso_of(pid: int, layout: list[Vma]) -> Vma:
-    """The process's [vdso], where injected calls run from; one unmapped since the check
-    (check_supported) is refused on the frozen tree by name."""
-    for v in layout:
-        if v.path == "[vdso]":
-            return v
-    raise UnsupportedState(f"cannot migrate pid {pid}: {NO_VDSO}")
 
 
 def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
@@ -83,8 +70,10 @@ def find_unsupported(pid: int, same_host: bool = False) -> list[str]:
             problems.append(f"fd {fd}: {what} (unsupported file kind"
                             f"{'' if same_host else ' between hosts'})")
     layout = procfs.maps(pid)
-    if not any(v.path == "[vdso]" for v in layout):
-        problems.append(NO_VDSO)
+    try:
+        runner_area(pid, layout)         # a process without [vdso]: somewhere else
+    except UnsupportedState as e:
+        problems.append(str(e).split(": ", 1)[1])
     for v in layout:
         if v.is_shmem and v.path.startswith("/SYSV"):
             problems.append(f"System V shared memory {v.start:#x}-{v.end:#x} (not carried yet)")
@@ -308,8 +297,7 @@ class ProcessSource:
         handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
         timers = procfs.timers(self.pid)
         signals = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1]
-        vdso = vdso_of(self.pid, layout)
-        main = RemoteSyscalls(self.frozen[0], (vdso.start, vdso.end))
+        main = RemoteSyscalls(self.frozen[0], runner_area(self.pid, layout))
         # Parked tasks (kernel/tracee.py): each thread's batch saves its own registers and mask
         # on its stack and leaves it held (it stops itself if we die, never runs on as
         # someone else); SourceSession.resume() gives them back, a kill needs nothing.

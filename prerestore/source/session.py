@@ -22,11 +22,11 @@ from ..errors import KernelCallError, NoSuchProcess, ProcessGone, UnsupportedSta
 from ..faults import maybe_pause
 from ..image import schema
 from ..kernel import native, procfs, sockdiag, tcp, visible
-from ..kernel.tracee import RemoteSyscalls, Tracee
+from ..kernel.tracee import RemoteSyscalls, Tracee, runner_area
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
 from . import ptys, unixsock
-from .process import ProcessSource, find_unsupported, vdso_of
+from .process import ProcessSource, find_unsupported
 
 
 def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
@@ -802,8 +802,7 @@ class SourceSession:
             for t in p.frozen:
                 r = p.remotes.get(t.pid)
                 if r is None:
-                    vdso = vdso_of(p.pid, p.layout())
-                    r = RemoteSyscalls(t, (vdso.start, vdso.end))
+                    r = RemoteSyscalls(t, runner_area(p.pid, p.layout()))
                 r.hold()
                 self.holds.append(r)
 
