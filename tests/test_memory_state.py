@@ -8,14 +8,13 @@ import pytest
 
 from migration import move_and_compare, needs_root
 
-pytestmark = needs_root
-
 HOW = [pytest.param(False, True, id="prerestore-direct"),
        pytest.param(True, True, id="cold-direct"),
        pytest.param(False, False, id="prerestore-files"),
        pytest.param(True, False, id="cold-files")]
 
 
+@needs_root
 @pytest.mark.parametrize("cold,direct", HOW)
 def test_many_small_areas(cbin, tmp_path, cold, direct):
     """20000 one-page areas that cannot merge (their batches are split to fit the husk's
@@ -35,6 +34,7 @@ MODES = [
 ]
 
 
+@needs_root
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cold,direct", HOW)
 def test_mapping_flags(cbin, tmp_path, mode, cold, direct):
@@ -44,6 +44,7 @@ def test_mapping_flags(cbin, tmp_path, mode, cold, direct):
                      cold=cold, warm_up=100, more=200)
 
 
+@needs_root
 @pytest.mark.parametrize("cold", [False, True], ids=["prerestore", "cold"])
 def test_mappings_of_a_deleted_file_on_one_host(cbin, tmp_path, cold):
     """A file deleted while mapped (privately, and shared): on one host the husk maps the very
@@ -52,6 +53,7 @@ def test_mappings_of_a_deleted_file_on_one_host(cbin, tmp_path, cold):
                      cold=cold, warm_up=100, more=200)
 
 
+@needs_root
 def test_mappings_of_a_deleted_file_are_refused_between_hosts(cbin, tmp_path):
     """Through image files the deleted file's content is not carried yet: refused by name,
     the source untouched."""
@@ -61,6 +63,7 @@ def test_mappings_of_a_deleted_file_are_refused_between_hosts(cbin, tmp_path):
                            direct=False)
 
 
+@needs_root
 @pytest.mark.parametrize("cold,direct", HOW)
 def test_no_vdso(cbin, tmp_path, cold, direct):
     """A program that unmapped its [vdso] and [vvar] comes back without them (the calls
@@ -96,3 +99,50 @@ def _refused_and_untouched(tmp_path, argv, match, direct):
     finally:
         src.kill()
         src.wait(10)
+
+
+# ---- the parts alone ------------------------------------------------------------------------
+
+SMAPS = b"""\
+00400000-00401000 r--p 00000000 08:01 12 /bin/x
+Size:                  4 kB
+VmFlags: rd mr mw me ac
+00401000-00402000 rw-p 00000000 00:00 0
+Size:                  4 kB
+VmFlags: rd wr mr mw me ac dd lo
+00402000-00403000 rw-p 00000000 00:00 0
+VmFlags: rd wr mr mw me nr
+00403000-00404000 r--s 00000000 08:01 13 /data/shared file
+VmFlags: rd mr mw me ms
+00404000-00405000 rw-p 00000000 00:00 0
+VmFlags: rd wr mr mw me ac
+"""
+
+
+def test_vmflags_read_from_smaps_are_those_a_plain_mapping_lacks():
+    from prerestore.kernel import procfs, vmflags
+    from prerestore.model import VMFLAG_BITS as B
+    layout = procfs.parse_maps(b"\n".join(line for line in SMAPS.splitlines()
+                                          if line[:1].isdigit()))
+    got = vmflags.carried(layout, vmflags.parse(SMAPS))
+    # RELRO-like read-only area still charged; madvised and locked; MAP_NORESERVE; a shared
+    # read-only mapping whose file is open for writing; the plain one: nothing to carry
+    assert got == [(0x400000, 0x401000, B["ac"] | B["mw"]),
+                   (0x401000, 0x402000, B["ac"] | B["mw"] | B["dd"] | B["lo"]),
+                   (0x402000, 0x403000, B["mw"] | B["nr"]),
+                   (0x403000, 0x404000, B["mw"])]
+
+
+def test_vmflags_in_an_image_are_validated():
+    from prerestore.image import schema
+    from prerestore.model import AddressSpaceRound, Round
+    task = AddressSpaceRound(pid=5, layout=[], vmflags=[(0x1000, 0x2000, 64)])
+    r = Round(id="x", index=0, parent_id=None, parent_path=None, kind="predump", source={},
+              tasks=[task], states=[], zombies=[], stats={})
+    data = schema.encode_image(r)
+    assert schema.decode_image(data, "test").tasks[0].vmflags == [(0x1000, 0x2000, 64)]
+    for bad, why in (([0x1000, 0x1800, 64], "page-aligned"), ([0x1000, 0x2000, 1 << 12], "int"),
+                     ([0x2000, 0x1000, 0], "page-aligned")):
+        task.vmflags = [tuple(bad)]
+        with pytest.raises(Exception, match=why):
+            schema.decode_image(schema.encode_image(r), "test")
