@@ -5,7 +5,7 @@
  * an unmigrated run prints the same) or "BAD what" and exits at the first difference.
  *
  *   many      20000 small distinct areas (one page each, protections alternating so that the
- *             kernel cannot merge them), each holding its own number, and 10000 one-page
+ *             kernel cannot merge them), each holding its own number, and 4000 one-page
  *             mappings of one file (in DIR)
  *   novdso    [vdso] and [vvar] unmapped by the program itself (no glibc call that goes
  *             through the vdso from then on: clock_gettime is the raw system call)
@@ -157,14 +157,15 @@ static void fail(const char *what)
 /* ---- many -------------------------------------------------------------------------------- */
 static unsigned char *many;
 
-#define MANY_FILE 10000
+#define MANY_FILE 4000
 static unsigned char *many_file[MANY_FILE];
 
 static void many_setup(const char *dir)
 {
     /* file mappings too: each is opened by its path in the husk's batch */
     char path[4096];
-    snprintf(path, sizeof path, "%s/memstate-many-with-a-long-name-to-fill-batches.bin", dir);
+    snprintf(path, sizeof path, "%s/memstate-many-mappings-of-one-file-with-a-name-long-"
+             "enough-that-their-paths-overflow-one-batch.bin", dir);
     int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0 || pwrite(fd, "many", 4, 0) != 4)
         fail("many file");
@@ -195,7 +196,7 @@ static int many_check(long it)
             printf("BAD file mapping %d holds %.4s\n", i, many_file[i]);
             return 0;
         }
-    if (it % 50 == 0) {                /* smaps of 20000 areas is long: now and then */
+    if (it % 100 == 0) {               /* smaps of 24000 areas is long: now and then */
         read_smaps();
         for (int i = 0; i < MANY; i += 997)
             if (!check_flags("one page of many", many + (size_t)i * PAGE,
