@@ -146,3 +146,26 @@ def test_vmflags_in_an_image_are_validated():
         task.vmflags = [tuple(bad)]
         with pytest.raises(Exception, match=why):
             schema.decode_image(schema.encode_image(r), "test")
+
+
+def test_vmflags_of_a_changed_layout_are_inherited_or_read_again():
+    """The final step does not read smaps for areas that grew or were cut (they keep the flags
+    of what they came from); a new area makes it read them."""
+    from prerestore.kernel import procfs, vmflags
+    from prerestore.model import VMFLAG_BITS as B
+    old_maps = (b"00400000-00402000 rw-p 00000000 00:00 0\n"       # MAP_NORESERVE, 2 pages
+                b"00500000-00501000 r--p 00000000 08:01 12 /bin/x\n"
+                b"00600000-00601000 rw-p 00000000 00:00 0 [heap]\n")
+    old = [(0x400000, 0x402000, B["mw"] | B["nr"]), (0x500000, 0x501000, B["mw"] | B["ac"])]
+    # the NORESERVE area cut by mprotect, the heap grown: nothing new
+    new_maps = (b"00400000-00401000 r--p 00000000 00:00 0\n"
+                b"00401000-00402000 rw-p 00000000 00:00 0\n"
+                b"00500000-00501000 r--p 00000000 08:01 12 /bin/x\n"
+                b"00600000-00640000 rw-p 00000000 00:00 0 [heap]\n")
+    got = vmflags.inherited(procfs.parse_maps(old_maps), old, procfs.parse_maps(new_maps))
+    assert got == [(0x400000, 0x401000, B["mw"] | B["nr"]),
+                   (0x401000, 0x402000, B["mw"] | B["nr"]),
+                   (0x500000, 0x501000, B["mw"] | B["ac"])]
+    # a new mapping: only smaps can tell its flags
+    assert vmflags.inherited(procfs.parse_maps(old_maps), old, procfs.parse_maps(
+        new_maps + b"00700000-00701000 rw-p 00000000 00:00 0\n")) is None

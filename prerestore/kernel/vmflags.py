@@ -8,7 +8,9 @@ so it is read in the rounds and, in the final step, only where they are in use o
 changed (ProcessSource.vm_flags)."""
 from __future__ import annotations
 
-from ..model import VMFLAG_BITS, Vma, vmflags_default
+import bisect
+
+from ..model import PROT_WRITE, VMFLAG_BITS, Vma, vmflags_default
 from . import procfs
 
 SYS_MINCORE, SYS_MLOCK, SYS_MLOCKALL, SYS_MLOCK2 = 27, 149, 151, 325
@@ -62,3 +64,35 @@ def carried(layout: list[Vma], flags: dict[tuple[int, int], int]) -> list[tuple[
             out.append((v.start, v.end, got))
     return out
 
+
+
+def inherited(old_layout: list[Vma], old: list[tuple[int, int, int]], layout: list[Vma]
+              ) -> list[tuple[int, int, int]] | None:
+    """carried() for layout, from what was read with old_layout (old: its carried flags),
+    without reading smaps: each VMA takes the flags of the old one it grew from or was cut
+    from (same backing, overlapping), plus VM_ACCOUNT if it became writable (mprotect
+    charges it then). None if a VMA is new (overlaps no old one of its kind): then only smaps
+    tells. An madvise or lock of part of an old area is not seen (see ProcessSource.vm_flags)."""
+    old_bits = {(s, e): b for s, e, b in old}
+    olds = [v for v in old_layout if not v.is_special]
+    starts = [v.start for v in olds]
+    ac, nr = VMFLAG_BITS["ac"], VMFLAG_BITS["nr"]
+    out = []
+    for v in layout:
+        if v.is_special:
+            continue
+        i = max(bisect.bisect_right(starts, v.start) - 1, 0)
+        bits = None
+        while i < len(olds) and olds[i].start < v.end:
+            o = olds[i]
+            if o.end > v.start and o.backing() == v.backing():
+                bits = old_bits.get((o.start, o.end), vmflags_default(o, 0))
+                break
+            i += 1
+        if bits is None:
+            return None
+        if not v.shared and v.prot & PROT_WRITE and not bits & nr:
+            bits |= ac
+        if bits != vmflags_default(v, bits):
+            out.append((v.start, v.end, bits))
+    return out

@@ -193,13 +193,18 @@ class ProcessSource:
     def vm_flags(self, layout: list[Vma], final: bool = False) -> list[tuple[int, int, int]]:
         """The carried VmFlags of layout's VMAs (kernel/vmflags.py), read from smaps in every
         round. smaps walks every page table (12 ms for 64 MiB): the final step reads it again
-        only if a round saw madvise or lock flags in use, or the layout changed since (new
-        areas); else it keeps the last round's, whose mapping flags (MAP_NORESERVE,
-        VM_ACCOUNT) change only with the layout. Not seen then: an madvise or mlock of a whole
-        area, in a process that had none, between the last round and the freeze."""
-        if final and layout is self._flags_layout and \
+        only if a round saw madvise or lock flags in use, or a VMA is new since the last round
+        (a heap that grew, an area cut in two by mprotect keep the flags of what they came
+        from, vmflags.inherited); the mapping flags (MAP_NORESERVE, VM_ACCOUNT...) change
+        only with the layout. Not seen then: an madvise or mlock of an existing area, in a
+        process that had none, between the last round and the freeze."""
+        if final and self._flags_layout is not None and \
                 not any(bits & ~VMFLAG_MAPPING for _, _, bits in self._flags):
-            return self._flags
+            if layout is self._flags_layout:
+                return self._flags
+            kept = vmflags.inherited(self._flags_layout, self._flags, layout)
+            if kept is not None:
+                return kept
         self._flags = vmflags.carried(layout, vmflags.read(self.pid))
         self._flags_layout = layout
         return self._flags
