@@ -16,6 +16,33 @@ SHMEM_PREFIXES = ("/dev/zero ", "/memfd:", "/SYSV")
 RANGE = struct.Struct("=QQ")
 
 
+# VmFlags (/proc/PID/smaps) a restore carries, as bits: madvise advice (dump, fork, wipe on
+# fork, huge pages, KSM), locks (mlock, mlock2 MLOCK_ONFAULT), and how the mapping was made
+# (MAP_NORESERVE; VM_ACCOUNT: charged to the commit limit; MAP_DROPPABLE; VM_MAYWRITE: a
+# shared mapping whose protection may be raised to PROT_WRITE, its file open for writing)
+VMFLAG_BITS = {"dd": 1, "dc": 2, "wf": 4, "hg": 8, "nh": 16, "mg": 32, "lo": 64, "lf": 128,
+               "nr": 256, "ac": 512, "dp": 1024, "mw": 2048}
+# the bits fixed when the mapping is made (mmap flags, or VM_ACCOUNT taken on by an mprotect
+# that /proc/PID/maps shows): they change only with the layout
+VMFLAG_MAPPING = VMFLAG_BITS["nr"] | VMFLAG_BITS["ac"] | VMFLAG_BITS["dp"] | VMFLAG_BITS["mw"]
+VMFLAG_ALL = sum(VMFLAG_BITS.values())
+
+
+def vmflags_default(v: "Vma", bits: int) -> int:
+    """The carried VmFlags a plain mmap of v gives (see Husk._map): VM_MAYWRITE for a private
+    mapping or a writable shared one; VM_ACCOUNT for a private writable mapping, unless
+    MAP_NORESERVE."""
+    if v.shared:
+        return VMFLAG_BITS["mw"] if v.prot & PROT_WRITE else 0
+    if v.prot & PROT_WRITE and not bits & VMFLAG_BITS["nr"]:
+        return VMFLAG_BITS["mw"] | VMFLAG_BITS["ac"]
+    return VMFLAG_BITS["mw"]
+
+
+def vmflag_names(bits: int) -> str:
+    return " ".join(n for n, b in VMFLAG_BITS.items() if bits & b)
+
+
 class Vma(NamedTuple):
     """One line of /proc/PID/maps. A NamedTuple: parsing maps is on the downtime path, and
     building a frozen dataclass costs several times more per line."""
@@ -411,6 +438,9 @@ class ProcessState:
     # the path above ends with " (deleted)"): its (mode, uid, gid), for the restorer to make
     # one like it beside where it was, enter it and remove it again
     deleted_dirs: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # mlockall(MCL_FUTURE) (the mm's default VM_LOCKED, in no /proc file): MCL_FUTURE and
+    # MCL_ONFAULT bits as mlockall takes them; 0: not set (see ProcessSource.query_inside)
+    mlock_future: int = 0
 
 
 @dataclass
@@ -459,6 +489,9 @@ class AddressSpaceRound:
     # Its husk is forked with them; a sharing that ended since (unshare, exec) ends in the
     # husk too (a sharing cannot begin after the clone).
     shares: int = 0
+    # each VMA's VmFlags (/proc/PID/smaps) that the restore carries, where they differ from
+    # what mapping it plainly gives (vmflags_default): (start, end, VMFLAG bits), in order
+    vmflags: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass

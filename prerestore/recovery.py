@@ -31,10 +31,10 @@ import signal
 import time
 
 from . import netaddr, outcomes
-from .errors import KernelCallError, PrerestoreError, ProcessGone
+from .errors import KernelCallError, PrerestoreError, ProcessGone, UnsupportedState
 from .image import schema
 from .kernel import cgroup, native, procfs, tcp
-from .kernel.tracee import REG_NAMES, SAVED, RemoteSyscalls, Tracee
+from .kernel.tracee import REG_NAMES, SAVED, RemoteSyscalls, Tracee, runner_area
 from .transport.channel import Channel, load_secret, parse_address
 from .transport.control import RUN_DIR
 
@@ -312,10 +312,13 @@ def put_back_tree(root: int, stopped_before=()) -> list[str]:
                 if scratch:
                     named.add(scratch)
             if held:
-                vdso = next((v for v in procfs.maps(task.pid) if v.path == "[vdso]"), None)
+                try:       # the [vdso], or where a process without one had its runner
+                    runner = runner_area(task.pid, procfs.maps(task.pid))
+                except UnsupportedState:
+                    runner = None
                 areas = _scratch_areas(task.pid, named)
-                if areas and vdso is not None:
-                    remote = RemoteSyscalls(held[0], (vdso.start, vdso.end))
+                if areas and runner is not None:
+                    remote = RemoteSyscalls(held[0], runner)
                     try:
                         for start, end in areas:
                             remote.call(native.lib.SYS_munmap, start, end - start)

@@ -3,6 +3,7 @@ husk is left; bad input is refused with a message that names the problem."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,8 +111,9 @@ def test_pid_taken_is_refused(source, tmp_path):
 
 
 def test_unsupported_state_is_refused_before_freezing(tmp_path):
-    """A child process mapping a deleted file (and, for images that may go to another host, a
-    pipe): named in the error, and no process of the tree was ever stopped."""
+    """A child process mapping a deleted file, for images that may go to another host (and a
+    pipe): named in the error, and no process of the tree was ever stopped. (On one host the
+    deleted file is mapped as it is: tests/test_memory_state.py.)"""
     code = ("import mmap, os, sys, tempfile, time\n"
             "r, w = os.pipe()\n"
             "pid = os.fork()\n"
@@ -128,11 +130,11 @@ def test_unsupported_state_is_refused_before_freezing(tmp_path):
         ready, child = proc.stdout.readline().split()
         assert ready == b"ready"
         with pytest.raises(UnsupportedState) as exc:
-            migrate(proc.pid, work_dir=str(tmp_path / "images"))
-        # the pipes alone could be handed over on the same host
-        assert f"pid {int(child)}: mapping of a deleted file" in str(exc.value)
+            migrate(proc.pid, direct=False, work_dir=str(tmp_path / "images"))
+        assert re.search(rf"pid {int(child)}: mapping 0x[0-9a-f]+-0x[0-9a-f]+ of a deleted "
+                         "file", str(exc.value)), str(exc.value)
         res = prerestore("dump", "-t", proc.pid, "-D", tmp_path / "d", check=False)
-        assert res.returncode == 1 and "mapping of a deleted file" in res.stderr
+        assert res.returncode == 1 and "of a deleted file" in res.stderr
         assert "pipe:" in res.stderr and "between hosts" in res.stderr    # not in an image
         for pid in (proc.pid, int(child)):
             assert alive(pid)

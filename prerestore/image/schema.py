@@ -22,11 +22,12 @@ import msgpack
 
 from ..errors import ImageError, ProtocolError
 from ..kernel.native import first_bad_range
-from ..model import (IPC_PLACES, RANGE, UNIX_STATES, AddressSpaceRound, Credentials,
-                     FileDescriptor, MmFields, PosixTimer, ProcessState, Round, SeccompFilter,
-                     SigAction, SysvIpc, SysvMsg, SysvSem, SysvShm, ThreadState,
+from ..model import (IPC_PLACES, RANGE, UNIX_STATES, VMFLAG_ALL, AddressSpaceRound,
+                     Credentials, FileDescriptor, MmFields, PosixTimer, ProcessState, Round,
+                     SeccompFilter, SigAction, SysvIpc, SysvMsg, SysvSem, SysvShm, ThreadState,
                      UnixSocketState, VisibleState, Vma, Zombie, ranges_bytes)
 
+MCL_FUTURE_BITS = 2 | 4     # MCL_FUTURE | MCL_ONFAULT
 MAGIC = b"PRRSTIMG"
 VERSION = 4          # 2: process trees (task tree fields, states, zombies)
                      # 3: unix sockets carry a state map of their own (fd field 9)
@@ -48,7 +49,7 @@ def _task(t: AddressSpaceRound) -> dict:
             "pages_from": t.pages_from, "tids": t.tids, "parent": t.parent, "sid": t.sid,
             "pgid": t.pgid, "starttime": t.starttime, "first": t.first,
             "exit_signal": t.exit_signal, "source_pid": t.source_pid, "ctty": t.ctty,
-            "shares": t.shares}
+            "shares": t.shares, "vmflags": [list(f) for f in t.vmflags]}
 
 
 def _thread(t: ThreadState) -> dict:
@@ -78,6 +79,7 @@ def _state(s: ProcessState) -> dict:
             "oom_score_adj": s.oom_score_adj, "personality": s.personality,
             "thp_disable": s.thp_disable, "stopped": s.stopped, "root": s.root,
             "deleted_dirs": {k: list(v) for k, v in s.deleted_dirs.items()},
+            "mlock_future": s.mlock_future,
             "timers": [[t.id, t.clock, t.signo, t.value, t.notify, t.thread, *t.interval,
                         *t.remaining, t.overrun] for t in s.timers],
             "itimers": [list(i) for i in s.itimers], "securebits": s.securebits,
@@ -321,6 +323,19 @@ def _decode_vma(v, path: str) -> Vma:
                _int(v[6], f"{path}.inode"), _of(v[7], str, f"{path}.dev", "str"))
 
 
+def _vmflags(value, path: str) -> list[tuple[int, int, int]]:
+    """(start, end, VMFLAG bits) of VMAs, page-aligned, in order, no overlap."""
+    out = [_ints(v, f"{path}[{i}]", (U64, U64, (0, VMFLAG_ALL)))
+           for i, v in enumerate(_list(value, path))]
+    prev = 0
+    for i, (start, end, _) in enumerate(out):
+        if start % PAGE or end % PAGE or not prev <= start < end:
+            raise _Bad(f"{path}[{i}]: expected page-aligned bounds in order, got "
+                       f"{start:#x}-{end:#x}")
+        prev = end
+    return out
+
+
 def _decode_task(t, path: str) -> AddressSpaceRound:
     _map(t, path)
     get = lambda key, default=_MISSING: _field(t, key, path, default)  # noqa: E731
@@ -347,7 +362,8 @@ def _decode_task(t, path: str) -> AddressSpaceRound:
         exit_signal=_int(get("exit_signal"), f"{path}.exit_signal", (0, SIGNALS[1])),
         source_pid=_int(get("source_pid"), f"{path}.source_pid", (0, PID[1])),
         ctty=_int(get("ctty", -1), f"{path}.ctty", (-1, 2**20)),
-        shares=_shares(get("shares", 0), f"{path}.shares"))
+        shares=_shares(get("shares", 0), f"{path}.shares"),
+        vmflags=_vmflags(get("vmflags", []), f"{path}.vmflags"))
 
 
 SHAREABLE = 0x200 | 0x400                 # CLONE_FS | CLONE_FILES
@@ -531,6 +547,7 @@ def _decode_state(s, path: str) -> ProcessState:
         oom_score_adj=_int(get("oom_score_adj"), f"{path}.oom_score_adj", (-1000, 1000)),
         personality=_int(get("personality"), f"{path}.personality", U32),
         thp_disable=_of(get("thp_disable"), bool, f"{path}.thp_disable", "bool"),
+        mlock_future=_int(get("mlock_future", 0), f"{path}.mlock_future", (0, MCL_FUTURE_BITS)),
         stopped=_of(get("stopped"), bool, f"{path}.stopped", "bool"),
         root=_absolute(get("root", "/"), f"{path}.root"),
         deleted_dirs=_deleted_dirs(get("deleted_dirs", {}), f"{path}.deleted_dirs"),

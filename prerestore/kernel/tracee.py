@@ -156,6 +156,11 @@ class Batch:
     def put_str(self, text: str) -> int:
         return self.put(text.encode(errors="surrogateescape") + b"\0")
 
+    def room(self) -> int:
+        """Bytes of data the batch can still put (a caller with much to put runs the batch
+        and starts another when this runs short)."""
+        return self.scratch.data_size - len(self.data)
+
     def call(self, nr: int, *args: int, label: str = "") -> int:
         self.calls.append((nr, args))
         self.labels.append(label or SYSCALL_NAMES.get(nr, str(nr)))
@@ -244,7 +249,8 @@ class RemoteSyscalls:
         self.insn += new_vdso - old_vdso
 
     def _place_stub(self) -> int:
-        """The runner in the [vdso]'s zero-filled tail (once per process)."""
+        """The runner in the [vdso]'s zero-filled tail (once per process; `vdso` is the area
+        runner_area chose)."""
         if self.stub:
             return self.stub
         code = native.batch_runner_code()
@@ -386,6 +392,29 @@ class RemoteSyscalls:
 
     def read(self, addr: int, length: int) -> bytes:
         return native.read_mem(self.tracee.pid, addr, length)
+
+
+def runner_area(pid: int, layout) -> tuple[int, int]:
+    """Where a parked task's batch runner goes (RemoteSyscalls._place_stub copies it into the
+    area's zero-filled tail): its [vdso]; in a process that unmapped its vdso, one of its
+    executable private file mappings whose last page ends in zeros (the padding after the
+    code of an ELF segment, changed in this process alone: the page becomes its own copy).
+    Else UnsupportedState, naming the process."""
+    for v in layout:
+        if v.path == "[vdso]":
+            return v.start, v.end
+    code = native.batch_runner_code()
+    room = RemoteSyscalls.STUB_ROOM
+    for v in layout:
+        if v.prot & 4 and not v.shared and v.is_file and v.size >= room:   # PROT_EXEC
+            try:
+                tail = native.read_mem(pid, v.end - room, room)
+            except KernelCallError:
+                continue
+            if tail[:len(code)] == code or not tail.strip(b"\0"):
+                return v.start, v.end
+    raise UnsupportedState(f"cannot migrate pid {pid}: its [vdso] is unmapped and no executable "
+                           "mapping of it ends in zeros (nowhere to run system calls from)")
 
 
 def unpack_u64(data: bytes, index: int = 0) -> int:

@@ -18,7 +18,7 @@ from ..errors import KernelCallError, UnsupportedState
 from . import native, procfs
 from ..faults import maybe_pause
 from .native import lib
-from .tracee import RemoteSyscalls, Tracee
+from .tracee import RemoteSyscalls, Tracee, runner_area
 
 DIRTY_FLAGS = native.PM_SCAN_WP_MATCHING | native.PM_SCAN_CHECK_WPASYNC
 
@@ -48,11 +48,11 @@ class DirtyTracker:
         # user-mode-only one (which still reports kernel-mode writes as written under WP_ASYNC)
         uid = int(procfs.status(self.pid)["Uid"].split()[1])
         flags = lib.O_CLOEXEC | lib.O_NONBLOCK | (native.UFFD_USER_MODE_ONLY if uid else 0)
-        vdso = next(v for v in procfs.maps(self.pid) if v.path == "[vdso]")
+        area = runner_area(self.pid, procfs.maps(self.pid))
         # parked (see kernel/tracee.py): if we die at any instant, the target is left running
         # as it was or stopped with its own registers within reach of `prerestore recover`
         with Tracee(self.pid, park=True) as t:
-            remote = RemoteSyscalls(t, (vdso.start, vdso.end))
+            remote = RemoteSyscalls(t, area)
             remote_fd = remote.call(lib.SYS_userfaultfd, flags)
             maybe_pause("tracker")
             try:

@@ -21,13 +21,13 @@ from importlib import resources
 from ..errors import KernelCallError, PidTaken, ProcessGone, RestoreError
 from ..faults import maybe_fail
 from ..image import schema
-from ..kernel import native, procfs
+from ..kernel import native, procfs, vmflags
 from ..kernel.native import lib
 from ..kernel.tracee import KSIGACTION, STACK_T, RemoteSyscalls, Tracee
 from ..kernel.sysvipc import SHM_RDONLY, SHM_REMAP
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Vma, Zombie, diff_layout,
                      free_area, mapped_vmas, memory_vmas, merge_ranges, ranges_bytes, unpack_ranges,
-                     PROT_READ, PROT_WRITE)
+                     PROT_READ, PROT_WRITE, VMFLAG_BITS, vmflags_default)
 
 SPECIAL_ORDER = ("[vvar]", "[vvar_vclock]", "[vdso]")
 PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
@@ -183,6 +183,12 @@ class Husk:
         self.shares = 0
         self.files_leader: Husk | None = None
         self.fs_leader: Husk | None = None
+        # the last round's carried VmFlags (AddressSpaceRound.vmflags): advice and locks are
+        # given in apply_state, once every child husk is forked (DONTFORK, WIPEONFORK)
+        self.vmflags: list[tuple[int, int, int]] = []
+        # the source unmapped its [vdso]: the husk keeps its own specials out of the way until
+        # apply_state drops them (their current (start, end) by name)
+        self.drop_specials: dict[str, tuple[int, int]] = {}
 
     # ---- birth ------------------------------------------------------------------------------
 
@@ -317,6 +323,7 @@ class Husk:
             raise
         child.remote = self.remote.forked(child.tracee)
         child.layout = list(self.layout)
+        child.drop_specials = dict(self.drop_specials)
         child.fds = set(self.fds)
         child.sysv = self.sysv
         child.prepared = True
@@ -450,6 +457,9 @@ class Husk:
         own = procfs.maps(self.host_pid)
         specials = {v.path: v for v in own if v.path in SPECIAL_ORDER}
         wanted = {v.path: v for v in source_layout if v.path in SPECIAL_ORDER}
+        if not wanted and "[vdso]" in specials:
+            self._prepare_without_vdso(own, specials, source_layout)
+            return
         if set(specials) != set(wanted) or any(
                 specials[n].size != wanted[n].size for n in wanted):
             raise RestoreError("the source's [vvar]/[vdso] layout differs from this host's "
@@ -489,6 +499,67 @@ class Husk:
         self.layout = []
         self.prepared = True
 
+    def _prepare_without_vdso(self, own: list[Vma], specials: dict[str, Vma],
+                              source_layout: list[Vma]) -> None:
+        """A source that unmapped its [vdso] and [vvar]: the husk keeps its own (its injected
+        calls use the vdso's syscall instruction) where the source has nothing, and drops
+        them at the end of apply_state."""
+        vdso = specials["[vdso]"]
+        self.remote = RemoteSyscalls(self.tracee, (vdso.start, vdso.end))
+        self.remote.map_scratch(free_area([own, source_layout], RemoteSyscalls.SCRATCH_SIZE))
+        b = self.remote.batch()
+        for v in own:
+            if not v.is_special:
+                b.call(lib.SYS_munmap, v.start, v.size)
+        self.remote.run(b)
+        self.drop_specials = {n: (v.start, v.end) for n, v in specials.items()}
+        self.layout = []
+        self._ensure_specials_clear_of(source_layout)
+        self.prepared = True
+
+    def _ensure_specials_clear_of(self, layout: list[Vma]) -> None:
+        """The husk's own [vvar]/[vdso], kept for a source without them, moved out of the way
+        of the source's mappings (they move together: the vdso finds its data at a fixed
+        distance)."""
+        if not self.drop_specials:
+            return
+        lo = min(s for s, _ in self.drop_specials.values())
+        hi = max(e for _, e in self.drop_specials.values())
+        if not any(v.start < hi and lo < v.end for v in layout):
+            return
+        sc = self.remote.scratch
+        dest = free_area([layout, self.layout, [Vma(sc.addr, sc.addr + sc.size, 0, False, 0, "")],
+                          [Vma(lo, hi, 0, False, 0, "")]], hi - lo)
+        b = self.remote.batch()
+        for name in SPECIAL_ORDER:
+            if name in self.drop_specials:
+                s, e = self.drop_specials[name]
+                b.call(lib.SYS_mremap, s, e - s, e - s, lib.MREMAP_MAYMOVE | lib.MREMAP_FIXED,
+                       dest + s - lo)
+        self.remote.run(b)
+        self.remote.rebase(lo, dest)
+        self.drop_specials = {n: (s - lo + dest, e - lo + dest)
+                              for n, (s, e) in self.drop_specials.items()}
+
+    def _drop_specials(self) -> None:
+        """The end of a husk whose source has no [vdso]: unmap its own, and run the last
+        injected calls from a syscall instruction of the restored program's code."""
+        b = self.remote.batch()
+        for s, e in self.drop_specials.values():
+            b.call(lib.SYS_munmap, s, e - s, label=f"munmap the husk's own special {s:#x}")
+        self.remote.run(b)
+        for v in self.layout:
+            if v.prot & 4 and not v.shared:                  # PROT_EXEC
+                try:
+                    self.remote.insn = native.find_syscall_insn(self.host_pid, v.start, v.end)
+                    break
+                except KernelCallError:
+                    continue
+        else:
+            raise RestoreError(f"process {self.pid} has no [vdso] and no syscall instruction "
+                               "in its code: nowhere to run the last calls from")
+        self.drop_specials = {}
+
     def _ensure_scratch_clear_of(self, layout: list[Vma]) -> None:
         sc = self.remote.scratch
         if any(v.start < sc.addr + sc.size and sc.addr < v.end for v in layout):
@@ -504,6 +575,7 @@ class Husk:
         t0 = time.perf_counter()
         maybe_fail("stage")
         self._ensure_scratch_clear_of(task.layout)
+        self._ensure_specials_clear_of(task.layout)
         new = mapped_vmas(task.layout)
         d = diff_layout(self.layout, new)
         fresh_ranges = merge_ranges([(v.start, v.end) for v in d.fresh] + unpack_ranges(task.fresh))
@@ -517,8 +589,16 @@ class Husk:
         for s, e in d.unmap:
             b.call(lib.SYS_munmap, s, e - s)
         fd = self._lowest_free_fd()
+        self.vmflags = task.vmflags
+        flags = {(s, e): bits for s, e, bits in task.vmflags}
         for v, whole in pieces:
-            self._map(b, v, whole, fd, task)
+            if b.room() < self.MAP_DATA_ROOM:
+                # tens of thousands of file mappings put more paths than one scratch area
+                # holds: run what we have, in order, and go on in a new batch
+                self._check_mmaps(b, self.remote.run(b))
+                b = self.remote.batch()
+            self._map(b, v, whole, fd, task,
+                      flags.get((whole.start, whole.end), vmflags_default(whole, 0)))
         for v in d.reprotect:
             b.call(lib.SYS_mprotect, v.start, v.size, v.prot)
         if len(b):
@@ -554,6 +634,7 @@ class Husk:
                 "layout_ms": (t_layout - t0) * 1e3, "pages_ms": (t_pages - t_layout) * 1e3,
                 "apply_ms": (time.perf_counter() - t0) * 1e3}
 
+    MAP_DATA_ROOM = 8192        # batch data one _map may put: a path (PATH_MAX 4096) and more
     POPULATE_FROM = 64 << 20    # bytes of fresh pages in a round worth populating ahead
 
     def _start_populating(self, task: AddressSpaceRound, pieces: list[Vma]):
@@ -625,16 +706,30 @@ class Husk:
             fd += 1
         return fd
 
-    def _map(self, b, v: Vma, whole: Vma, fd: int, task: AddressSpaceRound) -> None:
+    def _map(self, b, v: Vma, whole: Vma, fd: int, task: AddressSpaceRound, bits: int) -> None:
         """The calls that map piece v of the source's VMA `whole` anew (fd: where an openat
         lands). A shared memory object is the source's own one on the same host (opened
-        through /proc/PID/map_files), else a new one of its kind whose pages the rounds carry."""
+        through /proc/PID/map_files), else a new one of its kind whose pages the rounds carry.
+        bits: whole's carried VmFlags; those fixed at mmap time are given here: MAP_NORESERVE,
+        MAP_DROPPABLE, a shared mapping's file opened for writing when the program may raise
+        its protection to PROT_WRITE (mw), and VM_ACCOUNT of a private mapping made writable
+        first (ac: mapped writable, then given its protection, as a library's RELRO is)."""
         flags = lib.MAP_FIXED | (lib.MAP_SHARED if v.shared else lib.MAP_PRIVATE)
-        writable = v.shared and v.prot & PROT_WRITE
+        if bits & VMFLAG_BITS["nr"]:
+            flags |= lib.MAP_NORESERVE
+        if bits & VMFLAG_BITS["dp"]:
+            flags = lib.MAP_FIXED | vmflags.MAP_DROPPABLE
+        writable = v.shared and (v.prot & PROT_WRITE or bits & VMFLAG_BITS["mw"])
+        prot = v.prot
+        if bits & VMFLAG_BITS["ac"] and not v.shared and not v.prot & PROT_WRITE:
+            prot |= PROT_WRITE
         if v.is_sysv:
             self._attach(b, v, task.layout)
             return
-        if v.is_shmem and task.pages_from == "pid":
+        deleted = v.is_file and v.path.endswith(" (deleted)")
+        if (v.is_shmem or deleted) and task.pages_from == "pid":
+            # the very object: a shared memory object, or a file deleted while mapped, which
+            # has no other name to open it by
             path = f"/proc/{task.source_pid or task.pid}/map_files/{whole.start:x}-{whole.end:x}"
             b.call(lib.SYS_openat, lib.AT_FDCWD, b.put_str(path),
                    (os.O_RDWR if writable else os.O_RDONLY) | lib.O_CLOEXEC,
@@ -653,10 +748,18 @@ class Husk:
                    label=f"openat {v.path}")
         else:
             flags |= lib.MAP_ANONYMOUS | (lib.MAP_GROWSDOWN if v.path == "[stack]" else 0)
-            b.call(lib.SYS_mmap, v.start, v.size, v.prot, flags, -1, 0)
+            b.call(lib.SYS_mmap, v.start, v.size, prot, flags, -1, 0)
+            if prot != v.prot:
+                # anonymous memory made read-only before it has an anon_vma (no page was ever
+                # faulted in) is uncharged again (mprotect_fixup): fault one in and drop it
+                b.call(lib.SYS_madvise, v.start, 4096, lib.MADV_POPULATE_WRITE)
+                b.call(lib.SYS_madvise, v.start, 4096, lib.MADV_DONTNEED)
+                b.call(lib.SYS_mprotect, v.start, v.size, v.prot)
             return
-        b.call(lib.SYS_mmap, v.start, v.size, v.prot, flags, fd, v.offset)
+        b.call(lib.SYS_mmap, v.start, v.size, prot, flags, fd, v.offset)
         b.call(lib.SYS_close, fd)
+        if prot != v.prot:
+            b.call(lib.SYS_mprotect, v.start, v.size, v.prot)
 
     def _attach(self, b, v: Vma, layout: list[Vma]) -> None:
         """The calls that attach piece v of a System V segment (its id is the inode the
@@ -1148,6 +1251,7 @@ class Husk:
         self._timer_calls(b, state)
         if state.thp_disable:
             b.call(lib.SYS_prctl, lib.PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        self._vmflag_calls(b, state)
         b.call(lib.SYS_prctl, lib.PR_SET_PDEATHSIG, 0)
         # (loginuid is written through /proc/self: before the chroot)
         self._process_attr_calls(b, state, lowest, expected)
@@ -1178,6 +1282,8 @@ class Husk:
             self._register_epoll(state)
             self._set_fd_owners(state)
         t_handed = time.perf_counter()
+        if self.drop_specials:
+            self._drop_specials()       # its last calls run from the program's code
         self._last_calls(state)
         return {"handover_ms": (t_handed - t_batch) * 1e3, "handed_over": len(items),"state_batch_ms": (t_batch - t0) * 1e3, "state_calls": len(b),
                 "state_ms": (time.perf_counter() - t0) * 1e3}
@@ -1228,6 +1334,7 @@ class Husk:
         if state.mdwe:
             b.call(lib.SYS_prctl, lib.PR_SET_MDWE_, state.mdwe, 0, 0, 0,
                    label=f"prctl(PR_SET_MDWE, {state.mdwe})")
+
     SOCK_FPROG = struct.Struct("=H6xQ")     # struct sock_fprog: len, then the instructions
 
     def install_seccomp(self, state: ProcessState) -> None:
@@ -1287,6 +1394,26 @@ class Husk:
             if res:
                 raise RestoreError(f"process {self.pid}: {label}: thread {res} could not take "
                                    "the filters its threads share (TSYNC)")
+
+    def _vmflag_calls(self, b, state: ProcessState) -> None:
+        """Each area's madvise advice and locks (VmFlags dd dc wf hg nh mg, lo lf), then
+        mlockall(MCL_FUTURE), in the main thread while the husk is still root: a lock never
+        fails on RLIMIT_MEMLOCK here where the source's did not (the limit is carried and
+        holds for what the program locks from now on)."""
+        for start, end, bits in self.vmflags:
+            for name, advice in vmflags.ADVICE.items():
+                if bits & VMFLAG_BITS[name]:
+                    b.call(lib.SYS_madvise, start, end - start, advice,
+                           label=f"madvise({vmflags.ADVICE_NAMES[name]}) of {start:#x}-{end:#x}")
+            if bits & VMFLAG_BITS["lf"]:
+                b.call(vmflags.SYS_MLOCK2, start, end - start, vmflags.MLOCK_ONFAULT,
+                       label=f"mlock2(MLOCK_ONFAULT) of {start:#x}-{end:#x}")
+            elif bits & VMFLAG_BITS["lo"]:
+                b.call(vmflags.SYS_MLOCK, start, end - start,
+                       label=f"mlock of {start:#x}-{end:#x}")
+        if state.mlock_future:
+            b.call(vmflags.SYS_MLOCKALL, state.mlock_future,
+                   label=f"mlockall({state.mlock_future:#x})")
 
     def _timer_calls(self, b, state: ProcessState) -> None:
         """POSIX timers with the ids the program holds (PR_TIMER_CREATE_RESTORE_IDS: the

@@ -218,20 +218,6 @@ def _detached(d: Difference, root: int) -> bool:
 # A difference in one of these is reported (finalize's stats: verify.gaps), not fatal; remove
 # an entry when its state is carried, and the comparison holds the restore to it.
 KNOWN_GAPS: dict[str, str] = {
-    # VM_ACCOUNT: a private mapping made writable at mmap time (a library's RELRO, later
-    # made read-only) has its memory charged to the commit limit for good; the husk maps it
-    # as it is now, read-only, uncharged: a later mprotect(PROT_WRITE) is charged then, and
-    # may fail under strict overcommit where the source's would not
-    "maps.vmflag.ac": "writable-at-mmap accounting of now read-only private mappings",
-    # VM_NORESERVE: MAP_NORESERVE (glibc's malloc arenas, thread stacks' reservations) is
-    # not in /proc/PID/maps, which is what the layout is read from: the husk's areas are
-    # charged to the commit limit where the source's were not
-    "maps.vmflag.nr": "MAP_NORESERVE of a mapping",
-    # VM_NOHUGEPAGE / VM_HUGEPAGE: madvise(MADV_NOHUGEPAGE / MADV_HUGEPAGE) of an area
-    # (glibc's thread stacks) is not read nor made again: the restored area follows the
-    # system's transparent-huge-page default
-    "maps.vmflag.nh": "madvise(MADV_NOHUGEPAGE) of an area",
-    "maps.vmflag.hg": "madvise(MADV_HUGEPAGE) of an area",
     # the audit session id: the kernel numbers sessions itself (a new one each time a
     # process sets its login uid, which the husk does to carry a login uid other than the
     # restorer's); it cannot be given

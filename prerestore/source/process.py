@@ -13,14 +13,14 @@ import time
 from dataclasses import dataclass
 
 from ..errors import KernelCallError, ProcessGone, UnsupportedState
-from ..kernel import native, procfs, seccomp, tcp
+from ..kernel import native, procfs, seccomp, tcp, vmflags
 from ..kernel.native import lib
-from ..kernel.tracee import KSIGACTION, STACK_T, Batch, RemoteSyscalls, Tracee
+from ..kernel.tracee import KSIGACTION, STACK_T, Batch, RemoteSyscalls, Tracee, runner_area
 from ..kernel.tracker import make_tracker, scan_present
-from ..model import (Credentials, FileDescriptor, PosixTimer, ProcessState, SeccompFilter,
-                     SigAction, ThreadState, Vma,
-                     diff_layout, free_area, intersect_ranges, memory_vmas, merge_ranges,
-                     pack_ranges, ranges_bytes, subtract_ranges, unpack_ranges)
+from ..model import (VMFLAG_MAPPING, Credentials, FileDescriptor, PosixTimer, ProcessState,
+                     SeccompFilter, SigAction, ThreadState, Vma, diff_layout, free_area,
+                     intersect_ranges, memory_vmas, merge_ranges, pack_ranges, ranges_bytes,
+                     subtract_ranges, unpack_ranges)
 
 RLIMITS = 16          # RLIM_NLIMITS
 # PR_GET_SPECULATION_CTRL's kinds: PR_SPEC_STORE_BYPASS, _INDIRECT_BRANCH, _L1D_FLUSH
@@ -176,7 +176,12 @@ def find_unsupported(pid: int, same_host: bool = False, members=None,
         elif desc is None and not (same_host and procfs.can_hand_over(pid, fd, what)):
             problems.append(f"fd {fd}: {what} (unsupported file kind"
                             f"{'' if same_host else ' between hosts'})")
-    for v in procfs.maps(pid):
+    layout = procfs.maps(pid)
+    try:
+        runner_area(pid, layout)         # a process without [vdso]: somewhere else
+    except UnsupportedState as e:
+        problems.append(str(e).split(": ", 1)[1])
+    for v in layout:
         if v.is_sysv:
             continue           # carried with the tree's IPC objects (source/sysvipc.py)
         elif v.shared and v.path.startswith("socket:"):
@@ -185,8 +190,11 @@ def find_unsupported(pid: int, same_host: bool = False, members=None,
                             "kernel's; not carried)")
         elif v.shared and not v.is_file and not v.is_special:
             problems.append(f"shared memory mapping {v.start:#x}-{v.end:#x} {v.path or '(anon)'}")
-        elif v.path.startswith("/") and v.path.endswith(" (deleted)") and not v.is_shmem:
-            problems.append(f"mapping of a deleted file {v.path}")
+        elif v.path.startswith("/") and v.path.endswith(" (deleted)") and not v.is_shmem \
+                and not same_host:
+            # on one host the husk maps the very file (/proc/PID/map_files, Husk._map)
+            problems.append(f"mapping {v.start:#x}-{v.end:#x} of a deleted file {v.path} "
+                            "(carried on one host only)")
     return problems
 
 
@@ -387,6 +395,9 @@ class ProcessSource:
         # ever added, so an unchanged count is an unchanged list)
         self.seccomp: dict[int, list[SeccompFilter]] = {}
         self._maps_raw, self._maps_parsed = b"", []
+        # the VmFlags carried (vm_flags) as last read, and the layout they were read with
+        self._flags: list[tuple[int, int, int]] = []
+        self._flags_layout: list[Vma] | None = None
 
     def gone(self, error: BaseException | None = None) -> bool:
         """Has the process exited, or is it exiting (`error`: ESRCH from a call on it), or
@@ -409,6 +420,25 @@ class ProcessSource:
         if raw != self._maps_raw:
             self._maps_raw, self._maps_parsed = raw, procfs.parse_maps(raw)
         return self._maps_parsed
+
+    def vm_flags(self, layout: list[Vma], final: bool = False) -> list[tuple[int, int, int]]:
+        """The carried VmFlags of layout's VMAs (kernel/vmflags.py), read from smaps in every
+        round. smaps walks every page table (12 ms for 64 MiB): the final step reads it again
+        only if a round saw madvise or lock flags in use, or a VMA is new since the last round
+        (a heap that grew, an area cut in two by mprotect keep the flags of what they came
+        from, vmflags.inherited); the mapping flags (MAP_NORESERVE, VM_ACCOUNT...) change
+        only with the layout. Not seen then: an madvise or mlock of an existing area, in a
+        process that had none, between the last round and the freeze."""
+        if final and self._flags_layout is not None and \
+                not any(bits & ~VMFLAG_MAPPING for _, _, bits in self._flags):
+            if layout is self._flags_layout:
+                return self._flags
+            kept = vmflags.inherited(self._flags_layout, self._flags, layout)
+            if kept is not None:
+                return kept
+        self._flags = vmflags.carried(layout, vmflags.read(self.pid))
+        self._flags_layout = layout
+        return self._flags
 
     def split_layout(self, layout: list[Vma], base: list[Vma] | None = None
                      ) -> tuple[list, list]:
@@ -567,8 +597,7 @@ class ProcessSource:
         handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
         timers = procfs.timers(self.pid)
         signals = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1]
-        vdso = next(v for v in layout if v.path == "[vdso]")
-        main = RemoteSyscalls(self.frozen[0], (vdso.start, vdso.end))
+        main = RemoteSyscalls(self.frozen[0], runner_area(self.pid, layout))
         # Parked tasks (kernel/tracee.py): each thread's batch saves its own registers and mask
         # on its stack and leaves it held (it stops itself if we die, never runs on as
         # someone else); SourceSession.resume() gives them back, a kill needs nothing.
@@ -630,8 +659,20 @@ class ProcessSource:
                         b.call(lib.SYS_timer_gettime, tm.id, tm_addr + 32 * i)
                         overruns.append(b.call(lib.SYS_timer_getoverrun, tm.id))
                     securebits = b.call(lib.SYS_prctl, lib.PR_GET_SECUREBITS, 0, 0, 0, 0)
-                    # last, as they may fail on an older kernel (EINVAL: unknown there)
+                    # mlockall(MCL_FUTURE) is in no /proc file: the scratch area, mapped by
+                    # the process just now, is locked if it is set, and then populated
+                    # unless with MCL_ONFAULT. Its last page is one we never touch:
+                    # resident (mincore) and refused MADV_DONTNEED (EINVAL: locked) tell.
+                    probe = main.scratch.addr + main.scratch.size - 4096
+                    core_addr = b.put(b"\0" * 8)
+                    b.call(vmflags.SYS_MINCORE, probe, 4096, core_addr)
+                    lock_probe = b.call(
+                        lib.SYS_madvise, probe, 4096, vmflags.MADV_DONTNEED,
+                        label="madvise(MADV_DONTNEED) of the scratch area (a lock probe)")
+                    # last, as they may fail on an older kernel (EINVAL: unknown there); the
+                    # lock probe fails (EINVAL) where MCL_FUTURE holds
                     optional = {
+                        lock_probe: "lock_probe",
                         b.call(lib.SYS_prctl, lib.PR_GET_MDWE_, 0, 0, 0, 0): "mdwe",
                         b.call(lib.SYS_prctl, lib.PR_GET_MEMORY_MERGE_, 0, 0, 0, 0):
                             "memory_merge",
@@ -640,6 +681,7 @@ class ProcessSource:
                     results = _run_tolerant(remote, b, optional)
                     for i, name in optional.items():
                         out[name] = results[i] or 0
+                    locked = results[lock_probe] is None
                 else:
                     results = remote.run(b)
                 data = remote.read(tid_addr, len(b.data) - (tid_addr - main.scratch.data_addr))
@@ -672,6 +714,8 @@ class ProcessSource:
                         signal = results[owner_calls[i]]
                         if (kind, owner, signal) != (0, 0, 0):
                             out["owners"][fd] = ((kind, owner), signal)
+                    out["mlock_future"] = 0 if not locked else vmflags.MCL_FUTURE | (
+                        0 if data[rel(core_addr)] & 1 else vmflags.MCL_ONFAULT)
                     index = {th.pid: i for i, th in enumerate(self.frozen)}
                     out["timers"] = []
                     for i, tm in enumerate(timers):
@@ -815,7 +859,8 @@ class ProcessSource:
             thp_disable=status.get("THP_enabled", "1").strip() == "0",
             securebits=inside["securebits"], mdwe=inside["mdwe"],
             memory_merge=bool(inside["memory_merge"]), membarrier=inside["membarrier"],
-            loginuid=procfs.loginuid(pid), seccomp_filters=list(filters))
+            loginuid=procfs.loginuid(pid), seccomp_filters=list(filters),
+            mlock_future=inside.get("mlock_future", 0))
 
     def close(self) -> None:
         if self.tracker:
@@ -844,12 +889,14 @@ def _run_tolerant(remote: RemoteSyscalls, b, optional: dict[int, str]) -> list:
         results[failed] = None
         if failed + 1 == len(b.calls):
             break
-        rest = Batch(b.scratch, b.calls[failed + 1:], b.labels[failed + 1:], b.data)
+        # the data is in place already, outputs of the calls that ran included: not again
+        rest = Batch(b.scratch, b.calls[failed + 1:], b.labels[failed + 1:], bytearray())
         more = remote.run(rest, check=False)
         results += more
         if not more:
             break
     return results
+
 
 
 def _sorted(parts: list[bytes]) -> bytes:

@@ -23,7 +23,7 @@ from ..errors import KernelCallError, NoSuchProcess, ProcessGone, UnsupportedSta
 from ..faults import maybe_pause
 from ..image import schema
 from ..kernel import native, procfs, sockdiag, tcp, visible
-from ..kernel.tracee import RemoteSyscalls, Tracee
+from ..kernel.tracee import RemoteSyscalls, Tracee, runner_area
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
 from . import ptys, unixsock
@@ -857,6 +857,7 @@ class SourceSession:
                         parent=parent, parent_layout=parent and scans[parent.pid][0],
                         parent_copy=scans[parent.pid][1].copy if parent else b"")
                     tids = [t.pid for t in p.frozen] if p.frozen else procfs.threads(p.pid)
+                    flags = p.vm_flags(layout, final)
                 except Exception as e:
                     # a process may exit while the tree runs: it leaves this round (and the
                     # staged tree) with its children, which are reparented out of the tree
@@ -881,7 +882,8 @@ class SourceSession:
                     sid=self._ns_member(t.sid, members), pgid=self._ns_member(t.pgid, members),
                     starttime=t.starttime, first=p.first, exit_signal=t.exit_signal,
                     source_pid=p.pid, ctty=t.ctty_pty if t.sid == t.pid else -1,
-                    shares=shares_with_parent(parent.pid, p.pid) if parent else 0))
+                    shares=shares_with_parent(parent.pid, p.pid) if parent else 0,
+                    vmflags=flags))
                 if not self.direct:
                     offset += nbytes
                 totals["bytes"] += nbytes
@@ -975,8 +977,7 @@ class SourceSession:
             for t in p.frozen:
                 r = p.remotes.get(t.pid)
                 if r is None:
-                    vdso = next(v for v in p.layout() if v.path == "[vdso]")
-                    r = RemoteSyscalls(t, (vdso.start, vdso.end))
+                    r = RemoteSyscalls(t, runner_area(p.pid, p.layout()))
                 r.hold()
                 self.holds.append(r)
 
