@@ -232,7 +232,8 @@ def cmd_stage(args) -> int:
         return 0
     if not client.alive():
         log = os.path.join(os.path.dirname(os.path.abspath(args.images_dir)), "stage-daemon.log")
-        argv = ["--socket", client.path] + (["--pidns"] if args.pidns else [])
+        argv = ["--socket", client.path] + (["--pidns"] if args.pidns else []) + \
+            (["--cgroup-root", args.cgroup_root] if args.cgroup_root else [])
         client.wait_ready(control.spawn_daemon("prerestore.restore.daemon", argv, log, False))
     stats = client.request("stage", dir=os.path.abspath(args.images_dir))["stats"]
     print(f"stage: rounds {stats['rounds']}: {stats['pages']} pages, {stats['vma_ops']} VMA "
@@ -286,7 +287,7 @@ def cmd_restore(args) -> int:
     from .restore.staged import cold_restore
     from . import netaddr
     _check_out_file("--json", args.json)
-    fin = cold_restore(args.images_dir, pidns=args.pidns,
+    fin = cold_restore(args.images_dir, pidns=args.pidns, cgroup_root=args.cgroup_root,
                        claim_ip=netaddr.parse_claim(args.claim_ip) if args.claim_ip else None)
     report = _downtime_report(args.images_dir, fin)
     _print_finalize(report, "restore")
@@ -425,6 +426,9 @@ def cmd_inspect(args) -> int:
 
 CLAIM_HELP = ("the service address to take here (dump --release-ip on the source) once the "
               "tree's sockets are rebuilt, announced to the link")
+CGROUP_ROOT_HELP = ("a cgroup v2 directory standing here for the source's cgroup root: each "
+                    "restored process goes into its source's cgroup (relative to that root) "
+                    "under DIR, made if missing (default: the cgroup2 mount)")
 
 
 def _external_unix_option(p: argparse.ArgumentParser) -> None:
@@ -486,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--pidns", action="store_true",
                            help="restore inside a new pid namespace (the pid is free there)")
             p.add_argument("--abort", action="store_true", help="drop the staged process")
+            p.add_argument("--cgroup-root", metavar="DIR", help=CGROUP_ROOT_HELP)
         else:
             p.add_argument("--json", help="write the downtime report here "
                                           "(default: IMAGES_DIR/finalize.json)")
@@ -497,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-D", "--images-dir", required=True)
     p.add_argument("--pidns", action="store_true")
     p.add_argument("--claim-ip", metavar="ADDR/PREFIX@DEV", help=CLAIM_HELP)
+    p.add_argument("--cgroup-root", metavar="DIR", help=CGROUP_ROOT_HELP)
     p.add_argument("--json")
     p.set_defaults(func=cmd_restore)
 
@@ -553,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pidns", action="store_true",
                    help="default for senders that do not say: restore in this pid namespace")
     p.add_argument("--work-dir", help="where received rounds go (default: a temp dir)")
+    p.add_argument("--cgroup-root", metavar="DIR", help=CGROUP_ROOT_HELP)
     p.add_argument("--once", action="store_true", help="exit after one migration")
     p.add_argument("--link-timeout", type=_seconds, default=20.0, metavar="SECONDS",
                    help="an authenticated migration: a connection whose link died (no answer, not even to TCP "

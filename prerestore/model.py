@@ -391,6 +391,11 @@ class AddressSpaceRound:
     # (/dev/pts/N on the source); -1: none. The husk takes a new pair's slave as its
     # controlling terminal when it is made, before it forks anyone of its session.
     ctty: int = -1
+    # its cgroup v2 as its source's /proc/PID/cgroup shows it ("0::PATH": relative to the
+    # cgroup root the migrator sees); "": not known (no cgroup v2): it stays where the
+    # restorer puts it. The restored process is moved into PATH under the destination's
+    # cgroup root when it leaves the gate (kernel/cgroup.py place).
+    cgroup: str = ""
 
 
 @dataclass

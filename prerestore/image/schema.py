@@ -46,7 +46,8 @@ def _task(t: AddressSpaceRound) -> dict:
             "pages": t.pages, "zap": t.zap, "pages_offset": t.pages_offset,
             "pages_from": t.pages_from, "tids": t.tids, "parent": t.parent, "sid": t.sid,
             "pgid": t.pgid, "starttime": t.starttime, "first": t.first,
-            "exit_signal": t.exit_signal, "source_pid": t.source_pid, "ctty": t.ctty}
+            "exit_signal": t.exit_signal, "source_pid": t.source_pid, "ctty": t.ctty,
+            "cgroup": t.cgroup}
 
 
 def _thread(t: ThreadState) -> dict:
@@ -320,7 +321,18 @@ def _decode_task(t, path: str) -> AddressSpaceRound:
         first=_of(get("first"), bool, f"{path}.first", "bool"),
         exit_signal=_int(get("exit_signal"), f"{path}.exit_signal", (0, SIGNALS[1])),
         source_pid=_int(get("source_pid"), f"{path}.source_pid", (0, PID[1])),
-        ctty=_int(get("ctty", -1), f"{path}.ctty", (-1, 2**20)))
+        ctty=_int(get("ctty", -1), f"{path}.ctty", (-1, 2**20)),
+        cgroup=_cgroup_path(get("cgroup", ""), f"{path}.cgroup"))
+
+
+def _cgroup_path(value, path: str) -> str:
+    """"" or an absolute cgroup path without "." or ".." parts (it is joined to a directory
+    of the destination's cgroup tree), at most 4096 bytes, no NUL."""
+    _of(value, str, path, "a cgroup path (str)")
+    if value and (not value.startswith("/") or len(value.encode(errors="surrogateescape")) >
+                  4096 or "\0" in value or any(p in (".", "..") for p in value.split("/"))):
+        raise _bad(path, "a cgroup path (\"/\" then names, no \".\" or \"..\")", value)
+    return value
 
 
 def _siginfos(value, path: str) -> list[bytes]:

@@ -26,7 +26,7 @@ import errno
 import os
 import time
 
-from ..errors import ProcessGone
+from ..errors import ProcessGone, RestoreError
 from . import procfs, tcp
 
 GATE_PREFIX = "prerestore-gate-"
@@ -158,15 +158,26 @@ class Gate:
         except FileNotFoundError:
             return []
 
-    def leave(self, timeout: float = 5.0) -> None:
-        """After open(): every process (and any it forked meanwhile) back to the cgroup the
-        gate was made in, then the gate removed."""
-        parent = os.path.join(os.path.dirname(self.path), "cgroup.procs")
+    def leave(self, timeout: float = 5.0, where: dict[int, str] | None = None) -> None:
+        """After open(): every process (and any it forked meanwhile) out of the gate, then the
+        gate removed. where: the cgroup directory each process goes to, by host pid (the
+        cgroup its source was in: see place()); a process not listed (forked since the thaw,
+        or no cgroup carried) goes where its parent goes, else back to the cgroup the gate
+        was made in."""
+        home = os.path.dirname(self.path)
+        where = where or {}
         deadline = time.monotonic() + timeout
         while (pids := self.pids()) and time.monotonic() < deadline:
             for pid in pids:
+                to = where.get(pid)
+                if to is None:
+                    try:
+                        to = where.get(int(procfs.stat_fields(pid)[4]), home)
+                    except ProcessGone:
+                        continue
+                    where[pid] = to
                 try:
-                    _write(parent, str(pid))
+                    _write(os.path.join(to, "cgroup.procs"), str(pid))
                 except OSError as e:
                     if e.errno != errno.ESRCH:
                         raise
@@ -268,3 +279,97 @@ def _zombie(pid: int) -> bool:
         return procfs.stat_fields(pid)[3] in ("Z", "X")
     except ProcessGone:
         return True
+
+
+# ---- the cgroup a restored process runs in ---------------------------------------------------
+# A process's cgroup v2 is carried as a path relative to the cgroup root its migrator sees
+# (/proc/PID/cgroup, "0::/path"); the destination puts the restored process in that same
+# relative cgroup under its own root (its cgroup2 mount, or `--cgroup-root DIR`), made if
+# missing. Only membership is carried: limits (cpu.max, memory.max...) belong to the cgroup,
+# not to the process, and are not copied; a cgroup made here has the kernel's defaults and
+# the controllers its parent enables for its children (cgroup v2 gives a new child those).
+
+
+def source_problems(pid: int, rel: str | None, mount: str | None = None) -> list[str]:
+    """Source side, before anything is frozen: a process in a threaded cgroup (its threads
+    may each be in another cgroup: thread-granular membership is not carried)."""
+    mount = mount if mount is not None else _v2_mount()
+    if rel is None or mount is None:
+        return []
+    try:
+        with open(os.path.join(mount, rel.lstrip("/"), "cgroup.type")) as f:
+            kind = f.read().strip()
+    except OSError:
+        return []                 # the root (no cgroup.type), or not under our mount
+    if kind in ("threaded", "domain threaded"):
+        return [f"pid {pid}: its cgroup {rel} is {kind} (thread-granular cgroup membership "
+                "is not carried)"]
+    return []
+
+
+def root_dir(given: str | None = None) -> str | None:
+    """The directory the source's cgroup root stands for here: `given` (--cgroup-root),
+    which must be a cgroup v2 directory, or our cgroup2 mount; None if there is none."""
+    if given is None:
+        return _v2_mount()
+    path = os.path.abspath(given)
+    if not os.path.isfile(os.path.join(path, "cgroup.procs")):
+        raise RestoreError(f"--cgroup-root {given}: not a cgroup v2 directory (no cgroup.procs)")
+    return path
+
+
+def place(pid: int, rel: str, root: str, made: list[str]) -> str:
+    """The directory of the cgroup that the restored process pid goes to: rel (its source's
+    cgroup, relative to the source's root) under root, each missing level made (and listed
+    in `made`, outermost first, for unmake()). Refused by name if it cannot hold the process:
+    a path leaving root, a threaded cgroup, or one that enables controllers for its children
+    (cgroup v2 lets only the root hold processes then)."""
+    parts = [p for p in rel.split("/") if p]
+    if any(p in (".", "..") for p in parts) or rel.endswith(" (deleted)"):
+        raise RestoreError(f"pid {pid}: cgroup {rel!r} is not a path under the cgroup root")
+    path = root
+    for part in parts:
+        path = os.path.join(path, part)
+        try:
+            os.mkdir(path, 0o755)
+            made.append(path)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise RestoreError(f"pid {pid}: cannot make its cgroup {rel} as {path} ({e.strerror};"
+                               " --cgroup-root DIR says under which cgroup to place the tree)"
+                               ) from None
+    if path == root and os.path.realpath(root) == os.path.realpath(_v2_mount() or ""):
+        return path                # the root cgroup: holds processes whatever it enables
+    try:
+        with open(os.path.join(path, "cgroup.type")) as f:
+            kind = f.read().strip()
+        with open(os.path.join(path, "cgroup.subtree_control")) as f:
+            enabled = f.read().split()
+    except OSError as e:
+        raise RestoreError(f"pid {pid}: {path} is not a cgroup v2 directory ({e.strerror})"
+                           ) from None
+    if kind != "domain":
+        raise RestoreError(f"pid {pid}: its cgroup {rel} here ({path}) is {kind}: a restored "
+                           "process goes into a domain cgroup only")
+    if enabled:
+        raise RestoreError(f"pid {pid}: its cgroup {rel} here ({path}) enables controllers for "
+                           f"its children ({' '.join(enabled)}), so it cannot hold processes "
+                           "(--cgroup-root DIR says under which cgroup to place the tree)")
+    return path
+
+
+def unmake(made: list[str]) -> None:
+    """Remove the cgroups place() made, innermost first (a restore that failed: it leaves
+    no cgroup behind; one still in use is left)."""
+    for path in reversed(made):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+    made.clear()
+
+
+def move(pid: int, path: str) -> None:
+    """Process pid (all its threads) into the cgroup at path."""
+    _write(os.path.join(path, "cgroup.procs"), str(pid))

@@ -86,6 +86,16 @@ def status(pid: int) -> dict[str, str]:
     return out
 
 
+def cgroup_v2(pid: int) -> str | None:
+    """The process's cgroup v2, as /proc/PID/cgroup's "0::PATH" line shows it: a path
+    relative to the cgroup root of our cgroup namespace ("/", "/system.slice/x.service").
+    None: no v2 line (a kernel without cgroup v2)."""
+    for line in _read(pid, "cgroup").decode(errors="replace").splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
 def stat_fields(pid: int) -> list[str]:
     """Fields of /proc/PID/stat numbered as in proc(5): [1] is pid, [2] comm, [3] state..."""
     data = _read(pid, "stat")

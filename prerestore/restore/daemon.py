@@ -25,8 +25,8 @@ OPS = ("stage", "finalize", "abort", "status", "pin")
 
 
 class StageService:
-    def __init__(self, pidns: bool):
-        self.staged = StagedTree(pidns=pidns)
+    def __init__(self, pidns: bool, cgroup_root: str | None = None):
+        self.staged = StagedTree(pidns=pidns, cgroup_root=cgroup_root)
 
     def dispatch(self, msg: dict) -> tuple[dict, bool]:
         op = msg.get("op")
@@ -90,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="prerestore-stage-daemon")
     ap.add_argument("--socket", required=True)
     ap.add_argument("--pidns", action="store_true")
+    ap.add_argument("--cgroup-root")
     ap.add_argument("--parent", type=int, help="die when this process (our parent) exits")
     ap.add_argument("--idle-timeout", type=float, default=3600.0)
     args = ap.parse_args(argv)
     if args.parent:
         native.set_pdeathsig(signal.SIGKILL, args.parent)
-    service = StageService(args.pidns)
+    service = StageService(args.pidns, args.cgroup_root)
 
     def terminate(signum, frame):
         service.staged.abort()

@@ -21,7 +21,7 @@ import msgpack
 from ..errors import KernelCallError, NoSuchProcess, ProcessGone, UnsupportedState
 from ..faults import maybe_pause
 from ..image import schema
-from ..kernel import native, procfs, sockdiag, tcp, visible
+from ..kernel import cgroup, native, procfs, sockdiag, tcp, visible
 from ..kernel.tracee import RemoteSyscalls, Tracee
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
@@ -172,10 +172,28 @@ def tree_helpers(tasks: list[procfs.TreeTask]) -> list[str]:
     return problems
 
 
+def cgroup_problems(tasks: list[procfs.TreeTask]) -> list[str]:
+    """Processes whose cgroup membership cannot be carried (kernel/cgroup.py
+    source_problems), each distinct cgroup looked at once."""
+    problems, seen = [], set()
+    for t in tasks:
+        if t.zombie:
+            continue
+        try:
+            rel = procfs.cgroup_v2(t.pid)
+        except ProcessGone:
+            continue
+        if rel not in seen:
+            seen.add(rel)
+            problems += cgroup.source_problems(t.pid, rel)
+    return problems
+
+
 def find_tree_unsupported(root: int, same_host: bool = False,
                           external_unix: frozenset[bytes] = frozenset()) -> list[str]:
     tasks = procfs.tree(root)
     problems = tree_helpers(tasks) + tree_problems(tasks) + ptys.pty_problems(tasks, same_host)
+    problems += cgroup_problems(tasks)
     if not same_host:
         problems += inner_ends(tasks, external_unix)
     for t in tasks:
@@ -692,6 +710,7 @@ class SourceSession:
                         parent=parent, parent_layout=parent and scans[parent.pid][0],
                         parent_copy=scans[parent.pid][1].copy if parent else b"")
                     tids = [t.pid for t in p.frozen] if p.frozen else procfs.threads(p.pid)
+                    cg = procfs.cgroup_v2(p.pid) or ""
                 except Exception as e:
                     # a process may exit while the tree runs: it leaves this round (and the
                     # staged tree) with its children, which are reparented out of the tree
@@ -713,7 +732,8 @@ class SourceSession:
                     parent=self.ns_pid(t.parent) if parent else 0,
                     sid=self._ns_member(t.sid, members), pgid=self._ns_member(t.pgid, members),
                     starttime=t.starttime, first=p.first, exit_signal=t.exit_signal,
-                    source_pid=p.pid, ctty=t.ctty_pty if t.sid == t.pid else -1))
+                    source_pid=p.pid, ctty=t.ctty_pty if t.sid == t.pid else -1,
+                    cgroup=cg))
                 if not self.direct:
                     offset += nbytes
                 totals["bytes"] += nbytes

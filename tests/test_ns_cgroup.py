@@ -1,0 +1,243 @@
+"""Exact or refused: what a tree's namespaces and cgroups make it see.
+
+- cgroup v2 membership: each process comes back in its source's cgroup (relative to the
+  cgroup root), made if missing on the destination; a threaded cgroup is refused by name;
+- pid namespace view: a tree restored into a new pid namespace sees a /proc of that
+  namespace (/proc/self, /proc/<its child>), and a tree in a mount namespace other than the
+  migrator's is refused by name;
+- shell jobs: a process in a group led outside the tree is refused naming the way out.
+
+zdtm-like: each workload sets its state up and checks it itself every iteration (BAD and
+exit if it changed), by pre-restore and cold restore, on one host and through image files;
+its output is compared with an unmigrated run's."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from migration import Cleanup, alive, move_and_compare, needs_root, prerestore
+
+pytestmark = needs_root
+
+HOW = [pytest.param(False, True, id="prerestore-direct"),
+       pytest.param(True, True, id="cold-direct"),
+       pytest.param(False, False, id="prerestore-files"),
+       pytest.param(True, False, id="cold-files")]
+
+
+# ---- cgroup v2 membership ---------------------------------------------------------------------
+
+def _v2_mount() -> str:
+    from prerestore.kernel import cgroup
+    mount = cgroup._v2_mount()
+    if mount is None:
+        pytest.skip("no cgroup v2 mounted")
+    return mount
+
+
+def _cgroup_of(pid: int) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        return next(line[3:].rstrip("\n") for line in f if line.startswith("0::"))
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+class CgroupsMade:
+    """Cgroups a test makes under the cgroup v2 mount (prerestore-test-PID-N/...): removed at
+    its end, the processes in them killed first by the test; a cgroup left behind (not
+    empty) fails the test."""
+
+    def __init__(self):
+        self.mount = _v2_mount()
+        self.top = os.path.join(self.mount, f"prerestore-test-{os.getpid()}-{time.monotonic_ns()}")
+        os.mkdir(self.top)
+
+    def make(self, rel: str) -> tuple[str, str]:
+        """A cgroup under the test's own: (its directory, its path as /proc/PID/cgroup shows
+        it)."""
+        path = os.path.join(self.top, rel)
+        os.makedirs(path, exist_ok=True)
+        return path, "/" + os.path.relpath(path, self.mount)
+
+    def remove(self) -> list[str]:
+        left = []
+        for top, dirs, _ in sorted(os.walk(self.top), key=lambda w: -w[0].count("/")):
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    os.rmdir(top)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:       # processes still in it
+                        left.append(top)
+                        break
+                    time.sleep(0.05)
+        return left
+
+
+@pytest.fixture
+def cgroups():
+    c = CgroupsMade()
+    yield c
+    left = c.remove()
+    assert not left, f"cgroups left behind: {left}"
+
+
+def _in_their_cgroups(parent_path: str, child_path: str):
+    def check(host_pid: int, _log) -> None:
+        assert _cgroup_of(host_pid) == parent_path
+        kids = _children(host_pid)
+        assert len(kids) == 1, kids
+        assert _cgroup_of(kids[0]) == child_path
+    return check
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_cgroup_membership_is_carried(cbin, tmp_path, cgroups, cold, direct):
+    """A process in a test-made cgroup and its child in another (each put itself there and
+    checks /proc/self/cgroup every 2 ms) come back each in its own cgroup (the husks wait in
+    the restorer's gate and are moved when it opens); --verify compares the path."""
+    a_dir, a = cgroups.make("a")
+    b_dir, b = cgroups.make("a-child/b")
+    r = move_and_compare(tmp_path, [cbin("cgroups"), a_dir, a, b_dir, b], direct=direct,
+                         cold=cold, warm_up=200, more=200, check=_in_their_cgroups(a, b))
+    state = r["final"]["finalize"]["state"]
+    assert not state.get("cgroup_error") and not state.get("gate_error"), state
+    assert not state.get("cgroups_made")           # they were there: nothing made
+
+
+def test_missing_cgroup_is_made(cbin, tmp_path, cgroups):
+    """Through images, the source's cgroups gone on the destination (as on another host):
+    restore makes them (empty, no limits set), puts each process into its own, and says what
+    it made; the restored tree's checks see the same paths."""
+    from workloads import (compare_with_reference, last_iteration, start_workload,
+                           wait_for_iteration)
+    a_dir, a = cgroups.make("m/a")
+    b_dir, b = cgroups.make("m/b")
+    argv = [cbin("cgroups"), a_dir, a, b_dir, b]
+    log = tmp_path / "out.log"
+    cleanup = Cleanup()
+    src = start_workload(argv, log)
+    cleanup.add(src)
+    try:
+        wait_for_iteration(log, 200, pid=src.pid)
+        prerestore("dump", "-t", src.pid, "-D", tmp_path / "final")     # kills the source
+        src.wait(10)
+        it = last_iteration(log)
+        for d in (a_dir, b_dir, os.path.dirname(a_dir)):
+            deadline = time.monotonic() + 10
+            while os.path.exists(d):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    assert time.monotonic() < deadline, f"{d} stays busy"
+                    time.sleep(0.05)
+        prerestore("restore", "-D", tmp_path / "final", "--pidns", "--json",
+                   tmp_path / "restore.json")
+        fin = json.loads((tmp_path / "restore.json").read_text())["finalize"]
+        host = fin["host_pid"]
+        cleanup.add(fin["init_pid"], host)
+        assert sorted(fin["state"]["cgroups_made"]) == sorted(
+            [os.path.dirname(a_dir), a_dir, b_dir])
+        assert not fin["state"].get("cgroup_error")
+        wait_for_iteration(log, it + 200, timeout=60, pid=host)
+        _in_their_cgroups(a, b)(host, log)
+        text = log.read_text()
+        assert "BAD" not in text, [line for line in text.splitlines() if "BAD" in line][:5]
+        assert compare_with_reference(log, argv) >= 3
+    finally:
+        cleanup.run()
+
+
+def test_restore_under_another_cgroup_root(cbin, tmp_path, cgroups):
+    """--cgroup-root DIR: the source's cgroup root stands for DIR here; each process goes into
+    its cgroup under it, made if missing. A DIR that is no cgroup is refused by name, and
+    leaves nothing made."""
+    from workloads import last_iteration, start_workload, wait_for_iteration
+    a_dir, a = cgroups.make("s/a")
+    b_dir, b = cgroups.make("s/b")
+    other, _ = cgroups.make("other-root")
+    log = tmp_path / "out.log"
+    cleanup = Cleanup()
+    src = start_workload([cbin("cgroups"), a_dir, a, b_dir, b], log, env={"SUFFIX": "1"})
+    cleanup.add(src)
+    try:
+        wait_for_iteration(log, 100, pid=src.pid)
+        prerestore("dump", "-t", src.pid, "-D", tmp_path / "final", "--leave-stopped")
+        it = last_iteration(log)
+        bad = prerestore("restore", "-D", tmp_path / "final", "--pidns", "--cgroup-root",
+                         tmp_path, check=False)
+        assert bad.returncode == 1
+        assert f"--cgroup-root {tmp_path}: not a cgroup v2 directory" in bad.stderr
+        prerestore("restore", "-D", tmp_path / "final", "--pidns", "--cgroup-root", other,
+                   "--json", tmp_path / "restore.json")
+        fin = json.loads((tmp_path / "restore.json").read_text())["finalize"]
+        host = fin["host_pid"]
+        cleanup.add(fin["init_pid"], host)
+        rel_other = "/" + os.path.relpath(other, cgroups.mount)
+        assert _cgroup_of(host) == rel_other + a
+        assert [_cgroup_of(k) for k in _children(host)] == [rel_other + b]
+        assert os.path.isdir(other + a)
+        wait_for_iteration(log, it + 200, timeout=60, pid=host)
+        assert "BAD" not in log.read_text()
+    finally:
+        cleanup.run()
+        src.kill()
+        src.wait(10)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "files"])
+def test_threaded_cgroup_is_refused(cbin, tmp_path, cgroups, direct):
+    """A process in a threaded cgroup (its threads may each be in another one) is refused
+    before anything is frozen, naming pid and cgroup; the source runs on."""
+    from prerestore.errors import UnsupportedState
+    from prerestore.migrate import migrate
+    from workloads import last_iteration, start_workload, wait_for_iteration
+    a_dir, a = cgroups.make("t/a")
+    b_dir, b = cgroups.make("t/a/b")
+    with open(os.path.join(b_dir, "cgroup.type"), "w") as f:
+        f.write("threaded")
+    log = tmp_path / "out.log"
+    src = start_workload([cbin("cgroups"), a_dir, a, b_dir, b], log)
+    try:
+        wait_for_iteration(log, 100, pid=src.pid)
+        kid = _children(src.pid)[0]
+        with pytest.raises(UnsupportedState) as e:
+            migrate(src.pid, direct=direct, work_dir=str(tmp_path / "images"))
+        assert f"pid {kid}: its cgroup {b} is threaded" in str(e.value)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 100, pid=src.pid)
+        assert alive(src.pid)
+    finally:
+        src.kill()
+        src.wait(10)
+
+
+def test_cgroup_path_travels_and_is_checked():
+    """A task's cgroup travels in the image; an image without it reads as none (the process
+    stays in the restorer's cgroup, as before); a path that could leave the destination's
+    cgroup root, or is not a string, is refused naming the field."""
+    import re
+
+    from prerestore.errors import ImageError
+    from prerestore.image.schema import decode_round, encode_round
+    from test_image import make_round
+    r = make_round(final=True)
+    r.tasks[0].cgroup = "/system.slice/x.service"
+    m = encode_round(r)
+    assert decode_round(m).tasks[0].cgroup == "/system.slice/x.service"
+    del m["tasks"][0]["cgroup"]
+    assert decode_round(m).tasks[0].cgroup == ""
+    for bad in ("/a/../../etc", "relative", "/a/./b", 7):
+        m["tasks"][0]["cgroup"] = bad
+        with pytest.raises(ImageError, match=re.escape("tasks[0].cgroup: expected a cgroup")):
+            decode_round(m)
