@@ -241,3 +241,111 @@ def test_cgroup_path_travels_and_is_checked():
         m["tasks"][0]["cgroup"] = bad
         with pytest.raises(ImageError, match=re.escape("tasks[0].cgroup: expected a cgroup")):
             decode_round(m)
+
+
+# ---- pid namespace view --------------------------------------------------------------------
+
+def _ns_view(host_pid: int, _log) -> None:
+    """From outside: the restored process is in a pid namespace of its own (its pid taken
+    here) and a mount namespace of its own, whose /proc is a proc of that pid namespace."""
+    from migration import ns_pids
+    assert len(ns_pids(host_pid)) == 2
+    assert os.readlink(f"/proc/{host_pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    inner = ns_pids(host_pid)[-1]
+    with open(f"/proc/{host_pid}/root/proc/{inner}/status") as f:
+        assert f"NSpid:\t{inner}\n" in f.read()
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_pid_namespace_sees_its_own_proc(cbin, tmp_path, cold, direct):
+    """A tree restored into a new pid namespace (its pids are taken on this host) reads /proc
+    as its source did: /proc/self and /proc/self/status (Pid, NSpid) are its own pid, and
+    /proc/<child>/stat and status are its children (checked every 2 ms by each process)."""
+    move_and_compare(tmp_path, [cbin("pidview")], direct=direct, cold=cold, warm_up=200,
+                     more=200, check=_ns_view, pidns=True)
+
+
+def _start_in_own_namespaces(argv, log, unshare_args=("--pid", "--fork", "--mount-proc")):
+    """argv as the init of a new pid namespace with a /proc of its own (`unshare --pid --fork
+    --mount-proc`, as a container has it); returns (the unshare Popen, argv's host pid)."""
+    import leftovers
+    from workloads import wait_for_iteration
+    fd = os.open(str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        outer = subprocess.Popen(["unshare", *unshare_args, *map(str, argv)],
+                                 stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                 start_new_session=True)
+    finally:
+        os.close(fd)
+    leftovers.watch(outer.pid)
+    deadline = time.monotonic() + 10
+    while not _children(outer.pid) or "start pid=" not in log.read_text():
+        assert outer.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.01)
+    inner = _children(outer.pid)[0]
+    leftovers.snapshot()
+    wait_for_iteration(log, 100, pid=inner)
+    return outer, inner
+
+
+@pytest.mark.parametrize("cold,direct", HOW)
+def test_namespace_init_with_its_own_proc(cbin, tmp_path, cold, direct):
+    """A tree whose root is the init of its own pid namespace, in a mount namespace of its own
+    that mounts what ours does but a /proc of that namespace (a container): taken, restored
+    as the init of a new pid namespace that again sees a /proc of its own."""
+    from prerestore.migrate import migrate
+    from prerestore.policy import ConvergencePolicy
+    from workloads import compare_with_reference, last_iteration, wait_for_iteration
+    log = tmp_path / "out.log"
+    outer, src = _start_in_own_namespaces([cbin("pidview")], log)
+    cleanup = Cleanup()
+    try:
+        wait_for_iteration(log, 200, pid=src)
+        r = migrate(src, cold=cold, direct=direct, work_dir=str(tmp_path / "images"),
+                    policy=ConvergencePolicy(min_rounds=2, max_rounds=3))
+        host = r["restored_host_pid"]
+        cleanup.add(r["namespace_init_pid"], host)
+        assert r["restored_pid"] == 1
+        try:
+            outer.wait(10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(subprocess.run(["ps", "-o", "pid,ppid,stat,wchan:20,cmd", "-p",
+                                                 f"{outer.pid},{src}"], capture_output=True,
+                                                text=True).stdout + str(_children(outer.pid)))
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 200, timeout=60, pid=host)
+        _ns_view(host, log)
+        text = log.read_text()
+        assert "BAD" not in text, [line for line in text.splitlines() if "BAD" in line][:5]
+        assert compare_with_reference(log, [cbin("pidview")]) >= (it + 200) // 100
+    finally:
+        cleanup.run()
+        outer.kill()
+        outer.wait(10)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "files"])
+def test_other_mount_namespace_is_refused(cbin, tmp_path, direct):
+    """A tree in a mount namespace that mounts otherwise than the migrator's (a tmpfs of its
+    own): its paths would be reopened in the migrator's. Refused before anything is frozen,
+    naming the pid, the mount and the way out (nsenter); the source runs on."""
+    from prerestore.errors import UnsupportedState
+    from prerestore.migrate import migrate
+    from workloads import last_iteration, wait_for_iteration
+    log = tmp_path / "out.log"
+    outer, src = _start_in_own_namespaces(
+        ["sh", "-c", f'mount -t tmpfs prerestore-test-tmpfs /mnt && exec "$@"', "sh",
+         cbin("pidview")], log, ("--mount", "--propagation", "private"))
+    try:
+        with pytest.raises(UnsupportedState) as e:
+            migrate(src, direct=direct, work_dir=str(tmp_path / "images"))
+        assert f"pid {src} is in a mount namespace" in str(e.value)
+        assert "tmpfs prerestore-test-tmpfs on /mnt" in str(e.value)
+        assert f"nsenter --mount --target {src}" in str(e.value)
+        it = last_iteration(log)
+        wait_for_iteration(log, it + 100, pid=src)
+    finally:
+        outer.kill()
+        outer.wait(10)
+        from workloads import kill_pid
+        kill_pid(src)

@@ -34,6 +34,8 @@ PRCTL_MM_MAP = struct.Struct("=11QQII")   # struct prctl_mm_map
 SIGEVENT = struct.Struct("=Qiii44x")
 OPEN_DROP = lib.O_CREAT | lib.O_TRUNC | lib.O_EXCL | lib.O_NOCTTY
 SIGKILL, SIGSTOP, SIGCHLD = 9, 19, 17
+SYS_MOUNT = 165                           # x86_64
+MS_SLAVE, MS_REC = 1 << 19, 1 << 14
 WALL = 0x40000000                         # __WALL: wait for any kind of child
 
 
@@ -88,6 +90,10 @@ def resumable_regs(saved: dict[str, int]) -> dict[str, int]:
 
 
 class Husk:
+    # the root of a tree in a new pid namespace (and with it a new mount namespace): it
+    # mounts a /proc of that namespace at the final step (mount_proc_calls)
+    mounts_proc = False
+
     def __init__(self, host_pid: int, pid: int, init_pid: int | None):
         self.host_pid = host_pid          # pid in our namespace (ptrace, /proc)
         self.pid = pid                    # pid the restored process sees (the source's)
@@ -156,6 +162,7 @@ class Husk:
             host_pid = kids[0]
         husk = cls(host_pid, pid, init)
         husk.leads_session = init is None            # else it is in its init's session
+        husk.mounts_proc = pidns or pid == 1
         try:
             husk.tracee = Tracee(host_pid, exitkill=True)
             husk.tracee.stop()
@@ -536,6 +543,22 @@ class Husk:
         b.call(lib.SYS_mmap, v.start, v.size, v.prot, flags, fd, v.offset)
         b.call(lib.SYS_close, fd)
 
+    def mount_proc_calls(self, b) -> None:
+        """A tree in a new pid namespace sees a /proc of that namespace (/proc/self, its
+        children's /proc/PID), as `unshare --pid --mount-proc` gives: the root husk mounts
+        one on /proc of its mount namespace (made with the pid namespace, a copy of the
+        restorer's), with the mount options of the restorer's /proc. Only now, in the final
+        batch: until the last round was applied, the husks open the same-host source's
+        memory through the host's /proc (map_files). /proc is made a slave first: the new
+        mount does not propagate to the host's /proc (were it shared); every other mount
+        keeps the propagation the copy has (README: pid namespace view)."""
+        flags, data = procfs.proc_mount_options()
+        b.call(SYS_MOUNT, 0, b.put_str("/proc"), 0, MS_REC | MS_SLAVE, 0,
+               label="mount --make-rslave /proc")
+        b.call(SYS_MOUNT, b.put_str("proc"), b.put_str("/proc"), b.put_str("proc"), flags,
+               b.put_str(data) if data else 0,
+               label="mount proc on /proc (of the tree's pid namespace)")
+
     def _check_mmaps(self, b, results) -> None:
         for (nr, args), label, res in zip(b.calls, b.labels, results):
             if nr == lib.SYS_mmap and res != args[0]:
@@ -785,6 +808,8 @@ class Husk:
             self._cred_calls(b, th.creds or state.creds)
             remote.run(b)
         b = self.remote.batch()
+        if self.mounts_proc:
+            self.mount_proc_calls(b)
         opened = set(self.fds)
         expected = []
 

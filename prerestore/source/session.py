@@ -7,6 +7,7 @@ thread of every process stopped under ptrace until told to kill them (the destin
 to resume them (rollback)."""
 from __future__ import annotations
 
+import collections
 import fcntl
 import os
 import platform
@@ -189,11 +190,79 @@ def cgroup_problems(tasks: list[procfs.TreeTask]) -> list[str]:
     return problems
 
 
+def _in_proc(m: procfs.Mount) -> bool:
+    return m.point == "/proc" or m.point.startswith("/proc/")
+
+
+def mount_ns_problems(tasks: list[procfs.TreeTask]) -> list[str]:
+    """Processes in another mount namespace than ours. Their paths (files, cwd, mappings,
+    sockets) are read and reopened here, in ours: only a namespace that mounts the same
+    (mount point, root, type, source: `ip netns exec`'s copy, a container sharing the host's
+    filesystems) is taken. Its /proc may be ours, or a proc of the tree's own pid namespace
+    (`unshare --pid --mount-proc`, a tree restored into a new pid namespace): a tree
+    restored into a new pid namespace gets such a /proc again (husk.mount_proc_calls).
+    Anything else is refused by name."""
+    try:
+        mine = os.readlink("/proc/self/ns/mnt")
+        ours = procfs.mounts("self")
+    except (OSError, ProcessGone):
+        return []
+    our_proc = [dev for m, dev in ours if m.point == "/proc" and m.fstype == "proc"]
+    seen: dict[str, list[str]] = {}
+    problems = []
+    for t in tasks:
+        if t.zombie:
+            continue
+        try:
+            ns = procfs.readlink(t.pid, "ns/mnt")
+            if ns == mine:
+                continue
+            if ns in seen:
+                problems += [p.replace("{pid}", str(t.pid)) for p in seen[ns]]
+                continue
+            theirs = procfs.mounts(t.pid)
+            found = []
+            here = collections.Counter(m for m, _ in ours if not _in_proc(m))
+            there = collections.Counter(m for m, _ in theirs if not _in_proc(m))
+            only = sorted((here - there).keys()) + sorted((there - here).keys())
+            if only:
+                m = only[0]
+                side = "prerestore's only" if here[m] > there[m] else "its own only"
+                found.append(f"pid {{pid}} is in a mount namespace ({ns}) that mounts otherwise "
+                             f"than prerestore's ({m.fstype} {m.source} on {m.point}: in "
+                             f"{side}; {len(only)} such): its files would be reopened in "
+                             "prerestore's; not carried (run prerestore in that mount "
+                             f"namespace: nsenter --mount --target {t.pid} prerestore ...)")
+            else:
+                procs = [dev for m, dev in theirs if m.point == "/proc" and m.fstype == "proc"]
+                if procs and procs[-1] not in our_proc[-1:] and not _own_proc(t.pid):
+                    found.append(f"pid {{pid}}: its /proc (in mount namespace {ns}) is a proc of "
+                                 "another pid namespace than its own and prerestore's: not "
+                                 "carried")
+            seen[ns] = found
+            problems += [p.replace("{pid}", str(t.pid)) for p in found]
+        except (ProcessGone, OSError):
+            continue
+    return problems
+
+
+def _own_proc(pid: int) -> bool:
+    """Is the /proc that pid sees a proc of its own pid namespace? Its own entry there, by
+    its pid in that namespace, is the very process (same start time)."""
+    try:
+        inner = procfs.ns_pids(pid)[-1]
+        with open(f"/proc/{pid}/root/proc/{inner}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:].split()[19] == procfs.stat_fields(pid)[22].encode()
+    except (OSError, ValueError, IndexError, ProcessGone):
+        return False
+
+
 def find_tree_unsupported(root: int, same_host: bool = False,
                           external_unix: frozenset[bytes] = frozenset()) -> list[str]:
     tasks = procfs.tree(root)
     problems = tree_helpers(tasks) + tree_problems(tasks) + ptys.pty_problems(tasks, same_host)
-    problems += cgroup_problems(tasks)
+    problems += cgroup_problems(tasks) + mount_ns_problems(tasks)
     if not same_host:
         problems += inner_ends(tasks, external_unix)
     for t in tasks:
@@ -789,10 +858,16 @@ class SourceSession:
             except ProcessLookupError:
                 pass
         # a thread group's leader is reported last: the other threads first; the root's
-        # leader is left to its parent (which may be us, reaping it as its parent)
+        # leader is left to its parent if that is us (we reap it as its parent); else we
+        # collect it as its tracer, which hands its exit to its parent (until then the parent
+        # cannot reap it: `unshare --fork` would wait for its killed namespace init as long as
+        # the migrating process lives)
         leaders = {p.pid for p in self.procs.values()}
-        for t in sorted(self.held, key=lambda t: t.pid in leaders):
-            if t.pid != self.pid:
+        ours = self.pid in self.procs and self.procs[self.pid].task.parent == os.getpid()
+        # (the root last: a namespace's init ends only once its children are reaped, and
+        # as their tracer, we see their ends first)
+        for t in sorted(self.held, key=lambda t: (t.pid in leaders, t.pid == self.pid)):
+            if t.pid != self.pid or not ours:
                 try:
                     os.waitpid(t.pid, 0x40000000)     # __WALL
                 except ChildProcessError:
