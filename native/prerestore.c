@@ -18,6 +18,7 @@
 #include <termios.h>
 #include <sys/prctl.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -1021,6 +1022,10 @@ int pr_spawn(const char *path, char *const *argv, const int *set_tid, long set_t
         if (keep_fd >= 0 && keep_fd != 3)
             syscall(SYS_dup2, keep_fd, 3);
         syscall(SYS_setsid);
+        /* its /proc (a copy of ours) a slave: the proc of the new pid namespace mounted on
+         * it at the final step (husk.py mount_proc_calls) must not propagate to ours */
+        if (new_pidns && syscall(SYS_mount, NULL, "/proc", NULL, MS_REC | MS_SLAVE, NULL))
+            syscall(SYS_exit_group, 126);
         syscall(SYS_execve, path, argv, envp);
         syscall(SYS_exit_group, 127);
     }

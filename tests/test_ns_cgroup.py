@@ -349,3 +349,56 @@ def test_other_mount_namespace_is_refused(cbin, tmp_path, direct):
         outer.wait(10)
         from workloads import kill_pid
         kill_pid(src)
+
+
+# ---- shell jobs ---------------------------------------------------------------------------------
+
+JOBS = """
+import os, sys, time
+root = os.fork()
+if root == 0:
+    os.setpgid(0, 0)                     # a job of the shell's: a group of its own
+    child = os.fork()
+    if child == 0:
+        os.setpgid(0, os.getsid(0))      # into the shell's own group (led outside the tree)
+        while True:
+            time.sleep(1)
+    print(f"start root={os.getpid()} child={child}", flush=True)
+    while True:
+        time.sleep(1)
+os.waitpid(root, 0)
+"""
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "files"])
+def test_group_led_outside_is_refused_naming_the_way_out(tmp_path, direct):
+    """A tree process in a process group led outside the tree (here: a shell-like session
+    leader's own group) cannot be put back into that group: refused before anything is
+    frozen, naming pid, group and what to do instead; the tree runs on."""
+    import re
+    import sys
+
+    import leftovers
+    from prerestore.errors import UnsupportedState
+    from prerestore.migrate import migrate
+    from workloads import kill_pid
+    shell = subprocess.Popen([sys.executable, "-c", JOBS], stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    leftovers.watch(shell.pid)
+    try:
+        m = re.match(r"start root=(\d+) child=(\d+)", shell.stdout.readline())
+        assert m, "the job did not start"
+        root, child = int(m.group(1)), int(m.group(2))
+        leftovers.snapshot()
+        with pytest.raises(UnsupportedState) as e:
+            migrate(root, direct=direct, work_dir=str(tmp_path / "images"))
+        assert (f"pid {child}: the leader of its process group {shell.pid} is not in the tree"
+                in str(e.value))
+        assert "-t an ancestor of both" in str(e.value) and "setpgid" in str(e.value)
+        assert alive(root) and alive(child)
+        with open(f"/proc/{root}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] in "SR"
+    finally:
+        for pid in (child, root) if "child" in locals() else ():
+            kill_pid(pid)
+        kill_pid(shell)

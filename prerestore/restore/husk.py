@@ -35,7 +35,6 @@ SIGEVENT = struct.Struct("=Qiii44x")
 OPEN_DROP = lib.O_CREAT | lib.O_TRUNC | lib.O_EXCL | lib.O_NOCTTY
 SIGKILL, SIGSTOP, SIGCHLD = 9, 19, 17
 SYS_MOUNT = 165                           # x86_64
-MS_SLAVE, MS_REC = 1 << 19, 1 << 14
 WALL = 0x40000000                         # __WALL: wait for any kind of child
 
 
@@ -548,13 +547,11 @@ class Husk:
         children's /proc/PID), as `unshare --pid --mount-proc` gives: the root husk mounts
         one on /proc of its mount namespace (made with the pid namespace, a copy of the
         restorer's), with the mount options of the restorer's /proc. Only now, in the final
-        batch: until the last round was applied, the husks open the same-host source's
-        memory through the host's /proc (map_files). /proc is made a slave first: the new
-        mount does not propagate to the host's /proc (were it shared); every other mount
-        keeps the propagation the copy has (README: pid namespace view)."""
+        batch (~40 us): until the last round was applied, the husks open the same-host
+        source's memory through the host's /proc (map_files). Its /proc was made a slave as
+        it was spawned (native pr_spawn): the new mount does not propagate to the host's
+        /proc (were it shared); every other mount keeps the propagation the copy has."""
         flags, data = procfs.proc_mount_options()
-        b.call(SYS_MOUNT, 0, b.put_str("/proc"), 0, MS_REC | MS_SLAVE, 0,
-               label="mount --make-rslave /proc")
         b.call(SYS_MOUNT, b.put_str("proc"), b.put_str("/proc"), b.put_str("proc"), flags,
                b.put_str(data) if data else 0,
                label="mount proc on /proc (of the tree's pid namespace)")

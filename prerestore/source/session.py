@@ -50,8 +50,13 @@ def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
         elif t.sid != root.sid and by_pid[t.sid].zombie and t.sid != t.pid:
             problems.append(f"pid {t.pid}: the leader of its session {t.sid} is a zombie")
         if t.pgid != root.pgid and t.pgid not in by_pid:
+            # a group is made again from inside the tree (setpgid by its leader's husk); one
+            # led outside (another shell job's, the shell's own) cannot be joined by a
+            # restored process, and there is no --shell-job (README: Detached)
             problems.append(f"pid {t.pid}: the leader of its process group {t.pgid} is not in "
-                            "the tree")
+                            f"the tree (another job's group): migrate the tree that holds "
+                            f"{t.pgid} too (-t an ancestor of both), or have pid {t.pid} leave "
+                            "that group first (setpgid)")
     if root.sid != root.pid and root.pgid == root.pid and any(
             t.pgid == root.pid for t in tasks[1:]):
         pass   # a group led by the root inside an outside session: recreated by setpgid
