@@ -258,6 +258,9 @@ def _print_finalize(report: dict, what: str) -> None:
         print(f"  restore {k[:-3]:<16} {fin[k]:8.2f} ms")
     if "downtime_ms" in report:
         print(f"  downtime (source frozen -> process running): {report['downtime_ms']:.2f} ms")
+    for key in ("cgroups_made", "cgroup_error"):
+        if fin.get("state", {}).get(key):
+            print(f"  {key.replace('_', ' ')}: {fin['state'][key]}")
 
 
 def cmd_finalize(args) -> int:

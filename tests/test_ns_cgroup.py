@@ -195,6 +195,52 @@ def test_restore_under_another_cgroup_root(cbin, tmp_path, cgroups):
         src.wait(10)
 
 
+def test_restorer_killed_after_the_commit_recover_places_the_tree(cbin, tmp_path, cgroups):
+    """`restore` killed after the tree was let go whole (the gate opened) but before it was
+    moved out of the gate: `prerestore recover` settles the gate and puts each process into
+    its own cgroup (the gate notes where each goes), not the restorer's."""
+    import signal
+    import sys
+
+    from migration import wait_for_line
+    from workloads import kill_pid, last_iteration, start_workload, wait_for_iteration
+    a_dir, a = cgroups.make("k/a")
+    b_dir, b = cgroups.make("k/b")
+    log = tmp_path / "out.log"
+    src = start_workload([cbin("cgroups"), a_dir, a, b_dir, b], log)
+    pids = [src.pid] + _children(src.pid)
+    err = tmp_path / "restore.err"
+    proc = None
+    try:
+        wait_for_iteration(log, 100, pid=src.pid)
+        prerestore("dump", "-t", src.pid, "-D", tmp_path / "final")     # kills the source
+        src.wait(10)
+        it = last_iteration(log)
+        with open(err, "w") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "prerestore.cli", "restore", "-D",
+                                     str(tmp_path / "final")], stdout=subprocess.DEVNULL,
+                                    stderr=f, env={**os.environ, "PRERESTORE_PAUSE": "resumed"})
+        assert wait_for_line(err, "paused at resumed", 60), err.read_text()
+        gate = _cgroup_of(pids[0])
+        assert "/prerestore-gate-" in gate                     # let go, not moved yet
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        rec = prerestore("recover", "-t", src.pid)      # no other migration's journal
+        # (any restorer making a gate beside it settles it too: then it is gone already)
+        assert "its tree runs" in rec.stdout or \
+            not os.path.exists(cgroups.mount + gate), rec.stdout
+        assert _cgroup_of(pids[0]) == a and _cgroup_of(pids[1]) == b
+        wait_for_iteration(log, it + 200, timeout=60, pid=pids[0])
+        assert "BAD" not in log.read_text()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in reversed(pids):
+            kill_pid(pid)
+        kill_pid(src)
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "files"])
 def test_threaded_cgroup_is_refused(cbin, tmp_path, cgroups, direct):
     """A process in a threaded cgroup (its threads may each be in another one) is refused

@@ -23,6 +23,7 @@ not make a cgroup) there is no gate, and a tree is let go as before (gate_path()
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 
@@ -85,6 +86,7 @@ class Gate:
     def __init__(self, path: str):
         self.path = path
         self._fds: dict[str, int] = {}
+        self.misplaced: list[str] = []     # processes leave() could not put where they go
 
     def prepare(self) -> None:
         """Open the files the final step writes, now (opening a cgroup file costs ~30 us,
@@ -119,6 +121,10 @@ class Gate:
             pass                   # a gate of a dead daemon with our pid: reused
         except OSError:
             return None
+        try:
+            os.setxattr(path, MAKER, _identity(os.getpid()).encode())
+        except OSError:
+            pass                   # judged by the pid in its name alone, as before
         return cls(path)
 
     def fd(self) -> int:
@@ -158,14 +164,28 @@ class Gate:
         except FileNotFoundError:
             return []
 
+    DESTINATIONS = "trusted.prerestore.cgroups"    # an xattr of the gate's directory
+
+    def note_destinations(self, where: dict[int, str]) -> None:
+        """Write down on the gate where each of its processes goes when it leaves (by host
+        pid): whoever settles the gate of a restorer that died reads it (leave)."""
+        os.setxattr(self.path, self.DESTINATIONS, json.dumps(where).encode())
+
+    def destinations(self) -> dict[int, str]:
+        try:
+            return {int(k): v for k, v in json.loads(os.getxattr(self.path,
+                                                                 self.DESTINATIONS)).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
     def leave(self, timeout: float = 5.0, where: dict[int, str] | None = None) -> None:
         """After open(): every process (and any it forked meanwhile) out of the gate, then the
         gate removed. where: the cgroup directory each process goes to, by host pid (the
-        cgroup its source was in: see place()); a process not listed (forked since the thaw,
-        or no cgroup carried) goes where its parent goes, else back to the cgroup the gate
-        was made in."""
+        cgroup its source was in: see place(); default: what note_destinations wrote); a
+        process not listed (forked since the thaw, or no cgroup carried) goes where its
+        parent goes, else back to the cgroup the gate was made in."""
         home = os.path.dirname(self.path)
-        where = where or {}
+        where = dict(where) if where is not None else self.destinations()
         deadline = time.monotonic() + timeout
         while (pids := self.pids()) and time.monotonic() < deadline:
             for pid in pids:
@@ -179,8 +199,14 @@ class Gate:
                 try:
                     _write(os.path.join(to, "cgroup.procs"), str(pid))
                 except OSError as e:
-                    if e.errno != errno.ESRCH:
+                    if e.errno == errno.ESRCH:
+                        continue
+                    if to == home:
                         raise
+                    # its cgroup went away (or refuses it): it runs all the same, in ours;
+                    # said (self.misplaced), never a reason to leave the gate unsettled
+                    self.misplaced.append(f"pid {pid}: not moved into {to} ({e.strerror})")
+                    where[pid] = home
         self.remove()
 
     def destroy(self, timeout: float = 5.0) -> None:
@@ -229,8 +255,8 @@ def sweep(parent: str | None = None) -> list[str]:
         if not name.startswith(GATE_PREFIX):
             continue
         pid = name[len(GATE_PREFIX):]
-        if not pid.isdigit() or not _zombie(int(pid)):     # its daemon still lives
-            continue
+        if not pid.isdigit() or not _maker_dead(os.path.join(parent, name), int(pid)):
+            continue                                       # its daemon still lives
         line = settle_orphan(Gate(os.path.join(parent, name)))
         if line:
             done.append(line)
@@ -247,7 +273,8 @@ def settle_orphan(gate: Gate) -> str:
         if state == "open":
             gate.open()
             gate.leave()
-            what = f"its tree runs ({len(pids)} processes, thawed and let out of the gate)"
+            what = f"its tree runs ({len(pids)} processes, thawed and let out of the gate)" + \
+                "".join(f"; {m}" for m in gate.misplaced)
         elif state == "closed":
             gate.destroy()
             what = f"its tree never ran: {len(pids)} frozen processes killed"
@@ -269,9 +296,35 @@ def all_orphans() -> list[Gate]:
             if d.startswith(GATE_PREFIX):
                 dirs.remove(d)                         # nothing of ours below a gate
                 pid = d[len(GATE_PREFIX):]
-                if pid.isdigit() and _zombie(int(pid)):
+                if pid.isdigit() and _maker_dead(os.path.join(top, d), int(pid)):
                     out.append(Gate(os.path.join(top, d)))
     return out
+
+
+# Who made a gate: its pid namespace, pid and start time (an xattr of the gate). The pid in
+# the gate's name is a pid of the maker's namespace: a restorer in another pid namespace
+# (a container sharing the cgroup tree) would take a live maker for a dead one, and kill a
+# tree being restored, or thaw one that must not run.
+MAKER = "trusted.prerestore.maker"
+
+
+def _identity(pid: int) -> str:
+    return f"{os.readlink('/proc/self/ns/pid')} {pid} {procfs.stat_fields(pid)[22]}"
+
+
+def _maker_dead(path: str, pid: int) -> bool:
+    """Is the restorer that made the gate at path dead? A gate made in another pid
+    namespace is not ours to judge (a restorer of that namespace settles it)."""
+    try:
+        ns, maker, start = os.getxattr(path, MAKER).decode().split()
+    except (OSError, ValueError):
+        return _zombie(pid)                 # a gate made before makers were noted
+    if ns != os.readlink("/proc/self/ns/pid"):
+        return False
+    try:
+        return _zombie(int(maker)) or procfs.stat_fields(int(maker))[22] != start
+    except ProcessGone:
+        return True
 
 
 def _zombie(pid: int) -> bool:

@@ -368,6 +368,7 @@ class StagedTree:
         self.cgroup_root: str | None = None
         self.cgroups: dict[int, tuple[str, str]] = {}   # pid -> (source's cgroup, directory)
         self.cgroups_made: list[str] = []               # made by us: removed if we fail
+        self.gate_noted: dict[int, str] = {}            # what the gate says (note_destinations)
         self.husks: dict[int, Husk] = {}
         # pty pairs made for session leaders' controlling terminals, by the source's pty
         # number: (our master fd, the new pair's number); their state is given at finalize
@@ -451,6 +452,14 @@ class StagedTree:
                 vanished.add(task.pid)
                 if task.pid in self.husks:
                     self._remove(task.pid)
+        where = self._leave_to()
+        if self.gate is not None and where and where != self.gate_noted:
+            try:       # for whoever settles the gate should we die after the commit
+                self.gate.note_destinations(where)
+                self.gate_noted = where
+            except OSError as e:
+                raise RestoreError(f"{self.gate.path}: cannot note where the tree goes ({e})"
+                                   ) from None
         out = _sum_stats(stats)
         out["processes"] = len(self.husks)
         out["vanished"] = len(vanished)
@@ -766,6 +775,8 @@ class StagedTree:
                 gate.leave(where=leave_to)
             except OSError as e:           # it runs all the same: never a reason to fail now
                 state_sum["gate_error"] = f"{gate.path}: {e}"
+            if gate.misplaced:
+                state_sum["cgroup_error"] = "; ".join(gate.misplaced)
         else:
             for host_pid, where in leave_to.items():
                 try:
@@ -876,6 +887,7 @@ class StagedTree:
         self._close_ptys()
         cgroup.unmake(self.cgroups_made)         # what we made for a tree that never ran
         self.cgroups = {}
+        self.gate_noted = {}
 
 
 def _sum_stats(stats: list[dict]) -> dict:
