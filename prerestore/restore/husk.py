@@ -147,8 +147,12 @@ class Husk:
             os.close(wfd)
             wfd = -1
             if not cls._wait_ready(rfd, 10.0):
-                raise RestoreError(f"husk for pid {pid} did not start (exit status "
-                                   f"{cls._reap(init or host_pid)})")
+                status = cls._reap(init or host_pid)
+                if status is not None and os.WIFEXITED(status) and \
+                        os.WEXITSTATUS(status) == 126:          # native pr_spawn
+                    raise RestoreError(f"husk for pid {pid}: cannot make /proc a slave mount in "
+                                       "its new mount namespace (mount --make-rslave /proc)")
+                raise RestoreError(f"husk for pid {pid} did not start (exit status {status})")
         finally:
             os.close(rfd)
             if wfd >= 0:
