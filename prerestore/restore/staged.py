@@ -499,7 +499,8 @@ class StagedTree:
                 if task.cgroup == "/":
                     return
                 raise RestoreError(f"process {task.pid}: its cgroup {task.cgroup} cannot be "
-                                   "given here: no cgroup v2 is mounted")
+                                   "given here: no cgroup v2 is mounted (mount one, or say "
+                                   "where with --cgroup-root DIR)")
         self.cgroups[task.pid] = (task.cgroup, cgroup.place(task.pid, task.cgroup,
                                                             self.cgroup_root, self.cgroups_made))
 

@@ -195,15 +195,19 @@ def cgroup_problems(tasks: list[procfs.TreeTask]) -> list[str]:
     return problems
 
 
-def _in_proc(m: procfs.Mount) -> bool:
-    return m.point == "/proc" or m.point.startswith("/proc/")
+def _kernel_view(m: procfs.Mount) -> bool:
+    """A mount at or under /proc or /sys: the kernel's view of the namespaces of whoever
+    mounted it (a pid namespace's proc; `ip netns exec` mounts the sysfs of its network
+    namespace, and a cgroup2 on it). Not the tree's files: the restored tree sees the
+    destination's, as it would on another host."""
+    return m.point in ("/proc", "/sys") or m.point.startswith(("/proc/", "/sys/"))
 
 
 def mount_ns_problems(tasks: list[procfs.TreeTask]) -> list[str]:
     """Processes in another mount namespace than ours. Their paths (files, cwd, mappings,
     sockets) are read and reopened here, in ours: only a namespace that mounts the same
     (mount point, root, type, source: `ip netns exec`'s copy, a container sharing the host's
-    filesystems) is taken. Its /proc may be ours, or a proc of the tree's own pid namespace
+    filesystems) is taken; mounts on /proc and /sys are kernel views (_kernel_view). Its /proc may be ours, or a proc of the tree's own pid namespace
     (`unshare --pid --mount-proc`, a tree restored into a new pid namespace): a tree
     restored into a new pid namespace gets such a /proc again (husk.mount_proc_calls).
     Anything else is refused by name."""
@@ -227,8 +231,8 @@ def mount_ns_problems(tasks: list[procfs.TreeTask]) -> list[str]:
                 continue
             theirs = procfs.mounts(t.pid)
             found = []
-            here = collections.Counter(m for m, _ in ours if not _in_proc(m))
-            there = collections.Counter(m for m, _ in theirs if not _in_proc(m))
+            here = collections.Counter(m for m, _ in ours if not _kernel_view(m))
+            there = collections.Counter(m for m, _ in theirs if not _kernel_view(m))
             only = sorted((here - there).keys()) + sorted((there - here).keys())
             if only:
                 m = only[0]
