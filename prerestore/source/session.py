@@ -207,16 +207,16 @@ def mount_ns_problems(tasks: list[procfs.TreeTask]) -> list[str]:
     """Processes in another mount namespace than ours. Their paths (files, cwd, mappings,
     sockets) are read and reopened here, in ours: only a namespace that mounts the same
     (mount point, root, type, source: `ip netns exec`'s copy, a container sharing the host's
-    filesystems) is taken; mounts on /proc and /sys are kernel views (_kernel_view). Its /proc may be ours, or a proc of the tree's own pid namespace
-    (`unshare --pid --mount-proc`, a tree restored into a new pid namespace): a tree
-    restored into a new pid namespace gets such a /proc again (husk.mount_proc_calls).
-    Anything else is refused by name."""
+    filesystems) is taken; mounts on /proc and /sys are kernel views (_kernel_view). Its
+    /proc may be ours, or a proc of the tree's own pid namespace (`unshare --pid
+    --mount-proc`, a tree restored into a new pid namespace): a tree restored into a new
+    pid namespace gets such a /proc again (husk.mount_proc_calls). Anything else is refused
+    by name."""
     try:
         mine = os.readlink("/proc/self/ns/mnt")
-        ours = procfs.mounts("self")
-    except (OSError, ProcessGone):
+    except OSError:
         return []
-    our_proc = [dev for m, dev in ours if m.point == "/proc" and m.fstype == "proc"]
+    ours: list[tuple[procfs.Mount, str]] = []        # read once one differs
     seen: dict[str, list[str]] = {}
     problems = []
     for t in tasks:
@@ -230,6 +230,8 @@ def mount_ns_problems(tasks: list[procfs.TreeTask]) -> list[str]:
                 problems += [p.replace("{pid}", str(t.pid)) for p in seen[ns]]
                 continue
             theirs = procfs.mounts(t.pid)
+            ours = ours or procfs.mounts("self")
+            our_proc = [dev for m, dev in ours if m.point == "/proc" and m.fstype == "proc"]
             found = []
             here = collections.Counter(m for m, _ in ours if not _kernel_view(m))
             there = collections.Counter(m for m, _ in theirs if not _kernel_view(m))
