@@ -18,6 +18,7 @@
 #include <termios.h>
 #include <sys/prctl.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -1082,7 +1083,10 @@ int pr_spawn(const char *path, char *const *argv, const int *set_tid, long set_t
     for (long i = 0; i < set_tid_size; i++)
         tids[i] = set_tid[i];
     memset(&args, 0, sizeof args);
-    args.flags = (new_pidns ? CLONE_NEWPID : 0) | (cgroup_fd >= 0 ? PR_CLONE_INTO_CGROUP : 0);
+    /* a new pid namespace comes with a new mount namespace (a copy of ours), where the tree
+     * gets a /proc of its own pid namespace at the final step (husk.py: mount_proc) */
+    args.flags = (new_pidns ? CLONE_NEWPID | CLONE_NEWNS : 0) |
+                 (cgroup_fd >= 0 ? PR_CLONE_INTO_CGROUP : 0);
     args.cgroup = cgroup_fd >= 0 ? (uint64_t)cgroup_fd : 0;
     args.exit_signal = SIGCHLD;
     args.set_tid = set_tid_size ? (uint64_t)(uintptr_t)tids : 0;
@@ -1095,6 +1099,10 @@ int pr_spawn(const char *path, char *const *argv, const int *set_tid, long set_t
         if (keep_fd >= 0 && keep_fd != 3)
             syscall(SYS_dup2, keep_fd, 3);
         syscall(SYS_setsid);
+        /* its /proc (a copy of ours) a slave: the proc of the new pid namespace mounted on
+         * it at the final step (husk.py mount_proc_calls) must not propagate to ours */
+        if (new_pidns && syscall(SYS_mount, NULL, "/proc", NULL, MS_REC | MS_SLAVE, NULL))
+            syscall(SYS_exit_group, 126);
         syscall(SYS_execve, path, argv, envp);
         syscall(SYS_exit_group, 127);
     }

@@ -241,7 +241,8 @@ def cmd_stage(args) -> int:
     if not client.alive():
         log = os.path.join(os.path.dirname(os.path.abspath(args.images_dir)), "stage-daemon.log")
         argv = ["--socket", client.path] + (["--pidns"] if args.pidns else []) + \
-            [f"--inherit-fd=fd[{fd}]:{name}" for name, fd in args.inherit_fd]
+            [f"--inherit-fd=fd[{fd}]:{name}" for name, fd in args.inherit_fd] + \
+            (["--cgroup-root", args.cgroup_root] if args.cgroup_root else [])
         client.wait_ready(control.spawn_daemon("prerestore.restore.daemon", argv, log, False,
                                                tuple(fd for _, fd in args.inherit_fd)))
     stats = client.request("stage", dir=os.path.abspath(args.images_dir))["stats"]
@@ -267,6 +268,9 @@ def _print_finalize(report: dict, what: str) -> None:
         print(f"  restore {k[:-3]:<16} {fin[k]:8.2f} ms")
     if "downtime_ms" in report:
         print(f"  downtime (source frozen -> process running): {report['downtime_ms']:.2f} ms")
+    for key in ("cgroups_made", "cgroup_error"):
+        if fin.get("state", {}).get(key):
+            print(f"  {key.replace('_', ' ')}: {fin['state'][key]}")
 
 
 def cmd_finalize(args) -> int:
@@ -296,7 +300,7 @@ def cmd_restore(args) -> int:
     from .restore.staged import cold_restore
     from . import netaddr
     _check_out_file("--json", args.json)
-    fin = cold_restore(args.images_dir, pidns=args.pidns,
+    fin = cold_restore(args.images_dir, pidns=args.pidns, cgroup_root=args.cgroup_root,
                        claim_ip=netaddr.parse_claim(args.claim_ip) if args.claim_ip else None,
                        inherit_fds=dict(args.inherit_fd))
     report = _downtime_report(args.images_dir, fin)
@@ -439,6 +443,9 @@ def cmd_inspect(args) -> int:
 
 CLAIM_HELP = ("the service address to take here (dump --release-ip on the source) once the "
               "tree's sockets are rebuilt, announced to the link")
+CGROUP_ROOT_HELP = ("a cgroup v2 directory standing here for the source's cgroup root: each "
+                    "restored process goes into its source's cgroup (relative to that root) "
+                    "under DIR, made if missing (default: the cgroup2 mount)")
 
 
 def _external_unix_option(p: argparse.ArgumentParser) -> None:
@@ -528,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="restore inside a new pid namespace (the pid is free there)")
             p.add_argument("--abort", action="store_true", help="drop the staged process")
             _inherit_fd_option(p)
+            p.add_argument("--cgroup-root", metavar="DIR", help=CGROUP_ROOT_HELP)
         else:
             p.add_argument("--json", help="write the downtime report here "
                                           "(default: IMAGES_DIR/finalize.json)")
@@ -539,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-D", "--images-dir", required=True)
     p.add_argument("--pidns", action="store_true")
     p.add_argument("--claim-ip", metavar="ADDR/PREFIX@DEV", help=CLAIM_HELP)
+    p.add_argument("--cgroup-root", metavar="DIR", help=CGROUP_ROOT_HELP)
     p.add_argument("--json")
     _inherit_fd_option(p)
     p.set_defaults(func=cmd_restore)
@@ -597,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pidns", action="store_true",
                    help="default for senders that do not say: restore in this pid namespace")
     p.add_argument("--work-dir", help="where received rounds go (default: a temp dir)")
+    p.add_argument("--cgroup-root", metavar="DIR", help=CGROUP_ROOT_HELP)
     p.add_argument("--once", action="store_true", help="exit after one migration")
     p.add_argument("--link-timeout", type=_seconds, default=20.0, metavar="SECONDS",
                    help="an authenticated migration: a connection whose link died (no answer, not even to TCP "

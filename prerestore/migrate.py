@@ -201,6 +201,8 @@ def migrate(pid: int, *, pidns: bool = True, cold: bool = False, direct: bool = 
         })
         progress(f"final: {r.stats['pages']} pages; downtime {report['downtime_ms']:.2f} ms "
                  f"(" + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + ")")
+        if fin["state"].get("cgroup_error"):       # it runs, in another cgroup: said
+            progress(f"cgroup: {fin['state']['cgroup_error']}")
         return report
     except BaseException as e:
         if session is not None:

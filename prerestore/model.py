@@ -492,6 +492,11 @@ class AddressSpaceRound:
     # each VMA's VmFlags (/proc/PID/smaps) that the restore carries, where they differ from
     # what mapping it plainly gives (vmflags_default): (start, end, VMFLAG bits), in order
     vmflags: list[tuple[int, int, int]] = field(default_factory=list)
+    # its cgroup v2 as its source's /proc/PID/cgroup shows it ("0::PATH": relative to the
+    # cgroup root the migrator sees); "": not known (no cgroup v2): it stays where the
+    # restorer puts it. The restored process is moved into PATH under the destination's
+    # cgroup root when it leaves the gate (kernel/cgroup.py place).
+    cgroup: str = ""
 
 
 @dataclass

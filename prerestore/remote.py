@@ -78,9 +78,11 @@ class Receiver:
     Any error ends it (raised to the caller, who refuses it to the peer)."""
 
     def __init__(self, channel: Channel, work_dir: str, pidns_default: bool, log=print,
-                 claim_ip: "netaddr.Address | None" = None, max_stage_bytes: int = 1 << 62):
+                 claim_ip: "netaddr.Address | None" = None, max_stage_bytes: int = 1 << 62,
+                 cgroup_root: str | None = None):
         from .restore.staged import StagedTree
         self.ch = channel
+        self.cgroup_root = cgroup_root             # serve --cgroup-root (StagedTree)
         self.claim_ip = claim_ip
         self.work_dir = work_dir
         self.pidns_default = pidns_default
@@ -154,7 +156,7 @@ class Receiver:
                 pidns = msg["pidns"] if msg["pidns"] is not None else self.pidns_default
                 if msg["id"] is not None:       # before the source may go on: it may ask
                     self.record = outcomes.Record(msg["id"], self.claim_ip)
-                self.staged = StagedTree(pidns=pidns)
+                self.staged = StagedTree(pidns=pidns, cgroup_root=self.cgroup_root)
                 self.ch.send({"ok": True})
                 continue
             if self.staged is None:
@@ -220,7 +222,8 @@ def _serve_connection(conn: socket.socket, who: str, secret: bytes, opts: dict, 
     # received rounds are staged from files: in memory (tmpfs), not on a disk
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     wd = tempfile.mkdtemp(prefix="prerestore-in-", dir=opts["work_dir"] or shm)
-    receiver = Receiver(ch, wd, opts["pidns"], log, opts["claim_ip"], opts["max_stage_bytes"])
+    receiver = Receiver(ch, wd, opts["pidns"], log, opts["claim_ip"], opts["max_stage_bytes"],
+                        opts.get("cgroup_root"))
     try:
         receiver.serve()
     except BaseException as e:             # contained: the server goes on
@@ -302,15 +305,15 @@ def _fork_connection(conn: socket.socket, who: str, secret: bytes, opts: dict, l
 
 def serve(listen: str, secret: bytes, *, pidns: bool = True, work_dir: str | None = None,
           once: bool = False, log=print, ready=None,
-          claim_ip: "netaddr.Address | None" = None, limits: ServeLimits = ServeLimits()
-          ) -> None:
+          claim_ip: "netaddr.Address | None" = None, limits: ServeLimits = ServeLimits(),
+          cgroup_root: str | None = None) -> None:
     """Receive migrations on listen (HOST:PORT), each connection in a process of its own:
     several migrations (of different trees) run at once, and nothing a peer sends or fails
     at ends the server. once: return after the first authenticated connection ended (one
     that only asked for a migration's status does not count)."""
     host, port = parse_address(listen, "0.0.0.0")
     opts = {"pidns": pidns, "work_dir": work_dir, "claim_ip": claim_ip, "limits": limits,
-            "max_stage_bytes": limits.stage_limit()}
+            "max_stage_bytes": limits.stage_limit(), "cgroup_root": cgroup_root}
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     srv = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -646,5 +649,5 @@ def main_serve(args) -> int:
     signal.signal(signal.SIGTERM, stop)
     serve(args.listen, secret, pidns=not args.no_pidns, work_dir=args.work_dir,
           once=args.once, log=lambda m: print(m, flush=True, file=sys.stderr),
-          claim_ip=claim_ip, limits=limits)
+          claim_ip=claim_ip, limits=limits, cgroup_root=args.cgroup_root)
     return 0

@@ -218,9 +218,12 @@ def test_directory_flow_between_hosts(hosts, tmp_path, cold):
     src = move.src
 
     def on(host, *args):
-        # through pipes: nothing restored may keep the command's output open (it would hang)
-        res = subprocess.run(["ip", "netns", "exec", hosts.ns[host], sys.executable, "-m",
-                              "prerestore.cli", *map(str, args)],
+        # through pipes: nothing restored may keep the command's output open (it would hang);
+        # with the host's cgroup2 mounted, as nethosts.run has it (the restored tree goes
+        # into its source's cgroup)
+        res = subprocess.run(["ip", "netns", "exec", hosts.ns[host], "sh", "-c",
+                              'mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null; exec "$@"',
+                              "sh", sys.executable, "-m", "prerestore.cli", *map(str, args)],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, " ".join(map(str, args)) + "\n" + res.stdout + res.stderr
 

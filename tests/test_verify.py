@@ -57,7 +57,18 @@ def test_legit_differences_are_not_reported():
     dst = _state(**{"fd[3].link": "pipe:[99]", "fd[3].ino": "99",
                     "maps[1000-2000].offset": "00000777", "cgroup[0:]": "/a/prerestore-gate-5",
                     "fd[4].link": "/dev/pts/8"})
-    assert verify.compare([src], [dst]) == []
+    assert verify.compare([src], verify.place_cgroups([dst], {10: "/a"})) == []
+
+
+def test_cgroup_is_compared_where_the_husk_goes():
+    # a husk waits in the gate; compared is the cgroup it goes to when it leaves it: another
+    # cgroup than its source's is a difference, and so is the gate itself, unplaced
+    src = _state(**{"cgroup[0:]": "/a"})
+    placed = verify.place_cgroups([_state(**{"cgroup[0:]": "/prerestore-gate-5"})], {10: "/b"})
+    assert [str(d) for d in verify.compare([src], placed)] == [
+        "pid 10 cgroup[0:]: source '/a', restored '/b'"]
+    unplaced = _state(**{"cgroup[0:]": "/a/prerestore-gate-5"})
+    assert [d.field for d in verify.compare([src], [unplaced])] == ["cgroup[0:]"]
 
 
 @pytest.fixture

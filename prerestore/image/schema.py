@@ -49,7 +49,8 @@ def _task(t: AddressSpaceRound) -> dict:
             "pages_from": t.pages_from, "tids": t.tids, "parent": t.parent, "sid": t.sid,
             "pgid": t.pgid, "starttime": t.starttime, "first": t.first,
             "exit_signal": t.exit_signal, "source_pid": t.source_pid, "ctty": t.ctty,
-            "shares": t.shares, "vmflags": [list(f) for f in t.vmflags]}
+            "shares": t.shares, "vmflags": [list(f) for f in t.vmflags],
+            "cgroup": t.cgroup}
 
 
 def _thread(t: ThreadState) -> dict:
@@ -363,7 +364,8 @@ def _decode_task(t, path: str) -> AddressSpaceRound:
         source_pid=_int(get("source_pid"), f"{path}.source_pid", (0, PID[1])),
         ctty=_int(get("ctty", -1), f"{path}.ctty", (-1, 2**20)),
         shares=_shares(get("shares", 0), f"{path}.shares"),
-        vmflags=_vmflags(get("vmflags", []), f"{path}.vmflags"))
+        vmflags=_vmflags(get("vmflags", []), f"{path}.vmflags"),
+        cgroup=_cgroup_path(get("cgroup", ""), f"{path}.cgroup"))
 
 
 SHAREABLE = 0x200 | 0x400                 # CLONE_FS | CLONE_FILES
@@ -373,6 +375,16 @@ def _shares(value, path: str) -> int:
     value = _int(value, path, (0, SHAREABLE))
     if value & ~SHAREABLE:
         raise _bad(path, "CLONE_FS (0x200) and/or CLONE_FILES (0x400)", value)
+    return value
+
+
+def _cgroup_path(value, path: str) -> str:
+    """"" or an absolute cgroup path without "." or ".." parts (it is joined to a directory
+    of the destination's cgroup tree), at most 4096 bytes, no NUL."""
+    _of(value, str, path, "a cgroup path (str)")
+    if value and (not value.startswith("/") or len(value.encode(errors="surrogateescape")) >
+                  4096 or "\0" in value or any(p in (".", "..") for p in value.split("/"))):
+        raise _bad(path, "a cgroup path (\"/\" then names, no \".\" or \"..\")", value)
     return value
 
 

@@ -23,10 +23,11 @@ not make a cgroup) there is no gate, and a tree is let go as before (gate_path()
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 
-from ..errors import ProcessGone
+from ..errors import ProcessGone, RestoreError
 from . import procfs, tcp
 
 GATE_PREFIX = "prerestore-gate-"
@@ -74,15 +75,16 @@ def _pidns() -> int:
     return os.stat("/proc/self/ns/pid").st_ino
 
 
-def _orphaned(name: str) -> bool:
-    """Is the gate `name` one whose restorer is dead? Only a gate of our own pid namespace can
-    tell (cgroups are seen from every namespace; a pid of another one means nothing here:
+def _orphaned(path: str) -> bool:
+    """Is the gate at path one whose restorer is dead? Only a gate of our own pid namespace
+    can tell (cgroups are seen from every namespace; a pid of another one means nothing here:
     restorers in two containers, or a test run in a pid namespace of its own beside others,
-    must not settle each other's gates). A name without a namespace is taken as ours."""
-    pid, _, ns = name[len(GATE_PREFIX):].partition("-")
+    must not settle each other's gates): its name says which (a name without one is taken as
+    ours), and so does its maker's note (_maker_dead), which also tells a pid reused since."""
+    pid, _, ns = os.path.basename(path)[len(GATE_PREFIX):].partition("-")
     if not pid.isdigit() or (ns and ns != str(_pidns())):
         return False
-    return _zombie(int(pid))
+    return _maker_dead(path, int(pid))
 
 
 def _write(path: str, text: str) -> None:
@@ -102,6 +104,7 @@ class Gate:
     def __init__(self, path: str):
         self.path = path
         self._fds: dict[str, int] = {}
+        self.misplaced: list[str] = []     # processes leave() could not put where they go
 
     def prepare(self) -> None:
         """Open the files the final step writes, now (opening a cgroup file costs ~30 us,
@@ -136,6 +139,10 @@ class Gate:
             pass                   # a gate of a dead daemon with our pid: reused
         except OSError:
             return None
+        try:
+            os.setxattr(path, MAKER, _identity(os.getpid()).encode())
+        except OSError:
+            pass                   # judged by the pid in its name alone, as before
         return cls(path)
 
     def fd(self) -> int:
@@ -175,18 +182,49 @@ class Gate:
         except FileNotFoundError:
             return []
 
-    def leave(self, timeout: float = 5.0) -> None:
-        """After open(): every process (and any it forked meanwhile) back to the cgroup the
-        gate was made in, then the gate removed."""
-        parent = os.path.join(os.path.dirname(self.path), "cgroup.procs")
+    DESTINATIONS = "trusted.prerestore.cgroups"    # an xattr of the gate's directory
+
+    def note_destinations(self, where: dict[int, str]) -> None:
+        """Write down on the gate where each of its processes goes when it leaves (by host
+        pid): whoever settles the gate of a restorer that died reads it (leave)."""
+        os.setxattr(self.path, self.DESTINATIONS, json.dumps(where).encode())
+
+    def destinations(self) -> dict[int, str]:
+        try:
+            return {int(k): v for k, v in json.loads(os.getxattr(self.path,
+                                                                 self.DESTINATIONS)).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def leave(self, timeout: float = 5.0, where: dict[int, str] | None = None) -> None:
+        """After open(): every process (and any it forked meanwhile) out of the gate, then the
+        gate removed. where: the cgroup directory each process goes to, by host pid (the
+        cgroup its source was in: see place(); default: what note_destinations wrote); a
+        process not listed (forked since the thaw, or no cgroup carried) goes where its
+        parent goes, else back to the cgroup the gate was made in."""
+        home = os.path.dirname(self.path)
+        where = dict(where) if where is not None else self.destinations()
         deadline = time.monotonic() + timeout
         while (pids := self.pids()) and time.monotonic() < deadline:
             for pid in pids:
+                to = where.get(pid)
+                if to is None:
+                    try:
+                        to = where.get(int(procfs.stat_fields(pid)[4]), home)
+                    except ProcessGone:
+                        continue
+                    where[pid] = to
                 try:
-                    _write(parent, str(pid))
+                    _write(os.path.join(to, "cgroup.procs"), str(pid))
                 except OSError as e:
-                    if e.errno != errno.ESRCH:
+                    if e.errno == errno.ESRCH:
+                        continue
+                    if to == home:
                         raise
+                    # its cgroup went away (or refuses it): it runs all the same, in ours;
+                    # said (self.misplaced), never a reason to leave the gate unsettled
+                    self.misplaced.append(f"pid {pid}: not moved into {to} ({e.strerror})")
+                    where[pid] = home
         self.remove()
 
     def destroy(self, timeout: float = 5.0) -> None:
@@ -234,7 +272,7 @@ def sweep(parent: str | None = None) -> list[str]:
     for name in names:
         if not name.startswith(GATE_PREFIX):
             continue
-        if not _orphaned(name):          # its daemon still lives (or is not ours to judge)
+        if not _orphaned(os.path.join(parent, name)):   # its daemon lives (or not ours)
             continue
         line = settle_orphan(Gate(os.path.join(parent, name)))
         if line:
@@ -252,7 +290,8 @@ def settle_orphan(gate: Gate) -> str:
         if state == "open":
             gate.open()
             gate.leave()
-            what = f"its tree runs ({len(pids)} processes, thawed and let out of the gate)"
+            what = f"its tree runs ({len(pids)} processes, thawed and let out of the gate)" + \
+                "".join(f"; {m}" for m in gate.misplaced)
         elif state == "closed":
             gate.destroy()
             what = f"its tree never ran: {len(pids)} frozen processes killed"
@@ -273,9 +312,35 @@ def all_orphans() -> list[Gate]:
         for d in list(dirs):
             if d.startswith(GATE_PREFIX):
                 dirs.remove(d)                         # nothing of ours below a gate
-                if _orphaned(d):
+                if _orphaned(os.path.join(top, d)):
                     out.append(Gate(os.path.join(top, d)))
     return out
+
+
+# Who made a gate: its pid namespace, pid and start time (an xattr of the gate). The pid in
+# the gate's name is a pid of the maker's namespace: a restorer in another pid namespace
+# (a container sharing the cgroup tree) would take a live maker for a dead one, and kill a
+# tree being restored, or thaw one that must not run.
+MAKER = "trusted.prerestore.maker"
+
+
+def _identity(pid: int) -> str:
+    return f"{os.readlink('/proc/self/ns/pid')} {pid} {procfs.stat_fields(pid)[22]}"
+
+
+def _maker_dead(path: str, pid: int) -> bool:
+    """Is the restorer that made the gate at path dead? A gate made in another pid
+    namespace is not ours to judge (a restorer of that namespace settles it)."""
+    try:
+        ns, maker, start = os.getxattr(path, MAKER).decode().split()
+    except (OSError, ValueError):
+        return _zombie(pid)                 # a gate made before makers were noted
+    if ns != os.readlink("/proc/self/ns/pid"):
+        return False
+    try:
+        return _zombie(int(maker)) or procfs.stat_fields(int(maker))[22] != start
+    except ProcessGone:
+        return True
 
 
 def _zombie(pid: int) -> bool:
@@ -283,3 +348,97 @@ def _zombie(pid: int) -> bool:
         return procfs.stat_fields(pid)[3] in ("Z", "X")
     except ProcessGone:
         return True
+
+
+# ---- the cgroup a restored process runs in ---------------------------------------------------
+# A process's cgroup v2 is carried as a path relative to the cgroup root its migrator sees
+# (/proc/PID/cgroup, "0::/path"); the destination puts the restored process in that same
+# relative cgroup under its own root (its cgroup2 mount, or `--cgroup-root DIR`), made if
+# missing. Only membership is carried: limits (cpu.max, memory.max...) belong to the cgroup,
+# not to the process, and are not copied; a cgroup made here has the kernel's defaults and
+# the controllers its parent enables for its children (cgroup v2 gives a new child those).
+
+
+def source_problems(pid: int, rel: str | None, mount: str | None = None) -> list[str]:
+    """Source side, before anything is frozen: a process in a threaded cgroup (its threads
+    may each be in another cgroup: thread-granular membership is not carried)."""
+    mount = mount if mount is not None else _v2_mount()
+    if rel is None or mount is None:
+        return []
+    try:
+        with open(os.path.join(mount, rel.lstrip("/"), "cgroup.type")) as f:
+            kind = f.read().strip()
+    except OSError:
+        return []                 # the root (no cgroup.type), or not under our mount
+    if kind in ("threaded", "domain threaded"):
+        return [f"pid {pid}: its cgroup {rel} is {kind} (thread-granular cgroup membership "
+                "is not carried)"]
+    return []
+
+
+def root_dir(given: str | None = None) -> str | None:
+    """The directory the source's cgroup root stands for here: `given` (--cgroup-root),
+    which must be a cgroup v2 directory, or our cgroup2 mount; None if there is none."""
+    if given is None:
+        return _v2_mount()
+    path = os.path.abspath(given)
+    if not os.path.isfile(os.path.join(path, "cgroup.procs")):
+        raise RestoreError(f"--cgroup-root {given}: not a cgroup v2 directory (no cgroup.procs)")
+    return path
+
+
+def place(pid: int, rel: str, root: str, made: list[str]) -> str:
+    """The directory of the cgroup that the restored process pid goes to: rel (its source's
+    cgroup, relative to the source's root) under root, each missing level made (and listed
+    in `made`, outermost first, for unmake()). Refused by name if it cannot hold the process:
+    a path leaving root, a threaded cgroup, or one that enables controllers for its children
+    (cgroup v2 lets only the root hold processes then)."""
+    parts = [p for p in rel.split("/") if p]
+    if any(p in (".", "..") for p in parts) or rel.endswith(" (deleted)"):
+        raise RestoreError(f"pid {pid}: cgroup {rel!r} is not a path under the cgroup root")
+    path = root
+    for part in parts:
+        path = os.path.join(path, part)
+        try:
+            os.mkdir(path, 0o755)
+            made.append(path)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise RestoreError(f"pid {pid}: cannot make its cgroup {rel} as {path} ({e.strerror};"
+                               " --cgroup-root DIR says under which cgroup to place the tree)"
+                               ) from None
+    if path == root and os.path.realpath(root) == os.path.realpath(_v2_mount() or ""):
+        return path                # the root cgroup: holds processes whatever it enables
+    try:
+        with open(os.path.join(path, "cgroup.type")) as f:
+            kind = f.read().strip()
+        with open(os.path.join(path, "cgroup.subtree_control")) as f:
+            enabled = f.read().split()
+    except OSError as e:
+        raise RestoreError(f"pid {pid}: {path} is not a cgroup v2 directory ({e.strerror})"
+                           ) from None
+    if kind != "domain":
+        raise RestoreError(f"pid {pid}: its cgroup {rel} here ({path}) is {kind}: a restored "
+                           "process goes into a domain cgroup only")
+    if enabled:
+        raise RestoreError(f"pid {pid}: its cgroup {rel} here ({path}) enables controllers for "
+                           f"its children ({' '.join(enabled)}), so it cannot hold processes "
+                           "(--cgroup-root DIR says under which cgroup to place the tree)")
+    return path
+
+
+def unmake(made: list[str]) -> None:
+    """Remove the cgroups place() made, innermost first (a restore that failed: it leaves
+    no cgroup behind; one still in use is left)."""
+    for path in reversed(made):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+    made.clear()
+
+
+def move(pid: int, path: str) -> None:
+    """Process pid (all its threads) into the cgroup at path."""
+    _write(os.path.join(path, "cgroup.procs"), str(pid))

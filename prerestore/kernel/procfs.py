@@ -86,6 +86,60 @@ def status(pid: int) -> dict[str, str]:
     return out
 
 
+# mountinfo's per-mount options -> mount(2) flags
+_MOUNT_FLAGS = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1 << 10,
+                "nodiratime": 1 << 11, "relatime": 1 << 21, "strictatime": 1 << 24}
+_PROC_OPTIONS = ("hidepid", "gid", "subset")
+
+
+def proc_mount_options() -> tuple[int, str]:
+    """How our /proc is mounted: its mount(2) flags and the proc options (hidepid=, gid=,
+    subset=) a new proc is mounted with to look the same. Default: nosuid,nodev,noexec."""
+    found = (2 | 4 | 8, "")
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:                      # the last one on /proc: the one on top
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[4] == "/proc" and fields[sep + 1] == "proc":
+                    found = (sum(_MOUNT_FLAGS.get(o, 0) for o in fields[5].split(",")),
+                             ",".join(o for o in fields[sep + 3].split(",")
+                                      if o.split("=")[0] in _PROC_OPTIONS))
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
+class Mount(NamedTuple):
+    """A mount as /proc/PID/mountinfo shows it, without what differs between two equal
+    views (ids, device numbers, propagation)."""
+    point: str
+    root: str
+    fstype: str
+    source: str
+
+
+def mounts(pid: int | str) -> list[tuple[Mount, str]]:
+    """The mounts of the process's mount namespace as it sees them, in mount order, each with
+    its device (major:minor)."""
+    out = []
+    for line in _read(pid, "mountinfo").decode(errors="surrogateescape").splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        out.append((Mount(fields[4], fields[3], fields[sep + 1], fields[sep + 2]), fields[2]))
+    return out
+
+
+def cgroup_v2(pid: int) -> str | None:
+    """The process's cgroup v2, as /proc/PID/cgroup's "0::PATH" line shows it: a path
+    relative to the cgroup root of our cgroup namespace ("/", "/system.slice/x.service").
+    None: no v2 line (a kernel without cgroup v2)."""
+    for line in _read(pid, "cgroup").decode(errors="replace").splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
 def stat_fields(pid: int) -> list[str]:
     """Fields of /proc/PID/stat numbered as in proc(5): [1] is pid, [2] comm, [3] state..."""
     data = _read(pid, "stat")

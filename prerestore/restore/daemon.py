@@ -25,8 +25,9 @@ OPS = ("stage", "finalize", "abort", "status", "pin")
 
 
 class StageService:
-    def __init__(self, pidns: bool, inherit_fds: dict[str, int] | None = None):
-        self.staged = StagedTree(pidns=pidns)
+    def __init__(self, pidns: bool, inherit_fds: dict[str, int] | None = None,
+                 cgroup_root: str | None = None):
+        self.staged = StagedTree(pidns=pidns, cgroup_root=cgroup_root)
         self.inherit_fds = inherit_fds or {}      # --inherit-fd: given to finalize
 
     def dispatch(self, msg: dict) -> tuple[dict, bool]:
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="prerestore-stage-daemon")
     ap.add_argument("--socket", required=True)
     ap.add_argument("--pidns", action="store_true")
+    ap.add_argument("--cgroup-root")
     ap.add_argument("--parent", type=int, help="die when this process (our parent) exits")
     ap.add_argument("--idle-timeout", type=float, default=3600.0)
     ap.add_argument("--inherit-fd", action="append", default=[], metavar="fd[N]:NAME",
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         inherit = dict(parse_inherit_fd(x) for x in args.inherit_fd)
     except ValueError as e:
         ap.error(str(e))
-    service = StageService(args.pidns, inherit)
+    service = StageService(args.pidns, inherit, args.cgroup_root)
 
     def terminate(signum, frame):
         service.staged.abort()

@@ -41,6 +41,7 @@ SYS_PIDFD_OPEN = 434
 PIDFD_FLAGS = 0o4000 | 0o200          # PIDFD_NONBLOCK (O_NONBLOCK), PIDFD_THREAD (O_EXCL)
 # what F_SETFL changes: O_APPEND, O_NONBLOCK, O_ASYNC, O_DIRECT, O_NOATIME
 SETFL_FLAGS = 0o2000 | 0o4000 | O_ASYNC | 0o40000 | 0o1000000
+SYS_MOUNT = 165                           # x86_64
 WALL = 0x40000000                         # __WALL: wait for any kind of child
 SCM_MAX_FD = 253                          # fds one SCM_RIGHTS message carries at most
 
@@ -158,6 +159,10 @@ def _place_fds(b, moves: dict[int, tuple[int, bool]], spare: int) -> None:
 
 
 class Husk:
+    # the root of a tree in a new pid namespace (and with it a new mount namespace): it
+    # mounts a /proc of that namespace at the final step (mount_proc_calls)
+    mounts_proc = False
+
     def __init__(self, host_pid: int, pid: int, init_pid: int | None):
         self.host_pid = host_pid          # pid in our namespace (ptrace, /proc)
         self.pid = pid                    # pid the restored process sees (the source's)
@@ -226,8 +231,12 @@ class Husk:
             os.close(wfd)
             wfd = -1
             if not cls._wait_ready(rfd, 10.0):
-                raise RestoreError(f"husk for pid {pid} did not start (exit status "
-                                   f"{cls._reap(init or host_pid)})")
+                status = cls._reap(init or host_pid)
+                if status is not None and os.WIFEXITED(status) and \
+                        os.WEXITSTATUS(status) == 126:          # native pr_spawn
+                    raise RestoreError(f"husk for pid {pid}: cannot make /proc a slave mount in "
+                                       "its new mount namespace (mount --make-rslave /proc)")
+                raise RestoreError(f"husk for pid {pid} did not start (exit status {status})")
         finally:
             os.close(rfd)
             if wfd >= 0:
@@ -240,6 +249,7 @@ class Husk:
             host_pid = kids[0]
         husk = cls(host_pid, pid, init)
         husk.leads_session = init is None            # else it is in its init's session
+        husk.mounts_proc = pidns or pid == 1
         try:
             husk.tracee = Tracee(host_pid, exitkill=True)
             husk.tracee.stop()
@@ -791,6 +801,20 @@ class Husk:
         if v.prot != given:
             b.call(lib.SYS_mprotect, v.start, v.size, v.prot)
 
+    def mount_proc_calls(self, b) -> None:
+        """A tree in a new pid namespace sees a /proc of that namespace (/proc/self, its
+        children's /proc/PID), as `unshare --pid --mount-proc` gives: the root husk mounts
+        one on /proc of its mount namespace (made with the pid namespace, a copy of the
+        restorer's), with the mount options of the restorer's /proc. Only now, in the final
+        batch (~40 us): until the last round was applied, the husks open the same-host
+        source's memory through the host's /proc (map_files). Its /proc was made a slave as
+        it was spawned (native pr_spawn): the new mount does not propagate to the host's
+        /proc (were it shared); every other mount keeps the propagation the copy has."""
+        flags, data = procfs.proc_mount_options()
+        b.call(SYS_MOUNT, b.put_str("proc"), b.put_str("/proc"), b.put_str("proc"), flags,
+               b.put_str(data) if data else 0,
+               label="mount proc on /proc (of the tree's pid namespace)")
+
     def _check_mmaps(self, b, results) -> None:
         for (nr, args), label, res in zip(b.calls, b.labels, results):
             if nr == lib.SYS_mmap and res != args[0]:
@@ -1125,6 +1149,8 @@ class Husk:
             self._cred_calls(b, th.creds or state.creds, state.securebits)
             remote.run(b)
         b = self.remote.batch()
+        if self.mounts_proc:
+            self.mount_proc_calls(b)
         leader = self.files_leader
         # a shared table holds every fd of the source's by now (the same table there)
         opened = {f.fd for f in state.fds} if leader else set(self.fds)

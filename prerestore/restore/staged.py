@@ -464,8 +464,16 @@ def _source_vanished(task: AddressSpaceRound) -> bool:
 class StagedTree:
     """The husks of one image chain's process tree, by the pid they stand for, parents first."""
 
-    def __init__(self, *, pidns: bool = False):
+    def __init__(self, *, pidns: bool = False, cgroup_root: str | None = None):
+        """cgroup_root: the cgroup v2 directory that stands here for the source's cgroup root
+        (--cgroup-root; default: the cgroup2 mount): each restored process goes into its
+        source's cgroup under it (kernel/cgroup.py place)."""
         self.pidns = pidns
+        self.cgroup_root_given = cgroup_root
+        self.cgroup_root: str | None = None
+        self.cgroups: dict[int, tuple[str, str]] = {}   # pid -> (source's cgroup, directory)
+        self.cgroups_made: list[str] = []               # made by us: removed if we fail
+        self.gate_noted: dict[int, str] = {}            # what the gate says (note_destinations)
         self.husks: dict[int, Husk] = {}
         # pty pairs made for session leaders' controlling terminals, by the source's pty
         # number: (our master fd, the new pair's number); their state is given at finalize
@@ -550,6 +558,14 @@ class StagedTree:
                 vanished.add(task.pid)
                 if task.pid in self.husks:
                     self._remove(task.pid)
+        where = self._leave_to()
+        if self.gate is not None and where and where != self.gate_noted:
+            try:       # for whoever settles the gate should we die after the commit
+                self.gate.note_destinations(where)
+                self.gate_noted = where
+            except OSError as e:
+                raise RestoreError(f"{self.gate.path}: cannot note where the tree goes ({e})"
+                                   ) from None
         out = _sum_stats(stats)
         out["processes"] = len(self.husks)
         out["vanished"] = len(vanished)
@@ -581,7 +597,45 @@ class StagedTree:
             husk.lead_session()
         if not task.parent and r is not None:
             self.ipc.update(r.ipc, r.is_final)   # the segments its husks attach, made first
+        if task.cgroup and self.cgroups.get(task.pid, ("",))[0] != task.cgroup:
+            self._place(task)
         return husk.apply_round(task, directory), create_ms
+
+    def _place(self, task: AddressSpaceRound) -> None:
+        """Where the process goes when it leaves the gate: its source's cgroup, under our
+        cgroup root, made now if missing (outside the downtime, in pre-restore's rounds), or
+        refused by name (cgroup.place)."""
+        if self.cgroup_root is None:
+            self.cgroup_root = cgroup.root_dir(self.cgroup_root_given)
+            if self.cgroup_root is None:
+                if task.cgroup == "/":
+                    return
+                raise RestoreError(f"process {task.pid}: its cgroup {task.cgroup} cannot be "
+                                   "given here: no cgroup v2 is mounted (mount one, or say "
+                                   "where with --cgroup-root DIR)")
+        self.cgroups[task.pid] = (task.cgroup, cgroup.place(task.pid, task.cgroup,
+                                                            self.cgroup_root, self.cgroups_made))
+
+    def _leave_to(self) -> dict[int, str]:
+        """Each husk's cgroup directory once out of the gate, by host pid."""
+        return {self.husks[pid].host_pid: where for pid, (_, where) in self.cgroups.items()
+                if pid in self.husks}
+
+    def _cgroups_seen(self) -> dict[int, str]:
+        """Each process's cgroup as --verify compares it: the husks wait in the gate; each is
+        compared by where it goes when it leaves the gate, relative to the cgroup root here
+        (as its source's is to the source's root). A process without a carried cgroup goes
+        back to the restorer's."""
+        home = os.path.dirname(self.gate.path) if self.gate else cgroup.own_cgroup()
+        root = self.cgroup_root or cgroup.root_dir()
+        if root is None or home is None:
+            return {}
+        out = {}
+        for pid in self.husks:
+            where = self.cgroups.get(pid, ("", home))[1]
+            rel = os.path.relpath(where, root)
+            out[pid] = "/" if rel == "." else "/" + rel
+        return out
 
     def _create(self, task: AddressSpaceRound) -> Husk:
         if not task.parent:
@@ -786,10 +840,14 @@ class StagedTree:
                 # the husks as they will run, before any peer may reach them (the claim)
                 t_check = time.monotonic()
                 self._tamper(final)
-                gaps = verify_mod.check(seen, visible.snapshot_tree(
-                    [self.husks[s.pid].host_pid for s in final.states]),
+                gaps = verify_mod.check(seen, verify_mod.place_cgroups(visible.snapshot_tree(
+                    [self.husks[s.pid].host_pid for s in final.states]), self._cgroups_seen()),
                     {(s.pid, f.fd) for s in final.states for f in s.fds if f.kind == "inherit"})
                 proc_ms, checked = (time.monotonic() - t_check) * 1e3 + read_ms, True
+            for _, where in set(self.cgroups.values()):
+                if not os.path.isdir(where):
+                    raise RestoreError(f"cgroup {where}, where the tree goes, was removed since "
+                                       "it was staged")
             if self.gate is None:               # let go one by one: live before
                 _make_live(built, claim)
             maybe_pause("finalize")             # all prepared, nothing let go yet
@@ -838,11 +896,26 @@ class StagedTree:
                 sock.close()
         maybe_pause("resumed")
         state_sum = _sum_stats(state_stats)
+        leave_to = self._leave_to()
         if gate is not None:
             try:
-                gate.leave()               # the tree back into our cgroup, the gate removed
+                # each process into its source's cgroup (or back into ours), the gate removed
+                gate.leave(where=leave_to)
             except OSError as e:           # it runs all the same: never a reason to fail now
                 state_sum["gate_error"] = f"{gate.path}: {e}"
+            if gate.misplaced:
+                state_sum["cgroup_error"] = "; ".join(gate.misplaced)
+        else:
+            for host_pid, where in leave_to.items():
+                try:
+                    cgroup.move(host_pid, where)
+                except OSError as e:
+                    state_sum["cgroup_error"] = f"{where}: {e}"
+        misplaced = self._misplaced(leave_to)
+        if misplaced:
+            state_sum["cgroup_error"] = misplaced
+        if self.cgroups_made:
+            state_sum["cgroups_made"] = list(self.cgroups_made)
         unix.commit()
         for h in self.husks.values():
             h.close()
@@ -881,6 +954,20 @@ class StagedTree:
             husk = self.husks[s.pid]
             last[id(husk.fs_leader or husk)] = s.pid
         return set(last.values())
+
+    def _misplaced(self, leave_to: dict[int, str]) -> str:
+        """After the tree left the gate: a process not in the cgroup it was moved to (one
+        line), or "". The tree runs: this is reported, never a reason to fail now."""
+        mount = cgroup.root_dir()
+        for host_pid, where in leave_to.items():
+            try:
+                now = procfs.cgroup_v2(host_pid)
+            except ProcessGone:
+                continue                           # it exited already
+            if mount and now is not None and \
+                    os.path.join(mount, now.lstrip("/")).rstrip("/") != where.rstrip("/"):
+                return f"pid {host_pid} is in cgroup {now}, not {where}"
+        return ""
 
     def _source_seen(self, final: Round, wanted: bool, required: bool
                      ) -> list[VisibleState]:
@@ -948,6 +1035,9 @@ class StagedTree:
             self.gate = None
         self.applied = []
         self._close_ptys()
+        cgroup.unmake(self.cgroups_made)         # what we made for a tree that never ran
+        self.cgroups = {}
+        self.gate_noted = {}
 
 
 def _sum_stats(stats: list[dict]) -> dict:
@@ -960,12 +1050,13 @@ def _sum_stats(stats: list[dict]) -> dict:
 
 
 def cold_restore(directory: str, *, pidns: bool = False, claim_ip=None,
-                 inherit_fds: dict[str, int] | None = None) -> dict:
+                 inherit_fds: dict[str, int] | None = None,
+                 cgroup_root: str | None = None) -> dict:
     """Restore from a full image chain in one go: the baseline pre-restore is compared with.
     claim_ip: the service address (netaddr.Address) to take once the sockets are live."""
     if not os.path.isdir(directory):
         raise ImageError(f"{directory}: " + ("not a directory: -D names an image directory"
                                              if os.path.exists(directory) else
                                              "no such image directory"))
-    return StagedTree(pidns=pidns).finalize(directory, claim_ip=claim_ip,
-                                            inherit_fds=inherit_fds)
+    return StagedTree(pidns=pidns, cgroup_root=cgroup_root).finalize(
+        directory, claim_ip=claim_ip, inherit_fds=inherit_fds)

@@ -48,13 +48,6 @@ _PTS = re.compile(r"^/dev/pts/\d+")
 _PAGE_NAMES = ("", "[heap]", "[stack]", "[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
 
 
-def _gate_free(value: str, _fields) -> str:
-    # the husks are born in the restorer's gate cgroup, a child of its own cgroup, and are
-    # moved back into that one as the gate is removed (kernel/cgroup.py): the gate is where
-    # they wait, not where they run
-    return re.sub(r"/prerestore-gate-[0-9-]+$", "", value) or "/"
-
-
 def _anonymous(path: str) -> bool:
     """Private anonymous memory: unnamed, the heap, a stack..., or named by the program
     (PR_SET_VMA_ANON_NAME shows as [anon:NAME])."""
@@ -186,7 +179,6 @@ LEGIT = {
     "fd.it_value": _drop,
     "fd.ticks": _drop,
     "stat.tty_nr": _tty_nr,
-    "cgroup": _gate_free,
     "timers": _timers_by_id,
     # the call a thread is stopped in: the husk waits in our runner; the source's call is
     # restarted from its registers (compared page by page and by the restore itself)
@@ -200,6 +192,20 @@ LEGIT = {
 # its saved one is restored, and the restarted call installs the temporary one again
 # (README: sigsuspend) - rt_sigsuspend, pselect6, ppoll, epoll_pwait, epoll_pwait2
 MASKING_CALLS = ("130", "270", "271", "281", "441")
+
+
+CGROUP_V2 = "cgroup[0:]"      # /proc/PID/cgroup's "0::PATH" line (kernel/visible.py)
+
+
+def place_cgroups(restored: list[VisibleState], where: dict[int, str]) -> list[VisibleState]:
+    """The husks are born in the restorer's gate cgroup and wait there; each goes into its
+    own cgroup when the gate is opened (kernel/cgroup.py). Compared is where it goes (where:
+    by pid, relative to the destination's cgroup root), not the gate; the move itself is
+    checked once the tree left the gate (staged: cgroup_error)."""
+    for v in restored:
+        if v.pid in where and CGROUP_V2 in v.fields:
+            v.fields[CGROUP_V2] = where[v.pid]
+    return restored
 
 
 def _in_masking_call(d: Difference, source: VisibleState) -> bool:

@@ -7,6 +7,7 @@ thread of every process stopped under ptrace until told to kill them (the destin
 to resume them (rollback)."""
 from __future__ import annotations
 
+import collections
 import fcntl
 import os
 import platform
@@ -22,7 +23,7 @@ import msgpack
 from ..errors import KernelCallError, NoSuchProcess, ProcessGone, UnsupportedState
 from ..faults import maybe_pause
 from ..image import schema
-from ..kernel import native, procfs, sockdiag, tcp, visible
+from ..kernel import cgroup, native, procfs, sockdiag, tcp, visible
 from ..kernel.tracee import RemoteSyscalls, Tracee, runner_area
 from ..model import (AddressSpaceRound, FileDescriptor, ProcessState, Round, Vma, Zombie,
                      pack_ranges, ranges_bytes)
@@ -58,8 +59,13 @@ def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
         elif t.sid != root.sid and by_pid[t.sid].zombie and t.sid != t.pid:
             problems.append(f"pid {t.pid}: the leader of its session {t.sid} is a zombie")
         if t.pgid != root.pgid and t.pgid not in by_pid:
+            # a group is made again from inside the tree (setpgid by its leader's husk); one
+            # led outside (another shell job's, the shell's own) cannot be joined by a
+            # restored process, and there is no --shell-job (README: Detached)
             problems.append(f"pid {t.pid}: the leader of its process group {t.pgid} is not in "
-                            "the tree")
+                            f"the tree (another job's group): migrate the tree that holds "
+                            f"{t.pgid} too (-t an ancestor of both), or have pid {t.pid} leave "
+                            "that group first (setpgid)")
     if root.sid != root.pid and root.pgid == root.pid and any(
             t.pgid == root.pid for t in tasks[1:]):
         pass   # a group led by the root inside an outside session: recreated by setpgid
@@ -207,6 +213,97 @@ def tree_helpers(tasks: list[procfs.TreeTask]) -> list[str]:
     return problems
 
 
+def cgroup_problems(tasks: list[procfs.TreeTask]) -> list[str]:
+    """Processes whose cgroup membership cannot be carried (kernel/cgroup.py
+    source_problems), each distinct cgroup looked at once."""
+    problems, seen = [], set()
+    for t in tasks:
+        if t.zombie:
+            continue
+        try:
+            rel = procfs.cgroup_v2(t.pid)
+        except ProcessGone:
+            continue
+        if rel not in seen:
+            seen.add(rel)
+            problems += cgroup.source_problems(t.pid, rel)
+    return problems
+
+
+def _kernel_view(m: procfs.Mount) -> bool:
+    """A mount at or under /proc or /sys: the kernel's view of the namespaces of whoever
+    mounted it (a pid namespace's proc; `ip netns exec` mounts the sysfs of its network
+    namespace, and a cgroup2 on it). Not the tree's files: the restored tree sees the
+    destination's, as it would on another host."""
+    return m.point in ("/proc", "/sys") or m.point.startswith(("/proc/", "/sys/"))
+
+
+def mount_ns_problems(tasks: list[procfs.TreeTask]) -> list[str]:
+    """Processes in another mount namespace than ours. Their paths (files, cwd, mappings,
+    sockets) are read and reopened here, in ours: only a namespace that mounts the same
+    (mount point, root, type, source: `ip netns exec`'s copy, a container sharing the host's
+    filesystems) is taken; mounts on /proc and /sys are kernel views (_kernel_view). Its
+    /proc may be ours, or a proc of the tree's own pid namespace (`unshare --pid
+    --mount-proc`, a tree restored into a new pid namespace): a tree restored into a new
+    pid namespace gets such a /proc again (husk.mount_proc_calls). Anything else is refused
+    by name."""
+    try:
+        mine = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return []
+    ours: list[tuple[procfs.Mount, str]] = []        # read once one differs
+    seen: dict[str, list[str]] = {}
+    problems = []
+    for t in tasks:
+        if t.zombie:
+            continue
+        try:
+            ns = procfs.readlink(t.pid, "ns/mnt")
+            if ns == mine:
+                continue
+            if ns in seen:
+                problems += [p.replace("{pid}", str(t.pid)) for p in seen[ns]]
+                continue
+            theirs = procfs.mounts(t.pid)
+            ours = ours or procfs.mounts("self")
+            our_proc = [dev for m, dev in ours if m.point == "/proc" and m.fstype == "proc"]
+            found = []
+            here = collections.Counter(m for m, _ in ours if not _kernel_view(m))
+            there = collections.Counter(m for m, _ in theirs if not _kernel_view(m))
+            only = sorted((here - there).keys()) + sorted((there - here).keys())
+            if only:
+                m = only[0]
+                side = "prerestore's only" if here[m] > there[m] else "its own only"
+                found.append(f"pid {{pid}} is in a mount namespace ({ns}) that mounts otherwise "
+                             f"than prerestore's ({m.fstype} {m.source} on {m.point}: in "
+                             f"{side}; {len(only)} such): its files would be reopened in "
+                             "prerestore's; not carried (run prerestore in that mount "
+                             f"namespace: nsenter --mount --target {t.pid} prerestore ...)")
+            else:
+                procs = [dev for m, dev in theirs if m.point == "/proc" and m.fstype == "proc"]
+                if procs and procs[-1] not in our_proc[-1:] and not _own_proc(t.pid):
+                    found.append(f"pid {{pid}}: its /proc (in mount namespace {ns}) is a proc of "
+                                 "another pid namespace than its own and prerestore's: not "
+                                 "carried")
+            seen[ns] = found
+            problems += [p.replace("{pid}", str(t.pid)) for p in found]
+        except (ProcessGone, OSError):
+            continue
+    return problems
+
+
+def _own_proc(pid: int) -> bool:
+    """Is the /proc that pid sees a proc of its own pid namespace? Its own entry there, by
+    its pid in that namespace, is the very process (same start time)."""
+    try:
+        inner = procfs.ns_pids(pid)[-1]
+        with open(f"/proc/{pid}/root/proc/{inner}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:].split()[19] == procfs.stat_fields(pid)[22].encode()
+    except (OSError, ValueError, IndexError, ProcessGone):
+        return False
+
+
 def find_tree_unsupported(root: int, same_host: bool = False,
                           external_unix: frozenset[bytes] = frozenset(),
                           external_fds: frozenset[str] = frozenset()) -> list[str]:
@@ -214,6 +311,7 @@ def find_tree_unsupported(root: int, same_host: bool = False,
     problems = tree_helpers(tasks) + tree_problems(tasks) + ptys.pty_problems(tasks, same_host)
     problems += sysv.problems(tasks, same_host)
     problems += sharing_problems(tasks)
+    problems += cgroup_problems(tasks) + mount_ns_problems(tasks)
     if not same_host:
         problems += inner_ends(tasks, external_unix, external_fds)
     members: set[int] | None = None
@@ -858,6 +956,7 @@ class SourceSession:
                         parent_copy=scans[parent.pid][1].copy if parent else b"")
                     tids = [t.pid for t in p.frozen] if p.frozen else procfs.threads(p.pid)
                     flags = p.vm_flags(layout, final)
+                    cg = procfs.cgroup_v2(p.pid) or ""
                 except Exception as e:
                     # a process may exit while the tree runs: it leaves this round (and the
                     # staged tree) with its children, which are reparented out of the tree
@@ -883,7 +982,7 @@ class SourceSession:
                     starttime=t.starttime, first=p.first, exit_signal=t.exit_signal,
                     source_pid=p.pid, ctty=t.ctty_pty if t.sid == t.pid else -1,
                     shares=shares_with_parent(parent.pid, p.pid) if parent else 0,
-                    vmflags=flags))
+                    vmflags=flags, cgroup=cg))
                 if not self.direct:
                     offset += nbytes
                 totals["bytes"] += nbytes
@@ -943,10 +1042,16 @@ class SourceSession:
             except ProcessLookupError:
                 pass
         # a thread group's leader is reported last: the other threads first; the root's
-        # leader is left to its parent (which may be us, reaping it as its parent)
+        # leader is left to its parent if that is us (we reap it as its parent); else we
+        # collect it as its tracer, which hands its exit to its parent (until then the parent
+        # cannot reap it: `unshare --fork` would wait for its killed namespace init as long as
+        # the migrating process lives)
         leaders = {p.pid for p in self.procs.values()}
-        for t in sorted(self.held, key=lambda t: t.pid in leaders):
-            if t.pid != self.pid:
+        ours = self.pid in self.procs and self.procs[self.pid].task.parent == os.getpid()
+        # (the root last: a namespace's init ends only once its children are reaped, and
+        # as their tracer, we see their ends first)
+        for t in sorted(self.held, key=lambda t: (t.pid in leaders, t.pid == self.pid)):
+            if t.pid != self.pid or not ours:
                 try:
                     os.waitpid(t.pid, 0x40000000)     # __WALL
                 except ChildProcessError:
