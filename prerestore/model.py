@@ -14,6 +14,10 @@ PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 SPECIAL_VMAS = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]")
 SHMEM_PREFIXES = ("/dev/zero ", "/memfd:", "/SYSV")
 RANGE = struct.Struct("=QQ")
+# A regular file's identity as the source saw it at the freeze: its size and modification time
+# (ns), in the `data` of a "file" fd. Between hosts the device and inode differ even when both
+# see the same file on shared storage; another copy of it shows another size or mtime.
+FILE_IDENTITY = struct.Struct("=QQ")
 
 
 class Vma(NamedTuple):
@@ -230,7 +234,8 @@ class FileDescriptor:
     master is in the tree ("pty-master", "pty-slave": dev_inode (0, N) for /dev/pts/N; the
     first master fd carries the pair's state, see kernel.tty.PtyState), an inotify instance
     (data: its watches), or, on the same host, any object handed over as it is
-    ("handover"); see procfs and session for the other kinds."""
+    ("handover"); see procfs and session for the other kinds. A regular file's data is its
+    FILE_IDENTITY at the freeze (checked on the destination before the switch)."""
     fd: int
     kind: str          # "file" | "chr" | "pipe" | "fifo" | "unix" | "pty-master" | ... | "handover"
     path: str

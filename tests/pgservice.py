@@ -105,6 +105,8 @@ class PgServer:
                              capture_output=True, text=True, timeout=120,
                              env={"PATH": os.environ["PATH"], "HOME": str(self.dir)})
         assert res.returncode == 0, res.stdout + res.stderr
+        with open(self.data / "pg_hba.conf", "a") as f:    # clients on other test hosts
+            f.write("host all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n")
         with open(self.data / "postgresql.conf", "a") as f:
             for k, v in self.settings.items():
                 f.write(f"{k} = {v}\n")

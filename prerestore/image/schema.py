@@ -22,7 +22,7 @@ import msgpack
 
 from ..errors import ImageError, ProtocolError
 from ..kernel.native import first_bad_range
-from ..model import (RANGE, UNIX_STATES, AddressSpaceRound, Credentials, FileDescriptor, MmFields,
+from ..model import (FILE_IDENTITY, RANGE, UNIX_STATES, AddressSpaceRound, Credentials, FileDescriptor, MmFields,
                      PosixTimer, ProcessState, Round, SigAction, ThreadState, UnixSocketState,
                      VisibleState, Vma, Zombie, ranges_bytes)
 
@@ -361,6 +361,9 @@ def _decode_fd(f, path: str, where: str) -> FileDescriptor:
     fd = _int(f[0], f"{path}.fd", (0, 2**31 - 1))
     same_as = f[6]
     unix = f[8] if len(f) > 8 else None
+    if f[1] == "file" and isinstance(f[7], bytes) and len(f[7]) not in (0, FILE_IDENTITY.size):
+        raise _bad(f"{path}.data", f"a regular file's identity ({FILE_IDENTITY.size} bytes: "
+                                   "size, mtime) or nothing", f[7])
     return FileDescriptor(
         fd, _enum(f[1], f"{path}.kind", FD_KINDS), _of(f[2], str, f"{path}.path", "str"),
         _int(f[3], f"{path}.flags", U32), _int(f[4], f"{path}.offset"),
