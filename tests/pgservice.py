@@ -154,6 +154,7 @@ class PgServer:
         procs = self.processes()
         assert procs, "the server is not running"
         self.note_shm()
+        self.wait_clients_gone()
         os.kill(self.pid, sig)
         deadline = time.monotonic() + timeout
         while any(_alive(p) for p in procs):
@@ -164,6 +165,27 @@ class PgServer:
             self.proc.wait(10)
         self.check_clean_log()
         self.check_nothing_left()
+
+    def client_backends(self) -> list[int]:
+        """Its backends serving a client (their title names user and database)."""
+        out = []
+        for pid in self.processes()[1:]:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().startswith(b"postgres: postgres postgres "):
+                        out.append(pid)
+            except OSError:
+                pass
+        return out
+
+    def wait_clients_gone(self, timeout: float = 30) -> None:
+        """Every client has gone (a fast shutdown would end a backend still serving one with
+        a FATAL line): a backend that never sees its client leave is a fault of its own."""
+        deadline = time.monotonic() + timeout
+        while (left := self.client_backends()):
+            assert time.monotonic() < deadline, \
+                f"backends still serving a client that has gone: {left}"
+            time.sleep(0.05)
 
     def check_clean_log(self) -> None:
         text = self.log_text()
