@@ -255,7 +255,11 @@ class PgServer:
             stderr=subprocess.STDOUT, start_new_session=True))
 
     def invariants(self, committed: int, host: str | None = None) -> dict:
-        """The TPC-B sums agree and the history has a row per committed transaction."""
+        """The TPC-B sums agree and the history has a row per committed transaction.
+        Known: on this test VM (kernel 6.18, 2 loaded cores), a server that was never migrated
+        sometimes (about 1 run in 10 under load, data on ext4 or tmpfs, fsync on or off, -T or
+        -t) ends with a few history rows fewer than committed transactions, their account,
+        teller and branch updates present: not caused by prerestore, not explained yet."""
         query = ("select (select sum(abalance) from pgbench_accounts),"
                  " (select sum(tbalance) from pgbench_tellers),"
                  " (select sum(bbalance) from pgbench_branches),"
