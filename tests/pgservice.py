@@ -124,11 +124,19 @@ class PgServer:
             assert self.proc.poll() is None, self.log_text()
             assert time.monotonic() < deadline, "postgres did not start:\n" + self.log_text()
             time.sleep(0.05)
-        # postmaster.pid: pid, data dir, start time, port, socket dir, listen addr, "key id"
-        lines = (self.data / "postmaster.pid").read_text().splitlines()
-        self.sysv_id = int(lines[6].split()[1]) if len(lines) > 6 and lines[6].split() else None
+        self.sysv_id = self.sysv_from_pidfile()
         self.note_shm()
         assert self.shm, "no POSIX shared memory segment mapped (dynamic_shared_memory_type)"
+
+    def sysv_from_pidfile(self) -> int | None:
+        """Its System V segment's id, from postmaster.pid (pid, data directory, start time,
+        port, socket directory, listen address, "key id", status)."""
+        try:
+            lines = (self.data / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return None
+        return int(lines[6].split()[1]) if len(lines) > 6 and len(lines[6].split()) > 1 \
+            else None
 
     def note_shm(self) -> None:
         """Record the POSIX shared memory segments its processes map (other servers may run
@@ -207,6 +215,8 @@ class PgServer:
 
     def close(self) -> None:
         """Kill whatever is left (by pid), remove its System V segment and its directory."""
+        if self.sysv_id is None:            # it failed to start, or was not asked yet
+            self.sysv_id = self.sysv_from_pidfile()
         for pid in reversed(self.processes()):
             try:
                 os.kill(pid, signal.SIGKILL)
