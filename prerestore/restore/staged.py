@@ -23,7 +23,8 @@ from ..errors import ImageError, PrerestoreError, ProcessGone, RestoreError
 from ..image import schema
 from ..faults import maybe_pause, tamper
 from ..kernel import cgroup, native, procfs, tcp, tty, visible
-from ..model import AddressSpaceRound, FileDescriptor, ProcessState, Round, VisibleState
+from ..model import (FILE_IDENTITY, AddressSpaceRound, FileDescriptor, ProcessState, Round,
+                     VisibleState)
 from . import verify as verify_mod
 from .husk import SIGCHLD, Husk
 from .sysvipc import IpcPlace
@@ -64,6 +65,42 @@ def fd_data(f: FileDescriptor, where: str, fields: dict[str, type]) -> dict:
 
 
 FIFO_FIELDS = {"mode": int, "uid": int, "gid": int, "deleted": bool, "queued": bytes}
+
+
+def check_same_files(states: list[ProcessState]) -> None:
+    """The regular files the tree has open must be here the very files the source had open
+    (between hosts: on storage both see): each path's size and modification time as the
+    source saw them at the freeze (FILE_IDENTITY), else a RestoreError naming the first that
+    differs, before anything is let go (the source resumes). Between hosts the device and
+    inode differ even for the same file; another copy of it (a stale replica, a local file
+    where shared storage was meant) shows another size or mtime. The file is opened to be
+    looked at: on NFS an open revalidates the attributes a stat may take from a cache."""
+    seen: dict[str, tuple[int, int] | str] = {}
+    for s in states:
+        for f in s.fds:
+            if f.kind != "file" or len(f.data) != FILE_IDENTITY.size:
+                continue
+            here = seen.get(f.path)
+            if here is None:
+                try:
+                    fd = os.open(f.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                    try:
+                        st = os.fstat(fd)
+                    finally:
+                        os.close(fd)
+                    here = seen[f.path] = (st.st_size, st.st_mtime_ns)
+                except OSError as e:
+                    here = seen[f.path] = e.strerror or str(e)
+            there = FILE_IDENTITY.unpack(f.data)
+            if isinstance(here, str):
+                raise RestoreError(f"pid {s.pid} fd {f.fd}: {f.path}: {here} here (the files "
+                                   "the tree has open must be on storage both hosts see)")
+            if here != there:
+                raise RestoreError(
+                    f"pid {s.pid} fd {f.fd}: {f.path} is not the file the source has open: "
+                    f"{here[0]} bytes modified at {here[1]} ns here, {there[0]} bytes modified "
+                    f"at {there[1]} ns there (the files the tree has open must be on storage "
+                    "both hosts see)")
 
 
 def make_fifos(states: list[ProcessState], made: dict) -> None:
@@ -774,6 +811,7 @@ class StagedTree:
             missing = missing_inherited(pending[-1][1].states, inherit_fds)
             if missing:
                 raise RestoreError("; ".join(missing))
+            check_same_files(pending[-1][1].states)
             t_read = time.monotonic()
             seen = self._source_seen(pending[-1][1], verify or "proc" in asked, verify)
             read_ms = (time.monotonic() - t_read) * 1e3
