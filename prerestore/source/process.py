@@ -455,7 +455,8 @@ class ProcessSource:
     def scan_memory(self, layout: list[Vma], *, final: bool = False, written=None,
                     parent: "ProcessSource | None" = None,
                     parent_layout: list[Vma] | None = None,
-                    parent_copy: bytes = b"") -> MemoryScan:
+                    parent_copy: bytes = b"",
+                    always: list[tuple[int, int]] | None = None) -> MemoryScan:
         """Which ranges this round carries.
 
         A later round: areas new since the last round (or whose tracking was lost) whole,
@@ -496,6 +497,15 @@ class ProcessSource:
                 c, d = self.tracker.classify(pages)
                 copy.append(c)
                 zap.append(d)
+        if always and kept:
+            # pages carried whatever the scan says (the final round: each thread's rseq area,
+            # see SourceSession.dump)
+            again = intersect_ranges(merge_ranges(sorted(always)), kept)
+            if again:
+                joined = [r for part in copy for r in unpack_ranges(part)]
+                copy = [pack_ranges(merge_ranges(sorted(joined + again)))]
+                zap = [pack_ranges(subtract_ranges(
+                    [r for part in zap for r in unpack_ranges(part)], again))]
         if self.inherited and not inherit:
             again = intersect_ranges(unpack_ranges(parent_copy) if parent_copy else [],
                                      intersect_ranges(self.inherited, kept))

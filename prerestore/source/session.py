@@ -809,6 +809,13 @@ class SourceSession:
                                       self.direct, self.external_fds) for p in procs]
             for st in states:
                 st.stopped = st.pid in self.stopped_before
+            # Each thread's rseq area is carried as the source has it now, whatever the last
+            # scan says: the kernel writes the CPU it runs on there as the thread returns to
+            # user mode (our injected batches included), and such a write was seen missed by
+            # the dirty tracking (the restored thread read the CPU of an earlier round).
+            rseq_pages = {st.pid: [(th.rseq[0] & ~4095, -(-(th.rseq[0] + th.rseq[1]) // 4096)
+                                    * 4096) for th in st.threads if th.rseq]
+                          for st in states}
             share_open_files(states)
             problems = self._settle_fd_owners(states, tasks) + self._pidfd_problems(states, tasks)
             if problems:
@@ -841,7 +848,8 @@ class SourceSession:
                     raise scanned["error"]
             t_scanned = time.monotonic()
             r = self._write_round(directory, "dump", states=states, write=False,
-                                  layouts=layouts, written=scanned.get("result", {}))
+                                  layouts=layouts, written=scanned.get("result", {}),
+                                  always=rseq_pages)
             r.visible = seen
             t_pages = time.monotonic()
             r.stats["phases_ms"] = {"freeze": (t_frozen - t0) * 1e3,
@@ -926,7 +934,8 @@ class SourceSession:
 
     def _write_round(self, directory: str, kind: str, states, write: bool = True,
                      layouts: dict[int, list[Vma]] | None = None,
-                     written: dict | None = None) -> Round:
+                     written: dict | None = None,
+                     always: dict[int, list[tuple[int, int]]] | None = None) -> Round:
         if self.stream:
             write = False
         else:
@@ -953,7 +962,8 @@ class SourceSession:
                     scan = p.scan_memory(
                         layout, final=final, written=(written or {}).get(p.pid),
                         parent=parent, parent_layout=parent and scans[parent.pid][0],
-                        parent_copy=scans[parent.pid][1].copy if parent else b"")
+                        parent_copy=scans[parent.pid][1].copy if parent else b"",
+                        always=(always or {}).get(p.pid))
                     tids = [t.pid for t in p.frozen] if p.frozen else procfs.threads(p.pid)
                     flags = p.vm_flags(layout, final)
                     cg = procfs.cgroup_v2(p.pid) or ""
