@@ -530,9 +530,13 @@ def describe_fd_text(pid: int, fd: int, text: str | None = None
     if target.endswith(" (deleted)"):
         return f"deleted file {target[:-10]}", None, text
     if stat_mod.S_ISREG(st.st_mode) and target.startswith("/"):
+        # its identity, for the destination to check it opens the same file: not of the
+        # kernel's views (/proc, /sys), which are no storage and differ from host to host
+        kernel_view = target.startswith(("/proc/", "/sys/"))
         return target, FileDescriptor(fd, "file", target, flags, offset,
                                       (st.st_dev, st.st_ino),
-                                      data=FILE_IDENTITY.pack(st.st_size, st.st_mtime_ns)), text
+                                      data=b"" if kernel_view else
+                                      FILE_IDENTITY.pack(st.st_size, st.st_mtime_ns)), text
     if stat_mod.S_ISCHR(st.st_mode) and target in ("/dev/null", "/dev/zero", "/dev/urandom",
                                                     "/dev/random", "/dev/full"):
         return target, FileDescriptor(fd, "chr", target, flags, offset,

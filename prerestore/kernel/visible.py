@@ -57,6 +57,9 @@ _LOCK_PID = re.compile(r"^(lock:\s+\d+:\s+\S+\s+\S+\s+\S+\s+)(-?\d+)")
 _TIMER_PID = re.compile(r"((?:pid|tid)\.)(\d+)")
 
 
+_PROC_PID = re.compile(r"^/proc/(\d+)(/.*)?$")
+
+
 def tree_names(host_pids) -> dict[int, int]:
     """The tree's processes by host pid -> their pid in their own (innermost) namespace:
     the one the tree's image names them in."""
@@ -103,6 +106,11 @@ def _fds(pid: int, names: dict[int, int], out: dict[str, str]) -> None:
             text = _read(pid, f"fdinfo/{fd}")
         except FileNotFoundError:
             continue                       # cannot be: the process is frozen
+        # a file of the tree's own /proc, by the name the tree gives its process (a restored
+        # tree in a pid namespace of its own reads its /proc: the link has that pid already)
+        m = _PROC_PID.match(link)
+        if m and int(m.group(1)) in names:
+            link = f"/proc/{names[int(m.group(1))]}{m.group(2)}"
         out[f"fd[{fd}].link"] = link
         if _PTS.match(link):               # a terminal's owner, group and mode (grantpt)
             st = os.stat(f"/proc/{pid}/fd/{fd}")

@@ -12,6 +12,7 @@ import fcntl
 import os
 import platform
 import queue
+import re
 import socket
 import threading
 import time
@@ -544,6 +545,9 @@ def capture_sockets(states: list[ProcessState], repaired: list[socket.socket],
     unixsock.capture(states, external_unix)
 
 
+_PROC_PID_PATH = re.compile(r"^/proc/(\d+)(/.*)?$")
+
+
 class SourceSession:
     """Produces the rounds of the process tree under `pid`."""
 
@@ -660,6 +664,13 @@ class SourceSession:
         return problems
 
     def _to_ns(self, state: ProcessState) -> ProcessState:
+        for f in state.fds:
+            # a file of the tree's own /proc (/proc/self/... reads as /proc/PID/...): named
+            # by the pid the tree's namespace gives it, as a restored tree in a pid namespace
+            # of its own sees its /proc (and as the same pid does elsewhere)
+            m = _PROC_PID_PATH.match(f.path) if f.kind in ("file", "dir", "path") else None
+            if m and int(m.group(1)) in self.procs:
+                f.path = f"/proc/{self.ns_pid(int(m.group(1)))}{m.group(2)}"
         if not self.depth:                   # our own namespace: nothing to translate
             return state
         return replace(
