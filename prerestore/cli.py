@@ -141,7 +141,7 @@ def _prev_dir(args) -> str:
 
 
 def cmd_predump(args) -> int:
-    from .source.session import check_supported, external_names
+    from .source.checks import check_supported, external_names
     from .source.trackerd import tracker_socket
     from .transport import control
     _check_out_dir("-D", args.images_dir)

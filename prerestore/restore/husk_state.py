@@ -210,7 +210,7 @@ class HuskState:
     def _register_epoll(self, state: ProcessState) -> None:
         """Each epoll made for an image gets its registrations again (the fds it watches are
         all in place now): those this process made, listed on its own fd entry of the epoll
-        (an epoll shared between processes: see session.place_epoll_registrations). A
+        (an epoll shared between processes: see source.capture.place_epoll_registrations). A
         handed-over epoll keeps its registrations, except that a signalfd's wakeups come from
         the task that registered it (the source): those are registered again from here."""
         kinds = {f.fd: f.path for f in state.fds}

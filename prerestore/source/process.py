@@ -800,7 +800,7 @@ class ProcessSource:
                     desc = procfs.describe_deleted(pid, fd, what[len("deleted file "):],
                                                    flags, text)
                 elif protocol in ("TCP", "TCPv6", "UDP", "UDPv6"):
-                    # its state is read from a copy of it (session.capture_sockets)
+                    # its state is read from a copy of it (capture.capture_sockets)
                     kind = "tcp" if protocol.startswith("TCP") else "udp"
                     desc = FileDescriptor(fd, kind, what, flags, 0, (0, int(what[8:-1])))
                 elif not direct and what.startswith("socket:"):
@@ -833,14 +833,14 @@ class ProcessSource:
                 # handed over, it keeps its registrations, but a signalfd's is made again
                 # from the husk (Husk._register_epoll): one made under a number closed
                 # since is made again from the fd that holds its file now. (An image's
-                # epoll: see session.place_epoll_registrations.)
+                # epoll: see capture.place_epoll_registrations.)
                 for tfd, _, _ in procfs.EPOLL_ITEM.iter_unpack(f.data):
                     if tfd not in numbers:
                         held = closed_target(pid, f.fd, tfd, fds, refuse=False)
                         if held is not None:
                             f.closed_targets[tfd] = held
                         # else: held by another process, kept as it is (see
-                        # session.check_handed_epolls)
+                        # capture.check_handed_epolls)
         cwd, root = procfs.readlink(pid, "cwd"), procfs.readlink(pid, "root")
         return ProcessState(
             pid=pid, comm=procfs.comm(pid), exe=procfs.readlink(pid, "exe"),
