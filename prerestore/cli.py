@@ -467,7 +467,7 @@ def _external_fd_option(p: argparse.ArgumentParser) -> None:
 
 
 def _inherit_fd(text: str) -> tuple[str, int]:
-    from .restore.staged import parse_inherit_fd
+    from .restore.makers import parse_inherit_fd
     try:
         return parse_inherit_fd(text)
     except ValueError as e:

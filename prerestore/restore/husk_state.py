@@ -365,7 +365,7 @@ class HuskState:
         its children husks, SIGWINCH from giving its terminal its window size), discarded
         before the source's pending signals are queued again; dirs: directories the restorer
         made for a deleted working directory or root, by (pid, "cwd"/"root")
-        (staged.make_deleted_dirs); fs: it sets the root, working directory and umask (of
+        (makers.make_deleted_dirs); fs: it sets the root, working directory and umask (of
         husks sharing them, CLONE_FS, the last one applied: after every path the others
         open from the host's root).
 
