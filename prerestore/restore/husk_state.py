@@ -313,7 +313,7 @@ class HuskState:
         capabilities to set them exactly, ambient set, no_new_privs, securebits. Run last:
         the husk loses its root powers here. Securebits: those that would stop us (keep-caps
         locked, no ambient raise) are set last, which takes CAP_SETPCAP in the source's own
-        effective set (else refused at the source: process.securebits_problem); the others
+        effective set (else refused at the source: refusals.securebits_problem); the others
         before the uid change, while the husk is root."""
         if creds is None:
             return

@@ -4,20 +4,26 @@ check_supported() runs before anything is frozen, with what find_tree_unsupporte
 (SourceSession looks at the frozen tree's shape again with tree_problems): the tree's shape
 (sessions, groups, zombies: tree_problems), our own helpers and daemons (check_target,
 tree_helpers), cgroups and mount namespaces (cgroup_problems, mount_ns_problems), what
-CLONE_FILES/CLONE_FS share (process.sharing_problems), and for an image the ends of pipes and
+CLONE_FILES/CLONE_FS share (sharing_problems; shares_with_parent: what a child shares with
+its parent, which its husk is forked with), and for an image the ends of pipes and
 sockets that leave the tree (inner_ends). Each problem is one line naming the object and why;
-the refusals of one process are source/process.find_unsupported's."""
+the refusals of one process are source/refusals.find_unsupported's."""
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import time
 
 from ..errors import NoSuchProcess, ProcessGone, UnsupportedState
-from ..kernel import cgroup, procfs, sockdiag, tcp
+from ..kernel import cgroup, native, procfs, sockdiag, tcp
+from ..kernel.native import lib
 from . import ptys, unixsock
 from . import sysvipc as sysv
-from .process import find_unsupported, sharing_problems, tree_members
+from .refusals import find_unsupported
+
+
+# ---- the tree's shape, and what its processes share ---------------------------------------
 
 
 def tree_problems(tasks: list[procfs.TreeTask]) -> list[str]:
@@ -126,6 +132,69 @@ def chrooted_socket_names(unix: list[tuple[int, int, int]], table: dict) -> list
                                 f"{sockdiag.printable(name)} as seen from the process's root "
                                 f"{root} (chroot): not carried between hosts yet")
                 break
+    return problems
+
+
+def tree_members(tasks) -> set[int]:
+    """The host pids of the tree's processes and of their threads."""
+    out = set()
+    for t in tasks:
+        out.add(t.pid)
+        try:
+            out.update(procfs.threads(t.pid))
+        except ProcessGone:
+            pass
+    return out
+
+
+CLONE_NAMES = {native.KCMP_FILES: "CLONE_FILES", native.KCMP_FS: "CLONE_FS"}
+SHARED_KINDS = ((native.KCMP_FILES, lib.CLONE_FILES, "fd table"),
+                (native.KCMP_FS, lib.CLONE_FS, "root, working directory and umask"))
+
+
+def shares_with_parent(parent: int, pid: int) -> int:
+    """The CLONE_FILES / CLONE_FS pid shares with its parent (kcmp), as clone flags."""
+    return sum(flag for kind, flag, _ in SHARED_KINDS if native.kcmp(parent, pid, kind) == 0)
+
+
+def sharing_problems(tasks: list[procfs.TreeTask], threads: bool = True) -> list[str]:
+    """Fd tables and file system information (root, working directory, umask) shared in a
+    way the husks cannot be forked into: a thread with its own (unshare), or processes that
+    share one without one of them being the parent of the others (a sharer whose parent
+    left it with unshare or exec). A child sharing its parent's is carried (Husk.fork_child).
+    kcmp orders what it compares: the sharers of one table sort side by side."""
+    problems = []
+    live = [t for t in tasks if not t.zombie]
+    for kind, _, what in SHARED_KINDS:
+        if threads:
+            for t in live:
+                try:
+                    for tid in procfs.threads(t.pid)[1:]:
+                        if native.kcmp(t.pid, tid, kind) != 0:
+                            problems.append(f"pid {t.pid} thread {tid}: has its own {what}, "
+                                            "apart from its process's (unshare): not carried")
+                except ProcessGone:
+                    continue
+        order = {0: 0, 1: -1, 2: 1, 3: 1}
+        try:
+            ranked = sorted(live, key=functools.cmp_to_key(
+                lambda a, b: order[native.kcmp(a.pid, b.pid, kind)]))
+        except ProcessGone:
+            continue
+        groups: list[list[procfs.TreeTask]] = []
+        for t in ranked:
+            if groups and native.kcmp(groups[-1][0].pid, t.pid, kind) == 0:
+                groups[-1].append(t)
+            else:
+                groups.append([t])
+        for group in groups:
+            members = {t.pid for t in group}
+            tops = [t.pid for t in group if t.parent not in members]
+            if len(tops) > 1:
+                problems.append(f"pids {', '.join(map(str, sorted(members)))} share one {what} "
+                                f"(clone {CLONE_NAMES[kind]})"
+                                f" but not through their parents ({', '.join(map(str, tops))} "
+                                "do not share their parent's): not carried")
     return problems
 
 

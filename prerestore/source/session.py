@@ -32,8 +32,10 @@ from . import ptys
 from . import sysvipc as sysv
 from .capture import (FD_OWNER_KINDS, capture_fifos, capture_pipes, capture_sockets,
                       check_handed_epolls, place_epoll_registrations, share_open_files)
-from .checks import check_supported, external_names, tree_problems
-from .process import ProcessSource, pidfd_problem, shares_with_parent, sharing_problems
+from .checks import (check_supported, external_names, shares_with_parent, sharing_problems,
+                     tree_problems)
+from .process import ProcessSource
+from .refusals import pidfd_problem
 
 
 class SourceSession:
