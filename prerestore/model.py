@@ -14,6 +14,10 @@ PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 SPECIAL_VMAS = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]")
 SHMEM_PREFIXES = ("/dev/zero ", "/memfd:", "/SYSV")
 RANGE = struct.Struct("=QQ")
+# A regular file's identity as the source saw it at the freeze: its size and modification time
+# (ns), in the `data` of a "file" fd. Between hosts the device and inode differ even when both
+# see the same file on shared storage; another copy of it shows another size or mtime.
+FILE_IDENTITY = struct.Struct("=QQ")
 
 
 # VmFlags (/proc/PID/smaps) a restore carries, as bits: madvise advice (dump, fork, wipe on
@@ -272,7 +276,8 @@ class FileDescriptor:
     ("handover"), or an object outside the tree whose stand-in the restorer is given
     ("inherit": path is the object's name as /proc/PID/fd shows it on the source, e.g.
     "pipe:[1234]": restore --inherit-fd fd[N]:pipe:[1234]); see procfs and session for the
-    other kinds."""
+    other kinds. A regular file's data is its FILE_IDENTITY at the freeze (checked on the
+    destination before the switch)."""
     fd: int
     kind: str          # "file" | "chr" | "pipe" | "fifo" | "unix" | "pty-master" | ... | "handover"
     path: str

@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 need=()
 command -v memcached >/dev/null 2>&1 || need+=(memcached)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+# PostgreSQL: whichever major version this Debian's `postgresql` gives (15 on 12, 17 on 13);
+# its package has initdb, postgres and pgbench under /usr/lib/postgresql/N/bin. Its postinst
+# creates a cluster "main" and would start it: the policy below keeps it stopped.
+compgen -G '/usr/lib/postgresql/*/bin/pgbench' >/dev/null || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test: installing ${need[*]} (apt; their system services are not started)"
   policy=/usr/sbin/policy-rc.d

@@ -22,10 +22,11 @@ import msgpack
 
 from ..errors import ImageError, ProtocolError
 from ..kernel.native import first_bad_range
-from ..model import (IPC_PLACES, RANGE, UNIX_STATES, VMFLAG_ALL, AddressSpaceRound,
-                     Credentials, FileDescriptor, MmFields, PosixTimer, ProcessState, Round,
-                     SeccompFilter, SigAction, SysvIpc, SysvMsg, SysvSem, SysvShm, ThreadState,
-                     UnixSocketState, VisibleState, Vma, Zombie, ranges_bytes)
+from ..model import (FILE_IDENTITY, IPC_PLACES, RANGE, UNIX_STATES, VMFLAG_ALL,
+                     AddressSpaceRound, Credentials, FileDescriptor, MmFields, PosixTimer,
+                     ProcessState, Round, SeccompFilter, SigAction, SysvIpc, SysvMsg, SysvSem,
+                     SysvShm, ThreadState, UnixSocketState, VisibleState, Vma, Zombie,
+                     ranges_bytes)
 
 MCL_FUTURE_BITS = 2 | 4     # MCL_FUTURE | MCL_ONFAULT
 MAGIC = b"PRRSTIMG"
@@ -466,6 +467,9 @@ def _decode_fd(f, path: str, where: str) -> FileDescriptor:
     fd = _int(f[0], f"{path}.fd", (0, 2**31 - 1))
     same_as = f[6]
     unix = f[8] if len(f) > 8 else None
+    if f[1] == "file" and isinstance(f[7], bytes) and len(f[7]) not in (0, FILE_IDENTITY.size):
+        raise _bad(f"{path}.data", f"a regular file's identity ({FILE_IDENTITY.size} bytes: "
+                                   "size, mtime) or nothing", f[7])
     extra = _map(f[9], f"{path}.extra") if len(f) > 9 else {}
     unknown = set(extra) - FD_EXTRA_KEYS
     if unknown:

@@ -13,8 +13,8 @@ import msgpack
 
 from ..errors import ProcessGone, UnsupportedState
 from . import native
-from ..model import (Credentials, FileDescriptor, MmFields, Vma, PROT_READ, PROT_WRITE,
-                     PROT_EXEC)
+from ..model import (FILE_IDENTITY, Credentials, FileDescriptor, MmFields, Vma, PROT_READ,
+                     PROT_WRITE, PROT_EXEC)
 
 
 def _read(pid: int, name: str) -> bytes:
@@ -531,7 +531,8 @@ def describe_fd_text(pid: int, fd: int, text: str | None = None
         return f"deleted file {target[:-10]}", None, text
     if stat_mod.S_ISREG(st.st_mode) and target.startswith("/"):
         return target, FileDescriptor(fd, "file", target, flags, offset,
-                                      (st.st_dev, st.st_ino)), text
+                                      (st.st_dev, st.st_ino),
+                                      data=FILE_IDENTITY.pack(st.st_size, st.st_mtime_ns)), text
     if stat_mod.S_ISCHR(st.st_mode) and target in ("/dev/null", "/dev/zero", "/dev/urandom",
                                                     "/dev/random", "/dev/full"):
         return target, FileDescriptor(fd, "chr", target, flags, offset,

@@ -7,8 +7,9 @@ file description: FIFOs and their queued data (make_fifos), inotify instances an
 (make_inotify), pty pairs (make_ptys), deleted files and directories (make_deleted_files,
 make_deleted_dirs), fds the destination is given (--inherit-fd: make_inherited), TCP sockets
 (make_tcp), eventfd/timerfd/signalfd/epoll (make_anon) and pipes (make_pipes). fd_data reads
-and validates the data an image carries for one fd. StagedTree (restore/staged.py) calls them
-at finalize, for pre-restore and cold restore alike."""
+and validates the data an image carries for one fd; check_same_files, that the regular files
+the tree has open are here the very files the source had open. StagedTree (restore/staged.py)
+calls them at finalize, for pre-restore and cold restore alike."""
 from __future__ import annotations
 
 import fcntl
@@ -22,7 +23,7 @@ import msgpack
 
 from ..errors import ImageError, RestoreError
 from ..kernel import native, procfs, tcp, tty
-from ..model import FileDescriptor, ProcessState
+from ..model import FILE_IDENTITY, FileDescriptor, ProcessState
 
 
 MADE_ANON = ("eventfd", "timerfd", "signalfd", "epoll")
@@ -59,6 +60,43 @@ def fd_data(f: FileDescriptor, where: str, fields: dict[str, type]) -> dict:
 
 
 FIFO_FIELDS = {"mode": int, "uid": int, "gid": int, "deleted": bool, "queued": bytes}
+
+
+def check_same_files(states: list[ProcessState]) -> None:
+    """The regular files the tree has open must be here the very files the source had open
+    (between hosts: on storage both see): each path's size and modification time as the
+    source saw them at the freeze (FILE_IDENTITY), else a RestoreError naming the first that
+    differs, before anything is let go (the source resumes). Between hosts the device and
+    inode differ even for the same file; another copy of it (a stale replica, a local file
+    where shared storage was meant) shows another size or mtime. The file is opened to be
+    looked at: on NFS an open revalidates the attributes a stat may take from a cache."""
+    seen: dict[str, tuple[int, int] | str] = {}
+    for s in states:
+        for f in s.fds:
+            if f.kind != "file" or len(f.data) != FILE_IDENTITY.size:
+                continue
+            here = seen.get(f.path)
+            if here is None:
+                try:
+                    fd = os.open(f.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                    try:
+                        st = os.fstat(fd)
+                    finally:
+                        os.close(fd)
+                    here = seen[f.path] = (st.st_size, st.st_mtime_ns)
+                except OSError as e:
+                    here = seen[f.path] = e.strerror or str(e)
+            there = FILE_IDENTITY.unpack(f.data)
+            if isinstance(here, str):
+                raise RestoreError(f"pid {s.pid} fd {f.fd}: {f.path}: {here} here (the files "
+                                   "the tree has open must be on storage both hosts see)")
+            if here != there:
+                raise RestoreError(
+                    f"pid {s.pid} fd {f.fd}: {f.path} is not the file the source has open: "
+                    f"{here[0]} bytes modified at {here[1]} ns here, {there[0]} bytes modified "
+                    f"at {there[1]} ns there (the files the tree has open must be on storage "
+                    "both hosts see)")
+
 
 
 def make_fifos(states: list[ProcessState], made: dict) -> None:

@@ -24,9 +24,9 @@ from ..kernel import cgroup, procfs, tcp, tty, visible
 from ..model import AddressSpaceRound, Round, VisibleState
 from . import verify as verify_mod
 from .husk import SIGCHLD, Husk
-from .makers import (_make_live, _to_make, make_anon, make_deleted_dirs, make_deleted_files,
-                     make_fifos, make_inherited, make_inotify, make_pipes, make_ptys, make_tcp,
-                     missing_inherited, remove_dirs)
+from .makers import (_make_live, _to_make, check_same_files, make_anon, make_deleted_dirs,
+                     make_deleted_files, make_fifos, make_inherited, make_inotify, make_pipes,
+                     make_ptys, make_tcp, missing_inherited, remove_dirs)
 from .sysvipc import IpcPlace
 from .unixsock import UnixSockets
 
@@ -357,6 +357,7 @@ class StagedTree:
             missing = missing_inherited(pending[-1][1].states, inherit_fds)
             if missing:
                 raise RestoreError("; ".join(missing))
+            check_same_files(pending[-1][1].states)
             t_read = time.monotonic()
             seen = self._source_seen(pending[-1][1], verify or "proc" in asked, verify)
             read_ms = (time.monotonic() - t_read) * 1e3
