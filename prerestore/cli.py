@@ -141,7 +141,7 @@ def _prev_dir(args) -> str:
 
 
 def cmd_predump(args) -> int:
-    from .source.session import check_supported, external_names
+    from .source.checks import check_supported, external_names
     from .source.trackerd import tracker_socket
     from .transport import control
     _check_out_dir("-D", args.images_dir)
@@ -467,7 +467,7 @@ def _external_fd_option(p: argparse.ArgumentParser) -> None:
 
 
 def _inherit_fd(text: str) -> tuple[str, int]:
-    from .restore.staged import parse_inherit_fd
+    from .restore.makers import parse_inherit_fd
     try:
         return parse_inherit_fd(text)
     except ValueError as e:

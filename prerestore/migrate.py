@@ -16,7 +16,8 @@ from .recovery import Journal, settle_local_copy
 from .kernel import cgroup, procfs
 from .image import schema
 from .policy import ConvergencePolicy, estimate_after, is_last_round
-from .source.session import SourceSession, check_supported, external_names
+from .source.checks import check_supported, external_names
+from .source.session import SourceSession
 from .transport import control
 
 

@@ -44,7 +44,8 @@ from .faults import maybe_pause
 from .kernel import procfs
 from .recovery import Journal, ask_destination, source_undo_record
 from .policy import ConvergencePolicy, estimate_after, is_last_round
-from .source.session import SourceSession, check_supported, external_names
+from .source.checks import check_supported, external_names
+from .source.session import SourceSession
 from .transport.channel import HANDSHAKE_TIMEOUT, LINK_TIMEOUT, Channel, parse_address
 
 

@@ -132,7 +132,7 @@ def test_inotify_made_with_the_same_wds(tmp_path):
     import fcntl
     import termios
     from prerestore.kernel import procfs
-    from prerestore.restore.staged import make_inotify
+    from prerestore.restore.makers import make_inotify
     (tmp_path / "f").write_text("")
     watches = [[2, 0x100, str(tmp_path)], [5, 0x2 | 0x80000000, str(tmp_path / "f")]]
     f = FileDescriptor(4, "inotify", procfs.INOTIFY, os.O_NONBLOCK, 0,
@@ -162,7 +162,7 @@ def test_inotify_made_with_the_same_wds(tmp_path):
 ])
 def test_corrupt_object_state_is_an_image_error(kind, data, field):
     from prerestore.errors import ImageError
-    from prerestore.restore.staged import make_fifos, make_inotify
+    from prerestore.restore.makers import make_fifos, make_inotify
     f = FileDescriptor(4, kind, "/nowhere/fifo", os.O_RDONLY, 0, data=data)
     with pytest.raises(ImageError, match=field):
         (make_inotify if kind == "inotify" else make_fifos)([_state_with(f)], {})

@@ -30,12 +30,12 @@ def test_more_fds_than_one_scm_rights_message(cbin, tmp_path, cold, direct, limi
 
 
 def test_placing_received_fds_clobbers_nothing():
-    """Husk._place_fds: received fds landed on the lowest free numbers, some of them numbers
+    """restore.husk_state._place_fds: received fds landed on the lowest free numbers, some of them numbers
     others must get; every one ends at its own, none overwrites one still waiting, and only
     the spare number is used besides (random tables, checked call by call)."""
     import random
     from prerestore.kernel.native import lib
-    from prerestore.restore.husk import _place_fds
+    from prerestore.restore.husk_state import _place_fds
 
     class Calls:
         def __init__(self):

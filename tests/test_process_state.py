@@ -185,7 +185,7 @@ def test_securebits_that_cannot_be_set_again_are_refused(cbin, tmp_path):
 def test_refusals_of_state_this_host_cannot_show():
     """x86 user shadow stack and PR_SET_IO_FLUSHER are refused by name (this kernel can set
     neither: the checks are given what /proc would show)."""
-    from prerestore.source.process import io_flusher_problem, shadow_stack_problem
+    from prerestore.source.refusals import io_flusher_problem, shadow_stack_problem
     assert shadow_stack_problem(7, {"x86_Thread_features": "\tshstk wrss"}) == \
         "pid 7: x86 user shadow stack enabled (x86_Thread_features: shstk wrss): not carried"
     assert shadow_stack_problem(7, {"x86_Thread_features": ""}) is None

@@ -334,7 +334,7 @@ def describe_fifo(pid: int, fd: int, path: str, flags: int) -> FileDescriptor:
     """A named FIFO: its path, and in data (msgpack) its mode and owner, to make it again where
     it is missing, and whether it was deleted while open (then the restorer makes a FIFO of its
     own and unlinks it). The bytes queued in it and its capacity are added once the tree is
-    frozen (session.capture_pipes)."""
+    frozen (source.capture.capture_pipes)."""
     st = os.stat(f"/proc/{pid}/fd/{fd}")
     deleted = st.st_nlink == 0
     if deleted and path.endswith(" (deleted)"):

@@ -19,7 +19,8 @@ from .. import netaddr
 from ..errors import PrerestoreError, ProtocolError
 from ..kernel import native
 from ..transport import control
-from .staged import StagedTree, parse_inherit_fd
+from .makers import parse_inherit_fd
+from .staged import StagedTree
 
 OPS = ("stage", "finalize", "abort", "status", "pin")
 

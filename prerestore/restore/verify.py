@@ -162,7 +162,7 @@ LEGIT = {
     "maps.vmflag.uw": _drop,
     "fd.link": _deleted,
     # a working directory or root deleted while in use is made anew beside where it was and
-    # removed again (staged.make_deleted_dirs): compared the same way
+    # removed again (makers.make_deleted_dirs): compared the same way
     "cwd": _deleted,
     "root": _deleted,
     # kernel objects made anew have new inodes; a file reopened by path on another host is

@@ -22,7 +22,8 @@ from ..faults import maybe_pause, phase
 from ..kernel import native
 from ..recovery import Journal, source_undo_record
 from ..transport import control
-from .session import SourceSession, external_names
+from .checks import external_names
+from .session import SourceSession
 
 OPS = ("predump", "dump", "close", "status")
 LEAVE = ("kill", "stopped", "running")
