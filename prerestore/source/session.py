@@ -464,14 +464,17 @@ class SourceSession:
                     continue
                 try:
                     layout = layouts[p.pid] if layouts else p.layout()
+                    # before the scan: what a round does after its scan lengthens the time in
+                    # which the next round's (and the final step's) dirty set builds up, and
+                    # smaps walks every page table (~12 ms at 1 GiB)
+                    flags = p.vm_flags(layout, final)
+                    cg = procfs.cgroup_v2(p.pid) or ""
                     scan = p.scan_memory(
                         layout, final=final, written=(written or {}).get(p.pid),
                         parent=parent, parent_layout=parent and scans[parent.pid][0],
                         parent_copy=scans[parent.pid][1].copy if parent else b"",
                         always=(always or {}).get(p.pid))
                     tids = [t.pid for t in p.frozen] if p.frozen else procfs.threads(p.pid)
-                    flags = p.vm_flags(layout, final)
-                    cg = procfs.cgroup_v2(p.pid) or ""
                 except Exception as e:
                     # a process may exit while the tree runs: it leaves this round (and the
                     # staged tree) with its children, which are reparented out of the tree
