@@ -92,9 +92,11 @@ _MOUNT_FLAGS = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1 << 1
 _PROC_OPTIONS = ("hidepid", "gid", "subset")
 
 
+@functools.lru_cache(maxsize=1)
 def proc_mount_options() -> tuple[int, str]:
     """How our /proc is mounted: its mount(2) flags and the proc options (hidepid=, gid=,
-    subset=) a new proc is mounted with to look the same. Default: nosuid,nodev,noexec."""
+    subset=) a new proc is mounted with to look the same. Default: nosuid,nodev,noexec.
+    Read once (a restorer's own /proc does not change; it is asked in the final step)."""
     found = (2 | 4 | 8, "")
     try:
         with open("/proc/self/mountinfo") as f:

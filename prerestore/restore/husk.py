@@ -104,6 +104,7 @@ class Husk(HuskMemory, HuskState):
         # the tree's System V IPC (restore/sysvipc.IpcPlace: its segments' sizes and
         # read-only attachments), shared by the tree's husks
         self.sysv = None
+        self._ignored: int | None = None  # the signals it ignores (HuskState.ignored_signals)
         # what it shares with its parent husk (CLONE_FILES, CLONE_FS: fork_child), and the
         # husk of the tree that first had that fd table / fs (None: its own)
         self.shares = 0

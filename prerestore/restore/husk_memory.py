@@ -38,6 +38,9 @@ class HuskMemory:
     def prepare(self, source_layout: list[Vma]) -> None:
         """Unmap the husk's own program and stack and put [vvar]/[vvar_vclock]/[vdso] exactly
         where the source has them (glibc caches vdso pointers)."""
+        self.ignored_signals()           # read now, not in the final step
+        if self.mounts_proc:
+            procfs.proc_mount_options()
         own = procfs.maps(self.host_pid)
         specials = {v.path: v for v in own if v.path in SPECIAL_ORDER}
         wanted = {v.path: v for v in source_layout if v.path in SPECIAL_ORDER}

@@ -110,6 +110,13 @@ def _place_fds(b, moves: dict[int, tuple[int, bool]], spare: int) -> None:
 class HuskState:
     """The final-state methods of Husk (mixed into it: see the module docstring)."""
 
+    def ignored_signals(self) -> int:
+        """The signals the husk ignores (SigIgn: what its spawner ignored across exec). Read
+        once, when it is prepared (nothing of ours changes them before apply_state does)."""
+        if self._ignored is None:
+            self._ignored = int(procfs.status(self.host_pid).get("SigIgn", "0"), 16)
+        return self._ignored
+
     def mount_proc_calls(self, b) -> None:
         """A tree in a new pid namespace sees a /proc of that namespace (/proc/self, its
         children's /proc/PID), as `unshare --pid --mount-proc` gives: the root husk mounts
@@ -490,7 +497,7 @@ class HuskState:
         # A signal the source left at its default may be ignored here: the husk inherits the
         # dispositions its spawner ignored across exec (Python ignores SIGPIPE and SIGXFSZ),
         # and a restored process that ignored SIGPIPE would get EPIPE where its source died.
-        ignored = int(procfs.status(self.host_pid).get("SigIgn", "0"), 16)
+        ignored = self.ignored_signals()
         for sig in range(1, 65):
             if ignored >> (sig - 1) & 1 and sig not in state.sigactions:
                 b.call(lib.SYS_rt_sigaction, sig, b.put(KSIGACTION.pack(0, 0, 0, 0)), 0, 8)
