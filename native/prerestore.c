@@ -244,6 +244,18 @@ long pr_find_syscall_insn(int pid, uint64_t start, uint64_t end, uint64_t *addr)
     return r;
 }
 
+/* The registers of a system call nr(args) made by the instruction at insn; orig_rax -1
+ * keeps the kernel from applying syscall-restart logic to our call. */
+static void set_call_regs(struct user_regs_struct *r, uint64_t insn, int64_t nr,
+                          const uint64_t *args)
+{
+    r->rax = nr;
+    r->orig_rax = -1;
+    r->rdi = args[0], r->rsi = args[1], r->rdx = args[2], r->r10 = args[3], r->r8 = args[4],
+    r->r9 = args[5];
+    r->rip = insn;
+}
+
 /* Run one system call in a ptrace-stopped tracee by single-stepping over `insn`.
  * orig_rax = -1 keeps the kernel from applying syscall-restart logic to our call.
  * The caller saves and restores the tracee's registers around a series of calls. */
@@ -253,11 +265,7 @@ int pr_inject_syscall(int pid, uint64_t insn, int64_t nr, const uint64_t *args, 
     int st;
     if (ptrace(PTRACE_GETREGS, pid, 0, &r))
         return ERR;
-    r.rax = nr;
-    r.orig_rax = -1;
-    r.rdi = args[0], r.rsi = args[1], r.rdx = args[2], r.r10 = args[3], r.r8 = args[4],
-    r.r9 = args[5];
-    r.rip = insn;
+    set_call_regs(&r, insn, nr, args);
     if (ptrace(PTRACE_SETREGS, pid, 0, &r) || ptrace(PTRACE_SINGLESTEP, pid, 0, 0))
         return ERR;
     if (waitpid(pid, &st, __WALL) < 0)
@@ -283,11 +291,7 @@ int pr_inject_syscall_quiet(int pid, uint64_t insn, int64_t nr, const uint64_t *
     int st;
     if (ptrace(PTRACE_GETREGS, pid, 0, &r))
         return ERR;
-    r.rax = nr;
-    r.orig_rax = -1;
-    r.rdi = args[0], r.rsi = args[1], r.rdx = args[2], r.r10 = args[3], r.r8 = args[4],
-    r.r9 = args[5];
-    r.rip = insn;
+    set_call_regs(&r, insn, nr, args);
     if (ptrace(PTRACE_SETREGS, pid, 0, &r))
         return ERR;
     for (int stop = 0; stop < 2; stop++) {          /* entry, then exit */
