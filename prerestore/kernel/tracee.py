@@ -27,6 +27,17 @@ REG_NAMES = native.REG_NAMES            # struct pr_regs, in order
 SAVED = struct.Struct("=QQQQ27Q")       # struct pr_saved: magic, runner, sigmask, scratch, regs
 
 
+
+def wait_exit(pid: int) -> None:
+    """Collect the exit of a task we trace. A stop it had pending is reported to its tracer
+    first (without WUNTRACED): that report is not the exit, wait on."""
+    while True:
+        try:
+            if not os.WIFSTOPPED(os.waitpid(pid, 0x40000000)[1]):     # __WALL
+                return
+        except ChildProcessError:
+            return
+
 class Tracee:
     """A task under our ptrace, stopped while we hold it (use as a context manager or call
     detach). `exitkill` makes the kernel kill the task if we die: used for husks."""

@@ -26,7 +26,7 @@ from importlib import resources
 from ..errors import KernelCallError, PidTaken, ProcessGone, RestoreError
 from ..kernel import native, procfs
 from ..kernel.native import lib
-from ..kernel.tracee import KSIGACTION, RemoteSyscalls, Tracee
+from ..kernel.tracee import KSIGACTION, RemoteSyscalls, Tracee, wait_exit
 from ..model import Vma, Zombie
 from .husk_memory import HuskMemory
 from .husk_state import SIGCHLD, SIGKILL, HuskState
@@ -66,17 +66,6 @@ def _pid_lingers(pid: int, since: float, wait: float = 5.0) -> bool:
         return False
     time.sleep(0.01)
     return True
-
-
-def wait_exit(pid: int) -> None:
-    """Collect the exit of a task we trace. A stop it had pending is reported to its tracer
-    first (without WUNTRACED): that report is not the exit, wait on."""
-    while True:
-        try:
-            if not os.WIFSTOPPED(os.waitpid(pid, WALL)[1]):
-                return
-        except ChildProcessError:
-            return
 
 
 class Husk(HuskMemory, HuskState):

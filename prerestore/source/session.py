@@ -26,7 +26,7 @@ from ..errors import KernelCallError, ProcessGone, UnsupportedState
 from ..faults import maybe_pause
 from ..image import schema
 from ..kernel import native, procfs, tcp, visible
-from ..kernel.tracee import RemoteSyscalls, Tracee, runner_area
+from ..kernel.tracee import RemoteSyscalls, Tracee, runner_area, wait_exit
 from ..model import (AddressSpaceRound, ProcessState, Round, Vma, Zombie, pack_ranges,
                      ranges_bytes)
 from . import ptys
@@ -570,10 +570,7 @@ class SourceSession:
         # as their tracer, we see their ends first)
         for t in sorted(self.held, key=lambda t: (t.pid in leaders, t.pid == self.pid)):
             if t.pid != self.pid or not ours:
-                try:
-                    os.waitpid(t.pid, 0x40000000)     # __WALL
-                except ChildProcessError:
-                    pass
+                wait_exit(t.pid)
             t.attached = False
         self.held = []
         self.holds = []
