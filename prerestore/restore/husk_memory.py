@@ -53,13 +53,7 @@ class HuskMemory:
                                f"(source {sorted((n, v.size) for n, v in wanted.items())}, here "
                                f"{sorted((n, v.size) for n, v in specials.items())}): a "
                                "different kernel?")
-        vdso = specials["[vdso]"]
-        self.remote = RemoteSyscalls(self.tracee, (vdso.start, vdso.end))
-        self.remote.map_scratch(free_area([own, source_layout], RemoteSyscalls.SCRATCH_SIZE))
-        b = self.remote.batch()
-        for v in own:
-            if not v.is_special:
-                b.call(lib.SYS_munmap, v.start, v.size)
+        b = self._unmap_own(own, specials, source_layout)
         names = [n for n in SPECIAL_ORDER if n in wanted]
         lo, hi = min(specials[n].start for n in names), max(specials[n].end for n in names)
         tlo = min(wanted[n].start for n in names)
@@ -86,11 +80,10 @@ class HuskMemory:
         self.layout = []
         self.prepared = True
 
-    def _prepare_without_vdso(self, own: list[Vma], specials: dict[str, Vma],
-                              source_layout: list[Vma]) -> None:
-        """A source that unmapped its [vdso] and [vvar]: the husk keeps its own (its injected
-        calls use the vdso's syscall instruction) where the source has nothing, and drops
-        them at the end of apply_state."""
+    def _unmap_own(self, own: list[Vma], specials: dict[str, Vma],
+                   source_layout: list[Vma]):
+        """The husk's injected calls set up (from its own [vdso], a scratch area clear of both
+        layouts), and a batch begun that unmaps its own program and stack."""
         vdso = specials["[vdso]"]
         self.remote = RemoteSyscalls(self.tracee, (vdso.start, vdso.end))
         self.remote.map_scratch(free_area([own, source_layout], RemoteSyscalls.SCRATCH_SIZE))
@@ -98,6 +91,14 @@ class HuskMemory:
         for v in own:
             if not v.is_special:
                 b.call(lib.SYS_munmap, v.start, v.size)
+        return b
+
+    def _prepare_without_vdso(self, own: list[Vma], specials: dict[str, Vma],
+                              source_layout: list[Vma]) -> None:
+        """A source that unmapped its [vdso] and [vvar]: the husk keeps its own (its injected
+        calls use the vdso's syscall instruction) where the source has nothing, and drops
+        them at the end of apply_state."""
+        b = self._unmap_own(own, specials, source_layout)
         self.remote.run(b)
         self.drop_specials = {n: (v.start, v.end) for n, v in specials.items()}
         self.layout = []
